@@ -1,0 +1,37 @@
+//! The einfuse compiler: the Cascade IR and the passes over it.
+//!
+//! A kernel is a *cascade*: an ordered list of extended Einsums, each defining one tensor from
+//! inputs, params and earlier tensors. An Einsum iterates over the product of its indices'
+//! ranges; an index on the right that is not on the left is reduced (summed unless a `max[..]`
+//! or `min[..]` says otherwise). Every tensor has a *domain* of defined points: a point is
+//! defined when every operand it reads is defined and in range, its split pairs are valid
+//! (`m1 * M0 + m0 < M`) and its `where` filter holds; a reduction over an empty set gives the
+//! reducer's identity. Iterative tensors hold an initial value at `0` and one iterate per step
+//! of their rank. `interp` is the executable form of these rules.
+//!
+//! Pipeline: `check` (AST to IR), `verify` (invariants), `print` (IR to `.ein`), `interp` (the
+//! oracle), `graph` (the dependency graph as DOT), `shapes` (extents at a call).
+
+pub mod check;
+pub mod graph;
+pub mod interp;
+pub mod ir;
+pub mod print;
+pub mod shapes;
+pub mod verify;
+
+pub use check::{check_file, check_kernel};
+pub use ir::Cascade;
+
+/// Parses and checks a whole source file.
+pub fn compile_source(source: &str) -> Result<Vec<Cascade>, Vec<einfuse_dsl::Diagnostic>> {
+    let (file, mut diagnostics) = einfuse_dsl::parse(source);
+    let (cascades, check_diagnostics) = check_file(&file);
+    diagnostics.extend(check_diagnostics);
+    if diagnostics.is_empty() {
+        Ok(cascades)
+    } else {
+        diagnostics.sort_by_key(|d| d.span.start);
+        Err(diagnostics)
+    }
+}

@@ -1,0 +1,215 @@
+//! einfuse: a compiler for cascades of extended Einsums, the language of attention and its
+//! variants.
+//!
+//! This facade ties the crates together: `dsl` (the `.ein` front end), `compiler` (the Cascade
+//! IR, its checker, printer and reference interpreter) and `runtime` (tensors and `.npy` files).
+//!
+//! ```
+//! use einfuse::{Program, RunOptions, Target};
+//!
+//! let program = Program::from_source("demo.ein", "
+//!     kernel dot {
+//!       rank K
+//!       input A[K], B[K]
+//!       Y[] = A[k] * B[k]
+//!       output Y
+//!     }
+//! ").unwrap();
+//! let kernel = program.kernel(None).unwrap();
+//! let mut options = RunOptions::default();
+//! options.inputs.push(("A".into(), einfuse::Tensor::new(einfuse::DType::F32, vec![3], vec![1.0, 2.0, 3.0]).unwrap()));
+//! options.inputs.push(("B".into(), einfuse::Tensor::new(einfuse::DType::F32, vec![3], vec![4.0, 5.0, 6.0]).unwrap()));
+//! let outputs = einfuse::run(kernel, Target::Interp, &options).unwrap();
+//! assert_eq!(outputs[0].1.data(), &[32.0]);
+//! ```
+
+use std::path::Path;
+
+pub use einfuse_compiler as compiler;
+pub use einfuse_dsl as dsl;
+pub use einfuse_runtime as runtime;
+
+use compiler::interp::{interpret, InterpError, InterpLimits};
+use compiler::ir::{Cascade, ElemType, TensorKind};
+use compiler::shapes::{bind_extents, tensor_shape, ShapeError};
+pub use runtime::{DType, Tensor};
+
+/// A user-facing failure: what went wrong, already worded for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Rendered diagnostics for a source file.
+    #[error("{rendered}")]
+    Source { rendered: String, count: usize },
+    #[error("{0}")]
+    Shape(#[from] ShapeError),
+    #[error("{0}")]
+    Interp(#[from] InterpError),
+    #[error("{0}")]
+    Npy(#[from] runtime::npy::NpyError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+/// A checked source file: its text and its kernels.
+pub struct Program {
+    pub path: String,
+    pub source: String,
+    pub kernels: Vec<Cascade>,
+}
+
+impl Program {
+    /// Parses and checks `source`; errors are rendered with `path`.
+    pub fn from_source(path: &str, source: &str) -> Result<Program, Error> {
+        match compiler::compile_source(source) {
+            Ok(kernels) => Ok(Program { path: path.to_string(), source: source.to_string(), kernels }),
+            Err(diagnostics) => Err(Error::Source {
+                rendered: dsl::diagnostic::render_all(&diagnostics, path, source),
+                count: diagnostics.len(),
+            }),
+        }
+    }
+
+    /// Reads, parses and checks a file.
+    pub fn from_file(path: &Path) -> Result<Program, Error> {
+        let source = read_source(path)?;
+        Program::from_source(&path.display().to_string(), &source)
+    }
+
+    /// The kernel named `name`, or the only kernel when `name` is `None`.
+    pub fn kernel(&self, name: Option<&str>) -> Result<&Cascade, Error> {
+        match name {
+            Some(name) => self.kernels.iter().find(|k| k.name == name).ok_or_else(|| {
+                Error::Usage(format!("{} has no kernel `{name}` (it has: {})", self.path, self.kernel_names()))
+            }),
+            None => match &self.kernels[..] {
+                [one] => Ok(one),
+                [] => Err(Error::Usage(format!("{} has no kernels", self.path))),
+                _ => Err(Error::Usage(format!(
+                    "{} has several kernels ({}): choose one with --kernel",
+                    self.path,
+                    self.kernel_names()
+                ))),
+            },
+        }
+    }
+
+    /// The kernels selected by an optional name: all of them, or the one named.
+    pub fn selected(&self, name: Option<&str>) -> Result<Vec<&Cascade>, Error> {
+        match name {
+            Some(_) => Ok(vec![self.kernel(name)?]),
+            None => Ok(self.kernels.iter().collect()),
+        }
+    }
+
+    fn kernel_names(&self) -> String {
+        self.kernels.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// Reads a source file, refusing files that are not text or are unreasonably large.
+pub fn read_source(path: &Path) -> Result<String, Error> {
+    const MAX_SOURCE_BYTES: u64 = 16 << 20;
+    let io = |source| Error::Io { path: path.display().to_string(), source };
+    let size = std::fs::metadata(path).map_err(io)?.len();
+    if size > MAX_SOURCE_BYTES {
+        return Err(Error::Usage(format!("{}: source file is larger than {MAX_SOURCE_BYTES} bytes", path.display())));
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
+    String::from_utf8(bytes).map_err(|_| Error::Usage(format!("{}: source is not UTF-8 text", path.display())))
+}
+
+/// Where a kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The reference interpreter (f64, slow, the definition of meaning).
+    Interp,
+}
+
+/// What a run needs beyond the kernel.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Extents of symbolic ranks (`M=128`), in addition to those the inputs give.
+    pub bindings: Vec<(String, u64)>,
+    /// Param overrides.
+    pub params: Vec<(String, f64)>,
+    /// Inputs by name; any input not given is random (uniform in [-1, 1)) from `seed`.
+    pub inputs: Vec<(String, Tensor)>,
+    pub seed: u64,
+}
+
+pub fn dtype_of(elem: ElemType) -> DType {
+    match elem {
+        ElemType::F32 => DType::F32,
+        ElemType::F16 => DType::F16,
+        ElemType::Bf16 => DType::Bf16,
+    }
+}
+
+/// The inputs a run will use: those given, converted to their declared storage type, and random
+/// ones for the rest. Also returns the bound extents.
+pub fn prepare_inputs(cascade: &Cascade, options: &RunOptions) -> Result<(Vec<u64>, Vec<Tensor>), Error> {
+    let input_ids = cascade.inputs();
+    for (name, _) in &options.inputs {
+        if !input_ids.iter().any(|id| &cascade.tensor(*id).name == name) {
+            return Err(ShapeError::UnknownInput { tensor: name.clone() }.into());
+        }
+    }
+    let given_shapes: Vec<_> = input_ids
+        .iter()
+        .filter_map(|id| {
+            let name = &cascade.tensor(*id).name;
+            options.inputs.iter().find(|(n, _)| n == name).map(|(_, t)| (*id, t.shape().iter().map(|n| *n as u64).collect()))
+        })
+        .collect();
+    let extents = bind_extents(cascade, &options.bindings, &given_shapes)?;
+    let mut tensors = Vec::new();
+    for (number, id) in input_ids.iter().enumerate() {
+        let tensor = cascade.tensor(*id);
+        let TensorKind::Input { elem } = tensor.kind else { unreachable!("inputs() returns inputs") };
+        let dtype = dtype_of(elem);
+        let given = options.inputs.iter().find(|(n, _)| *n == tensor.name).map(|(_, t)| t.cast(dtype));
+        let tensor = match given {
+            Some(t) => t,
+            None => {
+                let shape: Vec<usize> = tensor_shape(cascade, *id, &extents).iter().map(|n| *n as usize).collect();
+                let seed = options.seed.wrapping_mul(1_000_003).wrapping_add(number as u64);
+                Tensor::random(dtype, shape, seed).map_err(|e| Error::Usage(e.to_string()))?
+            }
+        };
+        tensors.push(tensor);
+    }
+    Ok((extents, tensors))
+}
+
+/// Runs a kernel on `target`; returns its outputs by name, in declaration order.
+pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Vec<(String, Tensor)>, Error> {
+    let mut cascade = cascade.clone();
+    for (name, value) in &options.params {
+        match cascade.params.iter_mut().find(|p| &p.name == name) {
+            Some(param) => param.value = *value,
+            None => return Err(Error::Usage(format!("kernel `{}` has no param `{name}`", cascade.name))),
+        }
+    }
+    let (extents, inputs) = prepare_inputs(&cascade, options)?;
+    match target {
+        Target::Interp => {
+            let data: Vec<Vec<f64>> = inputs.iter().map(Tensor::to_f64).collect();
+            let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
+            let outputs = interpret(&cascade, &extents, &slices, InterpLimits::default())?;
+            Ok(cascade
+                .outputs
+                .iter()
+                .zip(outputs)
+                .map(|(output, values)| {
+                    let shape: Vec<usize> =
+                        tensor_shape(&cascade, output.tensor, &extents).iter().map(|n| *n as usize).collect();
+                    let values: Vec<f32> = values.into_iter().map(|x| x as f32).collect();
+                    let tensor = Tensor::new(dtype_of(output.elem), shape, values).expect("interpreter output has its shape");
+                    (cascade.tensor(output.tensor).name.clone(), tensor)
+                })
+                .collect())
+        }
+    }
+}

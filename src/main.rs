@@ -1,0 +1,262 @@
+//! The `einfuse` command line: check, emit every stage, draw, and run cascades.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use einfuse::{compiler, dsl, runtime, Error, Program, RunOptions, Target};
+
+#[derive(Parser)]
+#[command(name = "einfuse", version, about = "A compiler for cascades of extended Einsums (attention and its variants)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and check files; print every error with its place.
+    Check {
+        /// The `.ein` files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print a stage of the compilation as text.
+    Emit {
+        /// Which stage: `ast` (the syntax tree) or `ir` (the checked Cascade IR, as `.ein`).
+        #[arg(long, value_enum)]
+        stage: Stage,
+        file: PathBuf,
+        /// Only this kernel (default: every kernel).
+        #[arg(long)]
+        kernel: Option<String>,
+    },
+    /// Print a kernel's dependency graph as Graphviz DOT.
+    Graph {
+        file: PathBuf,
+        /// The kernel (required when the file has several).
+        #[arg(long)]
+        kernel: Option<String>,
+    },
+    /// Run a kernel on random or given inputs.
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Stage {
+    Ast,
+    Ir,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    /// The reference interpreter.
+    Interp,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    file: PathBuf,
+    /// The kernel (required when the file has several).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Where to run it.
+    #[arg(long, value_enum, default_value = "interp")]
+    target: TargetArg,
+    /// Bind a symbolic rank: `--bind M=128`.
+    #[arg(long = "bind", value_name = "RANK=N", value_parser = parse_binding)]
+    bindings: Vec<(String, u64)>,
+    /// Override a param: `--param scale=0.1`.
+    #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+    params: Vec<(String, f64)>,
+    /// Read an input from a `.npy` file: `--input Q=q.npy`.
+    #[arg(long = "input", value_name = "NAME=PATH", value_parser = parse_path)]
+    inputs: Vec<(String, PathBuf)>,
+    /// Write an output to a `.npy` file: `--output AV=av.npy`.
+    #[arg(long = "output", value_name = "NAME=PATH", value_parser = parse_path)]
+    outputs: Vec<(String, PathBuf)>,
+    /// Seed for the inputs that are not given.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print every value of the outputs not written to files (default: a summary).
+    #[arg(long)]
+    print: bool,
+}
+
+fn split_assignment(text: &str) -> Result<(&str, &str), String> {
+    text.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| format!("expected NAME=VALUE, found `{text}`"))
+}
+
+fn parse_binding(text: &str) -> Result<(String, u64), String> {
+    let (name, value) = split_assignment(text)?;
+    let value = value.parse::<u64>().map_err(|_| format!("`{value}` is not a non-negative integer"))?;
+    Ok((name.to_string(), value))
+}
+
+fn parse_param(text: &str) -> Result<(String, f64), String> {
+    let (name, value) = split_assignment(text)?;
+    let value = match value {
+        "inf" => f64::INFINITY,
+        "-inf" => f64::NEG_INFINITY,
+        _ => value.parse::<f64>().map_err(|_| format!("`{value}` is not a number"))?,
+    };
+    Ok((name.to_string(), value))
+}
+
+fn parse_path(text: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = split_assignment(text)?;
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+        }
+    };
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            match &err {
+                Error::Source { rendered, count } => {
+                    eprint!("{rendered}");
+                    eprintln!("error: {count} error(s) found");
+                }
+                other => eprintln!("error: {other}"),
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<(), Error> {
+    match command {
+        Command::Check { files } => check(&files),
+        Command::Emit { stage, file, kernel } => {
+            let text = match stage {
+                Stage::Ast => emit_ast(&file, kernel.as_deref())?,
+                Stage::Ir => {
+                    let program = Program::from_file(&file)?;
+                    let kernels: Vec<_> = program.selected(kernel.as_deref())?.into_iter().cloned().collect();
+                    compiler::print::print_cascades(&kernels)
+                }
+            };
+            print!("{text}");
+            Ok(())
+        }
+        Command::Graph { file, kernel } => {
+            let program = Program::from_file(&file)?;
+            print!("{}", compiler::graph::to_dot(program.kernel(kernel.as_deref())?));
+            Ok(())
+        }
+        Command::Run(args) => run(args),
+    }
+}
+
+fn check(files: &[PathBuf]) -> Result<(), Error> {
+    let mut failures = Vec::new();
+    for file in files {
+        match Program::from_file(file) {
+            Ok(program) => {
+                let names: Vec<&str> = program.kernels.iter().map(|k| k.name.as_str()).collect();
+                println!("{}: ok ({})", file.display(), names.join(", "));
+            }
+            Err(err) => failures.push(err),
+        }
+    }
+    match failures.len() {
+        0 => Ok(()),
+        1 => Err(failures.pop().expect("one failure")),
+        _ => {
+            let mut rendered = String::new();
+            let mut count = 0;
+            for failure in failures {
+                match failure {
+                    Error::Source { rendered: text, count: n } => {
+                        rendered.push_str(&text);
+                        count += n;
+                    }
+                    other => {
+                        rendered.push_str(&format!("error: {other}\n"));
+                        count += 1;
+                    }
+                }
+            }
+            Err(Error::Source { rendered, count })
+        }
+    }
+}
+
+/// The syntax tree is printed even when checking would fail, but not when parsing fails.
+fn emit_ast(file: &Path, kernel: Option<&str>) -> Result<String, Error> {
+    let source = einfuse::read_source(file)?;
+    let (mut ast, diagnostics) = dsl::parse(&source);
+    if !diagnostics.is_empty() {
+        let path = file.display().to_string();
+        return Err(Error::Source {
+            rendered: dsl::diagnostic::render_all(&diagnostics, &path, &source),
+            count: diagnostics.len(),
+        });
+    }
+    if let Some(name) = kernel {
+        ast.kernels.retain(|k| k.name.text == name);
+        if ast.kernels.is_empty() {
+            return Err(Error::Usage(format!("{} has no kernel `{name}`", file.display())));
+        }
+    }
+    Ok(ast.to_string())
+}
+
+fn run(args: RunArgs) -> Result<(), Error> {
+    let program = Program::from_file(&args.file)?;
+    let kernel = program.kernel(args.kernel.as_deref())?;
+    for (name, _) in &args.outputs {
+        if !kernel.outputs.iter().any(|o| &kernel.tensor(o.tensor).name == name) {
+            return Err(Error::Usage(format!("kernel `{}` has no output `{name}`", kernel.name)));
+        }
+    }
+    let mut options = RunOptions { bindings: args.bindings, params: args.params, inputs: vec![], seed: args.seed };
+    for (name, path) in &args.inputs {
+        let Some(id) = kernel.tensor_by_name(name).filter(|id| kernel.inputs().contains(id)) else {
+            return Err(Error::Usage(format!("kernel `{}` has no input `{name}`", kernel.name)));
+        };
+        let compiler::ir::TensorKind::Input { elem } = kernel.tensor(id).kind else { unreachable!() };
+        let tensor = runtime::npy::read_npy(path, einfuse::dtype_of(elem))?;
+        options.inputs.push((name.clone(), tensor));
+    }
+    let target = match args.target {
+        TargetArg::Interp => Target::Interp,
+    };
+    let outputs = einfuse::run(kernel, target, &options)?;
+    for (name, tensor) in &outputs {
+        match args.outputs.iter().find(|(n, _)| n == name) {
+            Some((_, path)) => {
+                runtime::npy::write_npy(path, tensor)?;
+                println!("{name}: {} {:?} written to {}", tensor.dtype().name(), tensor.shape(), path.display());
+            }
+            None => print_tensor(name, tensor, args.print),
+        }
+    }
+    Ok(())
+}
+
+fn print_tensor(name: &str, tensor: &einfuse::Tensor, all: bool) {
+    let data = tensor.data();
+    let finite: Vec<f32> = data.iter().copied().filter(|x| x.is_finite()).collect();
+    let min = finite.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = finite.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mean = finite.iter().map(|x| *x as f64).sum::<f64>() / finite.len().max(1) as f64;
+    println!(
+        "{name}: {} {:?}  min {min:.6}  max {max:.6}  mean {mean:.6}  non-finite {}",
+        tensor.dtype().name(),
+        tensor.shape(),
+        data.len() - finite.len()
+    );
+    if all {
+        for (offset, value) in data.iter().enumerate() {
+            println!("  {:?} {value}", tensor.coordinates(offset));
+        }
+    }
+}
