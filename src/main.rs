@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use einfuse::{compiler, dsl, runtime, Error, Program, RunOptions, Target};
 
 #[derive(Parser)]
-#[command(name = "einfuse", version, about = "A compiler for cascades of extended Einsums (attention and its variants)")]
+#[command(
+    name = "einfuse",
+    version,
+    about = "A compiler for cascades of extended Einsums (attention and its variants)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -84,12 +88,16 @@ struct RunArgs {
 }
 
 fn split_assignment(text: &str) -> Result<(&str, &str), String> {
-    text.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| format!("expected NAME=VALUE, found `{text}`"))
+    text.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected NAME=VALUE, found `{text}`"))
 }
 
 fn parse_binding(text: &str) -> Result<(String, u64), String> {
     let (name, value) = split_assignment(text)?;
-    let value = value.parse::<u64>().map_err(|_| format!("`{value}` is not a non-negative integer"))?;
+    let value = value
+        .parse::<u64>()
+        .map_err(|_| format!("`{value}` is not a non-negative integer"))?;
     Ok((name.to_string(), value))
 }
 
@@ -98,7 +106,9 @@ fn parse_param(text: &str) -> Result<(String, f64), String> {
     let value = match value {
         "inf" => f64::INFINITY,
         "-inf" => f64::NEG_INFINITY,
-        _ => value.parse::<f64>().map_err(|_| format!("`{value}` is not a number"))?,
+        _ => value
+            .parse::<f64>()
+            .map_err(|_| format!("`{value}` is not a number"))?,
     };
     Ok((name.to_string(), value))
 }
@@ -113,7 +123,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();
-            return if err.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+            return if err.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match execute(cli.command) {
@@ -134,12 +148,20 @@ fn main() -> ExitCode {
 fn execute(command: Command) -> Result<(), Error> {
     match command {
         Command::Check { files } => check(&files),
-        Command::Emit { stage, file, kernel } => {
+        Command::Emit {
+            stage,
+            file,
+            kernel,
+        } => {
             let text = match stage {
                 Stage::Ast => emit_ast(&file, kernel.as_deref())?,
                 Stage::Ir => {
                     let program = Program::from_file(&file)?;
-                    let kernels: Vec<_> = program.selected(kernel.as_deref())?.into_iter().cloned().collect();
+                    let kernels: Vec<_> = program
+                        .selected(kernel.as_deref())?
+                        .into_iter()
+                        .cloned()
+                        .collect();
                     compiler::print::print_cascades(&kernels)
                 }
             };
@@ -148,7 +170,10 @@ fn execute(command: Command) -> Result<(), Error> {
         }
         Command::Graph { file, kernel } => {
             let program = Program::from_file(&file)?;
-            print!("{}", compiler::graph::to_dot(program.kernel(kernel.as_deref())?));
+            print!(
+                "{}",
+                compiler::graph::to_dot(program.kernel(kernel.as_deref())?)
+            );
             Ok(())
         }
         Command::Run(args) => run(args),
@@ -174,7 +199,10 @@ fn check(files: &[PathBuf]) -> Result<(), Error> {
             let mut count = 0;
             for failure in failures {
                 match failure {
-                    Error::Source { rendered: text, count: n } => {
+                    Error::Source {
+                        rendered: text,
+                        count: n,
+                    } => {
                         rendered.push_str(&text);
                         count += n;
                     }
@@ -203,7 +231,10 @@ fn emit_ast(file: &Path, kernel: Option<&str>) -> Result<String, Error> {
     if let Some(name) = kernel {
         ast.kernels.retain(|k| k.name.text == name);
         if ast.kernels.is_empty() {
-            return Err(Error::Usage(format!("{} has no kernel `{name}`", file.display())));
+            return Err(Error::Usage(format!(
+                "{} has no kernel `{name}`",
+                file.display()
+            )));
         }
     }
     Ok(ast.to_string())
@@ -213,16 +244,36 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let program = Program::from_file(&args.file)?;
     let kernel = program.kernel(args.kernel.as_deref())?;
     for (name, _) in &args.outputs {
-        if !kernel.outputs.iter().any(|o| &kernel.tensor(o.tensor).name == name) {
-            return Err(Error::Usage(format!("kernel `{}` has no output `{name}`", kernel.name)));
+        if !kernel
+            .outputs
+            .iter()
+            .any(|o| &kernel.tensor(o.tensor).name == name)
+        {
+            return Err(Error::Usage(format!(
+                "kernel `{}` has no output `{name}`",
+                kernel.name
+            )));
         }
     }
-    let mut options = RunOptions { bindings: args.bindings, params: args.params, inputs: vec![], seed: args.seed };
+    let mut options = RunOptions {
+        bindings: args.bindings,
+        params: args.params,
+        inputs: vec![],
+        seed: args.seed,
+    };
     for (name, path) in &args.inputs {
-        let Some(id) = kernel.tensor_by_name(name).filter(|id| kernel.inputs().contains(id)) else {
-            return Err(Error::Usage(format!("kernel `{}` has no input `{name}`", kernel.name)));
+        let Some(id) = kernel
+            .tensor_by_name(name)
+            .filter(|id| kernel.inputs().contains(id))
+        else {
+            return Err(Error::Usage(format!(
+                "kernel `{}` has no input `{name}`",
+                kernel.name
+            )));
         };
-        let compiler::ir::TensorKind::Input { elem } = kernel.tensor(id).kind else { unreachable!() };
+        let compiler::ir::TensorKind::Input { elem } = kernel.tensor(id).kind else {
+            unreachable!()
+        };
         let tensor = runtime::npy::read_npy(path, einfuse::dtype_of(elem))?;
         options.inputs.push((name.clone(), tensor));
     }
@@ -234,7 +285,12 @@ fn run(args: RunArgs) -> Result<(), Error> {
         match args.outputs.iter().find(|(n, _)| n == name) {
             Some((_, path)) => {
                 runtime::npy::write_npy(path, tensor)?;
-                println!("{name}: {} {:?} written to {}", tensor.dtype().name(), tensor.shape(), path.display());
+                println!(
+                    "{name}: {} {:?} written to {}",
+                    tensor.dtype().name(),
+                    tensor.shape(),
+                    path.display()
+                );
             }
             None => print_tensor(name, tensor, args.print),
         }

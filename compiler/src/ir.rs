@@ -88,10 +88,14 @@ pub struct Tensor {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum TensorKind {
-    Input { elem: ElemType },
+    Input {
+        elem: ElemType,
+    },
     /// Defined by one Einsum, or by an initial value and a recurrence when `iterative` names the
     /// position along which it iterates (that position's extent is the rank's extent plus one).
-    Defined { iterative: Option<usize> },
+    Defined {
+        iterative: Option<usize>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -289,11 +293,19 @@ pub enum Expr {
     Extent(RankId),
     /// An index's coordinate, as a number.
     Index(Index),
-    Access { tensor: TensorId, subscripts: Vec<Affine> },
+    Access {
+        tensor: TensorId,
+        subscripts: Vec<Affine>,
+    },
     Unary(UnaryOp, Box<Expr>),
     Binary(BinaryOp, Box<Expr>, Box<Expr>),
     /// A reduction over `indices`, restricted by `filter`; an empty set gives the identity.
-    Reduce { op: ReduceOp, indices: Vec<Index>, filter: Vec<Cond>, body: Box<Expr> },
+    Reduce {
+        op: ReduceOp,
+        indices: Vec<Index>,
+        filter: Vec<Cond>,
+        body: Box<Expr>,
+    },
 }
 
 impl Expr {
@@ -313,7 +325,11 @@ impl Expr {
                 }
                 body.walk(visit);
             }
-            Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Index(_) | Expr::Access { .. } => {}
+            Expr::Const(_)
+            | Expr::Param(_)
+            | Expr::Extent(_)
+            | Expr::Index(_)
+            | Expr::Access { .. } => {}
         }
     }
 
@@ -406,11 +422,17 @@ impl Cascade {
     }
 
     pub fn rank_by_name(&self, name: &str) -> Option<RankId> {
-        self.ranks.iter().position(|r| r.name == name).map(RankId::new)
+        self.ranks
+            .iter()
+            .position(|r| r.name == name)
+            .map(RankId::new)
     }
 
     pub fn tensor_by_name(&self, name: &str) -> Option<TensorId> {
-        self.tensors.iter().position(|t| t.name == name).map(TensorId::new)
+        self.tensors
+            .iter()
+            .position(|t| t.name == name)
+            .map(TensorId::new)
     }
 
     /// The name of an index variable: the rank's name in lower case, then its primes.
@@ -455,7 +477,11 @@ impl Cascade {
                 Lhs::Next(index) => format!("{} + 1", self.index_name(*index)),
             })
             .collect();
-        format!("{}[{}]", self.tensor(einsum.target).name, subscripts.join(", "))
+        format!(
+            "{}[{}]",
+            self.tensor(einsum.target).name,
+            subscripts.join(", ")
+        )
     }
 }
 

@@ -25,9 +25,12 @@ pub use ir::Cascade;
 
 /// Parses and checks a whole source file.
 pub fn compile_source(source: &str) -> Result<Vec<Cascade>, Vec<einfuse_dsl::Diagnostic>> {
-    let (file, mut diagnostics) = einfuse_dsl::parse(source);
-    let (cascades, check_diagnostics) = check_file(&file);
-    diagnostics.extend(check_diagnostics);
+    let (file, diagnostics) = einfuse_dsl::parse(source);
+    // Checking a file that did not parse would mostly report the parse errors' consequences.
+    if !diagnostics.is_empty() {
+        return Err(diagnostics);
+    }
+    let (cascades, mut diagnostics) = check_file(&file);
     if diagnostics.is_empty() {
         Ok(cascades)
     } else {

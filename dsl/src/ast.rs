@@ -237,13 +237,23 @@ pub enum ExprKind {
     /// A bare name: an index variable, a rank extent, a param or a rank-0 tensor.
     Name(String),
     /// `T[s1, s2]`.
-    Access { tensor: Name, subscripts: Vec<Expr> },
+    Access {
+        tensor: Name,
+        subscripts: Vec<Expr>,
+    },
     Neg(Box<Expr>),
     Binary(BinOp, Box<Expr>, Box<Expr>),
     /// `exp(x)`, `max(a, b)`, ...
-    Call { func: Name, args: Vec<Expr> },
+    Call {
+        func: Name,
+        args: Vec<Expr>,
+    },
     /// `sum[i, j](x)`.
-    Reduce { op: ReduceOp, indices: Vec<Name>, arg: Box<Expr> },
+    Reduce {
+        op: ReduceOp,
+        indices: Vec<Name>,
+        arg: Box<Expr>,
+    },
 }
 
 /// Formats a number so that it lexes back to the same value (`inf`, `-inf`, shortest round-trip
@@ -266,7 +276,11 @@ pub fn format_number(value: f64) -> String {
 impl fmt::Display for File {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for kernel in &self.kernels {
-            writeln!(f, "(kernel {} @{}..{}", kernel.name.text, kernel.span.start, kernel.span.end)?;
+            writeln!(
+                f,
+                "(kernel {} @{}..{}",
+                kernel.name.text, kernel.span.start, kernel.span.end
+            )?;
             for item in &kernel.items {
                 write!(f, "  ")?;
                 write_item(f, item)?;
@@ -286,9 +300,11 @@ fn write_item(f: &mut fmt::Formatter<'_>, item: &Item) -> fmt::Result {
                 match &rank.def {
                     RankDef::Symbolic => write!(f, " {}", rank.name.text)?,
                     RankDef::Fixed { extent, .. } => write!(f, " (= {} {extent})", rank.name.text)?,
-                    RankDef::Split { whole, tile } => {
-                        write!(f, " (= {} (/ {} {}))", rank.name.text, whole.text, tile.text)?
-                    }
+                    RankDef::Split { whole, tile } => write!(
+                        f,
+                        " (= {} (/ {} {}))",
+                        rank.name.text, whole.text, tile.text
+                    )?,
                 }
             }
             write!(f, ")")
@@ -325,7 +341,11 @@ fn write_item(f: &mut fmt::Formatter<'_>, item: &Item) -> fmt::Result {
             write!(f, ")")
         }
         Item::Einsum(einsum) => {
-            write!(f, "(einsum @{}..{} ({}", einsum.span.start, einsum.span.end, einsum.target.text)?;
+            write!(
+                f,
+                "(einsum @{}..{} ({}",
+                einsum.span.start, einsum.span.end, einsum.target.text
+            )?;
             for sub in &einsum.subscripts {
                 write!(f, " ")?;
                 write_expr(f, sub)?;

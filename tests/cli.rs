@@ -1,0 +1,154 @@
+//! The `einfuse` command line: exit statuses, help, errors at the boundary, and the text stages.
+
+use std::process::{Command, Output};
+
+fn einfuse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_einfuse"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in [
+        vec!["--help"],
+        vec!["check", "--help"],
+        vec!["emit", "--help"],
+        vec!["graph", "--help"],
+        vec!["run", "--help"],
+    ] {
+        let output = einfuse(&sub);
+        assert_eq!(output.status.code(), Some(0), "{sub:?}");
+        assert!(stdout(&output).contains("Usage"), "{sub:?}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_1() {
+    for args in [
+        vec!["bogus"],
+        vec!["emit", "--stage", "nope", "examples/attention.ein"],
+        vec!["run", "--bind", "M", "x.ein"],
+    ] {
+        assert_eq!(einfuse(&args).status.code(), Some(1), "{args:?}");
+    }
+    let missing = einfuse(&["check", "no/such/file.ein"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("no/such/file.ein"));
+}
+
+#[test]
+fn a_shape_mismatch_names_tensor_rank_and_sizes() {
+    let dir = std::env::temp_dir().join(format!("einfuse-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let q = dir.join("q.npy");
+    // Q is declared [E = 64, P]; give it 63 rows.
+    einfuse::runtime::npy::write_npy(
+        &q,
+        &einfuse::Tensor::zeros(einfuse::DType::F32, vec![63, 4]).unwrap(),
+    )
+    .unwrap();
+    let output = einfuse(&[
+        "run",
+        "examples/attention.ein",
+        "--kernel",
+        "attention",
+        "--bind",
+        "M=8",
+        "--input",
+        &format!("Q={}", q.display()),
+    ]);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("`Q`") && text.contains("`E`") && text.contains("64") && text.contains("63"),
+        "{text}"
+    );
+    let output = einfuse(&[
+        "run",
+        "examples/attention.ein",
+        "--kernel",
+        "attention",
+        "--bind",
+        "M=8",
+        "--bind",
+        "P=3",
+        "--input",
+        &format!("Q={}", q.display()),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn run_reports_unknown_names() {
+    let output = einfuse(&[
+        "run",
+        "examples/attention.ein",
+        "--kernel",
+        "attention",
+        "--bind",
+        "M=8",
+        "--bind",
+        "P=2",
+        "--param",
+        "nope=1",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("nope"));
+    let output = einfuse(&["run", "examples/attention.ein", "--kernel", "nope"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("attention_1pass"));
+}
+
+#[test]
+fn run_prints_a_summary_and_is_deterministic() {
+    let args = [
+        "run",
+        "examples/attention.ein",
+        "--kernel",
+        "attention_1pass",
+        "--bind",
+        "M=70",
+        "--bind",
+        "P=3",
+        "--seed",
+        "4",
+    ];
+    let first = einfuse(&args);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert!(stdout(&first).starts_with("AV: f32 [64, 3]"));
+    assert_eq!(stdout(&first), stdout(&einfuse(&args)));
+}
+
+#[test]
+fn graph_and_emit_ast() {
+    let dot = einfuse(&["graph", "examples/attention.ein", "--kernel", "attention"]);
+    assert_eq!(dot.status.code(), Some(0));
+    let text = stdout(&dot);
+    assert!(
+        text.starts_with("digraph \"attention\"") && text.contains("->"),
+        "{text}"
+    );
+    insta::assert_snapshot!(text);
+    let ast = einfuse(&[
+        "emit",
+        "--stage",
+        "ast",
+        "examples/attention.ein",
+        "--kernel",
+        "attention_1pass",
+    ]);
+    assert_eq!(ast.status.code(), Some(0));
+    assert!(stdout(&ast).starts_with("(kernel attention_1pass"));
+}
