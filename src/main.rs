@@ -42,6 +42,16 @@ enum Command {
         #[arg(long)]
         kernel: Option<String>,
     },
+    /// Count the passes each kernel makes over each rank, and say why each extra pass is needed.
+    Analyze {
+        file: PathBuf,
+        /// Only this kernel (default: every kernel).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Print one JSON object: {"kernels": [{"name", "passes", "optimized_passes"}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a kernel on random or given inputs.
     Run(RunArgs),
 }
@@ -176,8 +186,63 @@ fn execute(command: Command) -> Result<(), Error> {
             );
             Ok(())
         }
+        Command::Analyze { file, kernel, json } => analyze(&file, kernel.as_deref(), json),
         Command::Run(args) => run(args),
     }
+}
+
+fn analyze(file: &Path, kernel: Option<&str>, json: bool) -> Result<(), Error> {
+    let program = Program::from_file(file)?;
+    let kernels = program.selected(kernel)?;
+    let reports: Vec<_> = kernels
+        .iter()
+        .map(|k| compiler::passcount::analyze(k))
+        .collect();
+    if json {
+        let entries: Vec<String> = reports
+            .iter()
+            .map(|report| {
+                format!(
+                    "{{\"name\": {}, \"passes\": {}, \"optimized_passes\": {}}}",
+                    json_string(&report.kernel),
+                    json_counts(&report.counts()),
+                    json_counts(&report.counts())
+                )
+            })
+            .collect();
+        println!("{{\"kernels\": [{}]}}", entries.join(", "));
+        return Ok(());
+    }
+    for (kernel, report) in kernels.iter().zip(&reports) {
+        println!("kernel {}", kernel.name);
+        println!("  as written:");
+        for line in compiler::passcount::describe(kernel, report).lines() {
+            println!("  {line}");
+        }
+    }
+    Ok(())
+}
+
+fn json_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_counts(counts: &[(String, usize)]) -> String {
+    let fields: Vec<String> = counts
+        .iter()
+        .map(|(rank, n)| format!("{}: {n}", json_string(rank)))
+        .collect();
+    format!("{{{}}}", fields.join(", "))
 }
 
 fn check(files: &[PathBuf]) -> Result<(), Error> {

@@ -1,0 +1,393 @@
+//! The pass-count analysis (FuseMax §III): how many times a cascade must traverse each rank.
+//!
+//! Needs: a verified cascade. Guarantees: for every rank that some Einsum reduces or iterates over
+//! (and, for a split rank, the whole rank and each part), the number of passes, the pass of each
+//! Einsum that traverses the rank, and for each extra pass the read that forces it.
+//!
+//! The method, for a target rank R:
+//! - An Einsum *covers* R when its iteration space traverses R: it binds an index of R (for a
+//!   split whole rank `M = (M1, M0)`: an index of `M`, or indices of both parts).
+//! - A value is *R-complete* when it needs every coordinate of R and is no longer indexed by R:
+//!   `GM[p] = max[m](QK[m, p])` is; `SN[m, p]` is not (it is a fiber still indexed by `m`). A
+//!   value built by a recurrence along an iterative rank is complete only at its final iterate.
+//! - Levels: `level(E) = max over the reads v of E of level(v) + [v is R-complete and E covers R]`.
+//!   A read of an earlier iterate (`RD[m1, p]` inside step `m1`) is the carried state of a
+//!   recurrence: it is available before the step and adds nothing.
+//! - The passes over R are the distinct levels of the Einsums that cover R: each step is a
+//!   read-read dependency, an R fiber re-read after a value that needed all of it.
+
+use std::collections::{BTreeSet, HashMap};
+
+use petgraph::graph::DiGraph;
+
+use crate::ir::*;
+
+/// What one analysis found, for one kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassReport {
+    pub kernel: String,
+    pub ranks: Vec<RankPasses>,
+}
+
+/// The passes over one rank (or over a whole split rank, or one of its parts).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RankPasses {
+    /// The rank's name (for a split rank's whole, the original rank's name).
+    pub rank: String,
+    pub passes: usize,
+    /// For every Einsum that covers the rank: its pass, from 1.
+    pub einsum_passes: Vec<(EinsumId, usize)>,
+    /// For each pass after the first: why it is needed.
+    pub extra: Vec<ExtraPass>,
+}
+
+/// One read-read dependency: `reader` re-reads the rank after `value`, which needed all of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExtraPass {
+    pub pass: usize,
+    pub reader: EinsumId,
+    pub value: TensorId,
+}
+
+impl PassReport {
+    pub fn passes(&self, rank: &str) -> Option<usize> {
+        self.ranks.iter().find(|r| r.rank == rank).map(|r| r.passes)
+    }
+
+    /// `(rank, passes)` for every reported rank, in report order.
+    pub fn counts(&self) -> Vec<(String, usize)> {
+        self.ranks
+            .iter()
+            .map(|r| (r.rank.clone(), r.passes))
+            .collect()
+    }
+}
+
+/// What the analysis traverses.
+#[derive(Clone, Debug)]
+struct Target {
+    name: String,
+    /// Indices of these ranks traverse the target.
+    parts: BTreeSet<RankId>,
+    /// For a split whole rank: the pair (tile, within-tile) that together traverse it.
+    pair: Option<(RankId, RankId)>,
+    /// The value is complete once it has consumed one of these rank sets.
+    complete_when: Vec<BTreeSet<RankId>>,
+}
+
+/// Analyses every rank that some Einsum reduces or iterates over.
+pub fn analyze(cascade: &Cascade) -> PassReport {
+    let consumed = consumed_ranks(cascade);
+    let order = topological_order(cascade);
+    let ranks = targets(cascade)
+        .into_iter()
+        .map(|target| analyze_target(cascade, &target, &consumed, &order))
+        .collect();
+    PassReport {
+        kernel: cascade.name.clone(),
+        ranks,
+    }
+}
+
+/// The ranks to report, in declaration order: reduced or iterated ranks, and for a split pair
+/// the whole rank and both parts.
+fn targets(cascade: &Cascade) -> Vec<Target> {
+    let mut used: BTreeSet<RankId> = BTreeSet::new();
+    for einsum in &cascade.einsums {
+        einsum.body.walk(&mut |e| {
+            if let Expr::Reduce { indices, .. } = e {
+                used.extend(indices.iter().map(|i| i.rank));
+            }
+        });
+    }
+    for tensor in &cascade.tensors {
+        if let TensorKind::Defined { iterative: Some(p) } = tensor.kind {
+            used.insert(tensor.ranks[p]);
+        }
+    }
+    let splits = cascade.split_pairs();
+    for (tile, inner, whole) in &splits {
+        if used.contains(tile) || used.contains(inner) || used.contains(whole) {
+            used.extend([*tile, *inner, *whole]);
+        }
+    }
+    let mut targets = Vec::new();
+    for rank in used {
+        let name = cascade.rank(rank).name.clone();
+        let whole_of = splits.iter().find(|(_, _, whole)| *whole == rank);
+        let part_of = splits
+            .iter()
+            .find(|(tile, inner, _)| *tile == rank || *inner == rank);
+        let target = if let Some((tile, inner, whole)) = whole_of {
+            Target {
+                name,
+                parts: [*whole, *tile, *inner].into(),
+                pair: Some((*tile, *inner)),
+                complete_when: vec![[*whole].into(), [*tile, *inner].into()],
+            }
+        } else if let Some((_, _, whole)) = part_of {
+            Target {
+                name,
+                parts: [rank, *whole].into(),
+                pair: None,
+                complete_when: vec![[rank].into(), [*whole].into()],
+            }
+        } else {
+            Target {
+                name,
+                parts: [rank].into(),
+                pair: None,
+                complete_when: vec![[rank].into()],
+            }
+        };
+        targets.push(target);
+    }
+    targets
+}
+
+/// How an Einsum reads a tensor along the tensor's iterative position.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum IterateRead {
+    /// Not an iterative tensor, or read at an ordinary coordinate.
+    Plain,
+    /// An earlier iterate (`T[r]` in step `r`): carried state.
+    Earlier,
+    /// The final iterate (`T[R]`): complete along the iterative rank.
+    Final(RankId),
+}
+
+fn iterate_read(cascade: &Cascade, read: TensorId, subscripts: &[Affine]) -> IterateRead {
+    let tensor = cascade.tensor(read);
+    let TensorKind::Defined {
+        iterative: Some(position),
+    } = tensor.kind
+    else {
+        return IterateRead::Plain;
+    };
+    let subscript = &subscripts[position];
+    if !subscript.mentions_index() {
+        return match subscript {
+            Affine::Const(0) => IterateRead::Plain,
+            _ => IterateRead::Final(tensor.ranks[position]),
+        };
+    }
+    let offset = match subscript {
+        Affine::Index(_) => Some(0),
+        Affine::Add(a, b) => match (&**a, &**b) {
+            (Affine::Index(_), Affine::Const(c)) | (Affine::Const(c), Affine::Index(_)) => Some(*c),
+            _ => None,
+        },
+        Affine::Sub(a, b) => match (&**a, &**b) {
+            (Affine::Index(_), Affine::Const(c)) => Some(-*c),
+            _ => None,
+        },
+        _ => None,
+    };
+    match offset {
+        Some(c) if c <= 0 => IterateRead::Earlier,
+        _ => IterateRead::Plain,
+    }
+}
+
+/// Every read of an Einsum (body and filters), with its subscripts.
+fn reads(einsum: &Einsum) -> Vec<(TensorId, &[Affine])> {
+    let mut found = einsum.body.accesses();
+    for cond in &einsum.filter {
+        found.extend(cond.lhs.accesses());
+        found.extend(cond.rhs.accesses());
+    }
+    found
+}
+
+/// The ranks each tensor's value has consumed entirely (by a reduction, by reading a value that
+/// has, or by reading a final iterate), by fixpoint over the cascade.
+fn consumed_ranks(cascade: &Cascade) -> Vec<BTreeSet<RankId>> {
+    let mut consumed = vec![BTreeSet::new(); cascade.tensors.len()];
+    loop {
+        let mut changed = false;
+        for einsum in &cascade.einsums {
+            let mut set: BTreeSet<RankId> = BTreeSet::new();
+            einsum.body.walk(&mut |e| {
+                if let Expr::Reduce { indices, .. } = e {
+                    set.extend(indices.iter().map(|i| i.rank));
+                }
+            });
+            for (read, subscripts) in reads(einsum) {
+                set.extend(consumed[read.index()].iter().copied());
+                if let IterateRead::Final(rank) = iterate_read(cascade, read, subscripts) {
+                    set.insert(rank);
+                }
+            }
+            let target = &mut consumed[einsum.target.index()];
+            let before = target.len();
+            target.extend(set);
+            changed |= target.len() != before;
+        }
+        if !changed {
+            return consumed;
+        }
+    }
+}
+
+/// The tensors in an order where every non-carried read comes first.
+fn topological_order(cascade: &Cascade) -> Vec<TensorId> {
+    let mut graph: DiGraph<TensorId, ()> = DiGraph::new();
+    let nodes: Vec<_> = (0..cascade.tensors.len())
+        .map(|t| graph.add_node(TensorId::new(t)))
+        .collect();
+    for einsum in &cascade.einsums {
+        for (read, subscripts) in reads(einsum) {
+            if iterate_read(cascade, read, subscripts) != IterateRead::Earlier
+                && read != einsum.target
+            {
+                graph.update_edge(nodes[read.index()], nodes[einsum.target.index()], ());
+            }
+        }
+    }
+    match petgraph::algo::toposort(&graph, None) {
+        Ok(order) => order.into_iter().map(|n| graph[n]).collect(),
+        // The checker rejects cycles that no recurrence carries; fall back to cascade order.
+        Err(_) => (0..cascade.tensors.len()).map(TensorId::new).collect(),
+    }
+}
+
+fn binds(einsum: &Einsum) -> BTreeSet<RankId> {
+    let mut ranks: BTreeSet<RankId> = einsum.lhs_indices().map(|i| i.rank).collect();
+    einsum.body.walk(&mut |e| {
+        if let Expr::Reduce { indices, .. } = e {
+            ranks.extend(indices.iter().map(|i| i.rank));
+        }
+    });
+    ranks
+}
+
+fn analyze_target(
+    cascade: &Cascade,
+    target: &Target,
+    consumed: &[BTreeSet<RankId>],
+    order: &[TensorId],
+) -> RankPasses {
+    let covers = |einsum: &Einsum| {
+        let bound = binds(einsum);
+        match target.pair {
+            Some((tile, inner)) => {
+                bound
+                    .iter()
+                    .any(|r| target.parts.contains(r) && *r != tile && *r != inner)
+                    || (bound.contains(&tile) && bound.contains(&inner))
+            }
+            None => bound.iter().any(|r| target.parts.contains(r)),
+        }
+    };
+    let complete = |set: &BTreeSet<RankId>| {
+        target
+            .complete_when
+            .iter()
+            .any(|needed| needed.is_subset(set))
+    };
+    let indexed = |cascade: &Cascade, subscripts: &[Affine]| {
+        let mut any = false;
+        for subscript in subscripts {
+            subscript.for_each_index(&mut |i| any |= target.parts.contains(&i.rank));
+        }
+        let _ = cascade;
+        any
+    };
+    let mut tensor_level: HashMap<TensorId, usize> = HashMap::new();
+    let mut einsum_level: Vec<Option<(usize, Option<TensorId>)>> =
+        vec![None; cascade.einsums.len()];
+    for tensor in order {
+        for (id, einsum) in cascade.definitions(*tensor) {
+            let covering = covers(einsum);
+            let mut level = 0;
+            let mut cause = None;
+            for (read, subscripts) in reads(einsum) {
+                let kind = iterate_read(cascade, read, subscripts);
+                if kind == IterateRead::Earlier || read == einsum.target {
+                    continue;
+                }
+                let mut read_consumed = consumed[read.index()].clone();
+                if let IterateRead::Final(rank) = kind {
+                    read_consumed.insert(rank);
+                }
+                let is_complete = !indexed(cascade, subscripts) && complete(&read_consumed);
+                let step = usize::from(is_complete && covering);
+                let candidate = tensor_level.get(&read).copied().unwrap_or(0) + step;
+                if candidate > level || (candidate == level && step == 1 && cause.is_none()) {
+                    level = candidate;
+                    cause = (step == 1).then_some(read);
+                }
+            }
+            einsum_level[id.index()] = Some((level, cause));
+            let entry = tensor_level.entry(*tensor).or_insert(0);
+            *entry = (*entry).max(level);
+        }
+    }
+    let covering: Vec<(EinsumId, usize, Option<TensorId>)> = cascade
+        .einsums
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| covers(e))
+        .filter_map(|(i, _)| einsum_level[i].map(|(level, cause)| (EinsumId::new(i), level, cause)))
+        .collect();
+    let levels: BTreeSet<usize> = covering.iter().map(|(_, level, _)| *level).collect();
+    let pass_of = |level: usize| {
+        levels
+            .iter()
+            .position(|l| *l == level)
+            .expect("level present")
+            + 1
+    };
+    let einsum_passes = covering
+        .iter()
+        .map(|(id, level, _)| (*id, pass_of(*level)))
+        .collect();
+    let mut extra = Vec::new();
+    for level in levels.iter().skip(1) {
+        if let Some((reader, _, Some(value))) = covering
+            .iter()
+            .find(|(_, l, cause)| l == level && cause.is_some())
+        {
+            extra.push(ExtraPass {
+                pass: pass_of(*level),
+                reader: *reader,
+                value: *value,
+            });
+        }
+    }
+    RankPasses {
+        rank: target.name.clone(),
+        passes: levels.len(),
+        einsum_passes,
+        extra,
+    }
+}
+
+/// The report as text: per rank, the passes and the Einsums of each, and why each extra pass is
+/// needed.
+pub fn describe(cascade: &Cascade, report: &PassReport) -> String {
+    let mut out = String::new();
+    for rank in &report.ranks {
+        let plural = if rank.passes == 1 { "pass" } else { "passes" };
+        out.push_str(&format!("  {}: {} {plural}\n", rank.rank, rank.passes));
+        for pass in 1..=rank.passes {
+            let members: Vec<String> = rank
+                .einsum_passes
+                .iter()
+                .filter(|(_, p)| *p == pass)
+                .map(|(id, _)| cascade.einsum_label(*id))
+                .collect();
+            out.push_str(&format!("    pass {pass}: {}\n", members.join(", ")));
+        }
+        for extra in &rank.extra {
+            out.push_str(&format!(
+                "    pass {} is needed because {} reads {}, which needs all of {} first\n",
+                extra.pass,
+                cascade.einsum_label(extra.reader),
+                cascade.tensor(extra.value).name,
+                rank.rank
+            ));
+        }
+    }
+    out
+}
