@@ -49,10 +49,14 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Optimize(#[from] compiler::optimize::OptimizeError),
+}
+
+/// Optimizes a kernel with the default options.
+pub fn optimize(cascade: &Cascade) -> Result<compiler::optimize::Optimized, Error> {
+    Ok(compiler::optimize::optimize(cascade, &compiler::optimize::OptimizeOptions::default())?)
 }
 
 /// A checked source file: its text and its kernels.
@@ -66,11 +70,7 @@ impl Program {
     /// Parses and checks `source`; errors are rendered with `path`.
     pub fn from_source(path: &str, source: &str) -> Result<Program, Error> {
         match compiler::compile_source(source) {
-            Ok(kernels) => Ok(Program {
-                path: path.to_string(),
-                source: source.to_string(),
-                kernels,
-            }),
+            Ok(kernels) => Ok(Program { path: path.to_string(), source: source.to_string(), kernels }),
             Err(diagnostics) => Err(Error::Source {
                 rendered: dsl::diagnostic::render_all(&diagnostics, path, source),
                 count: diagnostics.len(),
@@ -88,11 +88,7 @@ impl Program {
     pub fn kernel(&self, name: Option<&str>) -> Result<&Cascade, Error> {
         match name {
             Some(name) => self.kernels.iter().find(|k| k.name == name).ok_or_else(|| {
-                Error::Usage(format!(
-                    "{} has no kernel `{name}` (it has: {})",
-                    self.path,
-                    self.kernel_names()
-                ))
+                Error::Usage(format!("{} has no kernel `{name}` (it has: {})", self.path, self.kernel_names()))
             }),
             None => match &self.kernels[..] {
                 [one] => Ok(one),
@@ -115,31 +111,20 @@ impl Program {
     }
 
     fn kernel_names(&self) -> String {
-        self.kernels
-            .iter()
-            .map(|k| k.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.kernels.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", ")
     }
 }
 
 /// Reads a source file, refusing files that are not text or are unreasonably large.
 pub fn read_source(path: &Path) -> Result<String, Error> {
     const MAX_SOURCE_BYTES: u64 = 16 << 20;
-    let io = |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io = |source| Error::Io { path: path.display().to_string(), source };
     let size = std::fs::metadata(path).map_err(io)?.len();
     if size > MAX_SOURCE_BYTES {
-        return Err(Error::Usage(format!(
-            "{}: source file is larger than {MAX_SOURCE_BYTES} bytes",
-            path.display()
-        )));
+        return Err(Error::Usage(format!("{}: source file is larger than {MAX_SOURCE_BYTES} bytes", path.display())));
     }
     let bytes = std::fs::read(path).map_err(io)?;
-    String::from_utf8(bytes)
-        .map_err(|_| Error::Usage(format!("{}: source is not UTF-8 text", path.display())))
+    String::from_utf8(bytes).map_err(|_| Error::Usage(format!("{}: source is not UTF-8 text", path.display())))
 }
 
 /// Where a kernel runs.
@@ -171,17 +156,11 @@ pub fn dtype_of(elem: ElemType) -> DType {
 
 /// The inputs a run will use: those given, converted to their declared storage type, and random
 /// ones for the rest. Also returns the bound extents.
-pub fn prepare_inputs(
-    cascade: &Cascade,
-    options: &RunOptions,
-) -> Result<(Vec<u64>, Vec<Tensor>), Error> {
+pub fn prepare_inputs(cascade: &Cascade, options: &RunOptions) -> Result<(Vec<u64>, Vec<Tensor>), Error> {
     let input_ids = cascade.inputs();
     for (name, _) in &options.inputs {
         if !input_ids.iter().any(|id| &cascade.tensor(*id).name == name) {
-            return Err(ShapeError::UnknownInput {
-                tensor: name.clone(),
-            }
-            .into());
+            return Err(ShapeError::UnknownInput { tensor: name.clone() }.into());
         }
     }
     let given_shapes: Vec<_> = input_ids
@@ -199,26 +178,14 @@ pub fn prepare_inputs(
     let mut tensors = Vec::new();
     for (number, id) in input_ids.iter().enumerate() {
         let tensor = cascade.tensor(*id);
-        let TensorKind::Input { elem } = tensor.kind else {
-            unreachable!("inputs() returns inputs")
-        };
+        let TensorKind::Input { elem } = tensor.kind else { unreachable!("inputs() returns inputs") };
         let dtype = dtype_of(elem);
-        let given = options
-            .inputs
-            .iter()
-            .find(|(n, _)| *n == tensor.name)
-            .map(|(_, t)| t.cast(dtype));
+        let given = options.inputs.iter().find(|(n, _)| *n == tensor.name).map(|(_, t)| t.cast(dtype));
         let tensor = match given {
             Some(t) => t,
             None => {
-                let shape: Vec<usize> = tensor_shape(cascade, *id, &extents)
-                    .iter()
-                    .map(|n| *n as usize)
-                    .collect();
-                let seed = options
-                    .seed
-                    .wrapping_mul(1_000_003)
-                    .wrapping_add(number as u64);
+                let shape: Vec<usize> = tensor_shape(cascade, *id, &extents).iter().map(|n| *n as usize).collect();
+                let seed = options.seed.wrapping_mul(1_000_003).wrapping_add(number as u64);
                 Tensor::random(dtype, shape, seed).map_err(|e| Error::Usage(e.to_string()))?
             }
         };
@@ -228,21 +195,12 @@ pub fn prepare_inputs(
 }
 
 /// Runs a kernel on `target`; returns its outputs by name, in declaration order.
-pub fn run(
-    cascade: &Cascade,
-    target: Target,
-    options: &RunOptions,
-) -> Result<Vec<(String, Tensor)>, Error> {
+pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Vec<(String, Tensor)>, Error> {
     let mut cascade = cascade.clone();
     for (name, value) in &options.params {
         match cascade.params.iter_mut().find(|p| &p.name == name) {
             Some(param) => param.value = *value,
-            None => {
-                return Err(Error::Usage(format!(
-                    "kernel `{}` has no param `{name}`",
-                    cascade.name
-                )))
-            }
+            None => return Err(Error::Usage(format!("kernel `{}` has no param `{name}`", cascade.name))),
         }
     }
     let (extents, inputs) = prepare_inputs(&cascade, options)?;
@@ -256,13 +214,11 @@ pub fn run(
                 .iter()
                 .zip(outputs)
                 .map(|(output, values)| {
-                    let shape: Vec<usize> = tensor_shape(&cascade, output.tensor, &extents)
-                        .iter()
-                        .map(|n| *n as usize)
-                        .collect();
+                    let shape: Vec<usize> =
+                        tensor_shape(&cascade, output.tensor, &extents).iter().map(|n| *n as usize).collect();
                     let values: Vec<f32> = values.into_iter().map(|x| x as f32).collect();
-                    let tensor = Tensor::new(dtype_of(output.elem), shape, values)
-                        .expect("interpreter output has its shape");
+                    let tensor =
+                        Tensor::new(dtype_of(output.elem), shape, values).expect("interpreter output has its shape");
                     (cascade.tensor(output.tensor).name.clone(), tensor)
                 })
                 .collect())

@@ -27,7 +27,8 @@ enum Command {
     },
     /// Print a stage of the compilation as text.
     Emit {
-        /// Which stage: `ast` (the syntax tree) or `ir` (the checked Cascade IR, as `.ein`).
+        /// Which stage: `ast` (the syntax tree), `ir` (the checked Cascade IR, as `.ein`) or `opt`
+        /// (the optimized cascade, as `.ein`).
         #[arg(long, value_enum)]
         stage: Stage,
         file: PathBuf,
@@ -52,6 +53,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the optimizer's derivation: the rules it applied and the cascade before and after.
+    Explain {
+        file: PathBuf,
+        /// Only this kernel (default: every kernel).
+        #[arg(long)]
+        kernel: Option<String>,
+    },
     /// Run a kernel on random or given inputs.
     Run(RunArgs),
 }
@@ -60,6 +68,8 @@ enum Command {
 enum Stage {
     Ast,
     Ir,
+    /// The cascade after the e-graph optimizer, as `.ein`.
+    Opt,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -98,16 +108,12 @@ struct RunArgs {
 }
 
 fn split_assignment(text: &str) -> Result<(&str, &str), String> {
-    text.split_once('=')
-        .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("expected NAME=VALUE, found `{text}`"))
+    text.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| format!("expected NAME=VALUE, found `{text}`"))
 }
 
 fn parse_binding(text: &str) -> Result<(String, u64), String> {
     let (name, value) = split_assignment(text)?;
-    let value = value
-        .parse::<u64>()
-        .map_err(|_| format!("`{value}` is not a non-negative integer"))?;
+    let value = value.parse::<u64>().map_err(|_| format!("`{value}` is not a non-negative integer"))?;
     Ok((name.to_string(), value))
 }
 
@@ -116,9 +122,7 @@ fn parse_param(text: &str) -> Result<(String, f64), String> {
     let value = match value {
         "inf" => f64::INFINITY,
         "-inf" => f64::NEG_INFINITY,
-        _ => value
-            .parse::<f64>()
-            .map_err(|_| format!("`{value}` is not a number"))?,
+        _ => value.parse::<f64>().map_err(|_| format!("`{value}` is not a number"))?,
     };
     Ok((name.to_string(), value))
 }
@@ -133,11 +137,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();
-            return if err.use_stderr() {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if err.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
         }
     };
     match execute(cli.command) {
@@ -158,20 +158,20 @@ fn main() -> ExitCode {
 fn execute(command: Command) -> Result<(), Error> {
     match command {
         Command::Check { files } => check(&files),
-        Command::Emit {
-            stage,
-            file,
-            kernel,
-        } => {
+        Command::Emit { stage, file, kernel } => {
             let text = match stage {
                 Stage::Ast => emit_ast(&file, kernel.as_deref())?,
                 Stage::Ir => {
                     let program = Program::from_file(&file)?;
-                    let kernels: Vec<_> = program
-                        .selected(kernel.as_deref())?
-                        .into_iter()
-                        .cloned()
-                        .collect();
+                    let kernels: Vec<_> = program.selected(kernel.as_deref())?.into_iter().cloned().collect();
+                    compiler::print::print_cascades(&kernels)
+                }
+                Stage::Opt => {
+                    let program = Program::from_file(&file)?;
+                    let mut kernels = Vec::new();
+                    for k in program.selected(kernel.as_deref())? {
+                        kernels.push(einfuse::optimize(k)?.cascade);
+                    }
                     compiler::print::print_cascades(&kernels)
                 }
             };
@@ -180,13 +180,11 @@ fn execute(command: Command) -> Result<(), Error> {
         }
         Command::Graph { file, kernel } => {
             let program = Program::from_file(&file)?;
-            print!(
-                "{}",
-                compiler::graph::to_dot(program.kernel(kernel.as_deref())?)
-            );
+            print!("{}", compiler::graph::to_dot(program.kernel(kernel.as_deref())?));
             Ok(())
         }
         Command::Analyze { file, kernel, json } => analyze(&file, kernel.as_deref(), json),
+        Command::Explain { file, kernel } => explain(&file, kernel.as_deref()),
         Command::Run(args) => run(args),
     }
 }
@@ -194,31 +192,77 @@ fn execute(command: Command) -> Result<(), Error> {
 fn analyze(file: &Path, kernel: Option<&str>, json: bool) -> Result<(), Error> {
     let program = Program::from_file(file)?;
     let kernels = program.selected(kernel)?;
-    let reports: Vec<_> = kernels
-        .iter()
-        .map(|k| compiler::passcount::analyze(k))
-        .collect();
+    let mut results = Vec::new();
+    for kernel in &kernels {
+        let written = compiler::passcount::analyze(kernel);
+        let optimized = einfuse::optimize(kernel)?;
+        let optimized_report = compiler::passcount::analyze(&optimized.cascade);
+        results.push((written, optimized, optimized_report));
+    }
     if json {
-        let entries: Vec<String> = reports
+        let entries: Vec<String> = results
             .iter()
-            .map(|report| {
+            .map(|(written, _, optimized)| {
                 format!(
                     "{{\"name\": {}, \"passes\": {}, \"optimized_passes\": {}}}",
-                    json_string(&report.kernel),
-                    json_counts(&report.counts()),
-                    json_counts(&report.counts())
+                    json_string(&written.kernel),
+                    json_counts(&written.counts()),
+                    json_counts(&optimized.counts())
                 )
             })
             .collect();
         println!("{{\"kernels\": [{}]}}", entries.join(", "));
         return Ok(());
     }
-    for (kernel, report) in kernels.iter().zip(&reports) {
+    for (kernel, (written, optimized, optimized_report)) in kernels.iter().zip(&results) {
         println!("kernel {}", kernel.name);
         println!("  as written:");
-        for line in compiler::passcount::describe(kernel, report).lines() {
+        for line in compiler::passcount::describe(kernel, written).lines() {
             println!("  {line}");
         }
+        match &optimized.note {
+            Some(note) => println!("  optimized: kept as written ({note})"),
+            None => {
+                println!(
+                    "  optimized ({} rewrite iterations, {} e-nodes, {}):",
+                    optimized.iterations, optimized.nodes, optimized.stop
+                );
+                for line in compiler::passcount::describe(&optimized.cascade, optimized_report).lines() {
+                    println!("  {line}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn explain(file: &Path, kernel: Option<&str>) -> Result<(), Error> {
+    let program = Program::from_file(file)?;
+    for kernel in program.selected(kernel)? {
+        let result = einfuse::optimize(kernel)?;
+        println!("kernel {}", kernel.name);
+        println!("== as written");
+        print!("{}", compiler::print::print_cascade(kernel));
+        println!("== rewrites ({} iterations, {} e-nodes, {})", result.iterations, result.nodes, result.stop);
+        for (iteration, rule, times) in &result.applied {
+            println!("  iteration {iteration}: {rule} x{times}: {}", compiler::optimize::rules::describe(rule));
+        }
+        let passes = |map: &std::collections::BTreeMap<String, u32>| {
+            map.iter().map(|(r, n)| format!("{r}: {n}")).collect::<Vec<_>>().join(", ")
+        };
+        println!(
+            "== passes: as written {{{}}}, chosen {{{}}}",
+            passes(&result.input_passes),
+            passes(&result.claimed_passes)
+        );
+        match &result.note {
+            Some(note) => println!("== kept as written: {note}"),
+            None => {
+                println!("== optimized");
+                print!("{}", compiler::print::print_cascade(&result.cascade));
+            }
+        }
+        println!();
     }
     Ok(())
 }
@@ -238,10 +282,7 @@ fn json_string(text: &str) -> String {
 }
 
 fn json_counts(counts: &[(String, usize)]) -> String {
-    let fields: Vec<String> = counts
-        .iter()
-        .map(|(rank, n)| format!("{}: {n}", json_string(rank)))
-        .collect();
+    let fields: Vec<String> = counts.iter().map(|(rank, n)| format!("{}: {n}", json_string(rank))).collect();
     format!("{{{}}}", fields.join(", "))
 }
 
@@ -264,10 +305,7 @@ fn check(files: &[PathBuf]) -> Result<(), Error> {
             let mut count = 0;
             for failure in failures {
                 match failure {
-                    Error::Source {
-                        rendered: text,
-                        count: n,
-                    } => {
+                    Error::Source { rendered: text, count: n } => {
                         rendered.push_str(&text);
                         count += n;
                     }
@@ -296,10 +334,7 @@ fn emit_ast(file: &Path, kernel: Option<&str>) -> Result<String, Error> {
     if let Some(name) = kernel {
         ast.kernels.retain(|k| k.name.text == name);
         if ast.kernels.is_empty() {
-            return Err(Error::Usage(format!(
-                "{} has no kernel `{name}`",
-                file.display()
-            )));
+            return Err(Error::Usage(format!("{} has no kernel `{name}`", file.display())));
         }
     }
     Ok(ast.to_string())
@@ -309,36 +344,16 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let program = Program::from_file(&args.file)?;
     let kernel = program.kernel(args.kernel.as_deref())?;
     for (name, _) in &args.outputs {
-        if !kernel
-            .outputs
-            .iter()
-            .any(|o| &kernel.tensor(o.tensor).name == name)
-        {
-            return Err(Error::Usage(format!(
-                "kernel `{}` has no output `{name}`",
-                kernel.name
-            )));
+        if !kernel.outputs.iter().any(|o| &kernel.tensor(o.tensor).name == name) {
+            return Err(Error::Usage(format!("kernel `{}` has no output `{name}`", kernel.name)));
         }
     }
-    let mut options = RunOptions {
-        bindings: args.bindings,
-        params: args.params,
-        inputs: vec![],
-        seed: args.seed,
-    };
+    let mut options = RunOptions { bindings: args.bindings, params: args.params, inputs: vec![], seed: args.seed };
     for (name, path) in &args.inputs {
-        let Some(id) = kernel
-            .tensor_by_name(name)
-            .filter(|id| kernel.inputs().contains(id))
-        else {
-            return Err(Error::Usage(format!(
-                "kernel `{}` has no input `{name}`",
-                kernel.name
-            )));
+        let Some(id) = kernel.tensor_by_name(name).filter(|id| kernel.inputs().contains(id)) else {
+            return Err(Error::Usage(format!("kernel `{}` has no input `{name}`", kernel.name)));
         };
-        let compiler::ir::TensorKind::Input { elem } = kernel.tensor(id).kind else {
-            unreachable!()
-        };
+        let compiler::ir::TensorKind::Input { elem } = kernel.tensor(id).kind else { unreachable!() };
         let tensor = runtime::npy::read_npy(path, einfuse::dtype_of(elem))?;
         options.inputs.push((name.clone(), tensor));
     }
@@ -350,12 +365,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
         match args.outputs.iter().find(|(n, _)| n == name) {
             Some((_, path)) => {
                 runtime::npy::write_npy(path, tensor)?;
-                println!(
-                    "{name}: {} {:?} written to {}",
-                    tensor.dtype().name(),
-                    tensor.shape(),
-                    path.display()
-                );
+                println!("{name}: {} {:?} written to {}", tensor.dtype().name(), tensor.shape(), path.display());
             }
             None => print_tensor(name, tensor, args.print),
         }

@@ -27,20 +27,11 @@ fn fusemax_cascades_1_to_3() {
 fn attention_cascades_4_and_5() {
     let attention = program("examples/attention.ein");
     // Cascade 4, the textbook form: 3 passes over M.
-    assert_eq!(
-        passes(&attention, "attention"),
-        counts(&[("E", 1), ("M", 3)])
-    );
+    assert_eq!(passes(&attention, "attention"), counts(&[("E", 1), ("M", 3)]));
     // With the division deferred (FuseMax §IV-D): 2.
-    assert_eq!(
-        passes(&attention, "attention_deferred"),
-        counts(&[("E", 1), ("M", 2)])
-    );
+    assert_eq!(passes(&attention, "attention_deferred"), counts(&[("E", 1), ("M", 2)]));
     // Cascade 5: 1 over M and over M1; 2 over M0 (a tile of memory).
-    assert_eq!(
-        passes(&attention, "attention_1pass"),
-        counts(&[("E", 1), ("M", 1), ("M0", 2), ("M1", 1)])
-    );
+    assert_eq!(passes(&attention, "attention_1pass"), counts(&[("E", 1), ("M", 1), ("M0", 2), ("M1", 1)]));
 }
 
 /// FuseMax Table I, "Classifying prior attention algorithms", with the cascade each family uses.
@@ -49,33 +40,16 @@ fn fusemax_table_1() {
     let attention = program("examples/attention.ein");
     let fusemax = program("examples/fusemax.ein");
     let table: [(&[&str], &Program, &str, usize); 3] = [
-        (
-            &["PyTorch", "TensorFlow", "FLAT", "E.T."],
-            &attention,
-            "attention",
-            3,
-        ),
+        (&["PyTorch", "TensorFlow", "FLAT", "E.T."], &attention, "attention", 3),
         (&["TileFlow", "Choi et al."], &fusemax, "attention_2pass", 2),
-        (
-            &["FlashAttention", "FlashAttention-2", "Rabe and Staats"],
-            &attention,
-            "attention_1pass",
-            1,
-        ),
+        (&["FlashAttention", "FlashAttention-2", "Rabe and Staats"], &attention, "attention_1pass", 1),
     ];
     for (algorithms, program, kernel, expected) in table {
         let report = analyze(program.kernel(Some(kernel)).unwrap());
-        assert_eq!(
-            report.passes("M"),
-            Some(expected),
-            "{algorithms:?} ({kernel})"
-        );
+        assert_eq!(report.passes("M"), Some(expected), "{algorithms:?} ({kernel})");
     }
     // The 2-pass form traverses its small tile rank three times.
-    assert_eq!(
-        analyze(fusemax.kernel(Some("attention_2pass")).unwrap()).passes("M1"),
-        Some(3)
-    );
+    assert_eq!(analyze(fusemax.kernel(Some("attention_2pass")).unwrap()).passes("M1"), Some(3));
 }
 
 #[test]
@@ -83,33 +57,18 @@ fn the_report_says_why() {
     let attention = program("examples/attention.ein");
     let kernel = attention.kernel(Some("attention")).unwrap();
     let text = einfuse::compiler::passcount::describe(kernel, &analyze(kernel));
-    assert!(
-        text.contains("pass 2 is needed because SN[m, p] reads GM, which needs all of M first"),
-        "{text}"
-    );
-    assert!(
-        text.contains("pass 3 is needed because A[m, p] reads SD, which needs all of M first"),
-        "{text}"
-    );
+    assert!(text.contains("pass 2 is needed because SN[m, p] reads GM, which needs all of M first"), "{text}");
+    assert!(text.contains("pass 3 is needed because A[m, p] reads SD, which needs all of M first"), "{text}");
 }
 
 #[test]
 fn analyze_json() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_einfuse"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "analyze",
-            "--json",
-            "examples/fusemax.ein",
-            "--kernel",
-            "cascade1",
-        ])
+        .args(["analyze", "--json", "examples/fusemax.ein", "--kernel", "cascade1"])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
     let text = String::from_utf8(output.stdout).unwrap();
-    assert!(
-        text.starts_with("{\"kernels\": [{\"name\": \"cascade1\", \"passes\": {\"K\": 2}"),
-        "{text}"
-    );
+    assert!(text.starts_with("{\"kernels\": [{\"name\": \"cascade1\", \"passes\": {\"K\": 2}"), "{text}");
 }

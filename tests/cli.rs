@@ -3,11 +3,7 @@
 use std::process::{Command, Output};
 
 fn einfuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_einfuse"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_einfuse")).current_dir(env!("CARGO_MANIFEST_DIR")).args(args).output().unwrap()
 }
 
 fn stderr(output: &Output) -> String {
@@ -35,11 +31,9 @@ fn every_subcommand_has_help() {
 
 #[test]
 fn usage_errors_exit_1() {
-    for args in [
-        vec!["bogus"],
-        vec!["emit", "--stage", "nope", "examples/attention.ein"],
-        vec!["run", "--bind", "M", "x.ein"],
-    ] {
+    for args in
+        [vec!["bogus"], vec!["emit", "--stage", "nope", "examples/attention.ein"], vec!["run", "--bind", "M", "x.ein"]]
+    {
         assert_eq!(einfuse(&args).status.code(), Some(1), "{args:?}");
     }
     let missing = einfuse(&["check", "no/such/file.ein"]);
@@ -53,11 +47,7 @@ fn a_shape_mismatch_names_tensor_rank_and_sizes() {
     std::fs::create_dir_all(&dir).unwrap();
     let q = dir.join("q.npy");
     // Q is declared [E = 64, P]; give it 63 rows.
-    einfuse::runtime::npy::write_npy(
-        &q,
-        &einfuse::Tensor::zeros(einfuse::DType::F32, vec![63, 4]).unwrap(),
-    )
-    .unwrap();
+    einfuse::runtime::npy::write_npy(&q, &einfuse::Tensor::zeros(einfuse::DType::F32, vec![63, 4]).unwrap()).unwrap();
     let output = einfuse(&[
         "run",
         "examples/attention.ein",
@@ -70,10 +60,7 @@ fn a_shape_mismatch_names_tensor_rank_and_sizes() {
     ]);
     let text = stderr(&output);
     assert_eq!(output.status.code(), Some(1), "{text}");
-    assert!(
-        text.contains("`Q`") && text.contains("`E`") && text.contains("64") && text.contains("63"),
-        "{text}"
-    );
+    assert!(text.contains("`Q`") && text.contains("`E`") && text.contains("64") && text.contains("63"), "{text}");
     let output = einfuse(&[
         "run",
         "examples/attention.ein",
@@ -136,19 +123,9 @@ fn graph_and_emit_ast() {
     let dot = einfuse(&["graph", "examples/attention.ein", "--kernel", "attention"]);
     assert_eq!(dot.status.code(), Some(0));
     let text = stdout(&dot);
-    assert!(
-        text.starts_with("digraph \"attention\"") && text.contains("->"),
-        "{text}"
-    );
+    assert!(text.starts_with("digraph \"attention\"") && text.contains("->"), "{text}");
     insta::assert_snapshot!(text);
-    let ast = einfuse(&[
-        "emit",
-        "--stage",
-        "ast",
-        "examples/attention.ein",
-        "--kernel",
-        "attention_1pass",
-    ]);
+    let ast = einfuse(&["emit", "--stage", "ast", "examples/attention.ein", "--kernel", "attention_1pass"]);
     assert_eq!(ast.status.code(), Some(0));
     assert!(stdout(&ast).starts_with("(kernel attention_1pass"));
 }

@@ -21,10 +21,7 @@ fn diagnostics() {
         for diagnostic in &diagnostics {
             let (line, column) = line_column(&source, diagnostic.span.start);
             let rendered = diagnostic.render(&name, &source);
-            assert!(
-                rendered.contains(&format!("{name}:{line}:{column}")),
-                "{rendered}"
-            );
+            assert!(rendered.contains(&format!("{name}:{line}:{column}")), "{rendered}");
             assert!(rendered.contains('^'), "no caret:\n{rendered}");
         }
         insta::assert_snapshot!(render_all(&diagnostics, &name, &source));
@@ -35,28 +32,12 @@ fn diagnostics() {
 #[test]
 fn the_cli_exits_with_status_1_and_a_caret() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/errors");
-    let mut entries: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     entries.sort();
     for path in entries {
-        let output = Command::new(env!("CARGO_BIN_EXE_einfuse"))
-            .arg("check")
-            .arg(&path)
-            .output()
-            .unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_einfuse")).arg("check").arg(&path).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(
-            output.status.code(),
-            Some(1),
-            "{}: {stderr}",
-            path.display()
-        );
-        assert!(
-            stderr.contains('^') && stderr.contains("error:"),
-            "{}: {stderr}",
-            path.display()
-        );
+        assert_eq!(output.status.code(), Some(1), "{}: {stderr}", path.display());
+        assert!(stderr.contains('^') && stderr.contains("error:"), "{}: {stderr}", path.display());
     }
 }

@@ -12,11 +12,7 @@ fn read(path: &std::path::Path) -> String {
 fn ast() {
     insta::glob!("filetests/*.ein", |path| {
         let (file, diagnostics) = dsl::parse(&read(path));
-        assert!(
-            diagnostics.is_empty(),
-            "{}: {diagnostics:?}",
-            path.display()
-        );
+        assert!(diagnostics.is_empty(), "{}: {diagnostics:?}", path.display());
         insta::assert_snapshot!(file.to_string());
     });
 }
@@ -24,13 +20,8 @@ fn ast() {
 #[test]
 fn ir() {
     insta::glob!("filetests/*.ein", |path| {
-        let cascades = compiler::compile_source(&read(path)).unwrap_or_else(|d| {
-            panic!(
-                "{}: {}",
-                path.display(),
-                dsl::diagnostic::render_all(&d, "", &read(path))
-            )
-        });
+        let cascades = compiler::compile_source(&read(path))
+            .unwrap_or_else(|d| panic!("{}: {}", path.display(), dsl::diagnostic::render_all(&d, "", &read(path))));
         insta::assert_snapshot!(print_cascades(&cascades));
     });
 }
@@ -47,18 +38,8 @@ fn printed_ir_reparses_to_the_same_ir() {
                 dsl::diagnostic::render_all(&d, "printed", &printed)
             )
         });
-        assert_eq!(
-            cascades,
-            again,
-            "{}: IR changed through printing",
-            path.display()
-        );
-        assert_eq!(
-            printed,
-            print_cascades(&again),
-            "{}: printing is not a fixed point",
-            path.display()
-        );
+        assert_eq!(cascades, again, "{}: IR changed through printing", path.display());
+        assert_eq!(printed, print_cascades(&again), "{}: printing is not a fixed point", path.display());
     });
 }
 
@@ -67,21 +48,12 @@ fn examples_and_filetests_check() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut count = 0;
     for dir in ["examples", "tests/filetests"] {
-        let mut entries: Vec<_> = std::fs::read_dir(root.join(dir))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut entries: Vec<_> = std::fs::read_dir(root.join(dir)).unwrap().map(|e| e.unwrap().path()).collect();
         entries.sort();
-        for path in entries
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "ein"))
-        {
+        for path in entries.into_iter().filter(|p| p.extension().is_some_and(|e| e == "ein")) {
             let source = read(&path);
             if let Err(d) = compiler::compile_source(&source) {
-                panic!(
-                    "{}",
-                    dsl::diagnostic::render_all(&d, &path.display().to_string(), &source)
-                );
+                panic!("{}", dsl::diagnostic::render_all(&d, &path.display().to_string(), &source));
             }
             count += 1;
         }

@@ -8,44 +8,25 @@ const E: usize = 64;
 
 /// Softmax attention: AV[f, p] = sum_m softmax_m(scale * Q[:, p] . K[:, m]) V[f, m], over the keys
 /// that `keep(m, p)` allows; a row with no key gives 0.
-fn reference(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    keep: impl Fn(usize, usize) -> bool,
-) -> Vec<f64> {
+fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, keep: impl Fn(usize, usize) -> bool) -> Vec<f64> {
     let (p_len, m_len, f_len) = (q.shape()[1], k.shape()[1], v.shape()[0]);
     let (q, k, v) = (q.data(), k.data(), v.data());
     let mut out = vec![0.0; f_len * p_len];
     for p in 0..p_len {
         let scores: Vec<Option<f64>> = (0..m_len)
             .map(|m| {
-                keep(m, p).then(|| {
-                    scale
-                        * (0..E)
-                            .map(|e| q[e * p_len + p] as f64 * k[e * m_len + m] as f64)
-                            .sum::<f64>()
-                })
+                keep(m, p)
+                    .then(|| scale * (0..E).map(|e| q[e * p_len + p] as f64 * k[e * m_len + m] as f64).sum::<f64>())
             })
             .collect();
-        let max = scores
-            .iter()
-            .flatten()
-            .copied()
-            .fold(f64::NEG_INFINITY, f64::max);
+        let max = scores.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
         if max == f64::NEG_INFINITY {
             continue;
         }
-        let weights: Vec<f64> = scores
-            .iter()
-            .map(|s| s.map_or(0.0, |s| (s - max).exp()))
-            .collect();
+        let weights: Vec<f64> = scores.iter().map(|s| s.map_or(0.0, |s| (s - max).exp())).collect();
         let denominator: f64 = weights.iter().sum();
         for f in 0..f_len {
-            let numerator: f64 = (0..m_len)
-                .map(|m| weights[m] * v[f * m_len + m] as f64)
-                .sum();
+            let numerator: f64 = (0..m_len).map(|m| weights[m] * v[f * m_len + m] as f64).sum();
             out[f * p_len + p] = numerator / denominator;
         }
     }
@@ -72,37 +53,20 @@ fn case(p: usize, m: usize, seed: u64) -> Case {
 
 fn run_kernel(program: &Program, kernel: &str, case: &Case, params: &[(&str, f64)]) -> Tensor {
     let options = RunOptions {
-        inputs: vec![
-            ("Q".into(), case.q.clone()),
-            ("K".into(), case.k.clone()),
-            ("V".into(), case.v.clone()),
-        ],
+        inputs: vec![("Q".into(), case.q.clone()), ("K".into(), case.k.clone()), ("V".into(), case.v.clone())],
         params: params.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
         ..RunOptions::default()
     };
-    let mut outputs = run(
-        program.kernel(Some(kernel)).unwrap(),
-        Target::Interp,
-        &options,
-    )
-    .unwrap();
+    let mut outputs = run(program.kernel(Some(kernel)).unwrap(), Target::Interp, &options).unwrap();
     outputs.remove(0).1
 }
 
 fn assert_close(actual: &Tensor, expected: &[f64], what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}");
     for (i, (a, e)) in actual.data().iter().zip(expected).enumerate() {
-        assert!(
-            a.is_finite(),
-            "{what}: non-finite output at {:?}",
-            actual.coordinates(i)
-        );
+        assert!(a.is_finite(), "{what}: non-finite output at {:?}", actual.coordinates(i));
         let tolerance = 1e-5 * (1.0 + e.abs());
-        assert!(
-            ((*a as f64) - e).abs() <= tolerance,
-            "{what}: at {:?}: {a} vs {e}",
-            actual.coordinates(i)
-        );
+        assert!(((*a as f64) - e).abs() <= tolerance, "{what}: at {:?}: {a} vs {e}", actual.coordinates(i));
     }
 }
 
@@ -114,11 +78,7 @@ fn both_contract_kernels_match_direct_attention() {
         let case = case(p, m, (p * 1000 + m) as u64);
         let expected = reference(&case.q, &case.k, &case.v, 0.125, |_, _| true);
         for kernel in ["attention", "attention_1pass"] {
-            assert_close(
-                &run_kernel(&attention, kernel, &case, &[]),
-                &expected,
-                &format!("{kernel} P={p} M={m}"),
-            );
+            assert_close(&run_kernel(&attention, kernel, &case, &[]), &expected, &format!("{kernel} P={p} M={m}"));
         }
     }
 }
@@ -129,19 +89,9 @@ fn causal_and_sliding_window() {
     for (p, m) in [(70, 70), (80, 50), (9, 130)] {
         let case = case(p, m, 17 + m as u64);
         let causal = reference(&case.q, &case.k, &case.v, 0.125, |m, p| m <= p);
-        assert_close(
-            &run_kernel(&masks, "causal", &case, &[]),
-            &causal,
-            &format!("causal P={p} M={m}"),
-        );
-        let window = reference(&case.q, &case.k, &case.v, 0.125, |m, p| {
-            m <= p && p - m < 16
-        });
-        assert_close(
-            &run_kernel(&masks, "sliding_window", &case, &[]),
-            &window,
-            &format!("window P={p} M={m}"),
-        );
+        assert_close(&run_kernel(&masks, "causal", &case, &[]), &causal, &format!("causal P={p} M={m}"));
+        let window = reference(&case.q, &case.k, &case.v, 0.125, |m, p| m <= p && p - m < 16);
+        assert_close(&run_kernel(&masks, "sliding_window", &case, &[]), &window, &format!("window P={p} M={m}"));
     }
 }
 
@@ -184,15 +134,7 @@ fn a_padding_mask_with_an_empty_row() {
     let k = Tensor::random(DType::F32, vec![e, m], 2).unwrap();
     let v = Tensor::random(DType::F32, vec![e, m], 3).unwrap();
     // Row 2 masks every key; the others keep every other key.
-    let mask: Vec<f32> = (0..p * m)
-        .map(|i| {
-            if i / m == 2 {
-                0.0
-            } else {
-                ((i % m) % 2) as f32
-            }
-        })
-        .collect();
+    let mask: Vec<f32> = (0..p * m).map(|i| if i / m == 2 { 0.0 } else { ((i % m) % 2) as f32 }).collect();
     let mask = Tensor::new(DType::F32, vec![p, m], mask).unwrap();
     let options = RunOptions {
         inputs: vec![
@@ -203,18 +145,9 @@ fn a_padding_mask_with_an_empty_row() {
         ],
         ..RunOptions::default()
     };
-    let out = run(
-        masks.kernel(Some("padded")).unwrap(),
-        Target::Interp,
-        &options,
-    )
-    .unwrap()
-    .remove(0)
-    .1;
+    let out = run(masks.kernel(Some("padded")).unwrap(), Target::Interp, &options).unwrap().remove(0).1;
     for pp in 0..p {
-        let keep: Vec<usize> = (0..m)
-            .filter(|mm| mask.data()[pp * m + mm] != 0.0)
-            .collect();
+        let keep: Vec<usize> = (0..m).filter(|mm| mask.data()[pp * m + mm] != 0.0).collect();
         for ee in 0..e {
             let got = out.data()[ee * p + pp] as f64;
             if keep.is_empty() {
@@ -223,19 +156,11 @@ fn a_padding_mask_with_an_empty_row() {
             }
             let scores: Vec<f64> = keep
                 .iter()
-                .map(|mm| {
-                    (0..e)
-                        .map(|x| q.data()[x * p + pp] as f64 * k.data()[x * m + mm] as f64)
-                        .sum()
-                })
+                .map(|mm| (0..e).map(|x| q.data()[x * p + pp] as f64 * k.data()[x * m + mm] as f64).sum())
                 .collect();
             let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-            let want = keep
-                .iter()
-                .zip(&w)
-                .map(|(mm, w)| w * v.data()[ee * m + mm] as f64)
-                .sum::<f64>()
+            let want = keep.iter().zip(&w).map(|(mm, w)| w * v.data()[ee * m + mm] as f64).sum::<f64>()
                 / w.iter().sum::<f64>();
             assert!((got - want).abs() < 1e-5, "p={pp} e={ee}: {got} vs {want}");
         }
@@ -250,10 +175,6 @@ fn logits_near_1e4_stay_finite() {
     let case = case(5, 100, 99);
     let expected = reference(&case.q, &case.k, &case.v, scale, |_, _| true);
     for kernel in ["attention", "attention_1pass"] {
-        assert_close(
-            &run_kernel(&attention, kernel, &case, &[("scale", scale)]),
-            &expected,
-            kernel,
-        );
+        assert_close(&run_kernel(&attention, kernel, &case, &[("scale", scale)]), &expected, kernel);
     }
 }

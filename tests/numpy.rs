@@ -48,15 +48,9 @@ for kernel in ("attention", "attention_1pass"):
 #[test]
 fn interpreter_matches_numpy_attention() {
     let python = python();
-    let has_numpy = Command::new(&python)
-        .args(["-c", "import numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let has_numpy = Command::new(&python).args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success());
     if !has_numpy {
-        let why = format!(
-            "{} cannot import numpy (run scripts/test.sh, which makes .venv)",
-            python.display()
-        );
+        let why = format!("{} cannot import numpy (run scripts/test.sh, which makes .venv)", python.display());
         assert!(std::env::var_os("CI").is_none(), "{why}");
         eprintln!("skipped: {why}");
         return;
@@ -65,20 +59,11 @@ fn interpreter_matches_numpy_attention() {
     std::fs::create_dir_all(&work).unwrap();
     let output = Command::new(&python)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "-c",
-            SCRIPT,
-            env!("CARGO_BIN_EXE_einfuse"),
-            work.to_str().unwrap(),
-        ])
+        .args(["-c", SCRIPT, env!("CARGO_BIN_EXE_einfuse"), work.to_str().unwrap()])
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&work);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "{text}");
     println!("{text}");
 }

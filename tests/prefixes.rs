@@ -7,19 +7,10 @@ fn corpus() -> Vec<(String, String)> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
     for dir in ["examples", "tests/filetests", "tests/errors"] {
-        let mut entries: Vec<_> = std::fs::read_dir(root.join(dir))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut entries: Vec<_> = std::fs::read_dir(root.join(dir)).unwrap().map(|e| e.unwrap().path()).collect();
         entries.sort();
-        for path in entries
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "ein"))
-        {
-            files.push((
-                path.display().to_string(),
-                std::fs::read_to_string(&path).unwrap(),
-            ));
+        for path in entries.into_iter().filter(|p| p.extension().is_some_and(|e| e == "ein")) {
+            files.push((path.display().to_string(), std::fs::read_to_string(&path).unwrap()));
         }
     }
     files
@@ -58,18 +49,10 @@ fn hostile_inputs() {
         "(".repeat(100_000),
         ")".repeat(100_000)
     );
-    let negations = format!(
-        "kernel k {{\n rank N\n input X[N]\n Y[n] = {}X[n]\n output Y\n}}\n",
-        "-".repeat(100_000)
-    );
-    let long_sum = format!(
-        "kernel k {{\n rank N\n input X[N]\n Y[n] = X[n]{}\n output Y\n}}\n",
-        " + X[n]".repeat(20_000)
-    );
-    let fine_sum = format!(
-        "kernel k {{\n rank N\n input X[N]\n Y[n] = X[n]{}\n output Y\n}}\n",
-        " + X[n]".repeat(200)
-    );
+    let negations = format!("kernel k {{\n rank N\n input X[N]\n Y[n] = {}X[n]\n output Y\n}}\n", "-".repeat(100_000));
+    let long_sum =
+        format!("kernel k {{\n rank N\n input X[N]\n Y[n] = X[n]{}\n output Y\n}}\n", " + X[n]".repeat(20_000));
+    let fine_sum = format!("kernel k {{\n rank N\n input X[N]\n Y[n] = X[n]{}\n output Y\n}}\n", " + X[n]".repeat(200));
     for source in [
         deep.as_str(),
         negations.as_str(),
@@ -87,10 +70,6 @@ fn hostile_inputs() {
     assert!(compiler::compile_source(&fine_sum).is_ok());
     for source in [&deep, &negations, &long_sum] {
         let errors = compiler::compile_source(source).unwrap_err();
-        assert!(
-            errors[0].message.contains("nested more than"),
-            "{:?}",
-            errors[0]
-        );
+        assert!(errors[0].message.contains("nested more than"), "{:?}", errors[0]);
     }
 }

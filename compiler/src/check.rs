@@ -16,9 +16,7 @@ use petgraph::graph::DiGraph;
 use crate::ir::*;
 
 /// Names that a tensor or param may not take.
-const RESERVED: [&str; 9] = [
-    "sum", "max", "min", "where", "kernel", "rank", "input", "param", "output",
-];
+const RESERVED: [&str; 9] = ["sum", "max", "min", "where", "kernel", "rank", "input", "param", "output"];
 
 /// Checks every kernel of a file. Kernels with errors are left out of the result.
 pub fn check_file(file: &ast::File) -> (Vec<Cascade>, Vec<Diagnostic>) {
@@ -28,12 +26,9 @@ pub fn check_file(file: &ast::File) -> (Vec<Cascade>, Vec<Diagnostic>) {
     for kernel in &file.kernels {
         if let Some(previous) = seen.insert(&kernel.name.text, kernel.name.span) {
             diagnostics.push(
-                Diagnostic::error(
-                    format!("kernel `{}` is defined twice", kernel.name.text),
-                    kernel.name.span,
-                )
-                .with_label("second definition")
-                .with_related(previous, "first defined here"),
+                Diagnostic::error(format!("kernel `{}` is defined twice", kernel.name.text), kernel.name.span)
+                    .with_label("second definition")
+                    .with_related(previous, "first defined here"),
             );
         }
         match check_kernel(kernel) {
@@ -159,12 +154,8 @@ impl<'a> Checker<'a> {
         if let Some((_, previous)) = self.symbols.get(&name.text) {
             let previous = *previous;
             self.error(
-                err(
-                    format!("`{}` is declared twice", name.text),
-                    name.span,
-                    format!("this {what} reuses the name"),
-                )
-                .with_related(previous, "first declared here"),
+                err(format!("`{}` is declared twice", name.text), name.span, format!("this {what} reuses the name"))
+                    .with_related(previous, "first declared here"),
             );
             return false;
         }
@@ -175,11 +166,7 @@ impl<'a> Checker<'a> {
     /// A tensor or param name must not be reserved or an index variable.
     fn check_value_name(&mut self, name: &Name, what: &str) -> bool {
         if RESERVED.contains(&name.text.as_str()) {
-            self.error(err(
-                format!("`{}` is reserved", name.text),
-                name.span,
-                format!("choose another {what} name"),
-            ));
+            self.error(err(format!("`{}` is reserved", name.text), name.span, format!("choose another {what} name")));
             return false;
         }
         if name.text.contains('\'') {
@@ -193,10 +180,7 @@ impl<'a> Checker<'a> {
         if let Some(rank) = self.index_base(&name.text) {
             let rank_name = self.cascade.rank(rank).name.clone();
             self.error(err(
-                format!(
-                    "`{}` is an index variable (of rank `{rank_name}`) and cannot name a {what}",
-                    name.text
-                ),
+                format!("`{}` is an index variable (of rank `{rank_name}`) and cannot name a {what}", name.text),
                 name.span,
                 "choose another name",
             ));
@@ -214,11 +198,7 @@ impl<'a> Checker<'a> {
         match self.symbols.get(&name.text) {
             Some((Symbol::Rank(id), _)) => Some(*id),
             Some(_) => {
-                self.error(err(
-                    format!("`{}` is not a rank", name.text),
-                    name.span,
-                    "expected a rank name",
-                ));
+                self.error(err(format!("`{}` is not a rank", name.text), name.span, "expected a rank name"));
                 None
             }
             None => {
@@ -252,10 +232,7 @@ impl<'a> Checker<'a> {
                         if self.check_value_name(&param.name, "param") {
                             let id = ParamId::new(self.cascade.params.len());
                             if self.declare(&param.name, Symbol::Param(id), "param") {
-                                self.cascade.params.push(Param {
-                                    name: param.name.text.clone(),
-                                    value: param.value,
-                                });
+                                self.cascade.params.push(Param { name: param.name.text.clone(), value: param.value });
                             }
                         }
                     }
@@ -269,10 +246,7 @@ impl<'a> Checker<'a> {
         let name = &decl.name;
         if !name.text.starts_with(|c: char| c.is_ascii_uppercase()) || name.text.contains('\'') {
             self.error(err(
-                format!(
-                    "rank names start with an upper-case letter and have no primes: `{}`",
-                    name.text
-                ),
+                format!("rank names start with an upper-case letter and have no primes: `{}`", name.text),
                 name.span,
                 "not a rank name",
             ));
@@ -282,26 +256,18 @@ impl<'a> Checker<'a> {
             RankDef::Symbolic => Extent::Symbolic,
             RankDef::Fixed { extent, .. } => Extent::Fixed(*extent),
             RankDef::Split { whole, tile } => {
-                let (Some(whole_id), Some(tile_id)) = (self.rank_ref(whole), self.rank_ref(tile))
-                else {
+                let (Some(whole_id), Some(tile_id)) = (self.rank_ref(whole), self.rank_ref(tile)) else {
                     return;
                 };
                 match self.cascade.rank(tile_id).extent {
                     Extent::Fixed(0) => {
-                        self.error(err(
-                            "a split needs a tile of at least one element",
-                            tile.span,
-                            "this rank is 0",
-                        ));
+                        self.error(err("a split needs a tile of at least one element", tile.span, "this rank is 0"));
                         return;
                     }
                     Extent::Fixed(_) => {}
                     _ => {
                         self.error(err(
-                            format!(
-                                "the within-tile rank `{}` of a split must have a fixed extent",
-                                tile.text
-                            ),
+                            format!("the within-tile rank `{}` of a split must have a fixed extent", tile.text),
                             tile.span,
                             "declare it as `NAME = INT`",
                         ));
@@ -309,17 +275,10 @@ impl<'a> Checker<'a> {
                     }
                 }
                 if whole_id == tile_id {
-                    self.error(err(
-                        "a rank cannot be split by itself",
-                        tile.span,
-                        "same rank as the whole",
-                    ));
+                    self.error(err("a rank cannot be split by itself", tile.span, "same rank as the whole"));
                     return;
                 }
-                Extent::Split {
-                    whole: whole_id,
-                    tile: tile_id,
-                }
+                Extent::Split { whole: whole_id, tile: tile_id }
             }
         };
         let id = RankId::new(self.cascade.ranks.len());
@@ -330,32 +289,22 @@ impl<'a> Checker<'a> {
         if let Some(other) = self.index_bases.get(&base) {
             let other = self.cascade.rank(*other).name.clone();
             self.error(err(
-                format!(
-                    "ranks `{other}` and `{}` would share the index variable `{base}`",
-                    name.text
-                ),
+                format!("ranks `{other}` and `{}` would share the index variable `{base}`", name.text),
                 name.span,
                 "rename one of them",
             ));
             return;
         }
-        if RESERVED.contains(&base.as_str()) || UnaryOp::from_name(&base).is_some() || base == "inf"
-        {
+        if RESERVED.contains(&base.as_str()) || UnaryOp::from_name(&base).is_some() || base == "inf" {
             self.error(err(
-                format!(
-                    "the index variable `{base}` of rank `{}` would be a reserved word",
-                    name.text
-                ),
+                format!("the index variable `{base}` of rank `{}` would be a reserved word", name.text),
                 name.span,
                 "rename the rank",
             ));
             return;
         }
         self.index_bases.insert(base, id);
-        self.cascade.ranks.push(Rank {
-            name: name.text.clone(),
-            extent,
-        });
+        self.cascade.ranks.push(Rank { name: name.text.clone(), extent });
     }
 
     fn input_decl(&mut self, decl: &ast::TensorDecl) {
@@ -372,11 +321,7 @@ impl<'a> Checker<'a> {
         let id = TensorId::new(self.cascade.tensors.len());
         if self.declare(&decl.name, Symbol::Tensor(id), "input") {
             let elem = decl.elem.unwrap_or(ElemType::F32);
-            self.cascade.tensors.push(Tensor {
-                name: decl.name.text.clone(),
-                ranks,
-                kind: TensorKind::Input { elem },
-            });
+            self.cascade.tensors.push(Tensor { name: decl.name.text.clone(), ranks, kind: TensorKind::Input { elem } });
         }
     }
 
@@ -390,17 +335,13 @@ impl<'a> Checker<'a> {
             let ast::Item::Einsum(einsum) = item else {
                 continue;
             };
-            match groups
-                .iter_mut()
-                .find(|(name, _)| name.text == einsum.target.text)
-            {
+            match groups.iter_mut().find(|(name, _)| name.text == einsum.target.text) {
                 Some((_, lines)) => lines.push((statements, einsum)),
                 None => groups.push((&einsum.target, vec![(statements, einsum)])),
             }
             statements += 1;
         }
-        let mut line_info: Vec<Option<(&'a ast::Einsum, TensorId, LineKind)>> =
-            vec![None; statements];
+        let mut line_info: Vec<Option<(&'a ast::Einsum, TensorId, LineKind)>> = vec![None; statements];
         for (name, lines) in groups {
             if let Some((symbol, declared)) = self.symbols.get(&name.text).cloned() {
                 let what = match symbol {
@@ -409,22 +350,15 @@ impl<'a> Checker<'a> {
                     Symbol::Tensor(_) => "an input",
                 };
                 self.error(
-                    err(
-                        format!("`{}` is {what} and cannot be assigned", name.text),
-                        name.span,
-                        "assigned here",
-                    )
-                    .with_related(declared, "declared here"),
+                    err(format!("`{}` is {what} and cannot be assigned", name.text), name.span, "assigned here")
+                        .with_related(declared, "declared here"),
                 );
                 continue;
             }
             if !self.check_value_name(name, "tensor") {
                 continue;
             }
-            let kinds: Vec<Option<LineKind>> = lines
-                .iter()
-                .map(|(_, einsum)| self.line_kind(einsum))
-                .collect();
+            let kinds: Vec<Option<LineKind>> = lines.iter().map(|(_, einsum)| self.line_kind(einsum)).collect();
             if kinds.iter().any(Option::is_none) {
                 continue;
             }
@@ -433,8 +367,7 @@ impl<'a> Checker<'a> {
                 continue;
             };
             let id = TensorId::new(self.cascade.tensors.len());
-            self.symbols
-                .insert(name.text.clone(), (Symbol::Tensor(id), name.span));
+            self.symbols.insert(name.text.clone(), (Symbol::Tensor(id), name.span));
             self.cascade.tensors.push(Tensor {
                 name: name.text.clone(),
                 ranks,
@@ -476,9 +409,7 @@ impl<'a> Checker<'a> {
                     if matches!(&a.kind, ExprKind::Name(t) if self.index_base(t).is_some())
                         && matches!(b.kind, ExprKind::Number(one) if one == 1.0) =>
                 {
-                    let ExprKind::Name(text) = &a.kind else {
-                        unreachable!()
-                    };
+                    let ExprKind::Name(text) = &a.kind else { unreachable!() };
                     if seen.contains(&text.as_str()) {
                         self.error(err(
                             format!("index `{text}` appears twice on the left-hand side"),
@@ -505,11 +436,7 @@ impl<'a> Checker<'a> {
             };
             if this != LineKind::Plain {
                 if kind != LineKind::Plain {
-                    self.error(err(
-                        "a tensor iterates along one rank only",
-                        sub.span,
-                        "a second iterative subscript",
-                    ));
+                    self.error(err("a tensor iterates along one rank only", sub.span, "a second iterative subscript"));
                     ok = false;
                 }
                 kind = this;
@@ -525,21 +452,10 @@ impl<'a> Checker<'a> {
         lines: &[(usize, &ast::Einsum)],
         kinds: &[LineKind],
     ) -> Option<(Vec<RankId>, Option<usize>)> {
-        let plain: Vec<_> = lines
-            .iter()
-            .zip(kinds)
-            .filter(|(_, k)| **k == LineKind::Plain)
-            .collect();
-        let initial: Vec<_> = lines
-            .iter()
-            .zip(kinds)
-            .filter(|(_, k)| matches!(k, LineKind::Initial { .. }))
-            .collect();
-        let recurrence: Vec<_> = lines
-            .iter()
-            .zip(kinds)
-            .filter(|(_, k)| matches!(k, LineKind::Recurrence { .. }))
-            .collect();
+        let plain: Vec<_> = lines.iter().zip(kinds).filter(|(_, k)| **k == LineKind::Plain).collect();
+        let initial: Vec<_> = lines.iter().zip(kinds).filter(|(_, k)| matches!(k, LineKind::Initial { .. })).collect();
+        let recurrence: Vec<_> =
+            lines.iter().zip(kinds).filter(|(_, k)| matches!(k, LineKind::Recurrence { .. })).collect();
         let rank_of = |checker: &Self, sub: &ast::Expr| -> Option<RankId> {
             match &sub.kind {
                 ExprKind::Name(text) => checker.index_base(text),
@@ -563,11 +479,7 @@ impl<'a> Checker<'a> {
                 return None;
             }
             let einsum = plain[0].0 .1;
-            let ranks = einsum
-                .subscripts
-                .iter()
-                .map(|s| rank_of(self, s).expect("checked index"))
-                .collect();
+            let ranks = einsum.subscripts.iter().map(|s| rank_of(self, s).expect("checked index")).collect();
             return Some((ranks, None));
         }
         let (Some(init), Some(rec)) = (initial.first(), recurrence.first()) else {
@@ -578,10 +490,7 @@ impl<'a> Checker<'a> {
                         rec.0 .1.span,
                         "recurrence defined here",
                     )
-                    .with_note(format!(
-                        "add a line such as `{}[0, ...] = 0` before it",
-                        name.text
-                    )),
+                    .with_note(format!("add a line such as `{}[0, ...] = 0` before it", name.text)),
                 );
             } else if let Some(init) = initial.first() {
                 self.error(
@@ -596,20 +505,11 @@ impl<'a> Checker<'a> {
             return None;
         };
         if initial.len() > 1 || recurrence.len() > 1 {
-            let extra = if initial.len() > 1 {
-                initial[1].0 .1
-            } else {
-                recurrence[1].0 .1
-            };
-            self.error(err(
-                format!("`{}` is defined twice", name.text),
-                extra.target.span,
-                "second definition",
-            ));
+            let extra = if initial.len() > 1 { initial[1].0 .1 } else { recurrence[1].0 .1 };
+            self.error(err(format!("`{}` is defined twice", name.text), extra.target.span, "second definition"));
             return None;
         }
-        let (LineKind::Initial { position: init_pos }, LineKind::Recurrence { position: rec_pos }) =
-            (*init.1, *rec.1)
+        let (LineKind::Initial { position: init_pos }, LineKind::Recurrence { position: rec_pos }) = (*init.1, *rec.1)
         else {
             unreachable!("classified above")
         };
@@ -617,10 +517,7 @@ impl<'a> Checker<'a> {
         if rec.0 .0 < init.0 .0 {
             self.error(
                 err(
-                    format!(
-                        "the initial value of `{}` must come before its recurrence",
-                        name.text
-                    ),
+                    format!("the initial value of `{}` must come before its recurrence", name.text),
                     init_einsum.span,
                     "initial value",
                 )
@@ -631,10 +528,7 @@ impl<'a> Checker<'a> {
         if init_einsum.subscripts.len() != rec_einsum.subscripts.len() || init_pos != rec_pos {
             self.error(
                 err(
-                    format!(
-                        "the initial value and the recurrence of `{}` do not have the same shape",
-                        name.text
-                    ),
+                    format!("the initial value and the recurrence of `{}` do not have the same shape", name.text),
                     init_einsum.target.span,
                     "initial value",
                 )
@@ -643,12 +537,7 @@ impl<'a> Checker<'a> {
             return None;
         }
         let mut ranks = Vec::new();
-        for (position, (a, b)) in init_einsum
-            .subscripts
-            .iter()
-            .zip(&rec_einsum.subscripts)
-            .enumerate()
-        {
+        for (position, (a, b)) in init_einsum.subscripts.iter().zip(&rec_einsum.subscripts).enumerate() {
             let rank_b = rank_of(self, b).expect("checked index");
             if position != init_pos {
                 let rank_a = rank_of(self, a).expect("checked index");
@@ -684,13 +573,7 @@ impl<'a> Checker<'a> {
         self.lines = lines;
     }
 
-    fn einsum(
-        &mut self,
-        position: usize,
-        einsum: &ast::Einsum,
-        target: TensorId,
-        kind: LineKind,
-    ) -> Option<Einsum> {
+    fn einsum(&mut self, position: usize, einsum: &ast::Einsum, target: TensorId, kind: LineKind) -> Option<Einsum> {
         let mut lhs = Vec::new();
         let mut scope = Scope::default();
         for sub in &einsum.subscripts {
@@ -708,15 +591,8 @@ impl<'a> Checker<'a> {
             }
             lhs.push(entry);
         }
-        let mut statement = Statement {
-            position,
-            target,
-            kind,
-            free: vec![],
-            reducers: vec![],
-            current_reducer: None,
-            failed: false,
-        };
+        let mut statement =
+            Statement { position, target, kind, free: vec![], reducers: vec![], current_reducer: None, failed: false };
         let body = self.expr(&einsum.value, &scope, &mut statement);
         let mut body = body?;
         if statement.failed {
@@ -747,21 +623,13 @@ impl<'a> Checker<'a> {
         if statement.failed {
             return None;
         }
-        Some(Einsum {
-            target,
-            lhs,
-            body,
-            filter: output_filter,
-        })
+        Some(Einsum { target, lhs, body, filter: output_filter })
     }
 
     fn index_of(&self, text: &str) -> Index {
         let rank = self.index_base(text).expect("an index variable");
         let primes = text.chars().rev().take_while(|c| *c == '\'').count();
-        Index {
-            rank,
-            primes: primes.min(u8::MAX as usize) as u8,
-        }
+        Index { rank, primes: primes.min(u8::MAX as usize) as u8 }
     }
 
     fn fail(&mut self, statement: &mut Statement, diagnostic: Diagnostic) -> Option<Expr> {
@@ -773,10 +641,7 @@ impl<'a> Checker<'a> {
     /// Resolves an index variable used on the right: bound, or free (to be summed).
     fn use_index(&mut self, text: &str, scope: &Scope, statement: &mut Statement) -> Index {
         let index = self.index_of(text);
-        if !scope.lhs.contains(&index)
-            && !scope.reduced.contains(&index)
-            && !statement.free.contains(&index)
-        {
+        if !scope.lhs.contains(&index) && !scope.reduced.contains(&index) && !statement.free.contains(&index) {
             statement.free.push(index);
         }
         index
@@ -786,9 +651,7 @@ impl<'a> Checker<'a> {
         match &expr.kind {
             ExprKind::Number(value) => Some(Expr::Const(*value)),
             ExprKind::Name(text) => self.name_expr(text, expr.span, scope, statement),
-            ExprKind::Access { tensor, subscripts } => {
-                self.access(tensor, subscripts, expr.span, scope, statement)
-            }
+            ExprKind::Access { tensor, subscripts } => self.access(tensor, subscripts, expr.span, scope, statement),
             ExprKind::Neg(arg) => match self.expr(arg, scope, statement)? {
                 Expr::Const(value) => Some(Expr::Const(-value)),
                 arg => Some(Expr::Unary(UnaryOp::Neg, Box::new(arg))),
@@ -805,19 +668,11 @@ impl<'a> Checker<'a> {
                 Some(Expr::Binary(op, Box::new(a?), Box::new(b?)))
             }
             ExprKind::Call { func, args } => self.call(func, args, expr.span, scope, statement),
-            ExprKind::Reduce { op, indices, arg } => {
-                self.reduce(*op, indices, arg, scope, statement)
-            }
+            ExprKind::Reduce { op, indices, arg } => self.reduce(*op, indices, arg, scope, statement),
         }
     }
 
-    fn name_expr(
-        &mut self,
-        text: &str,
-        span: Span,
-        scope: &Scope,
-        statement: &mut Statement,
-    ) -> Option<Expr> {
+    fn name_expr(&mut self, text: &str, span: Span, scope: &Scope, statement: &mut Statement) -> Option<Expr> {
         if self.index_base(text).is_some() {
             return Some(Expr::Index(self.use_index(text, scope, statement)));
         }
@@ -839,14 +694,7 @@ impl<'a> Checker<'a> {
                 self.access_checked(id, &[], span, scope, statement)
             }
             None if text == "nan" => Some(Expr::Const(f64::NAN)),
-            None => self.fail(
-                statement,
-                err(
-                    format!("unknown name `{text}`"),
-                    span,
-                    "not declared in this kernel",
-                ),
-            ),
+            None => self.fail(statement, err(format!("unknown name `{text}`"), span, "not declared in this kernel")),
         }
     }
 
@@ -874,23 +722,13 @@ impl<'a> Checker<'a> {
                 }),
             ),
             name => match UnaryOp::from_name(name) {
-                Some(op) => (
-                    1,
-                    Box::new(move |mut a: Vec<Expr>| Expr::Unary(op, Box::new(a.pop().unwrap()))),
-                ),
+                Some(op) => (1, Box::new(move |mut a: Vec<Expr>| Expr::Unary(op, Box::new(a.pop().unwrap())))),
                 None => {
                     let known: Vec<&str> = UnaryOp::FUNCTIONS.iter().map(|f| f.name()).collect();
                     return self.fail(
                         statement,
-                        err(
-                            format!("unknown function `{}`", func.text),
-                            func.span,
-                            "not an element-wise function",
-                        )
-                        .with_note(format!(
-                            "the functions are {}, max(a, b) and min(a, b)",
-                            known.join(", ")
-                        )),
+                        err(format!("unknown function `{}`", func.text), func.span, "not an element-wise function")
+                            .with_note(format!("the functions are {}, max(a, b) and min(a, b)", known.join(", "))),
                     );
                 }
             },
@@ -899,20 +737,13 @@ impl<'a> Checker<'a> {
             return self.fail(
                 statement,
                 err(
-                    format!(
-                        "`{}` takes {arity} argument(s), found {}",
-                        func.text,
-                        args.len()
-                    ),
+                    format!("`{}` takes {arity} argument(s), found {}", func.text, args.len()),
                     span,
                     "wrong number of arguments",
                 ),
             );
         }
-        let resolved: Vec<Option<Expr>> = args
-            .iter()
-            .map(|a| self.expr(a, scope, statement))
-            .collect();
+        let resolved: Vec<Option<Expr>> = args.iter().map(|a| self.expr(a, scope, statement)).collect();
         let resolved: Option<Vec<Expr>> = resolved.into_iter().collect();
         Some(build(resolved?))
     }
@@ -929,11 +760,7 @@ impl<'a> Checker<'a> {
             let span = arg.span;
             return self.fail(
                 statement,
-                err(
-                    format!("`{}[]` reduces no index", op.name()),
-                    span,
-                    "name the indices in `[...]`",
-                ),
+                err(format!("`{}[]` reduces no index", op.name()), span, "name the indices in `[...]`"),
             );
         }
         let mut indices = Vec::new();
@@ -953,10 +780,7 @@ impl<'a> Checker<'a> {
                 return self.fail(
                     statement,
                     err(
-                        format!(
-                            "index `{}` is on the left-hand side and cannot also be reduced",
-                            name.text
-                        ),
+                        format!("index `{}` is on the left-hand side and cannot also be reduced", name.text),
                         name.span,
                         "reduced here",
                     )
@@ -966,30 +790,19 @@ impl<'a> Checker<'a> {
             if scope.reduced.contains(&index) || indices.contains(&index) {
                 return self.fail(
                     statement,
-                    err(
-                        format!("index `{}` is already reduced here", name.text),
-                        name.span,
-                        "bound twice",
-                    ),
+                    err(format!("index `{}` is already reduced here", name.text), name.span, "bound twice"),
                 );
             }
             indices.push(index);
         }
         let number = statement.reducers.len();
-        statement
-            .reducers
-            .push((indices.clone(), statement.current_reducer));
+        statement.reducers.push((indices.clone(), statement.current_reducer));
         let outer = statement.current_reducer.replace(number);
         let mut inner = scope.clone();
         inner.reduced.extend(indices.iter().copied());
         let body = self.expr(arg, &inner, statement);
         statement.current_reducer = outer;
-        Some(Expr::Reduce {
-            op,
-            indices,
-            filter: vec![],
-            body: Box::new(body?),
-        })
+        Some(Expr::Reduce { op, indices, filter: vec![], body: Box::new(body?) })
     }
 
     fn access(
@@ -1015,22 +828,12 @@ impl<'a> Checker<'a> {
             Some(Symbol::Rank(_)) => {
                 return self.fail(
                     statement,
-                    err(
-                        format!("`{}` is a rank, not a tensor", tensor.text),
-                        tensor.span,
-                        "ranks take no subscripts",
-                    ),
+                    err(format!("`{}` is a rank, not a tensor", tensor.text), tensor.span, "ranks take no subscripts"),
                 )
             }
             None => {
-                return self.fail(
-                    statement,
-                    err(
-                        format!("unknown tensor `{}`", tensor.text),
-                        tensor.span,
-                        "not declared",
-                    ),
-                )
+                return self
+                    .fail(statement, err(format!("unknown tensor `{}`", tensor.text), tensor.span, "not declared"))
             }
         };
         let ranks = self.cascade.tensor(id).ranks.clone();
@@ -1093,41 +896,23 @@ impl<'a> Checker<'a> {
             if reads_itself && !matches!(statement.kind, LineKind::Recurrence { .. }) {
                 return self.fail(
                     statement,
-                    err(
-                        format!("`{name}` is defined in terms of itself"),
-                        span,
-                        "read of the tensor being defined",
-                    )
-                    .with_note(
-                        "only a recurrence (`T[r + 1, ..] = ... T[r, ..]`) may read its own tensor",
-                    ),
+                    err(format!("`{name}` is defined in terms of itself"), span, "read of the tensor being defined")
+                        .with_note("only a recurrence (`T[r + 1, ..] = ... T[r, ..]`) may read its own tensor"),
                 );
             }
             if first > statement.position {
                 return self.fail(
                     statement,
-                    err(
-                        format!("`{name}` is used before it is defined"),
-                        span,
-                        "read here",
-                    )
-                    .with_note("a cascade defines each tensor from earlier ones"),
+                    err(format!("`{name}` is used before it is defined"), span, "read here")
+                        .with_note("a cascade defines each tensor from earlier ones"),
                 );
             }
         }
-        Some(Expr::Access {
-            tensor: id,
-            subscripts: subscripts.to_vec(),
-        })
+        Some(Expr::Access { tensor: id, subscripts: subscripts.to_vec() })
     }
 
     /// Resolves a subscript to an affine expression of indices and extents.
-    fn affine(
-        &mut self,
-        expr: &ast::Expr,
-        scope: &Scope,
-        statement: &mut Statement,
-    ) -> Option<Affine> {
+    fn affine(&mut self, expr: &ast::Expr, scope: &Scope, statement: &mut Statement) -> Option<Affine> {
         let not_affine = |why: &str| {
             err(format!("this subscript is not affine: {why}"), expr.span, "bad subscript")
                 .with_note("a subscript is an integer expression of indices, rank extents and +, -, * by a constant")
@@ -1148,18 +933,12 @@ impl<'a> Checker<'a> {
                 match self.symbols.get(text).map(|(symbol, _)| *symbol) {
                     Some(Symbol::Rank(id)) => Some(Affine::Extent(id)),
                     Some(_) => {
-                        self.error(not_affine(&format!(
-                            "`{text}` is not an index or a rank extent"
-                        )));
+                        self.error(not_affine(&format!("`{text}` is not an index or a rank extent")));
                         statement.failed = true;
                         None
                     }
                     None => {
-                        self.error(err(
-                            format!("unknown name `{text}`"),
-                            expr.span,
-                            "not declared in this kernel",
-                        ));
+                        self.error(err(format!("unknown name `{text}`"), expr.span, "not declared in this kernel"));
                         statement.failed = true;
                         None
                     }
@@ -1185,18 +964,14 @@ impl<'a> Checker<'a> {
                         Some(Affine::Mul(a, b))
                     }
                     ast::BinOp::Div => {
-                        self.error(not_affine(
-                            "division is not allowed (split the rank instead)",
-                        ));
+                        self.error(not_affine("division is not allowed (split the rank instead)"));
                         statement.failed = true;
                         None
                     }
                 }
             }
             ExprKind::Access { .. } | ExprKind::Call { .. } | ExprKind::Reduce { .. } => {
-                self.error(not_affine(
-                    "tensor reads, functions and reductions cannot be subscripts",
-                ));
+                self.error(not_affine("tensor reads, functions and reductions cannot be subscripts"));
                 statement.failed = true;
                 None
             }
@@ -1217,12 +992,7 @@ impl<'a> Checker<'a> {
         self.mentioned_indices(&cmp.rhs, &mut mentioned);
         // Candidates: explicit reducers binding a mentioned index.
         let candidates: Vec<usize> = (0..statement.reducers.len())
-            .filter(|r| {
-                statement.reducers[*r]
-                    .0
-                    .iter()
-                    .any(|i| mentioned.contains(i))
-            })
+            .filter(|r| statement.reducers[*r].0.iter().any(|i| mentioned.contains(i)))
             .collect();
         let ancestors = |mut r: usize| {
             let mut chain = vec![r];
@@ -1232,10 +1002,7 @@ impl<'a> Checker<'a> {
             }
             chain
         };
-        let chosen = candidates
-            .iter()
-            .copied()
-            .max_by_key(|r| ancestors(*r).len());
+        let chosen = candidates.iter().copied().max_by_key(|r| ancestors(*r).len());
         let mut inner_scope = scope.clone();
         let target: Attach;
         match chosen {
@@ -1251,9 +1018,7 @@ impl<'a> Checker<'a> {
                     return None;
                 }
                 for reducer in chain.iter().rev() {
-                    inner_scope
-                        .reduced
-                        .extend(statement.reducers[*reducer].0.iter().copied());
+                    inner_scope.reduced.extend(statement.reducers[*reducer].0.iter().copied());
                 }
                 if implicit {
                     inner_scope.reduced.extend(statement.free.iter().copied());
@@ -1274,12 +1039,8 @@ impl<'a> Checker<'a> {
             if !inner_scope.lhs.contains(index) && !inner_scope.reduced.contains(index) {
                 let name = self.cascade.index_name(*index);
                 self.error(
-                    err(
-                        format!("index `{name}` appears only in the filter"),
-                        cmp.span,
-                        "not bound by this Einsum",
-                    )
-                    .with_note("a filter restricts indices that the Einsum iterates over"),
+                    err(format!("index `{name}` appears only in the filter"), cmp.span, "not bound by this Einsum")
+                        .with_note("a filter restricts indices that the Einsum iterates over"),
                 );
                 return None;
             }
@@ -1288,11 +1049,7 @@ impl<'a> Checker<'a> {
         let lhs = self.expr(&cmp.lhs, &inner_scope, statement);
         let rhs = self.expr(&cmp.rhs, &inner_scope, statement);
         debug_assert_eq!(free_before, statement.free.len());
-        let cond = Cond {
-            lhs: lhs?,
-            op: cmp.op,
-            rhs: rhs?,
-        };
+        let cond = Cond { lhs: lhs?, op: cmp.op, rhs: rhs? };
         Some((target, cond))
     }
 
@@ -1302,17 +1059,13 @@ impl<'a> Checker<'a> {
                 found.insert(self.index_of(text));
             }
             ExprKind::Number(_) | ExprKind::Name(_) => {}
-            ExprKind::Access { subscripts, .. } => subscripts
-                .iter()
-                .for_each(|s| self.mentioned_indices(s, found)),
+            ExprKind::Access { subscripts, .. } => subscripts.iter().for_each(|s| self.mentioned_indices(s, found)),
             ExprKind::Neg(a) => self.mentioned_indices(a, found),
             ExprKind::Binary(_, a, b) => {
                 self.mentioned_indices(a, found);
                 self.mentioned_indices(b, found);
             }
-            ExprKind::Call { args, .. } => {
-                args.iter().for_each(|a| self.mentioned_indices(a, found))
-            }
+            ExprKind::Call { args, .. } => args.iter().for_each(|a| self.mentioned_indices(a, found)),
             ExprKind::Reduce { arg, .. } => self.mentioned_indices(arg, found),
         }
     }
@@ -1349,19 +1102,12 @@ impl<'a> Checker<'a> {
                 }
                 if let Some(previous) = seen.insert(id, output.name.span) {
                     self.error(
-                        err(
-                            format!("`{}` is an output twice", output.name.text),
-                            output.name.span,
-                            "repeated",
-                        )
-                        .with_related(previous, "first named here"),
+                        err(format!("`{}` is an output twice", output.name.text), output.name.span, "repeated")
+                            .with_related(previous, "first named here"),
                     );
                     continue;
                 }
-                self.cascade.outputs.push(Output {
-                    tensor: id,
-                    elem: output.elem.unwrap_or(ElemType::F32),
-                });
+                self.cascade.outputs.push(Output { tensor: id, elem: output.elem.unwrap_or(ElemType::F32) });
             }
         }
         if !any {
@@ -1383,10 +1129,7 @@ impl<'a> Checker<'a> {
                 .map_or(self.kernel.name.span, |(einsum, _, _)| einsum.span);
             self.error(
                 err(
-                    format!(
-                        "`{}` depends on itself at the same iterate",
-                        self.cascade.tensor(problem.tensor).name
-                    ),
+                    format!("`{}` depends on itself at the same iterate", self.cascade.tensor(problem.tensor).name),
                     span,
                     "part of a dependency cycle",
                 )
@@ -1410,11 +1153,7 @@ fn reducer_filter(body: &mut Expr, number: usize) -> &mut Vec<Cond> {
     find_reducer(body, number, &mut counter).expect("the reducer exists")
 }
 
-fn find_reducer<'e>(
-    expr: &'e mut Expr,
-    number: usize,
-    counter: &mut usize,
-) -> Option<&'e mut Vec<Cond>> {
+fn find_reducer<'e>(expr: &'e mut Expr, number: usize, counter: &mut usize) -> Option<&'e mut Vec<Cond>> {
     match expr {
         Expr::Reduce { filter, body, .. } => {
             if *counter == number {
@@ -1446,22 +1185,11 @@ pub struct CycleProblem {
 /// A cycle whose weights sum to zero or more would read a value not yet computed.
 pub fn dependency_cycles(cascade: &Cascade) -> Result<(), CycleProblem> {
     let mut graph: DiGraph<TensorId, (EinsumId, usize)> = DiGraph::new();
-    let nodes: Vec<_> = (0..cascade.tensors.len())
-        .map(|t| graph.add_node(TensorId::new(t)))
-        .collect();
+    let nodes: Vec<_> = (0..cascade.tensors.len()).map(|t| graph.add_node(TensorId::new(t))).collect();
     for (e, einsum) in cascade.einsums.iter().enumerate() {
-        for (access_number, (read, _)) in einsum
-            .body
-            .accesses()
-            .into_iter()
-            .chain(filter_accesses(einsum))
-            .enumerate()
+        for (access_number, (read, _)) in einsum.body.accesses().into_iter().chain(filter_accesses(einsum)).enumerate()
         {
-            graph.add_edge(
-                nodes[read.index()],
-                nodes[einsum.target.index()],
-                (EinsumId::new(e), access_number),
-            );
+            graph.add_edge(nodes[read.index()], nodes[einsum.target.index()], (EinsumId::new(e), access_number));
         }
     }
     for component in petgraph::algo::tarjan_scc(&graph) {
@@ -1472,10 +1200,7 @@ pub fn dependency_cycles(cascade: &Cascade) -> Result<(), CycleProblem> {
         let members: BTreeSet<TensorId> = component.iter().map(|n| graph[*n]).collect();
         let problem = || CycleProblem {
             tensor: *members.iter().next().expect("non-empty"),
-            cycle: members
-                .iter()
-                .map(|t| cascade.tensor(*t).name.clone())
-                .collect(),
+            cycle: members.iter().map(|t| cascade.tensor(*t).name.clone()).collect(),
         };
         let ranks: BTreeSet<RankId> = members
             .iter()
@@ -1498,11 +1223,7 @@ pub fn dependency_cycles(cascade: &Cascade) -> Result<(), CycleProblem> {
                 continue;
             }
             let _ = e;
-            let reads = einsum
-                .body
-                .accesses()
-                .into_iter()
-                .chain(filter_accesses(einsum));
+            let reads = einsum.body.accesses().into_iter().chain(filter_accesses(einsum));
             if einsum.is_initial() {
                 // An initial value is iterate 0; it must not read the values that depend on it.
                 if reads.into_iter().any(|(read, _)| members.contains(&read)) {
@@ -1513,23 +1234,13 @@ pub fn dependency_cycles(cascade: &Cascade) -> Result<(), CycleProblem> {
             let Some((written_index, written_offset)) = coordinate_along(einsum, rank) else {
                 return Err(problem());
             };
-            for (read, subscripts) in einsum
-                .body
-                .accesses()
-                .into_iter()
-                .chain(filter_accesses(einsum))
-            {
+            for (read, subscripts) in einsum.body.accesses().into_iter().chain(filter_accesses(einsum)) {
                 if !members.contains(&read) {
                     continue;
                 }
                 let tensor = cascade.tensor(read);
-                let positions: Vec<usize> = tensor
-                    .ranks
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| **r == rank)
-                    .map(|(p, _)| p)
-                    .collect();
+                let positions: Vec<usize> =
+                    tensor.ranks.iter().enumerate().filter(|(_, r)| **r == rank).map(|(p, _)| p).collect();
                 let [position] = positions[..] else {
                     return Err(problem());
                 };
@@ -1596,11 +1307,7 @@ fn offset_of(subscript: &Affine, index: Index) -> Option<i64> {
     match subscript {
         Affine::Index(i) if *i == index => Some(0),
         Affine::Add(a, b) => match (&**a, &**b) {
-            (Affine::Index(i), Affine::Const(c)) | (Affine::Const(c), Affine::Index(i))
-                if *i == index =>
-            {
-                Some(*c)
-            }
+            (Affine::Index(i), Affine::Const(c)) | (Affine::Const(c), Affine::Index(i)) if *i == index => Some(*c),
             _ => None,
         },
         Affine::Sub(a, b) => match (&**a, &**b) {

@@ -13,9 +13,7 @@ use crate::ir::*;
 /// The tensors as nodes, one edge per distinct (read, defined) pair.
 pub fn dependency_graph(cascade: &Cascade) -> DiGraph<TensorId, ()> {
     let mut graph = DiGraph::new();
-    let nodes: Vec<NodeIndex> = (0..cascade.tensors.len())
-        .map(|t| graph.add_node(TensorId::new(t)))
-        .collect();
+    let nodes: Vec<NodeIndex> = (0..cascade.tensors.len()).map(|t| graph.add_node(TensorId::new(t))).collect();
     for einsum in &cascade.einsums {
         let mut reads: Vec<(TensorId, &[Affine])> = einsum.body.accesses();
         for cond in &einsum.filter {
@@ -40,20 +38,12 @@ pub fn to_dot(cascade: &Cascade) -> String {
     writeln!(out, "  rankdir=TB;").unwrap();
     for node in graph.node_indices() {
         let tensor = cascade.tensor(graph[node]);
-        let ranks: Vec<&str> = tensor
-            .ranks
-            .iter()
-            .map(|r| cascade.rank(*r).name.as_str())
-            .collect();
+        let ranks: Vec<&str> = tensor.ranks.iter().map(|r| cascade.rank(*r).name.as_str()).collect();
         let shape = match tensor.kind {
             TensorKind::Input { .. } => "box",
             TensorKind::Defined { .. } => "ellipse",
         };
-        let peripheries = if cascade.outputs.iter().any(|o| o.tensor == graph[node]) {
-            2
-        } else {
-            1
-        };
+        let peripheries = if cascade.outputs.iter().any(|o| o.tensor == graph[node]) { 2 } else { 1 };
         writeln!(
             out,
             "  n{} [label=\"{}[{}]\", shape={shape}, peripheries={peripheries}];",

@@ -22,9 +22,7 @@ pub struct InterpLimits {
 
 impl Default for InterpLimits {
     fn default() -> Self {
-        InterpLimits {
-            max_elements: 1 << 27,
-        }
+        InterpLimits { max_elements: 1 << 27 }
     }
 }
 
@@ -33,11 +31,7 @@ pub enum InterpError {
     #[error("the interpreter would hold {elements} elements, more than its limit of {limit}")]
     TooLarge { elements: u64, limit: u64 },
     #[error("input `{tensor}` has {found} elements, but its shape needs {expected}")]
-    InputSize {
-        tensor: String,
-        expected: u64,
-        found: u64,
-    },
+    InputSize { tensor: String, expected: u64, found: u64 },
     #[error("expected {expected} inputs, got {found}")]
     InputCount { expected: usize, found: usize },
     #[error("internal error: `{tensor}` depends on itself at the same point")]
@@ -83,12 +77,7 @@ impl Store {
             strides[p] = strides[p + 1] * shape[p + 1];
         }
         let len = shape.iter().product::<u64>() as usize;
-        Store {
-            shape,
-            strides,
-            state: vec![NOT_COMPUTED; len],
-            values: vec![0.0; len],
-        }
+        Store { shape, strides, state: vec![NOT_COMPUTED; len], values: vec![0.0; len] }
     }
 
     fn offset(&self, coords: &[i64]) -> Option<usize> {
@@ -121,27 +110,18 @@ fn interpret_here(
 ) -> Result<Vec<Vec<f64>>, InterpError> {
     let input_ids = cascade.inputs();
     if input_ids.len() != inputs.len() {
-        return Err(InterpError::InputCount {
-            expected: input_ids.len(),
-            found: inputs.len(),
-        });
+        return Err(InterpError::InputCount { expected: input_ids.len(), found: inputs.len() });
     }
     let mut total: u64 = 0;
     let mut shapes = Vec::new();
     for t in 0..cascade.tensors.len() {
         let shape = tensor_shape(cascade, TensorId::new(t), extents);
-        let elements = shape
-            .iter()
-            .try_fold(1u64, |acc, n| acc.checked_mul(*n))
-            .unwrap_or(u64::MAX);
+        let elements = shape.iter().try_fold(1u64, |acc, n| acc.checked_mul(*n)).unwrap_or(u64::MAX);
         total = total.saturating_add(elements);
         shapes.push(shape);
     }
     if total > limits.max_elements {
-        return Err(InterpError::TooLarge {
-            elements: total,
-            limit: limits.max_elements,
-        });
+        return Err(InterpError::TooLarge { elements: total, limit: limits.max_elements });
     }
     let mut stores: Vec<Store> = shapes.into_iter().map(Store::new).collect();
     for (id, data) in input_ids.iter().zip(inputs) {
@@ -170,13 +150,7 @@ fn interpret_here(
         splits[pair.0.index()].push(pair);
         splits[pair.1.index()].push(pair);
     }
-    let mut interp = Interp {
-        cascade,
-        extents,
-        stores,
-        definitions,
-        splits,
-    };
+    let mut interp = Interp { cascade, extents, stores, definitions, splits };
     let mut defined: Vec<TensorId> = Vec::new();
     for einsum in &cascade.einsums {
         if !defined.contains(&einsum.target) {
@@ -218,12 +192,7 @@ fn interpret_here(
         .iter()
         .map(|output| {
             let store = &interp.stores[output.tensor.index()];
-            store
-                .values
-                .iter()
-                .zip(&store.state)
-                .map(|(v, s)| if *s == DEFINED { *v } else { 0.0 })
-                .collect()
+            store.values.iter().zip(&store.state).map(|(v, s)| if *s == DEFINED { *v } else { 0.0 }).collect()
         })
         .collect();
     Ok(outputs)
@@ -232,11 +201,7 @@ fn interpret_here(
 type Env = Vec<(Index, i64)>;
 
 fn lookup(env: &Env, index: Index) -> i64 {
-    env.iter()
-        .rev()
-        .find(|(i, _)| *i == index)
-        .map(|(_, v)| *v)
-        .expect("verified: every index is bound")
+    env.iter().rev().find(|(i, _)| *i == index).map(|(_, v)| *v).expect("verified: every index is bound")
 }
 
 impl Interp<'_> {
@@ -249,11 +214,7 @@ impl Interp<'_> {
         match store.state[offset] {
             DEFINED => return Ok(Some(store.values[offset])),
             UNDEFINED => return Ok(None),
-            IN_PROGRESS => {
-                return Err(InterpError::Cycle {
-                    tensor: self.cascade.tensor(tensor).name.clone(),
-                })
-            }
+            IN_PROGRESS => return Err(InterpError::Cycle { tensor: self.cascade.tensor(tensor).name.clone() }),
             _ => {}
         }
         self.stores[tensor.index()].state[offset] = IN_PROGRESS;
@@ -275,8 +236,7 @@ impl Interp<'_> {
             TensorKind::Defined { iterative: Some(k) } if coords[k] > 0 => recurrence,
             _ => first,
         };
-        let einsum =
-            &self.cascade.einsums[einsum_id.expect("verified: every defined tensor has an Einsum")];
+        let einsum = &self.cascade.einsums[einsum_id.expect("verified: every defined tensor has an Einsum")];
         let mut env: Env = Vec::new();
         for (lhs, c) in einsum.lhs.iter().zip(coords) {
             match lhs {
@@ -311,10 +271,7 @@ impl Interp<'_> {
                 if index.rank != *tile {
                     continue;
                 }
-                let partner = Index {
-                    rank: *inner,
-                    primes: index.primes,
-                };
+                let partner = Index { rank: *inner, primes: index.primes };
                 if let Some((_, inner_value)) = env.iter().rev().find(|(i, _)| *i == partner) {
                     let tile_size = self.extents[inner.index()] as i64;
                     if value * tile_size + inner_value >= self.extents[whole.index()] as i64 {
@@ -363,18 +320,10 @@ impl Interp<'_> {
                     Some(a) => self.expr(b, env)?.map(|b| op.apply(a, b)),
                 }
             }
-            Expr::Reduce {
-                op,
-                indices,
-                filter,
-                body,
-            } => {
+            Expr::Reduce { op, indices, filter, body } => {
                 let mut acc = reduce_identity(*op);
                 let base = env.len();
-                let ranges: Vec<i64> = indices
-                    .iter()
-                    .map(|i| self.extents[i.rank.index()] as i64)
-                    .collect();
+                let ranges: Vec<i64> = indices.iter().map(|i| self.extents[i.rank.index()] as i64).collect();
                 if ranges.iter().all(|n| *n > 0) {
                     env.extend(indices.iter().map(|i| (*i, 0)));
                     'points: loop {

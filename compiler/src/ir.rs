@@ -325,11 +325,7 @@ impl Expr {
                 }
                 body.walk(visit);
             }
-            Expr::Const(_)
-            | Expr::Param(_)
-            | Expr::Extent(_)
-            | Expr::Index(_)
-            | Expr::Access { .. } => {}
+            Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Index(_) | Expr::Access { .. } => {}
         }
     }
 
@@ -422,17 +418,11 @@ impl Cascade {
     }
 
     pub fn rank_by_name(&self, name: &str) -> Option<RankId> {
-        self.ranks
-            .iter()
-            .position(|r| r.name == name)
-            .map(RankId::new)
+        self.ranks.iter().position(|r| r.name == name).map(RankId::new)
     }
 
     pub fn tensor_by_name(&self, name: &str) -> Option<TensorId> {
-        self.tensors
-            .iter()
-            .position(|t| t.name == name)
-            .map(TensorId::new)
+        self.tensors.iter().position(|t| t.name == name).map(TensorId::new)
     }
 
     /// The name of an index variable: the rank's name in lower case, then its primes.
@@ -446,11 +436,7 @@ impl Cascade {
 
     /// The Einsums that define `tensor`, in cascade order.
     pub fn definitions(&self, tensor: TensorId) -> impl Iterator<Item = (EinsumId, &Einsum)> + '_ {
-        self.einsums
-            .iter()
-            .enumerate()
-            .filter(move |(_, e)| e.target == tensor)
-            .map(|(i, e)| (EinsumId::new(i), e))
+        self.einsums.iter().enumerate().filter(move |(_, e)| e.target == tensor).map(|(i, e)| (EinsumId::new(i), e))
     }
 
     /// The split pairs `(tile rank, within-tile rank, whole rank)` of the cascade.
@@ -477,11 +463,7 @@ impl Cascade {
                 Lhs::Next(index) => format!("{} + 1", self.index_name(*index)),
             })
             .collect();
-        format!(
-            "{}[{}]",
-            self.tensor(einsum.target).name,
-            subscripts.join(", ")
-        )
+        format!("{}[{}]", self.tensor(einsum.target).name, subscripts.join(", "))
     }
 }
 

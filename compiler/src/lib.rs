@@ -16,6 +16,7 @@ pub mod check;
 pub mod graph;
 pub mod interp;
 pub mod ir;
+pub mod optimize;
 pub mod passcount;
 pub mod print;
 pub mod shapes;

@@ -10,6 +10,10 @@
 //! - A value is *R-complete* when it needs every coordinate of R and is no longer indexed by R:
 //!   `GM[p] = max[m](QK[m, p])` is; `SN[m, p]` is not (it is a fiber still indexed by `m`). A
 //!   value built by a recurrence along an iterative rank is complete only at its final iterate.
+//! - Fibers are traced to the inputs they come from, through element-wise copies, scalings and
+//!   filters, so a renaming cannot hide a pass; reading a complete value adds a pass only to an
+//!   Einsum that re-reads a fiber of an input the value consumed (`SN * V` after `GM` does not
+//!   re-read `K` along `E`).
 //! - Levels: `level(E) = max over the reads v of E of level(v) + [v is R-complete and E covers R]`.
 //!   A read of an earlier iterate (`RD[m1, p]` inside step `m1`) is the carried state of a
 //!   recurrence: it is available before the step and adds nothing.
@@ -56,10 +60,7 @@ impl PassReport {
 
     /// `(rank, passes)` for every reported rank, in report order.
     pub fn counts(&self) -> Vec<(String, usize)> {
-        self.ranks
-            .iter()
-            .map(|r| (r.rank.clone(), r.passes))
-            .collect()
+        self.ranks.iter().map(|r| (r.rank.clone(), r.passes)).collect()
     }
 }
 
@@ -79,14 +80,9 @@ struct Target {
 pub fn analyze(cascade: &Cascade) -> PassReport {
     let consumed = consumed_ranks(cascade);
     let order = topological_order(cascade);
-    let ranks = targets(cascade)
-        .into_iter()
-        .map(|target| analyze_target(cascade, &target, &consumed, &order))
-        .collect();
-    PassReport {
-        kernel: cascade.name.clone(),
-        ranks,
-    }
+    let ranks =
+        targets(cascade).into_iter().map(|target| analyze_target(cascade, &target, &consumed, &order)).collect();
+    PassReport { kernel: cascade.name.clone(), ranks }
 }
 
 /// The ranks to report, in declaration order: reduced or iterated ranks, and for a split pair
@@ -115,9 +111,7 @@ fn targets(cascade: &Cascade) -> Vec<Target> {
     for rank in used {
         let name = cascade.rank(rank).name.clone();
         let whole_of = splits.iter().find(|(_, _, whole)| *whole == rank);
-        let part_of = splits
-            .iter()
-            .find(|(tile, inner, _)| *tile == rank || *inner == rank);
+        let part_of = splits.iter().find(|(tile, inner, _)| *tile == rank || *inner == rank);
         let target = if let Some((tile, inner, whole)) = whole_of {
             Target {
                 name,
@@ -133,12 +127,7 @@ fn targets(cascade: &Cascade) -> Vec<Target> {
                 complete_when: vec![[rank].into(), [*whole].into()],
             }
         } else {
-            Target {
-                name,
-                parts: [rank].into(),
-                pair: None,
-                complete_when: vec![[rank].into()],
-            }
+            Target { name, parts: [rank].into(), pair: None, complete_when: vec![[rank].into()] }
         };
         targets.push(target);
     }
@@ -158,10 +147,7 @@ enum IterateRead {
 
 fn iterate_read(cascade: &Cascade, read: TensorId, subscripts: &[Affine]) -> IterateRead {
     let tensor = cascade.tensor(read);
-    let TensorKind::Defined {
-        iterative: Some(position),
-    } = tensor.kind
-    else {
+    let TensorKind::Defined { iterative: Some(position) } = tensor.kind else {
         return IterateRead::Plain;
     };
     let subscript = &subscripts[position];
@@ -232,14 +218,10 @@ fn consumed_ranks(cascade: &Cascade) -> Vec<BTreeSet<RankId>> {
 /// The tensors in an order where every non-carried read comes first.
 fn topological_order(cascade: &Cascade) -> Vec<TensorId> {
     let mut graph: DiGraph<TensorId, ()> = DiGraph::new();
-    let nodes: Vec<_> = (0..cascade.tensors.len())
-        .map(|t| graph.add_node(TensorId::new(t)))
-        .collect();
+    let nodes: Vec<_> = (0..cascade.tensors.len()).map(|t| graph.add_node(TensorId::new(t))).collect();
     for einsum in &cascade.einsums {
         for (read, subscripts) in reads(einsum) {
-            if iterate_read(cascade, read, subscripts) != IterateRead::Earlier
-                && read != einsum.target
-            {
+            if iterate_read(cascade, read, subscripts) != IterateRead::Earlier && read != einsum.target {
                 graph.update_edge(nodes[read.index()], nodes[einsum.target.index()], ());
             }
         }
@@ -261,30 +243,18 @@ fn binds(einsum: &Einsum) -> BTreeSet<RankId> {
     ranks
 }
 
-fn analyze_target(
-    cascade: &Cascade,
-    target: &Target,
-    consumed: &[BTreeSet<RankId>],
-    order: &[TensorId],
-) -> RankPasses {
+fn analyze_target(cascade: &Cascade, target: &Target, consumed: &[BTreeSet<RankId>], order: &[TensorId]) -> RankPasses {
     let covers = |einsum: &Einsum| {
         let bound = binds(einsum);
         match target.pair {
             Some((tile, inner)) => {
-                bound
-                    .iter()
-                    .any(|r| target.parts.contains(r) && *r != tile && *r != inner)
+                bound.iter().any(|r| target.parts.contains(r) && *r != tile && *r != inner)
                     || (bound.contains(&tile) && bound.contains(&inner))
             }
             None => bound.iter().any(|r| target.parts.contains(r)),
         }
     };
-    let complete = |set: &BTreeSet<RankId>| {
-        target
-            .complete_when
-            .iter()
-            .any(|needed| needed.is_subset(set))
-    };
+    let complete = |set: &BTreeSet<RankId>| target.complete_when.iter().any(|needed| needed.is_subset(set));
     let indexed = |cascade: &Cascade, subscripts: &[Affine]| {
         let mut any = false;
         for subscript in subscripts {
@@ -293,12 +263,53 @@ fn analyze_target(
         let _ = cascade;
         any
     };
+    // Which input fibers along the target each tensor is derived from (through element-wise
+    // copies, scalings and filters), and which input fibers a value has consumed. A re-read
+    // counts only when it reads a fiber of an input that the complete value consumed.
+    let mut sources: Vec<BTreeSet<TensorId>> = cascade
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(t, tensor)| match tensor.kind {
+            TensorKind::Input { .. } if tensor.ranks.iter().any(|r| target.parts.contains(r)) => {
+                [TensorId::new(t)].into()
+            }
+            _ => BTreeSet::new(),
+        })
+        .collect();
+    let mut consumed_sources: Vec<BTreeSet<TensorId>> = vec![BTreeSet::new(); cascade.tensors.len()];
+    loop {
+        let mut changed = false;
+        for einsum in &cascade.einsums {
+            let mut own = BTreeSet::new();
+            let mut seen = BTreeSet::new();
+            for (read, subscripts) in reads(einsum) {
+                if indexed(cascade, subscripts) {
+                    own.extend(sources[read.index()].iter().copied());
+                }
+                seen.extend(consumed_sources[read.index()].iter().copied());
+            }
+            seen.extend(own.iter().copied());
+            let t = einsum.target.index();
+            let before = (sources[t].len(), consumed_sources[t].len());
+            sources[t].extend(own);
+            consumed_sources[t].extend(seen);
+            changed |= before != (sources[t].len(), consumed_sources[t].len());
+        }
+        if !changed {
+            break;
+        }
+    }
     let mut tensor_level: HashMap<TensorId, usize> = HashMap::new();
-    let mut einsum_level: Vec<Option<(usize, Option<TensorId>)>> =
-        vec![None; cascade.einsums.len()];
+    let mut einsum_level: Vec<Option<(usize, Option<TensorId>)>> = vec![None; cascade.einsums.len()];
     for tensor in order {
         for (id, einsum) in cascade.definitions(*tensor) {
             let covering = covers(einsum);
+            let fibers_read: BTreeSet<TensorId> = reads(einsum)
+                .into_iter()
+                .filter(|(_, subscripts)| indexed(cascade, subscripts))
+                .flat_map(|(read, _)| sources[read.index()].iter().copied().collect::<Vec<_>>())
+                .collect();
             let mut level = 0;
             let mut cause = None;
             for (read, subscripts) in reads(einsum) {
@@ -310,7 +321,8 @@ fn analyze_target(
                 if let IterateRead::Final(rank) = kind {
                     read_consumed.insert(rank);
                 }
-                let is_complete = !indexed(cascade, subscripts) && complete(&read_consumed);
+                let rereads = !fibers_read.is_disjoint(&consumed_sources[read.index()]);
+                let is_complete = !indexed(cascade, subscripts) && complete(&read_consumed) && rereads;
                 let step = usize::from(is_complete && covering);
                 let candidate = tensor_level.get(&read).copied().unwrap_or(0) + step;
                 if candidate > level || (candidate == level && step == 1 && cause.is_none()) {
@@ -331,36 +343,15 @@ fn analyze_target(
         .filter_map(|(i, _)| einsum_level[i].map(|(level, cause)| (EinsumId::new(i), level, cause)))
         .collect();
     let levels: BTreeSet<usize> = covering.iter().map(|(_, level, _)| *level).collect();
-    let pass_of = |level: usize| {
-        levels
-            .iter()
-            .position(|l| *l == level)
-            .expect("level present")
-            + 1
-    };
-    let einsum_passes = covering
-        .iter()
-        .map(|(id, level, _)| (*id, pass_of(*level)))
-        .collect();
+    let pass_of = |level: usize| levels.iter().position(|l| *l == level).expect("level present") + 1;
+    let einsum_passes = covering.iter().map(|(id, level, _)| (*id, pass_of(*level))).collect();
     let mut extra = Vec::new();
     for level in levels.iter().skip(1) {
-        if let Some((reader, _, Some(value))) = covering
-            .iter()
-            .find(|(_, l, cause)| l == level && cause.is_some())
-        {
-            extra.push(ExtraPass {
-                pass: pass_of(*level),
-                reader: *reader,
-                value: *value,
-            });
+        if let Some((reader, _, Some(value))) = covering.iter().find(|(_, l, cause)| l == level && cause.is_some()) {
+            extra.push(ExtraPass { pass: pass_of(*level), reader: *reader, value: *value });
         }
     }
-    RankPasses {
-        rank: target.name.clone(),
-        passes: levels.len(),
-        einsum_passes,
-        extra,
-    }
+    RankPasses { rank: target.name.clone(), passes: levels.len(), einsum_passes, extra }
 }
 
 /// The report as text: per rank, the passes and the Einsums of each, and why each extra pass is

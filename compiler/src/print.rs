@@ -22,12 +22,7 @@ pub fn print_cascade(cascade: &Cascade) -> String {
                 Extent::Fixed(n) => format!("{} = {n}", rank.name),
                 Extent::Symbolic => rank.name.clone(),
                 Extent::Split { whole, tile } => {
-                    format!(
-                        "{} = {} / {}",
-                        rank.name,
-                        cascade.rank(whole).name,
-                        cascade.rank(tile).name
-                    )
+                    format!("{} = {} / {}", rank.name, cascade.rank(whole).name, cascade.rank(tile).name)
                 }
             })
             .collect();
@@ -38,16 +33,8 @@ pub fn print_cascade(cascade: &Cascade) -> String {
         .iter()
         .filter_map(|tensor| match tensor.kind {
             TensorKind::Input { elem } => {
-                let ranks: Vec<&str> = tensor
-                    .ranks
-                    .iter()
-                    .map(|r| cascade.rank(*r).name.as_str())
-                    .collect();
-                let ty = if elem == ElemType::F32 {
-                    String::new()
-                } else {
-                    format!(": {elem}")
-                };
+                let ranks: Vec<&str> = tensor.ranks.iter().map(|r| cascade.rank(*r).name.as_str()).collect();
+                let ty = if elem == ElemType::F32 { String::new() } else { format!(": {elem}") };
                 Some(format!("{}[{}]{ty}", tensor.name, ranks.join(", ")))
             }
             TensorKind::Defined { .. } => None,
@@ -57,13 +44,7 @@ pub fn print_cascade(cascade: &Cascade) -> String {
         writeln!(out, "  input {}", inputs.join(", ")).unwrap();
     }
     for param in &cascade.params {
-        writeln!(
-            out,
-            "  param {} = {}",
-            param.name,
-            format_number(param.value)
-        )
-        .unwrap();
+        writeln!(out, "  param {} = {}", param.name, format_number(param.value)).unwrap();
     }
     if !cascade.einsums.is_empty() {
         writeln!(out).unwrap();
@@ -91,11 +72,7 @@ pub fn print_cascade(cascade: &Cascade) -> String {
 
 /// Prints several cascades as one file.
 pub fn print_cascades(cascades: &[Cascade]) -> String {
-    cascades
-        .iter()
-        .map(print_cascade)
-        .collect::<Vec<_>>()
-        .join("\n")
+    cascades.iter().map(print_cascade).collect::<Vec<_>>().join("\n")
 }
 
 /// Prints one Einsum statement (without indentation).
@@ -109,12 +86,8 @@ pub fn print_einsum(cascade: &Cascade, einsum: &Einsum) -> String {
             Lhs::Next(index) => format!("{} + 1", cascade.index_name(*index)),
         })
         .collect();
-    let mut text = format!(
-        "{}[{}] = {}",
-        cascade.tensor(einsum.target).name,
-        lhs.join(", "),
-        print_expr(cascade, &einsum.body)
-    );
+    let mut text =
+        format!("{}[{}] = {}", cascade.tensor(einsum.target).name, lhs.join(", "), print_expr(cascade, &einsum.body));
     let mut conds: Vec<String> = Vec::new();
     collect_filters(cascade, &einsum.body, &mut conds);
     conds.extend(einsum.filter.iter().map(|c| print_cond(cascade, c)));
@@ -140,12 +113,7 @@ fn collect_filters(cascade: &Cascade, expr: &Expr, out: &mut Vec<String>) {
 }
 
 pub fn print_cond(cascade: &Cascade, cond: &Cond) -> String {
-    format!(
-        "{} {} {}",
-        print_expr(cascade, &cond.lhs),
-        cond.op.symbol(),
-        print_expr(cascade, &cond.rhs)
-    )
+    format!("{} {} {}", print_expr(cascade, &cond.lhs), cond.op.symbol(), print_expr(cascade, &cond.rhs))
 }
 
 /// Precedence levels: sums 1, products 2, unary minus 3, atoms 4.
@@ -172,21 +140,14 @@ pub fn print_expr(cascade: &Cascade, expr: &Expr) -> String {
         Expr::Extent(id) => cascade.rank(*id).name.clone(),
         Expr::Index(index) => cascade.index_name(*index),
         Expr::Access { tensor, subscripts } => {
-            let subs: Vec<String> = subscripts
-                .iter()
-                .map(|s| print_affine(cascade, s, 0))
-                .collect();
+            let subs: Vec<String> = subscripts.iter().map(|s| print_affine(cascade, s, 0)).collect();
             format!("{}[{}]", cascade.tensor(*tensor).name, subs.join(", "))
         }
         Expr::Unary(UnaryOp::Neg, arg) => format!("-{}", wrap(cascade, arg, precedence(arg) < 3)),
         Expr::Unary(op, arg) => format!("{}({})", op.name(), print_expr(cascade, arg)),
         Expr::Binary(op @ (BinaryOp::Max | BinaryOp::Min), a, b) => {
             let name = if *op == BinaryOp::Max { "max" } else { "min" };
-            format!(
-                "{name}({}, {})",
-                print_expr(cascade, a),
-                print_expr(cascade, b)
-            )
+            format!("{name}({}, {})", print_expr(cascade, a), print_expr(cascade, b))
         }
         Expr::Binary(op, a, b) => {
             let (level, symbol) = match op {
@@ -195,22 +156,11 @@ pub fn print_expr(cascade: &Cascade, expr: &Expr) -> String {
                 BinaryOp::Mul => (2, "*"),
                 _ => (2, "/"),
             };
-            format!(
-                "{} {symbol} {}",
-                wrap(cascade, a, precedence(a) < level),
-                wrap(cascade, b, precedence(b) <= level)
-            )
+            format!("{} {symbol} {}", wrap(cascade, a, precedence(a) < level), wrap(cascade, b, precedence(b) <= level))
         }
-        Expr::Reduce {
-            op, indices, body, ..
-        } => {
+        Expr::Reduce { op, indices, body, .. } => {
             let names: Vec<String> = indices.iter().map(|i| cascade.index_name(*i)).collect();
-            format!(
-                "{}[{}]({})",
-                op.name(),
-                names.join(", "),
-                print_expr(cascade, body)
-            )
+            format!("{}[{}]({})", op.name(), names.join(", "), print_expr(cascade, body))
         }
     }
 }
@@ -231,30 +181,9 @@ pub fn print_affine(cascade: &Cascade, affine: &Affine, outer: u8) -> String {
         Affine::Const(c) => (4, c.to_string()),
         Affine::Index(index) => (4, cascade.index_name(*index)),
         Affine::Extent(rank) => (4, cascade.rank(*rank).name.clone()),
-        Affine::Add(a, b) => (
-            1,
-            format!(
-                "{} + {}",
-                print_affine(cascade, a, 0),
-                print_affine(cascade, b, 1)
-            ),
-        ),
-        Affine::Sub(a, b) => (
-            1,
-            format!(
-                "{} - {}",
-                print_affine(cascade, a, 0),
-                print_affine(cascade, b, 1)
-            ),
-        ),
-        Affine::Mul(a, b) => (
-            2,
-            format!(
-                "{} * {}",
-                print_affine(cascade, a, 1),
-                print_affine(cascade, b, 2)
-            ),
-        ),
+        Affine::Add(a, b) => (1, format!("{} + {}", print_affine(cascade, a, 0), print_affine(cascade, b, 1))),
+        Affine::Sub(a, b) => (1, format!("{} - {}", print_affine(cascade, a, 0), print_affine(cascade, b, 1))),
+        Affine::Mul(a, b) => (2, format!("{} * {}", print_affine(cascade, a, 1), print_affine(cascade, b, 2))),
         Affine::Neg(a) => (3, format!("-{}", print_affine(cascade, a, 2))),
     };
     // `outer` is the level a child must exceed to go without parentheses.

@@ -8,32 +8,13 @@ use crate::ir::*;
 /// A user error in the shapes or bindings given at a call.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ShapeError {
-    #[error(
-        "input `{tensor}` has {found} dimension(s), but the kernel declares {expected} ({ranks})"
-    )]
-    Dimensions {
-        tensor: String,
-        expected: usize,
-        found: usize,
-        ranks: String,
-    },
+    #[error("input `{tensor}` has {found} dimension(s), but the kernel declares {expected} ({ranks})")]
+    Dimensions { tensor: String, expected: usize, found: usize, ranks: String },
     #[error("input `{tensor}`: rank `{rank}` (dimension {position}) has size {expected} in the kernel, but the given tensor has {found}")]
-    Mismatch {
-        tensor: String,
-        rank: String,
-        position: usize,
-        expected: u64,
-        found: u64,
-    },
+    Mismatch { tensor: String, rank: String, position: usize, expected: u64, found: u64 },
     #[error("rank `{rank}` is bound to {given}, but {why}")]
-    Binding {
-        rank: String,
-        given: u64,
-        why: String,
-    },
-    #[error(
-        "rank `{rank}` has no extent: bind it with `--bind {rank}=N` or give an input that has it"
-    )]
+    Binding { rank: String, given: u64, why: String },
+    #[error("rank `{rank}` has no extent: bind it with `--bind {rank}=N` or give an input that has it")]
     Unbound { rank: String },
     #[error("unknown rank `{rank}` in a binding")]
     UnknownRank { rank: String },
@@ -87,11 +68,7 @@ pub fn bind_extents(
     for (tensor_id, shape) in input_shapes {
         let tensor = cascade.tensor(*tensor_id);
         if shape.len() != tensor.ranks.len() {
-            let ranks: Vec<&str> = tensor
-                .ranks
-                .iter()
-                .map(|r| cascade.rank(*r).name.as_str())
-                .collect();
+            let ranks: Vec<&str> = tensor.ranks.iter().map(|r| cascade.rank(*r).name.as_str()).collect();
             return Err(ShapeError::Dimensions {
                 tensor: tensor.name.clone(),
                 expected: tensor.ranks.len(),
@@ -122,9 +99,8 @@ pub fn bind_extents(
     // Ranks are declared before their splits use them, so one pass in order suffices.
     for (r, rank) in cascade.ranks.iter().enumerate() {
         if let Extent::Split { whole, tile } = rank.extent {
-            let whole_extent = extents[whole.index()].ok_or_else(|| ShapeError::Unbound {
-                rank: cascade.rank(whole).name.clone(),
-            })?;
+            let whole_extent =
+                extents[whole.index()].ok_or_else(|| ShapeError::Unbound { rank: cascade.rank(whole).name.clone() })?;
             let tile_extent = extents[tile.index()].unwrap_or(1).max(1);
             extents[r] = Some(whole_extent.div_ceil(tile_extent));
         }
@@ -132,11 +108,7 @@ pub fn bind_extents(
     let extents: Extents = extents
         .into_iter()
         .enumerate()
-        .map(|(r, e)| {
-            e.ok_or_else(|| ShapeError::Unbound {
-                rank: cascade.ranks[r].name.clone(),
-            })
-        })
+        .map(|(r, e)| e.ok_or_else(|| ShapeError::Unbound { rank: cascade.ranks[r].name.clone() }))
         .collect::<Result<_, _>>()?;
     for (tensor_id, shape) in input_shapes {
         let tensor = cascade.tensor(*tensor_id);

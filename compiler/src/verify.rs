@@ -43,10 +43,7 @@ impl fmt::Display for VerifyErrors {
 
 /// Checks every invariant listed in the module documentation.
 pub fn verify(cascade: &Cascade) -> Result<(), VerifyErrors> {
-    let mut verifier = Verifier {
-        cascade,
-        errors: vec![],
-    };
+    let mut verifier = Verifier { cascade, errors: vec![] };
     verifier.declarations();
     if verifier.errors.is_empty() {
         verifier.definitions();
@@ -63,10 +60,7 @@ pub fn verify(cascade: &Cascade) -> Result<(), VerifyErrors> {
         if let Err(problem) = crate::check::dependency_cycles(cascade) {
             verifier.error(
                 "kernel".into(),
-                format!(
-                    "dependency cycle not carried by a recurrence: {}",
-                    problem.cycle.join(" -> ")
-                ),
+                format!("dependency cycle not carried by a recurrence: {}", problem.cycle.join(" -> ")),
             );
         }
     }
@@ -98,19 +92,13 @@ impl Verifier<'_> {
             .chain(c.params.iter().map(|p| &p.name));
         for name in all_names {
             if !names.insert(name.clone()) {
-                self.error(
-                    "kernel".into(),
-                    format!("the name `{name}` is declared twice"),
-                );
+                self.error("kernel".into(), format!("the name `{name}` is declared twice"));
             }
         }
         for (r, rank) in c.ranks.iter().enumerate() {
             if let Extent::Split { whole, tile } = rank.extent {
                 if whole.index() >= r || tile.index() >= r {
-                    self.error(
-                        format!("rank {}", rank.name),
-                        "a split must name earlier ranks".into(),
-                    );
+                    self.error(format!("rank {}", rank.name), "a split must name earlier ranks".into());
                 } else if !matches!(c.rank(tile).extent, Extent::Fixed(n) if n > 0) {
                     self.error(
                         format!("rank {}", rank.name),
@@ -121,17 +109,11 @@ impl Verifier<'_> {
         }
         for tensor in &c.tensors {
             if tensor.ranks.iter().any(|r| r.index() >= c.ranks.len()) {
-                self.error(
-                    format!("tensor {}", tensor.name),
-                    "rank id out of range".into(),
-                );
+                self.error(format!("tensor {}", tensor.name), "rank id out of range".into());
             }
             if let TensorKind::Defined { iterative: Some(p) } = tensor.kind {
                 if p >= tensor.ranks.len() {
-                    self.error(
-                        format!("tensor {}", tensor.name),
-                        "iterative position out of range".into(),
-                    );
+                    self.error(format!("tensor {}", tensor.name), "iterative position out of range".into());
                 }
             }
         }
@@ -157,33 +139,17 @@ impl Verifier<'_> {
                 }
                 TensorKind::Defined { iterative: None } => {
                     if definitions.len() != 1 {
-                        self.error(
-                            location,
-                            format!("{} definitions instead of one", definitions.len()),
-                        );
-                    } else if definitions[0]
-                        .1
-                        .lhs
-                        .iter()
-                        .any(|l| !matches!(l, Lhs::Index(_)))
-                    {
-                        self.error(
-                            location,
-                            "a non-iterative tensor has an iterative left-hand side".into(),
-                        );
+                        self.error(location, format!("{} definitions instead of one", definitions.len()));
+                    } else if definitions[0].1.lhs.iter().any(|l| !matches!(l, Lhs::Index(_))) {
+                        self.error(location, "a non-iterative tensor has an iterative left-hand side".into());
                     }
                 }
-                TensorKind::Defined {
-                    iterative: Some(position),
-                } => {
+                TensorKind::Defined { iterative: Some(position) } => {
                     let shape_ok = definitions.len() == 2
                         && matches!(definitions[0].1.lhs.get(position), Some(Lhs::Initial))
                         && matches!(definitions[1].1.lhs.get(position), Some(Lhs::Next(_)));
                     if !shape_ok {
-                        self.error(
-                            location,
-                            "an iterative tensor needs an initial value, then a recurrence".into(),
-                        );
+                        self.error(location, "an iterative tensor needs an initial value, then a recurrence".into());
                     }
                 }
             }
@@ -195,37 +161,23 @@ impl Verifier<'_> {
         let location = format!("einsum {} ({})", id.0, c.einsum_label(id));
         let tensor = c.tensor(einsum.target);
         if einsum.lhs.len() != tensor.ranks.len() {
-            self.error(
-                location,
-                "the left-hand side does not match the tensor's ranks".into(),
-            );
+            self.error(location, "the left-hand side does not match the tensor's ranks".into());
             return;
         }
         let mut bound: Vec<Index> = Vec::new();
         for (lhs, rank) in einsum.lhs.iter().zip(&tensor.ranks) {
             if let Some(index) = lhs.index() {
                 if index.rank != *rank {
-                    self.error(
-                        location.clone(),
-                        "a left-hand index does not have its position's rank".into(),
-                    );
+                    self.error(location.clone(), "a left-hand index does not have its position's rank".into());
                 }
                 if bound.contains(&index) {
-                    self.error(
-                        location.clone(),
-                        "an index appears twice on the left".into(),
-                    );
+                    self.error(location.clone(), "an index appears twice on the left".into());
                 }
                 bound.push(index);
             }
         }
         let first_definition = |t: TensorId| c.definitions(t).next().map(|(e, _)| e);
-        let mut context = ExprContext {
-            id,
-            einsum,
-            location: &location,
-            first_definition: &first_definition,
-        };
+        let mut context = ExprContext { id, einsum, location: &location, first_definition: &first_definition };
         self.expr(&einsum.body, &bound, &bound, &mut context);
         for cond in &einsum.filter {
             self.expr(&cond.lhs, &bound, &bound, &mut context);
@@ -257,10 +209,7 @@ impl Verifier<'_> {
                 if read.ranks.len() != subscripts.len() {
                     self.error(
                         cx.location.to_string(),
-                        format!(
-                            "`{}` is read with the wrong number of subscripts",
-                            read.name
-                        ),
+                        format!("`{}` is read with the wrong number of subscripts", read.name),
                     );
                     return;
                 }
@@ -283,15 +232,9 @@ impl Verifier<'_> {
                     });
                 }
                 if let Some(first) = (cx.first_definition)(*tensor) {
-                    let own_recurrence =
-                        *tensor == cx.einsum.target && cx.einsum.recurrence_index().is_some();
-                    if (first > cx.id || (*tensor == cx.einsum.target && first == cx.id))
-                        && !own_recurrence
-                    {
-                        self.error(
-                            cx.location.to_string(),
-                            format!("`{}` is read before it is defined", read.name),
-                        );
+                    let own_recurrence = *tensor == cx.einsum.target && cx.einsum.recurrence_index().is_some();
+                    if (first > cx.id || (*tensor == cx.einsum.target && first == cx.id)) && !own_recurrence {
+                        self.error(cx.location.to_string(), format!("`{}` is read before it is defined", read.name));
                     }
                 }
             }
@@ -300,20 +243,12 @@ impl Verifier<'_> {
                 self.expr(a, lhs, bound, cx);
                 self.expr(b, lhs, bound, cx);
             }
-            Expr::Reduce {
-                indices,
-                filter,
-                body,
-                ..
-            } => {
+            Expr::Reduce { indices, filter, body, .. } => {
                 if indices.is_empty() {
                     self.error(cx.location.to_string(), "a reduction binds no index".into());
                 }
                 if indices.iter().any(|i| lhs.contains(i)) {
-                    self.error(
-                        cx.location.to_string(),
-                        "a reduction binds a left-hand index".into(),
-                    );
+                    self.error(cx.location.to_string(), "a reduction binds a left-hand index".into());
                 }
                 let mut inner = bound.to_vec();
                 inner.extend(indices.iter().copied());
@@ -329,10 +264,7 @@ impl Verifier<'_> {
     fn bound_index(&mut self, index: Index, bound: &[Index], cx: &ExprContext<'_>) {
         if !bound.contains(&index) {
             let name = self.cascade.index_name(index);
-            self.error(
-                cx.location.to_string(),
-                format!("index `{name}` is not bound"),
-            );
+            self.error(cx.location.to_string(), format!("index `{name}` is not bound"));
         }
     }
 

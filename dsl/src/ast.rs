@@ -276,11 +276,7 @@ pub fn format_number(value: f64) -> String {
 impl fmt::Display for File {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for kernel in &self.kernels {
-            writeln!(
-                f,
-                "(kernel {} @{}..{}",
-                kernel.name.text, kernel.span.start, kernel.span.end
-            )?;
+            writeln!(f, "(kernel {} @{}..{}", kernel.name.text, kernel.span.start, kernel.span.end)?;
             for item in &kernel.items {
                 write!(f, "  ")?;
                 write_item(f, item)?;
@@ -300,11 +296,9 @@ fn write_item(f: &mut fmt::Formatter<'_>, item: &Item) -> fmt::Result {
                 match &rank.def {
                     RankDef::Symbolic => write!(f, " {}", rank.name.text)?,
                     RankDef::Fixed { extent, .. } => write!(f, " (= {} {extent})", rank.name.text)?,
-                    RankDef::Split { whole, tile } => write!(
-                        f,
-                        " (= {} (/ {} {}))",
-                        rank.name.text, whole.text, tile.text
-                    )?,
+                    RankDef::Split { whole, tile } => {
+                        write!(f, " (= {} (/ {} {}))", rank.name.text, whole.text, tile.text)?
+                    }
                 }
             }
             write!(f, ")")
@@ -341,11 +335,7 @@ fn write_item(f: &mut fmt::Formatter<'_>, item: &Item) -> fmt::Result {
             write!(f, ")")
         }
         Item::Einsum(einsum) => {
-            write!(
-                f,
-                "(einsum @{}..{} ({}",
-                einsum.span.start, einsum.span.end, einsum.target.text
-            )?;
+            write!(f, "(einsum @{}..{} ({}", einsum.span.start, einsum.span.end, einsum.target.text)?;
             for sub in &einsum.subscripts {
                 write!(f, " ")?;
                 write_expr(f, sub)?;

@@ -25,13 +25,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn error(message: impl Into<String>, span: Span) -> Diagnostic {
-        Diagnostic {
-            message: message.into(),
-            span,
-            label: String::new(),
-            related: vec![],
-            notes: vec![],
-        }
+        Diagnostic { message: message.into(), span, label: String::new(), related: vec![], notes: vec![] }
     }
 
     pub fn with_label(mut self, label: impl Into<String>) -> Diagnostic {
@@ -62,14 +56,9 @@ impl Diagnostic {
         for (span, text) in &self.related {
             labels.push(Label::secondary((), clamp(*span)).with_message(text));
         }
-        let diagnostic = CsDiagnostic::error()
-            .with_message(&self.message)
-            .with_labels(labels)
-            .with_notes(self.notes.clone());
-        let config = Config {
-            chars: Chars::ascii(),
-            ..Config::default()
-        };
+        let diagnostic =
+            CsDiagnostic::error().with_message(&self.message).with_labels(labels).with_notes(self.notes.clone());
+        let config = Config { chars: Chars::ascii(), ..Config::default() };
         term::emit_into_string(&config, &file, &diagnostic)
             .unwrap_or_else(|err| format!("error: {} (could not render: {err})\n", self.message))
     }
@@ -77,11 +66,7 @@ impl Diagnostic {
 
 /// Renders several diagnostics, one after the other.
 pub fn render_all(diagnostics: &[Diagnostic], path: &str, source: &str) -> String {
-    diagnostics
-        .iter()
-        .map(|d| d.render(path, source))
-        .collect::<Vec<_>>()
-        .concat()
+    diagnostics.iter().map(|d| d.render(path, source)).collect::<Vec<_>>().concat()
 }
 
 /// The 1-based line and column of a byte offset.

@@ -145,11 +145,7 @@ pub fn lex(source: &str) -> (Vec<Lexeme<'_>>, Vec<Span>) {
         let range = lexer.span();
         let span = Span::new(range.start, range.end);
         match result {
-            Ok(token) => tokens.push(Lexeme {
-                token,
-                span,
-                text: lexer.slice(),
-            }),
+            Ok(token) => tokens.push(Lexeme { token, span, text: lexer.slice() }),
             Err(()) => match errors.last_mut() {
                 // Adjacent bad characters make one error.
                 Some(last) if last.end == span.start => last.end = span.end,
@@ -172,15 +168,7 @@ mod tests {
     fn primes_and_numbers() {
         assert_eq!(
             kinds("m' 1.5 1e-4 3 inf <= # c\n"),
-            vec![
-                Token::Ident,
-                Token::Float,
-                Token::Float,
-                Token::Int,
-                Token::Inf,
-                Token::Le,
-                Token::Newline
-            ]
+            vec![Token::Ident, Token::Float, Token::Float, Token::Int, Token::Inf, Token::Le, Token::Newline]
         );
     }
 

@@ -19,18 +19,11 @@ pub fn parse(source: &str) -> (File, Vec<Diagnostic>) {
     let mut diagnostics: Vec<Diagnostic> = bad_chars
         .into_iter()
         .map(|span| {
-            Diagnostic::error("unexpected character", span)
-                .with_label("this is not part of the `.ein` language")
+            Diagnostic::error("unexpected character", span).with_label("this is not part of the `.ein` language")
         })
         .collect();
-    let mut parser = Parser {
-        tokens,
-        pos: 0,
-        brackets: 0,
-        depth: 0,
-        diagnostics: Vec::new(),
-        source_len: source.len(),
-    };
+    let mut parser =
+        Parser { tokens, pos: 0, brackets: 0, depth: 0, diagnostics: Vec::new(), source_len: source.len() };
     let file = parser.file();
     diagnostics.extend(parser.diagnostics);
     diagnostics.sort_by_key(|d| d.span.start);
@@ -85,10 +78,7 @@ impl<'src> Parser<'src> {
     }
 
     fn prev_span(&self) -> Span {
-        self.pos
-            .checked_sub(1)
-            .and_then(|i| self.tokens.get(i))
-            .map_or(Span::default(), |l| l.span)
+        self.pos.checked_sub(1).and_then(|i| self.tokens.get(i)).map_or(Span::default(), |l| l.span)
     }
 
     fn bump(&mut self) -> Lexeme<'src> {
@@ -113,8 +103,7 @@ impl<'src> Parser<'src> {
 
     fn error_here(&mut self, message: impl Into<String>, label: impl Into<String>) -> Failed {
         let span = self.here();
-        self.diagnostics
-            .push(Diagnostic::error(message, span).with_label(label));
+        self.diagnostics.push(Diagnostic::error(message, span).with_label(label));
         Failed
     }
 
@@ -123,10 +112,7 @@ impl<'src> Parser<'src> {
             Some(token) => token.describe(),
             None => "end of file",
         };
-        self.error_here(
-            format!("expected {expected}, found {found}"),
-            format!("expected {expected}"),
-        )
+        self.error_here(format!("expected {expected}, found {found}"), format!("expected {expected}"))
     }
 
     fn expect(&mut self, token: Token, expected: &str) -> PResult<Lexeme<'src>> {
@@ -138,10 +124,7 @@ impl<'src> Parser<'src> {
 
     fn name(&mut self, expected: &str) -> PResult<Name> {
         let lexeme = self.expect(Token::Ident, expected)?;
-        Ok(Name {
-            text: lexeme.text.to_string(),
-            span: lexeme.span,
-        })
+        Ok(Name { text: lexeme.text.to_string(), span: lexeme.span })
     }
 
     /// Skips to the end of the current statement (a newline or `;` outside brackets, or a `}`
@@ -151,10 +134,7 @@ impl<'src> Parser<'src> {
         // statement most likely ended on the line before, so the next one starts here.
         let open = self.brackets > 0;
         self.brackets = 0;
-        if open
-            && self.pos > 0
-            && self.tokens.get(self.pos - 1).map(|l| &l.token) == Some(&Token::Newline)
-        {
+        if open && self.pos > 0 && self.tokens.get(self.pos - 1).map(|l| &l.token) == Some(&Token::Newline) {
             return;
         }
         while let Some(lexeme) = self.tokens.get(self.pos) {
@@ -170,10 +150,7 @@ impl<'src> Parser<'src> {
     }
 
     fn skip_separators(&mut self) {
-        while matches!(
-            self.tokens.get(self.pos).map(|l| &l.token),
-            Some(Token::Newline | Token::Semi)
-        ) {
+        while matches!(self.tokens.get(self.pos).map(|l| &l.token), Some(Token::Newline | Token::Semi)) {
             self.pos += 1;
         }
     }
@@ -209,17 +186,11 @@ impl<'src> Parser<'src> {
             Ok(name) => name,
             Err(Failed) => {
                 self.recover_statement();
-                Name {
-                    text: String::new(),
-                    span: start,
-                }
+                Name { text: String::new(), span: start }
             }
         };
         if self.expect(Token::LBrace, "`{`").is_err() {
-            while !matches!(
-                self.peek(),
-                None | Some(Token::Kernel) | Some(Token::LBrace)
-            ) {
+            while !matches!(self.peek(), None | Some(Token::Kernel) | Some(Token::LBrace)) {
                 self.pos += 1;
             }
             if self.eat(Token::LBrace).is_none() {
@@ -232,20 +203,12 @@ impl<'src> Parser<'src> {
             match self.peek() {
                 Some(Token::RBrace) => {
                     let end = self.bump().span;
-                    return Some(Kernel {
-                        name,
-                        items,
-                        span: start.to(end),
-                    });
+                    return Some(Kernel { name, items, span: start.to(end) });
                 }
                 None | Some(Token::Kernel) => {
                     self.error_here("this kernel is not closed", "expected `}` before this");
                     let end = self.prev_span();
-                    return Some(Kernel {
-                        name,
-                        items,
-                        span: start.to(end),
-                    });
+                    return Some(Kernel { name, items, span: start.to(end) });
                 }
                 Some(_) => match self.statement() {
                     Ok(item) => {
@@ -290,10 +253,7 @@ impl<'src> Parser<'src> {
                 Ok(Item::Outputs(self.comma_list(Self::output_decl)?))
             }
             Some(Token::Ident) => Ok(Item::Einsum(self.einsum()?)),
-            _ => {
-                Err(self
-                    .unexpected("a statement (`rank`, `input`, `param`, `output` or an Einsum)"))
-            }
+            _ => Err(self.unexpected("a statement (`rank`, `input`, `param`, `output` or an Einsum)")),
         }
     }
 
@@ -308,37 +268,20 @@ impl<'src> Parser<'src> {
     fn rank_decl(&mut self) -> PResult<RankDecl> {
         let name = self.name("a rank name")?;
         if self.eat(Token::Assign).is_none() {
-            return Ok(RankDecl {
-                span: name.span,
-                name,
-                def: RankDef::Symbolic,
-            });
+            return Ok(RankDecl { span: name.span, name, def: RankDef::Symbolic });
         }
         if let Some(int) = self.eat(Token::Int) {
             let extent = int.text.parse::<u64>().map_err(|_| {
-                self.diagnostics.push(
-                    Diagnostic::error("rank extent is too large", int.span).with_label("too large"),
-                );
+                self.diagnostics.push(Diagnostic::error("rank extent is too large", int.span).with_label("too large"));
                 Failed
             })?;
-            return Ok(RankDecl {
-                span: name.span.to(int.span),
-                name,
-                def: RankDef::Fixed {
-                    extent,
-                    span: int.span,
-                },
-            });
+            return Ok(RankDecl { span: name.span.to(int.span), name, def: RankDef::Fixed { extent, span: int.span } });
         }
         if self.at(Token::Ident) {
             let whole = self.name("a rank name")?;
             self.expect(Token::Slash, "`/` (a split is written `M1 = M / M0`)")?;
             let tile = self.name("the name of the within-tile rank")?;
-            return Ok(RankDecl {
-                span: name.span.to(tile.span),
-                name,
-                def: RankDef::Split { whole, tile },
-            });
+            return Ok(RankDecl { span: name.span.to(tile.span), name, def: RankDef::Split { whole, tile } });
         }
         Err(self.unexpected("an integer extent or a split `M / M0`"))
     }
@@ -362,22 +305,14 @@ impl<'src> Parser<'src> {
 
     fn input_decl(&mut self) -> PResult<TensorDecl> {
         let name = self.name("an input tensor name")?;
-        self.expect(
-            Token::LBracket,
-            "`[` and the input's ranks (`T[]` for a scalar)",
-        )?;
+        self.expect(Token::LBracket, "`[` and the input's ranks (`T[]` for a scalar)")?;
         let mut ranks = Vec::new();
         if !self.at(Token::RBracket) {
             ranks = self.comma_list(|p| p.name("a rank name"))?;
         }
         let close = self.expect(Token::RBracket, "`]`")?;
         let elem = self.elem_type()?;
-        Ok(TensorDecl {
-            span: name.span.to(close.span),
-            name,
-            ranks,
-            elem,
-        })
+        Ok(TensorDecl { span: name.span.to(close.span), name, ranks, elem })
     }
 
     fn param_decl(&mut self) -> PResult<ParamDecl> {
@@ -390,11 +325,7 @@ impl<'src> Parser<'src> {
         };
         let magnitude = number_value(&lexeme);
         let value = if negative { -magnitude } else { magnitude };
-        Ok(ParamDecl {
-            span: name.span.to(lexeme.span),
-            name,
-            value,
-        })
+        Ok(ParamDecl { span: name.span.to(lexeme.span), name, value })
     }
 
     fn output_decl(&mut self) -> PResult<OutputDecl> {
@@ -420,13 +351,7 @@ impl<'src> Parser<'src> {
             }
         }
         let span = target.span.to(self.prev_span());
-        Ok(Einsum {
-            target,
-            subscripts,
-            value,
-            filter,
-            span,
-        })
+        Ok(Einsum { target, subscripts, value, filter, span })
     }
 
     /// `[e1, e2, ...]`, possibly empty.
@@ -456,12 +381,7 @@ impl<'src> Parser<'src> {
         };
         self.bump();
         let rhs = self.expr()?;
-        Ok(Comparison {
-            span: lhs.span.to(rhs.span),
-            lhs,
-            op,
-            rhs,
-        })
+        Ok(Comparison { span: lhs.span.to(rhs.span), lhs, op, rhs })
     }
 
     // ---- Expressions --------------------------------------------------------------------------
@@ -470,9 +390,7 @@ impl<'src> Parser<'src> {
         self.depth += 1;
         if self.depth > MAX_NESTING {
             return Err(self.error_here(
-                format!(
-                    "expression nested more than {MAX_NESTING} deep (operators and parentheses)"
-                ),
+                format!("expression nested more than {MAX_NESTING} deep (operators and parentheses)"),
                 "nesting limit reached here",
             ));
         }
@@ -505,10 +423,7 @@ impl<'src> Parser<'src> {
             // Each operator deepens the (left-leaning) tree by one.
             self.enter()?;
             let rhs = self.multiplicative()?;
-            lhs = Expr {
-                span: lhs.span.to(rhs.span),
-                kind: ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)),
-            };
+            lhs = Expr { span: lhs.span.to(rhs.span), kind: ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)) };
         }
     }
 
@@ -530,10 +445,7 @@ impl<'src> Parser<'src> {
             self.bump();
             self.enter()?;
             let rhs = self.unary()?;
-            lhs = Expr {
-                span: lhs.span.to(rhs.span),
-                kind: ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)),
-            };
+            lhs = Expr { span: lhs.span.to(rhs.span), kind: ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)) };
         }
     }
 
@@ -543,10 +455,7 @@ impl<'src> Parser<'src> {
             let arg = self.enter().and_then(|()| self.unary());
             self.depth = depth;
             let arg = arg?;
-            return Ok(Expr {
-                span: minus.span.to(arg.span),
-                kind: ExprKind::Neg(Box::new(arg)),
-            });
+            return Ok(Expr { span: minus.span.to(arg.span), kind: ExprKind::Neg(Box::new(arg)) });
         }
         self.primary()
     }
@@ -555,10 +464,7 @@ impl<'src> Parser<'src> {
         match self.peek() {
             Some(Token::Int | Token::Float | Token::Inf) => {
                 let lexeme = self.bump();
-                Ok(Expr {
-                    kind: ExprKind::Number(number_value(&lexeme)),
-                    span: lexeme.span,
-                })
+                Ok(Expr { kind: ExprKind::Number(number_value(&lexeme)), span: lexeme.span })
             }
             Some(Token::LParen) => {
                 self.bump();
@@ -573,26 +479,14 @@ impl<'src> Parser<'src> {
                     Some(Token::LBracket) => {
                         let subscripts = self.subscripts()?;
                         let span = name.span.to(self.prev_span());
-                        Ok(Expr {
-                            kind: ExprKind::Access {
-                                tensor: name,
-                                subscripts,
-                            },
-                            span,
-                        })
+                        Ok(Expr { kind: ExprKind::Access { tensor: name, subscripts }, span })
                     }
                     Some(Token::LParen) => {
                         let args = self.call_args()?;
                         let span = name.span.to(self.prev_span());
-                        Ok(Expr {
-                            kind: ExprKind::Call { func: name, args },
-                            span,
-                        })
+                        Ok(Expr { kind: ExprKind::Call { func: name, args }, span })
                     }
-                    _ => Ok(Expr {
-                        span: name.span,
-                        kind: ExprKind::Name(name.text),
-                    }),
+                    _ => Ok(Expr { span: name.span, kind: ExprKind::Name(name.text) }),
                 }
             }
             _ => Err(self.unexpected("an expression")),
@@ -634,11 +528,7 @@ impl<'src> Parser<'src> {
                 if args.len() != 1 {
                     self.diagnostics.push(
                         Diagnostic::error(
-                            format!(
-                                "`{}[..]` takes exactly one argument, found {}",
-                                op.name(),
-                                args.len()
-                            ),
+                            format!("`{}[..]` takes exactly one argument, found {}", op.name(), args.len()),
                             open.to(self.prev_span()),
                         )
                         .with_label("one expression expected here"),
@@ -646,22 +536,13 @@ impl<'src> Parser<'src> {
                     return Err(Failed);
                 }
                 let arg = Box::new(args.into_iter().next().expect("one argument"));
-                Ok(Expr {
-                    kind: ExprKind::Reduce { op, indices, arg },
-                    span,
-                })
+                Ok(Expr { kind: ExprKind::Reduce { op, indices, arg }, span })
             }
             Some(Token::LParen) if op != ReduceOp::Sum => {
                 let args = self.call_args()?;
                 let span = keyword.span.to(self.prev_span());
-                let func = Name {
-                    text: keyword.text.to_string(),
-                    span: keyword.span,
-                };
-                Ok(Expr {
-                    kind: ExprKind::Call { func, args },
-                    span,
-                })
+                let func = Name { text: keyword.text.to_string(), span: keyword.span };
+                Ok(Expr { kind: ExprKind::Call { func, args }, span })
             }
             _ => Err(self.unexpected(&format!("`[` and the indices that `{}` reduces", op.name()))),
         }
@@ -683,8 +564,7 @@ mod tests {
 
     #[test]
     fn newlines_inside_brackets_do_not_end_statements() {
-        let (file, errors) =
-            parse("kernel k {\n rank M\n input A[M]\n X[] = sum[m](\n A[m]\n )\n output X\n}\n");
+        let (file, errors) = parse("kernel k {\n rank M\n input A[M]\n X[] = sum[m](\n A[m]\n )\n output X\n}\n");
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(file.kernels[0].items.len(), 4);
     }
@@ -697,11 +577,7 @@ mod tests {
 
     #[test]
     fn deep_nesting_is_an_error_not_a_crash() {
-        let source = format!(
-            "kernel k {{\n X[] = {}1{}\n}}\n",
-            "(".repeat(100_000),
-            ")".repeat(100_000)
-        );
+        let source = format!("kernel k {{\n X[] = {}1{}\n}}\n", "(".repeat(100_000), ")".repeat(100_000));
         let (_, errors) = parse(&source);
         assert!(errors.iter().any(|d| d.message.contains("nested")));
     }

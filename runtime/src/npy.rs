@@ -16,79 +16,45 @@ use crate::tensor::{element_count, DType, Tensor};
 #[derive(Debug, thiserror::Error)]
 pub enum NpyError {
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{path}: not a .npy file ({why})")]
     Format { path: String, why: String },
     #[error("{path}: unsupported element type `{dtype}` (einfuse reads f2, f4 and f8 arrays)")]
     DType { path: String, dtype: String },
     #[error("{path}: the file holds {found} elements, but its header promises {expected}")]
-    Truncated {
-        path: String,
-        expected: u64,
-        found: u64,
-    },
+    Truncated { path: String, expected: u64, found: u64 },
 }
 
 /// Reads a `.npy` file into a tensor stored as `dtype`.
 pub fn read_npy(path: &Path, dtype: DType) -> Result<Tensor, NpyError> {
     let name = path.display().to_string();
-    let file = File::open(path).map_err(|source| NpyError::Io {
-        path: name.clone(),
-        source,
-    })?;
+    let file = File::open(path).map_err(|source| NpyError::Io { path: name.clone(), source })?;
     let mut bytes = Vec::new();
-    BufReader::new(file)
-        .read_to_end(&mut bytes)
-        .map_err(|source| NpyError::Io {
-            path: name.clone(),
-            source,
-        })?;
+    BufReader::new(file).read_to_end(&mut bytes).map_err(|source| NpyError::Io { path: name.clone(), source })?;
     read_npy_bytes(&bytes, &name, dtype)
 }
 
 /// Reads `.npy` bytes; `name` is used in error messages.
 pub fn read_npy_bytes(bytes: &[u8], name: &str, dtype: DType) -> Result<Tensor, NpyError> {
-    let format = |why: String| NpyError::Format {
-        path: name.to_string(),
-        why,
-    };
+    let format = |why: String| NpyError::Format { path: name.to_string(), why };
     let npy = npyz::NpyFile::new(bytes).map_err(|e| format(e.to_string()))?;
     let shape: Vec<u64> = npy.shape().to_vec();
     let expected = npy.len();
     let order = npy.order();
     let type_str = match npy.dtype() {
         npyz::DType::Plain(ts) => ts,
-        other => {
-            return Err(NpyError::DType {
-                path: name.to_string(),
-                dtype: other.descr(),
-            })
-        }
+        other => return Err(NpyError::DType { path: name.to_string(), dtype: other.descr() }),
     };
-    let truncated = |found: usize| NpyError::Truncated {
-        path: name.to_string(),
-        expected,
-        found: found as u64,
-    };
+    let truncated = |found: usize| NpyError::Truncated { path: name.to_string(), expected, found: found as u64 };
     let values: Vec<f32> = match (type_str.type_char(), type_str.size_field()) {
         (TypeChar::Float, 4) => collect(npy.data::<f32>(), name, &type_str, truncated)?,
-        (TypeChar::Float, 8) => collect(npy.data::<f64>(), name, &type_str, truncated)?
-            .into_iter()
-            .map(|x| x as f32)
-            .collect(),
-        (TypeChar::Float, 2) => collect(npy.data::<f16>(), name, &type_str, truncated)?
-            .into_iter()
-            .map(f16::to_f32)
-            .collect(),
-        _ => {
-            return Err(NpyError::DType {
-                path: name.to_string(),
-                dtype: type_str.to_string(),
-            })
+        (TypeChar::Float, 8) => {
+            collect(npy.data::<f64>(), name, &type_str, truncated)?.into_iter().map(|x| x as f32).collect()
         }
+        (TypeChar::Float, 2) => {
+            collect(npy.data::<f16>(), name, &type_str, truncated)?.into_iter().map(f16::to_f32).collect()
+        }
+        _ => return Err(NpyError::DType { path: name.to_string(), dtype: type_str.to_string() }),
     };
     let shape: Vec<usize> = shape.iter().map(|n| *n as usize).collect();
     if element_count(&shape) != Some(values.len()) {
@@ -107,10 +73,7 @@ fn collect<T: npyz::Deserialize, R: std::io::Read>(
     type_str: &npyz::TypeStr,
     truncated: impl Fn(usize) -> NpyError,
 ) -> Result<Vec<T>, NpyError> {
-    let reader = data.map_err(|_| NpyError::DType {
-        path: name.to_string(),
-        dtype: type_str.to_string(),
-    })?;
+    let reader = data.map_err(|_| NpyError::DType { path: name.to_string(), dtype: type_str.to_string() })?;
     let mut values = Vec::new();
     for item in reader {
         match item {
@@ -146,32 +109,20 @@ fn fortran_to_c(values: &[f32], shape: &[usize]) -> Vec<f32> {
 /// Writes a tensor as `.npy`.
 pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<(), NpyError> {
     let name = path.display().to_string();
-    let io = |source: std::io::Error| NpyError::Io {
-        path: name.clone(),
-        source,
-    };
+    let io = |source: std::io::Error| NpyError::Io { path: name.clone(), source };
     let file = File::create(path).map_err(io)?;
     let shape: Vec<u64> = tensor.shape().iter().map(|n| *n as u64).collect();
     let writer = BufWriter::new(file);
     match tensor.dtype() {
         DType::F16 => {
-            let mut npy = npyz::WriteOptions::new()
-                .default_dtype()
-                .shape(&shape)
-                .writer(writer)
-                .begin_nd()
-                .map_err(io)?;
-            npy.extend(tensor.data().iter().map(|x| f16::from_f32(*x)))
-                .map_err(io)?;
+            let mut npy =
+                npyz::WriteOptions::new().default_dtype().shape(&shape).writer(writer).begin_nd().map_err(io)?;
+            npy.extend(tensor.data().iter().map(|x| f16::from_f32(*x))).map_err(io)?;
             npy.finish().map_err(io)
         }
         DType::F32 | DType::Bf16 => {
-            let mut npy = npyz::WriteOptions::new()
-                .default_dtype()
-                .shape(&shape)
-                .writer(writer)
-                .begin_nd()
-                .map_err(io)?;
+            let mut npy =
+                npyz::WriteOptions::new().default_dtype().shape(&shape).writer(writer).begin_nd().map_err(io)?;
             npy.extend(tensor.data().iter().copied()).map_err(io)?;
             npy.finish().map_err(io)
         }
@@ -197,10 +148,7 @@ mod tests {
 
     #[test]
     fn garbage_and_truncation_are_errors() {
-        assert!(matches!(
-            read_npy_bytes(b"hello", "x", DType::F32),
-            Err(NpyError::Format { .. })
-        ));
+        assert!(matches!(read_npy_bytes(b"hello", "x", DType::F32), Err(NpyError::Format { .. })));
         let dir = std::env::temp_dir().join(format!("einfuse-npy-t-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.npy");
@@ -213,9 +161,6 @@ mod tests {
     #[test]
     fn fortran_order_is_transposed() {
         // A 2x3 matrix [[0,1,2],[3,4,5]] in column-major order.
-        assert_eq!(
-            fortran_to_c(&[0.0, 3.0, 1.0, 4.0, 2.0, 5.0], &[2, 3]),
-            vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
-        );
+        assert_eq!(fortran_to_c(&[0.0, 3.0, 1.0, 4.0, 2.0, 5.0], &[2, 3]), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
     }
 }

@@ -32,11 +32,7 @@ impl DType {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TensorError {
     #[error("shape {shape:?} holds {expected} elements, but {found} were given")]
-    Size {
-        shape: Vec<usize>,
-        expected: usize,
-        found: usize,
-    },
+    Size { shape: Vec<usize>, expected: usize, found: usize },
     #[error("shape {shape:?} is too large")]
     TooLarge { shape: Vec<usize> },
 }
@@ -56,15 +52,9 @@ pub fn element_count(shape: &[usize]) -> Option<usize> {
 impl Tensor {
     /// A tensor from row-major data, rounded to `dtype`.
     pub fn new(dtype: DType, shape: Vec<usize>, mut data: Vec<f32>) -> Result<Tensor, TensorError> {
-        let expected = element_count(&shape).ok_or_else(|| TensorError::TooLarge {
-            shape: shape.clone(),
-        })?;
+        let expected = element_count(&shape).ok_or_else(|| TensorError::TooLarge { shape: shape.clone() })?;
         if data.len() != expected {
-            return Err(TensorError::Size {
-                shape,
-                expected,
-                found: data.len(),
-            });
+            return Err(TensorError::Size { shape, expected, found: data.len() });
         }
         if dtype != DType::F32 {
             data.iter_mut().for_each(|x| *x = dtype.round(*x));
@@ -73,18 +63,14 @@ impl Tensor {
     }
 
     pub fn zeros(dtype: DType, shape: Vec<usize>) -> Result<Tensor, TensorError> {
-        let n = element_count(&shape).ok_or_else(|| TensorError::TooLarge {
-            shape: shape.clone(),
-        })?;
+        let n = element_count(&shape).ok_or_else(|| TensorError::TooLarge { shape: shape.clone() })?;
         Tensor::new(dtype, shape, vec![0.0; n])
     }
 
     /// Uniform values in [-1, 1) from a seeded generator (SplitMix64): the same seed gives the
     /// same tensor on every machine.
     pub fn random(dtype: DType, shape: Vec<usize>, seed: u64) -> Result<Tensor, TensorError> {
-        let n = element_count(&shape).ok_or_else(|| TensorError::TooLarge {
-            shape: shape.clone(),
-        })?;
+        let n = element_count(&shape).ok_or_else(|| TensorError::TooLarge { shape: shape.clone() })?;
         let mut rng = SplitMix64(seed);
         let data = (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
         Tensor::new(dtype, shape, data)
@@ -176,9 +162,6 @@ mod tests {
 
     #[test]
     fn size_mismatch_is_an_error() {
-        assert!(matches!(
-            Tensor::new(DType::F32, vec![2, 2], vec![0.0; 3]),
-            Err(TensorError::Size { .. })
-        ));
+        assert!(matches!(Tensor::new(DType::F32, vec![2, 2], vec![0.0; 3]), Err(TensorError::Size { .. })));
     }
 }

@@ -1,0 +1,109 @@
+//! The rewrite rules of the optimizer, as named, tested data.
+//!
+//! Every rule is sound over the reals under its side condition, and is checked against the
+//! interpreter on random data by `tests/rules.rs`. There is no general commutativity or
+//! associativity: each rule that needs an operand order is written in both orders.
+//!
+//! Left out on purpose: `exp(a - b) = exp(a) / exp(b)`. It is exact in real arithmetic, but it
+//! lets the e-graph factor `exp(-max)` out of a sum, which leaves `exp(a)` unbounded and overflows
+//! for logits near 100 in f32. `unsafe_rules` holds it for the tests that show extraction never
+//! chooses its result.
+
+use egg::{rewrite as rw, EGraph, Id, Rewrite, Subst, Symbol, Var};
+
+use super::lang::{Ein, EinAnalysis};
+
+type Rule = Rewrite<Ein, EinAnalysis>;
+type Graph = EGraph<Ein, EinAnalysis>;
+
+fn var(name: &str) -> Var {
+    name.parse().expect("a pattern variable")
+}
+
+/// `?k` binds an index that `?b` does not depend on.
+fn independent(k: &str, b: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
+    let (k, b) = (var(k), var(b));
+    move |egraph, _, subst| {
+        let reduced: Vec<Symbol> = egraph[subst[k]].data.free.iter().copied().collect();
+        reduced.iter().all(|index| !egraph[subst[b]].data.free.contains(index))
+    }
+}
+
+/// `?b` is > 0 wherever it is defined, or is a sum of positive terms (> 0 unless empty).
+fn positive_divisor(b: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
+    let b = var(b);
+    move |egraph, _, subst| {
+        let facts = &egraph[subst[b]].data;
+        facts.positive || facts.positive_unless_empty
+    }
+}
+
+/// `?c` is > 0 wherever it is defined.
+fn positive(c: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
+    let c = var(c);
+    move |egraph, _, subst| egraph[subst[c]].data.positive
+}
+
+/// The rules that the optimizer runs.
+#[rustfmt::skip]
+pub fn rules() -> Vec<Rule> {
+    vec![
+        // Division moves outward through products: (a / b) * c = (a * c) / b.
+        rw!("div-out-of-mul-left";  "(* (/ ?a ?b) ?c)" => "(/ (* ?a ?c) ?b)"),
+        rw!("div-out-of-mul-right"; "(* ?c (/ ?a ?b))" => "(/ (* ?c ?a) ?b)"),
+        // Deferring a per-fiber divisor past a reduction (FuseMax §IV-D). The filter keeps a row
+        // whose set is empty at "no value" rather than 0 / 0.
+        rw!("defer-division"; "(sum ?k (/ ?a ?b))" => "(filt (gt ?b 0) (/ (sum ?k ?a) ?b))"
+            if independent("?k", "?b") if positive_divisor("?b")),
+        // The product form: an invariant factor leaves the sum (FuseMax Cascade 1 to 2).
+        rw!("defer-factor-left";  "(sum ?k (* ?a ?b))" => "(* ?a (sum ?k ?b))" if independent("?k", "?a")),
+        rw!("defer-factor-right"; "(sum ?k (* ?b ?a))" => "(* (sum ?k ?b) ?a)" if independent("?k", "?a")),
+        // The online (running-max) sum: one streaming pass computes sum_k exp(a - max_k a) * x.
+        rw!("online-sum-right"; "(sum ?k (* (exp (- ?a (rmax ?k ?a))) ?x))" => "(rsum ?k ?a ?x)"),
+        rw!("online-sum-left";  "(sum ?k (* ?x (exp (- ?a (rmax ?k ?a)))))" => "(rsum ?k ?a ?x)"),
+        rw!("online-sum-one";   "(sum ?k (exp (- ?a (rmax ?k ?a))))" => "(rsum ?k ?a 1)"),
+        // Filters move inward through element-wise operations, so that a masked score and a
+        // mask applied after the exponential meet in one form.
+        rw!("filter-into-exp"; "(filt ?c (exp ?x))" => "(exp (filt ?c ?x))"),
+        rw!("filter-into-sub"; "(filt ?c (- ?a ?b))" => "(- (filt ?c ?a) ?b)"),
+        rw!("filter-into-mul"; "(filt ?c (* ?a ?b))" => "(* (filt ?c ?a) ?b)"),
+        // A positive invariant factor or an invariant bias leaves a maximum.
+        rw!("max-positive-factor"; "(rmax ?k (* ?a ?c))" => "(* (rmax ?k ?a) ?c)"
+            if independent("?k", "?c") if positive("?c")),
+        rw!("max-bias"; "(rmax ?k (+ ?a ?b))" => "(+ (rmax ?k ?a) ?b)" if independent("?k", "?b")),
+    ]
+}
+
+/// Rules that are exact in real arithmetic but must never decide the result, for tests.
+#[rustfmt::skip]
+pub fn unsafe_rules() -> Vec<Rule> {
+    vec![
+        rw!("exp-split"; "(exp (- ?a ?b))" => "(/ (exp ?a) (exp ?b))"),
+        rw!("div-of-div"; "(/ (/ ?a ?c) (/ ?b ?c))" => "(/ ?a ?b)"),
+        rw!("sum-div-exp"; "(sum ?k (/ ?a ?b))" => "(/ (sum ?k ?a) ?b)" if independent("?k", "?b")),
+    ]
+}
+
+/// What a rule does, in words, for `einfuse explain`.
+pub fn describe(rule: &str) -> &'static str {
+    match rule {
+        "div-out-of-mul-left" => "(a / b) * c  =>  (a * c) / b",
+        "div-out-of-mul-right" => "c * (a / b)  =>  (c * a) / b",
+        "defer-division" => "sum[k](a / b)  =>  sum[k](a) / b where b > 0   (b independent of k)",
+        "defer-factor-left" => "sum[k](a * b)  =>  a * sum[k](b)   (a independent of k)",
+        "defer-factor-right" => "sum[k](b * a)  =>  sum[k](b) * a   (a independent of k)",
+        "online-sum-right" | "online-sum-left" => {
+            "sum[k](exp(a - max[k](a)) * x)  =>  online sum: running max, rescaled running sum (1 pass)"
+        }
+        "online-sum-one" => "sum[k](exp(a - max[k](a)))  =>  online sum of 1 (running max and denominator, 1 pass)",
+        "filter-into-exp" => "exp(x) where c  =>  exp(x where c)",
+        "filter-into-sub" => "(a - b) where c  =>  (a where c) - b",
+        "filter-into-mul" => "(a * b) where c  =>  (a where c) * b",
+        "max-positive-factor" => "max[k](a * c)  =>  max[k](a) * c   (c > 0, independent of k)",
+        "max-bias" => "max[k](a + b)  =>  max[k](a) + b   (b independent of k)",
+        "exp-split" => "exp(a - b)  =>  exp(a) / exp(b)   (unsafe: exp(a) can overflow)",
+        "div-of-div" => "(a / c) / (b / c)  =>  a / b",
+        "sum-div-exp" => "sum[k](a / b)  =>  sum[k](a) / b   (unguarded)",
+        _ => "",
+    }
+}
