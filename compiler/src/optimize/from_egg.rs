@@ -34,6 +34,8 @@ pub struct Emitter<'a> {
     online: HashMap<(Id, String), Expr>,
     tile: u64,
     counter: usize,
+    /// Names kept for the outputs until they are emitted.
+    reserved: BTreeSet<String>,
 }
 
 #[derive(Clone)]
@@ -65,6 +67,7 @@ impl<'a> Emitter<'a> {
         tile: u64,
     ) -> Self {
         let mut cascade = original.clone();
+        let reserved = original.outputs.iter().map(|o| original.tensor(o.tensor).name.clone()).collect();
         cascade.tensors.retain(|t| matches!(t.kind, TensorKind::Input { .. }));
         cascade.einsums.clear();
         cascade.outputs.clear();
@@ -78,6 +81,7 @@ impl<'a> Emitter<'a> {
             online: HashMap::new(),
             tile,
             counter: 0,
+            reserved,
         }
     }
 
@@ -123,9 +127,11 @@ impl<'a> Emitter<'a> {
     }
 
     fn fresh_name(&mut self, base: &str) -> String {
+        let reserved = &self.reserved;
         let taken = |c: &Cascade, n: &str| {
-            c.tensors.iter().any(|t| t.name == n)
-                || c.ranks.iter().any(|r| r.name == n)
+            reserved.contains(n)
+                || c.tensors.iter().any(|t| t.name == n)
+                || c.ranks.iter().any(|r| r.name == n || r.name.to_lowercase() == n)
                 || c.params.iter().any(|p| p.name == n)
         };
         if !taken(&self.cascade, base) && !base.is_empty() {
@@ -176,9 +182,11 @@ impl<'a> Emitter<'a> {
     /// Emits an output tensor with its original name and left-hand side.
     pub fn output(&mut self, root: Id, name: &str, lhs: &[Index], elem: ElemType) {
         let ranks = lhs.iter().map(|i| i.rank).collect();
-        let target = self.add_tensor(name, ranks, None);
         let subst = Subst::new();
+        // The body first: the IR numbers tensors in the order of their first definition.
         let (body, filter) = self.definition(root, &subst);
+        self.reserved.remove(name);
+        let target = self.add_tensor(name, ranks, None);
         self.push(target, lhs.iter().map(|i| Lhs::Index(*i)).collect(), body, filter);
         self.cascade.outputs.push(Output { tensor: target, elem });
     }
