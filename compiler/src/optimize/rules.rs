@@ -80,7 +80,6 @@ pub fn unsafe_rules() -> Vec<Rule> {
     vec![
         rw!("exp-split"; "(exp (- ?a ?b))" => "(/ (exp ?a) (exp ?b))"),
         rw!("div-of-div"; "(/ (/ ?a ?c) (/ ?b ?c))" => "(/ ?a ?b)"),
-        rw!("sum-div-exp"; "(sum ?k (/ ?a ?b))" => "(/ (sum ?k ?a) ?b)" if independent("?k", "?b")),
     ]
 }
 
@@ -103,7 +102,6 @@ pub fn describe(rule: &str) -> &'static str {
         "max-bias" => "max[k](a + b)  =>  max[k](a) + b   (b independent of k)",
         "exp-split" => "exp(a - b)  =>  exp(a) / exp(b)   (unsafe: exp(a) can overflow)",
         "div-of-div" => "(a / c) / (b / c)  =>  a / b",
-        "sum-div-exp" => "sum[k](a / b)  =>  sum[k](a) / b   (unguarded)",
         _ => "",
     }
 }
