@@ -72,6 +72,9 @@ struct Target {
     parts: BTreeSet<RankId>,
     /// For a split whole rank: the pair (tile, within-tile) that together traverse it.
     pair: Option<(RankId, RankId)>,
+    /// Which index of these ranks: `m` (0) or `m'` (1), ... A self-attention over one rank `M`
+    /// reduces the keys `m` while the queries `m'` stay.
+    primes: u8,
     /// The value is complete once it has consumed one of these rank sets.
     complete_when: Vec<BTreeSet<RankId>>,
 }
@@ -88,28 +91,30 @@ pub fn analyze(cascade: &Cascade) -> PassReport {
 /// The ranks to report, in declaration order: reduced or iterated ranks, and for a split pair
 /// the whole rank and both parts.
 fn targets(cascade: &Cascade) -> Vec<Target> {
-    let mut used: BTreeSet<RankId> = BTreeSet::new();
+    let mut used: BTreeSet<(u8, RankId)> = BTreeSet::new();
     for einsum in &cascade.einsums {
         einsum.body.walk(&mut |e| {
             if let Expr::Reduce { indices, .. } = e {
-                used.extend(indices.iter().map(|i| i.rank));
+                used.extend(indices.iter().map(|i| (i.primes, i.rank)));
             }
         });
     }
     for tensor in &cascade.tensors {
         if let TensorKind::Defined { iterative: Some(p) } = tensor.kind {
-            used.insert(tensor.ranks[p]);
+            used.insert((0, tensor.ranks[p]));
         }
     }
     let splits = cascade.split_pairs();
     for (tile, inner, whole) in &splits {
-        if used.contains(tile) || used.contains(inner) || used.contains(whole) {
-            used.extend([*tile, *inner, *whole]);
+        for primes in 0..=3u8 {
+            if used.contains(&(primes, *tile)) || used.contains(&(primes, *inner)) || used.contains(&(primes, *whole)) {
+                used.extend([(primes, *tile), (primes, *inner), (primes, *whole)]);
+            }
         }
     }
     let mut targets = Vec::new();
-    for rank in used {
-        let name = cascade.rank(rank).name.clone();
+    for (primes, rank) in used {
+        let name = format!("{}{}", cascade.rank(rank).name, "'".repeat(primes as usize));
         let whole_of = splits.iter().find(|(_, _, whole)| *whole == rank);
         let part_of = splits.iter().find(|(tile, inner, _)| *tile == rank || *inner == rank);
         let target = if let Some((tile, inner, whole)) = whole_of {
@@ -117,6 +122,7 @@ fn targets(cascade: &Cascade) -> Vec<Target> {
                 name,
                 parts: [*whole, *tile, *inner].into(),
                 pair: Some((*tile, *inner)),
+                primes,
                 complete_when: vec![[*whole].into(), [*tile, *inner].into()],
             }
         } else if let Some((_, _, whole)) = part_of {
@@ -124,10 +130,11 @@ fn targets(cascade: &Cascade) -> Vec<Target> {
                 name,
                 parts: [rank, *whole].into(),
                 pair: None,
+                primes,
                 complete_when: vec![[rank].into(), [*whole].into()],
             }
         } else {
-            Target { name, parts: [rank].into(), pair: None, complete_when: vec![[rank].into()] }
+            Target { name, parts: [rank].into(), pair: None, primes, complete_when: vec![[rank].into()] }
         };
         targets.push(target);
     }
@@ -187,21 +194,21 @@ fn reads(einsum: &Einsum) -> Vec<(TensorId, &[Affine])> {
 
 /// The ranks each tensor's value has consumed entirely (by a reduction, by reading a value that
 /// has, or by reading a final iterate), by fixpoint over the cascade.
-fn consumed_ranks(cascade: &Cascade) -> Vec<BTreeSet<RankId>> {
+fn consumed_ranks(cascade: &Cascade) -> Vec<BTreeSet<Index>> {
     let mut consumed = vec![BTreeSet::new(); cascade.tensors.len()];
     loop {
         let mut changed = false;
         for einsum in &cascade.einsums {
-            let mut set: BTreeSet<RankId> = BTreeSet::new();
+            let mut set: BTreeSet<Index> = BTreeSet::new();
             einsum.body.walk(&mut |e| {
                 if let Expr::Reduce { indices, .. } = e {
-                    set.extend(indices.iter().map(|i| i.rank));
+                    set.extend(indices.iter().copied());
                 }
             });
             for (read, subscripts) in reads(einsum) {
                 set.extend(consumed[read.index()].iter().copied());
                 if let IterateRead::Final(rank) = iterate_read(cascade, read, subscripts) {
-                    set.insert(rank);
+                    set.insert(Index { rank, primes: 0 });
                 }
             }
             let target = &mut consumed[einsum.target.index()];
@@ -233,19 +240,20 @@ fn topological_order(cascade: &Cascade) -> Vec<TensorId> {
     }
 }
 
-fn binds(einsum: &Einsum) -> BTreeSet<RankId> {
-    let mut ranks: BTreeSet<RankId> = einsum.lhs_indices().map(|i| i.rank).collect();
+/// The ranks of the indices with `primes` primes that an Einsum binds.
+fn binds(einsum: &Einsum, primes: u8) -> BTreeSet<RankId> {
+    let mut indices: BTreeSet<Index> = einsum.lhs_indices().collect();
     einsum.body.walk(&mut |e| {
-        if let Expr::Reduce { indices, .. } = e {
-            ranks.extend(indices.iter().map(|i| i.rank));
+        if let Expr::Reduce { indices: reduced, .. } = e {
+            indices.extend(reduced.iter().copied());
         }
     });
-    ranks
+    indices.into_iter().filter(|i| i.primes == primes).map(|i| i.rank).collect()
 }
 
-fn analyze_target(cascade: &Cascade, target: &Target, consumed: &[BTreeSet<RankId>], order: &[TensorId]) -> RankPasses {
+fn analyze_target(cascade: &Cascade, target: &Target, consumed: &[BTreeSet<Index>], order: &[TensorId]) -> RankPasses {
     let covers = |einsum: &Einsum| {
-        let bound = binds(einsum);
+        let bound = binds(einsum, target.primes);
         match target.pair {
             Some((tile, inner)) => {
                 bound.iter().any(|r| target.parts.contains(r) && *r != tile && *r != inner)
@@ -254,11 +262,14 @@ fn analyze_target(cascade: &Cascade, target: &Target, consumed: &[BTreeSet<RankI
             None => bound.iter().any(|r| target.parts.contains(r)),
         }
     };
-    let complete = |set: &BTreeSet<RankId>| target.complete_when.iter().any(|needed| needed.is_subset(set));
+    let complete = |set: &BTreeSet<Index>| {
+        let ranks: BTreeSet<RankId> = set.iter().filter(|i| i.primes == target.primes).map(|i| i.rank).collect();
+        target.complete_when.iter().any(|needed| needed.is_subset(&ranks))
+    };
     let indexed = |cascade: &Cascade, subscripts: &[Affine]| {
         let mut any = false;
         for subscript in subscripts {
-            subscript.for_each_index(&mut |i| any |= target.parts.contains(&i.rank));
+            subscript.for_each_index(&mut |i| any |= target.parts.contains(&i.rank) && i.primes == target.primes);
         }
         let _ = cascade;
         any
@@ -319,7 +330,7 @@ fn analyze_target(cascade: &Cascade, target: &Target, consumed: &[BTreeSet<RankI
                 }
                 let mut read_consumed = consumed[read.index()].clone();
                 if let IterateRead::Final(rank) = kind {
-                    read_consumed.insert(rank);
+                    read_consumed.insert(Index { rank, primes: 0 });
                 }
                 let rereads = !fibers_read.is_disjoint(&consumed_sources[read.index()]);
                 let is_complete = !indexed(cascade, subscripts) && complete(&read_consumed) && rereads;

@@ -111,7 +111,8 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
     for (r, rank) in cascade.ranks.iter().enumerate() {
         for primes in 0..4u8 {
             let index = Index { rank: RankId::new(r), primes };
-            rank_of.insert(Symbol::from(cascade.index_name(index)), Symbol::from(rank.name.as_str()));
+            let role = format!("{}{}", rank.name, "'".repeat(primes as usize));
+            rank_of.insert(Symbol::from(cascade.index_name(index)), Symbol::from(role.as_str()));
         }
     }
     let mut cost_function = PassCostFunction { rank_of: rank_of.clone() };
@@ -151,16 +152,24 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
         })
         .collect();
     let egraph = &runner.egraph;
+    let rank_of_index = rank_of.clone();
     let extractor = Extractor::new(egraph, PassCostFunction { rank_of });
     let roots: Vec<Id> = runner.roots.iter().map(|r| egraph.find(*r)).collect();
     let output_costs: Vec<PassCost> =
         roots[..cascade.outputs.len()].iter().map(|r| extractor.find_best_cost(*r)).collect();
+    // An output still indexed by a rank is written in one more traversal of it, after every
+    // complete value it reads.
+    let output_ranks = |cost: &PassCost| -> Vec<Symbol> {
+        cost.free.iter().filter_map(|index| rank_of_index.get(index).copied()).collect()
+    };
     let passes_of = |costs: &[PassCost]| {
         let mut passes: BTreeMap<String, u32> = BTreeMap::new();
         for cost in costs {
-            for (rank, (p, _)) in &cost.passes {
+            let written_along = output_ranks(cost);
+            for (rank, (p, inner)) in &cost.passes {
+                let count = if written_along.contains(rank) { (*p).max(1 + inner) } else { *p };
                 let entry = passes.entry(rank.as_str().to_string()).or_insert(0);
-                *entry = (*entry).max(*p);
+                *entry = (*entry).max(count);
             }
         }
         passes
