@@ -52,6 +52,11 @@ pub enum Error {
     Io { path: String, source: std::io::Error },
     #[error("{0}")]
     Optimize(#[from] compiler::optimize::OptimizeError),
+    #[error(
+        "output `{tensor}` has a non-finite value ({value}) at {coordinates:?}; {count} element(s) are not finite \
+         (an exponential may have overflowed)"
+    )]
+    NonFinite { tensor: String, coordinates: Vec<usize>, value: f32, count: usize },
 }
 
 /// Optimizes a kernel with the default options.
@@ -135,7 +140,7 @@ pub enum Target {
 }
 
 /// What a run needs beyond the kernel.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RunOptions {
     /// Extents of symbolic ranks (`M=128`), in addition to those the inputs give.
     pub bindings: Vec<(String, u64)>,
@@ -144,6 +149,31 @@ pub struct RunOptions {
     /// Inputs by name; any input not given is random (uniform in [-1, 1)) from `seed`.
     pub inputs: Vec<(String, Tensor)>,
     pub seed: u64,
+    /// Fail with `Error::NonFinite`, naming the tensor and the first bad coordinate, when an
+    /// output holds an infinity or a NaN (on by default).
+    pub check_finite: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { bindings: vec![], params: vec![], inputs: vec![], seed: 0, check_finite: true }
+    }
+}
+
+/// The first non-finite element of each output, as an error.
+pub fn check_finite(outputs: &[(String, Tensor)]) -> Result<(), Error> {
+    for (name, tensor) in outputs {
+        let bad: Vec<usize> = tensor.data().iter().enumerate().filter(|(_, x)| !x.is_finite()).map(|(i, _)| i).collect();
+        if let Some(first) = bad.first() {
+            return Err(Error::NonFinite {
+                tensor: name.clone(),
+                coordinates: tensor.coordinates(*first),
+                value: tensor.data()[*first],
+                count: bad.len(),
+            });
+        }
+    }
+    Ok(())
 }
 
 pub fn dtype_of(elem: ElemType) -> DType {
@@ -209,7 +239,7 @@ pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Ve
             let data: Vec<Vec<f64>> = inputs.iter().map(Tensor::to_f64).collect();
             let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
             let outputs = interpret(&cascade, &extents, &slices, InterpLimits::default())?;
-            Ok(cascade
+            let outputs: Vec<(String, Tensor)> = cascade
                 .outputs
                 .iter()
                 .zip(outputs)
@@ -221,7 +251,11 @@ pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Ve
                         Tensor::new(dtype_of(output.elem), shape, values).expect("interpreter output has its shape");
                     (cascade.tensor(output.tensor).name.clone(), tensor)
                 })
-                .collect())
+                .collect();
+            if options.check_finite {
+                check_finite(&outputs)?;
+            }
+            Ok(outputs)
         }
     }
 }

@@ -105,6 +105,9 @@ struct RunArgs {
     /// Print every value of the outputs not written to files (default: a summary).
     #[arg(long)]
     print: bool,
+    /// Do not fail when an output holds an infinity or a NaN.
+    #[arg(long)]
+    allow_non_finite: bool,
 }
 
 fn split_assignment(text: &str) -> Result<(&str, &str), String> {
@@ -348,7 +351,13 @@ fn run(args: RunArgs) -> Result<(), Error> {
             return Err(Error::Usage(format!("kernel `{}` has no output `{name}`", kernel.name)));
         }
     }
-    let mut options = RunOptions { bindings: args.bindings, params: args.params, inputs: vec![], seed: args.seed };
+    let mut options = RunOptions {
+        bindings: args.bindings,
+        params: args.params,
+        inputs: vec![],
+        seed: args.seed,
+        check_finite: !args.allow_non_finite,
+    };
     for (name, path) in &args.inputs {
         let Some(id) = kernel.tensor_by_name(name).filter(|id| kernel.inputs().contains(id)) else {
             return Err(Error::Usage(format!("kernel `{}` has no input `{name}`", kernel.name)));

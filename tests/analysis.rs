@@ -72,3 +72,53 @@ fn analyze_json() {
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(text.starts_with("{\"kernels\": [{\"name\": \"cascade1\", \"passes\": {\"K\": 2}"), "{text}");
 }
+
+#[test]
+fn softmax_alone_needs_two_passes_and_says_why() {
+    let softmax = program("examples/softmax.ein");
+    let kernel = softmax.kernel(Some("softmax")).unwrap();
+    assert_eq!(analyze(kernel).passes("M"), Some(3));
+    let optimized = einfuse::optimize(kernel).unwrap().cascade;
+    let report = analyze(&optimized);
+    assert_eq!(report.passes("M"), Some(2));
+    let text = einfuse::compiler::passcount::describe(&optimized, &report);
+    assert!(text.contains("no rewrite removes pass 2: the output Y is indexed by M"), "{text}");
+}
+
+#[test]
+fn an_unbounded_exponential_is_a_warning() {
+    let softmax = program("examples/softmax.ein");
+    let report = analyze(softmax.kernel(Some("fixed_max")).unwrap());
+    assert_eq!(report.passes("M"), Some(1));
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    assert!(report.warnings[0].starts_with("SN[m, p]: the argument of exp is not shifted by a maximum"));
+    // Max-shifted exponentials, bounded ones and the optimizer's output raise none.
+    for (file, kernel) in [("examples/attention.ein", "attention"), ("examples/linear.ein", "causal_linear")] {
+        let cascade = program(file).kernel(Some(kernel)).unwrap().clone();
+        assert!(analyze(&cascade).warnings.is_empty(), "{kernel}");
+        assert!(analyze(&einfuse::optimize(&cascade).unwrap().cascade).warnings.is_empty(), "{kernel} optimized");
+    }
+}
+
+#[test]
+fn an_overflow_is_reported_with_the_tensor_and_coordinate() {
+    let softmax = program("examples/softmax.ein");
+    let kernel = softmax.kernel(Some("fixed_max")).unwrap();
+    let options = einfuse::RunOptions {
+        bindings: vec![("M".into(), 50), ("P".into(), 3)],
+        // Logits near 1.5e4 against an estimate of 0: exp overflows even in f64.
+        params: vec![("scale".into(), 3000.0), ("estimate".into(), 0.0)],
+        ..Default::default()
+    };
+    match einfuse::run(kernel, einfuse::Target::Interp, &options) {
+        Err(einfuse::Error::NonFinite { tensor, coordinates, .. }) => {
+            assert_eq!(tensor, "AV");
+            assert_eq!(coordinates.len(), 2);
+        }
+        other => panic!("expected a non-finite error, got {other:?}"),
+    }
+    // With the check off, the infinities come back as IEEE says.
+    let unchecked = einfuse::RunOptions { check_finite: false, ..options };
+    let outputs = einfuse::run(kernel, einfuse::Target::Interp, &unchecked).unwrap();
+    assert!(outputs[0].1.data().iter().any(|x| !x.is_finite()));
+}

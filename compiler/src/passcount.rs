@@ -31,6 +31,8 @@ use crate::ir::*;
 pub struct PassReport {
     pub kernel: String,
     pub ranks: Vec<RankPasses>,
+    /// Numerical hazards the analysis noticed, such as an `exp` of an unbounded argument.
+    pub warnings: Vec<String>,
 }
 
 /// The passes over one rank (or over a whole split rank, or one of its parts).
@@ -85,7 +87,53 @@ pub fn analyze(cascade: &Cascade) -> PassReport {
     let order = topological_order(cascade);
     let ranks =
         targets(cascade).into_iter().map(|target| analyze_target(cascade, &target, &consumed, &order)).collect();
-    PassReport { kernel: cascade.name.clone(), ranks }
+    PassReport { kernel: cascade.name.clone(), ranks, warnings: exp_warnings(cascade) }
+}
+
+/// Whether a tensor holds a maximum: a max reduction, or a running maximum.
+fn is_max_like(cascade: &Cascade, tensor: TensorId) -> bool {
+    cascade.definitions(tensor).all(|(_, einsum)| {
+        matches!(einsum.body, Expr::Reduce { op: ReduceOp::Max, .. } | Expr::Binary(BinaryOp::Max, ..))
+            || einsum.is_initial()
+    })
+}
+
+/// Whether `exp(arg)` cannot overflow: the argument is shifted by a maximum (`a - max(..)`), or
+/// is bounded above by a constant (`min(a, 0)`, a constant).
+fn bounded_exponent(cascade: &Cascade, arg: &Expr) -> bool {
+    match arg {
+        Expr::Const(_) => true,
+        Expr::Binary(BinaryOp::Sub, _, shift) => match &**shift {
+            Expr::Reduce { op: ReduceOp::Max, .. } => true,
+            Expr::Access { tensor, .. } => is_max_like(cascade, *tensor),
+            _ => false,
+        },
+        Expr::Binary(BinaryOp::Min, a, b) => {
+            matches!(**a, Expr::Const(c) if c <= 0.0) || matches!(**b, Expr::Const(c) if c <= 0.0)
+        }
+        Expr::Unary(UnaryOp::Neg, inner) => matches!(**inner, Expr::Unary(UnaryOp::Abs | UnaryOp::Relu, _)),
+        _ => false,
+    }
+}
+
+fn exp_warnings(cascade: &Cascade) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (e, einsum) in cascade.einsums.iter().enumerate() {
+        let mut unbounded = false;
+        einsum.body.walk(&mut |expr| {
+            if let Expr::Unary(UnaryOp::Exp, arg) = expr {
+                unbounded |= !bounded_exponent(cascade, arg);
+            }
+        });
+        if unbounded {
+            warnings.push(format!(
+                "{}: the argument of exp is not shifted by a maximum, so it is unbounded: f32 overflows to \
+                 infinity once it exceeds about 88",
+                cascade.einsum_label(EinsumId::new(e))
+            ));
+        }
+    }
+    warnings
 }
 
 /// The ranks to report, in declaration order: reduced or iterated ranks, and for a split pair
@@ -389,7 +437,25 @@ pub fn describe(cascade: &Cascade, report: &PassReport) -> String {
                 cascade.tensor(extra.value).name,
                 rank.rank
             ));
+            let reader = &cascade.einsums[extra.reader.index()];
+            let is_output = cascade.outputs.iter().any(|o| o.tensor == reader.target);
+            let role = |i: Index| format!("{}{}", cascade.rank(i.rank).name, "'".repeat(i.primes as usize));
+            let indexed_by_rank = reader.lhs_indices().any(|i| role(i) == rank.rank);
+            if is_output && indexed_by_rank {
+                out.push_str(&format!(
+                    "    no rewrite removes pass {}: the output {} is indexed by {} and every element needs {}, \
+                     which needs all of {}\n",
+                    extra.pass,
+                    cascade.tensor(reader.target).name,
+                    rank.rank,
+                    cascade.tensor(extra.value).name,
+                    rank.rank
+                ));
+            }
         }
+    }
+    for warning in &report.warnings {
+        out.push_str(&format!("  warning: {warning}\n"));
     }
     out
 }

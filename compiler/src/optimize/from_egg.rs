@@ -358,8 +358,16 @@ impl<'a> Emitter<'a> {
             return (*t, lhs);
         }
         let blocked = free.iter().any(|f| matches!(subst.get(f), Some(a) if a.as_index().is_none()));
+        let input_name = match (self.best)(id) {
+            Ein::In(children) => match (self.best)(children[0]) {
+                Ein::Tensor(t) => Some(t.0.as_str().to_string()),
+                _ => None,
+            },
+            _ => None,
+        };
         let base = match (name, self.names.get(&self.egraph.find(id))) {
             (Some(n), _) => n.to_string(),
+            (None, None) if input_name.is_some() => format!("B{}", input_name.unwrap_or_default()),
             (None, Some(n)) if blocked => format!("B{n}"),
             (None, Some(n)) => n.clone(),
             (None, None) => {
