@@ -25,6 +25,8 @@
 
 use std::path::Path;
 
+pub mod gallery;
+
 pub use einfuse_compiler as compiler;
 pub use einfuse_dsl as dsl;
 pub use einfuse_runtime as runtime;
@@ -163,7 +165,8 @@ impl Default for RunOptions {
 /// The first non-finite element of each output, as an error.
 pub fn check_finite(outputs: &[(String, Tensor)]) -> Result<(), Error> {
     for (name, tensor) in outputs {
-        let bad: Vec<usize> = tensor.data().iter().enumerate().filter(|(_, x)| !x.is_finite()).map(|(i, _)| i).collect();
+        let bad: Vec<usize> =
+            tensor.data().iter().enumerate().filter(|(_, x)| !x.is_finite()).map(|(i, _)| i).collect();
         if let Some(first) = bad.first() {
             return Err(Error::NonFinite {
                 tensor: name.clone(),

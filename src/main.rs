@@ -42,6 +42,16 @@ enum Command {
         /// The kernel (required when the file has several).
         #[arg(long)]
         kernel: Option<String>,
+        /// Colour each tensor by its pass, and draw the dependencies that force extra passes
+        /// dashed.
+        #[arg(long)]
+        passes: bool,
+        /// Draw the optimized cascade instead of the one as written.
+        #[arg(long)]
+        optimized: bool,
+        /// The rank whose passes to draw (default: the one with the most passes as written).
+        #[arg(long)]
+        rank: Option<String>,
     },
     /// Count the passes each kernel makes over each rank, and say why each extra pass is needed.
     Analyze {
@@ -62,6 +72,16 @@ enum Command {
     },
     /// Run a kernel on random or given inputs.
     Run(RunArgs),
+    /// Write the gallery page and its pictures (as DOT) for the kernels of a folder.
+    #[command(hide = true)]
+    Gallery {
+        /// The folder of `.ein` files.
+        #[arg(long, default_value = "examples")]
+        examples: PathBuf,
+        /// Where to write `gallery.md` and `gallery/*.dot`.
+        #[arg(long, default_value = "docs")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -181,15 +201,49 @@ fn execute(command: Command) -> Result<(), Error> {
             print!("{text}");
             Ok(())
         }
-        Command::Graph { file, kernel } => {
+        Command::Graph { file, kernel, passes, optimized, rank } => {
             let program = Program::from_file(&file)?;
-            print!("{}", compiler::graph::to_dot(program.kernel(kernel.as_deref())?));
+            print!("{}", graph_dot(program.kernel(kernel.as_deref())?, passes, optimized, rank)?);
             Ok(())
         }
         Command::Analyze { file, kernel, json } => analyze(&file, kernel.as_deref(), json),
         Command::Explain { file, kernel } => explain(&file, kernel.as_deref()),
         Command::Run(args) => run(args),
+        Command::Gallery { examples, out } => {
+            let gallery = einfuse::gallery::build(&examples)?;
+            let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
+            let pictures = out.join("gallery");
+            std::fs::create_dir_all(&pictures).map_err(|e| io(&pictures, e))?;
+            for (name, dot) in &gallery.pictures {
+                let path = pictures.join(format!("{name}.dot"));
+                std::fs::write(&path, dot).map_err(|e| io(&path, e))?;
+            }
+            let page = out.join("gallery.md");
+            std::fs::write(&page, &gallery.markdown).map_err(|e| io(&page, e))?;
+            println!("wrote {} and {} pictures", page.display(), gallery.pictures.len());
+            Ok(())
+        }
     }
+}
+
+/// The DOT text of `einfuse graph`.
+fn graph_dot(
+    kernel: &compiler::ir::Cascade,
+    passes: bool,
+    optimized: bool,
+    rank: Option<String>,
+) -> Result<String, Error> {
+    let written = compiler::passcount::analyze(kernel);
+    let rank = rank.or_else(|| compiler::graph::streamed_rank(kernel, &written));
+    let cascade = if optimized { einfuse::optimize(kernel)?.cascade } else { kernel.clone() };
+    if !passes {
+        return Ok(compiler::graph::to_dot(&cascade));
+    }
+    let report = compiler::passcount::analyze(&cascade);
+    Ok(match rank {
+        Some(rank) => compiler::graph::to_dot_with_passes(&cascade, &report, &rank),
+        None => compiler::graph::to_dot(&cascade),
+    })
 }
 
 fn analyze(file: &Path, kernel: Option<&str>, json: bool) -> Result<(), Error> {
