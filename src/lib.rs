@@ -54,6 +54,10 @@ pub enum Error {
     Io { path: String, source: std::io::Error },
     #[error("{0}")]
     Optimize(#[from] compiler::optimize::OptimizeError),
+    #[error("{0}")]
+    Schedule(#[from] compiler::schedule::ScheduleError),
+    #[error("{0}")]
+    Codegen(#[from] compiler::cpu::CodegenError),
     #[error(
         "output `{tensor}` has a non-finite value ({value}) at {coordinates:?}; {count} element(s) are not finite \
          (an exponential may have overflowed)"
@@ -139,6 +143,8 @@ pub fn read_source(path: &Path) -> Result<String, Error> {
 pub enum Target {
     /// The reference interpreter (f64, slow, the definition of meaning).
     Interp,
+    /// Machine code from the Cranelift back end, JIT-compiled (f32).
+    Cpu,
 }
 
 /// What a run needs beyond the kernel.
@@ -237,7 +243,27 @@ pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Ve
         }
     }
     let (extents, inputs) = prepare_inputs(&cascade, options)?;
-    match target {
+    let outputs = match target {
+        Target::Cpu => {
+            let kernel = compile_cpu(&cascade)?;
+            let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
+            let outputs = kernel.run(&extents, &slices)?;
+            let outputs: Vec<(String, Tensor)> = cascade
+                .outputs
+                .iter()
+                .zip(outputs)
+                .map(|(output, values)| {
+                    let shape: Vec<usize> =
+                        tensor_shape(&cascade, output.tensor, &extents).iter().map(|n| *n as usize).collect();
+                    let tensor = Tensor::new(dtype_of(output.elem), shape, values).expect("output has its shape");
+                    (cascade.tensor(output.tensor).name.clone(), tensor)
+                })
+                .collect();
+            if options.check_finite {
+                check_finite(&outputs)?;
+            }
+            outputs
+        }
         Target::Interp => {
             let data: Vec<Vec<f64>> = inputs.iter().map(Tensor::to_f64).collect();
             let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
@@ -258,7 +284,14 @@ pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Ve
             if options.check_finite {
                 check_finite(&outputs)?;
             }
-            Ok(outputs)
+            outputs
         }
-    }
+    };
+    Ok(outputs)
+}
+
+/// Schedules and compiles a kernel for the CPU (the Cranelift back end).
+pub fn compile_cpu(cascade: &Cascade) -> Result<compiler::cpu::CpuKernel, Error> {
+    let program = compiler::schedule::schedule(cascade)?;
+    Ok(compiler::cpu::compile(&program)?)
 }

@@ -90,12 +90,18 @@ enum Stage {
     Ir,
     /// The cascade after the e-graph optimizer, as `.ein`.
     Opt,
+    /// The Loop IR: buffers, loops and the Einsums in them (of the optimized cascade).
+    Loops,
+    /// The Cranelift IR of the CPU kernel (of the optimized cascade).
+    Clif,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum TargetArg {
     /// The reference interpreter.
     Interp,
+    /// The Cranelift CPU back end (the kernel is optimized first).
+    Cpu,
 }
 
 #[derive(clap::Args)]
@@ -128,6 +134,12 @@ struct RunArgs {
     /// Do not fail when an output holds an infinity or a NaN.
     #[arg(long)]
     allow_non_finite: bool,
+    /// Also run the interpreter and report the largest errors; fail above the tolerance.
+    #[arg(long)]
+    check: bool,
+    /// The relative tolerance of `--check`.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f64,
 }
 
 fn split_assignment(text: &str) -> Result<(&str, &str), String> {
@@ -196,6 +208,19 @@ fn execute(command: Command) -> Result<(), Error> {
                         kernels.push(einfuse::optimize(k)?.cascade);
                     }
                     compiler::print::print_cascades(&kernels)
+                }
+                Stage::Loops | Stage::Clif => {
+                    let program = Program::from_file(&file)?;
+                    let mut text = String::new();
+                    for k in program.selected(kernel.as_deref())? {
+                        let optimized = einfuse::optimize(k)?.cascade;
+                        let loops = compiler::schedule::schedule(&optimized)?;
+                        text.push_str(&match stage {
+                            Stage::Loops => compiler::schedule::print_program(&loops),
+                            _ => compiler::cpu::compile(&loops)?.clif.clone(),
+                        });
+                    }
+                    text
                 }
             };
             print!("{text}");
@@ -420,10 +445,34 @@ fn run(args: RunArgs) -> Result<(), Error> {
         let tensor = runtime::npy::read_npy(path, einfuse::dtype_of(elem))?;
         options.inputs.push((name.clone(), tensor));
     }
-    let target = match args.target {
-        TargetArg::Interp => Target::Interp,
+    let (target, kernel) = match args.target {
+        TargetArg::Interp => (Target::Interp, kernel.clone()),
+        TargetArg::Cpu => (Target::Cpu, einfuse::optimize(kernel)?.cascade),
     };
-    let outputs = einfuse::run(kernel, target, &options)?;
+    let outputs = einfuse::run(&kernel, target, &options)?;
+    if args.check {
+        let reference = einfuse::run(&kernel, Target::Interp, &RunOptions { check_finite: false, ..options.clone() })?;
+        let mut worst_abs = 0.0f64;
+        let mut worst_rel = 0.0f64;
+        for ((_, got), (_, want)) in outputs.iter().zip(&reference) {
+            for (a, b) in got.data().iter().zip(want.data()) {
+                let (a, b) = (*a as f64, *b as f64);
+                if a.is_nan() && b.is_nan() {
+                    continue;
+                }
+                let abs = (a - b).abs();
+                worst_abs = worst_abs.max(abs);
+                worst_rel = worst_rel.max(abs / (1.0 + b.abs()));
+            }
+        }
+        println!("check against the interpreter: largest absolute error {worst_abs:.3e}, relative {worst_rel:.3e}");
+        if !(worst_rel <= args.tolerance) {
+            return Err(Error::Usage(format!(
+                "the outputs differ from the interpreter's by {worst_rel:.3e} (relative), more than {}",
+                args.tolerance
+            )));
+        }
+    }
     for (name, tensor) in &outputs {
         match args.outputs.iter().find(|(n, _)| n == name) {
             Some((_, path)) => {

@@ -13,12 +13,14 @@
 //! oracle), `graph` (the dependency graph as DOT), `shapes` (extents at a call).
 
 pub mod check;
+pub mod cpu;
 pub mod graph;
 pub mod interp;
 pub mod ir;
 pub mod optimize;
 pub mod passcount;
 pub mod print;
+pub mod schedule;
 pub mod shapes;
 pub mod verify;
 

@@ -1,0 +1,409 @@
+//! Lowering the Loop IR to Cranelift IR: one function per kernel.
+//!
+//! The function takes five pointers: the buffers' values (`*mut f32` each), their masks (`*mut u8`,
+//! null for a buffer without one), the rank extents (`i64` each), and every buffer's dimensions and
+//! strides (`i64`, buffer after buffer). Every point of every buffer is written: an undefined point
+//! as value 0 with mask 0. Arithmetic is f32; a value travels with its definedness (an `i8`), and a
+//! read out of range reads nothing (its address is clamped and the result marked undefined).
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{types, AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, Value};
+use cranelift_frontend::{FunctionBuilder, Variable};
+use cranelift_module::{Linkage, Module};
+
+use crate::ir::*;
+use crate::schedule::{LoopProgram, Node};
+
+/// Imported scalar helpers.
+pub struct Helpers {
+    pub exp: FuncRef,
+    pub log: FuncRef,
+    pub tanh: FuncRef,
+    pub sigmoid: FuncRef,
+    pub softplus: FuncRef,
+}
+
+pub fn declare_helpers<M: Module>(
+    module: &mut M,
+    func: &mut cranelift_codegen::ir::Function,
+) -> Result<Helpers, String> {
+    let mut signature = Signature::new(module.isa().default_call_conv());
+    signature.params.push(AbiParam::new(types::F32));
+    signature.returns.push(AbiParam::new(types::F32));
+    let mut import = |name: &str| -> Result<FuncRef, String> {
+        let id = module.declare_function(name, Linkage::Import, &signature).map_err(|e| e.to_string())?;
+        Ok(module.declare_func_in_func(id, func))
+    };
+    Ok(Helpers {
+        exp: import("einfuse_expf")?,
+        log: import("einfuse_logf")?,
+        tanh: import("einfuse_tanhf")?,
+        sigmoid: import("einfuse_sigmoidf")?,
+        softplus: import("einfuse_softplusf")?,
+    })
+}
+
+/// Where each buffer's dimensions and strides start in the tables.
+pub fn table_offsets(program: &LoopProgram) -> Vec<usize> {
+    let mut offsets = Vec::new();
+    let mut at = 0;
+    for buffer in &program.buffers {
+        offsets.push(at);
+        at += program.cascade.tensor(buffer.tensor).ranks.len();
+    }
+    offsets
+}
+
+pub struct Gen<'a, 'f> {
+    pub b: FunctionBuilder<'f>,
+    pub program: &'a LoopProgram,
+    pub helpers: Helpers,
+    pub values: Vec<Value>,
+    pub masks: Vec<Option<Value>>,
+    pub extents: Vec<Value>,
+    pub dims: Vec<Vec<Value>>,
+    pub strides: Vec<Vec<Value>>,
+    pub env: Vec<(Index, Variable)>,
+    /// Aligned, non-trapping accesses: every address is inside a buffer.
+    pub flags: MemFlagsData,
+}
+
+impl<'a, 'f> Gen<'a, 'f> {
+    fn cascade(&self) -> &'a Cascade {
+        &self.program.cascade
+    }
+
+    /// Loads the tables in the entry block; `params` are the function's five arguments.
+    pub fn prologue(&mut self, params: [Value; 5]) {
+        let [values, masks, extents, dims, strides] = params;
+        let flags = self.flags;
+        let c = self.cascade();
+        for r in 0..c.ranks.len() {
+            let e = self.b.ins().load(types::I64, flags, extents, (r * 8) as i32);
+            self.extents.push(e);
+        }
+        let offsets = table_offsets(self.program);
+        for (b, buffer) in self.program.buffers.iter().enumerate() {
+            let v = self.b.ins().load(types::I64, flags, values, (b * 8) as i32);
+            self.values.push(v);
+            self.masks.push(buffer.masked.then(|| self.b.ins().load(types::I64, flags, masks, (b * 8) as i32)));
+            let n = c.tensor(buffer.tensor).ranks.len();
+            let mut d = Vec::new();
+            let mut s = Vec::new();
+            for k in 0..n {
+                d.push(self.b.ins().load(types::I64, flags, dims, ((offsets[b] + k) * 8) as i32));
+                s.push(self.b.ins().load(types::I64, flags, strides, ((offsets[b] + k) * 8) as i32));
+            }
+            self.dims.push(d);
+            self.strides.push(s);
+        }
+    }
+
+    pub fn nodes(&mut self, body: &[Node]) {
+        for node in body {
+            match node {
+                Node::Loop { index, body } => {
+                    let extent = self.extents[index.rank.index()];
+                    self.for_loop(*index, extent, &mut |g| g.nodes(body));
+                }
+                Node::Compute { einsum } => self.compute(*einsum),
+            }
+        }
+    }
+
+    /// `for index in 0..extent { body }`, with `index` bound in the environment.
+    fn for_loop(&mut self, index: Index, extent: Value, body: &mut dyn FnMut(&mut Self)) {
+        let var = self.b.declare_var(types::I64);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b.def_var(var, zero);
+        let header = self.b.create_block();
+        let inner = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let i = self.b.use_var(var);
+        let more = self.b.ins().icmp(IntCC::SignedLessThan, i, extent);
+        self.b.ins().brif(more, inner, &[], exit, &[]);
+        self.b.switch_to_block(inner);
+        self.env.push((index, var));
+        body(self);
+        self.env.pop();
+        let i = self.b.use_var(var);
+        let next = self.b.ins().iadd_imm_s(i, 1);
+        self.b.def_var(var, next);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(exit);
+    }
+
+    fn index(&mut self, index: Index) -> Value {
+        let var = self.env.iter().rev().find(|(i, _)| *i == index).map(|(_, v)| *v).expect("a bound index");
+        self.b.use_var(var)
+    }
+
+    fn affine(&mut self, affine: &Affine) -> Value {
+        match affine {
+            Affine::Const(c) => self.b.ins().iconst(types::I64, *c),
+            Affine::Index(i) => self.index(*i),
+            Affine::Extent(r) => self.extents[r.index()],
+            Affine::Add(a, b) => {
+                let (a, b) = (self.affine(a), self.affine(b));
+                self.b.ins().iadd(a, b)
+            }
+            Affine::Sub(a, b) => {
+                let (a, b) = (self.affine(a), self.affine(b));
+                self.b.ins().isub(a, b)
+            }
+            Affine::Mul(a, b) => {
+                let (a, b) = (self.affine(a), self.affine(b));
+                self.b.ins().imul(a, b)
+            }
+            Affine::Neg(a) => {
+                let a = self.affine(a);
+                self.b.ins().ineg(a)
+            }
+        }
+    }
+
+    fn one(&mut self) -> Value {
+        self.b.ins().iconst(types::I8, 1)
+    }
+
+    /// Whether every split pair bound in the environment, with one of `new` in it, is inside its
+    /// whole rank (all pairs when `new` is empty).
+    fn valid_pairs(&mut self, new: &[Index]) -> Value {
+        let mut ok = self.one();
+        let pairs = self.cascade().split_pairs();
+        let bound: Vec<Index> = self.env.iter().map(|(i, _)| *i).collect();
+        for (tile, inner, whole) in pairs {
+            for outer in bound.iter().filter(|i| i.rank == tile) {
+                let partner = Index { rank: inner, primes: outer.primes };
+                if !bound.contains(&partner) {
+                    continue;
+                }
+                if !new.is_empty() && !new.contains(outer) && !new.contains(&partner) {
+                    continue;
+                }
+                let t = self.index(*outer);
+                let m = self.index(partner);
+                let size = self.extents[inner.index()];
+                let at = self.b.ins().imul(t, size);
+                let at = self.b.ins().iadd(at, m);
+                let inside = self.b.ins().icmp(IntCC::SignedLessThan, at, self.extents[whole.index()]);
+                ok = self.b.ins().band(ok, inside);
+            }
+        }
+        ok
+    }
+
+    fn conds(&mut self, conds: &[Cond]) -> Value {
+        let mut ok = self.one();
+        for cond in conds {
+            let (a, da) = self.expr(&cond.lhs);
+            let (b, db) = self.expr(&cond.rhs);
+            let cc = match cond.op {
+                CmpOp::Lt => FloatCC::LessThan,
+                CmpOp::Le => FloatCC::LessThanOrEqual,
+                CmpOp::Gt => FloatCC::GreaterThan,
+                CmpOp::Ge => FloatCC::GreaterThanOrEqual,
+                CmpOp::Eq => FloatCC::Equal,
+                CmpOp::Ne => FloatCC::NotEqual,
+            };
+            let holds = self.b.ins().fcmp(cc, a, b);
+            let holds = self.b.ins().band(holds, da);
+            let holds = self.b.ins().band(holds, db);
+            ok = self.b.ins().band(ok, holds);
+        }
+        ok
+    }
+
+    /// The element offset of `coords` in buffer `b`, clamped to 0 when out of range, and whether
+    /// it is in range.
+    fn offset(&mut self, buffer: usize, coords: &[Value]) -> (Value, Value) {
+        let mut inside = self.one();
+        let mut offset = self.b.ins().iconst(types::I64, 0);
+        for (d, c) in coords.iter().enumerate() {
+            let below = self.b.ins().icmp(IntCC::SignedLessThan, *c, self.dims[buffer][d]);
+            let nonneg = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, *c, 0);
+            inside = self.b.ins().band(inside, below);
+            inside = self.b.ins().band(inside, nonneg);
+            let term = self.b.ins().imul(*c, self.strides[buffer][d]);
+            offset = self.b.ins().iadd(offset, term);
+        }
+        let zero = self.b.ins().iconst(types::I64, 0);
+        let offset = self.b.ins().select(inside, offset, zero);
+        (offset, inside)
+    }
+
+    fn load(&mut self, tensor: TensorId, coords: &[Value]) -> (Value, Value) {
+        let buffer = tensor.index();
+        let (offset, inside) = self.offset(buffer, coords);
+        let bytes = self.b.ins().ishl_imm_s(offset, 2);
+        let address = self.b.ins().iadd(self.values[buffer], bytes);
+        let value = self.b.ins().load(types::F32, self.flags, address, 0);
+        let defined = match self.masks[buffer] {
+            Some(mask) => {
+                let address = self.b.ins().iadd(mask, offset);
+                let m = self.b.ins().load(types::I8, self.flags, address, 0);
+                self.b.ins().band(m, inside)
+            }
+            None => inside,
+        };
+        (value, defined)
+    }
+
+    fn call(&mut self, func: FuncRef, x: Value) -> Value {
+        let call = self.b.ins().call(func, &[x]);
+        self.b.inst_results(call)[0]
+    }
+
+    /// The value of an expression and whether it is defined.
+    fn expr(&mut self, expr: &Expr) -> (Value, Value) {
+        match expr {
+            Expr::Const(c) => (self.b.ins().f32const(*c as f32), self.one()),
+            Expr::Param(p) => {
+                let v = self.cascade().param(*p).value as f32;
+                (self.b.ins().f32const(v), self.one())
+            }
+            Expr::Extent(r) => {
+                let e = self.extents[r.index()];
+                (self.b.ins().fcvt_from_sint(types::F32, e), self.one())
+            }
+            Expr::Index(i) => {
+                let v = self.index(*i);
+                (self.b.ins().fcvt_from_sint(types::F32, v), self.one())
+            }
+            Expr::Access { tensor, subscripts } => {
+                let coords: Vec<Value> = subscripts.iter().map(|s| self.affine(s)).collect();
+                self.load(*tensor, &coords)
+            }
+            Expr::Unary(op, arg) => {
+                let (x, d) = self.expr(arg);
+                let v = match op {
+                    UnaryOp::Neg => self.b.ins().fneg(x),
+                    UnaryOp::Abs => self.b.ins().fabs(x),
+                    UnaryOp::Sqrt => self.b.ins().sqrt(x),
+                    UnaryOp::Relu => {
+                        let zero = self.b.ins().f32const(0.0);
+                        self.b.ins().fmax(x, zero)
+                    }
+                    UnaryOp::Exp => self.call(self.helpers.exp, x),
+                    UnaryOp::Log => self.call(self.helpers.log, x),
+                    UnaryOp::Tanh => self.call(self.helpers.tanh, x),
+                    UnaryOp::Sigmoid => self.call(self.helpers.sigmoid, x),
+                    UnaryOp::Softplus => self.call(self.helpers.softplus, x),
+                };
+                (v, d)
+            }
+            Expr::Binary(op, a, b) => {
+                let (x, dx) = self.expr(a);
+                let (y, dy) = self.expr(b);
+                let v = match op {
+                    BinaryOp::Add => self.b.ins().fadd(x, y),
+                    BinaryOp::Sub => self.b.ins().fsub(x, y),
+                    BinaryOp::Mul => self.b.ins().fmul(x, y),
+                    BinaryOp::Div => self.b.ins().fdiv(x, y),
+                    BinaryOp::Max => self.b.ins().fmax(x, y),
+                    BinaryOp::Min => self.b.ins().fmin(x, y),
+                };
+                (v, self.b.ins().band(dx, dy))
+            }
+            Expr::Reduce { op, indices, filter, body } => {
+                let acc = self.b.declare_var(types::F32);
+                let identity = self.b.ins().f32const(reduce_identity(*op) as f32);
+                self.b.def_var(acc, identity);
+                self.reduce_loops(*op, indices, indices, filter, body, acc);
+                (self.b.use_var(acc), self.one())
+            }
+        }
+    }
+
+    /// Loops over the `remaining` reduced indices, then folds the body into `acc` where the point
+    /// exists (valid split pairs, filter, defined body).
+    fn reduce_loops(
+        &mut self,
+        op: ReduceOp,
+        all: &[Index],
+        remaining: &[Index],
+        filter: &[Cond],
+        body: &Expr,
+        acc: Variable,
+    ) {
+        let Some((first, rest)) = remaining.split_first() else {
+            let mut ok = self.valid_pairs(all);
+            let passes = self.conds(filter);
+            ok = self.b.ins().band(ok, passes);
+            let (x, defined) = self.expr(body);
+            ok = self.b.ins().band(ok, defined);
+            let current = self.b.use_var(acc);
+            let next = match op {
+                ReduceOp::Sum => self.b.ins().fadd(current, x),
+                ReduceOp::Max => self.b.ins().fmax(current, x),
+                ReduceOp::Min => self.b.ins().fmin(current, x),
+            };
+            let chosen = self.b.ins().select(ok, next, current);
+            self.b.def_var(acc, chosen);
+            return;
+        };
+        let extent = self.extents[first.rank.index()];
+        self.for_loop(*first, extent, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
+    }
+
+    /// Evaluates an Einsum at every point of its left-hand side not bound by an enclosing loop.
+    fn compute(&mut self, id: EinsumId) {
+        let einsum = &self.cascade().einsums[id.index()];
+        let free: Vec<Index> = einsum.lhs_indices().filter(|i| !self.env.iter().any(|(bound, _)| bound == i)).collect();
+        self.compute_loops(einsum, &free);
+    }
+
+    fn compute_loops(&mut self, einsum: &'a Einsum, free: &[Index]) {
+        let Some((first, rest)) = free.split_first() else {
+            self.compute_point(einsum);
+            return;
+        };
+        let extent = self.extents[first.rank.index()];
+        self.for_loop(*first, extent, &mut |g| g.compute_loops(einsum, rest));
+    }
+
+    fn compute_point(&mut self, einsum: &Einsum) {
+        let coords: Vec<Value> = einsum
+            .lhs
+            .iter()
+            .map(|lhs| match lhs {
+                Lhs::Index(i) => self.index(*i),
+                Lhs::Initial => self.b.ins().iconst(types::I64, 0),
+                Lhs::Next(i) => {
+                    let v = self.index(*i);
+                    self.b.ins().iadd_imm_s(v, 1)
+                }
+            })
+            .collect();
+        let mut ok = self.valid_pairs(&[]);
+        let passes = self.conds(&einsum.filter);
+        ok = self.b.ins().band(ok, passes);
+        // Evaluate only where the point exists: a body may divide or read where it should not.
+        let then = self.b.create_block();
+        let join = self.b.create_block();
+        self.b.append_block_param(join, types::F32);
+        self.b.append_block_param(join, types::I8);
+        let zero = self.b.ins().f32const(0.0);
+        let no = self.b.ins().iconst(types::I8, 0);
+        self.b.ins().brif(ok, then, &[], join, &[zero.into(), no.into()]);
+        self.b.switch_to_block(then);
+        let (value, defined) = self.expr(&einsum.body);
+        self.b.ins().jump(join, &[value.into(), defined.into()]);
+        self.b.switch_to_block(join);
+        let value = self.b.block_params(join)[0];
+        let defined = self.b.block_params(join)[1];
+        let zero = self.b.ins().f32const(0.0);
+        let stored = self.b.ins().select(defined, value, zero);
+        let buffer = einsum.target.index();
+        let (offset, _) = self.offset(buffer, &coords);
+        let bytes = self.b.ins().ishl_imm_s(offset, 2);
+        let address = self.b.ins().iadd(self.values[buffer], bytes);
+        self.b.ins().store(self.flags, stored, address, 0);
+        if let Some(mask) = self.masks[buffer] {
+            let address = self.b.ins().iadd(mask, offset);
+            self.b.ins().store(self.flags, defined, address, 0);
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The Cranelift CPU back end: a scheduled cascade to machine code, JIT-compiled in-process.
+//!
+//! Needs: a `LoopProgram` (see `schedule`). Guarantees: a `CpuKernel` whose `run` gives the
+//! interpreter's outputs within f32 rounding, for any extents. This first version emits scalar
+//! f32 code that follows the schedule literally; it is the unfused baseline, and the fused,
+//! vectorised schedules are tested against it and the interpreter alike.
+
+mod codegen;
+pub mod helpers;
+
+use cranelift_codegen::ir::{types, AbiParam, InstBuilder, UserFuncName};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_codegen::Context;
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{default_libcall_names, Linkage, Module};
+
+use crate::ir::*;
+use crate::schedule::{BufferRole, LoopProgram};
+use crate::shapes::tensor_shape;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CodegenError {
+    #[error("internal error in the CPU back end: {0}")]
+    Internal(String),
+    #[error("{0}")]
+    Run(String),
+}
+
+type KernelFn = unsafe extern "C" fn(*const *mut f32, *const *mut u8, *const i64, *const i64, *const i64);
+
+/// A compiled kernel. The machine code is immutable once finalized, so a kernel can be called
+/// from several threads at once.
+pub struct CpuKernel {
+    program: LoopProgram,
+    function: KernelFn,
+    /// Owns the executable memory; never used after compilation.
+    _module: JITModule,
+    /// The Cranelift IR of the kernel, as text (`einfuse emit --stage clif`).
+    pub clif: String,
+}
+
+// SAFETY: the module is only kept alive, never mutated, after `finalize_definitions`; the code it
+// holds reads only the buffers passed to each call.
+unsafe impl Send for CpuKernel {}
+unsafe impl Sync for CpuKernel {}
+
+/// Compiles a scheduled cascade.
+pub fn compile(program: &LoopProgram) -> Result<CpuKernel, CodegenError> {
+    let internal = |e: String| CodegenError::Internal(e);
+    let mut flags = settings::builder();
+    flags.set("opt_level", "speed").map_err(|e| internal(e.to_string()))?;
+    flags.set("is_pic", "false").map_err(|e| internal(e.to_string()))?;
+    let isa = cranelift_native::builder()
+        .map_err(|e| internal(e.to_string()))?
+        .finish(settings::Flags::new(flags))
+        .map_err(|e| internal(e.to_string()))?;
+    let mut jit = JITBuilder::with_isa(isa, default_libcall_names());
+    for (name, pointer) in helpers::symbols() {
+        jit.symbol(name, pointer);
+    }
+    let mut module = JITModule::new(jit);
+    let pointer = module.target_config().pointer_type();
+    let mut signature = module.make_signature();
+    for _ in 0..5 {
+        signature.params.push(AbiParam::new(pointer));
+    }
+    let id = module
+        .declare_function(&program.cascade.name, Linkage::Local, &signature)
+        .map_err(|e| internal(e.to_string()))?;
+    let mut context: Context = module.make_context();
+    context.func.signature = signature;
+    context.func.name = UserFuncName::user(0, id.as_u32());
+    let mut builder_context = FunctionBuilderContext::new();
+    {
+        let helpers = codegen::declare_helpers(&mut module, &mut context.func).map_err(internal)?;
+        let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let params: [cranelift_codegen::ir::Value; 5] = b.block_params(entry).try_into().expect("five parameters");
+        let mut g = codegen::Gen {
+            b,
+            program,
+            helpers,
+            values: vec![],
+            masks: vec![],
+            extents: vec![],
+            dims: vec![],
+            strides: vec![],
+            env: vec![],
+            flags: cranelift_codegen::ir::MemFlagsData::trusted(),
+        };
+        g.prologue(params);
+        g.nodes(&program.body);
+        g.b.ins().return_(&[]);
+        g.b.seal_all_blocks();
+        g.b.finalize(module.target_config());
+    }
+    let clif = context.func.display().to_string();
+    module.define_function(id, &mut context).map_err(|e| internal(format!("{e:?}")))?;
+    module.clear_context(&mut context);
+    module.finalize_definitions().map_err(|e| internal(e.to_string()))?;
+    let code = module.get_finalized_function(id);
+    // SAFETY: the function was declared with this signature (five pointer arguments, no result).
+    let function: KernelFn = unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
+    Ok(CpuKernel { program: program.clone(), function, _module: module, clif })
+}
+
+impl CpuKernel {
+    pub fn cascade(&self) -> &Cascade {
+        &self.program.cascade
+    }
+
+    /// Runs the kernel. `inputs` are dense row-major f32 arrays in the order of
+    /// `Cascade::inputs`, already checked against `extents`; returns the outputs likewise.
+    pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, CodegenError> {
+        let c = &self.program.cascade;
+        let mut values: Vec<Vec<f32>> = Vec::new();
+        let mut masks: Vec<Vec<u8>> = Vec::new();
+        let mut dims: Vec<i64> = Vec::new();
+        let mut strides: Vec<i64> = Vec::new();
+        for buffer in &self.program.buffers {
+            let shape = tensor_shape(c, buffer.tensor, extents);
+            let mut len: u64 = 1;
+            for n in &shape {
+                len = len.checked_mul(*n).ok_or_else(|| CodegenError::Run("a buffer's size overflows".into()))?;
+            }
+            let mut stride = vec![1i64; shape.len()];
+            for d in (0..shape.len().saturating_sub(1)).rev() {
+                stride[d] = stride[d + 1] * shape[d + 1] as i64;
+            }
+            dims.extend(shape.iter().map(|n| *n as i64));
+            strides.extend(stride);
+            // At least one element, so that a clamped read of an empty buffer stays in memory.
+            let storage = (len as usize).max(1);
+            let data = match buffer.role {
+                BufferRole::Input(i) => {
+                    let given = inputs.get(i).ok_or_else(|| CodegenError::Run(format!("input {i} is missing")))?;
+                    if given.len() as u64 != len {
+                        return Err(CodegenError::Run(format!(
+                            "input `{}` has {} elements, its shape needs {len}",
+                            c.tensor(buffer.tensor).name,
+                            given.len()
+                        )));
+                    }
+                    let mut data = given.to_vec();
+                    data.resize(storage, 0.0);
+                    data
+                }
+                _ => vec![0.0; storage],
+            };
+            values.push(data);
+            masks.push(if buffer.masked { vec![0u8; storage] } else { Vec::new() });
+        }
+        let value_pointers: Vec<*mut f32> = values.iter_mut().map(|v| v.as_mut_ptr()).collect();
+        let mask_pointers: Vec<*mut u8> =
+            masks.iter_mut().map(|m| if m.is_empty() { std::ptr::null_mut() } else { m.as_mut_ptr() }).collect();
+        let extents_i64: Vec<i64> = extents.iter().map(|e| *e as i64).collect();
+        // SAFETY: every pointer table has one entry per buffer (or rank), each buffer holds its
+        // shape's elements (at least one), and the code only reads and writes inside them.
+        unsafe {
+            (self.function)(
+                value_pointers.as_ptr(),
+                mask_pointers.as_ptr(),
+                extents_i64.as_ptr(),
+                dims.as_ptr(),
+                strides.as_ptr(),
+            );
+        }
+        let mut outputs = vec![Vec::new(); c.outputs.len()];
+        for (buffer, mut data) in self.program.buffers.iter().zip(values) {
+            if let BufferRole::Output(o) = buffer.role {
+                let len: u64 = tensor_shape(c, buffer.tensor, extents).iter().product();
+                data.truncate(len as usize);
+                outputs[o] = data;
+            }
+        }
+        Ok(outputs)
+    }
+}
+
+/// The f32 type, for tests of the helper signatures.
+pub const F32: cranelift_codegen::ir::Type = types::F32;

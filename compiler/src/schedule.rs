@@ -1,0 +1,244 @@
+//! Scheduling: the Cascade IR to the Loop IR, which says in what order and in which loops the
+//! Einsums run, and which buffers hold their tensors.
+//!
+//! Needs: a verified cascade. Guarantees: a `LoopProgram` that evaluates the cascade as the
+//! interpreter does. The Einsums of a recurrence run inside one loop over the recurrence's index
+//! (a *streamed* loop), one step at a time, in cascade order; initial values run before it; every
+//! other Einsum runs as its own loop nest. Every tensor has a buffer holding all its points, with
+//! a definedness mask when some point may be undefined.
+//!
+//! This is the first schedule, the baseline that every faster one is tested against: it fuses
+//! nothing beyond what a recurrence forces, so buffers grow with the streamed rank.
+
+use std::fmt::Write;
+
+use crate::ir::*;
+
+/// Where a buffer's storage comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BufferRole {
+    /// The caller's input, by position among the cascade's inputs.
+    Input(usize),
+    /// The caller's output, by position among the outputs.
+    Output(usize),
+    /// Scratch memory of the kernel.
+    Temp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Buffer {
+    pub tensor: TensorId,
+    pub role: BufferRole,
+    /// Whether some point may be undefined, so that a mask must be kept beside the values.
+    pub masked: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Node {
+    /// Runs `body` for `index` = 0, 1, ... up to its rank's extent, in order.
+    Loop { index: Index, body: Vec<Node> },
+    /// Evaluates an Einsum at every point of its left-hand side not bound by an enclosing loop.
+    Compute { einsum: EinsumId },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoopProgram {
+    pub cascade: Cascade,
+    /// One per tensor, in tensor order.
+    pub buffers: Vec<Buffer>,
+    pub body: Vec<Node>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("cannot schedule `{0}`: it reads a value of its recurrence loop at a step that is not the current one")]
+    Unschedulable(String),
+}
+
+/// Schedules a cascade.
+pub fn schedule(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
+    let masked = may_be_undefined(cascade);
+    let buffers = cascade
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(t, tensor)| {
+            let id = TensorId::new(t);
+            let role = match tensor.kind {
+                TensorKind::Input { .. } => {
+                    BufferRole::Input(cascade.inputs().iter().position(|i| *i == id).expect("an input"))
+                }
+                TensorKind::Defined { .. } => match cascade.outputs.iter().position(|o| o.tensor == id) {
+                    Some(o) => BufferRole::Output(o),
+                    None => BufferRole::Temp,
+                },
+            };
+            Buffer { tensor: id, role, masked: masked[t] }
+        })
+        .collect();
+    // The recurrence index of each iterative rank.
+    let streamed: Vec<RankId> = cascade
+        .tensors
+        .iter()
+        .filter_map(|t| match t.kind {
+            TensorKind::Defined { iterative: Some(p) } => Some(t.ranks[p]),
+            _ => None,
+        })
+        .collect();
+    let binds_streamed = |einsum: &Einsum| -> Option<Index> {
+        einsum.lhs.iter().find_map(|lhs| match lhs {
+            Lhs::Index(i) | Lhs::Next(i) if streamed.contains(&i.rank) => Some(*i),
+            _ => None,
+        })
+    };
+    let mut body: Vec<Node> = Vec::new();
+    let mut e = 0;
+    while e < cascade.einsums.len() {
+        let Some(index) = binds_streamed(&cascade.einsums[e]) else {
+            body.push(Node::Compute { einsum: EinsumId::new(e) });
+            e += 1;
+            continue;
+        };
+        // The group: Einsums that bind this index, with initial values in between hoisted.
+        let mut group = Vec::new();
+        let mut hoisted = Vec::new();
+        while e < cascade.einsums.len() {
+            let einsum = &cascade.einsums[e];
+            if binds_streamed(einsum) == Some(index) {
+                group.push(EinsumId::new(e));
+            } else if einsum.is_initial() {
+                hoisted.push(EinsumId::new(e));
+            } else {
+                break;
+            }
+            e += 1;
+        }
+        check_group(cascade, &group, index)?;
+        body.extend(hoisted.into_iter().map(|einsum| Node::Compute { einsum }));
+        body.push(Node::Loop { index, body: group.into_iter().map(|einsum| Node::Compute { einsum }).collect() });
+    }
+    Ok(LoopProgram { cascade: cascade.clone(), buffers, body })
+}
+
+/// Inside the loop over `index`, an Einsum may read a tensor of the loop only at the current
+/// step: the current slice of a plain tensor, or the current or previous iterate.
+fn check_group(cascade: &Cascade, group: &[EinsumId], index: Index) -> Result<(), ScheduleError> {
+    let members: Vec<TensorId> = group.iter().map(|e| cascade.einsums[e.index()].target).collect();
+    for e in group {
+        let einsum = &cascade.einsums[e.index()];
+        let mut reads = einsum.body.accesses();
+        for cond in &einsum.filter {
+            reads.extend(cond.lhs.accesses());
+            reads.extend(cond.rhs.accesses());
+        }
+        for (read, subscripts) in reads {
+            if !members.contains(&read) {
+                continue;
+            }
+            let tensor = cascade.tensor(read);
+            let iterative = matches!(tensor.kind, TensorKind::Defined { iterative: Some(_) });
+            let ok = tensor.ranks.iter().zip(subscripts).all(|(rank, sub)| {
+                if *rank != index.rank {
+                    return true;
+                }
+                match sub {
+                    Affine::Index(i) => *i == index,
+                    Affine::Add(a, b) if iterative => {
+                        matches!((&**a, &**b), (Affine::Index(i), Affine::Const(1)) if *i == index)
+                    }
+                    _ => false,
+                }
+            });
+            if !ok {
+                return Err(ScheduleError::Unschedulable(cascade.einsum_label(*e)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Which tensors may hold undefined points: those with a filter, a split pair that can be
+/// ragged, a read that can fall outside its tensor, or a read of such a tensor.
+pub fn may_be_undefined(cascade: &Cascade) -> Vec<bool> {
+    let mut masked = vec![false; cascade.tensors.len()];
+    let splits = cascade.split_pairs();
+    loop {
+        let mut changed = false;
+        for einsum in &cascade.einsums {
+            if masked[einsum.target.index()] {
+                continue;
+            }
+            let lhs: Vec<Index> = einsum.lhs_indices().collect();
+            let ragged = splits
+                .iter()
+                .any(|(tile, inner, _)| lhs.iter().any(|i| i.rank == *tile) && lhs.iter().any(|i| i.rank == *inner));
+            let mut partial = !einsum.filter.is_empty() || ragged || einsum.recurrence_index().is_some();
+            let mut reads = einsum.body.accesses();
+            for cond in &einsum.filter {
+                reads.extend(cond.lhs.accesses());
+                reads.extend(cond.rhs.accesses());
+            }
+            for (read, subscripts) in reads {
+                let tensor = cascade.tensor(read);
+                let in_range = tensor.ranks.iter().zip(subscripts).all(|(rank, sub)| match sub {
+                    Affine::Index(i) => i.rank == *rank,
+                    _ => false,
+                });
+                // A reduction's body may be partial without making the reduction partial, but a
+                // read outside a reduction propagates.
+                partial |= masked[read.index()] || !in_range;
+            }
+            if partial {
+                masked[einsum.target.index()] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            return masked;
+        }
+    }
+}
+
+/// The Loop IR's text form (`einfuse emit --stage loops`).
+pub fn print_program(program: &LoopProgram) -> String {
+    let c = &program.cascade;
+    let mut out = String::new();
+    writeln!(out, "loops {} {{", c.name).unwrap();
+    for buffer in &program.buffers {
+        let tensor = c.tensor(buffer.tensor);
+        let dims: Vec<String> = tensor
+            .ranks
+            .iter()
+            .enumerate()
+            .map(|(p, r)| match tensor.kind {
+                TensorKind::Defined { iterative: Some(k) } if k == p => format!("{} + 1", c.rank(*r).name),
+                _ => c.rank(*r).name.clone(),
+            })
+            .collect();
+        let role = match buffer.role {
+            BufferRole::Input(i) => format!("input {i}"),
+            BufferRole::Output(o) => format!("output {o}"),
+            BufferRole::Temp => "temp".to_string(),
+        };
+        let mask = if buffer.masked { ", masked" } else { "" };
+        writeln!(out, "  buffer {}[{}]: {role}{mask}", tensor.name, dims.join(", ")).unwrap();
+    }
+    fn nodes(c: &Cascade, body: &[Node], depth: usize, out: &mut String) {
+        for node in body {
+            let pad = "  ".repeat(depth);
+            match node {
+                Node::Loop { index, body } => {
+                    writeln!(out, "{pad}loop {} < {} {{", c.index_name(*index), c.rank(index.rank).name).unwrap();
+                    nodes(c, body, depth + 1, out);
+                    writeln!(out, "{pad}}}").unwrap();
+                }
+                Node::Compute { einsum } => {
+                    writeln!(out, "{pad}{}", crate::print::print_einsum(c, &c.einsums[einsum.index()])).unwrap();
+                }
+            }
+        }
+    }
+    nodes(c, &program.body, 1, &mut out);
+    writeln!(out, "}}").unwrap();
+    out
+}
