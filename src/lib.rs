@@ -26,6 +26,14 @@
 use std::path::Path;
 
 pub mod gallery;
+mod jit;
+
+pub use jit::{compile, compile_file, CompileOptions, Compiled, Kernel};
+
+// The README's Rust example is compiled and run as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 pub use einfuse_compiler as compiler;
 pub use einfuse_dsl as dsl;

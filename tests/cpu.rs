@@ -14,7 +14,11 @@ fn corpus() -> Vec<Cascade> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let mut files: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
-    files.iter().filter(|p| p.extension().is_some_and(|e| e == "ein")).flat_map(|p| Program::from_file(p).unwrap().kernels).collect()
+    files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "ein"))
+        .flat_map(|p| Program::from_file(p).unwrap().kernels)
+        .collect()
 }
 
 /// Runs `cascade` on the CPU and on the interpreter with the same inputs; returns the largest
