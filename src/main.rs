@@ -72,6 +72,22 @@ enum Command {
     },
     /// Run a kernel on random or given inputs.
     Run(RunArgs),
+    /// Time a kernel on the CPU against the same cascade compiled as written (unfused).
+    Bench {
+        file: PathBuf,
+        /// The kernel (required when the file has several).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Bind a symbolic rank: `--bind M=4096`.
+        #[arg(long = "bind", value_name = "RANK=N", value_parser = parse_binding)]
+        bindings: Vec<(String, u64)>,
+        /// Timed runs of each kernel (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the gallery page and its pictures (as DOT) for the kernels of a folder.
     #[command(hide = true)]
     Gallery {
@@ -234,6 +250,7 @@ fn execute(command: Command) -> Result<(), Error> {
         Command::Analyze { file, kernel, json } => analyze(&file, kernel.as_deref(), json),
         Command::Explain { file, kernel } => explain(&file, kernel.as_deref()),
         Command::Run(args) => run(args),
+        Command::Bench { file, kernel, bindings, runs, json } => bench(&file, kernel.as_deref(), bindings, runs, json),
         Command::Gallery { examples, out } => {
             let gallery = einfuse::gallery::build(&examples)?;
             let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
@@ -481,6 +498,95 @@ fn run(args: RunArgs) -> Result<(), Error> {
             }
             None => print_tensor(name, tensor, args.print),
         }
+    }
+    Ok(())
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
+}
+
+fn bench(
+    file: &Path,
+    kernel: Option<&str>,
+    bindings: Vec<(String, u64)>,
+    runs: usize,
+    json: bool,
+) -> Result<(), Error> {
+    use std::time::Instant;
+    let runs = runs.max(1);
+    let program = Program::from_file(file)?;
+    let written = program.kernel(kernel)?;
+    let options = RunOptions { bindings, seed: 1, ..RunOptions::default() };
+    let (extents, inputs) = einfuse::prepare_inputs(written, &options)?;
+    let slices: Vec<&[f32]> = inputs.iter().map(einfuse::Tensor::data).collect();
+    // Source to a callable kernel: parse, check, optimize, schedule, compile.
+    let source = einfuse::read_source(file)?;
+    let mut compile_times = Vec::new();
+    let mut fused = None;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let program = Program::from_source(&file.display().to_string(), &source)?;
+        let optimized = einfuse::optimize(program.kernel(kernel)?)?.cascade;
+        fused = Some(einfuse::compile_cpu(&optimized)?);
+        compile_times.push(start.elapsed().as_secs_f64());
+    }
+    let fused = fused.expect("compiled");
+    let unfused = einfuse::compile_cpu(written)?;
+    let extents_of = |k: &compiler::cpu::CpuKernel| -> Result<Vec<u64>, Error> {
+        let shapes: Vec<_> = k
+            .cascade()
+            .inputs()
+            .into_iter()
+            .zip(&inputs)
+            .map(|(id, t)| (id, t.shape().iter().map(|n| *n as u64).collect()))
+            .collect();
+        Ok(compiler::shapes::bind_extents(k.cascade(), &options.bindings, &shapes)?)
+    };
+    let time = |k: &compiler::cpu::CpuKernel| -> Result<f64, Error> {
+        let extents = extents_of(k)?;
+        k.run(&extents, &slices)?;
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            let start = Instant::now();
+            std::hint::black_box(k.run(&extents, &slices)?);
+            samples.push(start.elapsed().as_secs_f64());
+        }
+        Ok(median(samples))
+    };
+    let median_s = time(&fused)?;
+    let unfused_median_s = time(&unfused)?;
+    let flops = compiler::schedule::flop_count(written, &extents);
+    let bytes: f64 = inputs.iter().map(|t| t.len() as f64 * 4.0).sum::<f64>()
+        + written
+            .outputs
+            .iter()
+            .map(|o| compiler::shapes::tensor_shape(written, o.tensor, &extents).iter().product::<u64>() as f64 * 4.0)
+            .sum::<f64>();
+    let gflops = flops / median_s / 1e9;
+    let gbps = bytes / median_s / 1e9;
+    let peak_extra_bytes = fused.scratch_bytes(&extents_of(&fused)?);
+    let compile_s = median(compile_times);
+    let speedup = unfused_median_s / median_s;
+    if json {
+        println!(
+            "{{\"kernel\": {}, \"median_s\": {median_s:.6e}, \"gflops\": {gflops:.3}, \"gbps\": {gbps:.3}, \
+             \"unfused_median_s\": {unfused_median_s:.6e}, \"speedup_vs_unfused\": {speedup:.3}, \
+             \"peak_extra_bytes\": {peak_extra_bytes}, \"unfused_extra_bytes\": {}, \"compile_s\": {compile_s:.6e}, \
+             \"threads\": 1, \"runs\": {runs}}}",
+            json_string(&written.name),
+            unfused.scratch_bytes(&extents)
+        );
+    } else {
+        println!("kernel {} ({runs} runs, medians, 1 thread)", written.name);
+        println!(
+            "  fused:    {:>10.3} ms  {gflops:>8.2} GFLOP/s  {gbps:>8.2} GB/s  scratch {peak_extra_bytes} bytes",
+            median_s * 1e3
+        );
+        println!("  unfused:  {:>10.3} ms  scratch {} bytes", unfused_median_s * 1e3, unfused.scratch_bytes(&extents));
+        println!("  speedup vs unfused: {speedup:.2}x");
+        println!("  source to callable kernel: {:.2} ms", compile_s * 1e3);
     }
     Ok(())
 }

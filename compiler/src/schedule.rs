@@ -25,12 +25,25 @@ pub enum BufferRole {
     Temp,
 }
 
+/// How a buffer stores one position of its tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Slot {
+    /// Every coordinate.
+    Full,
+    /// Only the current step of the streamed loop: the tensor is written and read within one step.
+    Current,
+    /// Two slots, the previous and the current iterate of a recurrence (coordinate modulo 2).
+    Alternate,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Buffer {
     pub tensor: TensorId,
     pub role: BufferRole,
     /// Whether some point may be undefined, so that a mask must be kept beside the values.
     pub masked: bool,
+    /// One per position of the tensor.
+    pub slots: Vec<Slot>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -73,9 +86,10 @@ pub fn schedule(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
                     None => BufferRole::Temp,
                 },
             };
-            Buffer { tensor: id, role, masked: masked[t] }
+            Buffer { tensor: id, role, masked: masked[t], slots: vec![Slot::Full; tensor.ranks.len()] }
         })
-        .collect();
+        .collect::<Vec<_>>();
+    let mut buffers = buffers;
     // The recurrence index of each iterative rank.
     let streamed: Vec<RankId> = cascade
         .tensors
@@ -114,10 +128,60 @@ pub fn schedule(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
             e += 1;
         }
         check_group(cascade, &group, index)?;
+        shrink_buffers(cascade, &group, index, &mut buffers);
         body.extend(hoisted.into_iter().map(|einsum| Node::Compute { einsum }));
         body.push(Node::Loop { index, body: group.into_iter().map(|einsum| Node::Compute { einsum }).collect() });
     }
     Ok(LoopProgram { cascade: cascade.clone(), buffers, body })
+}
+
+/// Buffers of the tensors a streamed loop makes and uses up keep only the current step (or, for a
+/// recurrence, the previous and current iterates), so that no buffer grows with the streamed rank.
+fn shrink_buffers(cascade: &Cascade, group: &[EinsumId], index: Index, buffers: &mut [Buffer]) {
+    let members: Vec<TensorId> = group.iter().map(|e| cascade.einsums[e.index()].target).collect();
+    for tensor in &members {
+        let t = cascade.tensor(*tensor);
+        let buffer = &mut buffers[tensor.index()];
+        if buffer.role != BufferRole::Temp {
+            continue;
+        }
+        let Some(position) = t.ranks.iter().position(|r| *r == index.rank) else { continue };
+        if t.ranks.iter().filter(|r| **r == index.rank).count() != 1 {
+            continue;
+        }
+        let iterative = matches!(t.kind, TensorKind::Defined { iterative: Some(k) } if k == position);
+        // Every read of the tensor: inside the loop at the current step, or (a recurrence) after
+        // it at the final iterate.
+        let mut fits = true;
+        for (e, einsum) in cascade.einsums.iter().enumerate() {
+            let inside = group.contains(&EinsumId::new(e));
+            let mut reads = einsum.body.accesses();
+            for cond in &einsum.filter {
+                reads.extend(cond.lhs.accesses());
+                reads.extend(cond.rhs.accesses());
+            }
+            for (read, subscripts) in reads {
+                if read != *tensor {
+                    continue;
+                }
+                let sub = &subscripts[position];
+                fits &= if inside {
+                    match sub {
+                        Affine::Index(i) => *i == index,
+                        Affine::Add(a, b) => {
+                            iterative && matches!((&**a, &**b), (Affine::Index(i), Affine::Const(1)) if *i == index)
+                        }
+                        _ => false,
+                    }
+                } else {
+                    iterative && matches!(sub, Affine::Extent(r) if *r == index.rank)
+                };
+            }
+        }
+        if fits {
+            buffer.slots[position] = if iterative { Slot::Alternate } else { Slot::Current };
+        }
+    }
 }
 
 /// Inside the loop over `index`, an Einsum may read a tensor of the loop only at the current
@@ -210,9 +274,16 @@ pub fn print_program(program: &LoopProgram) -> String {
             .ranks
             .iter()
             .enumerate()
-            .map(|(p, r)| match tensor.kind {
-                TensorKind::Defined { iterative: Some(k) } if k == p => format!("{} + 1", c.rank(*r).name),
-                _ => c.rank(*r).name.clone(),
+            .map(|(p, r)| {
+                let dim = match tensor.kind {
+                    TensorKind::Defined { iterative: Some(k) } if k == p => format!("{} + 1", c.rank(*r).name),
+                    _ => c.rank(*r).name.clone(),
+                };
+                match buffer.slots[p] {
+                    Slot::Full => dim,
+                    Slot::Current => format!("{dim}: current"),
+                    Slot::Alternate => format!("{dim}: 2 slots"),
+                }
             })
             .collect();
         let role = match buffer.role {
@@ -241,4 +312,30 @@ pub fn print_program(program: &LoopProgram) -> String {
     nodes(c, &program.body, 1, &mut out);
     writeln!(out, "}}").unwrap();
     out
+}
+
+/// The arithmetic a cascade does at `extents`: for every Einsum, its points (left-hand side and
+/// reduced indices) times the operations at each point, a reduction step counting as one. This is
+/// the cascade as written, so that a fused and an unfused kernel are measured against the same
+/// count; for attention it is the usual 4 * P * M * D.
+pub fn flop_count(cascade: &Cascade, extents: &[u64]) -> f64 {
+    fn ops(expr: &Expr, extents: &[u64]) -> f64 {
+        match expr {
+            Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Index(_) | Expr::Access { .. } => 0.0,
+            Expr::Unary(_, a) => 1.0 + ops(a, extents),
+            Expr::Binary(_, a, b) => 1.0 + ops(a, extents) + ops(b, extents),
+            Expr::Reduce { indices, body, .. } => {
+                let points: f64 = indices.iter().map(|i| extents[i.rank.index()] as f64).product();
+                points * (1.0 + ops(body, extents))
+            }
+        }
+    }
+    cascade
+        .einsums
+        .iter()
+        .map(|einsum| {
+            let points: f64 = einsum.lhs_indices().map(|i| extents[i.rank.index()] as f64).product();
+            points * ops(&einsum.body, extents)
+        })
+        .sum()
 }

@@ -12,7 +12,7 @@ use cranelift_frontend::{FunctionBuilder, Variable};
 use cranelift_module::{Linkage, Module};
 
 use crate::ir::*;
-use crate::schedule::{LoopProgram, Node};
+use crate::schedule::{LoopProgram, Node, Slot};
 
 /// Imported scalar helpers.
 pub struct Helpers {
@@ -218,25 +218,36 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     /// The element offset of `coords` in buffer `b`, clamped to 0 when out of range, and whether
     /// it is in range.
-    fn offset(&mut self, buffer: usize, coords: &[Value]) -> (Value, Value) {
+    fn offset(&mut self, buffer: usize, coords: &[Value], always_inside: &[bool]) -> (Value, Value) {
         let mut inside = self.one();
         let mut offset = self.b.ins().iconst(types::I64, 0);
+        let slots = self.program.buffers[buffer].slots.clone();
         for (d, c) in coords.iter().enumerate() {
-            let below = self.b.ins().icmp(IntCC::SignedLessThan, *c, self.dims[buffer][d]);
-            let nonneg = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, *c, 0);
-            inside = self.b.ins().band(inside, below);
-            inside = self.b.ins().band(inside, nonneg);
-            let term = self.b.ins().imul(*c, self.strides[buffer][d]);
+            if !always_inside[d] {
+                let below = self.b.ins().icmp(IntCC::SignedLessThan, *c, self.dims[buffer][d]);
+                let nonneg = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, *c, 0);
+                inside = self.b.ins().band(inside, below);
+                inside = self.b.ins().band(inside, nonneg);
+            }
+            let stored = match slots[d] {
+                Slot::Full => *c,
+                Slot::Current => continue,
+                Slot::Alternate => self.b.ins().band_imm_s(*c, 1),
+            };
+            let term = self.b.ins().imul(stored, self.strides[buffer][d]);
             offset = self.b.ins().iadd(offset, term);
+        }
+        if always_inside.iter().all(|a| *a) {
+            return (offset, inside);
         }
         let zero = self.b.ins().iconst(types::I64, 0);
         let offset = self.b.ins().select(inside, offset, zero);
         (offset, inside)
     }
 
-    fn load(&mut self, tensor: TensorId, coords: &[Value]) -> (Value, Value) {
+    fn load(&mut self, tensor: TensorId, coords: &[Value], always_inside: &[bool]) -> (Value, Value) {
         let buffer = tensor.index();
-        let (offset, inside) = self.offset(buffer, coords);
+        let (offset, inside) = self.offset(buffer, coords, always_inside);
         let bytes = self.b.ins().ishl_imm_s(offset, 2);
         let address = self.b.ins().iadd(self.values[buffer], bytes);
         let value = self.b.ins().load(types::F32, self.flags, address, 0);
@@ -274,7 +285,11 @@ impl<'a, 'f> Gen<'a, 'f> {
             }
             Expr::Access { tensor, subscripts } => {
                 let coords: Vec<Value> = subscripts.iter().map(|s| self.affine(s)).collect();
-                self.load(*tensor, &coords)
+                // A bare index of the position's rank is always in range.
+                let ranks = &self.cascade().tensor(*tensor).ranks;
+                let always: Vec<bool> =
+                    subscripts.iter().zip(ranks).map(|(s, r)| matches!(s, Affine::Index(i) if i.rank == *r)).collect();
+                self.load(*tensor, &coords, &always)
             }
             Expr::Unary(op, arg) => {
                 let (x, d) = self.expr(arg);
@@ -397,7 +412,8 @@ impl<'a, 'f> Gen<'a, 'f> {
         let zero = self.b.ins().f32const(0.0);
         let stored = self.b.ins().select(defined, value, zero);
         let buffer = einsum.target.index();
-        let (offset, _) = self.offset(buffer, &coords);
+        let always = vec![true; coords.len()];
+        let (offset, _) = self.offset(buffer, &coords, &always);
         let bytes = self.b.ins().ishl_imm_s(offset, 2);
         let address = self.b.ins().iadd(self.values[buffer], bytes);
         self.b.ins().store(self.flags, stored, address, 0);

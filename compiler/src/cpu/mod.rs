@@ -16,7 +16,7 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
 
 use crate::ir::*;
-use crate::schedule::{BufferRole, LoopProgram};
+use crate::schedule::{BufferRole, LoopProgram, Slot};
 use crate::shapes::tensor_shape;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -112,6 +112,24 @@ impl CpuKernel {
         &self.program.cascade
     }
 
+    /// The bytes of scratch memory (temporary buffers and masks) a call with `extents` allocates.
+    pub fn scratch_bytes(&self, extents: &[u64]) -> u64 {
+        let c = &self.program.cascade;
+        self.program
+            .buffers
+            .iter()
+            .map(|buffer| {
+                let len: u64 = stored_shape(&tensor_shape(c, buffer.tensor, extents), &buffer.slots)
+                    .iter()
+                    .product::<u64>()
+                    .max(1);
+                let values = if buffer.role == BufferRole::Temp { 4 * len } else { 0 };
+                let mask = if buffer.masked { len } else { 0 };
+                values + mask
+            })
+            .sum()
+    }
+
     /// Runs the kernel. `inputs` are dense row-major f32 arrays in the order of
     /// `Cascade::inputs`, already checked against `extents`; returns the outputs likewise.
     pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, CodegenError> {
@@ -122,13 +140,14 @@ impl CpuKernel {
         let mut strides: Vec<i64> = Vec::new();
         for buffer in &self.program.buffers {
             let shape = tensor_shape(c, buffer.tensor, extents);
+            let stored = stored_shape(&shape, &buffer.slots);
             let mut len: u64 = 1;
-            for n in &shape {
+            for n in &stored {
                 len = len.checked_mul(*n).ok_or_else(|| CodegenError::Run("a buffer's size overflows".into()))?;
             }
-            let mut stride = vec![1i64; shape.len()];
-            for d in (0..shape.len().saturating_sub(1)).rev() {
-                stride[d] = stride[d + 1] * shape[d + 1] as i64;
+            let mut stride = vec![1i64; stored.len()];
+            for d in (0..stored.len().saturating_sub(1)).rev() {
+                stride[d] = stride[d + 1] * stored[d + 1] as i64;
             }
             dims.extend(shape.iter().map(|n| *n as i64));
             strides.extend(stride);
@@ -178,6 +197,20 @@ impl CpuKernel {
         }
         Ok(outputs)
     }
+}
+
+/// The extents a buffer stores: a position kept for the current step only holds one, a recurrence
+/// kept as two slots holds two.
+fn stored_shape(shape: &[u64], slots: &[Slot]) -> Vec<u64> {
+    shape
+        .iter()
+        .zip(slots)
+        .map(|(n, slot)| match slot {
+            Slot::Full => *n,
+            Slot::Current => (*n).min(1),
+            Slot::Alternate => (*n).min(2),
+        })
+        .collect()
 }
 
 /// The f32 type, for tests of the helper signatures.
