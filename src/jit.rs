@@ -48,11 +48,20 @@ pub struct CompileOptions {
     pub params: Vec<(String, f64)>,
     /// Fail when an output holds an infinity or a NaN.
     pub check_finite: bool,
+    /// Threads each call uses (default: every core).
+    pub threads: usize,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { target: Target::Cpu, optimize: true, tile: 64, params: vec![], check_finite: true }
+        CompileOptions {
+            target: Target::Cpu,
+            optimize: true,
+            tile: 64,
+            params: vec![],
+            check_finite: true,
+            threads: crate::all_cores(),
+        }
     }
 }
 
@@ -67,6 +76,7 @@ pub struct Kernel {
     target: Target,
     cpu: Option<CpuKernel>,
     check_finite: bool,
+    threads: usize,
 }
 
 /// Compiles every kernel of `source`.
@@ -96,7 +106,13 @@ fn compile_program(program: Program, options: &CompileOptions) -> Result<Compile
             Target::Cpu => Some(crate::compile_cpu(&cascade)?),
             Target::Interp => None,
         };
-        kernels.push(Kernel { cascade, target: options.target, cpu, check_finite: options.check_finite });
+        kernels.push(Kernel {
+            cascade,
+            target: options.target,
+            cpu,
+            check_finite: options.check_finite,
+            threads: options.threads.max(1),
+        });
     }
     Ok(Compiled { kernels })
 }
@@ -174,7 +190,7 @@ impl Kernel {
                     })
                     .collect();
                 let slices: Vec<&[f32]> = rounded.iter().map(Vec::as_slice).collect();
-                let values = cpu.run(&extents, &slices)?;
+                let values = cpu.run_threads(&extents, &slices, self.threads)?;
                 let outputs: Vec<(String, Tensor)> = c
                     .outputs
                     .iter()

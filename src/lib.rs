@@ -168,11 +168,25 @@ pub struct RunOptions {
     /// Fail with `Error::NonFinite`, naming the tensor and the first bad coordinate, when an
     /// output holds an infinity or a NaN (on by default).
     pub check_finite: bool,
+    /// Threads for the CPU target (default: every core).
+    pub threads: usize,
+}
+
+/// Every core of the machine.
+pub fn all_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { bindings: vec![], params: vec![], inputs: vec![], seed: 0, check_finite: true }
+        RunOptions {
+            bindings: vec![],
+            params: vec![],
+            inputs: vec![],
+            seed: 0,
+            check_finite: true,
+            threads: all_cores(),
+        }
     }
 }
 
@@ -255,7 +269,7 @@ pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Ve
         Target::Cpu => {
             let kernel = compile_cpu(&cascade)?;
             let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
-            let outputs = kernel.run(&extents, &slices)?;
+            let outputs = kernel.run_threads(&extents, &slices, options.threads)?;
             let outputs: Vec<(String, Tensor)> = cascade
                 .outputs
                 .iter()

@@ -87,6 +87,9 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Write the gallery page and its pictures (as DOT) for the kernels of a folder.
     #[command(hide = true)]
@@ -156,6 +159,9 @@ struct RunArgs {
     /// The relative tolerance of `--check`.
     #[arg(long, default_value_t = 1e-4)]
     tolerance: f64,
+    /// Threads for the CPU target (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn split_assignment(text: &str) -> Result<(&str, &str), String> {
@@ -250,7 +256,9 @@ fn execute(command: Command) -> Result<(), Error> {
         Command::Analyze { file, kernel, json } => analyze(&file, kernel.as_deref(), json),
         Command::Explain { file, kernel } => explain(&file, kernel.as_deref()),
         Command::Run(args) => run(args),
-        Command::Bench { file, kernel, bindings, runs, json } => bench(&file, kernel.as_deref(), bindings, runs, json),
+        Command::Bench { file, kernel, bindings, runs, json, threads } => {
+            bench(&file, kernel.as_deref(), bindings, runs, json, threads.unwrap_or_else(einfuse::all_cores))
+        }
         Command::Gallery { examples, out } => {
             let gallery = einfuse::gallery::build(&examples)?;
             let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
@@ -453,6 +461,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
         inputs: vec![],
         seed: args.seed,
         check_finite: !args.allow_non_finite,
+        threads: args.threads.unwrap_or_else(einfuse::all_cores),
     };
     for (name, path) in &args.inputs {
         let Some(id) = kernel.tensor_by_name(name).filter(|id| kernel.inputs().contains(id)) else {
@@ -513,6 +522,7 @@ fn bench(
     bindings: Vec<(String, u64)>,
     runs: usize,
     json: bool,
+    threads: usize,
 ) -> Result<(), Error> {
     use std::time::Instant;
     let runs = runs.max(1);
@@ -546,11 +556,11 @@ fn bench(
     };
     let time = |k: &compiler::cpu::CpuKernel| -> Result<f64, Error> {
         let extents = extents_of(k)?;
-        k.run(&extents, &slices)?;
+        k.run_threads(&extents, &slices, threads)?;
         let mut samples = Vec::new();
         for _ in 0..runs {
             let start = Instant::now();
-            std::hint::black_box(k.run(&extents, &slices)?);
+            std::hint::black_box(k.run_threads(&extents, &slices, threads)?);
             samples.push(start.elapsed().as_secs_f64());
         }
         Ok(median(samples))
@@ -574,12 +584,12 @@ fn bench(
             "{{\"kernel\": {}, \"median_s\": {median_s:.6e}, \"gflops\": {gflops:.3}, \"gbps\": {gbps:.3}, \
              \"unfused_median_s\": {unfused_median_s:.6e}, \"speedup_vs_unfused\": {speedup:.3}, \
              \"peak_extra_bytes\": {peak_extra_bytes}, \"unfused_extra_bytes\": {}, \"compile_s\": {compile_s:.6e}, \
-             \"threads\": 1, \"runs\": {runs}}}",
+             \"threads\": {threads}, \"runs\": {runs}}}",
             json_string(&written.name),
             unfused.scratch_bytes(&extents)
         );
     } else {
-        println!("kernel {} ({runs} runs, medians, 1 thread)", written.name);
+        println!("kernel {} ({runs} runs, medians, {threads} thread(s))", written.name);
         println!(
             "  fused:    {:>10.3} ms  {gflops:>8.2} GFLOP/s  {gbps:>8.2} GB/s  scratch {peak_extra_bytes} bytes",
             median_s * 1e3

@@ -135,3 +135,33 @@ kernel attention_bf16 {
     assert!(error <= 1e-2, "{error:.3e}");
     let _ = DType::Bf16;
 }
+
+#[test]
+fn threads_split_a_batch_rank_and_give_the_same_outputs() {
+    for (name, sizes) in [
+        ("attention", [("M", 70u64), ("P", 37)]),
+        ("decode", [("M", 70), ("H", 5)]),
+        ("causal", [("M", 33), ("P", 40)]),
+    ] {
+        let cascade = corpus().into_iter().find(|k| k.name == name).unwrap();
+        let optimized = einfuse::optimize(&cascade).unwrap().cascade;
+        let bindings: Vec<(String, u64)> = sizes.iter().map(|(r, n)| (r.to_string(), *n)).collect();
+        let extents = bind_extents(&optimized, &bindings, &[]).unwrap();
+        assert!(einfuse::compiler::cpu::batch_rank(&optimized, &extents).is_some(), "{name} has no batch rank");
+        let inputs: Vec<Tensor> = optimized
+            .inputs()
+            .iter()
+            .enumerate()
+            .map(|(n, id)| {
+                let shape = tensor_shape(&optimized, *id, &extents).iter().map(|s| *s as usize).collect();
+                Tensor::random(DType::F32, shape, n as u64).unwrap()
+            })
+            .collect();
+        let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
+        let kernel = einfuse::compile_cpu(&optimized).unwrap();
+        let one = kernel.run(&extents, &slices).unwrap();
+        for threads in [2, 3, 64] {
+            assert_eq!(kernel.run_threads(&extents, &slices, threads).unwrap(), one, "{name} on {threads} threads");
+        }
+    }
+}

@@ -199,6 +199,140 @@ impl CpuKernel {
     }
 }
 
+/// A rank along which the kernel splits into independent calls: every Einsum binds its plain
+/// index on the left, none reduces it or reads it through an affine subscript, and every output
+/// has it. Of the candidates, the one with the largest extent.
+pub fn batch_rank(cascade: &Cascade, extents: &[u64]) -> Option<RankId> {
+    let mut best: Option<RankId> = None;
+    for (r, rank) in cascade.ranks.iter().enumerate() {
+        let id = RankId::new(r);
+        if matches!(rank.extent, Extent::Split { .. })
+            || cascade.split_pairs().iter().any(|(_, i, w)| *i == id || *w == id)
+        {
+            continue;
+        }
+        let plain = Index { rank: id, primes: 0 };
+        let mut ok = cascade.outputs.iter().all(|o| cascade.tensor(o.tensor).ranks.contains(&id));
+        for einsum in &cascade.einsums {
+            ok &= einsum.lhs.iter().any(|l| *l == Lhs::Index(plain));
+            ok &= einsum.lhs_indices().all(|i| i.rank != id || i == plain);
+            einsum.body.walk(&mut |e| match e {
+                Expr::Reduce { indices, .. } => ok &= indices.iter().all(|i| i.rank != id),
+                Expr::Access { tensor, subscripts } => {
+                    for (position, sub) in subscripts.iter().enumerate() {
+                        let mut mentions = false;
+                        sub.for_each_index(&mut |i| mentions |= i.rank == id);
+                        let at_rank = cascade.tensor(*tensor).ranks[position] == id;
+                        ok &= if mentions { at_rank && *sub == Affine::Index(plain) } else { !at_rank };
+                    }
+                }
+                Expr::Index(i) => ok &= i.rank != id,
+                Expr::Extent(r) => ok &= *r != id,
+                _ => {}
+            });
+            for cond in &einsum.filter {
+                let mut uses = false;
+                cond.lhs.walk(&mut |e| uses |= matches!(e, Expr::Index(i) if i.rank == id));
+                cond.rhs.walk(&mut |e| uses |= matches!(e, Expr::Index(i) if i.rank == id));
+                ok &= !uses;
+            }
+        }
+        if ok && best.is_none_or(|b| extents[r] > extents[b.index()]) {
+            best = Some(id);
+        }
+    }
+    best.filter(|b| extents[b.index()] > 1)
+}
+
+/// Copies the rows `range` of position `position` out of a row-major array of `shape`.
+fn slice_along(data: &[f32], shape: &[u64], position: usize, range: std::ops::Range<u64>) -> Vec<f32> {
+    let outer: u64 = shape[..position].iter().product();
+    let inner: u64 = shape[position + 1..].iter().product();
+    let n = shape[position];
+    let mut out = Vec::with_capacity((outer * (range.end - range.start) * inner) as usize);
+    for o in 0..outer {
+        let start = ((o * n + range.start) * inner) as usize;
+        let end = ((o * n + range.end) * inner) as usize;
+        out.extend_from_slice(&data[start..end]);
+    }
+    out
+}
+
+/// Writes `part` (rows `range` of `position`) into a row-major array of `shape`.
+fn place_along(data: &mut [f32], shape: &[u64], position: usize, range: std::ops::Range<u64>, part: &[f32]) {
+    let outer: u64 = shape[..position].iter().product();
+    let inner: u64 = shape[position + 1..].iter().product();
+    let n = shape[position];
+    let rows = ((range.end - range.start) * inner) as usize;
+    for o in 0..outer {
+        let start = ((o * n + range.start) * inner) as usize;
+        data[start..start + rows].copy_from_slice(&part[o as usize * rows..(o as usize + 1) * rows]);
+    }
+}
+
+impl CpuKernel {
+    /// Runs the kernel on `threads` threads: the calls on chunks of a batch rank (see
+    /// `batch_rank`) are independent, and run at once. With one thread, or no batch rank, this is
+    /// `run`.
+    pub fn run_threads(
+        &self,
+        extents: &[u64],
+        inputs: &[&[f32]],
+        threads: usize,
+    ) -> Result<Vec<Vec<f32>>, CodegenError> {
+        let c = &self.program.cascade;
+        let Some(batch) = batch_rank(c, extents).filter(|_| threads > 1) else {
+            return self.run(extents, inputs);
+        };
+        let total = extents[batch.index()];
+        let chunks = (threads as u64).min(total);
+        let ranges: Vec<std::ops::Range<u64>> =
+            (0..chunks).map(|k| (total * k / chunks)..(total * (k + 1) / chunks)).collect();
+        let input_ids = c.inputs();
+        let results: Vec<Result<Vec<Vec<f32>>, CodegenError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ranges
+                .iter()
+                .map(|range| {
+                    let range = range.clone();
+                    let input_ids = &input_ids;
+                    scope.spawn(move || {
+                        let mut sub_extents = extents.to_vec();
+                        sub_extents[batch.index()] = range.end - range.start;
+                        let parts: Vec<Vec<f32>> = input_ids
+                            .iter()
+                            .zip(inputs)
+                            .map(|(id, data)| {
+                                let shape = tensor_shape(c, *id, extents);
+                                match c.tensor(*id).ranks.iter().position(|r| *r == batch) {
+                                    Some(position) => slice_along(data, &shape, position, range.clone()),
+                                    None => data.to_vec(),
+                                }
+                            })
+                            .collect();
+                        let slices: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+                        self.run(&sub_extents, &slices)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        });
+        let mut outputs: Vec<Vec<f32>> = c
+            .outputs
+            .iter()
+            .map(|o| vec![0.0; tensor_shape(c, o.tensor, extents).iter().product::<u64>() as usize])
+            .collect();
+        for (range, result) in ranges.iter().zip(results) {
+            let parts = result?;
+            for ((output, data), part) in c.outputs.iter().zip(outputs.iter_mut()).zip(parts) {
+                let shape = tensor_shape(c, output.tensor, extents);
+                let position = c.tensor(output.tensor).ranks.iter().position(|r| *r == batch).expect("outputs have it");
+                place_along(data, &shape, position, range.clone(), &part);
+            }
+        }
+        Ok(outputs)
+    }
+}
+
 /// The extents a buffer stores: a position kept for the current step only holds one, a recurrence
 /// kept as two slots holds two.
 fn stored_shape(shape: &[u64], slots: &[Slot]) -> Vec<u64> {
