@@ -1,8 +1,10 @@
 //! Lowering the Loop IR to Cranelift IR: one function per kernel.
 //!
-//! The function takes five pointers: the buffers' values (`*mut f32` each), their masks (`*mut u8`,
-//! null for a buffer without one), the rank extents (`i64` each), and every buffer's dimensions and
-//! strides (`i64`, buffer after buffer). Every point of every buffer is written: an undefined point
+//! The function takes six pointers: the buffers' values (`*mut f32` each), their masks (`*mut u8`,
+//! null for a buffer without one), the rank extents (`i64` each), every buffer's dimensions and
+//! strides (`i64`, buffer after buffer), and per rank the coordinate of its first point (`i64`;
+//! non-zero when a call computes a chunk of a batch rank, so that an index used as a number is
+//! still the global coordinate). Every point of every buffer is written: an undefined point
 //! as value 0 with mask 0. Arithmetic is f32; a value travels with its definedness (an `i8`), and a
 //! read out of range reads nothing (its address is clamped and the result marked undefined).
 
@@ -61,6 +63,7 @@ pub struct Gen<'a, 'f> {
     pub values: Vec<Value>,
     pub masks: Vec<Option<Value>>,
     pub extents: Vec<Value>,
+    pub bases: Vec<Value>,
     pub dims: Vec<Vec<Value>>,
     pub strides: Vec<Vec<Value>>,
     pub env: Vec<(Index, Variable)>,
@@ -74,13 +77,15 @@ impl<'a, 'f> Gen<'a, 'f> {
     }
 
     /// Loads the tables in the entry block; `params` are the function's five arguments.
-    pub fn prologue(&mut self, params: [Value; 5]) {
-        let [values, masks, extents, dims, strides] = params;
+    pub fn prologue(&mut self, params: [Value; 6]) {
+        let [values, masks, extents, dims, strides, bases] = params;
         let flags = self.flags;
         let c = self.cascade();
         for r in 0..c.ranks.len() {
             let e = self.b.ins().load(types::I64, flags, extents, (r * 8) as i32);
             self.extents.push(e);
+            let base = self.b.ins().load(types::I64, flags, bases, (r * 8) as i32);
+            self.bases.push(base);
         }
         let offsets = table_offsets(self.program);
         for (b, buffer) in self.program.buffers.iter().enumerate() {
@@ -281,6 +286,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             }
             Expr::Index(i) => {
                 let v = self.index(*i);
+                let v = self.b.ins().iadd(v, self.bases[i.rank.index()]);
                 (self.b.ins().fcvt_from_sint(types::F32, v), self.one())
             }
             Expr::Access { tensor, subscripts } => {

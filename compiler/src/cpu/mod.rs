@@ -27,7 +27,7 @@ pub enum CodegenError {
     Run(String),
 }
 
-type KernelFn = unsafe extern "C" fn(*const *mut f32, *const *mut u8, *const i64, *const i64, *const i64);
+type KernelFn = unsafe extern "C" fn(*const *mut f32, *const *mut u8, *const i64, *const i64, *const i64, *const i64);
 
 /// A compiled kernel. The machine code is immutable once finalized, so a kernel can be called
 /// from several threads at once.
@@ -62,7 +62,7 @@ pub fn compile(program: &LoopProgram) -> Result<CpuKernel, CodegenError> {
     let mut module = JITModule::new(jit);
     let pointer = module.target_config().pointer_type();
     let mut signature = module.make_signature();
-    for _ in 0..5 {
+    for _ in 0..6 {
         signature.params.push(AbiParam::new(pointer));
     }
     let id = module
@@ -78,7 +78,7 @@ pub fn compile(program: &LoopProgram) -> Result<CpuKernel, CodegenError> {
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
-        let params: [cranelift_codegen::ir::Value; 5] = b.block_params(entry).try_into().expect("five parameters");
+        let params: [cranelift_codegen::ir::Value; 6] = b.block_params(entry).try_into().expect("six parameters");
         let mut g = codegen::Gen {
             b,
             program,
@@ -86,6 +86,7 @@ pub fn compile(program: &LoopProgram) -> Result<CpuKernel, CodegenError> {
             values: vec![],
             masks: vec![],
             extents: vec![],
+            bases: vec![],
             dims: vec![],
             strides: vec![],
             env: vec![],
@@ -133,6 +134,11 @@ impl CpuKernel {
     /// Runs the kernel. `inputs` are dense row-major f32 arrays in the order of
     /// `Cascade::inputs`, already checked against `extents`; returns the outputs likewise.
     pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, CodegenError> {
+        self.run_chunk(extents, inputs, &vec![0; extents.len()])
+    }
+
+    /// `run` for a chunk of a batch rank: `bases` holds each rank's first global coordinate.
+    fn run_chunk(&self, extents: &[u64], inputs: &[&[f32]], bases: &[i64]) -> Result<Vec<Vec<f32>>, CodegenError> {
         let c = &self.program.cascade;
         let mut values: Vec<Vec<f32>> = Vec::new();
         let mut masks: Vec<Vec<u8>> = Vec::new();
@@ -185,6 +191,7 @@ impl CpuKernel {
                 extents_i64.as_ptr(),
                 dims.as_ptr(),
                 strides.as_ptr(),
+                bases.as_ptr(),
             );
         }
         let mut outputs = vec![Vec::new(); c.outputs.len()];
@@ -200,8 +207,8 @@ impl CpuKernel {
 }
 
 /// A rank along which the kernel splits into independent calls: every Einsum binds its plain
-/// index on the left, none reduces it or reads it through an affine subscript, and every output
-/// has it. Of the candidates, the one with the largest extent.
+/// index on the left, none reduces it, reads it through an affine subscript or uses its extent,
+/// and every output has it. Of the candidates, the one with the largest extent.
 pub fn batch_rank(cascade: &Cascade, extents: &[u64]) -> Option<RankId> {
     let mut best: Option<RankId> = None;
     for (r, rank) in cascade.ranks.iter().enumerate() {
@@ -226,15 +233,16 @@ pub fn batch_rank(cascade: &Cascade, extents: &[u64]) -> Option<RankId> {
                         ok &= if mentions { at_rank && *sub == Affine::Index(plain) } else { !at_rank };
                     }
                 }
-                Expr::Index(i) => ok &= i.rank != id,
+                // An index used as a number is offset to its global coordinate by the call.
+                Expr::Index(i) => ok &= i.rank != id || *i == plain,
                 Expr::Extent(r) => ok &= *r != id,
                 _ => {}
             });
             for cond in &einsum.filter {
-                let mut uses = false;
-                cond.lhs.walk(&mut |e| uses |= matches!(e, Expr::Index(i) if i.rank == id));
-                cond.rhs.walk(&mut |e| uses |= matches!(e, Expr::Index(i) if i.rank == id));
-                ok &= !uses;
+                let mut uses_extent = false;
+                cond.lhs.walk(&mut |e| uses_extent |= matches!(e, Expr::Extent(r) if *r == id));
+                cond.rhs.walk(&mut |e| uses_extent |= matches!(e, Expr::Extent(r) if *r == id));
+                ok &= !uses_extent;
             }
         }
         if ok && best.is_none_or(|b| extents[r] > extents[b.index()]) {
@@ -310,7 +318,9 @@ impl CpuKernel {
                             })
                             .collect();
                         let slices: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
-                        self.run(&sub_extents, &slices)
+                        let mut bases = vec![0i64; extents.len()];
+                        bases[batch.index()] = range.start as i64;
+                        self.run_chunk(&sub_extents, &slices, &bases)
                     })
                 })
                 .collect();
