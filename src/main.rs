@@ -72,6 +72,19 @@ enum Command {
     },
     /// Run a kernel on random or given inputs.
     Run(RunArgs),
+    /// Compile a kernel ahead of time: an object file and a C header beside it.
+    Compile {
+        file: PathBuf,
+        /// The kernel (required when the file has several).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// The target (`cpu`: an object file for this machine).
+        #[arg(long, value_enum, default_value = "cpu")]
+        target: CompileTarget,
+        /// The object file to write; the header is written beside it with the extension `.h`.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Time a kernel on the CPU against the same cascade compiled as written (unfused).
     Bench {
         file: PathBuf,
@@ -113,6 +126,12 @@ enum Stage {
     Loops,
     /// The Cranelift IR of the CPU kernel (of the optimized cascade).
     Clif,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CompileTarget {
+    /// An object file for this machine (Cranelift), and a C header.
+    Cpu,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -256,6 +275,19 @@ fn execute(command: Command) -> Result<(), Error> {
         Command::Analyze { file, kernel, json } => analyze(&file, kernel.as_deref(), json),
         Command::Explain { file, kernel } => explain(&file, kernel.as_deref()),
         Command::Run(args) => run(args),
+        Command::Compile { file, kernel, target: CompileTarget::Cpu, output } => {
+            let program = Program::from_file(&file)?;
+            let optimized = einfuse::optimize(program.kernel(kernel.as_deref())?)?.cascade;
+            let loops = compiler::schedule::schedule(&optimized)?;
+            let object = compiler::cpu::compile_object(&loops)?;
+            let header = compiler::cpu::header::c_header(&loops);
+            let header_path = output.with_extension("h");
+            let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
+            std::fs::write(&output, object).map_err(|e| io(&output, e))?;
+            std::fs::write(&header_path, header).map_err(|e| io(&header_path, e))?;
+            println!("wrote {} and {}", output.display(), header_path.display());
+            Ok(())
+        }
         Command::Bench { file, kernel, bindings, runs, json, threads } => {
             bench(&file, kernel.as_deref(), bindings, runs, json, threads.unwrap_or_else(einfuse::all_cores))
         }

@@ -6,6 +6,7 @@
 //! vectorised schedules are tested against it and the interpreter alike.
 
 mod codegen;
+pub mod header;
 pub mod helpers;
 
 use cranelift_codegen::ir::{types, AbiParam, InstBuilder, UserFuncName};
@@ -45,35 +46,37 @@ pub struct CpuKernel {
 unsafe impl Send for CpuKernel {}
 unsafe impl Sync for CpuKernel {}
 
-/// Compiles a scheduled cascade.
-pub fn compile(program: &LoopProgram) -> Result<CpuKernel, CodegenError> {
+fn isa(pic: bool) -> Result<cranelift_codegen::isa::OwnedTargetIsa, CodegenError> {
     let internal = |e: String| CodegenError::Internal(e);
     let mut flags = settings::builder();
     flags.set("opt_level", "speed").map_err(|e| internal(e.to_string()))?;
-    flags.set("is_pic", "false").map_err(|e| internal(e.to_string()))?;
-    let isa = cranelift_native::builder()
+    flags.set("is_pic", if pic { "true" } else { "false" }).map_err(|e| internal(e.to_string()))?;
+    cranelift_native::builder()
         .map_err(|e| internal(e.to_string()))?
         .finish(settings::Flags::new(flags))
-        .map_err(|e| internal(e.to_string()))?;
-    let mut jit = JITBuilder::with_isa(isa, default_libcall_names());
-    for (name, pointer) in helpers::symbols() {
-        jit.symbol(name, pointer);
-    }
-    let mut module = JITModule::new(jit);
+        .map_err(|e| internal(e.to_string()))
+}
+
+/// Defines the kernel's function in `module`, under `symbol`; returns its id and its CLIF text.
+fn define<M: Module>(
+    module: &mut M,
+    program: &LoopProgram,
+    symbol: &str,
+    linkage: Linkage,
+) -> Result<(cranelift_module::FuncId, String), CodegenError> {
+    let internal = |e: String| CodegenError::Internal(e);
     let pointer = module.target_config().pointer_type();
     let mut signature = module.make_signature();
     for _ in 0..6 {
         signature.params.push(AbiParam::new(pointer));
     }
-    let id = module
-        .declare_function(&program.cascade.name, Linkage::Local, &signature)
-        .map_err(|e| internal(e.to_string()))?;
+    let id = module.declare_function(symbol, linkage, &signature).map_err(|e| internal(e.to_string()))?;
     let mut context: Context = module.make_context();
     context.func.signature = signature;
     context.func.name = UserFuncName::user(0, id.as_u32());
     let mut builder_context = FunctionBuilderContext::new();
     {
-        let helpers = codegen::declare_helpers(&mut module, &mut context.func).map_err(internal)?;
+        let helpers = codegen::declare_helpers(module, &mut context.func).map_err(internal)?;
         let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
@@ -101,11 +104,43 @@ pub fn compile(program: &LoopProgram) -> Result<CpuKernel, CodegenError> {
     let clif = context.func.display().to_string();
     module.define_function(id, &mut context).map_err(|e| internal(format!("{e:?}")))?;
     module.clear_context(&mut context);
+    Ok((id, clif))
+}
+
+/// Compiles a scheduled cascade, in memory.
+pub fn compile(program: &LoopProgram) -> Result<CpuKernel, CodegenError> {
+    let internal = |e: String| CodegenError::Internal(e);
+    let mut jit = JITBuilder::with_isa(isa(false)?, default_libcall_names());
+    for (name, pointer) in helpers::symbols() {
+        jit.symbol(name, pointer);
+    }
+    let mut module = JITModule::new(jit);
+    let (id, clif) = define(&mut module, program, &program.cascade.name, Linkage::Local)?;
     module.finalize_definitions().map_err(|e| internal(e.to_string()))?;
     let code = module.get_finalized_function(id);
-    // SAFETY: the function was declared with this signature (five pointer arguments, no result).
+    // SAFETY: the function was declared with this signature (six pointer arguments, no result).
     let function: KernelFn = unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
     Ok(CpuKernel { program: program.clone(), function, _module: module, clif })
+}
+
+/// The symbol of a kernel's raw function in an object file.
+pub fn object_symbol(cascade: &Cascade) -> String {
+    format!("einfuse_kernel_{}", cascade.name)
+}
+
+/// Compiles a scheduled cascade to an object file (ELF on Linux), exporting `object_symbol`. It
+/// imports the scalar helpers `einfuse_expf`, ... that `c_header` defines.
+pub fn compile_object(program: &LoopProgram) -> Result<Vec<u8>, CodegenError> {
+    let internal = |e: String| CodegenError::Internal(e);
+    let builder = cranelift_object::ObjectBuilder::new(
+        isa(true)?,
+        program.cascade.name.as_bytes().to_vec(),
+        default_libcall_names(),
+    )
+    .map_err(|e| internal(e.to_string()))?;
+    let mut module = cranelift_object::ObjectModule::new(builder);
+    define(&mut module, program, &object_symbol(&program.cascade), Linkage::Export)?;
+    module.finish().emit().map_err(|e| internal(e.to_string()))
 }
 
 impl CpuKernel {
