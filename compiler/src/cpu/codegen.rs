@@ -118,34 +118,49 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     /// `for index in 0..extent { body }`, with `index` bound in the environment.
     fn for_loop(&mut self, index: Index, extent: Value, body: &mut dyn FnMut(&mut Self)) {
-        let var = self.b.declare_var(types::I64);
         let zero = self.b.ins().iconst(types::I64, 0);
-        self.b.def_var(var, zero);
+        self.for_loop_from(index, zero, extent, 1, body);
+    }
+
+    /// `for index in (start..end).step_by(step) { body }`; with a step above 1, the body runs only
+    /// where `index + step <= end`, and the final value of the index is returned for a remainder.
+    pub fn for_loop_from(
+        &mut self,
+        index: Index,
+        start: Value,
+        end: Value,
+        step: i64,
+        body: &mut dyn FnMut(&mut Self),
+    ) -> Value {
+        let var = self.b.declare_var(types::I64);
+        self.b.def_var(var, start);
         let header = self.b.create_block();
         let inner = self.b.create_block();
         let exit = self.b.create_block();
         self.b.ins().jump(header, &[]);
         self.b.switch_to_block(header);
         let i = self.b.use_var(var);
-        let more = self.b.ins().icmp(IntCC::SignedLessThan, i, extent);
+        let last = self.b.ins().iadd_imm_s(i, step);
+        let more = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
         self.b.ins().brif(more, inner, &[], exit, &[]);
         self.b.switch_to_block(inner);
         self.env.push((index, var));
         body(self);
         self.env.pop();
         let i = self.b.use_var(var);
-        let next = self.b.ins().iadd_imm_s(i, 1);
+        let next = self.b.ins().iadd_imm_s(i, step);
         self.b.def_var(var, next);
         self.b.ins().jump(header, &[]);
         self.b.switch_to_block(exit);
+        self.b.use_var(var)
     }
 
-    fn index(&mut self, index: Index) -> Value {
+    pub(super) fn index(&mut self, index: Index) -> Value {
         let var = self.env.iter().rev().find(|(i, _)| *i == index).map(|(_, v)| *v).expect("a bound index");
         self.b.use_var(var)
     }
 
-    fn affine(&mut self, affine: &Affine) -> Value {
+    pub(super) fn affine(&mut self, affine: &Affine) -> Value {
         match affine {
             Affine::Const(c) => self.b.ins().iconst(types::I64, *c),
             Affine::Index(i) => self.index(*i),
@@ -169,13 +184,13 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
     }
 
-    fn one(&mut self) -> Value {
+    pub(super) fn one(&mut self) -> Value {
         self.b.ins().iconst(types::I8, 1)
     }
 
     /// Whether every split pair bound in the environment, with one of `new` in it, is inside its
     /// whole rank (all pairs when `new` is empty).
-    fn valid_pairs(&mut self, new: &[Index]) -> Value {
+    pub(super) fn valid_pairs(&mut self, new: &[Index]) -> Value {
         let mut ok = self.one();
         let pairs = self.cascade().split_pairs();
         let bound: Vec<Index> = self.env.iter().map(|(i, _)| *i).collect();
@@ -223,7 +238,7 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     /// The element offset of `coords` in buffer `b`, clamped to 0 when out of range, and whether
     /// it is in range.
-    fn offset(&mut self, buffer: usize, coords: &[Value], always_inside: &[bool]) -> (Value, Value) {
+    pub(super) fn offset(&mut self, buffer: usize, coords: &[Value], always_inside: &[bool]) -> (Value, Value) {
         let mut inside = self.one();
         let mut offset = self.b.ins().iconst(types::I64, 0);
         let slots = self.program.buffers[buffer].slots.clone();
@@ -250,7 +265,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         (offset, inside)
     }
 
-    fn load(&mut self, tensor: TensorId, coords: &[Value], always_inside: &[bool]) -> (Value, Value) {
+    pub(super) fn load(&mut self, tensor: TensorId, coords: &[Value], always_inside: &[bool]) -> (Value, Value) {
         let buffer = tensor.index();
         let (offset, inside) = self.offset(buffer, coords, always_inside);
         let bytes = self.b.ins().ishl_imm_s(offset, 2);
@@ -267,12 +282,16 @@ impl<'a, 'f> Gen<'a, 'f> {
         (value, defined)
     }
 
-    fn call(&mut self, func: FuncRef, x: Value) -> Value {
+    pub(super) fn call(&mut self, func: FuncRef, x: Value) -> Value {
         let call = self.b.ins().call(func, &[x]);
         self.b.inst_results(call)[0]
     }
 
     /// The value of an expression and whether it is defined.
+    pub(super) fn expr_scalar(&mut self, expr: &Expr) -> (Value, Value) {
+        self.expr(expr)
+    }
+
     fn expr(&mut self, expr: &Expr) -> (Value, Value) {
         match expr {
             Expr::Const(c) => (self.b.ins().f32const(*c as f32), self.one()),
@@ -382,6 +401,14 @@ impl<'a, 'f> Gen<'a, 'f> {
             return;
         };
         let extent = self.extents[first.rank.index()];
+        if rest.is_empty() && super::vector::vectorizable(self.program, einsum, *first) {
+            // Four points at a time along the innermost index, then the rest one by one.
+            let zero = self.b.ins().iconst(types::I64, 0);
+            let done = self
+                .for_loop_from(*first, zero, extent, super::vector::LANES, &mut |g| g.compute_vector(einsum, *first));
+            self.for_loop_from(*first, done, extent, 1, &mut |g| g.compute_point(einsum));
+            return;
+        }
         self.for_loop(*first, extent, &mut |g| g.compute_loops(einsum, rest));
     }
 

@@ -8,6 +8,7 @@
 mod codegen;
 pub mod header;
 pub mod helpers;
+mod vector;
 
 use cranelift_codegen::ir::{types, AbiParam, InstBuilder, UserFuncName};
 use cranelift_codegen::settings::{self, Configurable};

@@ -1,0 +1,289 @@
+//! Four points at a time: the innermost left-hand index of an Einsum in f32x4 lanes.
+//!
+//! An Einsum qualifies when its innermost index `v` is the last position of its target (so the
+//! four results are contiguous), and every read either does not mention `v` (one value, splatted)
+//! or has `v` as the bare last subscript (four contiguous values). Definedness travels as an
+//! i32x4 lane mask. Functions without a vector form (`exp`, ...) are called lane by lane.
+
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::{types, InstBuilder, Value};
+
+use super::codegen::Gen;
+use crate::ir::*;
+use crate::schedule::{LoopProgram, Slot};
+
+pub const LANES: i64 = 4;
+
+/// Whether `einsum` can compute four points along `v` at once.
+pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
+    let c = &program.cascade;
+    let last_is_v = einsum.lhs.last() == Some(&Lhs::Index(v));
+    let target_slot = program.buffers[einsum.target.index()].slots.last() == Some(&Slot::Full);
+    let in_split = c.split_pairs().iter().any(|(t, i, w)| v.rank == *t || v.rank == *i || v.rank == *w);
+    if !last_is_v || !target_slot || in_split {
+        return false;
+    }
+    let mut ok = true;
+    let mut check = |expr: &Expr| {
+        expr.walk(&mut |e| {
+            if let Expr::Access { tensor, subscripts } = e {
+                let n = subscripts.len();
+                for (p, sub) in subscripts.iter().enumerate() {
+                    let mut mentions = false;
+                    sub.for_each_index(&mut |i| mentions |= i == v);
+                    if mentions {
+                        let contiguous = p + 1 == n
+                            && *sub == Affine::Index(v)
+                            && program.buffers[tensor.index()].slots[p] == Slot::Full;
+                        ok &= contiguous;
+                    }
+                }
+            }
+        });
+    };
+    check(&einsum.body);
+    for cond in &einsum.filter {
+        check(&cond.lhs);
+        check(&cond.rhs);
+    }
+    ok
+}
+
+impl Gen<'_, '_> {
+    fn splat(&mut self, x: Value) -> Value {
+        self.b.ins().splat(types::F32X4, x)
+    }
+
+    /// A scalar definedness (i8) as a lane mask.
+    fn lanes(&mut self, defined: Value) -> Value {
+        let all = self.b.ins().iconst(types::I32, -1);
+        let none = self.b.ins().iconst(types::I32, 0);
+        let lane = self.b.ins().select(defined, all, none);
+        self.b.ins().splat(types::I32X4, lane)
+    }
+
+    fn as_floats(&mut self, mask: Value) -> Value {
+        self.b.ins().bitcast(
+            types::F32X4,
+            cranelift_codegen::ir::MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little),
+            mask,
+        )
+    }
+
+    /// Four points of `einsum` at `v`, `v + 1`, `v + 2`, `v + 3`.
+    pub fn compute_vector(&mut self, einsum: &Einsum, v: Index) {
+        let coords: Vec<Value> = einsum
+            .lhs
+            .iter()
+            .map(|lhs| match lhs {
+                Lhs::Index(i) => self.index(*i),
+                Lhs::Initial => self.b.ins().iconst(types::I64, 0),
+                Lhs::Next(i) => {
+                    let x = self.index(*i);
+                    self.b.ins().iadd_imm_s(x, 1)
+                }
+            })
+            .collect();
+        let valid = self.valid_pairs(&[]);
+        let mut ok = self.lanes(valid);
+        let passes = self.vconds(&einsum.filter, v);
+        ok = self.b.ins().band(ok, passes);
+        let (value, defined) = self.vexpr(&einsum.body, v);
+        let defined = self.b.ins().band(defined, ok);
+        let zero = self.b.ins().f32const(0.0);
+        let zero = self.splat(zero);
+        let mask_bits = self.as_floats(defined);
+        let stored = self.b.ins().bitselect(mask_bits, value, zero);
+        let buffer = einsum.target.index();
+        let always = vec![true; coords.len()];
+        let (offset, _) = self.offset(buffer, &coords, &always);
+        let bytes = self.b.ins().ishl_imm_s(offset, 2);
+        let address = self.b.ins().iadd(self.values[buffer], bytes);
+        self.b.ins().store(cranelift_codegen::ir::MemFlagsData::new().with_notrap(), stored, address, 0);
+        if let Some(mask) = self.masks[buffer] {
+            let address = self.b.ins().iadd(mask, offset);
+            for lane in 0..LANES as u8 {
+                let bit = self.b.ins().extractlane(defined, lane);
+                let byte = self.b.ins().band_imm_s(bit, 1);
+                self.b.ins().istore8(self.flags, byte, address, lane as i32);
+            }
+        }
+    }
+
+    fn vconds(&mut self, conds: &[Cond], v: Index) -> Value {
+        let one = self.one();
+        let mut ok = self.lanes(one);
+        for cond in conds {
+            let (a, da) = self.vexpr(&cond.lhs, v);
+            let (b, db) = self.vexpr(&cond.rhs, v);
+            let cc = match cond.op {
+                CmpOp::Lt => FloatCC::LessThan,
+                CmpOp::Le => FloatCC::LessThanOrEqual,
+                CmpOp::Gt => FloatCC::GreaterThan,
+                CmpOp::Ge => FloatCC::GreaterThanOrEqual,
+                CmpOp::Eq => FloatCC::Equal,
+                CmpOp::Ne => FloatCC::NotEqual,
+            };
+            let holds = self.b.ins().fcmp(cc, a, b);
+            let holds = self.b.ins().band(holds, da);
+            let holds = self.b.ins().band(holds, db);
+            ok = self.b.ins().band(ok, holds);
+        }
+        ok
+    }
+
+    fn mentions(expr: &Expr, v: Index) -> bool {
+        let mut found = false;
+        expr.walk(&mut |e| match e {
+            Expr::Index(i) => found |= *i == v,
+            Expr::Access { subscripts, .. } => {
+                for s in subscripts {
+                    s.for_each_index(&mut |i| found |= i == v);
+                }
+            }
+            _ => {}
+        });
+        found
+    }
+
+    /// Four lanes of an expression and their definedness.
+    fn vexpr(&mut self, expr: &Expr, v: Index) -> (Value, Value) {
+        if !Self::mentions(expr, v) && !matches!(expr, Expr::Reduce { .. }) {
+            let (x, d) = self.expr_scalar(expr);
+            let x = self.splat(x);
+            let d = self.lanes(d);
+            return (x, d);
+        }
+        let one = self.one();
+        match expr {
+            Expr::Index(_) => {
+                let i = self.index(v);
+                let i = self.b.ins().iadd(i, self.bases[v.rank.index()]);
+                let f = self.b.ins().fcvt_from_sint(types::F32, i);
+                let f = self.splat(f);
+                let steps =
+                    self.b.func.dfg.constants.insert(
+                        [0.0f32, 1.0, 2.0, 3.0].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into(),
+                    );
+                let steps = self.b.ins().vconst(types::F32X4, steps);
+                (self.b.ins().fadd(f, steps), self.lanes(one))
+            }
+            Expr::Access { tensor, subscripts } => {
+                let coords: Vec<Value> = subscripts.iter().map(|s| self.affine(s)).collect();
+                let ranks = &self.program.cascade.tensor(*tensor).ranks;
+                let always: Vec<bool> =
+                    subscripts.iter().zip(ranks).map(|(s, r)| matches!(s, Affine::Index(i) if i.rank == *r)).collect();
+                let buffer = tensor.index();
+                let (offset, inside) = self.offset(buffer, &coords, &always);
+                let bytes = self.b.ins().ishl_imm_s(offset, 2);
+                let address = self.b.ins().iadd(self.values[buffer], bytes);
+                let value = self.b.ins().load(
+                    types::F32X4,
+                    cranelift_codegen::ir::MemFlagsData::new().with_notrap(),
+                    address,
+                    0,
+                );
+                let mut defined = self.lanes(inside);
+                if let Some(mask) = self.masks[buffer] {
+                    let address = self.b.ins().iadd(mask, offset);
+                    let zero = self.b.ins().iconst(types::I32, 0);
+                    let mut lanes = self.b.ins().splat(types::I32X4, zero);
+                    for lane in 0..LANES as u8 {
+                        let byte = self.b.ins().uload8(types::I32, self.flags, address, lane as i32);
+                        let bit = self.b.ins().ineg(byte);
+                        lanes = self.b.ins().insertlane(lanes, bit, lane);
+                    }
+                    defined = self.b.ins().band(defined, lanes);
+                }
+                (value, defined)
+            }
+            Expr::Unary(op, arg) => {
+                let (x, d) = self.vexpr(arg, v);
+                let value = match op {
+                    UnaryOp::Neg => self.b.ins().fneg(x),
+                    UnaryOp::Abs => self.b.ins().fabs(x),
+                    UnaryOp::Sqrt => self.b.ins().sqrt(x),
+                    UnaryOp::Relu => {
+                        let zero = self.b.ins().f32const(0.0);
+                        let zero = self.splat(zero);
+                        self.b.ins().fmax(x, zero)
+                    }
+                    _ => {
+                        let func = match op {
+                            UnaryOp::Exp => self.helpers.exp,
+                            UnaryOp::Log => self.helpers.log,
+                            UnaryOp::Tanh => self.helpers.tanh,
+                            UnaryOp::Sigmoid => self.helpers.sigmoid,
+                            _ => self.helpers.softplus,
+                        };
+                        let mut out = x;
+                        for lane in 0..LANES as u8 {
+                            let xi = self.b.ins().extractlane(x, lane);
+                            let yi = self.call(func, xi);
+                            out = self.b.ins().insertlane(out, yi, lane);
+                        }
+                        out
+                    }
+                };
+                (value, d)
+            }
+            Expr::Binary(op, a, b) => {
+                let (x, dx) = self.vexpr(a, v);
+                let (y, dy) = self.vexpr(b, v);
+                let value = match op {
+                    BinaryOp::Add => self.b.ins().fadd(x, y),
+                    BinaryOp::Sub => self.b.ins().fsub(x, y),
+                    BinaryOp::Mul => self.b.ins().fmul(x, y),
+                    BinaryOp::Div => self.b.ins().fdiv(x, y),
+                    BinaryOp::Max => self.b.ins().fmax(x, y),
+                    BinaryOp::Min => self.b.ins().fmin(x, y),
+                };
+                (value, self.b.ins().band(dx, dy))
+            }
+            Expr::Reduce { op, indices, filter, body } => {
+                let acc = self.b.declare_var(types::F32X4);
+                let identity = self.b.ins().f32const(reduce_identity(*op) as f32);
+                let identity = self.splat(identity);
+                self.b.def_var(acc, identity);
+                self.vreduce(*op, indices, indices, filter, body, acc, v);
+                (self.b.use_var(acc), self.lanes(one))
+            }
+            Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) => unreachable!("handled as scalars"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn vreduce(
+        &mut self,
+        op: ReduceOp,
+        all: &[Index],
+        remaining: &[Index],
+        filter: &[Cond],
+        body: &Expr,
+        acc: cranelift_frontend::Variable,
+        v: Index,
+    ) {
+        let Some((first, rest)) = remaining.split_first() else {
+            let valid = self.valid_pairs(all);
+            let mut ok = self.lanes(valid);
+            let passes = self.vconds(filter, v);
+            ok = self.b.ins().band(ok, passes);
+            let (x, defined) = self.vexpr(body, v);
+            ok = self.b.ins().band(ok, defined);
+            let current = self.b.use_var(acc);
+            let next = match op {
+                ReduceOp::Sum => self.b.ins().fadd(current, x),
+                ReduceOp::Max => self.b.ins().fmax(current, x),
+                ReduceOp::Min => self.b.ins().fmin(current, x),
+            };
+            let bits = self.as_floats(ok);
+            let chosen = self.b.ins().bitselect(bits, next, current);
+            self.b.def_var(acc, chosen);
+            return;
+        };
+        let extent = self.extents[first.rank.index()];
+        let first = *first;
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.for_loop_from(first, zero, extent, 1, &mut |g| g.vreduce(op, all, rest, filter, body, acc, v));
+    }
+}
