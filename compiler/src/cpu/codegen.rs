@@ -16,6 +16,10 @@ use cranelift_module::{Linkage, Module};
 use crate::ir::*;
 use crate::schedule::{LoopProgram, Node, Slot};
 
+/// Definedness: `None` when a value is defined wherever it is computed, else an `i8` (or, in
+/// lanes, an `i32x4` mask).
+pub type Def = Option<Value>;
+
 /// Imported scalar helpers.
 pub struct Helpers {
     pub exp: FuncRef,
@@ -188,10 +192,18 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.b.ins().iconst(types::I8, 1)
     }
 
+    /// `a && b` for definedness: `None` is "always".
+    pub(super) fn and_def(&mut self, a: Def, b: Def) -> Def {
+        match (a, b) {
+            (None, x) | (x, None) => x,
+            (Some(x), Some(y)) => Some(self.b.ins().band(x, y)),
+        }
+    }
+
     /// Whether every split pair bound in the environment, with one of `new` in it, is inside its
-    /// whole rank (all pairs when `new` is empty).
-    pub(super) fn valid_pairs(&mut self, new: &[Index]) -> Value {
-        let mut ok = self.one();
+    /// whole rank (all pairs when `new` is empty); `None` when no pair applies.
+    pub(super) fn valid_pairs(&mut self, new: &[Index]) -> Def {
+        let mut ok: Def = None;
         let pairs = self.cascade().split_pairs();
         let bound: Vec<Index> = self.env.iter().map(|(i, _)| *i).collect();
         for (tile, inner, whole) in pairs {
@@ -209,14 +221,38 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let at = self.b.ins().imul(t, size);
                 let at = self.b.ins().iadd(at, m);
                 let inside = self.b.ins().icmp(IntCC::SignedLessThan, at, self.extents[whole.index()]);
-                ok = self.b.ins().band(ok, inside);
+                ok = self.and_def(ok, Some(inside));
             }
         }
         ok
     }
 
-    fn conds(&mut self, conds: &[Cond]) -> Value {
-        let mut ok = self.one();
+    /// Whether a subscript can never leave its position: a bare index of the position's rank, or
+    /// a split pair `m1 * M0 + m0` into its whole rank (whose validity is checked before any read).
+    pub(super) fn always_inside(&self, subscript: &Affine, rank: RankId) -> bool {
+        match subscript {
+            Affine::Index(i) => i.rank == rank,
+            Affine::Add(a, b) => match (&**a, &**b) {
+                (Affine::Mul(t, e), Affine::Index(i)) => match (&**t, &**e) {
+                    (Affine::Index(t), Affine::Extent(e)) => {
+                        self.cascade().split_pairs().iter().any(|(tile, inner, whole)| {
+                            t.rank == *tile
+                                && i.rank == *inner
+                                && *e == *inner
+                                && *whole == rank
+                                && t.primes == i.primes
+                        })
+                    }
+                    _ => false,
+                },
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    fn conds(&mut self, conds: &[Cond]) -> Def {
+        let mut ok: Def = None;
         for cond in conds {
             let (a, da) = self.expr(&cond.lhs);
             let (b, db) = self.expr(&cond.rhs);
@@ -229,43 +265,50 @@ impl<'a, 'f> Gen<'a, 'f> {
                 CmpOp::Ne => FloatCC::NotEqual,
             };
             let holds = self.b.ins().fcmp(cc, a, b);
-            let holds = self.b.ins().band(holds, da);
-            let holds = self.b.ins().band(holds, db);
-            ok = self.b.ins().band(ok, holds);
+            let holds = self.and_def(Some(holds), da);
+            let holds = self.and_def(holds, db);
+            ok = self.and_def(ok, holds);
         }
         ok
     }
 
     /// The element offset of `coords` in buffer `b`, clamped to 0 when out of range, and whether
-    /// it is in range.
-    pub(super) fn offset(&mut self, buffer: usize, coords: &[Value], always_inside: &[bool]) -> (Value, Value) {
-        let mut inside = self.one();
-        let mut offset = self.b.ins().iconst(types::I64, 0);
+    /// it is in range (`None`: always).
+    pub(super) fn offset(&mut self, buffer: usize, coords: &[Value], always_inside: &[bool]) -> (Value, Def) {
+        let mut inside: Def = None;
+        let mut offset: Option<Value> = None;
         let slots = self.program.buffers[buffer].slots.clone();
         for (d, c) in coords.iter().enumerate() {
             if !always_inside[d] {
                 let below = self.b.ins().icmp(IntCC::SignedLessThan, *c, self.dims[buffer][d]);
                 let nonneg = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, *c, 0);
-                inside = self.b.ins().band(inside, below);
-                inside = self.b.ins().band(inside, nonneg);
+                let both = self.b.ins().band(below, nonneg);
+                inside = self.and_def(inside, Some(both));
             }
             let stored = match slots[d] {
                 Slot::Full => *c,
                 Slot::Current => continue,
                 Slot::Alternate => self.b.ins().band_imm_s(*c, 1),
             };
-            let term = self.b.ins().imul(stored, self.strides[buffer][d]);
-            offset = self.b.ins().iadd(offset, term);
+            // The last position of a full buffer has stride 1.
+            let term = if d + 1 == coords.len() && slots[d] == Slot::Full {
+                stored
+            } else {
+                self.b.ins().imul(stored, self.strides[buffer][d])
+            };
+            offset = Some(match offset {
+                Some(o) => self.b.ins().iadd(o, term),
+                None => term,
+            });
         }
-        if always_inside.iter().all(|a| *a) {
-            return (offset, inside);
-        }
+        let offset = offset.unwrap_or_else(|| self.b.ins().iconst(types::I64, 0));
+        let Some(check) = inside else { return (offset, None) };
         let zero = self.b.ins().iconst(types::I64, 0);
-        let offset = self.b.ins().select(inside, offset, zero);
-        (offset, inside)
+        let offset = self.b.ins().select(check, offset, zero);
+        (offset, Some(check))
     }
 
-    pub(super) fn load(&mut self, tensor: TensorId, coords: &[Value], always_inside: &[bool]) -> (Value, Value) {
+    pub(super) fn load(&mut self, tensor: TensorId, coords: &[Value], always_inside: &[bool]) -> (Value, Def) {
         let buffer = tensor.index();
         let (offset, inside) = self.offset(buffer, coords, always_inside);
         let bytes = self.b.ins().ishl_imm_s(offset, 2);
@@ -275,7 +318,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             Some(mask) => {
                 let address = self.b.ins().iadd(mask, offset);
                 let m = self.b.ins().load(types::I8, self.flags, address, 0);
-                self.b.ins().band(m, inside)
+                self.and_def(Some(m), inside)
             }
             None => inside,
         };
@@ -287,33 +330,31 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.b.inst_results(call)[0]
     }
 
-    /// The value of an expression and whether it is defined.
-    pub(super) fn expr_scalar(&mut self, expr: &Expr) -> (Value, Value) {
+    pub(super) fn expr_scalar(&mut self, expr: &Expr) -> (Value, Def) {
         self.expr(expr)
     }
 
-    fn expr(&mut self, expr: &Expr) -> (Value, Value) {
+    /// The value of an expression and whether it is defined.
+    fn expr(&mut self, expr: &Expr) -> (Value, Def) {
         match expr {
-            Expr::Const(c) => (self.b.ins().f32const(*c as f32), self.one()),
+            Expr::Const(c) => (self.b.ins().f32const(*c as f32), None),
             Expr::Param(p) => {
                 let v = self.cascade().param(*p).value as f32;
-                (self.b.ins().f32const(v), self.one())
+                (self.b.ins().f32const(v), None)
             }
             Expr::Extent(r) => {
                 let e = self.extents[r.index()];
-                (self.b.ins().fcvt_from_sint(types::F32, e), self.one())
+                (self.b.ins().fcvt_from_sint(types::F32, e), None)
             }
             Expr::Index(i) => {
                 let v = self.index(*i);
                 let v = self.b.ins().iadd(v, self.bases[i.rank.index()]);
-                (self.b.ins().fcvt_from_sint(types::F32, v), self.one())
+                (self.b.ins().fcvt_from_sint(types::F32, v), None)
             }
             Expr::Access { tensor, subscripts } => {
                 let coords: Vec<Value> = subscripts.iter().map(|s| self.affine(s)).collect();
-                // A bare index of the position's rank is always in range.
-                let ranks = &self.cascade().tensor(*tensor).ranks;
-                let always: Vec<bool> =
-                    subscripts.iter().zip(ranks).map(|(s, r)| matches!(s, Affine::Index(i) if i.rank == *r)).collect();
+                let ranks = self.cascade().tensor(*tensor).ranks.clone();
+                let always: Vec<bool> = subscripts.iter().zip(&ranks).map(|(s, r)| self.always_inside(s, *r)).collect();
                 self.load(*tensor, &coords, &always)
             }
             Expr::Unary(op, arg) => {
@@ -345,16 +386,31 @@ impl<'a, 'f> Gen<'a, 'f> {
                     BinaryOp::Max => self.b.ins().fmax(x, y),
                     BinaryOp::Min => self.b.ins().fmin(x, y),
                 };
-                (v, self.b.ins().band(dx, dy))
+                (v, self.and_def(dx, dy))
             }
             Expr::Reduce { op, indices, filter, body } => {
                 let acc = self.b.declare_var(types::F32);
                 let identity = self.b.ins().f32const(reduce_identity(*op) as f32);
                 self.b.def_var(acc, identity);
                 self.reduce_loops(*op, indices, indices, filter, body, acc);
-                (self.b.use_var(acc), self.one())
+                (self.b.use_var(acc), None)
             }
         }
+    }
+
+    /// Runs `then` only where `condition` holds (always, when it is `None`).
+    pub(super) fn when(&mut self, condition: Def, then: &mut dyn FnMut(&mut Self)) {
+        let Some(condition) = condition else {
+            then(self);
+            return;
+        };
+        let inside = self.b.create_block();
+        let after = self.b.create_block();
+        self.b.ins().brif(condition, inside, &[], after, &[]);
+        self.b.switch_to_block(inside);
+        then(self);
+        self.b.ins().jump(after, &[]);
+        self.b.switch_to_block(after);
     }
 
     /// Loops over the `remaining` reduced indices, then folds the body into `acc` where the point
@@ -369,19 +425,24 @@ impl<'a, 'f> Gen<'a, 'f> {
         acc: Variable,
     ) {
         let Some((first, rest)) = remaining.split_first() else {
-            let mut ok = self.valid_pairs(all);
-            let passes = self.conds(filter);
-            ok = self.b.ins().band(ok, passes);
-            let (x, defined) = self.expr(body);
-            ok = self.b.ins().band(ok, defined);
-            let current = self.b.use_var(acc);
-            let next = match op {
-                ReduceOp::Sum => self.b.ins().fadd(current, x),
-                ReduceOp::Max => self.b.ins().fmax(current, x),
-                ReduceOp::Min => self.b.ins().fmin(current, x),
-            };
-            let chosen = self.b.ins().select(ok, next, current);
-            self.b.def_var(acc, chosen);
+            // Reads may rely on valid split pairs: evaluate nothing outside them.
+            let valid = self.valid_pairs(all);
+            self.when(valid, &mut |g| {
+                let passes = g.conds(filter);
+                let (x, defined) = g.expr(body);
+                let ok = g.and_def(passes, defined);
+                let current = g.b.use_var(acc);
+                let next = match op {
+                    ReduceOp::Sum => g.b.ins().fadd(current, x),
+                    ReduceOp::Max => g.b.ins().fmax(current, x),
+                    ReduceOp::Min => g.b.ins().fmin(current, x),
+                };
+                let chosen = match ok {
+                    Some(ok) => g.b.ins().select(ok, next, current),
+                    None => next,
+                };
+                g.b.def_var(acc, chosen);
+            });
             return;
         };
         let extent = self.extents[first.rank.index()];
@@ -425,34 +486,50 @@ impl<'a, 'f> Gen<'a, 'f> {
                 }
             })
             .collect();
-        let mut ok = self.valid_pairs(&[]);
-        let passes = self.conds(&einsum.filter);
-        ok = self.b.ins().band(ok, passes);
-        // Evaluate only where the point exists: a body may divide or read where it should not.
-        let then = self.b.create_block();
-        let join = self.b.create_block();
-        self.b.append_block_param(join, types::F32);
-        self.b.append_block_param(join, types::I8);
-        let zero = self.b.ins().f32const(0.0);
-        let no = self.b.ins().iconst(types::I8, 0);
-        self.b.ins().brif(ok, then, &[], join, &[zero.into(), no.into()]);
-        self.b.switch_to_block(then);
-        let (value, defined) = self.expr(&einsum.body);
-        self.b.ins().jump(join, &[value.into(), defined.into()]);
-        self.b.switch_to_block(join);
-        let value = self.b.block_params(join)[0];
-        let defined = self.b.block_params(join)[1];
-        let zero = self.b.ins().f32const(0.0);
-        let stored = self.b.ins().select(defined, value, zero);
+        let valid = self.valid_pairs(&[]);
         let buffer = einsum.target.index();
         let always = vec![true; coords.len()];
         let (offset, _) = self.offset(buffer, &coords, &always);
+        let (value, defined) = match valid {
+            None => self.point_value(einsum),
+            Some(valid) => {
+                // Evaluate only where the point exists: a body may read where it should not.
+                let then = self.b.create_block();
+                let join = self.b.create_block();
+                self.b.append_block_param(join, types::F32);
+                self.b.append_block_param(join, types::I8);
+                let zero = self.b.ins().f32const(0.0);
+                let no = self.b.ins().iconst(types::I8, 0);
+                self.b.ins().brif(valid, then, &[], join, &[zero.into(), no.into()]);
+                self.b.switch_to_block(then);
+                let (value, defined) = self.point_value(einsum);
+                let defined = defined.unwrap_or_else(|| self.one());
+                self.b.ins().jump(join, &[value.into(), defined.into()]);
+                self.b.switch_to_block(join);
+                (self.b.block_params(join)[0], Some(self.b.block_params(join)[1]))
+            }
+        };
+        let stored = match defined {
+            Some(d) => {
+                let zero = self.b.ins().f32const(0.0);
+                self.b.ins().select(d, value, zero)
+            }
+            None => value,
+        };
         let bytes = self.b.ins().ishl_imm_s(offset, 2);
         let address = self.b.ins().iadd(self.values[buffer], bytes);
         self.b.ins().store(self.flags, stored, address, 0);
         if let Some(mask) = self.masks[buffer] {
             let address = self.b.ins().iadd(mask, offset);
-            self.b.ins().store(self.flags, defined, address, 0);
+            let d = defined.unwrap_or_else(|| self.one());
+            self.b.ins().store(self.flags, d, address, 0);
         }
+    }
+
+    /// The value at the current point, where its split pairs are valid: the filter, then the body.
+    fn point_value(&mut self, einsum: &Einsum) -> (Value, Def) {
+        let passes = self.conds(&einsum.filter);
+        let (value, defined) = self.expr(&einsum.body);
+        (value, self.and_def(passes, defined))
     }
 }

@@ -6,9 +6,9 @@
 //! i32x4 lane mask. Functions without a vector form (`exp`, ...) are called lane by lane.
 
 use cranelift_codegen::ir::condcodes::FloatCC;
-use cranelift_codegen::ir::{types, InstBuilder, Value};
+use cranelift_codegen::ir::{types, Endianness, InstBuilder, MemFlagsData, Value};
 
-use super::codegen::Gen;
+use super::codegen::{Def, Gen};
 use crate::ir::*;
 use crate::schedule::{LoopProgram, Slot};
 
@@ -55,19 +55,16 @@ impl Gen<'_, '_> {
     }
 
     /// A scalar definedness (i8) as a lane mask.
-    fn lanes(&mut self, defined: Value) -> Value {
+    fn lanes(&mut self, defined: Def) -> Def {
+        let defined = defined?;
         let all = self.b.ins().iconst(types::I32, -1);
         let none = self.b.ins().iconst(types::I32, 0);
         let lane = self.b.ins().select(defined, all, none);
-        self.b.ins().splat(types::I32X4, lane)
+        Some(self.b.ins().splat(types::I32X4, lane))
     }
 
     fn as_floats(&mut self, mask: Value) -> Value {
-        self.b.ins().bitcast(
-            types::F32X4,
-            cranelift_codegen::ir::MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little),
-            mask,
-        )
+        self.b.ins().bitcast(types::F32X4, MemFlagsData::new().with_endianness(Endianness::Little), mask)
     }
 
     /// Four points of `einsum` at `v`, `v + 1`, `v + 2`, `v + 3`.
@@ -84,35 +81,74 @@ impl Gen<'_, '_> {
                 }
             })
             .collect();
-        let valid = self.valid_pairs(&[]);
-        let mut ok = self.lanes(valid);
-        let passes = self.vconds(&einsum.filter, v);
-        ok = self.b.ins().band(ok, passes);
-        let (value, defined) = self.vexpr(&einsum.body, v);
-        let defined = self.b.ins().band(defined, ok);
-        let zero = self.b.ins().f32const(0.0);
-        let zero = self.splat(zero);
-        let mask_bits = self.as_floats(defined);
-        let stored = self.b.ins().bitselect(mask_bits, value, zero);
         let buffer = einsum.target.index();
         let always = vec![true; coords.len()];
         let (offset, _) = self.offset(buffer, &coords, &always);
+        // The split pairs do not involve `v`: one answer for the four lanes. Where they are not
+        // valid, the lanes are undefined and nothing is read.
+        let valid = self.valid_pairs(&[]);
+        let (value, defined) = match valid {
+            None => self.vector_value(einsum, v),
+            Some(valid) => {
+                let then = self.b.create_block();
+                let join = self.b.create_block();
+                self.b.append_block_param(join, types::F32X4);
+                self.b.append_block_param(join, types::I32X4);
+                let zero = self.b.ins().f32const(0.0);
+                let zeros = self.splat(zero);
+                let none = self.b.ins().iconst(types::I32, 0);
+                let nones = self.b.ins().splat(types::I32X4, none);
+                self.b.ins().brif(valid, then, &[], join, &[zeros.into(), nones.into()]);
+                self.b.switch_to_block(then);
+                let (value, defined) = self.vector_value(einsum, v);
+                let defined = match defined {
+                    Some(d) => d,
+                    None => {
+                        let all = self.b.ins().iconst(types::I32, -1);
+                        self.b.ins().splat(types::I32X4, all)
+                    }
+                };
+                self.b.ins().jump(join, &[value.into(), defined.into()]);
+                self.b.switch_to_block(join);
+                (self.b.block_params(join)[0], Some(self.b.block_params(join)[1]))
+            }
+        };
+        let stored = match defined {
+            Some(d) => {
+                let zero = self.b.ins().f32const(0.0);
+                let zeros = self.splat(zero);
+                let bits = self.as_floats(d);
+                self.b.ins().bitselect(bits, value, zeros)
+            }
+            None => value,
+        };
         let bytes = self.b.ins().ishl_imm_s(offset, 2);
         let address = self.b.ins().iadd(self.values[buffer], bytes);
-        self.b.ins().store(cranelift_codegen::ir::MemFlagsData::new().with_notrap(), stored, address, 0);
+        self.b.ins().store(MemFlagsData::new().with_notrap(), stored, address, 0);
         if let Some(mask) = self.masks[buffer] {
             let address = self.b.ins().iadd(mask, offset);
             for lane in 0..LANES as u8 {
-                let bit = self.b.ins().extractlane(defined, lane);
-                let byte = self.b.ins().band_imm_s(bit, 1);
-                self.b.ins().istore8(self.flags, byte, address, lane as i32);
+                let byte = match defined {
+                    Some(d) => {
+                        let bit = self.b.ins().extractlane(d, lane);
+                        let byte = self.b.ins().band_imm_s(bit, 1);
+                        self.b.ins().ireduce(types::I8, byte)
+                    }
+                    None => self.one(),
+                };
+                self.b.ins().store(self.flags, byte, address, lane as i32);
             }
         }
     }
 
-    fn vconds(&mut self, conds: &[Cond], v: Index) -> Value {
-        let one = self.one();
-        let mut ok = self.lanes(one);
+    fn vector_value(&mut self, einsum: &Einsum, v: Index) -> (Value, Def) {
+        let passes = self.vconds(&einsum.filter, v);
+        let (value, defined) = self.vexpr(&einsum.body, v);
+        (value, self.and_def(passes, defined))
+    }
+
+    fn vconds(&mut self, conds: &[Cond], v: Index) -> Def {
+        let mut ok: Def = None;
         for cond in conds {
             let (a, da) = self.vexpr(&cond.lhs, v);
             let (b, db) = self.vexpr(&cond.rhs, v);
@@ -125,9 +161,9 @@ impl Gen<'_, '_> {
                 CmpOp::Ne => FloatCC::NotEqual,
             };
             let holds = self.b.ins().fcmp(cc, a, b);
-            let holds = self.b.ins().band(holds, da);
-            let holds = self.b.ins().band(holds, db);
-            ok = self.b.ins().band(ok, holds);
+            let holds = self.and_def(Some(holds), da);
+            let holds = self.and_def(holds, db);
+            ok = self.and_def(ok, holds);
         }
         ok
     }
@@ -147,14 +183,13 @@ impl Gen<'_, '_> {
     }
 
     /// Four lanes of an expression and their definedness.
-    fn vexpr(&mut self, expr: &Expr, v: Index) -> (Value, Value) {
+    fn vexpr(&mut self, expr: &Expr, v: Index) -> (Value, Def) {
         if !Self::mentions(expr, v) && !matches!(expr, Expr::Reduce { .. }) {
             let (x, d) = self.expr_scalar(expr);
             let x = self.splat(x);
             let d = self.lanes(d);
             return (x, d);
         }
-        let one = self.one();
         match expr {
             Expr::Index(_) => {
                 let i = self.index(v);
@@ -166,23 +201,17 @@ impl Gen<'_, '_> {
                         [0.0f32, 1.0, 2.0, 3.0].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into(),
                     );
                 let steps = self.b.ins().vconst(types::F32X4, steps);
-                (self.b.ins().fadd(f, steps), self.lanes(one))
+                (self.b.ins().fadd(f, steps), None)
             }
             Expr::Access { tensor, subscripts } => {
                 let coords: Vec<Value> = subscripts.iter().map(|s| self.affine(s)).collect();
-                let ranks = &self.program.cascade.tensor(*tensor).ranks;
-                let always: Vec<bool> =
-                    subscripts.iter().zip(ranks).map(|(s, r)| matches!(s, Affine::Index(i) if i.rank == *r)).collect();
+                let ranks = self.program.cascade.tensor(*tensor).ranks.clone();
+                let always: Vec<bool> = subscripts.iter().zip(&ranks).map(|(s, r)| self.always_inside(s, *r)).collect();
                 let buffer = tensor.index();
                 let (offset, inside) = self.offset(buffer, &coords, &always);
                 let bytes = self.b.ins().ishl_imm_s(offset, 2);
                 let address = self.b.ins().iadd(self.values[buffer], bytes);
-                let value = self.b.ins().load(
-                    types::F32X4,
-                    cranelift_codegen::ir::MemFlagsData::new().with_notrap(),
-                    address,
-                    0,
-                );
+                let value = self.b.ins().load(types::F32X4, MemFlagsData::new().with_notrap(), address, 0);
                 let mut defined = self.lanes(inside);
                 if let Some(mask) = self.masks[buffer] {
                     let address = self.b.ins().iadd(mask, offset);
@@ -193,7 +222,7 @@ impl Gen<'_, '_> {
                         let bit = self.b.ins().ineg(byte);
                         lanes = self.b.ins().insertlane(lanes, bit, lane);
                     }
-                    defined = self.b.ins().band(defined, lanes);
+                    defined = self.and_def(defined, Some(lanes));
                 }
                 (value, defined)
             }
@@ -238,7 +267,7 @@ impl Gen<'_, '_> {
                     BinaryOp::Max => self.b.ins().fmax(x, y),
                     BinaryOp::Min => self.b.ins().fmin(x, y),
                 };
-                (value, self.b.ins().band(dx, dy))
+                (value, self.and_def(dx, dy))
             }
             Expr::Reduce { op, indices, filter, body } => {
                 let acc = self.b.declare_var(types::F32X4);
@@ -246,7 +275,7 @@ impl Gen<'_, '_> {
                 let identity = self.splat(identity);
                 self.b.def_var(acc, identity);
                 self.vreduce(*op, indices, indices, filter, body, acc, v);
-                (self.b.use_var(acc), self.lanes(one))
+                (self.b.use_var(acc), None)
             }
             Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) => unreachable!("handled as scalars"),
         }
@@ -265,20 +294,25 @@ impl Gen<'_, '_> {
     ) {
         let Some((first, rest)) = remaining.split_first() else {
             let valid = self.valid_pairs(all);
-            let mut ok = self.lanes(valid);
-            let passes = self.vconds(filter, v);
-            ok = self.b.ins().band(ok, passes);
-            let (x, defined) = self.vexpr(body, v);
-            ok = self.b.ins().band(ok, defined);
-            let current = self.b.use_var(acc);
-            let next = match op {
-                ReduceOp::Sum => self.b.ins().fadd(current, x),
-                ReduceOp::Max => self.b.ins().fmax(current, x),
-                ReduceOp::Min => self.b.ins().fmin(current, x),
-            };
-            let bits = self.as_floats(ok);
-            let chosen = self.b.ins().bitselect(bits, next, current);
-            self.b.def_var(acc, chosen);
+            self.when(valid, &mut |g| {
+                let passes = g.vconds(filter, v);
+                let (x, defined) = g.vexpr(body, v);
+                let ok = g.and_def(passes, defined);
+                let current = g.b.use_var(acc);
+                let next = match op {
+                    ReduceOp::Sum => g.b.ins().fadd(current, x),
+                    ReduceOp::Max => g.b.ins().fmax(current, x),
+                    ReduceOp::Min => g.b.ins().fmin(current, x),
+                };
+                let chosen = match ok {
+                    Some(ok) => {
+                        let bits = g.as_floats(ok);
+                        g.b.ins().bitselect(bits, next, current)
+                    }
+                    None => next,
+                };
+                g.b.def_var(acc, chosen);
+            });
             return;
         };
         let extent = self.extents[first.rank.index()];
