@@ -14,6 +14,7 @@
 
 pub mod check;
 pub mod cpu;
+pub mod generate;
 pub mod graph;
 pub mod interp;
 pub mod ir;

@@ -105,34 +105,202 @@ pub fn schedule(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
             _ => None,
         })
     };
-    let mut body: Vec<Node> = Vec::new();
-    let mut e = 0;
-    while e < cascade.einsums.len() {
-        let Some(index) = binds_streamed(&cascade.einsums[e]) else {
-            body.push(Node::Compute { einsum: EinsumId::new(e) });
-            e += 1;
-            continue;
-        };
-        // The group: Einsums that bind this index, with initial values in between hoisted.
-        let mut group = Vec::new();
-        let mut hoisted = Vec::new();
-        while e < cascade.einsums.len() {
-            let einsum = &cascade.einsums[e];
-            if binds_streamed(einsum) == Some(index) {
-                group.push(EinsumId::new(e));
-            } else if einsum.is_initial() {
-                hoisted.push(EinsumId::new(e));
-            } else {
-                break;
-            }
-            e += 1;
-        }
-        check_group(cascade, &group, index)?;
-        shrink_buffers(cascade, &group, index, &mut buffers);
-        body.extend(hoisted.into_iter().map(|einsum| Node::Compute { einsum }));
-        body.push(Node::Loop { index, body: group.into_iter().map(|einsum| Node::Compute { einsum }).collect() });
-    }
+    let body = order_units(cascade, &binds_streamed, &mut buffers)?;
     Ok(LoopProgram { cascade: cascade.clone(), buffers, body })
+}
+
+/// Whether `einsum` reads `tensor` only at the current step of `index`: the bare index for a
+/// plain tensor, the index or the index plus one for a recurrence along it.
+fn reads_at_current_step(cascade: &Cascade, einsum: &Einsum, tensor: TensorId, index: Index) -> bool {
+    let t = cascade.tensor(tensor);
+    let iterative = matches!(t.kind, TensorKind::Defined { iterative: Some(_) });
+    let mut reads = einsum.body.accesses();
+    for cond in &einsum.filter {
+        reads.extend(cond.lhs.accesses());
+        reads.extend(cond.rhs.accesses());
+    }
+    reads.iter().filter(|(read, _)| *read == tensor).all(|(_, subscripts)| {
+        t.ranks.iter().zip(subscripts.iter()).all(|(rank, sub)| {
+            if *rank != index.rank {
+                return true;
+            }
+            match sub {
+                Affine::Index(i) => *i == index,
+                Affine::Add(a, b) if iterative => {
+                    matches!((&**a, &**b), (Affine::Index(i), Affine::Const(1)) if *i == index)
+                }
+                _ => false,
+            }
+        })
+    })
+}
+
+/// Orders the Einsums into loop nests. A recurrence runs in a streamed loop over its index;
+/// Einsums that bind the same index and feed it, or read it, at the same step join that loop when
+/// doing so keeps the order of loop nests acyclic and every read inside the loop at the current
+/// step; every other Einsum is its own loop nest. Units run in dependency order, ties broken by
+/// cascade order.
+fn order_units(
+    cascade: &Cascade,
+    binds_streamed: &dyn Fn(&Einsum) -> Option<Index>,
+    buffers: &mut [Buffer],
+) -> Result<Vec<Node>, ScheduleError> {
+    let n = cascade.einsums.len();
+    let reads_of = |e: usize| -> Vec<TensorId> {
+        let einsum = &cascade.einsums[e];
+        let mut reads: Vec<TensorId> = einsum.body.accesses().into_iter().map(|(t, _)| t).collect();
+        for cond in &einsum.filter {
+            reads.extend(cond.lhs.accesses().into_iter().map(|(t, _)| t));
+            reads.extend(cond.rhs.accesses().into_iter().map(|(t, _)| t));
+        }
+        reads.sort();
+        reads.dedup();
+        reads
+    };
+    let definitions = |t: TensorId| -> Vec<usize> { cascade.definitions(t).map(|(e, _)| e.index()).collect() };
+    // Start from the strongly connected components: a recurrence and what it reads at an earlier
+    // step (`SPD[m1] = RD[m1] * ...` with `RD[m1 + 1] = ... SPD[m1]`) form one unit.
+    let mut unit_of: Vec<usize> = (0..n).collect();
+    {
+        let mut graph: petgraph::graph::DiGraph<usize, ()> = petgraph::graph::DiGraph::new();
+        let nodes: Vec<_> = (0..n).map(|e| graph.add_node(e)).collect();
+        for e in 0..n {
+            for t in reads_of(e) {
+                for f in definitions(t) {
+                    graph.add_edge(nodes[e], nodes[f], ());
+                }
+            }
+        }
+        for component in petgraph::algo::tarjan_scc(&graph) {
+            let members: Vec<usize> = component.iter().map(|node| graph[*node]).collect();
+            let first = *members.iter().min().expect("non-empty");
+            for e in members {
+                unit_of[e] = first;
+            }
+        }
+    }
+    let looped = |unit_of: &[usize], u: usize| {
+        (0..n).any(|e| unit_of[e] == u && cascade.einsums[e].recurrence_index().is_some())
+    };
+    // Whether the units are acyclic and every loop reads its own members at the current step.
+    let acceptable = |unit_of: &[usize]| -> bool {
+        let mut depends: Vec<Vec<usize>> = vec![vec![]; n];
+        for e in 0..n {
+            let u = unit_of[e];
+            for t in reads_of(e) {
+                for f in definitions(t) {
+                    let v = unit_of[f];
+                    if v == u {
+                        let index = binds_streamed(&cascade.einsums[e]);
+                        let self_read = f == e || cascade.einsums[f].target == cascade.einsums[e].target;
+                        match index {
+                            Some(index)
+                                if !self_read && !reads_at_current_step(cascade, &cascade.einsums[e], t, index) =>
+                            {
+                                return false
+                            }
+                            _ => {}
+                        }
+                    } else if !depends[u].contains(&v) {
+                        depends[u].push(v);
+                    }
+                }
+            }
+        }
+        let mut done = vec![false; n];
+        let live: Vec<usize> = {
+            let mut l: Vec<usize> = unit_of.to_vec();
+            l.sort();
+            l.dedup();
+            l
+        };
+        for _ in 0..live.len() {
+            match live.iter().copied().find(|u| !done[*u] && depends[*u].iter().all(|v| done[*v])) {
+                Some(u) => done[u] = true,
+                None => return false,
+            }
+        }
+        true
+    };
+    // Grow the loops to a fixpoint, in cascade order.
+    loop {
+        let mut changed = false;
+        for e in 0..n {
+            let einsum = &cascade.einsums[e];
+            let Some(index) = binds_streamed(einsum) else { continue };
+            if einsum.is_initial() {
+                continue;
+            }
+            for t in reads_of(e) {
+                for f in definitions(t) {
+                    let other = &cascade.einsums[f];
+                    let (u, v) = (unit_of[e], unit_of[f]);
+                    if u == v || other.is_initial() || binds_streamed(other) != Some(index) {
+                        continue;
+                    }
+                    if !looped(&unit_of, u) && !looped(&unit_of, v) {
+                        continue;
+                    }
+                    if !reads_at_current_step(cascade, einsum, t, index) {
+                        continue;
+                    }
+                    let mut trial = unit_of.clone();
+                    for x in trial.iter_mut() {
+                        if *x == v {
+                            *x = u;
+                        }
+                    }
+                    if acceptable(&trial) {
+                        unit_of = trial;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    if !acceptable(&unit_of) {
+        let stuck = (0..n).find(|e| cascade.einsums[*e].recurrence_index().is_some()).unwrap_or(0);
+        return Err(ScheduleError::Unschedulable(cascade.einsum_label(EinsumId::new(stuck))));
+    }
+    // Emit the units in dependency order, the earliest first.
+    let mut units: Vec<usize> = unit_of.clone();
+    units.sort();
+    units.dedup();
+    let members = |u: usize| -> Vec<usize> { (0..n).filter(|e| unit_of[*e] == u).collect() };
+    let mut done: Vec<usize> = Vec::new();
+    let mut body = Vec::new();
+    while done.len() < units.len() {
+        let ready = units
+            .iter()
+            .copied()
+            .filter(|u| !done.contains(u))
+            .filter(|u| {
+                members(*u).iter().all(|e| {
+                    reads_of(*e)
+                        .into_iter()
+                        .all(|t| definitions(t).iter().all(|f| unit_of[*f] == *u || done.contains(&unit_of[*f])))
+                })
+            })
+            .min_by_key(|u| members(*u)[0]);
+        let Some(u) = ready else {
+            return Err(ScheduleError::Unschedulable(cascade.einsum_label(EinsumId::new(members(units[0])[0]))));
+        };
+        done.push(u);
+        let ids: Vec<EinsumId> = members(u).into_iter().map(EinsumId::new).collect();
+        let index = binds_streamed(&cascade.einsums[ids[0].index()]);
+        match (looped(&unit_of, u), index) {
+            (true, Some(index)) => {
+                check_group(cascade, &ids, index)?;
+                shrink_buffers(cascade, &ids, index, buffers);
+                body.push(Node::Loop { index, body: ids.into_iter().map(|einsum| Node::Compute { einsum }).collect() });
+            }
+            _ => body.extend(ids.into_iter().map(|einsum| Node::Compute { einsum })),
+        }
+    }
+    Ok(body)
 }
 
 /// Buffers of the tensors a streamed loop makes and uses up keep only the current step (or, for a

@@ -29,6 +29,12 @@ fn independent(k: &str, b: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
     }
 }
 
+/// `?a` depends on the index `?k` binds.
+fn depends(k: &str, a: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
+    let independent = independent(k, a);
+    move |egraph, id, subst| !independent(egraph, id, subst)
+}
+
 /// `?b` is > 0 wherever it is defined, or is a sum of positive terms (> 0 unless empty).
 fn positive_divisor(b: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
     let b = var(b);
@@ -59,9 +65,10 @@ pub fn rules() -> Vec<Rule> {
         rw!("defer-factor-left";  "(sum ?k (* ?a ?b))" => "(* ?a (sum ?k ?b))" if independent("?k", "?a")),
         rw!("defer-factor-right"; "(sum ?k (* ?b ?a))" => "(* (sum ?k ?b) ?a)" if independent("?k", "?a")),
         // The online (running-max) sum: one streaming pass computes sum_k exp(a - max_k a) * x.
-        rw!("online-sum-right"; "(sum ?k (* (exp (- ?a (rmax ?k ?a))) ?x))" => "(rsum ?k ?a ?x)"),
-        rw!("online-sum-left";  "(sum ?k (* ?x (exp (- ?a (rmax ?k ?a)))))" => "(rsum ?k ?a ?x)"),
-        rw!("online-sum-one";   "(sum ?k (exp (- ?a (rmax ?k ?a))))" => "(rsum ?k ?a 1)"),
+        // (Scores that do not vary along k need no running maximum.)
+        rw!("online-sum-right"; "(sum ?k (* (exp (- ?a (rmax ?k ?a))) ?x))" => "(rsum ?k ?a ?x)" if depends("?k", "?a")),
+        rw!("online-sum-left";  "(sum ?k (* ?x (exp (- ?a (rmax ?k ?a)))))" => "(rsum ?k ?a ?x)" if depends("?k", "?a")),
+        rw!("online-sum-one";   "(sum ?k (exp (- ?a (rmax ?k ?a))))" => "(rsum ?k ?a 1)" if depends("?k", "?a")),
         // Filters move inward through element-wise operations, so that a masked score and a
         // mask applied after the exponential meet in one form.
         rw!("filter-into-exp"; "(filt ?c (exp ?x))" => "(exp (filt ?c ?x))"),

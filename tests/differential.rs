@@ -1,0 +1,137 @@
+//! Differential testing with generated cascades: the interpreter on the cascade as written, the
+//! interpreter on the optimized cascade, and the CPU back end on both must agree. A failure prints
+//! the cascade as `.ein` with its extents and, when `EINFUSE_SAVE_REGRESSIONS` is set, saves it
+//! under `tests/regressions/`; every file there is run by `regressions_still_pass`.
+//!
+//! `cargo test --release --test differential -- --ignored` runs a longer campaign
+//! (`EINFUSE_DIFF_CASES`, default 5000 cascades).
+
+use einfuse::compiler::generate::{generate, Generated};
+use einfuse::compiler::interp::{interpret, InterpLimits};
+use einfuse::compiler::ir::Cascade;
+use einfuse::compiler::print::print_cascade;
+use einfuse::compiler::shapes::{bind_extents, tensor_shape};
+use einfuse::{DType, Tensor};
+
+fn inputs(cascade: &Cascade, extents: &[u64], seed: u64) -> Vec<Tensor> {
+    cascade
+        .inputs()
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            let shape = tensor_shape(cascade, *id, extents).iter().map(|s| *s as usize).collect();
+            Tensor::random(DType::F32, shape, seed * 31 + n as u64).unwrap()
+        })
+        .collect()
+}
+
+fn interp(cascade: &Cascade, bindings: &[(String, u64)], inputs: &[Tensor]) -> Vec<Vec<f64>> {
+    let extents = bind_extents(cascade, bindings, &[]).unwrap();
+    let data: Vec<Vec<f64>> = inputs.iter().map(Tensor::to_f64).collect();
+    let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
+    interpret(cascade, &extents, &slices, InterpLimits::default()).unwrap()
+}
+
+fn cpu(cascade: &Cascade, bindings: &[(String, u64)], inputs: &[Tensor]) -> Vec<Vec<f64>> {
+    let extents = bind_extents(cascade, bindings, &[]).unwrap();
+    let kernel = einfuse::compile_cpu(cascade).unwrap();
+    let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
+    kernel.run(&extents, &slices).unwrap().into_iter().map(|o| o.into_iter().map(|x| x as f64).collect()).collect()
+}
+
+fn agree(a: &[Vec<f64>], b: &[Vec<f64>], tolerance: f64) -> Result<(), String> {
+    for (o, (x, y)) in a.iter().zip(b).enumerate() {
+        if x.len() != y.len() {
+            return Err(format!("output {o}: {} vs {} elements", x.len(), y.len()));
+        }
+        for (i, (p, q)) in x.iter().zip(y).enumerate() {
+            let same =
+                (p.is_nan() && q.is_nan()) || p == q || (p - q).abs() <= tolerance * (1.0 + p.abs().max(q.abs()));
+            if !same {
+                return Err(format!("output {o}, element {i}: {p} vs {q}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs every path on one generated cascade.
+fn check(generated: &Generated) -> Result<(), String> {
+    let Generated { cascade, bindings } = generated;
+    let text = print_cascade(cascade);
+    let parsed = einfuse::compiler::compile_source(&text).map_err(|d| format!("does not check: {d:?}"))?;
+    if parsed[0] != *cascade {
+        return Err("printing does not round-trip".into());
+    }
+    let optimized = einfuse::optimize(cascade).map_err(|e| e.to_string())?.cascade;
+    let extents = bind_extents(cascade, bindings, &[]).map_err(|e| e.to_string())?;
+    let data = inputs(cascade, &extents, 7);
+    let reference = interp(cascade, bindings, &data);
+    agree(&reference, &interp(&optimized, bindings, &data), 1e-9).map_err(|e| format!("optimized interpreter: {e}"))?;
+    agree(&reference, &cpu(cascade, bindings, &data), 1e-4).map_err(|e| format!("cpu as written: {e}"))?;
+    agree(&reference, &cpu(&optimized, bindings, &data), 1e-4).map_err(|e| format!("cpu optimized: {e}"))?;
+    Ok(())
+}
+
+fn report(seed: u64, generated: &Generated, why: &str) -> String {
+    let bind: Vec<String> = generated.bindings.iter().map(|(r, n)| format!("{r}={n}")).collect();
+    let text = format!("# seed {seed}: {why}\n# bind: {}\n{}", bind.join(" "), print_cascade(&generated.cascade));
+    if std::env::var_os("EINFUSE_SAVE_REGRESSIONS").is_some() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/regressions");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("seed{seed}.ein")), &text).unwrap();
+    }
+    text
+}
+
+fn campaign(seeds: std::ops::Range<u64>) {
+    let mut failures = Vec::new();
+    for seed in seeds {
+        let generated = generate(seed);
+        let outcome = std::panic::catch_unwind(|| check(&generated)).unwrap_or_else(|panic| {
+            let text =
+                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(format!("panic: {}", text.unwrap_or_default()))
+        });
+        if let Err(why) = outcome {
+            failures.push(report(seed, &generated, &why));
+        }
+    }
+    assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn fixed_seed_differential_run() {
+    campaign(0..300);
+}
+
+#[test]
+#[ignore = "a long campaign: cargo test --release --test differential -- --ignored"]
+fn long_differential_run() {
+    let cases: u64 = std::env::var("EINFUSE_DIFF_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
+    let start = std::time::Instant::now();
+    campaign(1_000_000..1_000_000 + cases);
+    println!("{cases} cascades in {:.1} s", start.elapsed().as_secs_f64());
+}
+
+#[test]
+fn regressions_still_pass() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/regressions");
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    let mut files: Vec<_> = entries.map(|e| e.unwrap().path()).collect();
+    files.sort();
+    for path in files.into_iter().filter(|p| p.extension().is_some_and(|e| e == "ein")) {
+        let source = std::fs::read_to_string(&path).unwrap();
+        let bindings: Vec<(String, u64)> = source
+            .lines()
+            .find_map(|l| l.strip_prefix("# bind:"))
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|b| b.split_once('=').map(|(r, n)| (r.to_string(), n.parse().unwrap())))
+            .collect();
+        let cascade = einfuse::compiler::compile_source(&source).unwrap().remove(0);
+        if let Err(why) = check(&Generated { cascade, bindings }) {
+            panic!("{}: {why}", path.display());
+        }
+    }
+}
