@@ -215,6 +215,9 @@ pub fn dtype_of(elem: ElemType) -> DType {
     }
 }
 
+/// The largest random input `prepare_inputs` makes (4 GiB of f32).
+pub const MAX_RANDOM_ELEMENTS: usize = 1 << 30;
+
 /// The inputs a run will use: those given, converted to their declared storage type, and random
 /// ones for the rest. Also returns the bound extents.
 pub fn prepare_inputs(cascade: &Cascade, options: &RunOptions) -> Result<(Vec<u64>, Vec<Tensor>), Error> {
@@ -246,6 +249,14 @@ pub fn prepare_inputs(cascade: &Cascade, options: &RunOptions) -> Result<(Vec<u6
             Some(t) => t,
             None => {
                 let shape: Vec<usize> = tensor_shape(cascade, *id, &extents).iter().map(|n| *n as usize).collect();
+                let elements = runtime::tensor::element_count(&shape).unwrap_or(usize::MAX);
+                if elements > MAX_RANDOM_ELEMENTS {
+                    return Err(Error::Usage(format!(
+                        "input `{}` would have {elements} elements ({shape:?}); random inputs are limited to \
+                         {MAX_RANDOM_ELEMENTS}: give the tensor or smaller extents",
+                        tensor.name
+                    )));
+                }
                 let seed = options.seed.wrapping_mul(1_000_003).wrapping_add(number as u64);
                 Tensor::random(dtype, shape, seed).map_err(|e| Error::Usage(e.to_string()))?
             }

@@ -39,8 +39,34 @@ pub fn check_file(file: &ast::File) -> (Vec<Cascade>, Vec<Diagnostic>) {
     (cascades, diagnostics)
 }
 
+/// The most ranks, tensors and params, and the most Einsums, a kernel may declare.
+pub const MAX_DECLARATIONS: usize = 1024;
+pub const MAX_EINSUMS: usize = 4096;
+
 /// Checks one kernel.
 pub fn check_kernel(kernel: &ast::Kernel) -> Result<Cascade, Vec<Diagnostic>> {
+    let declarations: usize = kernel
+        .items
+        .iter()
+        .map(|item| match item {
+            ast::Item::Ranks(r) => r.len(),
+            ast::Item::Inputs(i) => i.len(),
+            ast::Item::Params(p) => p.len(),
+            _ => 0,
+        })
+        .sum();
+    let einsums = kernel.items.iter().filter(|i| matches!(i, ast::Item::Einsum(_))).count();
+    if declarations > MAX_DECLARATIONS || einsums > MAX_EINSUMS {
+        return Err(vec![err(
+            format!(
+                "kernel `{}` is too large: {declarations} declarations and {einsums} Einsums (the limits are \
+                 {MAX_DECLARATIONS} and {MAX_EINSUMS})",
+                kernel.name.text
+            ),
+            kernel.name.span,
+            "split it into several kernels",
+        )]);
+    }
     let mut checker = Checker::new(kernel);
     checker.declarations();
     checker.definitions();

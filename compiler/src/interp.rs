@@ -18,11 +18,13 @@ use crate::shapes::tensor_shape;
 pub struct InterpLimits {
     /// The most tensor elements held at once, over all tensors.
     pub max_elements: u64,
+    /// The most points (of Einsums and of reductions) evaluated in one run.
+    pub max_steps: u64,
 }
 
 impl Default for InterpLimits {
     fn default() -> Self {
-        InterpLimits { max_elements: 1 << 27 }
+        InterpLimits { max_elements: 1 << 27, max_steps: 1 << 32 }
     }
 }
 
@@ -36,6 +38,8 @@ pub enum InterpError {
     InputCount { expected: usize, found: usize },
     #[error("internal error: `{tensor}` depends on itself at the same point")]
     Cycle { tensor: String },
+    #[error("the interpreter would evaluate more than {limit} points; use smaller extents")]
+    TooManySteps { limit: u64 },
 }
 
 /// Evaluates `cascade`. `inputs` are in the order of `Cascade::inputs`; the result holds the
@@ -100,6 +104,9 @@ struct Interp<'a> {
     definitions: Vec<(Option<usize>, Option<usize>)>,
     /// For each rank: the split pairs it belongs to, as (tile rank, within-tile rank, whole rank).
     splits: Vec<Vec<(RankId, RankId, RankId)>>,
+    /// Points evaluated so far, and the limit.
+    steps: u64,
+    max_steps: u64,
 }
 
 fn interpret_here(
@@ -150,7 +157,7 @@ fn interpret_here(
         splits[pair.0.index()].push(pair);
         splits[pair.1.index()].push(pair);
     }
-    let mut interp = Interp { cascade, extents, stores, definitions, splits };
+    let mut interp = Interp { cascade, extents, stores, definitions, splits, steps: 0, max_steps: limits.max_steps };
     let mut defined: Vec<TensorId> = Vec::new();
     for einsum in &cascade.einsums {
         if !defined.contains(&einsum.target) {
@@ -230,7 +237,16 @@ impl Interp<'_> {
         Ok(value)
     }
 
+    fn step(&mut self) -> Result<(), InterpError> {
+        self.steps += 1;
+        if self.steps > self.max_steps {
+            return Err(InterpError::TooManySteps { limit: self.max_steps });
+        }
+        Ok(())
+    }
+
     fn compute(&mut self, tensor: TensorId, coords: &[i64]) -> Result<Option<f64>, InterpError> {
+        self.step()?;
         let (first, recurrence) = self.definitions[tensor.index()];
         let einsum_id = match self.cascade.tensor(tensor).kind {
             TensorKind::Defined { iterative: Some(k) } if coords[k] > 0 => recurrence,
@@ -327,6 +343,7 @@ impl Interp<'_> {
                 if ranges.iter().all(|n| *n > 0) {
                     env.extend(indices.iter().map(|i| (*i, 0)));
                     'points: loop {
+                        self.step()?;
                         if self.valid_pairs(env) {
                             let mut keep = true;
                             for cond in filter {

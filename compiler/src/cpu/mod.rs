@@ -29,6 +29,9 @@ pub enum CodegenError {
     Run(String),
 }
 
+/// The most memory one call may use for its buffers (inputs, outputs, scratch and masks).
+pub const MAX_CALL_BYTES: u64 = 16 << 30;
+
 type KernelFn = unsafe extern "C" fn(*const *mut f32, *const *mut u8, *const i64, *const i64, *const i64, *const i64);
 
 /// A compiled kernel. The machine code is immutable once finalized, so a kernel can be called
@@ -176,6 +179,24 @@ impl CpuKernel {
     /// `run` for a chunk of a batch rank: `bases` holds each rank's first global coordinate.
     fn run_chunk(&self, extents: &[u64], inputs: &[&[f32]], bases: &[i64]) -> Result<Vec<Vec<f32>>, CodegenError> {
         let c = &self.program.cascade;
+        // Refuse a call whose buffers would not fit, before allocating any.
+        let total: u64 = self
+            .program
+            .buffers
+            .iter()
+            .map(|b| {
+                let len = stored_shape(&tensor_shape(c, b.tensor, extents), &b.slots)
+                    .iter()
+                    .try_fold(1u64, |acc, n| acc.checked_mul(*n))
+                    .unwrap_or(u64::MAX);
+                len.saturating_mul(if b.masked { 5 } else { 4 })
+            })
+            .fold(0u64, |acc, n| acc.saturating_add(n));
+        if total > MAX_CALL_BYTES {
+            return Err(CodegenError::Run(format!(
+                "this call needs {total} bytes of buffers, more than the limit of {MAX_CALL_BYTES}"
+            )));
+        }
         let mut values: Vec<Vec<f32>> = Vec::new();
         let mut masks: Vec<Vec<u8>> = Vec::new();
         let mut dims: Vec<i64> = Vec::new();
