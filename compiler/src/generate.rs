@@ -49,6 +49,9 @@ struct Builder<'r> {
     /// Ranks that Einsums may bind freely (not the parts of a split).
     plain: Vec<RankId>,
     split: Option<(RankId, RankId, RankId)>,
+    /// Primes for the next explicit reduction of the current Einsum: every reduction gets its own
+    /// index, so that a filter names exactly one of them.
+    next_prime: u8,
 }
 
 /// Generates the cascade of seed `seed`.
@@ -87,7 +90,7 @@ pub fn generate(seed: u64) -> Generated {
     if rng.chance(50) {
         c.params.push(Param { name: "w".into(), value: 0.5 + rng.below(4) as f64 * 0.25 });
     }
-    let mut b = Builder { rng: &mut rng, c, plain, split };
+    let mut b = Builder { rng: &mut rng, c, plain, split, next_prime: 1 };
     let input_count = 1 + b.rng.below(3);
     for n in 0..input_count {
         let ranks = b.random_ranks(1);
@@ -110,7 +113,13 @@ pub fn generate(seed: u64) -> Generated {
     for t in &defined[defined.len() - outputs..] {
         b.c.outputs.push(Output { tensor: *t, elem: ElemType::F32 });
     }
-    Generated { cascade: b.c, bindings }
+    // The checker's form of the same cascade (it folds `-1` and the like), so that printing and
+    // checking again is the identity on what is returned.
+    let text = crate::print::print_cascade(&b.c);
+    let cascade = crate::compile_source(&text)
+        .map(|mut kernels| kernels.remove(0))
+        .unwrap_or_else(|d| panic!("generated cascade {seed} does not check: {d:?}\n{text}"));
+    Generated { cascade, bindings }
 }
 
 impl Builder<'_> {
@@ -135,6 +144,7 @@ impl Builder<'_> {
     }
 
     fn einsum(&mut self, n: usize) {
+        self.next_prime = 1;
         let lhs_ranks = if self.rng.chance(20) { vec![] } else { self.random_ranks(0) };
         let lhs: Vec<Index> = lhs_ranks.iter().map(|r| Self::index(*r)).collect();
         let use_split = self.split.is_some() && self.rng.chance(40);
@@ -192,6 +202,7 @@ impl Builder<'_> {
     /// sum: `S`, its maximum `G`, `N = exp(S - G)`, `D = sum N`, `Y = sum (N / D) * x`, sometimes
     /// with a filter on the scores.
     fn softmax(&mut self, n: usize) {
+        self.next_prime = 1;
         let r = *self.rng.pick(&self.plain.clone());
         let mut outer: Vec<Index> = self.random_ranks(0).into_iter().filter(|q| *q != r).map(Self::index).collect();
         outer.truncate(2);
@@ -334,7 +345,8 @@ impl Builder<'_> {
                 }
                 let r = *self.rng.pick(&others);
                 // A primed index, so that it never shadows a reduction of the plain one.
-                let reduced = Index { rank: r, primes: 1 };
+                let reduced = Index { rank: r, primes: self.next_prime };
+                self.next_prime += 1;
                 let mut inner_lhs = lhs.to_vec();
                 inner_lhs.push(reduced);
                 let body = self.expr(&inner_lhs, depth - 1, false);

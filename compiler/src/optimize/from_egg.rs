@@ -184,7 +184,7 @@ impl<'a> Emitter<'a> {
         let ranks = lhs.iter().map(|i| i.rank).collect();
         let subst = Subst::new();
         // The body first: the IR numbers tensors in the order of their first definition.
-        let (body, filter) = self.definition(root, &subst);
+        let (body, filter) = self.definition(root, &subst, lhs);
         self.reserved.remove(name);
         let target = self.add_tensor(name, ranks, None);
         self.push(target, lhs.iter().map(|i| Lhs::Index(*i)).collect(), body, filter);
@@ -193,10 +193,10 @@ impl<'a> Emitter<'a> {
 
     /// The body and output filter of a tensor defined as class `id`: a reduction or filter at
     /// the top becomes the Einsum's own reduction or filter.
-    fn definition(&mut self, id: Id, subst: &Subst) -> (Expr, Vec<Cond>) {
+    fn definition(&mut self, id: Id, subst: &Subst, lhs: &[Index]) -> (Expr, Vec<Cond>) {
         match (self.best)(id) {
             Ein::Filter([cond, body]) => {
-                let (body, mut filter) = self.definition(body, subst);
+                let (body, mut filter) = self.definition(body, subst, lhs);
                 let mut conds = Vec::new();
                 self.conds(cond, subst, &mut conds);
                 conds.append(&mut filter);
@@ -208,7 +208,7 @@ impl<'a> Emitter<'a> {
                     Ein::RMax(_) => ReduceOp::Max,
                     _ => ReduceOp::Min,
                 };
-                (self.reduction(op, k, body, subst), vec![])
+                (self.reduction(op, k, body, subst, lhs), vec![])
             }
             _ => (self.value(id, subst), vec![]),
         }
@@ -216,15 +216,21 @@ impl<'a> Emitter<'a> {
 
     /// A reduction over `k` (and directly nested reductions of the same kind), with the filters
     /// directly under it as the reducer's filter.
-    fn reduction(&mut self, op: ReduceOp, k: Id, body: Id, subst: &Subst) -> Expr {
-        let mut indices = Vec::new();
+    fn reduction(&mut self, op: ReduceOp, k: Id, body: Id, subst: &Subst, lhs: &[Index]) -> Expr {
+        let mut indices: Vec<Index> = Vec::new();
         let mut inner = subst.clone();
         let mut k = k;
         let mut body = body;
         loop {
             for symbol in self.free(k) {
-                inner.remove(&symbol);
-                indices.push(self.index(symbol));
+                // A reduced index must differ from the left-hand ones and from the other reduced
+                // ones: rename it (more primes) where it would clash.
+                let mut index = self.index(symbol);
+                while lhs.contains(&index) || indices.contains(&index) {
+                    index.primes += 1;
+                }
+                indices.push(index);
+                inner.insert(symbol, Affine::Index(index));
             }
             let same_kind = match ((self.best)(body), op) {
                 (Ein::Sum([k2, b2]), ReduceOp::Sum)
@@ -375,7 +381,7 @@ impl<'a> Emitter<'a> {
                 format!("T{}", self.counter)
             }
         };
-        let (body, filter) = self.definition(id, subst);
+        let (body, filter) = self.definition(id, subst, &lhs);
         let target = self.add_tensor(&base, lhs.iter().map(|i| i.rank).collect(), None);
         self.push(target, lhs.iter().map(|i| Lhs::Index(*i)).collect(), body, filter);
         self.memo.insert(key, target);

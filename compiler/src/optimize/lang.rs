@@ -151,6 +151,8 @@ pub struct Facts {
     pub constant: Option<Constant>,
     /// A sum or online sum of positive terms: > 0 exactly when its set is not empty.
     pub positive_unless_empty: bool,
+    /// Defined at every point of its indices (no filter, no read that can fall outside).
+    pub total: bool,
 }
 
 #[derive(Default)]
@@ -173,6 +175,16 @@ impl Analysis<Ein> for EinAnalysis {
             nonpositive: false,
             constant: None,
             positive_unless_empty: false,
+            total: match enode {
+                // A reduction is defined even over an empty set.
+                Ein::Sum(_) | Ein::RMax(_) | Ein::RMin(_) | Ein::RSum(_) => true,
+                Ein::Filter(_) => false,
+                // Reads through a bare index never fall outside their tensor.
+                Ein::In(children) => {
+                    children[1..].iter().all(|c| egraph[*c].nodes.iter().any(|n| matches!(n, Ein::Index(_))))
+                }
+                other => other.children().iter().all(|c| egraph[*c].data.total),
+            },
         };
         match enode {
             Ein::Num(c) => {
@@ -280,6 +292,7 @@ impl Analysis<Ein> for EinAnalysis {
         to.nonnegative |= from.nonnegative;
         to.nonpositive |= from.nonpositive;
         to.positive_unless_empty |= from.positive_unless_empty;
+        to.total |= from.total;
         if to.constant.is_none() {
             to.constant = from.constant;
         }

@@ -44,6 +44,13 @@ fn positive_divisor(b: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
     }
 }
 
+/// `?a` is defined at every point: moving it out of a reduction cannot turn an empty reduction
+/// (a value) into no value.
+fn total(a: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
+    let a = var(a);
+    move |egraph, _, subst| egraph[subst[a]].data.total
+}
+
 /// `?c` is > 0 wherever it is defined.
 fn positive(c: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
     let c = var(c);
@@ -60,10 +67,10 @@ pub fn rules() -> Vec<Rule> {
         // Deferring a per-fiber divisor past a reduction (FuseMax §IV-D). The filter keeps a row
         // whose set is empty at "no value" rather than 0 / 0.
         rw!("defer-division"; "(sum ?k (/ ?a ?b))" => "(filt (gt ?b 0) (/ (sum ?k ?a) ?b))"
-            if independent("?k", "?b") if positive_divisor("?b")),
+            if independent("?k", "?b") if positive_divisor("?b") if total("?b")),
         // The product form: an invariant factor leaves the sum (FuseMax Cascade 1 to 2).
-        rw!("defer-factor-left";  "(sum ?k (* ?a ?b))" => "(* ?a (sum ?k ?b))" if independent("?k", "?a")),
-        rw!("defer-factor-right"; "(sum ?k (* ?b ?a))" => "(* (sum ?k ?b) ?a)" if independent("?k", "?a")),
+        rw!("defer-factor-left";  "(sum ?k (* ?a ?b))" => "(* ?a (sum ?k ?b))" if independent("?k", "?a") if total("?a")),
+        rw!("defer-factor-right"; "(sum ?k (* ?b ?a))" => "(* (sum ?k ?b) ?a)" if independent("?k", "?a") if total("?a")),
         // The online (running-max) sum: one streaming pass computes sum_k exp(a - max_k a) * x.
         // (Scores that do not vary along k need no running maximum.)
         rw!("online-sum-right"; "(sum ?k (* (exp (- ?a (rmax ?k ?a))) ?x))" => "(rsum ?k ?a ?x)" if depends("?k", "?a")),
@@ -76,8 +83,8 @@ pub fn rules() -> Vec<Rule> {
         rw!("filter-into-mul"; "(filt ?c (* ?a ?b))" => "(* (filt ?c ?a) ?b)"),
         // A positive invariant factor or an invariant bias leaves a maximum.
         rw!("max-positive-factor"; "(rmax ?k (* ?a ?c))" => "(* (rmax ?k ?a) ?c)"
-            if independent("?k", "?c") if positive("?c")),
-        rw!("max-bias"; "(rmax ?k (+ ?a ?b))" => "(+ (rmax ?k ?a) ?b)" if independent("?k", "?b")),
+            if independent("?k", "?c") if positive("?c") if total("?c")),
+        rw!("max-bias"; "(rmax ?k (+ ?a ?b))" => "(+ (rmax ?k ?a) ?b)" if independent("?k", "?b") if total("?b")),
     ]
 }
 
