@@ -32,7 +32,7 @@ use std::path::Path;
 
 use crate::compiler::cpu::CpuKernel;
 use crate::compiler::ir::{Cascade, TensorKind};
-use crate::compiler::shapes::{bind_extents, tensor_shape, ShapeError};
+use crate::compiler::shapes::{bind_extents, ShapeError};
 use crate::{dtype_of, Error, Program, RunOptions, Target, Tensor};
 
 /// How to compile.
@@ -191,16 +191,7 @@ impl Kernel {
                     .collect();
                 let slices: Vec<&[f32]> = rounded.iter().map(Vec::as_slice).collect();
                 let values = cpu.run_threads(&extents, &slices, self.threads)?;
-                let outputs: Vec<(String, Tensor)> = c
-                    .outputs
-                    .iter()
-                    .zip(values)
-                    .map(|(output, values)| {
-                        let shape = tensor_shape(c, output.tensor, &extents).iter().map(|n| *n as usize).collect();
-                        let tensor = Tensor::new(dtype_of(output.elem), shape, values).expect("its shape");
-                        (c.tensor(output.tensor).name.clone(), tensor)
-                    })
-                    .collect();
+                let outputs = crate::output_tensors(c, &extents, values);
                 if self.check_finite {
                     crate::check_finite(&outputs)?;
                 }

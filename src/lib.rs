@@ -276,51 +276,38 @@ pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Ve
         }
     }
     let (extents, inputs) = prepare_inputs(&cascade, options)?;
-    let outputs = match target {
+    let values: Vec<Vec<f32>> = match target {
         Target::Cpu => {
             let kernel = compile_cpu(&cascade)?;
             let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
-            let outputs = kernel.run_threads(&extents, &slices, options.threads)?;
-            let outputs: Vec<(String, Tensor)> = cascade
-                .outputs
-                .iter()
-                .zip(outputs)
-                .map(|(output, values)| {
-                    let shape: Vec<usize> =
-                        tensor_shape(&cascade, output.tensor, &extents).iter().map(|n| *n as usize).collect();
-                    let tensor = Tensor::new(dtype_of(output.elem), shape, values).expect("output has its shape");
-                    (cascade.tensor(output.tensor).name.clone(), tensor)
-                })
-                .collect();
-            if options.check_finite {
-                check_finite(&outputs)?;
-            }
-            outputs
+            kernel.run_threads(&extents, &slices, options.threads)?
         }
         Target::Interp => {
             let data: Vec<Vec<f64>> = inputs.iter().map(Tensor::to_f64).collect();
             let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
             let outputs = interpret(&cascade, &extents, &slices, InterpLimits::default())?;
-            let outputs: Vec<(String, Tensor)> = cascade
-                .outputs
-                .iter()
-                .zip(outputs)
-                .map(|(output, values)| {
-                    let shape: Vec<usize> =
-                        tensor_shape(&cascade, output.tensor, &extents).iter().map(|n| *n as usize).collect();
-                    let values: Vec<f32> = values.into_iter().map(|x| x as f32).collect();
-                    let tensor =
-                        Tensor::new(dtype_of(output.elem), shape, values).expect("interpreter output has its shape");
-                    (cascade.tensor(output.tensor).name.clone(), tensor)
-                })
-                .collect();
-            if options.check_finite {
-                check_finite(&outputs)?;
-            }
-            outputs
+            outputs.into_iter().map(|o| o.into_iter().map(|x| x as f32).collect()).collect()
         }
     };
+    let outputs = output_tensors(&cascade, &extents, values);
+    if options.check_finite {
+        check_finite(&outputs)?;
+    }
     Ok(outputs)
+}
+
+/// Dense outputs as named tensors of their storage types.
+pub fn output_tensors(cascade: &Cascade, extents: &[u64], values: Vec<Vec<f32>>) -> Vec<(String, Tensor)> {
+    cascade
+        .outputs
+        .iter()
+        .zip(values)
+        .map(|(output, values)| {
+            let shape: Vec<usize> = tensor_shape(cascade, output.tensor, extents).iter().map(|n| *n as usize).collect();
+            let tensor = Tensor::new(dtype_of(output.elem), shape, values).expect("an output has its shape");
+            (cascade.tensor(output.tensor).name.clone(), tensor)
+        })
+        .collect()
 }
 
 /// Schedules and compiles a kernel for the CPU (the Cranelift back end).

@@ -1213,8 +1213,7 @@ pub fn dependency_cycles(cascade: &Cascade) -> Result<(), CycleProblem> {
     let mut graph: DiGraph<TensorId, (EinsumId, usize)> = DiGraph::new();
     let nodes: Vec<_> = (0..cascade.tensors.len()).map(|t| graph.add_node(TensorId::new(t))).collect();
     for (e, einsum) in cascade.einsums.iter().enumerate() {
-        for (access_number, (read, _)) in einsum.body.accesses().into_iter().chain(filter_accesses(einsum)).enumerate()
-        {
+        for (access_number, (read, _)) in einsum.reads().into_iter().enumerate() {
             graph.add_edge(nodes[read.index()], nodes[einsum.target.index()], (EinsumId::new(e), access_number));
         }
     }
@@ -1249,7 +1248,7 @@ pub fn dependency_cycles(cascade: &Cascade) -> Result<(), CycleProblem> {
                 continue;
             }
             let _ = e;
-            let reads = einsum.body.accesses().into_iter().chain(filter_accesses(einsum));
+            let reads = einsum.reads();
             if einsum.is_initial() {
                 // An initial value is iterate 0; it must not read the values that depend on it.
                 if reads.into_iter().any(|(read, _)| members.contains(&read)) {
@@ -1260,7 +1259,7 @@ pub fn dependency_cycles(cascade: &Cascade) -> Result<(), CycleProblem> {
             let Some((written_index, written_offset)) = coordinate_along(einsum, rank) else {
                 return Err(problem());
             };
-            for (read, subscripts) in einsum.body.accesses().into_iter().chain(filter_accesses(einsum)) {
+            for (read, subscripts) in einsum.reads() {
                 if !members.contains(&read) {
                     continue;
                 }
@@ -1299,15 +1298,6 @@ pub fn dependency_cycles(cascade: &Cascade) -> Result<(), CycleProblem> {
         }
     }
     Ok(())
-}
-
-fn filter_accesses(einsum: &Einsum) -> Vec<(TensorId, &[Affine])> {
-    let mut found = Vec::new();
-    for cond in &einsum.filter {
-        found.extend(cond.lhs.accesses());
-        found.extend(cond.rhs.accesses());
-    }
-    found
 }
 
 /// The index along `rank` that an Einsum binds on its left, and the offset of the written

@@ -15,12 +15,7 @@ pub fn dependency_graph(cascade: &Cascade) -> DiGraph<TensorId, ()> {
     let mut graph = DiGraph::new();
     let nodes: Vec<NodeIndex> = (0..cascade.tensors.len()).map(|t| graph.add_node(TensorId::new(t))).collect();
     for einsum in &cascade.einsums {
-        let mut reads: Vec<(TensorId, &[Affine])> = einsum.body.accesses();
-        for cond in &einsum.filter {
-            reads.extend(cond.lhs.accesses());
-            reads.extend(cond.rhs.accesses());
-        }
-        for (read, _) in reads {
+        for (read, _) in einsum.reads() {
             let (from, to) = (nodes[read.index()], nodes[einsum.target.index()]);
             if !graph.contains_edge(from, to) {
                 graph.add_edge(from, to, ());

@@ -150,6 +150,16 @@ impl Einsum {
         self.lhs.iter().any(|lhs| matches!(lhs, Lhs::Initial))
     }
 
+    /// Every tensor read of the Einsum, in its body and its filter, with the subscripts.
+    pub fn reads(&self) -> Vec<(TensorId, &[Affine])> {
+        let mut found = self.body.accesses();
+        for cond in &self.filter {
+            found.extend(cond.lhs.accesses());
+            found.extend(cond.rhs.accesses());
+        }
+        found
+    }
+
     pub fn recurrence_index(&self) -> Option<Index> {
         self.lhs.iter().find_map(|lhs| match lhs {
             Lhs::Next(index) => Some(*index),

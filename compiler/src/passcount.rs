@@ -230,16 +230,6 @@ fn iterate_read(cascade: &Cascade, read: TensorId, subscripts: &[Affine]) -> Ite
     }
 }
 
-/// Every read of an Einsum (body and filters), with its subscripts.
-fn reads(einsum: &Einsum) -> Vec<(TensorId, &[Affine])> {
-    let mut found = einsum.body.accesses();
-    for cond in &einsum.filter {
-        found.extend(cond.lhs.accesses());
-        found.extend(cond.rhs.accesses());
-    }
-    found
-}
-
 /// The ranks each tensor's value has consumed entirely (by a reduction, by reading a value that
 /// has, or by reading a final iterate), by fixpoint over the cascade.
 fn consumed_ranks(cascade: &Cascade) -> Vec<BTreeSet<Index>> {
@@ -253,7 +243,7 @@ fn consumed_ranks(cascade: &Cascade) -> Vec<BTreeSet<Index>> {
                     set.extend(indices.iter().copied());
                 }
             });
-            for (read, subscripts) in reads(einsum) {
+            for (read, subscripts) in einsum.reads() {
                 set.extend(consumed[read.index()].iter().copied());
                 if let IterateRead::Final(rank) = iterate_read(cascade, read, subscripts) {
                     set.insert(Index { rank, primes: 0 });
@@ -275,7 +265,7 @@ fn topological_order(cascade: &Cascade) -> Vec<TensorId> {
     let mut graph: DiGraph<TensorId, ()> = DiGraph::new();
     let nodes: Vec<_> = (0..cascade.tensors.len()).map(|t| graph.add_node(TensorId::new(t))).collect();
     for einsum in &cascade.einsums {
-        for (read, subscripts) in reads(einsum) {
+        for (read, subscripts) in einsum.reads() {
             if iterate_read(cascade, read, subscripts) != IterateRead::Earlier && read != einsum.target {
                 graph.update_edge(nodes[read.index()], nodes[einsum.target.index()], ());
             }
@@ -342,7 +332,7 @@ fn analyze_target(cascade: &Cascade, target: &Target, consumed: &[BTreeSet<Index
         for einsum in &cascade.einsums {
             let mut own = BTreeSet::new();
             let mut seen = BTreeSet::new();
-            for (read, subscripts) in reads(einsum) {
+            for (read, subscripts) in einsum.reads() {
                 if indexed(cascade, subscripts) {
                     own.extend(sources[read.index()].iter().copied());
                 }
@@ -364,14 +354,15 @@ fn analyze_target(cascade: &Cascade, target: &Target, consumed: &[BTreeSet<Index
     for tensor in order {
         for (id, einsum) in cascade.definitions(*tensor) {
             let covering = covers(einsum);
-            let fibers_read: BTreeSet<TensorId> = reads(einsum)
+            let fibers_read: BTreeSet<TensorId> = einsum
+                .reads()
                 .into_iter()
                 .filter(|(_, subscripts)| indexed(cascade, subscripts))
                 .flat_map(|(read, _)| sources[read.index()].iter().copied().collect::<Vec<_>>())
                 .collect();
             let mut level = 0;
             let mut cause = None;
-            for (read, subscripts) in reads(einsum) {
+            for (read, subscripts) in einsum.reads() {
                 let kind = iterate_read(cascade, read, subscripts);
                 if kind == IterateRead::Earlier || read == einsum.target {
                     continue;

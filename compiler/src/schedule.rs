@@ -114,12 +114,7 @@ pub fn schedule(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
 fn reads_at_current_step(cascade: &Cascade, einsum: &Einsum, tensor: TensorId, index: Index) -> bool {
     let t = cascade.tensor(tensor);
     let iterative = matches!(t.kind, TensorKind::Defined { iterative: Some(_) });
-    let mut reads = einsum.body.accesses();
-    for cond in &einsum.filter {
-        reads.extend(cond.lhs.accesses());
-        reads.extend(cond.rhs.accesses());
-    }
-    reads.iter().filter(|(read, _)| *read == tensor).all(|(_, subscripts)| {
+    einsum.reads().iter().filter(|(read, _)| *read == tensor).all(|(_, subscripts)| {
         t.ranks.iter().zip(subscripts.iter()).all(|(rank, sub)| {
             if *rank != index.rank {
                 return true;
@@ -147,12 +142,7 @@ fn order_units(
 ) -> Result<Vec<Node>, ScheduleError> {
     let n = cascade.einsums.len();
     let reads_of = |e: usize| -> Vec<TensorId> {
-        let einsum = &cascade.einsums[e];
-        let mut reads: Vec<TensorId> = einsum.body.accesses().into_iter().map(|(t, _)| t).collect();
-        for cond in &einsum.filter {
-            reads.extend(cond.lhs.accesses().into_iter().map(|(t, _)| t));
-            reads.extend(cond.rhs.accesses().into_iter().map(|(t, _)| t));
-        }
+        let mut reads: Vec<TensorId> = cascade.einsums[e].reads().into_iter().map(|(t, _)| t).collect();
         reads.sort();
         reads.dedup();
         reads
@@ -323,12 +313,7 @@ fn shrink_buffers(cascade: &Cascade, group: &[EinsumId], index: Index, buffers: 
         let mut fits = true;
         for (e, einsum) in cascade.einsums.iter().enumerate() {
             let inside = group.contains(&EinsumId::new(e));
-            let mut reads = einsum.body.accesses();
-            for cond in &einsum.filter {
-                reads.extend(cond.lhs.accesses());
-                reads.extend(cond.rhs.accesses());
-            }
-            for (read, subscripts) in reads {
+            for (read, subscripts) in einsum.reads() {
                 if read != *tensor {
                     continue;
                 }
@@ -358,12 +343,7 @@ fn check_group(cascade: &Cascade, group: &[EinsumId], index: Index) -> Result<()
     let members: Vec<TensorId> = group.iter().map(|e| cascade.einsums[e.index()].target).collect();
     for e in group {
         let einsum = &cascade.einsums[e.index()];
-        let mut reads = einsum.body.accesses();
-        for cond in &einsum.filter {
-            reads.extend(cond.lhs.accesses());
-            reads.extend(cond.rhs.accesses());
-        }
-        for (read, subscripts) in reads {
+        for (read, subscripts) in einsum.reads() {
             if !members.contains(&read) {
                 continue;
             }
@@ -405,12 +385,7 @@ pub fn may_be_undefined(cascade: &Cascade) -> Vec<bool> {
                 .iter()
                 .any(|(tile, inner, _)| lhs.iter().any(|i| i.rank == *tile) && lhs.iter().any(|i| i.rank == *inner));
             let mut partial = !einsum.filter.is_empty() || ragged || einsum.recurrence_index().is_some();
-            let mut reads = einsum.body.accesses();
-            for cond in &einsum.filter {
-                reads.extend(cond.lhs.accesses());
-                reads.extend(cond.rhs.accesses());
-            }
-            for (read, subscripts) in reads {
+            for (read, subscripts) in einsum.reads() {
                 let tensor = cascade.tensor(read);
                 let in_range = tensor.ranks.iter().zip(subscripts).all(|(rank, sub)| match sub {
                     Affine::Index(i) => i.rank == *rank,
