@@ -1,5 +1,8 @@
 //! Generated cascades (from the fuzzer's bytes as a seed) through the checker, the analysis and
-//! the optimizer: the result verifies and re-checks, and its pass counts are what it claimed.
+//! the optimizer: the result verifies and re-checks, and never needs more passes than the
+//! optimizer claimed. (The claim is computed on terms and can be higher than what the analysis
+//! finds on the cascade, which also traces fibers to the inputs they come from; on the examples
+//! the two are equal, a test checks it.)
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -20,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
         let report = einfuse::compiler::passcount::analyze(&result.cascade);
         for (rank, claimed) in &result.claimed_passes {
             if let Some(found) = report.passes(rank) {
-                assert_eq!(found, *claimed as usize, "rank {rank}");
+                assert!(found <= *claimed as usize, "rank {rank}: {found} passes, {claimed} claimed");
             }
         }
     }
