@@ -2,7 +2,9 @@
 # The demonstration, on softmax attention as the textbook writes it:
 #   1. check it, and count its passes over the keys (3), as written and after optimization (1);
 #   2. print the cascade the e-graph optimizer found (the FlashAttention-style 1-pass form);
-#   3. run both on the reference interpreter with the same random inputs and compare them.
+#   3. run both on the reference interpreter with the same random inputs and compare them;
+#   4. JIT-compile it for this CPU (Cranelift), run it against the interpreter, and time it
+#      against the same cascade compiled as written (unfused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,3 +33,9 @@ else
   $einfuse run $file --kernel attention --bind M=300 --bind P=16 --seed 1
   $einfuse run "$work/optimized.ein" --bind M=300 --bind P=16 --seed 1
 fi
+echo
+echo "== einfuse run $file --kernel attention --target cpu --bind M=300 --bind P=16 --seed 1 --check"
+$einfuse run $file --kernel attention --target cpu --bind M=300 --bind P=16 --seed 1 --check
+echo
+echo "== einfuse bench $file --kernel attention --bind M=2048 --bind P=256 --runs 3"
+$einfuse bench $file --kernel attention --bind M=2048 --bind P=256 --runs 3
