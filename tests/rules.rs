@@ -69,7 +69,7 @@ const RULES: &[(&str, &str, &str)] = &[
     (
         "defer-division",
         "D[p] = exp(B[p])\n Y[p] = sum[m](A[m, p] / D[p])\n output Y",
-        "D[p] = exp(B[p])\n Y[p] = sum[m](A[m, p]) / D[p] where D[p] > 0\n output Y",
+        "D[p] = exp(B[p])\n Y[p] = sum[m](A[m, p]) / max(D[p], 1.1754943508222875e-38)\n output Y",
     ),
     ("defer-factor-left", "Y[p] = sum[m](B[p] * A[m, p])\n output Y", "Y[p] = B[p] * sum[m](A[m, p])\n output Y"),
     ("defer-factor-right", "Y[p] = sum[m](A[m, p] * B[p])\n output Y", "Y[p] = sum[m](A[m, p]) * B[p]\n output Y"),

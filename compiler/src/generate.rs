@@ -160,7 +160,7 @@ impl Builder<'_> {
             if free.len() >= 2 && self.rng.chance(30) {
                 filter.push(Cond { lhs: Expr::Index(free[0]), op: CmpOp::Le, rhs: Expr::Index(free[1]) });
             }
-            Expr::Reduce { op, indices: free, filter, body: Box::new(body) }
+            clamp(op, Expr::Reduce { op, indices: free, filter, body: Box::new(body) })
         };
         let mut filter = Vec::new();
         if lhs.len() >= 2 && self.rng.chance(25) {
@@ -355,7 +355,7 @@ impl Builder<'_> {
                 if !lhs.is_empty() && self.rng.chance(30) {
                     filter.push(Cond { lhs: Expr::Index(reduced), op: CmpOp::Lt, rhs: Expr::Index(lhs[0]) });
                 }
-                Expr::Reduce { op, indices: vec![reduced], filter, body: Box::new(body) }
+                clamp(op, Expr::Reduce { op, indices: vec![reduced], filter, body: Box::new(body) })
             }
             _ => {
                 let op = *self.rng.pick(&[BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Max, BinaryOp::Min]);
@@ -405,6 +405,16 @@ impl Builder<'_> {
             }
         }
     }
+}
+
+/// A maximum or minimum over an empty set is infinite; clamped, the values stay finite (and the
+/// cascades free of `inf - inf`).
+fn clamp(op: ReduceOp, reduction: Expr) -> Expr {
+    if op == ReduceOp::Sum {
+        return reduction;
+    }
+    let low = Expr::Binary(BinaryOp::Max, Box::new(reduction), Box::new(Expr::Const(-1e6)));
+    Expr::Binary(BinaryOp::Min, Box::new(low), Box::new(Expr::Const(1e6)))
 }
 
 /// Indices the expression uses outside any reducer that binds them, and not in `lhs`.

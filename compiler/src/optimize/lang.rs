@@ -153,6 +153,9 @@ pub struct Facts {
     pub positive_unless_empty: bool,
     /// Defined at every point of its indices (no filter, no read that can fall outside).
     pub total: bool,
+    /// Never infinite or NaN for finite inputs: a maximum or minimum is not (over an empty set it
+    /// is infinite), nor is an infinite constant.
+    pub finite: bool,
 }
 
 #[derive(Default)]
@@ -175,6 +178,12 @@ impl Analysis<Ein> for EinAnalysis {
             nonpositive: false,
             constant: None,
             positive_unless_empty: false,
+            finite: match enode {
+                Ein::RMax(_) | Ein::RMin(_) => false,
+                Ein::Num(c) => c.value().is_finite(),
+                Ein::Div(_) => false,
+                other => other.children().iter().all(|c| egraph[*c].data.finite),
+            },
             total: match enode {
                 // A reduction is defined even over an empty set.
                 Ein::Sum(_) | Ein::RMax(_) | Ein::RMin(_) | Ein::RSum(_) => true,
@@ -293,6 +302,7 @@ impl Analysis<Ein> for EinAnalysis {
         to.nonpositive |= from.nonpositive;
         to.positive_unless_empty |= from.positive_unless_empty;
         to.total |= from.total;
+        to.finite |= from.finite;
         if to.constant.is_none() {
             to.constant = from.constant;
         }

@@ -51,6 +51,13 @@ fn total(a: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
     move |egraph, _, subst| egraph[subst[a]].data.total
 }
 
+/// `?a` is finite: moving it out of a reduction over an empty set gives `a * 0 = 0` or
+/// `-inf + a = -inf`, as the reduction as written does.
+fn finite(a: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
+    let a = var(a);
+    move |egraph, _, subst| egraph[subst[a]].data.finite
+}
+
 /// `?c` is > 0 wherever it is defined.
 fn positive(c: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
     let c = var(c);
@@ -64,13 +71,14 @@ pub fn rules() -> Vec<Rule> {
         // Division moves outward through products: (a / b) * c = (a * c) / b.
         rw!("div-out-of-mul-left";  "(* (/ ?a ?b) ?c)" => "(/ (* ?a ?c) ?b)"),
         rw!("div-out-of-mul-right"; "(* ?c (/ ?a ?b))" => "(/ (* ?c ?a) ?b)"),
-        // Deferring a per-fiber divisor past a reduction (FuseMax §IV-D). The filter keeps a row
-        // whose set is empty at "no value" rather than 0 / 0.
-        rw!("defer-division"; "(sum ?k (/ ?a ?b))" => "(filt (gt ?b 0) (/ (sum ?k ?a) ?b))"
+        // Deferring a per-fiber divisor past a reduction (FuseMax §IV-D). A divisor that is > 0
+        // unless its set is empty is 0 exactly when the sum is empty too: dividing by at least the
+        // smallest normal f32 keeps that row at 0, as the sum as written is, instead of 0 / 0.
+        rw!("defer-division"; "(sum ?k (/ ?a ?b))" => "(/ (sum ?k ?a) (max2 ?b 1.1754943508222875e-38))"
             if independent("?k", "?b") if positive_divisor("?b") if total("?b")),
         // The product form: an invariant factor leaves the sum (FuseMax Cascade 1 to 2).
-        rw!("defer-factor-left";  "(sum ?k (* ?a ?b))" => "(* ?a (sum ?k ?b))" if independent("?k", "?a") if total("?a")),
-        rw!("defer-factor-right"; "(sum ?k (* ?b ?a))" => "(* (sum ?k ?b) ?a)" if independent("?k", "?a") if total("?a")),
+        rw!("defer-factor-left";  "(sum ?k (* ?a ?b))" => "(* ?a (sum ?k ?b))" if independent("?k", "?a") if total("?a") if finite("?a")),
+        rw!("defer-factor-right"; "(sum ?k (* ?b ?a))" => "(* (sum ?k ?b) ?a)" if independent("?k", "?a") if total("?a") if finite("?a")),
         // The online (running-max) sum: one streaming pass computes sum_k exp(a - max_k a) * x.
         // (Scores that do not vary along k need no running maximum.)
         rw!("online-sum-right"; "(sum ?k (* (exp (- ?a (rmax ?k ?a))) ?x))" => "(rsum ?k ?a ?x)" if depends("?k", "?a")),
@@ -83,8 +91,8 @@ pub fn rules() -> Vec<Rule> {
         rw!("filter-into-mul"; "(filt ?c (* ?a ?b))" => "(* (filt ?c ?a) ?b)"),
         // A positive invariant factor or an invariant bias leaves a maximum.
         rw!("max-positive-factor"; "(rmax ?k (* ?a ?c))" => "(* (rmax ?k ?a) ?c)"
-            if independent("?k", "?c") if positive("?c") if total("?c")),
-        rw!("max-bias"; "(rmax ?k (+ ?a ?b))" => "(+ (rmax ?k ?a) ?b)" if independent("?k", "?b") if total("?b")),
+            if independent("?k", "?c") if positive("?c") if total("?c") if finite("?c")),
+        rw!("max-bias"; "(rmax ?k (+ ?a ?b))" => "(+ (rmax ?k ?a) ?b)" if independent("?k", "?b") if total("?b") if finite("?b")),
     ]
 }
 
@@ -102,7 +110,7 @@ pub fn describe(rule: &str) -> &'static str {
     match rule {
         "div-out-of-mul-left" => "(a / b) * c  =>  (a * c) / b",
         "div-out-of-mul-right" => "c * (a / b)  =>  (c * a) / b",
-        "defer-division" => "sum[k](a / b)  =>  sum[k](a) / b where b > 0   (b independent of k)",
+        "defer-division" => "sum[k](a / b)  =>  sum[k](a) / max(b, tiny)   (b independent of k, > 0 unless empty)",
         "defer-factor-left" => "sum[k](a * b)  =>  a * sum[k](b)   (a independent of k)",
         "defer-factor-right" => "sum[k](b * a)  =>  sum[k](b) * a   (a independent of k)",
         "online-sum-right" | "online-sum-left" => {
