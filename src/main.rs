@@ -394,6 +394,16 @@ fn explain(file: &Path, kernel: Option<&str>) -> Result<(), Error> {
             passes(&result.input_passes),
             passes(&result.claimed_passes)
         );
+        let steps = compiler::optimize::derivation(kernel, &compiler::optimize::OptimizeOptions::default());
+        if steps.len() > 1 {
+            println!(
+                "== derivation of the first output's term ({} rewrites; each line is the term after one)",
+                steps.len() - 1
+            );
+            for (n, step) in steps.iter().enumerate() {
+                println!("  {n:>2}: {step}");
+            }
+        }
         match &result.note {
             Some(note) => println!("== kept as written: {note}"),
             None => {

@@ -129,3 +129,15 @@ fn graph_and_emit_ast() {
     assert_eq!(ast.status.code(), Some(0));
     assert!(stdout(&ast).starts_with("(kernel attention_1pass"));
 }
+
+#[test]
+fn explain_shows_the_derivation() {
+    let output = einfuse(&["explain", "examples/attention.ein", "--kernel", "attention"]);
+    assert_eq!(output.status.code(), Some(0));
+    let text = stdout(&output);
+    for expected in
+        ["== rewrites", "Rewrite=> defer-division", "Rewrite=> online-sum-right", "== optimized", "RM[m1 + 1, p]"]
+    {
+        assert!(text.contains(expected), "missing {expected}:\n{text}");
+    }
+}

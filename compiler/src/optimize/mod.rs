@@ -214,3 +214,32 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
         .map_err(|e| OptimizeError::Internal(format!("{e}\n{}", crate::print::print_cascade(&optimized))))?;
     Ok(report(optimized, true, None))
 }
+
+/// The rewrites that turn the first output's term into the chosen one, step by step, as
+/// s-expressions (egg's explanations): each line is the whole term after one rewrite, with the
+/// rule that made it marked `(Rewrite=> rule ...)`. Empty when the cascade is outside what the
+/// optimizer handles.
+pub fn derivation(cascade: &Cascade, options: &OptimizeOptions) -> Vec<String> {
+    let Ok(translator) = to_egg::Translator::new(cascade) else { return vec![] };
+    let Some(output) = cascade.outputs.first() else { return vec![] };
+    let start = translator.tensor_term(output.tensor);
+    let mut rank_of: HashMap<Symbol, Symbol> = HashMap::new();
+    for (r, rank) in cascade.ranks.iter().enumerate() {
+        for primes in 0..4u8 {
+            let index = Index { rank: RankId::new(r), primes };
+            let role = format!("{}{}", rank.name, "'".repeat(primes as usize));
+            rank_of.insert(Symbol::from(cascade.index_name(index)), Symbol::from(role.as_str()));
+        }
+    }
+    let mut runner: Runner<Ein, EinAnalysis> = Runner::new(EinAnalysis)
+        .with_explanations_enabled()
+        .with_scheduler(SimpleScheduler)
+        .with_node_limit(options.node_limit)
+        .with_iter_limit(options.iter_limit)
+        .with_time_limit(options.time_limit)
+        .with_expr(&start)
+        .run(&rules::rules());
+    let root = runner.egraph.find(runner.roots[0]);
+    let best = Extractor::new(&runner.egraph, PassCostFunction { rank_of }).find_best(root).1;
+    runner.explain_equivalence(&start, &best).get_flat_strings()
+}
