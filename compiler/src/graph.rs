@@ -48,12 +48,16 @@ pub fn to_dot(cascade: &Cascade) -> String {
         )
         .unwrap();
     }
+    write_edges(&graph, &mut out);
+    writeln!(out, "}}").unwrap();
+    out
+}
+
+fn write_edges(graph: &DiGraph<TensorId, ()>, out: &mut String) {
     for edge in graph.edge_indices() {
         let (from, to) = graph.edge_endpoints(edge).expect("edge exists");
         writeln!(out, "  n{} -> n{};", from.index(), to.index()).unwrap();
     }
-    writeln!(out, "}}").unwrap();
-    out
 }
 
 /// Fill colours for passes 1, 2, 3, ... (repeating).
@@ -99,10 +103,7 @@ pub fn to_dot_with_passes(cascade: &Cascade, report: &crate::passcount::PassRepo
         )
         .unwrap();
     }
-    for edge in graph.edge_indices() {
-        let (from, to) = graph.edge_endpoints(edge).expect("edge exists");
-        writeln!(out, "  n{} -> n{};", from.index(), to.index()).unwrap();
-    }
+    write_edges(&graph, &mut out);
     for extra in &passes.extra {
         let reader = cascade.einsums[extra.reader.index()].target;
         writeln!(

@@ -343,25 +343,8 @@ fn check_group(cascade: &Cascade, group: &[EinsumId], index: Index) -> Result<()
     let members: Vec<TensorId> = group.iter().map(|e| cascade.einsums[e.index()].target).collect();
     for e in group {
         let einsum = &cascade.einsums[e.index()];
-        for (read, subscripts) in einsum.reads() {
-            if !members.contains(&read) {
-                continue;
-            }
-            let tensor = cascade.tensor(read);
-            let iterative = matches!(tensor.kind, TensorKind::Defined { iterative: Some(_) });
-            let ok = tensor.ranks.iter().zip(subscripts).all(|(rank, sub)| {
-                if *rank != index.rank {
-                    return true;
-                }
-                match sub {
-                    Affine::Index(i) => *i == index,
-                    Affine::Add(a, b) if iterative => {
-                        matches!((&**a, &**b), (Affine::Index(i), Affine::Const(1)) if *i == index)
-                    }
-                    _ => false,
-                }
-            });
-            if !ok {
+        for (read, _) in einsum.reads() {
+            if members.contains(&read) && !reads_at_current_step(cascade, einsum, read, index) {
                 return Err(ScheduleError::Unschedulable(cascade.einsum_label(*e)));
             }
         }

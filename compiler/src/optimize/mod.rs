@@ -76,6 +76,20 @@ pub enum OptimizeError {
     Internal(String),
 }
 
+/// The role of each index name for the pass count: its rank, with its primes (`m'` counts
+/// passes over `M'`, apart from `m`).
+fn index_roles(cascade: &Cascade) -> HashMap<Symbol, Symbol> {
+    let mut roles = HashMap::new();
+    for (r, rank) in cascade.ranks.iter().enumerate() {
+        for primes in 0..4u8 {
+            let index = Index { rank: RankId::new(r), primes };
+            let role = format!("{}{}", rank.name, "'".repeat(primes as usize));
+            roles.insert(Symbol::from(cascade.index_name(index)), Symbol::from(role.as_str()));
+        }
+    }
+    roles
+}
+
 /// Optimizes one cascade.
 pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimized, OptimizeError> {
     let unchanged = |note: String| Optimized {
@@ -107,14 +121,7 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
             terms.push((TensorId::new(t), translator.tensor_term(TensorId::new(t))));
         }
     }
-    let mut rank_of: HashMap<Symbol, Symbol> = HashMap::new();
-    for (r, rank) in cascade.ranks.iter().enumerate() {
-        for primes in 0..4u8 {
-            let index = Index { rank: RankId::new(r), primes };
-            let role = format!("{}{}", rank.name, "'".repeat(primes as usize));
-            rank_of.insert(Symbol::from(cascade.index_name(index)), Symbol::from(role.as_str()));
-        }
-    }
+    let rank_of = index_roles(cascade);
     let mut cost_function = PassCostFunction { rank_of: rank_of.clone() };
     let input_costs: Vec<PassCost> =
         terms[..cascade.outputs.len()].iter().map(|(_, expr)| cost_function.cost_rec(expr)).collect();
@@ -223,14 +230,7 @@ pub fn derivation(cascade: &Cascade, options: &OptimizeOptions) -> Vec<String> {
     let Ok(translator) = to_egg::Translator::new(cascade) else { return vec![] };
     let Some(output) = cascade.outputs.first() else { return vec![] };
     let start = translator.tensor_term(output.tensor);
-    let mut rank_of: HashMap<Symbol, Symbol> = HashMap::new();
-    for (r, rank) in cascade.ranks.iter().enumerate() {
-        for primes in 0..4u8 {
-            let index = Index { rank: RankId::new(r), primes };
-            let role = format!("{}{}", rank.name, "'".repeat(primes as usize));
-            rank_of.insert(Symbol::from(cascade.index_name(index)), Symbol::from(role.as_str()));
-        }
-    }
+    let rank_of = index_roles(cascade);
     let mut runner: Runner<Ein, EinAnalysis> = Runner::new(EinAnalysis)
         .with_explanations_enabled()
         .with_scheduler(SimpleScheduler)
