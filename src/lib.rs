@@ -66,6 +66,8 @@ pub enum Error {
     Schedule(#[from] compiler::schedule::ScheduleError),
     #[error("{0}")]
     Codegen(#[from] compiler::cpu::CodegenError),
+    #[error("{0}")]
+    Llvm(#[from] compiler::llvm::LlvmError),
     #[error(
         "output `{tensor}` has a non-finite value ({value}) at {coordinates:?}; {count} element(s) are not finite \
          (an exponential may have overflowed)"
@@ -314,4 +316,26 @@ pub fn output_tensors(cascade: &Cascade, extents: &[u64], values: Vec<Vec<f32>>)
 pub fn compile_cpu(cascade: &Cascade) -> Result<compiler::cpu::CpuKernel, Error> {
     let program = compiler::schedule::schedule(cascade)?;
     Ok(compiler::cpu::compile(&program)?)
+}
+
+/// Compiles a cascade for the CPU through LLVM (the `cpu-llvm` tier).
+#[cfg(feature = "llvm")]
+pub fn compile_cpu_llvm(cascade: &Cascade) -> Result<compiler::cpu::CpuKernel, Error> {
+    let program = compiler::schedule::schedule(cascade)?;
+    Ok(compiler::cpu::compile_llvm(&program)?)
+}
+
+/// Compiles a cascade's GPU kernel for the host, its grid run as loops (the emulation that
+/// checks the GPU code without a GPU).
+#[cfg(feature = "llvm")]
+pub fn compile_emulated(cascade: &Cascade) -> Result<compiler::llvm::EmulatedKernel, Error> {
+    let program = compiler::schedule::schedule(cascade)?;
+    Ok(compiler::llvm::EmulatedKernel::new(&program)?)
+}
+
+/// PTX of a cascade's GPU kernel for the architecture `sm` (for example `sm_80`).
+#[cfg(feature = "llvm")]
+pub fn compile_ptx(cascade: &Cascade, sm: &str) -> Result<String, Error> {
+    let program = compiler::schedule::schedule(cascade)?;
+    Ok(compiler::llvm::compile_ptx(&program, sm)?)
 }

@@ -18,6 +18,7 @@ pub mod generate;
 pub mod graph;
 pub mod interp;
 pub mod ir;
+pub mod llvm;
 pub mod optimize;
 pub mod passcount;
 pub mod print;

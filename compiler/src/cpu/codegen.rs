@@ -227,28 +227,8 @@ impl<'a, 'f> Gen<'a, 'f> {
         ok
     }
 
-    /// Whether a subscript can never leave its position: a bare index of the position's rank, or
-    /// a split pair `m1 * M0 + m0` into its whole rank (whose validity is checked before any read).
     pub(super) fn always_inside(&self, subscript: &Affine, rank: RankId) -> bool {
-        match subscript {
-            Affine::Index(i) => i.rank == rank,
-            Affine::Add(a, b) => match (&**a, &**b) {
-                (Affine::Mul(t, e), Affine::Index(i)) => match (&**t, &**e) {
-                    (Affine::Index(t), Affine::Extent(e)) => {
-                        self.cascade().split_pairs().iter().any(|(tile, inner, whole)| {
-                            t.rank == *tile
-                                && i.rank == *inner
-                                && *e == *inner
-                                && *whole == rank
-                                && t.primes == i.primes
-                        })
-                    }
-                    _ => false,
-                },
-                _ => false,
-            },
-            _ => false,
-        }
+        super::always_inside(self.cascade(), subscript, rank)
     }
 
     fn conds(&mut self, conds: &[Cond]) -> Def {

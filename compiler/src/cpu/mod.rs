@@ -6,6 +6,7 @@
 //! vectorised schedules are tested against it and the interpreter alike.
 
 mod codegen;
+pub use codegen::table_offsets;
 pub mod header;
 pub mod helpers;
 mod vector;
@@ -39,9 +40,10 @@ type KernelFn = unsafe extern "C" fn(*const *mut f32, *const *mut u8, *const i64
 pub struct CpuKernel {
     program: LoopProgram,
     function: KernelFn,
-    /// Owns the executable memory; never used after compilation.
-    _module: JITModule,
-    /// The Cranelift IR of the kernel, as text (`einfuse emit --stage clif`).
+    /// Owns the executable memory (a Cranelift `JITModule` or an LLVM `HostCode`); never used
+    /// after compilation.
+    _code: Box<dyn std::any::Any>,
+    /// The kernel's IR as text: Cranelift IR (`einfuse emit --stage clif`) or LLVM IR.
     pub clif: String,
 }
 
@@ -124,7 +126,27 @@ pub fn compile(program: &LoopProgram) -> Result<CpuKernel, CodegenError> {
     let code = module.get_finalized_function(id);
     // SAFETY: the function was declared with this signature (six pointer arguments, no result).
     let function: KernelFn = unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
-    Ok(CpuKernel { program: program.clone(), function, _module: module, clif })
+    Ok(CpuKernel { program: program.clone(), function, _code: Box::new(module), clif })
+}
+
+/// Compiles a scheduled cascade through LLVM for this CPU (the `cpu-llvm` tier): the same
+/// calling convention and runtime as the Cranelift kernels, LLVM's O3 pipeline and vectorizer.
+#[cfg(feature = "llvm")]
+pub fn compile_llvm(program: &LoopProgram) -> Result<CpuKernel, CodegenError> {
+    let symbol = object_symbol(&program.cascade);
+    let text = crate::llvm::host_ir(program, &symbol);
+    let helpers: Vec<(&str, usize)> = helpers::symbols().iter().map(|(n, p)| (*n, *p as usize)).collect();
+    let code = crate::llvm::machine::HostCode::new(&text, &symbol, &helpers).map_err(|e| CodegenError::Internal(e.to_string()))?;
+    // SAFETY: the symbol was defined with the kernel signature (six pointers, no result).
+    let function: KernelFn = unsafe { std::mem::transmute::<usize, KernelFn>(code.address()) };
+    Ok(CpuKernel { program: program.clone(), function, _code: Box::new(code), clif: text })
+}
+
+/// An object file of the `cpu-llvm` tier, exporting `object_symbol` like `compile_object`.
+#[cfg(feature = "llvm")]
+pub fn compile_object_llvm(program: &LoopProgram) -> Result<Vec<u8>, CodegenError> {
+    let text = crate::llvm::host_ir(program, &object_symbol(&program.cascade));
+    crate::llvm::machine::host_object(&text).map_err(|e| CodegenError::Internal(e.to_string()))
 }
 
 /// The symbol of a kernel's raw function in an object file.
@@ -263,50 +285,74 @@ impl CpuKernel {
     }
 }
 
-/// A rank along which the kernel splits into independent calls: every Einsum binds its plain
-/// index on the left, none reduces it, reads it through an affine subscript or uses its extent,
-/// and every output has it. Of the candidates, the one with the largest extent.
+/// A rank along which the kernel splits into independent calls (see `is_batch_rank`): of the
+/// candidates, the one with the largest extent, if above 1.
 pub fn batch_rank(cascade: &Cascade, extents: &[u64]) -> Option<RankId> {
     let mut best: Option<RankId> = None;
-    for (r, rank) in cascade.ranks.iter().enumerate() {
+    for r in 0..cascade.ranks.len() {
         let id = RankId::new(r);
-        if matches!(rank.extent, Extent::Split { .. })
-            || cascade.split_pairs().iter().any(|(_, i, w)| *i == id || *w == id)
-        {
-            continue;
-        }
-        let plain = Index { rank: id, primes: 0 };
-        let mut ok = cascade.outputs.iter().all(|o| cascade.tensor(o.tensor).ranks.contains(&id));
-        for einsum in &cascade.einsums {
-            ok &= einsum.lhs.iter().any(|l| *l == Lhs::Index(plain));
-            ok &= einsum.lhs_indices().all(|i| i.rank != id || i == plain);
-            einsum.body.walk(&mut |e| match e {
-                Expr::Reduce { indices, .. } => ok &= indices.iter().all(|i| i.rank != id),
-                Expr::Access { tensor, subscripts } => {
-                    for (position, sub) in subscripts.iter().enumerate() {
-                        let mut mentions = false;
-                        sub.for_each_index(&mut |i| mentions |= i.rank == id);
-                        let at_rank = cascade.tensor(*tensor).ranks[position] == id;
-                        ok &= if mentions { at_rank && *sub == Affine::Index(plain) } else { !at_rank };
-                    }
-                }
-                // An index used as a number is offset to its global coordinate by the call.
-                Expr::Index(i) => ok &= i.rank != id || *i == plain,
-                Expr::Extent(r) => ok &= *r != id,
-                _ => {}
-            });
-            for cond in &einsum.filter {
-                let mut uses_extent = false;
-                cond.lhs.walk(&mut |e| uses_extent |= matches!(e, Expr::Extent(r) if *r == id));
-                cond.rhs.walk(&mut |e| uses_extent |= matches!(e, Expr::Extent(r) if *r == id));
-                ok &= !uses_extent;
-            }
-        }
-        if ok && best.is_none_or(|b| extents[r] > extents[b.index()]) {
+        if is_batch_rank(cascade, id) && best.is_none_or(|b| extents[r] > extents[b.index()]) {
             best = Some(id);
         }
     }
     best.filter(|b| extents[b.index()] > 1)
+}
+
+/// Whether the kernel splits into independent calls along `id`: every Einsum binds its plain
+/// index on the left, none reduces it, reads it through an affine subscript or uses its extent,
+/// and every output has it.
+pub fn is_batch_rank(cascade: &Cascade, id: RankId) -> bool {
+    let rank = cascade.rank(id);
+    if matches!(rank.extent, Extent::Split { .. }) || cascade.split_pairs().iter().any(|(_, i, w)| *i == id || *w == id)
+    {
+        return false;
+    }
+    let plain = Index { rank: id, primes: 0 };
+    let mut ok = cascade.outputs.iter().all(|o| cascade.tensor(o.tensor).ranks.contains(&id));
+    for einsum in &cascade.einsums {
+        ok &= einsum.lhs.iter().any(|l| *l == Lhs::Index(plain));
+        ok &= einsum.lhs_indices().all(|i| i.rank != id || i == plain);
+        einsum.body.walk(&mut |e| match e {
+            Expr::Reduce { indices, .. } => ok &= indices.iter().all(|i| i.rank != id),
+            Expr::Access { tensor, subscripts } => {
+                for (position, sub) in subscripts.iter().enumerate() {
+                    let mut mentions = false;
+                    sub.for_each_index(&mut |i| mentions |= i.rank == id);
+                    let at_rank = cascade.tensor(*tensor).ranks[position] == id;
+                    ok &= if mentions { at_rank && *sub == Affine::Index(plain) } else { !at_rank };
+                }
+            }
+            // An index used as a number is offset to its global coordinate by the call.
+            Expr::Index(i) => ok &= i.rank != id || *i == plain,
+            Expr::Extent(r) => ok &= *r != id,
+            _ => {}
+        });
+        for cond in &einsum.filter {
+            let mut uses_extent = false;
+            cond.lhs.walk(&mut |e| uses_extent |= matches!(e, Expr::Extent(r) if *r == id));
+            cond.rhs.walk(&mut |e| uses_extent |= matches!(e, Expr::Extent(r) if *r == id));
+            ok &= !uses_extent;
+        }
+    }
+    ok
+}
+
+/// Whether a subscript can never leave its position: a bare index of the position's rank, or
+/// a split pair `m1 * M0 + m0` into its whole rank (whose validity is checked before any read).
+pub fn always_inside(cascade: &Cascade, subscript: &Affine, rank: RankId) -> bool {
+    match subscript {
+        Affine::Index(i) => i.rank == rank,
+        Affine::Add(a, b) => match (&**a, &**b) {
+            (Affine::Mul(t, e), Affine::Index(i)) => match (&**t, &**e) {
+                (Affine::Index(t), Affine::Extent(e)) => cascade.split_pairs().iter().any(|(tile, inner, whole)| {
+                    t.rank == *tile && i.rank == *inner && *e == *inner && *whole == rank && t.primes == i.primes
+                }),
+                _ => false,
+            },
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// Copies the rows `range` of position `position` out of a row-major array of `shape`.
@@ -402,7 +448,7 @@ impl CpuKernel {
 
 /// The extents a buffer stores: a position kept for the current step only holds one, a recurrence
 /// kept as two slots holds two.
-fn stored_shape(shape: &[u64], slots: &[Slot]) -> Vec<u64> {
+pub fn stored_shape(shape: &[u64], slots: &[Slot]) -> Vec<u64> {
     shape
         .iter()
         .zip(slots)

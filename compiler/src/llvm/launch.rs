@@ -1,0 +1,162 @@
+//! The thread kernels' launch: which ranks the threads split, and the tables and buffer sizes
+//! of one call. Shared by the NVPTX kernels, their host emulation and the CUDA launcher, so it
+//! needs no LLVM.
+//!
+//! One thread computes one point of the *batch ranks* (every rank along which the cascade splits
+//! into independent parts, see `cpu::is_batch_rank`), the last batch rank fastest. Inputs and
+//! outputs keep their global row-major layout; a thread offsets them to its point. Scratch
+//! buffers hold one copy per thread, interleaved (element `i` of thread `t` at `i * threads +
+//! t`), so that the threads of a warp touch neighbouring addresses.
+
+use crate::cpu::{is_batch_rank, stored_shape};
+use crate::ir::*;
+use crate::schedule::{BufferRole, LoopProgram};
+use crate::shapes::tensor_shape;
+
+/// Threads per block.
+pub const BLOCK: u64 = 128;
+
+/// The batch ranks of a cascade, in rank order.
+pub fn batch_ranks(cascade: &Cascade) -> Vec<RankId> {
+    (0..cascade.ranks.len()).map(RankId::new).filter(|r| is_batch_rank(cascade, *r)).collect()
+}
+
+/// Everything a call of a thread kernel passes, for one set of extents.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ThreadLayout {
+    /// One thread per point of the batch ranks.
+    pub threads: u64,
+    pub block: u64,
+    pub grid: u64,
+    /// The extents the body sees: 1 for every batch rank.
+    pub local_extents: Vec<i64>,
+    /// Every buffer's dimensions, then every buffer's strides, as the body reads them.
+    pub dims: Vec<i64>,
+    pub strides: Vec<i64>,
+    /// The batch ranks' global extents, then per buffer one stride per batch rank and one per
+    /// thread.
+    pub batch: Vec<i64>,
+    /// Elements to allocate per buffer (values; a masked buffer has as many mask bytes).
+    pub lengths: Vec<u64>,
+    /// The number of elements of each input or output as the caller holds it.
+    pub global_lengths: Vec<u64>,
+}
+
+fn row_major(shape: &[u64]) -> Vec<u64> {
+    let mut strides = vec![1u64; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1].saturating_mul(shape[d + 1]);
+    }
+    strides
+}
+
+impl ThreadLayout {
+    /// The layout of a call at `extents`; an error when a size overflows or exceeds `max_bytes`.
+    pub fn new(program: &LoopProgram, extents: &[u64], max_bytes: u64) -> Result<ThreadLayout, String> {
+        let c = &program.cascade;
+        let batch = batch_ranks(c);
+        let mut threads: u64 = 1;
+        for r in &batch {
+            threads = threads.checked_mul(extents[r.index()]).ok_or("the number of threads overflows")?;
+        }
+        let mut local = extents.to_vec();
+        for r in &batch {
+            local[r.index()] = 1;
+        }
+        let mut layout = ThreadLayout {
+            threads,
+            block: BLOCK,
+            grid: threads.div_ceil(BLOCK),
+            local_extents: local.iter().map(|e| *e as i64).collect(),
+            dims: vec![],
+            strides: vec![],
+            batch: batch.iter().map(|r| extents[r.index()] as i64).collect(),
+            lengths: vec![],
+            global_lengths: vec![],
+        };
+        let mut total: u64 = 0;
+        for buffer in &program.buffers {
+            let tensor = c.tensor(buffer.tensor);
+            let global = tensor_shape(c, buffer.tensor, extents);
+            let local_shape = tensor_shape(c, buffer.tensor, &local);
+            let count = |shape: &[u64]| shape.iter().try_fold(1u64, |a, n| a.checked_mul(*n));
+            layout.dims.extend(local_shape.iter().map(|n| *n as i64));
+            let length = match buffer.role {
+                BufferRole::Input(_) | BufferRole::Output(_) => {
+                    let strides = row_major(&global);
+                    layout.strides.extend(strides.iter().map(|s| *s as i64));
+                    let mut last: u64 = 0;
+                    for r in &batch {
+                        let stride: u64 =
+                            tensor.ranks.iter().zip(&strides).filter(|(rank, _)| *rank == r).map(|(_, s)| *s).sum();
+                        layout.batch.push(stride as i64);
+                        last = last.saturating_add(extents[r.index()].saturating_sub(1).saturating_mul(stride));
+                    }
+                    layout.batch.push(0);
+                    let len = count(&global).ok_or("a buffer's size overflows")?;
+                    layout.global_lengths.push(len);
+                    // Every thread's clamped read of its first element stays inside.
+                    len.max(last.saturating_add(1))
+                }
+                BufferRole::Temp => {
+                    let stored = stored_shape(&local_shape, &buffer.slots);
+                    let strides = row_major(&stored);
+                    layout.strides.extend(strides.iter().map(|s| s.saturating_mul(threads) as i64));
+                    layout.batch.extend(std::iter::repeat_n(0, batch.len()));
+                    layout.batch.push(1);
+                    layout.global_lengths.push(0);
+                    count(&stored).ok_or("a buffer's size overflows")?.max(1).checked_mul(threads).ok_or("overflow")?
+                }
+            };
+            let length = length.max(1);
+            total = total.saturating_add(length.saturating_mul(if buffer.masked { 5 } else { 4 }));
+            layout.lengths.push(length);
+        }
+        if total > max_bytes {
+            return Err(format!("this call needs {total} bytes of buffers, more than the limit of {max_bytes}"));
+        }
+        Ok(layout)
+    }
+}
+
+impl ThreadLayout {
+    /// The buffers of a call in host memory: inputs copied in (dense row-major, in the order of
+    /// `Cascade::inputs`), everything else zero; a mask beside every masked buffer.
+    pub fn host_buffers(&self, program: &LoopProgram, inputs: &[&[f32]]) -> Result<(Vec<Vec<f32>>, Vec<Vec<u8>>), String> {
+        let c = &program.cascade;
+        let mut values = Vec::new();
+        let mut masks = Vec::new();
+        for (b, buffer) in program.buffers.iter().enumerate() {
+            let length = self.lengths[b] as usize;
+            let mut data = vec![0.0f32; length];
+            if let BufferRole::Input(i) = buffer.role {
+                let given = inputs.get(i).ok_or_else(|| format!("input {i} is missing"))?;
+                if given.len() as u64 != self.global_lengths[b] {
+                    return Err(format!(
+                        "input `{}` has {} elements, its shape needs {}",
+                        c.tensor(buffer.tensor).name,
+                        given.len(),
+                        self.global_lengths[b]
+                    ));
+                }
+                data[..given.len()].copy_from_slice(given);
+            }
+            values.push(data);
+            masks.push(if buffer.masked { vec![0u8; length] } else { Vec::new() });
+        }
+        Ok((values, masks))
+    }
+
+    /// The outputs of a call, from its buffers.
+    pub fn outputs(&self, program: &LoopProgram, mut values: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+        let mut outputs = vec![Vec::new(); program.cascade.outputs.len()];
+        for (b, buffer) in program.buffers.iter().enumerate() {
+            if let BufferRole::Output(o) = buffer.role {
+                let mut data = std::mem::take(&mut values[b]);
+                data.truncate(self.global_lengths[b] as usize);
+                outputs[o] = data;
+            }
+        }
+        outputs
+    }
+}

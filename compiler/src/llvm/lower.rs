@@ -1,0 +1,819 @@
+//! Lowering the Loop IR to LLVM IR, as text: one lowering for the host CPU and for NVPTX.
+//!
+//! Needs: a `LoopProgram`. Guarantees: a module (LLVM 14 syntax, typed pointers) whose kernel
+//! computes what the Cranelift kernel computes, with the same tables (see `cpu::codegen`): the
+//! buffers' values and masks, the rank extents, every buffer's dimensions and strides, and each
+//! rank's first coordinate. The body is one function, `@<name>.body`; the entry points around it
+//! differ by `Abi`:
+//! - `Abi::Cpu`: the body is the kernel, called once per chunk of a batch rank by the runtime;
+//! - `Abi::Thread`: the kernel takes the global tables once and a thread count; each thread
+//!   computes one point of the batch ranks (see `launch`) and calls the body on its own part of
+//!   every buffer. On NVPTX the thread is `ctaid.x * ntid.x + tid.x`; in the host emulation of
+//!   the same kernel, loops over the blocks and the threads of a block.
+//!
+//! Arithmetic is f32; a value travels with its definedness (an `i1`); a read out of range reads
+//! nothing (its address is clamped and the result marked undefined). Maxima and minima propagate
+//! NaN, as the interpreter's do.
+
+use std::fmt::Write;
+
+use crate::ir::*;
+use crate::schedule::{LoopProgram, Node, Slot};
+
+/// The instruction set the module is for; it decides how `exp` and friends are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// The host CPU: `exp` inline (a polynomial that vectorizes), the other functions through the
+    /// runtime's scalar helpers.
+    Host,
+    /// NVPTX: `exp` and `log` through the `ex2.approx`/`lg2.approx` instructions.
+    Nvptx,
+}
+
+/// How the kernel is entered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abi {
+    /// `void @<name>(float**, i8**, i64*, i64*, i64*, i64*)`, as the Cranelift kernels.
+    Cpu,
+    /// `void @<name>(float**, i8**, i64*, i64*, i64*, i64*, i64)`: values, masks, extents,
+    /// dimensions, strides, the batch table, the thread count. On the host, a block size follows.
+    Thread,
+}
+
+/// One f32 constant in LLVM's text form (the double with the same value, in hex).
+fn float(x: f32) -> String {
+    format!("0x{:016X}", (x as f64).to_bits())
+}
+
+/// The module text of `program` for `flavor` and `abi`, with the kernel named `symbol`.
+pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> String {
+    let mut module = String::new();
+    let triple = match flavor {
+        Flavor::Host => None,
+        Flavor::Nvptx => Some("nvptx64-nvidia-cuda"),
+    };
+    writeln!(module, "; einfuse kernel `{}`", program.cascade.name).unwrap();
+    if let Some(triple) = triple {
+        writeln!(module, "target triple = \"{triple}\"").unwrap();
+    }
+    module.push('\n');
+    let mut body = Lowering::new(program, flavor, abi);
+    body.function_body();
+    let attributes = "alwaysinline nounwind";
+    writeln!(
+        module,
+        "define internal void @\"{symbol}.body\"(float** noalias %values, i8** noalias %masks, i64* noalias %extents, \
+         i64* noalias %dims, i64* noalias %strides, i64* noalias %bases) {attributes} {{"
+    )
+    .unwrap();
+    module.push_str("entry:\n");
+    module.push_str(&body.allocas);
+    module.push_str("  br label %start\nstart:\n");
+    module.push_str(&body.out);
+    module.push_str("  ret void\n}\n\n");
+    match (abi, flavor) {
+        (Abi::Cpu, _) => {
+            writeln!(
+                module,
+                "define void @\"{symbol}\"(float** %values, i8** %masks, i64* %extents, i64* %dims, i64* %strides, \
+                 i64* %bases) nounwind {{\n  call void @\"{symbol}.body\"(float** %values, i8** %masks, \
+                 i64* %extents, i64* %dims, i64* %strides, i64* %bases)\n  ret void\n}}\n"
+            )
+            .unwrap();
+        }
+        (Abi::Thread, _) => module.push_str(&thread_entry(program, flavor, symbol)),
+    }
+    module.push_str(&declarations(flavor));
+    if flavor == Flavor::Nvptx && abi == Abi::Thread {
+        writeln!(
+            module,
+            "\n!nvvm.annotations = !{{!0}}\n!0 = !{{void (float**, i8**, i64*, i64*, i64*, i64*, i64)* \
+             @\"{symbol}\", !\"kernel\", i32 1}}"
+        )
+        .unwrap();
+    }
+    module
+}
+
+/// The declarations of the intrinsics and helpers a flavor's modules may call.
+fn declarations(flavor: Flavor) -> String {
+    let mut out = String::from(
+        "declare float @llvm.sqrt.f32(float)\ndeclare float @llvm.fabs.f32(float)\n\
+         declare float @llvm.floor.f32(float)\ndeclare float @llvm.fma.f32(float, float, float)\n",
+    );
+    match flavor {
+        Flavor::Host => out.push_str(
+            "declare float @einfuse_logf(float) nounwind readnone\n\
+             declare float @einfuse_tanhf(float) nounwind readnone\n\
+             declare float @einfuse_sigmoidf(float) nounwind readnone\n\
+             declare float @einfuse_softplusf(float) nounwind readnone\n",
+        ),
+        Flavor::Nvptx => out.push_str(
+            "declare float @llvm.nvvm.ex2.approx.f(float)\ndeclare float @llvm.nvvm.lg2.approx.f(float)\n\
+             declare i32 @llvm.nvvm.read.ptx.sreg.tid.x()\ndeclare i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()\n\
+             declare i32 @llvm.nvvm.read.ptx.sreg.ntid.x()\n",
+        ),
+    }
+    out
+}
+
+/// The thread entry: finds the thread's batch point, offsets every buffer to it, and runs the
+/// body. The batch table holds the global extents of the batch ranks, then per buffer one element
+/// stride per batch rank and one per thread (see `launch::ThreadLayout`).
+fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
+    let c = &program.cascade;
+    let batch = super::launch::batch_ranks(c);
+    let k = batch.len();
+    let nb = program.buffers.len();
+    let nr = c.ranks.len();
+    let mut s = String::new();
+    let per_thread = |s: &mut String, t: &str| {
+        // Decompose the thread into batch coordinates, the last batch rank fastest.
+        for r in 0..nr {
+            writeln!(s, "  %bz{r} = getelementptr [{0} x i64], [{0} x i64]* %bt, i64 0, i64 {r}\n  store i64 0, i64* %bz{r}", nr.max(1)).unwrap();
+        }
+        writeln!(s, "  %rest{k} = add i64 {t}, 0").unwrap();
+        for j in (0..k).rev() {
+            writeln!(
+                s,
+                "  %ep{j} = getelementptr i64, i64* %batch, i64 {j}\n  %e{j} = load i64, i64* %ep{j}\n  \
+                 %b{j} = urem i64 %rest{0}, %e{j}\n  %rest{j} = udiv i64 %rest{0}, %e{j}\n  \
+                 %bp{j} = getelementptr [{1} x i64], [{1} x i64]* %bt, i64 0, i64 {2}\n  store i64 %b{j}, i64* %bp{j}",
+                j + 1,
+                nr.max(1),
+                batch[j].index()
+            )
+            .unwrap();
+        }
+        for b in 0..nb {
+            let row = k + b * (k + 1);
+            for j in 0..=k {
+                let coordinate = if j == k { t.to_string() } else { format!("%b{j}") };
+                writeln!(
+                    s,
+                    "  %sp{b}_{j} = getelementptr i64, i64* %batch, i64 {}\n  %s{b}_{j} = load i64, i64* %sp{b}_{j}\n  \
+                     %m{b}_{j} = mul i64 {coordinate}, %s{b}_{j}",
+                    row + j
+                )
+                .unwrap();
+            }
+            let mut acc = format!("%m{b}_{k}");
+            for j in 0..k {
+                writeln!(s, "  %a{b}_{j} = add i64 {acc}, %m{b}_{j}").unwrap();
+                acc = format!("%a{b}_{j}");
+            }
+            writeln!(
+                s,
+                "  %vin{b} = getelementptr float*, float** %values, i64 {b}\n  %vb{b} = load float*, float** %vin{b}\n  \
+                 %vo{b} = getelementptr float, float* %vb{b}, i64 {acc}\n  \
+                 %vs{b} = getelementptr [{nb} x float*], [{nb} x float*]* %vt, i64 0, i64 {b}\n  \
+                 store float* %vo{b}, float** %vs{b}\n  \
+                 %min{b} = getelementptr i8*, i8** %masks, i64 {b}\n  %mb{b} = load i8*, i8** %min{b}\n  \
+                 %mo{b} = getelementptr i8, i8* %mb{b}, i64 {acc}\n  \
+                 %ms{b} = getelementptr [{nb} x i8*], [{nb} x i8*]* %mt, i64 0, i64 {b}\n  \
+                 store i8* %mo{b}, i8** %ms{b}"
+            )
+            .unwrap();
+        }
+        writeln!(
+            s,
+            "  %vtp = getelementptr [{nb} x float*], [{nb} x float*]* %vt, i64 0, i64 0\n  \
+             %mtp = getelementptr [{nb} x i8*], [{nb} x i8*]* %mt, i64 0, i64 0\n  \
+             %btp = getelementptr [{0} x i64], [{0} x i64]* %bt, i64 0, i64 0\n  \
+             call void @\"{symbol}.body\"(float** %vtp, i8** %mtp, i64* %extents, i64* %dims, i64* %strides, i64* %btp)",
+            nr.max(1)
+        )
+        .unwrap();
+    };
+    let allocas = format!("  %vt = alloca [{nb} x float*]\n  %mt = alloca [{nb} x i8*]\n  %bt = alloca [{} x i64]", nr.max(1));
+    match flavor {
+        Flavor::Nvptx => {
+            writeln!(
+                s,
+                "define void @\"{symbol}\"(float** %values, i8** %masks, i64* %extents, i64* %dims, i64* %strides, \
+                 i64* %batch, i64 %threads) nounwind {{\nentry:\n{allocas}\n  %tid = call i32 @llvm.nvvm.read.ptx.sreg.tid.x()\n  \
+                 %ctaid = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()\n  %ntid = call i32 @llvm.nvvm.read.ptx.sreg.ntid.x()\n  \
+                 %tid64 = zext i32 %tid to i64\n  %ctaid64 = zext i32 %ctaid to i64\n  %ntid64 = zext i32 %ntid to i64\n  \
+                 %first = mul i64 %ctaid64, %ntid64\n  %t = add i64 %first, %tid64\n  \
+                 %live = icmp ult i64 %t, %threads\n  br i1 %live, label %run, label %done\nrun:"
+            )
+            .unwrap();
+            per_thread(&mut s, "%t");
+            s.push_str("  br label %done\ndone:\n  ret void\n}\n\n");
+        }
+        Flavor::Host => {
+            // The grid as loops: every block, every thread of it, in turn. A kernel with barriers
+            // would run each phase over the block's threads before the next; these have none.
+            writeln!(
+                s,
+                "define void @\"{symbol}\"(float** %values, i8** %masks, i64* %extents, i64* %dims, i64* %strides, \
+                 i64* %batch, i64 %threads, i64 %block) nounwind {{\nentry:\n{allocas}\n  br label %blocks\n\
+                 blocks:\n  %ctaid = phi i64 [ 0, %entry ], [ %ctaid.next, %block.done ]\n  \
+                 %first = mul i64 %ctaid, %block\n  %more = icmp ult i64 %first, %threads\n  \
+                 br i1 %more, label %lanes, label %exit\n\
+                 lanes:\n  %tid = phi i64 [ 0, %blocks ], [ %tid.next, %lane.done ]\n  \
+                 %t = add i64 %first, %tid\n  %live = icmp ult i64 %t, %threads\n  \
+                 br i1 %live, label %run, label %lane.done\nrun:"
+            )
+            .unwrap();
+            per_thread(&mut s, "%t");
+            s.push_str(
+                "  br label %lane.done\nlane.done:\n  %tid.next = add i64 %tid, 1\n  \
+                 %in.block = icmp ult i64 %tid.next, %block\n  br i1 %in.block, label %lanes, label %block.done\n\
+                 block.done:\n  %ctaid.next = add i64 %ctaid, 1\n  br label %blocks\nexit:\n  ret void\n}\n\n",
+            );
+        }
+    }
+    s
+}
+
+/// Definedness: `None` when a value is defined wherever it is computed, else an `i1`.
+type Def = Option<String>;
+
+struct Lowering<'a> {
+    program: &'a LoopProgram,
+    flavor: Flavor,
+    /// Whether the last position of a full buffer has stride 1 (not so for the interleaved
+    /// scratch of thread kernels).
+    unit_last_stride: bool,
+    allocas: String,
+    out: String,
+    next: usize,
+    values: Vec<String>,
+    masks: Vec<Option<String>>,
+    extents: Vec<String>,
+    bases: Vec<String>,
+    dims: Vec<Vec<String>>,
+    strides: Vec<Vec<String>>,
+    /// Bound indices and the `i64` slot holding each.
+    env: Vec<(Index, String)>,
+}
+
+impl<'a> Lowering<'a> {
+    fn new(program: &'a LoopProgram, flavor: Flavor, abi: Abi) -> Self {
+        Lowering {
+            program,
+            flavor,
+            unit_last_stride: abi == Abi::Cpu,
+            allocas: String::new(),
+            out: String::new(),
+            next: 0,
+            values: vec![],
+            masks: vec![],
+            extents: vec![],
+            bases: vec![],
+            dims: vec![],
+            strides: vec![],
+            env: vec![],
+        }
+    }
+
+    fn cascade(&self) -> &'a Cascade {
+        &self.program.cascade
+    }
+
+    /// A fresh value name.
+    fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("%v{}", self.next)
+    }
+
+    /// A fresh block label (without the `%`).
+    fn label(&mut self, what: &str) -> String {
+        self.next += 1;
+        format!("{what}{}", self.next)
+    }
+
+    /// Emits `%x = <text>` and returns `%x`.
+    fn ins(&mut self, text: impl AsRef<str>) -> String {
+        let v = self.fresh();
+        writeln!(self.out, "  {v} = {}", text.as_ref()).unwrap();
+        v
+    }
+
+    fn emit(&mut self, text: impl AsRef<str>) {
+        writeln!(self.out, "  {}", text.as_ref()).unwrap();
+    }
+
+    fn start_block(&mut self, label: &str) {
+        writeln!(self.out, "{label}:").unwrap();
+    }
+
+    /// A stack slot of `ty`, in the entry block (so that it becomes a register).
+    fn slot(&mut self, ty: &str) -> String {
+        let v = self.fresh();
+        writeln!(self.allocas, "  {v} = alloca {ty}").unwrap();
+        v
+    }
+
+    fn load_i64(&mut self, table: &str, at: usize) -> String {
+        let p = self.ins(format!("getelementptr i64, i64* {table}, i64 {at}"));
+        self.ins(format!("load i64, i64* {p}"))
+    }
+
+    fn function_body(&mut self) {
+        let c = self.cascade();
+        for r in 0..c.ranks.len() {
+            let e = self.load_i64("%extents", r);
+            self.extents.push(e);
+            let b = self.load_i64("%bases", r);
+            self.bases.push(b);
+        }
+        let offsets = crate::cpu::table_offsets(self.program);
+        for (b, buffer) in self.program.buffers.iter().enumerate() {
+            let p = self.ins(format!("getelementptr float*, float** %values, i64 {b}"));
+            let v = self.ins(format!("load float*, float** {p}"));
+            self.values.push(v);
+            let mask = if buffer.masked {
+                let p = self.ins(format!("getelementptr i8*, i8** %masks, i64 {b}"));
+                Some(self.ins(format!("load i8*, i8** {p}")))
+            } else {
+                None
+            };
+            self.masks.push(mask);
+            let n = c.tensor(buffer.tensor).ranks.len();
+            let d: Vec<String> = (0..n).map(|k| self.load_i64("%dims", offsets[b] + k)).collect();
+            let s: Vec<String> = (0..n).map(|k| self.load_i64("%strides", offsets[b] + k)).collect();
+            self.dims.push(d);
+            self.strides.push(s);
+        }
+        let body = self.program.body.clone();
+        self.nodes(&body);
+    }
+
+    fn nodes(&mut self, body: &[Node]) {
+        for node in body {
+            match node {
+                Node::Loop { index, body } => {
+                    let extent = self.extents[index.rank.index()].clone();
+                    self.for_loop(*index, "0", &extent, &mut |g| g.nodes(body));
+                }
+                Node::Compute { einsum } => self.compute(*einsum),
+            }
+        }
+    }
+
+    /// `for index in start..end { body }`, with `index` bound in the environment.
+    fn for_loop(&mut self, index: Index, start: &str, end: &str, body: &mut dyn FnMut(&mut Self)) {
+        let var = self.slot("i64");
+        self.emit(format!("store i64 {start}, i64* {var}"));
+        let header = self.label("loop");
+        let inner = self.label("body");
+        let exit = self.label("exit");
+        self.emit(format!("br label %{header}"));
+        self.start_block(&header);
+        let i = self.ins(format!("load i64, i64* {var}"));
+        let more = self.ins(format!("icmp slt i64 {i}, {end}"));
+        self.emit(format!("br i1 {more}, label %{inner}, label %{exit}"));
+        self.start_block(&inner);
+        self.env.push((index, var.clone()));
+        body(self);
+        self.env.pop();
+        let i = self.ins(format!("load i64, i64* {var}"));
+        let next = self.ins(format!("add nsw i64 {i}, 1"));
+        self.emit(format!("store i64 {next}, i64* {var}"));
+        self.emit(format!("br label %{header}"));
+        self.start_block(&exit);
+    }
+
+    fn index(&mut self, index: Index) -> String {
+        let var = self.env.iter().rev().find(|(i, _)| *i == index).map(|(_, v)| v.clone()).expect("a bound index");
+        self.ins(format!("load i64, i64* {var}"))
+    }
+
+    fn affine(&mut self, affine: &Affine) -> String {
+        match affine {
+            Affine::Const(c) => c.to_string(),
+            Affine::Index(i) => self.index(*i),
+            Affine::Extent(r) => self.extents[r.index()].clone(),
+            Affine::Add(a, b) => {
+                let (a, b) = (self.affine(a), self.affine(b));
+                self.ins(format!("add i64 {a}, {b}"))
+            }
+            Affine::Sub(a, b) => {
+                let (a, b) = (self.affine(a), self.affine(b));
+                self.ins(format!("sub i64 {a}, {b}"))
+            }
+            Affine::Mul(a, b) => {
+                let (a, b) = (self.affine(a), self.affine(b));
+                self.ins(format!("mul i64 {a}, {b}"))
+            }
+            Affine::Neg(a) => {
+                let a = self.affine(a);
+                self.ins(format!("sub i64 0, {a}"))
+            }
+        }
+    }
+
+    fn and_def(&mut self, a: Def, b: Def) -> Def {
+        match (a, b) {
+            (None, x) | (x, None) => x,
+            (Some(x), Some(y)) => Some(self.ins(format!("and i1 {x}, {y}"))),
+        }
+    }
+
+    /// As `cpu::codegen`: whether every split pair bound in the environment, with one of `new` in
+    /// it, is inside its whole rank.
+    fn valid_pairs(&mut self, new: &[Index]) -> Def {
+        let mut ok: Def = None;
+        let pairs = self.cascade().split_pairs();
+        let bound: Vec<Index> = self.env.iter().map(|(i, _)| *i).collect();
+        for (tile, inner, whole) in pairs {
+            for outer in bound.iter().filter(|i| i.rank == tile) {
+                let partner = Index { rank: inner, primes: outer.primes };
+                if !bound.contains(&partner) {
+                    continue;
+                }
+                if !new.is_empty() && !new.contains(outer) && !new.contains(&partner) {
+                    continue;
+                }
+                let t = self.index(*outer);
+                let m = self.index(partner);
+                let size = self.extents[inner.index()].clone();
+                let at = self.ins(format!("mul i64 {t}, {size}"));
+                let at = self.ins(format!("add i64 {at}, {m}"));
+                let whole = self.extents[whole.index()].clone();
+                let inside = self.ins(format!("icmp slt i64 {at}, {whole}"));
+                ok = self.and_def(ok, Some(inside));
+            }
+        }
+        ok
+    }
+
+    fn always_inside(&self, subscript: &Affine, rank: RankId) -> bool {
+        crate::cpu::always_inside(self.cascade(), subscript, rank)
+    }
+
+    fn conds(&mut self, conds: &[Cond]) -> Def {
+        let mut ok: Def = None;
+        for cond in conds {
+            let (a, da) = self.expr(&cond.lhs);
+            let (b, db) = self.expr(&cond.rhs);
+            let cc = match cond.op {
+                CmpOp::Lt => "olt",
+                CmpOp::Le => "ole",
+                CmpOp::Gt => "ogt",
+                CmpOp::Ge => "oge",
+                CmpOp::Eq => "oeq",
+                CmpOp::Ne => "une",
+            };
+            let holds = self.ins(format!("fcmp {cc} float {a}, {b}"));
+            let holds = self.and_def(Some(holds), da);
+            let holds = self.and_def(holds, db);
+            ok = self.and_def(ok, holds);
+        }
+        ok
+    }
+
+    /// The element offset of `coords` in buffer `buffer`, clamped to 0 when out of range, and
+    /// whether it is in range.
+    fn offset(&mut self, buffer: usize, coords: &[String], always_inside: &[bool]) -> (String, Def) {
+        let mut inside: Def = None;
+        let mut offset: Option<String> = None;
+        let slots = self.program.buffers[buffer].slots.clone();
+        for (d, c) in coords.iter().enumerate() {
+            if !always_inside[d] {
+                let dim = self.dims[buffer][d].clone();
+                let below = self.ins(format!("icmp slt i64 {c}, {dim}"));
+                let nonneg = self.ins(format!("icmp sge i64 {c}, 0"));
+                let both = self.ins(format!("and i1 {below}, {nonneg}"));
+                inside = self.and_def(inside, Some(both));
+            }
+            let stored = match slots[d] {
+                Slot::Full => c.clone(),
+                Slot::Current => continue,
+                Slot::Alternate => self.ins(format!("and i64 {c}, 1")),
+            };
+            let term = if self.unit_last_stride && d + 1 == coords.len() && slots[d] == Slot::Full {
+                stored
+            } else {
+                let stride = self.strides[buffer][d].clone();
+                self.ins(format!("mul i64 {stored}, {stride}"))
+            };
+            offset = Some(match offset {
+                Some(o) => self.ins(format!("add i64 {o}, {term}")),
+                None => term,
+            });
+        }
+        let offset = offset.unwrap_or_else(|| "0".to_string());
+        let Some(check) = inside else { return (offset, None) };
+        let offset = self.ins(format!("select i1 {check}, i64 {offset}, i64 0"));
+        (offset, Some(check))
+    }
+
+    fn load(&mut self, tensor: TensorId, coords: &[String], always_inside: &[bool]) -> (String, Def) {
+        let buffer = tensor.index();
+        let (offset, inside) = self.offset(buffer, coords, always_inside);
+        let base = self.values[buffer].clone();
+        let address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
+        let value = self.ins(format!("load float, float* {address}"));
+        let defined = match self.masks[buffer].clone() {
+            Some(mask) => {
+                let address = self.ins(format!("getelementptr inbounds i8, i8* {mask}, i64 {offset}"));
+                let m = self.ins(format!("load i8, i8* {address}"));
+                let m = self.ins(format!("icmp ne i8 {m}, 0"));
+                self.and_def(Some(m), inside)
+            }
+            None => inside,
+        };
+        (value, defined)
+    }
+
+    fn call(&mut self, function: &str, x: &str) -> String {
+        self.ins(format!("call float @{function}(float {x})"))
+    }
+
+    /// `max` or `min` with NaN propagating from either side.
+    fn extremum(&mut self, op: &str, x: &str, y: &str) -> String {
+        let better = self.ins(format!("fcmp {op} float {x}, {y}"));
+        let pick = self.ins(format!("select i1 {better}, float {x}, float {y}"));
+        let nan = self.ins(format!("fcmp uno float {x}, 0.0"));
+        self.ins(format!("select i1 {nan}, float {x}, float {pick}"))
+    }
+
+    fn exp(&mut self, x: &str) -> String {
+        match self.flavor {
+            Flavor::Nvptx => {
+                let scaled = self.ins(format!("fmul float {x}, {}", float(std::f32::consts::LOG2_E)));
+                self.call("llvm.nvvm.ex2.approx.f", &scaled)
+            }
+            Flavor::Host => self.host_exp(x),
+        }
+    }
+
+    /// `exp` as Cephes' `expf`: `x = n ln 2 + r`, a degree-6 polynomial in `r`, and `2^n` applied
+    /// in two halves so that results down to the smallest subnormal come out right.
+    fn host_exp(&mut self, x: &str) -> String {
+        let lo = float(-104.0);
+        let hi = float(89.0);
+        let below = self.ins(format!("fcmp olt float {x}, {lo}"));
+        let x1 = self.ins(format!("select i1 {below}, float {lo}, float {x}"));
+        let above = self.ins(format!("fcmp ogt float {x1}, {hi}"));
+        let x2 = self.ins(format!("select i1 {above}, float {hi}, float {x1}"));
+        let t = self.ins(format!("call float @llvm.fma.f32(float {x2}, float {}, float 0.5)", float(std::f32::consts::LOG2_E)));
+        let n = self.ins(format!("call float @llvm.floor.f32(float {t})"));
+        let r = self.ins(format!("call float @llvm.fma.f32(float {n}, float {}, float {x2})", float(-0.693_359_4)));
+        let r = self.ins(format!("call float @llvm.fma.f32(float {n}, float {}, float {r})", float(2.121_944_4e-4)));
+        let mut p = float(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            p = self.ins(format!("call float @llvm.fma.f32(float {p}, float {r}, float {})", float(c)));
+        }
+        let rr = self.ins(format!("fmul float {r}, {r}"));
+        let y = self.ins(format!("call float @llvm.fma.f32(float {p}, float {rr}, float {r})"));
+        let y = self.ins(format!("fadd float {y}, 1.0"));
+        let ni = self.ins(format!("fptosi float {n} to i32"));
+        let half = self.ins(format!("ashr i32 {ni}, 1"));
+        let other = self.ins(format!("sub i32 {ni}, {half}"));
+        let mut scaled = y;
+        for k in [half, other] {
+            let biased = self.ins(format!("add i32 {k}, 127"));
+            let bits = self.ins(format!("shl i32 {biased}, 23"));
+            let factor = self.ins(format!("bitcast i32 {bits} to float"));
+            scaled = self.ins(format!("fmul float {scaled}, {factor}"));
+        }
+        let zeroed = self.ins(format!("select i1 {below}, float 0.0, float {scaled}"));
+        let nan = self.ins(format!("fcmp uno float {x}, 0.0"));
+        self.ins(format!("select i1 {nan}, float {x}, float {zeroed}"))
+    }
+
+    fn log(&mut self, x: &str) -> String {
+        match self.flavor {
+            Flavor::Host => self.call("einfuse_logf", x),
+            Flavor::Nvptx => {
+                let l = self.call("llvm.nvvm.lg2.approx.f", x);
+                self.ins(format!("fmul float {l}, {}", float(std::f32::consts::LN_2)))
+            }
+        }
+    }
+
+    /// `tanh`, `sigmoid` and `softplus` from `exp` and `log` (NVPTX only: the host calls the
+    /// runtime's helpers).
+    fn nvptx_function(&mut self, op: UnaryOp, x: &str) -> String {
+        match op {
+            UnaryOp::Tanh => {
+                // tanh x = sign(x) (1 - e) / (1 + e), e = exp(-2|x|); a series near 0.
+                let a = self.call("llvm.fabs.f32", x);
+                let m = self.ins(format!("fmul float {a}, -2.0"));
+                let e = self.exp(&m);
+                let num = self.ins(format!("fsub float 1.0, {e}"));
+                let den = self.ins(format!("fadd float 1.0, {e}"));
+                let q = self.ins(format!("fdiv float {num}, {den}"));
+                let x2 = self.ins(format!("fmul float {x}, {x}"));
+                let s = self.ins(format!("call float @llvm.fma.f32(float {x2}, float {}, float {})", float(2.0 / 15.0), float(-1.0 / 3.0)));
+                let s = self.ins(format!("call float @llvm.fma.f32(float {s}, float {x2}, float 1.0)"));
+                let series = self.ins(format!("fmul float {s}, {x}"));
+                let neg = self.ins(format!("fcmp olt float {x}, 0.0"));
+                let nq = self.ins(format!("fneg float {q}"));
+                let signed = self.ins(format!("select i1 {neg}, float {nq}, float {q}"));
+                let small = self.ins(format!("fcmp olt float {a}, {}", float(0.01)));
+                let v = self.ins(format!("select i1 {small}, float {series}, float {signed}"));
+                let nan = self.ins(format!("fcmp uno float {x}, 0.0"));
+                self.ins(format!("select i1 {nan}, float {x}, float {v}"))
+            }
+            UnaryOp::Sigmoid => {
+                let m = self.ins(format!("fneg float {x}"));
+                let e = self.exp(&m);
+                let d = self.ins(format!("fadd float {e}, 1.0"));
+                self.ins(format!("fdiv float 1.0, {d}"))
+            }
+            UnaryOp::Softplus => {
+                // max(x, 0) + log(1 + exp(-|x|)), with log(1 + y) ~ y - y^2/2 for small y.
+                let a = self.call("llvm.fabs.f32", x);
+                let m = self.ins(format!("fneg float {a}"));
+                let y = self.exp(&m);
+                let one_plus = self.ins(format!("fadd float {y}, 1.0"));
+                let l = self.log(&one_plus);
+                let half = self.ins(format!("fmul float {y}, -0.5"));
+                let series = self.ins(format!("call float @llvm.fma.f32(float {half}, float {y}, float {y})"));
+                let small = self.ins(format!("fcmp olt float {y}, {}", float(1e-3)));
+                let l = self.ins(format!("select i1 {small}, float {series}, float {l}"));
+                let positive = self.extremum("ogt", x, "0.0");
+                self.ins(format!("fadd float {positive}, {l}"))
+            }
+            _ => unreachable!("only tanh, sigmoid and softplus"),
+        }
+    }
+
+    /// The value of an expression and whether it is defined.
+    fn expr(&mut self, expr: &Expr) -> (String, Def) {
+        match expr {
+            Expr::Const(c) => (float(*c as f32), None),
+            Expr::Param(p) => (float(self.cascade().param(*p).value as f32), None),
+            Expr::Extent(r) => {
+                let e = self.extents[r.index()].clone();
+                (self.ins(format!("sitofp i64 {e} to float")), None)
+            }
+            Expr::Index(i) => {
+                let v = self.index(*i);
+                let base = self.bases[i.rank.index()].clone();
+                let v = self.ins(format!("add i64 {v}, {base}"));
+                (self.ins(format!("sitofp i64 {v} to float")), None)
+            }
+            Expr::Access { tensor, subscripts } => {
+                let coords: Vec<String> = subscripts.iter().map(|s| self.affine(s)).collect();
+                let ranks = self.cascade().tensor(*tensor).ranks.clone();
+                let always: Vec<bool> = subscripts.iter().zip(&ranks).map(|(s, r)| self.always_inside(s, *r)).collect();
+                self.load(*tensor, &coords, &always)
+            }
+            Expr::Unary(op, arg) => {
+                let (x, d) = self.expr(arg);
+                let v = match op {
+                    UnaryOp::Neg => self.ins(format!("fneg float {x}")),
+                    UnaryOp::Abs => self.call("llvm.fabs.f32", &x),
+                    UnaryOp::Sqrt => self.call("llvm.sqrt.f32", &x),
+                    UnaryOp::Relu => self.extremum("ogt", &x, "0.0"),
+                    UnaryOp::Exp => self.exp(&x),
+                    UnaryOp::Log => self.log(&x),
+                    UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus if self.flavor == Flavor::Nvptx => {
+                        self.nvptx_function(*op, &x)
+                    }
+                    UnaryOp::Tanh => self.call("einfuse_tanhf", &x),
+                    UnaryOp::Sigmoid => self.call("einfuse_sigmoidf", &x),
+                    UnaryOp::Softplus => self.call("einfuse_softplusf", &x),
+                };
+                (v, d)
+            }
+            Expr::Binary(op, a, b) => {
+                let (x, dx) = self.expr(a);
+                let (y, dy) = self.expr(b);
+                let v = match op {
+                    BinaryOp::Add => self.ins(format!("fadd float {x}, {y}")),
+                    BinaryOp::Sub => self.ins(format!("fsub float {x}, {y}")),
+                    BinaryOp::Mul => self.ins(format!("fmul float {x}, {y}")),
+                    BinaryOp::Div => self.ins(format!("fdiv float {x}, {y}")),
+                    BinaryOp::Max => self.extremum("ogt", &x, &y),
+                    BinaryOp::Min => self.extremum("olt", &x, &y),
+                };
+                (v, self.and_def(dx, dy))
+            }
+            Expr::Reduce { op, indices, filter, body } => {
+                let acc = self.slot("float");
+                self.emit(format!("store float {}, float* {acc}", float(reduce_identity(*op) as f32)));
+                self.reduce_loops(*op, indices, indices, filter, body, &acc);
+                (self.ins(format!("load float, float* {acc}")), None)
+            }
+        }
+    }
+
+    /// Runs `then` only where `condition` holds (always, when it is `None`).
+    fn when(&mut self, condition: Def, then: &mut dyn FnMut(&mut Self)) {
+        let Some(condition) = condition else {
+            then(self);
+            return;
+        };
+        let inside = self.label("then");
+        let after = self.label("join");
+        self.emit(format!("br i1 {condition}, label %{inside}, label %{after}"));
+        self.start_block(&inside);
+        then(self);
+        self.emit(format!("br label %{after}"));
+        self.start_block(&after);
+    }
+
+    fn reduce_loops(
+        &mut self,
+        op: ReduceOp,
+        all: &[Index],
+        remaining: &[Index],
+        filter: &[Cond],
+        body: &Expr,
+        acc: &str,
+    ) {
+        let Some((first, rest)) = remaining.split_first() else {
+            let valid = self.valid_pairs(all);
+            self.when(valid, &mut |g| {
+                let passes = g.conds(filter);
+                let (x, defined) = g.expr(body);
+                let ok = g.and_def(passes, defined);
+                let current = g.ins(format!("load float, float* {acc}"));
+                let next = match op {
+                    // Reassociation lets LLVM vectorize a sum; the tolerance covers the rounding.
+                    ReduceOp::Sum => g.ins(format!("fadd reassoc contract float {current}, {x}")),
+                    ReduceOp::Max => g.extremum("ogt", &current, &x),
+                    ReduceOp::Min => g.extremum("olt", &current, &x),
+                };
+                let chosen = match ok {
+                    Some(ok) => g.ins(format!("select i1 {ok}, float {next}, float {current}")),
+                    None => next,
+                };
+                g.emit(format!("store float {chosen}, float* {acc}"));
+            });
+            return;
+        };
+        let extent = self.extents[first.rank.index()].clone();
+        self.for_loop(*first, "0", &extent, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
+    }
+
+    fn compute(&mut self, id: EinsumId) {
+        let einsum = &self.cascade().einsums[id.index()];
+        let free: Vec<Index> = einsum.lhs_indices().filter(|i| !self.env.iter().any(|(bound, _)| bound == i)).collect();
+        self.compute_loops(einsum, &free);
+    }
+
+    fn compute_loops(&mut self, einsum: &'a Einsum, free: &[Index]) {
+        let Some((first, rest)) = free.split_first() else {
+            self.compute_point(einsum);
+            return;
+        };
+        let extent = self.extents[first.rank.index()].clone();
+        self.for_loop(*first, "0", &extent, &mut |g| g.compute_loops(einsum, rest));
+    }
+
+    fn compute_point(&mut self, einsum: &Einsum) {
+        let coords: Vec<String> = einsum
+            .lhs
+            .iter()
+            .map(|lhs| match lhs {
+                Lhs::Index(i) => self.index(*i),
+                Lhs::Initial => "0".to_string(),
+                Lhs::Next(i) => {
+                    let v = self.index(*i);
+                    self.ins(format!("add i64 {v}, 1"))
+                }
+            })
+            .collect();
+        let valid = self.valid_pairs(&[]);
+        let buffer = einsum.target.index();
+        let always = vec![true; coords.len()];
+        let (offset, _) = self.offset(buffer, &coords, &always);
+        let (value, defined) = match valid {
+            None => self.point_value(einsum),
+            Some(valid) => {
+                // Evaluate only where the point exists: a body may read where it should not.
+                let value_slot = self.slot("float");
+                let defined_slot = self.slot("i1");
+                self.emit(format!("store float 0.0, float* {value_slot}"));
+                self.emit(format!("store i1 false, i1* {defined_slot}"));
+                self.when(Some(valid), &mut |g| {
+                    let (value, defined) = g.point_value(einsum);
+                    g.emit(format!("store float {value}, float* {value_slot}"));
+                    g.emit(format!("store i1 {}, i1* {defined_slot}", defined.unwrap_or_else(|| "true".into())));
+                });
+                let value = self.ins(format!("load float, float* {value_slot}"));
+                let defined = self.ins(format!("load i1, i1* {defined_slot}"));
+                (value, Some(defined))
+            }
+        };
+        let stored = match &defined {
+            Some(d) => self.ins(format!("select i1 {d}, float {value}, float 0.0")),
+            None => value,
+        };
+        let base = self.values[buffer].clone();
+        let address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
+        self.emit(format!("store float {stored}, float* {address}"));
+        if let Some(mask) = self.masks[buffer].clone() {
+            let address = self.ins(format!("getelementptr inbounds i8, i8* {mask}, i64 {offset}"));
+            let d = match defined {
+                Some(d) => self.ins(format!("zext i1 {d} to i8")),
+                None => "1".to_string(),
+            };
+            self.emit(format!("store i8 {d}, i8* {address}"));
+        }
+    }
+
+    fn point_value(&mut self, einsum: &Einsum) -> (String, Def) {
+        let passes = self.conds(&einsum.filter);
+        let (value, defined) = self.expr(&einsum.body);
+        (value, self.and_def(passes, defined))
+    }
+}

@@ -1,0 +1,158 @@
+//! The LLVM back ends against the interpreter: the `cpu-llvm` tier and the host emulation of the
+//! NVPTX kernels, on every kernel of `examples/` as written and optimized, with ragged sizes,
+//! fully masked rows and logits near 1e4; and the PTX of every kernel through `ptxas`.
+#![cfg(feature = "llvm")]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use einfuse::compiler::interp::{interpret, InterpLimits};
+use einfuse::compiler::ir::{Cascade, Extent, TensorKind};
+use einfuse::compiler::shapes::{bind_extents, tensor_shape};
+use einfuse::{Program, Tensor};
+
+fn corpus() -> Vec<Cascade> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "ein"))
+        .flat_map(|p| Program::from_file(p).unwrap().kernels)
+        .collect()
+}
+
+/// A compiled kernel of one LLVM back end.
+enum Compiled {
+    Cpu(einfuse::compiler::cpu::CpuKernel),
+    Emulated(einfuse::compiler::llvm::EmulatedKernel),
+}
+
+impl Compiled {
+    fn new(cascade: &Cascade, emulated: bool) -> Compiled {
+        if emulated {
+            Compiled::Emulated(einfuse::compile_emulated(cascade).unwrap())
+        } else {
+            Compiled::Cpu(einfuse::compile_cpu_llvm(cascade).unwrap())
+        }
+    }
+
+    fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Vec<Vec<f32>> {
+        match self {
+            Compiled::Cpu(k) => k.run(extents, inputs).unwrap(),
+            Compiled::Emulated(k) => k.run(extents, inputs).unwrap(),
+        }
+    }
+}
+
+/// Runs `kernel` and the interpreter on the same random inputs; the largest relative difference.
+fn compare(cascade: &Cascade, kernel: &Compiled, sizes: &BTreeMap<&str, u64>, seed: u64) -> f64 {
+    let bindings: Vec<(String, u64)> = cascade
+        .ranks
+        .iter()
+        .filter(|r| matches!(r.extent, Extent::Symbolic))
+        .map(|r| (r.name.clone(), sizes.get(r.name.as_str()).copied().unwrap_or(5)))
+        .collect();
+    let extents = bind_extents(cascade, &bindings, &[]).unwrap();
+    let inputs: Vec<Tensor> = cascade
+        .inputs()
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            let shape = tensor_shape(cascade, *id, &extents).iter().map(|s| *s as usize).collect();
+            let TensorKind::Input { elem } = cascade.tensor(*id).kind else { unreachable!() };
+            Tensor::random(einfuse::dtype_of(elem), shape, seed * 100 + n as u64).unwrap()
+        })
+        .collect();
+    let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
+    let got = kernel.run(&extents, &slices);
+    let data: Vec<Vec<f64>> = inputs.iter().map(Tensor::to_f64).collect();
+    let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
+    let want = interpret(cascade, &extents, &slices, InterpLimits::default()).unwrap();
+    let mut worst = 0.0f64;
+    for (output, (g, w)) in cascade.outputs.iter().zip(got.iter().zip(&want)) {
+        assert_eq!(g.len(), w.len());
+        let dtype = einfuse::dtype_of(output.elem);
+        for (a, b) in g.iter().zip(w) {
+            let a = dtype.round(*a) as f64;
+            let b = dtype.round(*b as f32) as f64;
+            if a.is_nan() && b.is_nan() {
+                continue;
+            }
+            worst = worst.max((a - b).abs() / (1.0 + b.abs()));
+        }
+    }
+    worst
+}
+
+fn with_scale(cascade: &Cascade, scale: f64) -> Cascade {
+    let mut cascade = cascade.clone();
+    for p in cascade.params.iter_mut().filter(|p| p.name == "scale") {
+        p.value = scale;
+    }
+    cascade
+}
+
+fn every_corpus_kernel(emulated: bool) {
+    let shapes: [&[(&str, u64)]; 3] = [&[("M", 100), ("P", 7)], &[("M", 1), ("P", 3)], &[("M", 65), ("P", 70)]];
+    for cascade in corpus() {
+        let optimized = einfuse::optimize(&cascade).unwrap().cascade;
+        for (form, kernel) in [("as written", &cascade), ("optimized", &optimized)] {
+            let compiled = Compiled::new(kernel, emulated);
+            for (s, shape) in shapes.iter().enumerate() {
+                let mut sizes: BTreeMap<&str, u64> = shape.iter().copied().collect();
+                sizes.extend([("K", 37), ("H", 2), ("T", 20)]);
+                let error = compare(kernel, &compiled, &sizes, s as u64);
+                assert!(error <= 1e-4, "{} {form} {shape:?}: relative error {error:.3e}", cascade.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn cpu_llvm_runs_every_corpus_kernel() {
+    every_corpus_kernel(false);
+}
+
+#[test]
+fn emulated_gpu_kernels_run_every_corpus_kernel() {
+    every_corpus_kernel(true);
+}
+
+fn large_logits_and_masked_rows(emulated: bool) {
+    for name in ["attention", "causal", "sink", "padding_mask", "document_mask", "gqa_decode"] {
+        let cascade = corpus().into_iter().find(|k| k.name == name).unwrap();
+        // P > M leaves causal rows with no key at all; the scale puts logits near 1e4.
+        let optimized = with_scale(&einfuse::optimize(&cascade).unwrap().cascade, 2000.0);
+        let compiled = Compiled::new(&optimized, emulated);
+        let sizes: BTreeMap<&str, u64> = [("M", 40), ("P", 50), ("H", 2)].into();
+        let error = compare(&optimized, &compiled, &sizes, 3);
+        assert!(error <= 1e-4, "{name}: {error:.3e}");
+    }
+}
+
+#[test]
+fn large_logits_and_masked_rows_on_both_llvm_targets() {
+    large_logits_and_masked_rows(false);
+    large_logits_and_masked_rows(true);
+}
+
+#[test]
+fn a_sweep_of_sizes_on_the_emulated_gpu() {
+    let causal = corpus().into_iter().find(|k| k.name == "causal").unwrap();
+    let optimized = einfuse::optimize(&causal).unwrap().cascade;
+    let emulated = Compiled::new(&optimized, true);
+    let cpu = Compiled::new(&optimized, false);
+    for m in [1u64, 2, 17, 64, 65, 129, 200] {
+        for p in [1u64, 5, 64, 200] {
+            if m * p > 64 * 200 {
+                continue;
+            }
+            let sizes: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
+            for kernel in [&emulated, &cpu] {
+                let error = compare(&optimized, kernel, &sizes, m + p);
+                assert!(error <= 1e-4, "M={m} P={p}: {error:.3e}");
+            }
+        }
+    }
+}
