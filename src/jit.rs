@@ -38,7 +38,9 @@ use crate::{dtype_of, Error, Program, RunOptions, Target, Tensor};
 /// How to compile.
 #[derive(Clone, Debug)]
 pub struct CompileOptions {
-    /// Where the kernels run.
+    /// Where the kernels run. The default, `Target::Cpu` (Cranelift), compiles in milliseconds;
+    /// `Target::CpuLlvm` takes longer to compile (LLVM's O3 pipeline) and uses the CPU's full
+    /// vector width, for long-running kernels.
     pub target: Target,
     /// Run the e-graph optimizer first (fewest passes).
     pub optimize: bool,
@@ -104,7 +106,9 @@ fn compile_program(program: Program, options: &CompileOptions) -> Result<Compile
         }
         let cpu = match options.target {
             Target::Cpu => Some(crate::compile_cpu(&cascade)?),
-            Target::Interp => None,
+            #[cfg(feature = "llvm")]
+            Target::CpuLlvm => Some(crate::compile_cpu_llvm(&cascade)?),
+            _ => None,
         };
         kernels.push(Kernel {
             cascade,

@@ -26,6 +26,8 @@
 use std::path::Path;
 
 pub mod gallery;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 mod jit;
 
 pub use jit::{compile, compile_file, CompileOptions, Compiled, Kernel};
@@ -155,6 +157,12 @@ pub enum Target {
     Interp,
     /// Machine code from the Cranelift back end, JIT-compiled (f32).
     Cpu,
+    /// Machine code from LLVM for this CPU (the `cpu-llvm` tier; needs the `llvm` feature).
+    CpuLlvm,
+    /// The GPU kernel, compiled for the host and run thread by thread (needs `llvm`).
+    GpuEmulated,
+    /// The GPU kernel on GPU 0 through the CUDA driver (needs `llvm` and `cuda`, and a driver).
+    Gpu,
 }
 
 /// What a run needs beyond the kernel.
@@ -284,6 +292,10 @@ pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Ve
             let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
             kernel.run_threads(&extents, &slices, options.threads)?
         }
+        Target::CpuLlvm | Target::GpuEmulated | Target::Gpu => {
+            let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
+            run_llvm(&cascade, target, &extents, &slices, options.threads)?
+        }
         Target::Interp => {
             let data: Vec<Vec<f64>> = inputs.iter().map(Tensor::to_f64).collect();
             let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
@@ -296,6 +308,35 @@ pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Ve
         check_finite(&outputs)?;
     }
     Ok(outputs)
+}
+
+/// Runs a kernel on one of the LLVM targets.
+#[cfg(feature = "llvm")]
+fn run_llvm(cascade: &Cascade, target: Target, extents: &[u64], inputs: &[&[f32]], threads: usize) -> Result<Vec<Vec<f32>>, Error> {
+    match target {
+        Target::CpuLlvm => Ok(compile_cpu_llvm(cascade)?.run_threads(extents, inputs, threads)?),
+        Target::GpuEmulated => Ok(compile_emulated(cascade)?.run(extents, inputs)?),
+        _ => run_gpu(cascade, extents, inputs),
+    }
+}
+
+#[cfg(not(feature = "llvm"))]
+fn run_llvm(_: &Cascade, target: Target, _: &[u64], _: &[&[f32]], _: usize) -> Result<Vec<Vec<f32>>, Error> {
+    Err(Error::Usage(format!("the target {target:?} needs LLVM, and this einfuse was built without the `llvm` feature")))
+}
+
+#[cfg(all(feature = "llvm", feature = "cuda"))]
+fn run_gpu(cascade: &Cascade, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
+    let device = gpu::GpuDevice::open().map_err(|e| Error::Usage(e.to_string()))?;
+    let program = compiler::schedule::schedule(cascade)?;
+    let ptx = compiler::llvm::compile_ptx(&program, "sm_80")?;
+    let kernel = gpu::GpuKernel::load(&device, &program, &ptx).map_err(|e| Error::Usage(e.to_string()))?;
+    kernel.run(extents, inputs).map_err(|e| Error::Usage(e.to_string()))
+}
+
+#[cfg(all(feature = "llvm", not(feature = "cuda")))]
+fn run_gpu(_: &Cascade, _: &[u64], _: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
+    Err(Error::Usage("the GPU target needs the `cuda` feature, and this einfuse was built without it".into()))
 }
 
 /// Dense outputs as named tensors of their storage types.

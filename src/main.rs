@@ -35,6 +35,9 @@ enum Command {
         /// Only this kernel (default: every kernel).
         #[arg(long)]
         kernel: Option<String>,
+        /// For `--stage llvm`: the module for the GPU (`nvptx`) or for this CPU (`cpu-llvm`).
+        #[arg(long, value_enum, default_value = "nvptx")]
+        target: LlvmTarget,
     },
     /// Print a kernel's dependency graph as Graphviz DOT.
     Graph {
@@ -72,16 +75,17 @@ enum Command {
     },
     /// Run a kernel on random or given inputs.
     Run(RunArgs),
-    /// Compile a kernel ahead of time: an object file and a C header beside it.
+    /// Compile a kernel ahead of time: an object file and a C header beside it (`cpu`,
+    /// `cpu-llvm`), or PTX and a JSON launch description beside it (`nvptx`).
     Compile {
         file: PathBuf,
         /// The kernel (required when the file has several).
         #[arg(long)]
         kernel: Option<String>,
-        /// The target (`cpu`: an object file for this machine).
+        /// The target.
         #[arg(long, value_enum, default_value = "cpu")]
         target: CompileTarget,
-        /// The object file to write; the header is written beside it with the extension `.h`.
+        /// The file to write; the header (`.h`) or launch description (`.json`) goes beside it.
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -103,6 +107,18 @@ enum Command {
         /// Threads (default: every core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Which CPU tier: `cpu` (Cranelift), `cpu-llvm`, or `both` (measured in one run).
+        #[arg(long, value_enum, default_value = "cpu")]
+        target: BenchTarget,
+    },
+    /// On a GPU machine: run the PTX kernels of a folder made by `scripts/gpu-build.sh` against
+    /// the interpreter and time the attention kernels; needs no LLVM.
+    #[command(hide = true)]
+    GpuCheck {
+        /// The folder with `kernels.txt`, the `.ptx` files and the `.ein` sources.
+        artifacts: PathBuf,
+        /// Where to write `results.txt` and the benchmark's `.npy` files.
+        out: PathBuf,
     },
     /// Write the gallery page and its pictures (as DOT) for the kernels of a folder.
     #[command(hide = true)]
@@ -126,12 +142,33 @@ enum Stage {
     Loops,
     /// The Cranelift IR of the CPU kernel (of the optimized cascade).
     Clif,
+    /// The LLVM IR the LLVM back ends start from (see `--target`).
+    Llvm,
+    /// The PTX of the GPU kernel (for sm_80, PTX ISA 7.5).
+    Ptx,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LlvmTarget {
+    Nvptx,
+    CpuLlvm,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum CompileTarget {
     /// An object file for this machine (Cranelift), and a C header.
     Cpu,
+    /// An object file for this machine through LLVM (full vector width), and a C header.
+    CpuLlvm,
+    /// PTX for NVIDIA GPUs (sm_80 and newer), and a JSON launch description.
+    Nvptx,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum BenchTarget {
+    Cpu,
+    CpuLlvm,
+    Both,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -140,6 +177,12 @@ enum TargetArg {
     Interp,
     /// The Cranelift CPU back end (the kernel is optimized first).
     Cpu,
+    /// The LLVM CPU tier (optimized first).
+    CpuLlvm,
+    /// The GPU kernel compiled for this CPU and run thread by thread (optimized first).
+    GpuEmu,
+    /// The GPU kernel on GPU 0 through the CUDA driver (optimized first).
+    Gpu,
 }
 
 #[derive(clap::Args)]
@@ -234,7 +277,7 @@ fn main() -> ExitCode {
 fn execute(command: Command) -> Result<(), Error> {
     match command {
         Command::Check { files } => check(&files),
-        Command::Emit { stage, file, kernel } => {
+        Command::Emit { stage, file, kernel, target } => {
             let text = match stage {
                 Stage::Ast => emit_ast(&file, kernel.as_deref())?,
                 Stage::Ir => {
@@ -250,7 +293,7 @@ fn execute(command: Command) -> Result<(), Error> {
                     }
                     compiler::print::print_cascades(&kernels)
                 }
-                Stage::Loops | Stage::Clif => {
+                Stage::Loops | Stage::Clif | Stage::Llvm | Stage::Ptx => {
                     let program = Program::from_file(&file)?;
                     let mut text = String::new();
                     for k in program.selected(kernel.as_deref())? {
@@ -258,6 +301,13 @@ fn execute(command: Command) -> Result<(), Error> {
                         let loops = compiler::schedule::schedule(&optimized)?;
                         text.push_str(&match stage {
                             Stage::Loops => compiler::schedule::print_program(&loops),
+                            Stage::Llvm => match target {
+                                LlvmTarget::Nvptx => compiler::llvm::nvptx_ir(&loops),
+                                LlvmTarget::CpuLlvm => {
+                                    compiler::llvm::host_ir(&loops, &compiler::cpu::object_symbol(&loops.cascade))
+                                }
+                            },
+                            Stage::Ptx => ptx(&loops)?,
                             _ => compiler::cpu::compile(&loops)?.clif.clone(),
                         });
                     }
@@ -275,22 +325,35 @@ fn execute(command: Command) -> Result<(), Error> {
         Command::Analyze { file, kernel, json } => analyze(&file, kernel.as_deref(), json),
         Command::Explain { file, kernel } => explain(&file, kernel.as_deref()),
         Command::Run(args) => run(args),
-        Command::Compile { file, kernel, target: CompileTarget::Cpu, output } => {
+        Command::Compile { file, kernel, target, output } => {
             let program = Program::from_file(&file)?;
             let optimized = einfuse::optimize(program.kernel(kernel.as_deref())?)?.cascade;
             let loops = compiler::schedule::schedule(&optimized)?;
-            let object = compiler::cpu::compile_object(&loops)?;
+            let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
+            if let CompileTarget::Nvptx = target {
+                let text = ptx(&loops)?;
+                let sidecar = output.with_extension("json");
+                std::fs::write(&output, text).map_err(|e| io(&output, e))?;
+                let description = compiler::llvm::launch_description(&loops, &file.display().to_string());
+                std::fs::write(&sidecar, description).map_err(|e| io(&sidecar, e))?;
+                println!("wrote {} and {}", output.display(), sidecar.display());
+                return Ok(());
+            }
+            let object = match target {
+                CompileTarget::CpuLlvm => cpu_llvm_object(&loops)?,
+                _ => compiler::cpu::compile_object(&loops)?,
+            };
             let header = compiler::cpu::header::c_header(&loops);
             let header_path = output.with_extension("h");
-            let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
             std::fs::write(&output, object).map_err(|e| io(&output, e))?;
             std::fs::write(&header_path, header).map_err(|e| io(&header_path, e))?;
             println!("wrote {} and {}", output.display(), header_path.display());
             Ok(())
         }
-        Command::Bench { file, kernel, bindings, runs, json, threads } => {
-            bench(&file, kernel.as_deref(), bindings, runs, json, threads.unwrap_or_else(einfuse::all_cores))
+        Command::Bench { file, kernel, bindings, runs, json, threads, target } => {
+            bench(&file, kernel.as_deref(), bindings, runs, json, threads.unwrap_or_else(einfuse::all_cores), target)
         }
+        Command::GpuCheck { artifacts, out } => gpu_check(&artifacts, &out),
         Command::Gallery { examples, out } => {
             let gallery = einfuse::gallery::build(&examples)?;
             let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
@@ -516,6 +579,9 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let (target, kernel) = match args.target {
         TargetArg::Interp => (Target::Interp, kernel.clone()),
         TargetArg::Cpu => (Target::Cpu, einfuse::optimize(kernel)?.cascade),
+        TargetArg::CpuLlvm => (Target::CpuLlvm, einfuse::optimize(kernel)?.cascade),
+        TargetArg::GpuEmu => (Target::GpuEmulated, einfuse::optimize(kernel)?.cascade),
+        TargetArg::Gpu => (Target::Gpu, einfuse::optimize(kernel)?.cascade),
     };
     let outputs = einfuse::run(&kernel, target, &options)?;
     if args.check {
@@ -558,6 +624,27 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
+/// One tier's measurements.
+struct BenchResult {
+    tier: &'static str,
+    median_s: f64,
+    unfused_median_s: f64,
+    compile_s: f64,
+    peak_extra_bytes: u64,
+    unfused_extra_bytes: u64,
+}
+
+/// Compiles a cascade on one CPU tier.
+fn compile_tier(cascade: &compiler::ir::Cascade, llvm: bool) -> Result<compiler::cpu::CpuKernel, Error> {
+    if !llvm {
+        return einfuse::compile_cpu(cascade);
+    }
+    #[cfg(feature = "llvm")]
+    return einfuse::compile_cpu_llvm(cascade);
+    #[cfg(not(feature = "llvm"))]
+    Err(Error::Usage("the cpu-llvm tier needs LLVM, and this einfuse was built without the `llvm` feature".into()))
+}
+
 fn bench(
     file: &Path,
     kernel: Option<&str>,
@@ -565,6 +652,7 @@ fn bench(
     runs: usize,
     json: bool,
     threads: usize,
+    target: BenchTarget,
 ) -> Result<(), Error> {
     use std::time::Instant;
     let runs = runs.max(1);
@@ -573,19 +661,7 @@ fn bench(
     let options = RunOptions { bindings, seed: 1, ..RunOptions::default() };
     let (extents, inputs) = einfuse::prepare_inputs(written, &options)?;
     let slices: Vec<&[f32]> = inputs.iter().map(einfuse::Tensor::data).collect();
-    // Source to a callable kernel: parse, check, optimize, schedule, compile.
     let source = einfuse::read_source(file)?;
-    let mut compile_times = Vec::new();
-    let mut fused = None;
-    for _ in 0..3 {
-        let start = Instant::now();
-        let program = Program::from_source(&file.display().to_string(), &source)?;
-        let optimized = einfuse::optimize(program.kernel(kernel)?)?.cascade;
-        fused = Some(einfuse::compile_cpu(&optimized)?);
-        compile_times.push(start.elapsed().as_secs_f64());
-    }
-    let fused = fused.expect("compiled");
-    let unfused = einfuse::compile_cpu(written)?;
     let extents_of = |k: &compiler::cpu::CpuKernel| -> Result<Vec<u64>, Error> {
         let shapes: Vec<_> = k
             .cascade()
@@ -607,8 +683,34 @@ fn bench(
         }
         Ok(median(samples))
     };
-    let median_s = time(&fused)?;
-    let unfused_median_s = time(&unfused)?;
+    let tiers: Vec<(&'static str, bool)> = match target {
+        BenchTarget::Cpu => vec![("cpu", false)],
+        BenchTarget::CpuLlvm => vec![("cpu-llvm", true)],
+        BenchTarget::Both => vec![("cpu", false), ("cpu-llvm", true)],
+    };
+    let mut results = Vec::new();
+    for (tier, llvm) in tiers {
+        // Source to a callable kernel: parse, check, optimize, schedule, compile.
+        let mut compile_times = Vec::new();
+        let mut fused = None;
+        for _ in 0..3 {
+            let start = Instant::now();
+            let program = Program::from_source(&file.display().to_string(), &source)?;
+            let optimized = einfuse::optimize(program.kernel(kernel)?)?.cascade;
+            fused = Some(compile_tier(&optimized, llvm)?);
+            compile_times.push(start.elapsed().as_secs_f64());
+        }
+        let fused = fused.expect("compiled");
+        let unfused = compile_tier(written, llvm)?;
+        results.push(BenchResult {
+            tier,
+            median_s: time(&fused)?,
+            unfused_median_s: time(&unfused)?,
+            compile_s: median(compile_times),
+            peak_extra_bytes: fused.scratch_bytes(&extents_of(&fused)?),
+            unfused_extra_bytes: unfused.scratch_bytes(&extents),
+        });
+    }
     let flops = compiler::schedule::flop_count(written, &extents);
     let bytes: f64 = inputs.iter().map(|t| t.len() as f64 * 4.0).sum::<f64>()
         + written
@@ -616,29 +718,48 @@ fn bench(
             .iter()
             .map(|o| compiler::shapes::tensor_shape(written, o.tensor, &extents).iter().product::<u64>() as f64 * 4.0)
             .sum::<f64>();
-    let gflops = flops / median_s / 1e9;
-    let gbps = bytes / median_s / 1e9;
-    let peak_extra_bytes = fused.scratch_bytes(&extents_of(&fused)?);
-    let compile_s = median(compile_times);
-    let speedup = unfused_median_s / median_s;
+    let fields = |r: &BenchResult| -> String {
+        format!(
+            "\"target\": \"{}\", \"median_s\": {:.6e}, \"gflops\": {:.3}, \"gbps\": {:.3}, \"unfused_median_s\": {:.6e}, \
+             \"speedup_vs_unfused\": {:.3}, \"peak_extra_bytes\": {}, \"unfused_extra_bytes\": {}, \"compile_s\": {:.6e}",
+            r.tier,
+            r.median_s,
+            flops / r.median_s / 1e9,
+            bytes / r.median_s / 1e9,
+            r.unfused_median_s,
+            r.unfused_median_s / r.median_s,
+            r.peak_extra_bytes,
+            r.unfused_extra_bytes,
+            r.compile_s
+        )
+    };
     if json {
+        let mut text = format!("{{\"kernel\": {}, {}", json_string(&written.name), fields(&results[0]));
+        for other in &results[1..] {
+            text.push_str(&format!(", \"{}\": {{{}}}", other.tier, fields(other)));
+        }
+        if results.len() == 2 {
+            text.push_str(&format!(", \"llvm_speedup_vs_cpu\": {:.3}", results[0].median_s / results[1].median_s));
+        }
+        println!("{text}, \"threads\": {threads}, \"runs\": {runs}}}");
+        return Ok(());
+    }
+    println!("kernel {} ({runs} runs, medians, {threads} thread(s))", written.name);
+    for r in &results {
         println!(
-            "{{\"kernel\": {}, \"median_s\": {median_s:.6e}, \"gflops\": {gflops:.3}, \"gbps\": {gbps:.3}, \
-             \"unfused_median_s\": {unfused_median_s:.6e}, \"speedup_vs_unfused\": {speedup:.3}, \
-             \"peak_extra_bytes\": {peak_extra_bytes}, \"unfused_extra_bytes\": {}, \"compile_s\": {compile_s:.6e}, \
-             \"threads\": {threads}, \"runs\": {runs}}}",
-            json_string(&written.name),
-            unfused.scratch_bytes(&extents)
+            "  {:<9} fused:   {:>10.3} ms  {:>8.2} GFLOP/s  {:>8.2} GB/s  scratch {} bytes",
+            r.tier,
+            r.median_s * 1e3,
+            flops / r.median_s / 1e9,
+            bytes / r.median_s / 1e9,
+            r.peak_extra_bytes
         );
-    } else {
-        println!("kernel {} ({runs} runs, medians, {threads} thread(s))", written.name);
-        println!(
-            "  fused:    {:>10.3} ms  {gflops:>8.2} GFLOP/s  {gbps:>8.2} GB/s  scratch {peak_extra_bytes} bytes",
-            median_s * 1e3
-        );
-        println!("  unfused:  {:>10.3} ms  scratch {} bytes", unfused_median_s * 1e3, unfused.scratch_bytes(&extents));
-        println!("  speedup vs unfused: {speedup:.2}x");
-        println!("  source to callable kernel: {:.2} ms", compile_s * 1e3);
+        println!("  {:<9} unfused: {:>10.3} ms  scratch {} bytes", r.tier, r.unfused_median_s * 1e3, r.unfused_extra_bytes);
+        println!("  {:<9} speedup vs unfused: {:.2}x", r.tier, r.unfused_median_s / r.median_s);
+        println!("  {:<9} source to callable kernel: {:.2} ms", r.tier, r.compile_s * 1e3);
+    }
+    if results.len() == 2 {
+        println!("  cpu-llvm vs cpu (fused): {:.2}x", results[0].median_s / results[1].median_s);
     }
     Ok(())
 }
@@ -660,4 +781,136 @@ fn print_tensor(name: &str, tensor: &einfuse::Tensor, all: bool) {
             println!("  {:?} {value}", tensor.coordinates(offset));
         }
     }
+}
+
+#[cfg(feature = "llvm")]
+fn ptx(program: &compiler::schedule::LoopProgram) -> Result<String, Error> {
+    Ok(compiler::llvm::compile_ptx(program, "sm_80")?)
+}
+
+#[cfg(not(feature = "llvm"))]
+fn ptx(_: &compiler::schedule::LoopProgram) -> Result<String, Error> {
+    Err(Error::Usage("PTX needs LLVM, and this einfuse was built without the `llvm` feature".into()))
+}
+
+#[cfg(feature = "llvm")]
+fn cpu_llvm_object(program: &compiler::schedule::LoopProgram) -> Result<Vec<u8>, Error> {
+    Ok(compiler::cpu::compile_object_llvm(program)?)
+}
+
+#[cfg(not(feature = "llvm"))]
+fn cpu_llvm_object(_: &compiler::schedule::LoopProgram) -> Result<Vec<u8>, Error> {
+    Err(Error::Usage("the cpu-llvm target needs LLVM, and this einfuse was built without the `llvm` feature".into()))
+}
+
+/// The largest relative difference (`|a - b| / (1 + |b|)`) between two sets of outputs; NaN
+/// against NaN agrees.
+fn largest_difference(got: &[Vec<f32>], want: &[Vec<f32>]) -> f64 {
+    let mut worst = 0.0f64;
+    for (g, w) in got.iter().zip(want) {
+        if g.len() != w.len() {
+            return f64::INFINITY;
+        }
+        for (a, b) in g.iter().zip(w) {
+            let (a, b) = (*a as f64, *b as f64);
+            if !(a.is_nan() && b.is_nan()) {
+                let d = (a - b).abs() / (1.0 + b.abs());
+                worst = if d.is_nan() { f64::INFINITY } else { worst.max(d) };
+            }
+        }
+    }
+    worst
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
+    use einfuse::gpu::{GpuDevice, GpuKernel};
+    let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
+    let gpu = |e: einfuse::gpu::GpuError| Error::Usage(e.to_string());
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    let mut report = String::new();
+    let mut say = |line: String| {
+        println!("{line}");
+        report.push_str(&line);
+        report.push('\n');
+    };
+    let device = GpuDevice::open().map_err(gpu)?;
+    say(format!("device: {} (compute capability {}.{})", device.name, device.capability.0, device.capability.1));
+    let manifest_path = artifacts.join("kernels.txt");
+    let manifest = std::fs::read_to_string(&manifest_path).map_err(|e| io(&manifest_path, e))?;
+    let mut failures = 0;
+    for line in manifest.lines().filter(|l| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [file, name, form, ptx_file] = fields[..] else {
+            return Err(Error::Usage(format!("{}: a line is not `file kernel form ptx`: {line}", manifest_path.display())));
+        };
+        let program = Program::from_file(&artifacts.join(file))?;
+        let written = program.kernel(Some(name))?;
+        let cascade = if form == "optimized" { einfuse::optimize(written)?.cascade } else { written.clone() };
+        let loops = compiler::schedule::schedule(&cascade)?;
+        let ptx_path = artifacts.join(ptx_file);
+        let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| io(&ptx_path, e))?;
+        let kernel = GpuKernel::load(&device, &loops, &ptx).map_err(gpu)?;
+        let (registers, local) = kernel.resources().map_err(gpu)?;
+        let bench = form == "bench";
+        let shapes: Vec<Vec<(String, u64)>> = if bench {
+            vec![vec![("M".into(), 4096), ("P".into(), 4096)]]
+        } else {
+            [[100u64, 7], [1, 3], [65, 70]]
+                .iter()
+                .map(|[m, p]| vec![("M".into(), *m), ("P".into(), *p), ("K".into(), 37), ("H".into(), 2), ("T".into(), 20)])
+                .collect()
+        };
+        for (s, sizes) in shapes.iter().enumerate() {
+            let bindings: Vec<(String, u64)> = sizes
+                .iter()
+                .filter(|(r, _)| cascade.rank_by_name(r).is_some_and(|id| matches!(cascade.rank(id).extent, compiler::ir::Extent::Symbolic)))
+                .cloned()
+                .collect();
+            let options = RunOptions { bindings, seed: s as u64 + 1, ..RunOptions::default() };
+            let (extents, inputs) = einfuse::prepare_inputs(&cascade, &options)?;
+            let slices: Vec<&[f32]> = inputs.iter().map(einfuse::Tensor::data).collect();
+            if bench {
+                let (outputs, times) = kernel.time(&extents, &slices, 10).map_err(gpu)?;
+                let seconds = median(times);
+                let flops = compiler::schedule::flop_count(&cascade, &extents);
+                say(format!(
+                    "bench {file} {name}: {:.3} ms, {:.1} GFLOP/s, registers {registers}, local bytes {local}",
+                    seconds * 1e3,
+                    flops / seconds / 1e9
+                ));
+                for (id, tensor) in cascade.inputs().iter().zip(&inputs) {
+                    let path = out.join(format!("{name}.{}.npy", cascade.tensor(*id).name));
+                    runtime::npy::write_npy(&path, tensor)?;
+                }
+                for (output_name, tensor) in einfuse::output_tensors(&cascade, &extents, outputs) {
+                    runtime::npy::write_npy(&out.join(format!("{name}.{output_name}.npy")), &tensor)?;
+                }
+                let timing = out.join(format!("{name}.time.txt"));
+                std::fs::write(&timing, format!("{seconds:.9}\n")).map_err(|e| io(&timing, e))?;
+                continue;
+            }
+            let got = kernel.run(&extents, &slices).map_err(gpu)?;
+            let reference = einfuse::run(&cascade, einfuse::Target::Interp, &RunOptions { check_finite: false, ..options })?;
+            let want: Vec<Vec<f32>> = reference.iter().map(|(_, t)| t.data().to_vec()).collect();
+            let error = largest_difference(&got, &want);
+            let verdict = if error <= 1e-4 { "ok" } else { "MISMATCH" };
+            failures += usize::from(error > 1e-4);
+            say(format!(
+                "{verdict} {file} {name} {form} {sizes:?}: relative error {error:.3e}, registers {registers}, local bytes {local}"
+            ));
+        }
+    }
+    say(format!("{failures} mismatch(es)"));
+    let path = out.join("results.txt");
+    std::fs::write(&path, report).map_err(|e| io(&path, e))?;
+    if failures > 0 {
+        return Err(Error::Usage(format!("{failures} GPU run(s) disagree with the interpreter")));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(_: &Path, _: &Path) -> Result<(), Error> {
+    Err(Error::Usage("gpu-check needs the `cuda` feature, and this einfuse was built without it".into()))
 }

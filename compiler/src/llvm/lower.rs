@@ -63,7 +63,7 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
     writeln!(
         module,
         "define internal void @\"{symbol}.body\"(float** noalias %values, i8** noalias %masks, i64* noalias %extents, \
-         i64* noalias %dims, i64* noalias %strides, i64* noalias %bases) {attributes} {{"
+         i64* noalias %dims, i64* noalias %strides, i64* noalias %bases, i64* noalias %batch, i64 %threads) {attributes} {{"
     )
     .unwrap();
     module.push_str("entry:\n");
@@ -77,7 +77,7 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
                 module,
                 "define void @\"{symbol}\"(float** %values, i8** %masks, i64* %extents, i64* %dims, i64* %strides, \
                  i64* %bases) nounwind {{\n  call void @\"{symbol}.body\"(float** %values, i8** %masks, \
-                 i64* %extents, i64* %dims, i64* %strides, i64* %bases)\n  ret void\n}}\n"
+                 i64* %extents, i64* %dims, i64* %strides, i64* %bases, i64* null, i64 0)\n  ret void\n}}\n"
             )
             .unwrap();
         }
@@ -180,7 +180,8 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
             "  %vtp = getelementptr [{nb} x float*], [{nb} x float*]* %vt, i64 0, i64 0\n  \
              %mtp = getelementptr [{nb} x i8*], [{nb} x i8*]* %mt, i64 0, i64 0\n  \
              %btp = getelementptr [{0} x i64], [{0} x i64]* %bt, i64 0, i64 0\n  \
-             call void @\"{symbol}.body\"(float** %vtp, i8** %mtp, i64* %extents, i64* %dims, i64* %strides, i64* %btp)",
+             call void @\"{symbol}.body\"(float** %vtp, i8** %mtp, i64* %extents, i64* %dims, i64* %strides, i64* %btp, \
+             i64* %batch, i64 %threads)",
             nr.max(1)
         )
         .unwrap();
@@ -233,9 +234,11 @@ type Def = Option<String>;
 struct Lowering<'a> {
     program: &'a LoopProgram,
     flavor: Flavor,
-    /// Whether the last position of a full buffer has stride 1 (not so for the interleaved
-    /// scratch of thread kernels).
-    unit_last_stride: bool,
+    /// The entry: thread kernels address their inputs and outputs with global strides and
+    /// interleave their scratch buffers.
+    abi: Abi,
+    /// The batch ranks (thread kernels only).
+    batch: Vec<RankId>,
     allocas: String,
     out: String,
     next: usize,
@@ -243,8 +246,6 @@ struct Lowering<'a> {
     masks: Vec<Option<String>>,
     extents: Vec<String>,
     bases: Vec<String>,
-    dims: Vec<Vec<String>>,
-    strides: Vec<Vec<String>>,
     /// Bound indices and the `i64` slot holding each.
     env: Vec<(Index, String)>,
 }
@@ -254,7 +255,8 @@ impl<'a> Lowering<'a> {
         Lowering {
             program,
             flavor,
-            unit_last_stride: abi == Abi::Cpu,
+            abi,
+            batch: if abi == Abi::Thread { super::launch::batch_ranks(&program.cascade) } else { vec![] },
             allocas: String::new(),
             out: String::new(),
             next: 0,
@@ -262,8 +264,6 @@ impl<'a> Lowering<'a> {
             masks: vec![],
             extents: vec![],
             bases: vec![],
-            dims: vec![],
-            strides: vec![],
             env: vec![],
         }
     }
@@ -319,7 +319,6 @@ impl<'a> Lowering<'a> {
             let b = self.load_i64("%bases", r);
             self.bases.push(b);
         }
-        let offsets = crate::cpu::table_offsets(self.program);
         for (b, buffer) in self.program.buffers.iter().enumerate() {
             let p = self.ins(format!("getelementptr float*, float** %values, i64 {b}"));
             let v = self.ins(format!("load float*, float** {p}"));
@@ -331,14 +330,59 @@ impl<'a> Lowering<'a> {
                 None
             };
             self.masks.push(mask);
-            let n = c.tensor(buffer.tensor).ranks.len();
-            let d: Vec<String> = (0..n).map(|k| self.load_i64("%dims", offsets[b] + k)).collect();
-            let s: Vec<String> = (0..n).map(|k| self.load_i64("%strides", offsets[b] + k)).collect();
-            self.dims.push(d);
-            self.strides.push(s);
         }
         let body = self.program.body.clone();
         self.nodes(&body);
+    }
+
+    /// The extent of position `d` of buffer `b` as the body sees it (batch ranks as 1 in a
+    /// thread kernel). Computed from the extents rather than read from the tables, so that
+    /// equal sizes are one value and the GPU kernels keep few registers.
+    fn dim(&mut self, b: usize, d: usize) -> String {
+        let tensor = self.cascade().tensor(self.program.buffers[b].tensor);
+        let extent = self.extents[tensor.ranks[d].index()].clone();
+        match tensor.kind {
+            TensorKind::Defined { iterative: Some(k) } if k == d => self.ins(format!("add i64 {extent}, 1")),
+            _ => extent,
+        }
+    }
+
+    /// The element stride of position `d` of buffer `b`: row-major over the stored extents; in a
+    /// thread kernel, over the global extents for inputs and outputs, and times the thread count
+    /// for scratch buffers.
+    fn stride(&mut self, b: usize, d: usize) -> String {
+        let buffer = &self.program.buffers[b];
+        let tensor = self.cascade().tensor(buffer.tensor);
+        let scratch = buffer.role == crate::schedule::BufferRole::Temp;
+        let mut factors: Vec<String> = Vec::new();
+        for later in d + 1..tensor.ranks.len() {
+            let rank = tensor.ranks[later];
+            let batch_position = self.batch.iter().position(|r| *r == rank);
+            let dim = match (self.abi, scratch, batch_position) {
+                (Abi::Thread, false, Some(j)) => {
+                    let p = self.ins(format!("getelementptr i64, i64* %batch, i64 {j}"));
+                    self.ins(format!("load i64, i64* {p}"))
+                }
+                _ => self.dim(b, later),
+            };
+            let stored = match buffer.slots[later] {
+                Slot::Full => dim,
+                Slot::Current => continue,
+                Slot::Alternate => {
+                    let small = self.ins(format!("icmp slt i64 {dim}, 2"));
+                    self.ins(format!("select i1 {small}, i64 {dim}, i64 2"))
+                }
+            };
+            factors.push(stored);
+        }
+        if self.abi == Abi::Thread && scratch {
+            factors.push("%threads".to_string());
+        }
+        let mut product = "1".to_string();
+        for f in factors {
+            product = if product == "1" { f } else { self.ins(format!("mul i64 {product}, {f}")) };
+        }
+        product
     }
 
     fn nodes(&mut self, body: &[Node]) {
@@ -473,7 +517,7 @@ impl<'a> Lowering<'a> {
         let slots = self.program.buffers[buffer].slots.clone();
         for (d, c) in coords.iter().enumerate() {
             if !always_inside[d] {
-                let dim = self.dims[buffer][d].clone();
+                let dim = self.dim(buffer, d);
                 let below = self.ins(format!("icmp slt i64 {c}, {dim}"));
                 let nonneg = self.ins(format!("icmp sge i64 {c}, 0"));
                 let both = self.ins(format!("and i1 {below}, {nonneg}"));
@@ -484,12 +528,8 @@ impl<'a> Lowering<'a> {
                 Slot::Current => continue,
                 Slot::Alternate => self.ins(format!("and i64 {c}, 1")),
             };
-            let term = if self.unit_last_stride && d + 1 == coords.len() && slots[d] == Slot::Full {
-                stored
-            } else {
-                let stride = self.strides[buffer][d].clone();
-                self.ins(format!("mul i64 {stored}, {stride}"))
-            };
+            let stride = self.stride(buffer, d);
+            let term = if stride == "1" { stored } else { self.ins(format!("mul i64 {stored}, {stride}")) };
             offset = Some(match offset {
                 Some(o) => self.ins(format!("add i64 {o}, {term}")),
                 None => term,

@@ -1,0 +1,168 @@
+//! Launching NVPTX kernels through the CUDA driver, loaded at run time (cudarc with dynamic
+//! loading): einfuse builds everywhere, and where no driver is found, a GPU run is a clear error.
+//!
+//! This part needs no LLVM: the PTX may come from `einfuse compile --target nvptx` on another
+//! machine, so that a binary built without the `llvm` feature can run it on a GPU machine.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+use crate::compiler::llvm::launch::ThreadLayout;
+use crate::compiler::schedule::LoopProgram;
+
+/// The most device memory one call may allocate.
+pub const MAX_DEVICE_BYTES: u64 = 64 << 30;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GpuError {
+    /// No driver: the caller should skip, not fail.
+    #[error("no CUDA driver: {0}")]
+    NoDriver(String),
+    #[error("CUDA: {0}")]
+    Driver(String),
+    #[error("{0}")]
+    Run(String),
+}
+
+fn driver(e: impl std::fmt::Debug) -> GpuError {
+    GpuError::Driver(format!("{e:?}"))
+}
+
+/// The first GPU, with a stream to run on.
+pub struct GpuDevice {
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// The device's name, as the driver gives it.
+    pub name: String,
+    /// The compute capability, as (major, minor).
+    pub capability: (i32, i32),
+}
+
+impl GpuDevice {
+    /// Opens GPU 0; `GpuError::NoDriver` where `libcuda` cannot be loaded or has no device.
+    pub fn open() -> Result<GpuDevice, GpuError> {
+        // SAFETY: only tries to load the library; loading it runs its initialisers, as any use would.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver("the CUDA driver library (libcuda.so) was not found".into()));
+        }
+        let context = CudaContext::new(0).map_err(|e| GpuError::NoDriver(format!("no usable GPU ({e:?})")))?;
+        let name = context.name().map_err(driver)?;
+        let capability = context.compute_capability().map_err(driver)?;
+        let stream = context.default_stream();
+        Ok(GpuDevice { context, stream, name, capability })
+    }
+}
+
+/// A kernel loaded on the GPU.
+pub struct GpuKernel {
+    program: LoopProgram,
+    _module: Arc<CudaModule>,
+    function: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+/// The buffers and tables of one call, on the device.
+struct DeviceCall {
+    layout: ThreadLayout,
+    values: Vec<CudaSlice<f32>>,
+    _masks: Vec<Option<CudaSlice<u8>>>,
+    tables: [CudaSlice<i64>; 6],
+}
+
+impl GpuKernel {
+    /// Loads `ptx` (made by `compiler::llvm::compile_ptx` for `program`) on `device`.
+    pub fn load(device: &GpuDevice, program: &LoopProgram, ptx: &str) -> Result<GpuKernel, GpuError> {
+        let module = device.context.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(driver)?;
+        let function = module.load_function(&program.cascade.name).map_err(driver)?;
+        Ok(GpuKernel { program: program.clone(), _module: module, function, stream: device.stream.clone() })
+    }
+
+    /// Registers per thread and local (spilled) bytes per thread, as the driver compiled them.
+    pub fn resources(&self) -> Result<(i32, i32), GpuError> {
+        Ok((self.function.num_regs().map_err(driver)?, self.function.local_size_bytes().map_err(driver)?))
+    }
+
+    fn upload(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<DeviceCall, GpuError> {
+        let layout = ThreadLayout::new(&self.program, extents, MAX_DEVICE_BYTES).map_err(GpuError::Run)?;
+        let (values, masks) = layout.host_buffers(&self.program, inputs).map_err(GpuError::Run)?;
+        let s = &self.stream;
+        let values: Vec<CudaSlice<f32>> = values.iter().map(|v| s.clone_htod(v)).collect::<Result<_, _>>().map_err(driver)?;
+        let masks: Vec<Option<CudaSlice<u8>>> = masks
+            .iter()
+            .map(|m| if m.is_empty() { Ok(None) } else { s.clone_htod(m).map(Some) })
+            .collect::<Result<_, _>>()
+            .map_err(driver)?;
+        let value_pointers: Vec<i64> = values.iter().map(|v| v.device_ptr(s).0 as i64).collect();
+        let mask_pointers: Vec<i64> =
+            masks.iter().map(|m| m.as_ref().map_or(0, |m| m.device_ptr(s).0 as i64)).collect();
+        let table = |data: &[i64]| -> Result<CudaSlice<i64>, GpuError> {
+            // A table is never empty on the device: a kernel with no ranks still gets a pointer.
+            let data = if data.is_empty() { &[0i64][..] } else { data };
+            s.clone_htod(data).map_err(driver)
+        };
+        let tables = [
+            table(&value_pointers)?,
+            table(&mask_pointers)?,
+            table(&layout.local_extents)?,
+            table(&layout.dims)?,
+            table(&layout.strides)?,
+            table(&layout.batch)?,
+        ];
+        Ok(DeviceCall { layout, values, _masks: masks, tables })
+    }
+
+    fn launch(&self, call: &DeviceCall) -> Result<(), GpuError> {
+        if call.layout.threads == 0 {
+            return Ok(());
+        }
+        let grid = u32::try_from(call.layout.grid).map_err(|_| GpuError::Run("too many threads for one grid".into()))?;
+        let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (call.layout.block as u32, 1, 1), shared_mem_bytes: 0 };
+        let threads = call.layout.threads as i64;
+        let mut builder = self.stream.launch_builder(&self.function);
+        for table in &call.tables {
+            builder.arg(table);
+        }
+        builder.arg(&threads);
+        // SAFETY: the arguments match the kernel's parameters (six tables and the thread count),
+        // and every buffer holds what `ThreadLayout` says the threads address.
+        unsafe { builder.launch(config) }.map_err(driver)?;
+        Ok(())
+    }
+
+    fn download(&self, call: &DeviceCall) -> Result<Vec<Vec<f32>>, GpuError> {
+        self.stream.synchronize().map_err(driver)?;
+        let mut values = Vec::new();
+        for (buffer, slice) in self.program.buffers.iter().zip(&call.values) {
+            values.push(match buffer.role {
+                crate::compiler::schedule::BufferRole::Output(_) => self.stream.clone_dtoh(slice).map_err(driver)?,
+                _ => Vec::new(),
+            });
+        }
+        Ok(call.layout.outputs(&self.program, values))
+    }
+
+    /// Runs the kernel once; inputs and outputs as for `CpuKernel::run`.
+    pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, GpuError> {
+        let call = self.upload(extents, inputs)?;
+        self.launch(&call)?;
+        self.download(&call)
+    }
+
+    /// Runs the kernel `runs` times on the same device buffers after one warm-up; the outputs and
+    /// the time of each launch (launch to completion, transfers excluded).
+    pub fn time(&self, extents: &[u64], inputs: &[&[f32]], runs: usize) -> Result<(Vec<Vec<f32>>, Vec<f64>), GpuError> {
+        let call = self.upload(extents, inputs)?;
+        self.launch(&call)?;
+        self.stream.synchronize().map_err(driver)?;
+        let mut times = Vec::new();
+        for _ in 0..runs.max(1) {
+            let start = Instant::now();
+            self.launch(&call)?;
+            self.stream.synchronize().map_err(driver)?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        Ok((self.download(&call)?, times))
+    }
+}
