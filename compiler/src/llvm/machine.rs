@@ -44,8 +44,12 @@ fn parse<'ctx>(context: &'ctx Context, text: &str, name: &str) -> Result<Module<
 fn optimize(module: &Module, machine: &TargetMachine) -> Result<(), LlvmError> {
     module.set_triple(&machine.get_triple());
     module.set_data_layout(&machine.get_target_data().get_data_layout());
+    let options = PassBuilderOptions::create();
+    // On the GPU, unrolled loops cost registers that the thread kernels cannot spare.
+    let gpu = machine.get_triple().as_str().to_string_lossy().starts_with("nvptx");
+    options.set_loop_unrolling(!gpu);
     module
-        .run_passes("default<O3>", machine, PassBuilderOptions::create())
+        .run_passes("default<O3>", machine, options)
         .map_err(|e| LlvmError::Internal(format!("LLVM's optimizer failed: {}", e.to_string())))
 }
 
