@@ -4,9 +4,12 @@
 #   2. print the cascade the e-graph optimizer found (the FlashAttention-style 1-pass form);
 #   3. run both on the reference interpreter with the same random inputs and compare them;
 #   4. JIT-compile it for this CPU (Cranelift), run it against the interpreter, and time it
-#      against the same cascade compiled as written (unfused).
+#      against the same cascade compiled as written (unfused);
+#   5. the same through LLVM: the CPU tier timed beside Cranelift's, and the GPU kernel as PTX and
+#      run in emulation (its grid as loops on this CPU) against the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/deps.sh
 
 cargo build --quiet --bin einfuse
 einfuse=target/debug/einfuse
@@ -38,4 +41,11 @@ echo "== einfuse run $file --kernel attention --target cpu --bind M=300 --bind P
 $einfuse run $file --kernel attention --target cpu --bind M=300 --bind P=16 --seed 1 --check
 echo
 echo "== einfuse bench $file --kernel attention --bind M=2048 --bind P=256 --runs 3"
-$einfuse bench $file --kernel attention --bind M=2048 --bind P=256 --runs 3
+$einfuse bench $file --kernel attention --bind M=2048 --bind P=256 --runs 3 --target both
+echo
+echo "== einfuse emit --stage ptx $file --kernel attention (the first lines)"
+$einfuse emit --stage ptx $file --kernel attention | sed -n '5,20p'
+echo "   ..."
+echo
+echo "== einfuse run $file --kernel attention --target gpu-emu --bind M=300 --bind P=16 --seed 1 --check"
+$einfuse run $file --kernel attention --target gpu-emu --bind M=300 --bind P=16 --seed 1 --check

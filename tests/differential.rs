@@ -1,7 +1,9 @@
 //! Differential testing with generated cascades: the interpreter on the cascade as written, the
-//! interpreter on the optimized cascade, and the CPU back end on both must agree. A failure prints
-//! the cascade as `.ein` with its extents and, when `EINFUSE_SAVE_REGRESSIONS` is set, saves it
-//! under `tests/regressions/`; every file there is run by `regressions_still_pass`.
+//! interpreter on the optimized cascade, the Cranelift back end on both, the LLVM CPU tier on the
+//! cascade as written and the host emulation of the GPU kernel on the optimized one must agree. A
+//! failure is shrunk (smaller extents, fewer lines, while it still fails), printed as `.ein` with
+//! its extents and, when `EINFUSE_SAVE_REGRESSIONS` is set, saved under `tests/regressions/`;
+//! every file there is run by `regressions_still_pass`.
 //!
 //! `cargo test --release --test differential -- --ignored` runs a longer campaign
 //! (`EINFUSE_DIFF_CASES`, default 5000 cascades).
@@ -37,6 +39,26 @@ fn cpu(cascade: &Cascade, bindings: &[(String, u64)], inputs: &[Tensor]) -> Vec<
     let kernel = einfuse::compile_cpu(cascade).unwrap();
     let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
     kernel.run(&extents, &slices).unwrap().into_iter().map(|o| o.into_iter().map(|x| x as f64).collect()).collect()
+}
+
+fn to_f64(outputs: Vec<Vec<f32>>) -> Vec<Vec<f64>> {
+    outputs.into_iter().map(|o| o.into_iter().map(|x| x as f64).collect()).collect()
+}
+
+#[cfg(feature = "llvm")]
+fn cpu_llvm(cascade: &Cascade, bindings: &[(String, u64)], inputs: &[Tensor]) -> Vec<Vec<f64>> {
+    let extents = bind_extents(cascade, bindings, &[]).unwrap();
+    let kernel = einfuse::compile_cpu_llvm(cascade).unwrap();
+    let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
+    to_f64(kernel.run(&extents, &slices).unwrap())
+}
+
+#[cfg(feature = "llvm")]
+fn emulated(cascade: &Cascade, bindings: &[(String, u64)], inputs: &[Tensor]) -> Vec<Vec<f64>> {
+    let extents = bind_extents(cascade, bindings, &[]).unwrap();
+    let kernel = einfuse::compile_emulated(cascade).unwrap();
+    let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
+    to_f64(kernel.run(&extents, &slices).unwrap())
 }
 
 /// How strictly two runs must agree.
@@ -88,7 +110,64 @@ fn check(generated: &Generated) -> Result<(), String> {
         .map_err(|e| format!("cpu as written: {e}"))?;
     agree(&optimized_reference, &cpu(&optimized, bindings, &data), 1e-4, Strictness::Exact)
         .map_err(|e| format!("cpu optimized: {e}"))?;
+    #[cfg(feature = "llvm")]
+    {
+        agree(&reference, &cpu_llvm(cascade, bindings, &data), 1e-4, Strictness::Exact)
+            .map_err(|e| format!("cpu-llvm as written: {e}"))?;
+        agree(&optimized_reference, &emulated(&optimized, bindings, &data), 1e-4, Strictness::Exact)
+            .map_err(|e| format!("emulated GPU kernel, optimized: {e}"))?;
+    }
     Ok(())
+}
+
+/// `check` that turns a panic into a failure.
+fn outcome(generated: &Generated) -> Result<(), String> {
+    std::panic::catch_unwind(|| check(generated)).unwrap_or_else(|panic| {
+        let text = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(format!("panic: {}", text.unwrap_or_default()))
+    })
+}
+
+/// A smaller cascade that still fails: extents halved toward 1, then lines of its text (Einsums,
+/// outputs) removed one at a time while the rest still checks and still fails, to a fixpoint.
+fn shrink(failing: &Generated) -> Generated {
+    let mut best = failing.clone();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let mut changed = false;
+        for i in 0..best.bindings.len() {
+            while best.bindings[i].1 > 1 {
+                let mut trial = best.clone();
+                trial.bindings[i].1 /= 2;
+                if outcome(&trial).is_err() {
+                    best = trial;
+                    changed = true;
+                } else {
+                    break;
+                }
+            }
+        }
+        let text = print_cascade(&best.cascade);
+        let lines: Vec<&str> = text.lines().collect();
+        for skip in (0..lines.len()).rev() {
+            let line = lines[skip].trim_start();
+            if !(line.starts_with("output") || line.contains(" = ")) || line.starts_with("param") {
+                continue;
+            }
+            let candidate: String = lines.iter().enumerate().filter(|(n, _)| *n != skip).map(|(_, l)| format!("{l}\n")).collect();
+            let Ok(mut parsed) = einfuse::compiler::compile_source(&candidate) else { continue };
+            let trial = Generated { cascade: parsed.remove(0), bindings: best.bindings.clone() };
+            if !trial.cascade.outputs.is_empty() && outcome(&trial).is_err() {
+                best = trial;
+                changed = true;
+                break;
+            }
+        }
+        if !changed || rounds > 200 {
+            return best;
+        }
+    }
 }
 
 fn report(seed: u64, generated: &Generated, why: &str) -> String {
@@ -106,13 +185,10 @@ fn campaign(seeds: std::ops::Range<u64>) {
     let mut failures = Vec::new();
     for seed in seeds {
         let generated = generate(seed);
-        let outcome = std::panic::catch_unwind(|| check(&generated)).unwrap_or_else(|panic| {
-            let text =
-                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-            Err(format!("panic: {}", text.unwrap_or_default()))
-        });
-        if let Err(why) = outcome {
-            failures.push(report(seed, &generated, &why));
+        if outcome(&generated).is_err() {
+            let small = shrink(&generated);
+            let why = outcome(&small).err().unwrap_or_default();
+            failures.push(report(seed, &small, &why));
         }
     }
     assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));

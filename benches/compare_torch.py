@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""einfuse against PyTorch's scaled_dot_product_attention, on the same inputs, in one run.
+
+    python3 benches/compare_torch.py cpu [--threads 2] [--runs 5]
+        The CPU targets of docs/performance.md (fp32, 2 threads): prefill H=8 D=64 P=M=4096,
+        causal prefill, decode H=32 D=128 P=1 M=16384. For each: random inputs written as .npy,
+        einfuse (cpu-llvm) run on them and checked against PyTorch, then both timed (einfuse with
+        `einfuse bench --target both`, PyTorch with the median of --runs calls). PyTorch is
+        installed into .venv-torch when missing (a large download; not part of CI).
+
+    python3 benches/compare_torch.py gpu OUT
+        On a GPU machine, after `einfuse gpu-check` wrote OUT/gpu_prefill.*.npy and its time:
+        PyTorch on the same inputs on the GPU, the agreement, both times and their ratio.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ensure_torch():
+    try:
+        import torch  # noqa: F401
+        return
+    except ImportError:
+        pass
+    venv = os.path.join(ROOT, ".venv-torch")
+    python = os.path.join(venv, "bin", "python")
+    if os.environ.get("EINFUSE_TORCH_VENV") == "1":
+        sys.exit("PyTorch is still missing after installing it into .venv-torch")
+    if not os.path.exists(python):
+        subprocess.check_call([sys.executable, "-m", "venv", venv])
+    subprocess.check_call([python, "-m", "pip", "install", "--quiet", "numpy", "torch"])
+    os.environ["EINFUSE_TORCH_VENV"] = "1"
+    os.execv(python, [python] + sys.argv)
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def sdpa(torch, q, k, v, scale, causal):
+    """q: [H, E, P], k: [H, E, M], v: [H, F, M] as einfuse lays them out; returns [H, F, P]."""
+    qt = q.permute(0, 2, 1).unsqueeze(0)
+    kt = k.permute(0, 2, 1).unsqueeze(0)
+    vt = v.permute(0, 2, 1).unsqueeze(0)
+    out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+    return out.squeeze(0).permute(0, 2, 1)
+
+
+def gpu(out_dir):
+    import numpy as np
+    import torch
+    name = "gpu_prefill"
+    q, k, v, av = (np.load(os.path.join(out_dir, f"{name}.{t}.npy")) for t in ("Q", "K", "V", "AV"))
+    with open(os.path.join(out_dir, f"{name}.time.txt")) as f:
+        einfuse_s = float(f.read())
+    dev = torch.device("cuda")
+    tq, tk, tv = (torch.from_numpy(x).to(dev) for x in (q, k, v))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = sdpa(torch, tq, tk, tv, 0.125, False)
+    torch.cuda.synchronize()
+    err = float((ref.cpu() - torch.from_numpy(av)).abs().max())
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        sdpa(torch, tq, tk, tv, 0.125, False)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    torch_s = median(times)
+    flops = 4 * q.shape[0] * q.shape[2] * k.shape[2] * q.shape[1]
+    lines = [
+        f"device: {torch.cuda.get_device_name(0)}",
+        f"{name} H={q.shape[0]} P={q.shape[2]} M={k.shape[2]} D={q.shape[1]} fp32",
+        f"  einfuse: {einfuse_s * 1e3:.3f} ms  {flops / einfuse_s / 1e12:.2f} TFLOP/s",
+        f"  pytorch: {torch_s * 1e3:.3f} ms  {flops / torch_s / 1e12:.2f} TFLOP/s",
+        f"  einfuse / pytorch throughput: {torch_s / einfuse_s:.3f}",
+        f"  largest absolute difference: {err:.3e}",
+    ]
+    print("\n".join(lines))
+    with open(os.path.join(out_dir, "torch.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if not err <= 1e-3:
+        sys.exit("einfuse and PyTorch disagree")
+
+
+def cpu(threads, runs):
+    import numpy as np
+    import torch
+    torch.set_num_threads(threads)
+    einfuse = os.path.join(ROOT, "target", "release", "einfuse")
+    subprocess.check_call(["cargo", "build", "--quiet", "--release", "--bin", "einfuse"], cwd=ROOT)
+    source = os.path.join(ROOT, "benches", "attention.ein")
+    cases = [
+        ("prefill", 8, 64, 4096, 4096, 0.125, False),
+        ("prefill_causal", 8, 64, 4096, 4096, 0.125, True),
+        ("decode", 32, 128, 1, 16384, 0.08838834764831845, False),
+    ]
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as work:
+        for kernel, h, d, p, m, scale, causal in cases:
+            q = rng.standard_normal((h, d, p), dtype=np.float32)
+            k = rng.standard_normal((h, d, m), dtype=np.float32)
+            v = rng.standard_normal((h, d, m), dtype=np.float32)
+            paths = {}
+            for name, x in (("Q", q), ("K", k), ("V", v)):
+                paths[name] = os.path.join(work, f"{name}.npy")
+                np.save(paths[name], x)
+            out = os.path.join(work, "AV.npy")
+            binds = ["--bind", f"M={m}"] + (["--bind", f"P={p}"] if kernel != "decode" else [])
+            subprocess.check_call(
+                [einfuse, "run", source, "--kernel", kernel, "--target", "cpu-llvm", "--threads", str(threads)]
+                + binds + [f"--input={n}={path}" for n, path in paths.items()] + ["--output", f"AV={out}"],
+                stdout=subprocess.DEVNULL,
+            )
+            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+            ref = sdpa(torch, tq, tk, tv, scale, causal)
+            err = float((ref - torch.from_numpy(np.load(out))).abs().max())
+            times = []
+            for _ in range(runs + 1):
+                start = time.perf_counter()
+                sdpa(torch, tq, tk, tv, scale, causal)
+                times.append(time.perf_counter() - start)
+            torch_s = median(times[1:])
+            bench = json.loads(subprocess.check_output(
+                [einfuse, "bench", source, "--kernel", kernel, "--target", "both", "--json", "--runs", str(runs),
+                 "--threads", str(threads)] + binds))
+            llvm_s = bench["cpu-llvm"]["median_s"]
+            cranelift_s = bench["median_s"]
+            flops = 4 * h * p * m * d
+            print(f"{kernel} H={h} D={d} P={p} M={m} ({threads} threads, medians of {runs})")
+            print(f"  pytorch   {torch_s * 1e3:10.2f} ms  {flops / torch_s / 1e9:8.2f} GFLOP/s")
+            print(f"  cpu-llvm  {llvm_s * 1e3:10.2f} ms  {flops / llvm_s / 1e9:8.2f} GFLOP/s  "
+                  f"{torch_s / llvm_s:.3f}x pytorch's throughput")
+            print(f"  cpu       {cranelift_s * 1e3:10.2f} ms  {flops / cranelift_s / 1e9:8.2f} GFLOP/s  "
+                  f"{torch_s / cranelift_s:.3f}x pytorch's throughput")
+            print(f"  largest absolute difference from pytorch: {err:.3e}")
+            if not err <= 1e-3:
+                sys.exit(f"{kernel}: einfuse and PyTorch disagree")
+
+
+def main():
+    if len(sys.argv) < 2 or sys.argv[1] not in ("cpu", "gpu"):
+        sys.exit(__doc__)
+    ensure_torch()
+    if sys.argv[1] == "gpu":
+        gpu(sys.argv[2])
+    else:
+        args = sys.argv[2:]
+        threads = int(args[args.index("--threads") + 1]) if "--threads" in args else 2
+        runs = int(args[args.index("--runs") + 1]) if "--runs" in args else 5
+        cpu(threads, runs)
+
+
+if __name__ == "__main__":
+    main()
