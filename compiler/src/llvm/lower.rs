@@ -795,8 +795,107 @@ impl<'a> Lowering<'a> {
             self.compute_point(einsum);
             return;
         };
+        if rest.is_empty() && self.interchangeable(einsum, *first) {
+            self.compute_interchanged(einsum, *first);
+            return;
+        }
         let extent = self.extents[first.rank.index()].clone();
         self.for_loop(*first, "0", &extent, &mut |g| g.compute_loops(einsum, rest));
+    }
+
+    /// Whether a reduction can run with the innermost left-hand index `v` inside it (CPU only: on
+    /// the GPU, `v` is a batch rank of extent 1 and the accumulator is better in a register). The
+    /// Einsum must be exactly a reduction, with no statement filter and plain left-hand indices,
+    /// and `v` contiguous wherever it is read and written (as for Cranelift's lanes).
+    fn interchangeable(&self, einsum: &Einsum, v: Index) -> bool {
+        self.abi == Abi::Cpu
+            && einsum.filter.is_empty()
+            && einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
+            && matches!(einsum.body, Expr::Reduce { .. })
+            && crate::cpu::vectorizable(self.program, einsum, v)
+    }
+
+    /// The target's value and mask addresses at the current point.
+    fn target_address(&mut self, einsum: &Einsum) -> (String, Option<String>) {
+        let coords: Vec<String> =
+            einsum.lhs_indices().collect::<Vec<_>>().into_iter().map(|i| self.index(i)).collect();
+        let buffer = einsum.target.index();
+        let (offset, _) = self.offset(buffer, &coords, &vec![true; coords.len()]);
+        let base = self.values[buffer].clone();
+        let value = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
+        let mask = self.masks[buffer].clone().map(|m| self.ins(format!("getelementptr inbounds i8, i8* {m}, i64 {offset}")));
+        (value, mask)
+    }
+
+    /// A reduction computed for every `v` at once: the target row holds the accumulators, the
+    /// reduced indices run outside, and the loop over `v` innermost, which LLVM vectorizes.
+    fn compute_interchanged(&mut self, einsum: &'a Einsum, v: Index) {
+        let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked") };
+        let extent = self.extents[v.rank.index()].clone();
+        let valid = self.valid_pairs(&[]);
+        let valid_flag = valid.clone().unwrap_or_else(|| "true".into());
+        let (inside, outside, after) = (self.label("rows"), self.label("norows"), self.label("rowsdone"));
+        self.emit(format!("br i1 {valid_flag}, label %{inside}, label %{outside}"));
+        self.start_block(&outside);
+        self.for_loop(v, "0", &extent, &mut |g| {
+            let (value, mask) = g.target_address(einsum);
+            g.emit(format!("store float 0.0, float* {value}"));
+            if let Some(mask) = mask {
+                g.emit(format!("store i8 0, i8* {mask}"));
+            }
+        });
+        self.emit(format!("br label %{after}"));
+        self.start_block(&inside);
+        let identity = float(reduce_identity(*op) as f32);
+        self.for_loop(v, "0", &extent, &mut |g| {
+            let (value, mask) = g.target_address(einsum);
+            g.emit(format!("store float {identity}, float* {value}"));
+            if let Some(mask) = mask {
+                g.emit(format!("store i8 1, i8* {mask}"));
+            }
+        });
+        self.interchanged_loops(einsum, *op, indices, indices, filter, body, v, &extent);
+        self.emit(format!("br label %{after}"));
+        self.start_block(&after);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn interchanged_loops(
+        &mut self,
+        einsum: &'a Einsum,
+        op: ReduceOp,
+        all: &'a [Index],
+        remaining: &'a [Index],
+        filter: &'a [Cond],
+        body: &'a Expr,
+        v: Index,
+        extent: &str,
+    ) {
+        let Some((first, rest)) = remaining.split_first() else {
+            let valid = self.valid_pairs(all);
+            self.when(valid, &mut |g| {
+                g.for_loop(v, "0", extent, &mut |g| {
+                    let passes = g.conds(filter);
+                    let (x, defined) = g.expr(body);
+                    let ok = g.and_def(passes, defined);
+                    let (address, _) = g.target_address(einsum);
+                    let current = g.ins(format!("load float, float* {address}"));
+                    let next = match op {
+                        ReduceOp::Sum => g.ins(format!("fadd reassoc contract float {current}, {x}")),
+                        ReduceOp::Max => g.extremum("ogt", &current, &x),
+                        ReduceOp::Min => g.extremum("olt", &current, &x),
+                    };
+                    let chosen = match ok {
+                        Some(ok) => g.ins(format!("select i1 {ok}, float {next}, float {current}")),
+                        None => next,
+                    };
+                    g.emit(format!("store float {chosen}, float* {address}"));
+                });
+            });
+            return;
+        };
+        let bound = self.extents[first.rank.index()].clone();
+        self.for_loop(*first, "0", &bound, &mut |g| g.interchanged_loops(einsum, op, all, rest, filter, body, v, extent));
     }
 
     fn compute_point(&mut self, einsum: &Einsum) {
