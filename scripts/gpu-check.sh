@@ -2,17 +2,20 @@
 # On a GPU machine (PyTorch installed; no Rust, no LLVM): runs the PTX kernels that
 # scripts/gpu-build.sh put in gpu-artifacts/ against the interpreter, times the attention kernel
 # (H=32, P=M=4096, head dimension 64, f32) and PyTorch's scaled_dot_product_attention on the same
-# inputs, and writes everything to the folder given as the argument. Takes well under 5 minutes.
+# inputs, and writes the reports (text) to the folder given as the argument. Well under 5 minutes.
 #   usage: scripts/gpu-check.sh OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu-check.sh OUT}
 art=gpu-artifacts
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 mkdir -p "$out"
 status=0
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true) > "$out/nvidia-smi.txt" 2>&1
 echo "== einfuse gpu-check (every kernel against the interpreter, then the benchmark)"
-timeout 200 "$art/einfuse" gpu-check "$art" "$out" 2>&1 | tee "$out/gpu-check.log" || status=1
+timeout 200 "$art/einfuse" gpu-check "$art" "$work" 2>&1 | tee "$out/gpu-check.log" || status=1
 echo "== PyTorch on the same inputs"
-PYTHONUNBUFFERED=1 timeout 90 python3 benches/compare_torch.py gpu "$out" 2>&1 | tee "$out/torch.log" || status=1
+PYTHONUNBUFFERED=1 timeout 90 python3 benches/compare_torch.py gpu "$work" 2>&1 | tee "$out/torch.log" || status=1
+cp "$work"/*.txt "$out"/ 2>/dev/null || true
 exit $status

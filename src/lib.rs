@@ -165,6 +165,19 @@ pub enum Target {
     Gpu,
 }
 
+impl Target {
+    /// The name the command line uses (`--target`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Interp => "interp",
+            Target::Cpu => "cpu",
+            Target::CpuLlvm => "cpu-llvm",
+            Target::GpuEmulated => "gpu-emu",
+            Target::Gpu => "gpu",
+        }
+    }
+}
+
 /// What a run needs beyond the kernel.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -322,7 +335,7 @@ fn run_llvm(cascade: &Cascade, target: Target, extents: &[u64], inputs: &[&[f32]
 
 #[cfg(not(feature = "llvm"))]
 fn run_llvm(_: &Cascade, target: Target, _: &[u64], _: &[&[f32]], _: usize) -> Result<Vec<Vec<f32>>, Error> {
-    Err(Error::Usage(format!("the target {target:?} needs LLVM, and this einfuse was built without the `llvm` feature")))
+    Err(Error::Usage(format!("the target `{}` needs LLVM, and this einfuse was built without the `llvm` feature", target.name())))
 }
 
 #[cfg(all(feature = "llvm", feature = "cuda"))]
