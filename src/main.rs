@@ -144,6 +144,8 @@ enum Stage {
     Clif,
     /// The LLVM IR the LLVM back ends start from (see `--target`).
     Llvm,
+    /// The LLVM IR after LLVM's O3 pipeline (see `--target`).
+    LlvmOpt,
     /// The PTX of the GPU kernel (for sm_80, PTX ISA 7.5).
     Ptx,
 }
@@ -293,7 +295,7 @@ fn execute(command: Command) -> Result<(), Error> {
                     }
                     compiler::print::print_cascades(&kernels)
                 }
-                Stage::Loops | Stage::Clif | Stage::Llvm | Stage::Ptx => {
+                Stage::Loops | Stage::Clif | Stage::Llvm | Stage::LlvmOpt | Stage::Ptx => {
                     let program = Program::from_file(&file)?;
                     let mut text = String::new();
                     for k in program.selected(kernel.as_deref())? {
@@ -307,6 +309,7 @@ fn execute(command: Command) -> Result<(), Error> {
                                     compiler::llvm::host_ir(&loops, &compiler::cpu::object_symbol(&loops.cascade))
                                 }
                             },
+                            Stage::LlvmOpt => optimized_llvm(&loops, matches!(target, LlvmTarget::Nvptx))?,
                             Stage::Ptx => ptx(&loops)?,
                             _ => compiler::cpu::compile(&loops)?.clif.clone(),
                         });
@@ -707,8 +710,8 @@ fn bench(
             median_s: time(&fused)?,
             unfused_median_s: time(&unfused)?,
             compile_s: median(compile_times),
-            peak_extra_bytes: fused.scratch_bytes(&extents_of(&fused)?),
-            unfused_extra_bytes: unfused.scratch_bytes(&extents),
+            peak_extra_bytes: fused.peak_scratch_bytes(&extents_of(&fused)?, threads),
+            unfused_extra_bytes: unfused.peak_scratch_bytes(&extents, threads),
         });
     }
     let flops = compiler::schedule::flop_count(written, &extents);
@@ -914,4 +917,19 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
 #[cfg(not(feature = "cuda"))]
 fn gpu_check(_: &Path, _: &Path) -> Result<(), Error> {
     Err(Error::Usage("gpu-check needs the `cuda` feature, and this einfuse was built without it".into()))
+}
+
+#[cfg(feature = "llvm")]
+fn optimized_llvm(program: &compiler::schedule::LoopProgram, nvptx: bool) -> Result<String, Error> {
+    let text = if nvptx {
+        compiler::llvm::nvptx_ir(program)
+    } else {
+        compiler::llvm::host_ir(program, &compiler::cpu::object_symbol(&program.cascade))
+    };
+    Ok(compiler::llvm::machine::optimized_ir(&text, nvptx)?)
+}
+
+#[cfg(not(feature = "llvm"))]
+fn optimized_llvm(_: &compiler::schedule::LoopProgram, _: bool) -> Result<String, Error> {
+    Err(Error::Usage("LLVM IR needs LLVM, and this einfuse was built without the `llvm` feature".into()))
 }

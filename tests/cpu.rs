@@ -142,6 +142,8 @@ fn threads_split_a_batch_rank_and_give_the_same_outputs() {
         ("attention", [("M", 70u64), ("P", 37)]),
         ("decode", [("M", 70), ("H", 5)]),
         ("causal", [("M", 33), ("P", 40)]),
+        // More rows than one chunk holds (`CHUNK_ROWS`): several chunks per thread.
+        ("causal", [("M", 90), ("P", 200)]),
     ] {
         let cascade = corpus().into_iter().find(|k| k.name == name).unwrap();
         let optimized = einfuse::optimize(&cascade).unwrap().cascade;

@@ -193,6 +193,19 @@ impl CpuKernel {
             .sum()
     }
 
+    /// The most scratch memory `run_threads` holds at once: one chunk's scratch per thread at work.
+    pub fn peak_scratch_bytes(&self, extents: &[u64], threads: usize) -> u64 {
+        let c = &self.program.cascade;
+        let Some(batch) = batch_rank(c, extents).filter(|_| threads > 1) else {
+            return self.scratch_bytes(extents);
+        };
+        let total = extents[batch.index()];
+        let rows = total.div_ceil(threads as u64).clamp(1, CHUNK_ROWS);
+        let mut chunk = extents.to_vec();
+        chunk[batch.index()] = rows;
+        self.scratch_bytes(&chunk) * (threads as u64).min(total.div_ceil(rows))
+    }
+
     /// Runs the kernel. `inputs` are dense row-major f32 arrays in the order of
     /// `Cascade::inputs`, already checked against `extents`; returns the outputs likewise.
     pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, CodegenError> {
@@ -224,6 +237,7 @@ impl CpuKernel {
         let mut masks: Vec<Vec<u8>> = Vec::new();
         let mut dims: Vec<i64> = Vec::new();
         let mut strides: Vec<i64> = Vec::new();
+        let mut value_pointers: Vec<*mut f32> = Vec::new();
         for buffer in &self.program.buffers {
             let shape = tensor_shape(c, buffer.tensor, extents);
             let stored = stored_shape(&shape, &buffer.slots);
@@ -249,21 +263,29 @@ impl CpuKernel {
                             given.len()
                         )));
                     }
-                    let mut data = given.to_vec();
-                    data.resize(storage, 0.0);
-                    data
+                    if given.is_empty() {
+                        vec![0.0; 1]
+                    } else {
+                        // The kernel never writes an input: it reads the caller's memory in place.
+                        value_pointers.push(given.as_ptr() as *mut f32);
+                        values.push(Vec::new());
+                        masks.push(Vec::new());
+                        continue;
+                    }
                 }
                 _ => vec![0.0; storage],
             };
             values.push(data);
+            let last = values.last_mut().expect("pushed");
+            value_pointers.push(last.as_mut_ptr());
             masks.push(if buffer.masked { vec![0u8; storage] } else { Vec::new() });
         }
-        let value_pointers: Vec<*mut f32> = values.iter_mut().map(|v| v.as_mut_ptr()).collect();
         let mask_pointers: Vec<*mut u8> =
             masks.iter_mut().map(|m| if m.is_empty() { std::ptr::null_mut() } else { m.as_mut_ptr() }).collect();
         let extents_i64: Vec<i64> = extents.iter().map(|e| *e as i64).collect();
         // SAFETY: every pointer table has one entry per buffer (or rank), each buffer holds its
-        // shape's elements (at least one), and the code only reads and writes inside them.
+        // shape's elements (at least one), and the code only reads inputs and reads and writes
+        // inside the other buffers.
         unsafe {
             (self.function)(
                 value_pointers.as_ptr(),
@@ -356,10 +378,19 @@ pub fn always_inside(cascade: &Cascade, subscript: &Affine, rank: RankId) -> boo
     }
 }
 
-/// Copies the rows `range` of position `position` out of a row-major array of `shape`.
-fn slice_along(data: &[f32], shape: &[u64], position: usize, range: std::ops::Range<u64>) -> Vec<f32> {
+/// The rows `range` of position `position` of a row-major array of `shape`: borrowed when they
+/// are contiguous (every position before has extent 1), else copied.
+fn slice_along<'d>(
+    data: &'d [f32],
+    shape: &[u64],
+    position: usize,
+    range: std::ops::Range<u64>,
+) -> std::borrow::Cow<'d, [f32]> {
     let outer: u64 = shape[..position].iter().product();
     let inner: u64 = shape[position + 1..].iter().product();
+    if outer == 1 {
+        return std::borrow::Cow::Borrowed(&data[(range.start * inner) as usize..(range.end * inner) as usize]);
+    }
     let n = shape[position];
     let mut out = Vec::with_capacity((outer * (range.end - range.start) * inner) as usize);
     for o in 0..outer {
@@ -367,7 +398,7 @@ fn slice_along(data: &[f32], shape: &[u64], position: usize, range: std::ops::Ra
         let end = ((o * n + range.end) * inner) as usize;
         out.extend_from_slice(&data[start..end]);
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// Writes `part` (rows `range` of `position`) into a row-major array of `shape`.
@@ -397,34 +428,42 @@ impl CpuKernel {
             return self.run(extents, inputs);
         };
         let total = extents[batch.index()];
-        let chunks = (threads as u64).min(total);
+        // Query tiles: chunks small enough that a chunk's rows stay in cache while its keys
+        // stream past, taken by the threads from a shared counter.
+        let rows = total.div_ceil(threads as u64).clamp(1, CHUNK_ROWS);
         let ranges: Vec<std::ops::Range<u64>> =
-            (0..chunks).map(|k| (total * k / chunks)..(total * (k + 1) / chunks)).collect();
+            (0..total.div_ceil(rows)).map(|k| k * rows..((k + 1) * rows).min(total)).collect();
         let input_ids = c.inputs();
-        let results: Vec<Result<Vec<Vec<f32>>, CodegenError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = ranges
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let run_range = |range: std::ops::Range<u64>| -> Result<Vec<Vec<f32>>, CodegenError> {
+            let mut sub_extents = extents.to_vec();
+            sub_extents[batch.index()] = range.end - range.start;
+            let parts: Vec<std::borrow::Cow<[f32]>> = input_ids
                 .iter()
-                .map(|range| {
-                    let range = range.clone();
-                    let input_ids = &input_ids;
-                    scope.spawn(move || {
-                        let mut sub_extents = extents.to_vec();
-                        sub_extents[batch.index()] = range.end - range.start;
-                        let parts: Vec<Vec<f32>> = input_ids
-                            .iter()
-                            .zip(inputs)
-                            .map(|(id, data)| {
-                                let shape = tensor_shape(c, *id, extents);
-                                match c.tensor(*id).ranks.iter().position(|r| *r == batch) {
-                                    Some(position) => slice_along(data, &shape, position, range.clone()),
-                                    None => data.to_vec(),
-                                }
-                            })
-                            .collect();
-                        let slices: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
-                        let mut bases = vec![0i64; extents.len()];
-                        bases[batch.index()] = range.start as i64;
-                        self.run_chunk(&sub_extents, &slices, &bases)
+                .zip(inputs)
+                .map(|(id, data)| {
+                    let shape = tensor_shape(c, *id, extents);
+                    match c.tensor(*id).ranks.iter().position(|r| *r == batch) {
+                        Some(position) => slice_along(data, &shape, position, range.clone()),
+                        None => std::borrow::Cow::Borrowed(*data),
+                    }
+                })
+                .collect();
+            let slices: Vec<&[f32]> = parts.iter().map(|p| p.as_ref()).collect();
+            let mut bases = vec![0i64; extents.len()];
+            bases[batch.index()] = range.start as i64;
+            self.run_chunk(&sub_extents, &slices, &bases)
+        };
+        let results: Vec<Vec<(usize, Result<Vec<Vec<f32>>, CodegenError>)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads.min(ranges.len()))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(range) = ranges.get(k) else { return done };
+                            done.push((k, run_range(range.clone())));
+                        }
                     })
                 })
                 .collect();
@@ -435,17 +474,20 @@ impl CpuKernel {
             .iter()
             .map(|o| vec![0.0; tensor_shape(c, o.tensor, extents).iter().product::<u64>() as usize])
             .collect();
-        for (range, result) in ranges.iter().zip(results) {
+        for (k, result) in results.into_iter().flatten() {
             let parts = result?;
             for ((output, data), part) in c.outputs.iter().zip(outputs.iter_mut()).zip(parts) {
                 let shape = tensor_shape(c, output.tensor, extents);
                 let position = c.tensor(output.tensor).ranks.iter().position(|r| *r == batch).expect("outputs have it");
-                place_along(data, &shape, position, range.clone(), &part);
+                place_along(data, &shape, position, ranges[k].clone(), &part);
             }
         }
         Ok(outputs)
     }
 }
+
+/// The most rows of a batch rank in one chunk of `run_threads`.
+pub const CHUNK_ROWS: u64 = 64;
 
 /// The extents a buffer stores: a position kept for the current step only holds one, a recurrence
 /// kept as two slots holds two.

@@ -717,9 +717,10 @@ impl<'a> Lowering<'a> {
                 let (x, dx) = self.expr(a);
                 let (y, dy) = self.expr(b);
                 let v = match op {
-                    BinaryOp::Add => self.ins(format!("fadd float {x}, {y}")),
-                    BinaryOp::Sub => self.ins(format!("fsub float {x}, {y}")),
-                    BinaryOp::Mul => self.ins(format!("fmul float {x}, {y}")),
+                    // `contract` lets LLVM fuse a product into the sum that uses it (FMA).
+                    BinaryOp::Add => self.ins(format!("fadd contract float {x}, {y}")),
+                    BinaryOp::Sub => self.ins(format!("fsub contract float {x}, {y}")),
+                    BinaryOp::Mul => self.ins(format!("fmul contract float {x}, {y}")),
                     BinaryOp::Div => self.ins(format!("fdiv float {x}, {y}")),
                     BinaryOp::Max => self.extremum("ogt", &x, &y),
                     BinaryOp::Min => self.extremum("olt", &x, &y),

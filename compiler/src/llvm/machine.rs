@@ -80,6 +80,9 @@ pub fn optimized_ir(text: &str, nvptx: bool) -> Result<String, LlvmError> {
     let context = Context::create();
     let module = parse(&context, text, "kernel")?;
     let machine = if nvptx { nvptx_machine("sm_80")? } else { host_machine()? };
+    if !nvptx {
+        set_host_attributes(&module);
+    }
     optimize(&module, &machine)?;
     Ok(module.print_to_string().to_string())
 }
