@@ -101,6 +101,14 @@ fn declarations(flavor: Flavor) -> String {
         "declare float @llvm.sqrt.f32(float)\ndeclare float @llvm.fabs.f32(float)\n\
          declare float @llvm.floor.f32(float)\ndeclare float @llvm.fma.f32(float, float, float)\n",
     );
+    if flavor == Flavor::Host {
+        for w in HOST_WIDTHS {
+            for (name, arity) in [("sqrt", 1), ("fabs", 1), ("floor", 1), ("fma", 3)] {
+                let args = vec![format!("<{w} x float>"); arity].join(", ");
+                writeln!(out, "declare <{w} x float> @llvm.{name}.v{w}f32({args})").unwrap();
+            }
+        }
+    }
     match flavor {
         Flavor::Host => out.push_str(
             "declare float @einfuse_logf(float) nounwind readnone\n\
@@ -228,8 +236,77 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
     s
 }
 
-/// Definedness: `None` when a value is defined wherever it is computed, else an `i1`.
+/// Definedness: `None` when a value is defined wherever it is computed, else an `i1` (or, in
+/// lanes, a `<W x i1>`).
 type Def = Option<String>;
+
+/// A scalar (1) or a vector of that many lanes, for the code both share.
+#[derive(Clone, Copy)]
+struct Ty(usize);
+
+impl Ty {
+    fn wrap(self, scalar: &str) -> String {
+        if self.0 == 1 {
+            scalar.to_string()
+        } else {
+            format!("<{} x {scalar}>", self.0)
+        }
+    }
+
+    fn float(self) -> String {
+        self.wrap("float")
+    }
+
+    fn int(self) -> String {
+        self.wrap("i32")
+    }
+
+    fn bool(self) -> String {
+        self.wrap("i1")
+    }
+
+    /// The intrinsics' type suffix: `f32` or `v16f32`.
+    fn suffix(self) -> String {
+        if self.0 == 1 {
+            "f32".into()
+        } else {
+            format!("v{}f32", self.0)
+        }
+    }
+
+    fn splat_literal(self, scalar_type: &str, value: &str) -> String {
+        if self.0 == 1 {
+            value.to_string()
+        } else {
+            format!("<{}>", vec![format!("{scalar_type} {value}"); self.0].join(", "))
+        }
+    }
+
+    fn constant(self, x: f32) -> String {
+        self.splat_literal("float", &float(x))
+    }
+
+    fn int_constant(self, x: i32) -> String {
+        self.splat_literal("i32", &x.to_string())
+    }
+}
+
+/// The vector widths the host flavour may use, for its intrinsic declarations.
+const HOST_WIDTHS: [usize; 3] = [4, 8, 16];
+
+/// The lanes of the host's widest float vectors: 16 with AVX-512, 8 with AVX, else 4.
+pub fn host_lanes() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return 16;
+        }
+        if std::is_x86_feature_detected!("avx") {
+            return 8;
+        }
+    }
+    4
+}
 
 struct Lowering<'a> {
     program: &'a LoopProgram,
@@ -248,6 +325,8 @@ struct Lowering<'a> {
     bases: Vec<String>,
     /// Bound indices and the `i64` slot holding each.
     env: Vec<(Index, String)>,
+    /// Float lanes of the register blocks (host only).
+    lanes: usize,
 }
 
 impl<'a> Lowering<'a> {
@@ -265,6 +344,7 @@ impl<'a> Lowering<'a> {
             extents: vec![],
             bases: vec![],
             env: vec![],
+            lanes: if flavor == Flavor::Host { host_lanes() } else { 1 },
         }
     }
 
@@ -399,6 +479,12 @@ impl<'a> Lowering<'a> {
 
     /// `for index in start..end { body }`, with `index` bound in the environment.
     fn for_loop(&mut self, index: Index, start: &str, end: &str, body: &mut dyn FnMut(&mut Self)) {
+        self.for_loop_step(index, start, end, 1, body)
+    }
+
+    /// `for index in (start..end).step_by(step) { body }`; callers make `end - start` a multiple
+    /// of `step`.
+    fn for_loop_step(&mut self, index: Index, start: &str, end: &str, step: usize, body: &mut dyn FnMut(&mut Self)) {
         let var = self.slot("i64");
         self.emit(format!("store i64 {start}, i64* {var}"));
         let header = self.label("loop");
@@ -414,7 +500,7 @@ impl<'a> Lowering<'a> {
         body(self);
         self.env.pop();
         let i = self.ins(format!("load i64, i64* {var}"));
-        let next = self.ins(format!("add nsw i64 {i}, 1"));
+        let next = self.ins(format!("add nsw i64 {i}, {step}"));
         self.emit(format!("store i64 {next}, i64* {var}"));
         self.emit(format!("br label %{header}"));
         self.start_block(&exit);
@@ -582,38 +668,46 @@ impl<'a> Lowering<'a> {
     }
 
     /// `exp` as Cephes' `expf`: `x = n ln 2 + r`, a degree-6 polynomial in `r`, and `2^n` applied
-    /// in two halves so that results down to the smallest subnormal come out right.
+    /// in two halves so that results down to the smallest subnormal come out right. `lanes` is 1
+    /// for a scalar, else the vector width.
     fn host_exp(&mut self, x: &str) -> String {
-        let lo = float(-104.0);
-        let hi = float(89.0);
-        let below = self.ins(format!("fcmp olt float {x}, {lo}"));
-        let x1 = self.ins(format!("select i1 {below}, float {lo}, float {x}"));
-        let above = self.ins(format!("fcmp ogt float {x1}, {hi}"));
-        let x2 = self.ins(format!("select i1 {above}, float {hi}, float {x1}"));
-        let t = self.ins(format!("call float @llvm.fma.f32(float {x2}, float {}, float 0.5)", float(std::f32::consts::LOG2_E)));
-        let n = self.ins(format!("call float @llvm.floor.f32(float {t})"));
-        let r = self.ins(format!("call float @llvm.fma.f32(float {n}, float {}, float {x2})", float(-0.693_359_4)));
-        let r = self.ins(format!("call float @llvm.fma.f32(float {n}, float {}, float {r})", float(2.121_944_4e-4)));
-        let mut p = float(1.987_569_1e-4);
+        self.host_exp_lanes(x, 1)
+    }
+
+    fn host_exp_lanes(&mut self, x: &str, lanes: usize) -> String {
+        let t = Ty(lanes);
+        let (f, i, b, s) = (t.float(), t.int(), t.bool(), t.suffix());
+        let lo = t.constant(-104.0);
+        let hi = t.constant(89.0);
+        let below = self.ins(format!("fcmp olt {f} {x}, {lo}"));
+        let x1 = self.ins(format!("select {b} {below}, {f} {lo}, {f} {x}"));
+        let above = self.ins(format!("fcmp ogt {f} {x1}, {hi}"));
+        let x2 = self.ins(format!("select {b} {above}, {f} {hi}, {f} {x1}"));
+        let fma = |g: &mut Self, a: &str, m: &str, c: &str| g.ins(format!("call {f} @llvm.fma.{s}({f} {a}, {f} {m}, {f} {c})"));
+        let t_ = fma(self, &x2, &t.constant(std::f32::consts::LOG2_E), &t.constant(0.5));
+        let n = self.ins(format!("call {f} @llvm.floor.{s}({f} {t_})"));
+        let r = fma(self, &n, &t.constant(-0.693_359_4), &x2);
+        let r = fma(self, &n, &t.constant(2.121_944_4e-4), &r);
+        let mut p = t.constant(1.987_569_1e-4);
         for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
-            p = self.ins(format!("call float @llvm.fma.f32(float {p}, float {r}, float {})", float(c)));
+            p = fma(self, &p, &r, &t.constant(c));
         }
-        let rr = self.ins(format!("fmul float {r}, {r}"));
-        let y = self.ins(format!("call float @llvm.fma.f32(float {p}, float {rr}, float {r})"));
-        let y = self.ins(format!("fadd float {y}, 1.0"));
-        let ni = self.ins(format!("fptosi float {n} to i32"));
-        let half = self.ins(format!("ashr i32 {ni}, 1"));
-        let other = self.ins(format!("sub i32 {ni}, {half}"));
+        let rr = self.ins(format!("fmul {f} {r}, {r}"));
+        let y = fma(self, &p, &rr, &r);
+        let y = self.ins(format!("fadd {f} {y}, {}", t.constant(1.0)));
+        let ni = self.ins(format!("fptosi {f} {n} to {i}"));
+        let half = self.ins(format!("ashr {i} {ni}, {}", t.int_constant(1)));
+        let other = self.ins(format!("sub {i} {ni}, {half}"));
         let mut scaled = y;
         for k in [half, other] {
-            let biased = self.ins(format!("add i32 {k}, 127"));
-            let bits = self.ins(format!("shl i32 {biased}, 23"));
-            let factor = self.ins(format!("bitcast i32 {bits} to float"));
-            scaled = self.ins(format!("fmul float {scaled}, {factor}"));
+            let biased = self.ins(format!("add {i} {k}, {}", t.int_constant(127)));
+            let bits = self.ins(format!("shl {i} {biased}, {}", t.int_constant(23)));
+            let factor = self.ins(format!("bitcast {i} {bits} to {f}"));
+            scaled = self.ins(format!("fmul {f} {scaled}, {factor}"));
         }
-        let zeroed = self.ins(format!("select i1 {below}, float 0.0, float {scaled}"));
-        let nan = self.ins(format!("fcmp uno float {x}, 0.0"));
-        self.ins(format!("select i1 {nan}, float {x}, float {zeroed}"))
+        let zeroed = self.ins(format!("select {b} {below}, {f} {}, {f} {scaled}", t.constant(0.0)));
+        let nan = self.ins(format!("fcmp uno {f} {x}, {x}"));
+        self.ins(format!("select {b} {nan}, {f} {x}, {f} {zeroed}"))
     }
 
     fn log(&mut self, x: &str) -> String {
@@ -796,8 +890,20 @@ impl<'a> Lowering<'a> {
             self.compute_point(einsum);
             return;
         };
+        if rest.len() == 1 && self.blockable(einsum, Some(*first), rest[0]) {
+            self.compute_blocked(einsum, Some(*first), rest[0]);
+            return;
+        }
+        if rest.is_empty() && self.blockable(einsum, None, *first) {
+            self.compute_blocked(einsum, None, *first);
+            return;
+        }
         if rest.is_empty() && self.interchangeable(einsum, *first) {
             self.compute_interchanged(einsum, *first);
+            return;
+        }
+        if rest.is_empty() && self.mappable(einsum, *first) {
+            self.compute_map(einsum, *first);
             return;
         }
         let extent = self.extents[first.rank.index()].clone();
@@ -816,10 +922,25 @@ impl<'a> Lowering<'a> {
             && crate::cpu::vectorizable(self.program, einsum, v)
     }
 
+    /// The coordinates of the target's current point.
+    fn target_coords(&mut self, einsum: &Einsum) -> Vec<String> {
+        einsum
+            .lhs
+            .iter()
+            .map(|lhs| match lhs {
+                Lhs::Index(i) => self.index(*i),
+                Lhs::Initial => "0".to_string(),
+                Lhs::Next(i) => {
+                    let v = self.index(*i);
+                    self.ins(format!("add i64 {v}, 1"))
+                }
+            })
+            .collect()
+    }
+
     /// The target's value and mask addresses at the current point.
     fn target_address(&mut self, einsum: &Einsum) -> (String, Option<String>) {
-        let coords: Vec<String> =
-            einsum.lhs_indices().collect::<Vec<_>>().into_iter().map(|i| self.index(i)).collect();
+        let coords = self.target_coords(einsum);
         let buffer = einsum.target.index();
         let (offset, _) = self.offset(buffer, &coords, &vec![true; coords.len()]);
         let base = self.values[buffer].clone();
@@ -897,6 +1018,407 @@ impl<'a> Lowering<'a> {
         };
         let bound = self.extents[first.rank.index()].clone();
         self.for_loop(*first, "0", &bound, &mut |g| g.interchanged_loops(einsum, op, all, rest, filter, body, v, extent));
+    }
+
+    /// Whether an interchangeable reduction runs as register blocks on the host: `ROWS` points
+    /// along `u` (the next free index out, if any) by one vector of points along `v`, the
+    /// accumulators in registers while the reduced indices run. Its body must hold no other
+    /// reduction, read `v` only at positions of `v`'s rank, and `u` must not be in a split pair.
+    fn blockable(&self, einsum: &Einsum, u: Option<Index>, v: Index) -> bool {
+        if self.flavor != Flavor::Host || self.lanes < 2 || !self.interchangeable(einsum, v) {
+            return false;
+        }
+        let Expr::Reduce { body, filter, .. } = &einsum.body else { return false };
+        let c = self.cascade();
+        let mut ok = true;
+        let mut check = |e: &Expr| {
+            e.walk(&mut |x| match x {
+                Expr::Reduce { .. } => ok = false,
+                Expr::Access { tensor, subscripts } => {
+                    for (p, sub) in subscripts.iter().enumerate() {
+                        let mut mentions = false;
+                        sub.for_each_index(&mut |i| mentions |= i == v);
+                        ok &= !mentions || c.tensor(*tensor).ranks[p] == v.rank;
+                    }
+                }
+                _ => {}
+            })
+        };
+        check(body);
+        for cond in filter {
+            check(&cond.lhs);
+            check(&cond.rhs);
+        }
+        if let Some(u) = u {
+            // `u` may be the inner index of a split pair whose tile index is bound: the blocks
+            // then stop at the last valid row (see `compute_blocked`).
+            let in_pair = |r: RankId| c.split_pairs().iter().any(|(t, i, w)| r == *t || r == *i || r == *w);
+            ok &= !in_pair(u.rank) || self.split_partner(u).is_some();
+        }
+        ok
+    }
+
+    /// For the inner index `u` of a split pair whose tile index is bound: the tile index and the
+    /// whole rank.
+    fn split_partner(&self, u: Index) -> Option<(Index, RankId)> {
+        let pairs = self.cascade().split_pairs();
+        let (tile, _, whole) = pairs.iter().find(|(_, inner, _)| *inner == u.rank)?;
+        let partner = Index { rank: *tile, primes: u.primes };
+        let uses_whole = pairs.iter().filter(|(t, i, w)| *t == u.rank || *w == u.rank || (*i == u.rank && w != whole)).count();
+        (uses_whole == 0 && self.env.iter().any(|(i, _)| *i == partner)).then_some((partner, *whole))
+    }
+
+    /// Whether an element-wise Einsum (no reduction) computes a vector of points along `v` at once
+    /// on the host: `v` contiguous wherever it is read and written, at positions of its rank.
+    fn mappable(&self, einsum: &Einsum, v: Index) -> bool {
+        if self.flavor != Flavor::Host || self.lanes < 2 || !crate::cpu::vectorizable(self.program, einsum, v) {
+            return false;
+        }
+        let c = self.cascade();
+        let mut ok = true;
+        let mut check = |e: &Expr| {
+            e.walk(&mut |x| match x {
+                Expr::Reduce { .. } => ok = false,
+                Expr::Access { tensor, subscripts } => {
+                    for (p, sub) in subscripts.iter().enumerate() {
+                        let mut mentions = false;
+                        sub.for_each_index(&mut |i| mentions |= i == v);
+                        ok &= !mentions || c.tensor(*tensor).ranks[p] == v.rank;
+                    }
+                }
+                _ => {}
+            })
+        };
+        check(&einsum.body);
+        for cond in &einsum.filter {
+            check(&cond.lhs);
+            check(&cond.rhs);
+        }
+        ok
+    }
+
+    /// An element-wise Einsum a vector of points at a time along `v`, the last points one by one.
+    fn compute_map(&mut self, einsum: &'a Einsum, v: Index) {
+        let lanes = self.lanes;
+        let n = self.extents[v.rank.index()].clone();
+        let rest = self.ins(format!("srem i64 {n}, {lanes}"));
+        let main = self.ins(format!("sub i64 {n}, {rest}"));
+        self.for_loop_step(v, "0", &main, lanes, &mut |g| {
+            let t = Ty(g.lanes);
+            let (f, b) = (t.float(), t.bool());
+            let valid = g.valid_pairs(&[]);
+            let value_slot = g.slot(&f);
+            let defined_slot = g.slot(&b);
+            g.emit(format!("store {f} {}, {f}* {value_slot}", t.constant(0.0)));
+            g.emit(format!("store {b} zeroinitializer, {b}* {defined_slot}"));
+            g.when(valid, &mut |g| {
+                let passes = g.vconds(&einsum.filter, v);
+                let (value, defined) = g.vexpr(&einsum.body, v);
+                let defined = g.vand(passes, defined).unwrap_or_else(|| t.splat_literal("i1", "true"));
+                g.emit(format!("store {f} {value}, {f}* {value_slot}"));
+                g.emit(format!("store {b} {defined}, {b}* {defined_slot}"));
+            });
+            let value = g.ins(format!("load {f}, {f}* {value_slot}"));
+            let defined = g.ins(format!("load {b}, {b}* {defined_slot}"));
+            let stored = g.ins(format!("select {b} {defined}, {f} {value}, {f} {}", t.constant(0.0)));
+            let (address, mask) = g.target_address(einsum);
+            let vector = g.ins(format!("bitcast float* {address} to {f}*"));
+            g.emit(format!("store {f} {stored}, {f}* {vector}, align 4"));
+            if let Some(mask) = mask {
+                let bytes = t.wrap("i8");
+                let flags = g.ins(format!("zext {b} {defined} to {bytes}"));
+                let vector = g.ins(format!("bitcast i8* {mask} to {bytes}*"));
+                g.emit(format!("store {bytes} {flags}, {bytes}* {vector}, align 1"));
+            }
+        });
+        self.for_loop_step(v, &main, &n, 1, &mut |g| g.compute_point(einsum));
+    }
+
+    /// Runs `each` once per row of a block: `u` bound to its first row, then the next ones.
+    fn each_row(&mut self, u: Option<Index>, rows: usize, each: &mut dyn FnMut(&mut Self, usize)) {
+        let Some(u) = u else {
+            each(self, 0);
+            return;
+        };
+        let first = self.index(u);
+        for k in 0..rows {
+            if k == 0 {
+                each(self, 0);
+                continue;
+            }
+            let slot = self.slot("i64");
+            let row = self.ins(format!("add i64 {first}, {k}"));
+            self.emit(format!("store i64 {row}, i64* {slot}"));
+            self.env.push((u, slot));
+            each(self, k);
+            self.env.pop();
+        }
+    }
+
+    fn compute_blocked(&mut self, einsum: &'a Einsum, u: Option<Index>, v: Index) {
+        const ROWS: usize = 4;
+        match u {
+            None => self.block_rows(einsum, None, 1, v),
+            Some(u) => {
+                let n = self.extents[u.rank.index()].clone();
+                // Whole blocks only over valid rows: for a split pair, those inside the whole rank.
+                let valid_rows = match self.split_partner(u) {
+                    Some((tile, whole)) => {
+                        let t = self.index(tile);
+                        let first = self.ins(format!("mul i64 {t}, {n}"));
+                        let whole = self.extents[whole.index()].clone();
+                        let left = self.ins(format!("sub i64 {whole}, {first}"));
+                        let short = self.ins(format!("icmp slt i64 {left}, {n}"));
+                        let limit = self.ins(format!("select i1 {short}, i64 {left}, i64 {n}"));
+                        let negative = self.ins(format!("icmp slt i64 {limit}, 0"));
+                        self.ins(format!("select i1 {negative}, i64 0, i64 {limit}"))
+                    }
+                    None => n.clone(),
+                };
+                let rest = self.ins(format!("srem i64 {valid_rows}, {ROWS}"));
+                let main = self.ins(format!("sub i64 {valid_rows}, {rest}"));
+                self.for_loop_step(u, "0", &main, ROWS, &mut |g| g.block_rows(einsum, Some(u), ROWS, v));
+                self.for_loop_step(u, &main, &n, 1, &mut |g| g.block_rows(einsum, Some(u), 1, v));
+            }
+        }
+    }
+
+    /// `rows` rows: whole vectors along `v`, then the last points one by one.
+    fn block_rows(&mut self, einsum: &'a Einsum, u: Option<Index>, rows: usize, v: Index) {
+        let lanes = self.lanes;
+        let n = self.extents[v.rank.index()].clone();
+        let rest = self.ins(format!("srem i64 {n}, {lanes}"));
+        let main = self.ins(format!("sub i64 {n}, {rest}"));
+        self.for_loop_step(v, "0", &main, lanes, &mut |g| g.vector_block(einsum, u, rows, v));
+        self.for_loop_step(v, &main, &n, 1, &mut |g| g.each_row(u, rows, &mut |g, _| g.compute_point(einsum)));
+    }
+
+    fn vector_block(&mut self, einsum: &'a Einsum, u: Option<Index>, rows: usize, v: Index) {
+        let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked") };
+        let t = Ty(self.lanes);
+        let (f, w) = (t.float(), self.lanes);
+        let valid = self.valid_pairs(&[]).unwrap_or_else(|| "true".into());
+        let (inside, outside, after) = (self.label("block"), self.label("noblock"), self.label("blockdone"));
+        self.emit(format!("br i1 {valid}, label %{inside}, label %{outside}"));
+        self.start_block(&outside);
+        self.each_row(u, rows, &mut |g, _| g.store_row(einsum, &t.constant(0.0), "0"));
+        self.emit(format!("br label %{after}"));
+        self.start_block(&inside);
+        let accumulators: Vec<String> = (0..rows).map(|_| self.slot(&f)).collect();
+        let identity = t.constant(reduce_identity(*op) as f32);
+        for acc in &accumulators {
+            self.emit(format!("store {f} {identity}, {f}* {acc}"));
+        }
+        self.block_reduce(*op, indices, indices, filter, body, u, v, &accumulators);
+        self.each_row(u, rows, &mut |g, k| {
+            let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
+            g.store_row(einsum, &value, "1");
+        });
+        self.emit(format!("br label %{after}"));
+        self.start_block(&after);
+        let _ = w;
+    }
+
+    /// Stores a vector at the target's current point and the lanes after it, with every lane's
+    /// mask set to `defined`.
+    fn store_row(&mut self, einsum: &Einsum, value: &str, defined: &str) {
+        let t = Ty(self.lanes);
+        let f = t.float();
+        let (address, mask) = self.target_address(einsum);
+        let vector = self.ins(format!("bitcast float* {address} to {f}*"));
+        self.emit(format!("store {f} {value}, {f}* {vector}, align 4"));
+        if let Some(mask) = mask {
+            let bytes = t.wrap("i8");
+            let vector = self.ins(format!("bitcast i8* {mask} to {bytes}*"));
+            self.emit(format!("store {bytes} {}, {bytes}* {vector}, align 1", t.splat_literal("i8", defined)));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_reduce(
+        &mut self,
+        op: ReduceOp,
+        all: &'a [Index],
+        remaining: &'a [Index],
+        filter: &'a [Cond],
+        body: &'a Expr,
+        u: Option<Index>,
+        v: Index,
+        accumulators: &[String],
+    ) {
+        let Some((first, rest)) = remaining.split_first() else {
+            let valid = self.valid_pairs(all);
+            let t = Ty(self.lanes);
+            let (f, b) = (t.float(), t.bool());
+            self.when(valid, &mut |g| {
+                g.each_row(u, accumulators.len(), &mut |g, k| {
+                    let passes = g.vconds(filter, v);
+                    let (x, defined) = g.vexpr(body, v);
+                    let ok = g.vand(passes, defined);
+                    let current = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
+                    let next = match op {
+                        ReduceOp::Sum => g.ins(format!("fadd reassoc contract {f} {current}, {x}")),
+                        ReduceOp::Max => g.vextremum("ogt", &current, &x),
+                        ReduceOp::Min => g.vextremum("olt", &current, &x),
+                    };
+                    let chosen = match ok {
+                        Some(ok) => g.ins(format!("select {b} {ok}, {f} {next}, {f} {current}")),
+                        None => next,
+                    };
+                    g.emit(format!("store {f} {chosen}, {f}* {}", accumulators[k]));
+                });
+            });
+            return;
+        };
+        let bound = self.extents[first.rank.index()].clone();
+        self.for_loop(*first, "0", &bound, &mut |g| g.block_reduce(op, all, rest, filter, body, u, v, accumulators));
+    }
+
+    fn vand(&mut self, a: Def, b: Def) -> Def {
+        let bools = Ty(self.lanes).bool();
+        match (a, b) {
+            (None, x) | (x, None) => x,
+            (Some(x), Some(y)) => Some(self.ins(format!("and {bools} {x}, {y}"))),
+        }
+    }
+
+    fn splat(&mut self, scalar_type: &str, x: &str) -> String {
+        let w = self.lanes;
+        let one = self.ins(format!("insertelement <{w} x {scalar_type}> undef, {scalar_type} {x}, i32 0"));
+        self.ins(format!(
+            "shufflevector <{w} x {scalar_type}> {one}, <{w} x {scalar_type}> undef, <{w} x i32> zeroinitializer"
+        ))
+    }
+
+    fn vextremum(&mut self, op: &str, x: &str, y: &str) -> String {
+        let t = Ty(self.lanes);
+        let (f, b) = (t.float(), t.bool());
+        let better = self.ins(format!("fcmp {op} {f} {x}, {y}"));
+        let pick = self.ins(format!("select {b} {better}, {f} {x}, {f} {y}"));
+        let nan = self.ins(format!("fcmp uno {f} {x}, {x}"));
+        self.ins(format!("select {b} {nan}, {f} {x}, {f} {pick}"))
+    }
+
+    fn vconds(&mut self, conds: &[Cond], v: Index) -> Def {
+        let t = Ty(self.lanes);
+        let mut ok: Def = None;
+        for cond in conds {
+            let (a, da) = self.vexpr(&cond.lhs, v);
+            let (b, db) = self.vexpr(&cond.rhs, v);
+            let cc = match cond.op {
+                CmpOp::Lt => "olt",
+                CmpOp::Le => "ole",
+                CmpOp::Gt => "ogt",
+                CmpOp::Ge => "oge",
+                CmpOp::Eq => "oeq",
+                CmpOp::Ne => "une",
+            };
+            let holds = self.ins(format!("fcmp {cc} {} {a}, {b}", t.float()));
+            let holds = self.vand(Some(holds), da);
+            let holds = self.vand(holds, db);
+            ok = self.vand(ok, holds);
+        }
+        ok
+    }
+
+    /// An expression at the lanes `v`, `v + 1`, ...: a vector and its definedness lanes.
+    fn vexpr(&mut self, expr: &Expr, v: Index) -> (String, Def) {
+        let t = Ty(self.lanes);
+        let (f, w) = (t.float(), self.lanes);
+        let mut mentions = false;
+        expr.walk(&mut |e| match e {
+            Expr::Index(i) => mentions |= *i == v,
+            Expr::Access { subscripts, .. } => {
+                for sub in subscripts {
+                    sub.for_each_index(&mut |i| mentions |= i == v);
+                }
+            }
+            _ => {}
+        });
+        if !mentions {
+            let (x, d) = self.expr(expr);
+            let x = self.splat("float", &x);
+            let d = d.map(|d| self.splat("i1", &d));
+            return (x, d);
+        }
+        match expr {
+            Expr::Index(i) => {
+                let x = self.index(*i);
+                let base = self.bases[i.rank.index()].clone();
+                let x = self.ins(format!("add i64 {x}, {base}"));
+                let x = self.splat("i64", &x);
+                let steps: Vec<String> = (0..w).map(|k| format!("i64 {k}")).collect();
+                let x = self.ins(format!("add <{w} x i64> {x}, <{}>", steps.join(", ")));
+                (self.ins(format!("sitofp <{w} x i64> {x} to {f}")), None)
+            }
+            Expr::Access { tensor, subscripts } => {
+                let coords: Vec<String> = subscripts.iter().map(|s| self.affine(s)).collect();
+                let ranks = self.cascade().tensor(*tensor).ranks.clone();
+                let always: Vec<bool> = subscripts.iter().zip(&ranks).map(|(s, r)| self.always_inside(s, *r)).collect();
+                let buffer = tensor.index();
+                let (offset, inside) = self.offset(buffer, &coords, &always);
+                let base = self.values[buffer].clone();
+                let address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
+                let vector = self.ins(format!("bitcast float* {address} to {f}*"));
+                let value = self.ins(format!("load {f}, {f}* {vector}, align 4"));
+                let inside = inside.map(|d| self.splat("i1", &d));
+                let defined = match self.masks[buffer].clone() {
+                    Some(mask) => {
+                        let bytes = t.wrap("i8");
+                        let address = self.ins(format!("getelementptr inbounds i8, i8* {mask}, i64 {offset}"));
+                        let vector = self.ins(format!("bitcast i8* {address} to {bytes}*"));
+                        let m = self.ins(format!("load {bytes}, {bytes}* {vector}, align 1"));
+                        let m = self.ins(format!("icmp ne {bytes} {m}, zeroinitializer"));
+                        self.vand(Some(m), inside)
+                    }
+                    None => inside,
+                };
+                (value, defined)
+            }
+            Expr::Unary(op, arg) => {
+                let (x, d) = self.vexpr(arg, v);
+                let s = t.suffix();
+                let value = match op {
+                    UnaryOp::Neg => self.ins(format!("fneg {f} {x}")),
+                    UnaryOp::Abs => self.ins(format!("call {f} @llvm.fabs.{s}({f} {x})")),
+                    UnaryOp::Sqrt => self.ins(format!("call {f} @llvm.sqrt.{s}({f} {x})")),
+                    UnaryOp::Relu => self.vextremum("ogt", &x, &t.constant(0.0)),
+                    UnaryOp::Exp => self.host_exp_lanes(&x, w),
+                    UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus => {
+                        let helper = match op {
+                            UnaryOp::Log => "einfuse_logf",
+                            UnaryOp::Tanh => "einfuse_tanhf",
+                            UnaryOp::Sigmoid => "einfuse_sigmoidf",
+                            _ => "einfuse_softplusf",
+                        };
+                        let mut out = "undef".to_string();
+                        for k in 0..w {
+                            let lane = self.ins(format!("extractelement {f} {x}, i32 {k}"));
+                            let y = self.call(helper, &lane);
+                            out = self.ins(format!("insertelement {f} {out}, float {y}, i32 {k}"));
+                        }
+                        out
+                    }
+                };
+                (value, d)
+            }
+            Expr::Binary(op, a, b) => {
+                let (x, dx) = self.vexpr(a, v);
+                let (y, dy) = self.vexpr(b, v);
+                let value = match op {
+                    BinaryOp::Add => self.ins(format!("fadd contract {f} {x}, {y}")),
+                    BinaryOp::Sub => self.ins(format!("fsub contract {f} {x}, {y}")),
+                    BinaryOp::Mul => self.ins(format!("fmul contract {f} {x}, {y}")),
+                    BinaryOp::Div => self.ins(format!("fdiv {f} {x}, {y}")),
+                    BinaryOp::Max => self.vextremum("ogt", &x, &y),
+                    BinaryOp::Min => self.vextremum("olt", &x, &y),
+                };
+                (value, self.vand(dx, dy))
+            }
+            Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Reduce { .. } => {
+                unreachable!("no lanes: handled above or excluded by `blockable`")
+            }
+        }
     }
 
     fn compute_point(&mut self, einsum: &Einsum) {
