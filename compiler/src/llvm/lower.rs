@@ -107,6 +107,7 @@ fn declarations(flavor: Flavor) -> String {
                 let args = vec![format!("<{w} x float>"); arity].join(", ");
                 writeln!(out, "declare <{w} x float> @llvm.{name}.v{w}f32({args})").unwrap();
             }
+            writeln!(out, "declare i1 @llvm.vector.reduce.or.v{w}i1(<{w} x i1>)").unwrap();
         }
     }
     match flavor {
@@ -1025,8 +1026,32 @@ impl<'a> Lowering<'a> {
     /// accumulators in registers while the reduced indices run. Its body must hold no other
     /// reduction, read `v` only at positions of `v`'s rank, and `u` must not be in a split pair.
     fn blockable(&self, einsum: &Einsum, u: Option<Index>, v: Index) -> bool {
-        if self.flavor != Flavor::Host || self.lanes < 2 || !self.interchangeable(einsum, v) {
+        let without_filter = Einsum { filter: vec![], ..einsum.clone() };
+        if self.flavor != Flavor::Host || self.lanes < 2 || !self.interchangeable(&without_filter, v) {
             return false;
+        }
+        // A statement filter is evaluated in lanes when the block is stored.
+        for cond in &einsum.filter {
+            let mut ok = true;
+            let c = self.cascade();
+            let mut check = |e: &Expr| {
+                e.walk(&mut |x| match x {
+                    Expr::Reduce { .. } => ok = false,
+                    Expr::Access { tensor, subscripts } => {
+                        for (p, sub) in subscripts.iter().enumerate() {
+                            let mut mentions = false;
+                            sub.for_each_index(&mut |i| mentions |= i == v);
+                            ok &= !mentions || c.tensor(*tensor).ranks[p] == v.rank;
+                        }
+                    }
+                    _ => {}
+                })
+            };
+            check(&cond.lhs);
+            check(&cond.rhs);
+            if !ok {
+                return false;
+            }
         }
         let Expr::Reduce { body, filter, .. } = &einsum.body else { return false };
         let c = self.cascade();
@@ -1209,14 +1234,42 @@ impl<'a> Lowering<'a> {
         for acc in &accumulators {
             self.emit(format!("store {f} {identity}, {f}* {acc}"));
         }
-        self.block_reduce(*op, indices, indices, filter, body, u, v, &accumulators);
-        self.each_row(u, rows, &mut |g, k| {
-            let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
-            g.store_row(einsum, &value, "1");
-        });
+        if einsum.filter.is_empty() {
+            self.block_reduce(*op, indices, indices, filter, body, u, v, &accumulators);
+            self.each_row(u, rows, &mut |g, k| {
+                let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
+                g.store_row(einsum, &value, "1");
+            });
+        } else {
+            // The statement filter decides which points exist: a block where no point does is
+            // skipped (an empty tile), the others computed whole and stored masked.
+            let b = t.bool();
+            let passes: Vec<String> = (0..rows).map(|_| self.slot(&b)).collect();
+            let mut any = "false".to_string();
+            self.each_row(u, rows, &mut |g, k| {
+                let holds = g.vconds(&einsum.filter, v).expect("a filter");
+                g.emit(format!("store {b} {holds}, {b}* {}", passes[k]));
+                let some = g.ins(format!("call i1 @llvm.vector.reduce.or.v{w}i1({b} {holds})"));
+                any = g.ins(format!("or i1 {any}, {some}"));
+            });
+            self.when(Some(any), &mut |g| g.block_reduce(*op, indices, indices, filter, body, u, v, &accumulators));
+            self.each_row(u, rows, &mut |g, k| {
+                let holds = g.ins(format!("load {b}, {b}* {}", passes[k]));
+                let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
+                let value = g.ins(format!("select {b} {holds}, {f} {value}, {f} {}", t.constant(0.0)));
+                let (address, mask) = g.target_address(einsum);
+                let vector = g.ins(format!("bitcast float* {address} to {f}*"));
+                g.emit(format!("store {f} {value}, {f}* {vector}, align 4"));
+                if let Some(mask) = mask {
+                    let bytes = t.wrap("i8");
+                    let flags = g.ins(format!("zext {b} {holds} to {bytes}"));
+                    let vector = g.ins(format!("bitcast i8* {mask} to {bytes}*"));
+                    g.emit(format!("store {bytes} {flags}, {bytes}* {vector}, align 1"));
+                }
+            });
+        }
         self.emit(format!("br label %{after}"));
         self.start_block(&after);
-        let _ = w;
     }
 
     /// Stores a vector at the target's current point and the lanes after it, with every lane's
