@@ -328,6 +328,9 @@ struct Lowering<'a> {
     env: Vec<(Index, String)>,
     /// Float lanes of the register blocks (host only).
     lanes: usize,
+    /// Reduced inner indices of split pairs whose loops stop at the last valid point, so that
+    /// their pairs need no check (see `reduced_loop`).
+    bounded: Vec<Index>,
 }
 
 impl<'a> Lowering<'a> {
@@ -346,6 +349,7 @@ impl<'a> Lowering<'a> {
             bases: vec![],
             env: vec![],
             lanes: if flavor == Flavor::Host { host_lanes() } else { 1 },
+            bounded: vec![],
         }
     }
 
@@ -552,7 +556,7 @@ impl<'a> Lowering<'a> {
         for (tile, inner, whole) in pairs {
             for outer in bound.iter().filter(|i| i.rank == tile) {
                 let partner = Index { rank: inner, primes: outer.primes };
-                if !bound.contains(&partner) {
+                if !bound.contains(&partner) || self.bounded.contains(&partner) {
                     continue;
                 }
                 if !new.is_empty() && !new.contains(outer) && !new.contains(&partner) {
@@ -876,8 +880,27 @@ impl<'a> Lowering<'a> {
             });
             return;
         };
-        let extent = self.extents[first.rank.index()].clone();
-        self.for_loop(*first, "0", &extent, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
+        self.reduced_loop(*first, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
+    }
+
+    /// The loop over a reduced index. For the inner index of a split pair whose tile index is
+    /// bound, it stops at the last valid point (`whole - tile * inner`, clamped to the tile), so
+    /// that the body needs no validity branch for that pair and LLVM can vectorize it.
+    fn reduced_loop(&mut self, index: Index, body: &mut dyn FnMut(&mut Self)) {
+        let extent = self.extents[index.rank.index()].clone();
+        let Some((tile, whole)) = self.split_partner(index) else {
+            self.for_loop(index, "0", &extent, body);
+            return;
+        };
+        let t = self.index(tile);
+        let first = self.ins(format!("mul i64 {t}, {extent}"));
+        let whole = self.extents[whole.index()].clone();
+        let left = self.ins(format!("sub i64 {whole}, {first}"));
+        let short = self.ins(format!("icmp slt i64 {left}, {extent}"));
+        let end = self.ins(format!("select i1 {short}, i64 {left}, i64 {extent}"));
+        self.bounded.push(index);
+        self.for_loop(index, "0", &end, body);
+        self.bounded.pop();
     }
 
     fn compute(&mut self, id: EinsumId) {
@@ -1017,8 +1040,7 @@ impl<'a> Lowering<'a> {
             });
             return;
         };
-        let bound = self.extents[first.rank.index()].clone();
-        self.for_loop(*first, "0", &bound, &mut |g| g.interchanged_loops(einsum, op, all, rest, filter, body, v, extent));
+        self.reduced_loop(*first, &mut |g| g.interchanged_loops(einsum, op, all, rest, filter, body, v, extent));
     }
 
     /// Whether an interchangeable reduction runs as register blocks on the host: `ROWS` points
@@ -1323,8 +1345,7 @@ impl<'a> Lowering<'a> {
             });
             return;
         };
-        let bound = self.extents[first.rank.index()].clone();
-        self.for_loop(*first, "0", &bound, &mut |g| g.block_reduce(op, all, rest, filter, body, u, v, accumulators));
+        self.reduced_loop(*first, &mut |g| g.block_reduce(op, all, rest, filter, body, u, v, accumulators));
     }
 
     fn vand(&mut self, a: Def, b: Def) -> Def {
