@@ -910,6 +910,17 @@ impl<'a> Lowering<'a> {
     }
 
     fn compute_loops(&mut self, einsum: &'a Einsum, free: &[Index]) {
+        // Indices of fixed extent 1 at the end (decode's single query) are bound first, so that
+        // lanes run along the last index with more than one point.
+        let c = self.cascade();
+        let trailing = free.iter().rev().take_while(|i| matches!(c.rank(i.rank).extent, Extent::Fixed(1))).count();
+        if self.flavor == Flavor::Host && trailing > 0 && trailing < free.len() {
+            let (head, tail) = free.split_at(free.len() - trailing);
+            let index = tail[0];
+            let rest: Vec<Index> = head.iter().chain(&tail[1..]).copied().collect();
+            self.for_loop(index, "0", "1", &mut |g| g.compute_loops(einsum, &rest));
+            return;
+        }
         let Some((first, rest)) = free.split_first() else {
             self.compute_point(einsum);
             return;
@@ -1048,8 +1059,10 @@ impl<'a> Lowering<'a> {
     /// accumulators in registers while the reduced indices run. Its body must hold no other
     /// reduction, read `v` only at positions of `v`'s rank, and `u` must not be in a split pair.
     fn blockable(&self, einsum: &Einsum, u: Option<Index>, v: Index) -> bool {
-        let without_filter = Einsum { filter: vec![], ..einsum.clone() };
-        if self.flavor != Flavor::Host || self.lanes < 2 || !self.interchangeable(&without_filter, v) {
+        let plain = self.abi == Abi::Cpu
+            && einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
+            && matches!(einsum.body, Expr::Reduce { .. });
+        if self.flavor != Flavor::Host || self.lanes < 2 || !plain || !self.lanes_along(einsum, v) {
             return false;
         }
         // A statement filter is evaluated in lanes when the block is stored.
@@ -1115,10 +1128,90 @@ impl<'a> Lowering<'a> {
         (uses_whole == 0 && self.env.iter().any(|(i, _)| *i == partner)).then_some((partner, *whole))
     }
 
+    /// Whether consecutive points along `v` sit at consecutive addresses in the target and in
+    /// every read that mentions `v`: `v` (a bare index, or the inner index of a split pair whose
+    /// tile index is bound, read as `t * M0 + v`) at a full position followed only by positions
+    /// of fixed extent 1, and nowhere else.
+    fn lanes_along(&self, einsum: &Einsum, v: Index) -> bool {
+        let c = self.cascade();
+        let pairs = c.split_pairs();
+        if pairs.iter().any(|(t, _, w)| v.rank == *t || v.rank == *w) {
+            return false;
+        }
+        let partner = self.split_partner(v);
+        if pairs.iter().any(|(_, i, _)| *i == v.rank) && partner.is_none() {
+            return false;
+        }
+        let ones = |ranks: &[RankId]| ranks.iter().all(|r| matches!(c.rank(*r).extent, Extent::Fixed(1)));
+        let target = c.tensor(einsum.target);
+        let Some(k) = einsum.lhs.iter().position(|l| *l == Lhs::Index(v)) else { return false };
+        if self.program.buffers[einsum.target.index()].slots[k] != Slot::Full || !ones(&target.ranks[k + 1..]) {
+            return false;
+        }
+        let mut ok = einsum.lhs.iter().filter(|l| matches!(l, Lhs::Index(i) | Lhs::Next(i) if *i == v)).count() == 1;
+        let mut check = |e: &Expr| {
+            e.walk(&mut |x| {
+                if let Expr::Access { tensor, subscripts } = x {
+                    let ranks = &c.tensor(*tensor).ranks;
+                    for (q, sub) in subscripts.iter().enumerate() {
+                        let mut mentions = false;
+                        sub.for_each_index(&mut |i| mentions |= i == v);
+                        if !mentions {
+                            continue;
+                        }
+                        let bare = *sub == Affine::Index(v) && ranks[q] == v.rank;
+                        let split = partner.is_some_and(|(tile, whole)| {
+                            ranks[q] == whole
+                                && *sub
+                                    == Affine::Add(
+                                        Box::new(Affine::Mul(
+                                            Box::new(Affine::Index(tile)),
+                                            Box::new(Affine::Extent(v.rank)),
+                                        )),
+                                        Box::new(Affine::Index(v)),
+                                    )
+                        });
+                        ok &= (bare || split)
+                            && ones(&ranks[q + 1..])
+                            && self.program.buffers[tensor.index()].slots[q] == Slot::Full;
+                    }
+                }
+            })
+        };
+        check(&einsum.body);
+        for cond in &einsum.filter {
+            check(&cond.lhs);
+            check(&cond.rhs);
+        }
+        ok
+    }
+
+    /// The end of whole vectors along `v`: the points before it are all valid (for a split
+    /// pair's inner index, inside the whole rank) and fill whole vectors.
+    fn lane_blocks_end(&mut self, v: Index) -> String {
+        let lanes = self.lanes;
+        let n = self.extents[v.rank.index()].clone();
+        let valid = match self.split_partner(v) {
+            Some((tile, whole)) => {
+                let t = self.index(tile);
+                let first = self.ins(format!("mul i64 {t}, {n}"));
+                let whole = self.extents[whole.index()].clone();
+                let left = self.ins(format!("sub i64 {whole}, {first}"));
+                let short = self.ins(format!("icmp slt i64 {left}, {n}"));
+                let limit = self.ins(format!("select i1 {short}, i64 {left}, i64 {n}"));
+                let negative = self.ins(format!("icmp slt i64 {limit}, 0"));
+                self.ins(format!("select i1 {negative}, i64 0, i64 {limit}"))
+            }
+            None => n,
+        };
+        let rest = self.ins(format!("srem i64 {valid}, {lanes}"));
+        self.ins(format!("sub i64 {valid}, {rest}"))
+    }
+
     /// Whether an element-wise Einsum (no reduction) computes a vector of points along `v` at once
     /// on the host: `v` contiguous wherever it is read and written, at positions of its rank.
     fn mappable(&self, einsum: &Einsum, v: Index) -> bool {
-        if self.flavor != Flavor::Host || self.lanes < 2 || !crate::cpu::vectorizable(self.program, einsum, v) {
+        if self.flavor != Flavor::Host || self.abi != Abi::Cpu || self.lanes < 2 || !self.lanes_along(einsum, v) {
             return false;
         }
         let c = self.cascade();
@@ -1148,8 +1241,7 @@ impl<'a> Lowering<'a> {
     fn compute_map(&mut self, einsum: &'a Einsum, v: Index) {
         let lanes = self.lanes;
         let n = self.extents[v.rank.index()].clone();
-        let rest = self.ins(format!("srem i64 {n}, {lanes}"));
-        let main = self.ins(format!("sub i64 {n}, {rest}"));
+        let main = self.lane_blocks_end(v);
         self.for_loop_step(v, "0", &main, lanes, &mut |g| {
             let t = Ty(g.lanes);
             let (f, b) = (t.float(), t.bool());
@@ -1234,8 +1326,7 @@ impl<'a> Lowering<'a> {
     fn block_rows(&mut self, einsum: &'a Einsum, u: Option<Index>, rows: usize, v: Index) {
         let lanes = self.lanes;
         let n = self.extents[v.rank.index()].clone();
-        let rest = self.ins(format!("srem i64 {n}, {lanes}"));
-        let main = self.ins(format!("sub i64 {n}, {rest}"));
+        let main = self.lane_blocks_end(v);
         self.for_loop_step(v, "0", &main, lanes, &mut |g| g.vector_block(einsum, u, rows, v));
         self.for_loop_step(v, &main, &n, 1, &mut |g| g.each_row(u, rows, &mut |g, _| g.compute_point(einsum)));
     }
