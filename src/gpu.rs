@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 
 use crate::compiler::llvm::launch::ThreadLayout;
 use crate::compiler::schedule::LoopProgram;
@@ -88,7 +90,8 @@ impl GpuKernel {
         let layout = ThreadLayout::new(&self.program, extents, MAX_DEVICE_BYTES).map_err(GpuError::Run)?;
         let (values, masks) = layout.host_buffers(&self.program, inputs).map_err(GpuError::Run)?;
         let s = &self.stream;
-        let values: Vec<CudaSlice<f32>> = values.iter().map(|v| s.clone_htod(v)).collect::<Result<_, _>>().map_err(driver)?;
+        let values: Vec<CudaSlice<f32>> =
+            values.iter().map(|v| s.clone_htod(v)).collect::<Result<_, _>>().map_err(driver)?;
         let masks: Vec<Option<CudaSlice<u8>>> = masks
             .iter()
             .map(|m| if m.is_empty() { Ok(None) } else { s.clone_htod(m).map(Some) })
@@ -117,8 +120,10 @@ impl GpuKernel {
         if call.layout.threads == 0 {
             return Ok(());
         }
-        let grid = u32::try_from(call.layout.grid).map_err(|_| GpuError::Run("too many threads for one grid".into()))?;
-        let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (call.layout.block as u32, 1, 1), shared_mem_bytes: 0 };
+        let grid =
+            u32::try_from(call.layout.grid).map_err(|_| GpuError::Run("too many threads for one grid".into()))?;
+        let config =
+            LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (call.layout.block as u32, 1, 1), shared_mem_bytes: 0 };
         let threads = call.layout.threads as i64;
         let mut builder = self.stream.launch_builder(&self.function);
         for table in &call.tables {

@@ -325,7 +325,13 @@ pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Ve
 
 /// Runs a kernel on one of the LLVM targets.
 #[cfg(feature = "llvm")]
-fn run_llvm(cascade: &Cascade, target: Target, extents: &[u64], inputs: &[&[f32]], threads: usize) -> Result<Vec<Vec<f32>>, Error> {
+fn run_llvm(
+    cascade: &Cascade,
+    target: Target,
+    extents: &[u64],
+    inputs: &[&[f32]],
+    threads: usize,
+) -> Result<Vec<Vec<f32>>, Error> {
     match target {
         Target::CpuLlvm => Ok(compile_cpu_llvm(cascade)?.run_threads(extents, inputs, threads)?),
         Target::GpuEmulated => Ok(compile_emulated(cascade)?.run(extents, inputs)?),
@@ -335,7 +341,10 @@ fn run_llvm(cascade: &Cascade, target: Target, extents: &[u64], inputs: &[&[f32]
 
 #[cfg(not(feature = "llvm"))]
 fn run_llvm(_: &Cascade, target: Target, _: &[u64], _: &[&[f32]], _: usize) -> Result<Vec<Vec<f32>>, Error> {
-    Err(Error::Usage(format!("the target `{}` needs LLVM, and this einfuse was built without the `llvm` feature", target.name())))
+    Err(Error::Usage(format!(
+        "the target `{}` needs LLVM, and this einfuse was built without the `llvm` feature",
+        target.name()
+    )))
 }
 
 #[cfg(all(feature = "llvm", feature = "cuda"))]

@@ -757,7 +757,12 @@ fn bench(
             bytes / r.median_s / 1e9,
             r.peak_extra_bytes
         );
-        println!("  {:<9} unfused: {:>10.3} ms  scratch {} bytes", r.tier, r.unfused_median_s * 1e3, r.unfused_extra_bytes);
+        println!(
+            "  {:<9} unfused: {:>10.3} ms  scratch {} bytes",
+            r.tier,
+            r.unfused_median_s * 1e3,
+            r.unfused_extra_bytes
+        );
         println!("  {:<9} speedup vs unfused: {:.2}x", r.tier, r.unfused_median_s / r.median_s);
         println!("  {:<9} source to callable kernel: {:.2} ms", r.tier, r.compile_s * 1e3);
     }
@@ -845,7 +850,10 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
     for line in manifest.lines().filter(|l| !l.trim().is_empty()) {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [file, name, form, ptx_file] = fields[..] else {
-            return Err(Error::Usage(format!("{}: a line is not `file kernel form ptx`: {line}", manifest_path.display())));
+            return Err(Error::Usage(format!(
+                "{}: a line is not `file kernel form ptx`: {line}",
+                manifest_path.display()
+            )));
         };
         let program = Program::from_file(&artifacts.join(file))?;
         let written = program.kernel(Some(name))?;
@@ -862,13 +870,19 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
         } else {
             [[100u64, 7], [1, 3], [65, 70]]
                 .iter()
-                .map(|[m, p]| vec![("M".into(), *m), ("P".into(), *p), ("K".into(), 37), ("H".into(), 2), ("T".into(), 20)])
+                .map(|[m, p]| {
+                    vec![("M".into(), *m), ("P".into(), *p), ("K".into(), 37), ("H".into(), 2), ("T".into(), 20)]
+                })
                 .collect()
         };
         for (s, sizes) in shapes.iter().enumerate() {
             let bindings: Vec<(String, u64)> = sizes
                 .iter()
-                .filter(|(r, _)| cascade.rank_by_name(r).is_some_and(|id| matches!(cascade.rank(id).extent, compiler::ir::Extent::Symbolic)))
+                .filter(|(r, _)| {
+                    cascade
+                        .rank_by_name(r)
+                        .is_some_and(|id| matches!(cascade.rank(id).extent, compiler::ir::Extent::Symbolic))
+                })
                 .cloned()
                 .collect();
             let options = RunOptions { bindings, seed: s as u64 + 1, ..RunOptions::default() };
@@ -895,7 +909,8 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
                 continue;
             }
             let got = kernel.run(&extents, &slices).map_err(gpu)?;
-            let reference = einfuse::run(&cascade, einfuse::Target::Interp, &RunOptions { check_finite: false, ..options })?;
+            let reference =
+                einfuse::run(&cascade, einfuse::Target::Interp, &RunOptions { check_finite: false, ..options })?;
             let want: Vec<Vec<f32>> = reference.iter().map(|(_, t)| t.data().to_vec()).collect();
             let error = largest_difference(&got, &want);
             let verdict = if error <= 1e-4 { "ok" } else { "MISMATCH" };

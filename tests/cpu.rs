@@ -3,22 +3,16 @@
 //! sizes; narrow storage types.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+
+mod common;
 
 use einfuse::compiler::interp::{interpret, InterpLimits};
 use einfuse::compiler::ir::{Cascade, ElemType, Extent, TensorKind};
 use einfuse::compiler::shapes::{bind_extents, tensor_shape};
-use einfuse::{DType, Program, Tensor};
+use einfuse::{DType, Tensor};
 
 fn corpus() -> Vec<Cascade> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let mut files: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
-    files
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "ein"))
-        .flat_map(|p| Program::from_file(p).unwrap().kernels)
-        .collect()
+    common::kernels_in("examples")
 }
 
 /// Runs `cascade` on the CPU and on the interpreter with the same inputs; returns the largest

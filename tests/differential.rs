@@ -123,7 +123,8 @@ fn check(generated: &Generated) -> Result<(), String> {
 /// `check` that turns a panic into a failure.
 fn outcome(generated: &Generated) -> Result<(), String> {
     std::panic::catch_unwind(|| check(generated)).unwrap_or_else(|panic| {
-        let text = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+        let text =
+            panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
         Err(format!("panic: {}", text.unwrap_or_default()))
     })
 }
@@ -155,7 +156,8 @@ fn shrink(failing: &Generated) -> Generated {
             if !(line.starts_with("output") || line.contains(" = ")) || line.starts_with("param") {
                 continue;
             }
-            let candidate: String = lines.iter().enumerate().filter(|(n, _)| *n != skip).map(|(_, l)| format!("{l}\n")).collect();
+            let candidate: String =
+                lines.iter().enumerate().filter(|(n, _)| *n != skip).map(|(_, l)| format!("{l}\n")).collect();
             let Ok(mut parsed) = einfuse::compiler::compile_source(&candidate) else { continue };
             let trial = Generated { cascade: parsed.remove(0), bindings: best.bindings.clone() };
             if !trial.cascade.outputs.is_empty() && outcome(&trial).is_err() {

@@ -8,21 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use einfuse::compiler::ir::Cascade;
 use einfuse::Program;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
 
-fn kernels_of(dir: &Path) -> Vec<Cascade> {
-    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
-    files
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "ein"))
-        .flat_map(|p| Program::from_file(p).unwrap().kernels)
-        .collect()
+fn root() -> PathBuf {
+    common::root()
 }
 
 /// `ptxas`: `$EINFUSE_PTXAS`, the one in `.venv`, or the one on the `PATH`.
@@ -83,8 +74,8 @@ fn every_corpus_kernel_assembles_for_sm80_and_sm90_without_spills() {
         eprintln!("skipped: no ptxas (run scripts/test.sh, which installs it into .venv)");
         return;
     };
-    let mut kernels = kernels_of(&root().join("examples"));
-    kernels.extend(kernels_of(&root().join("benches")));
+    let mut kernels = common::kernels_in("examples");
+    kernels.extend(common::kernels_in("benches"));
     let mut report = Vec::new();
     for cascade in &kernels {
         let optimized = einfuse::optimize(cascade).unwrap().cascade;
@@ -95,7 +86,10 @@ fn every_corpus_kernel_assembles_for_sm80_and_sm90_without_spills() {
                 let assembled = assemble(&ptxas, &ptx, arch, &name)
                     .unwrap_or_else(|log| panic!("ptxas -arch {arch} rejects {name}:\n{log}"));
                 assert_eq!(assembled.spill_bytes, 0, "{name} spills on {arch}: {assembled:?}");
-                report.push(format!("{name} {arch}: {} registers, {} spill bytes", assembled.registers, assembled.spill_bytes));
+                report.push(format!(
+                    "{name} {arch}: {} registers, {} spill bytes",
+                    assembled.registers, assembled.spill_bytes
+                ));
             }
         }
     }

@@ -137,7 +137,8 @@ pub fn compile_llvm(program: &LoopProgram) -> Result<CpuKernel, CodegenError> {
     let symbol = object_symbol(&program.cascade);
     let text = crate::llvm::host_ir(program, &symbol);
     let helpers: Vec<(&str, usize)> = helpers::symbols().iter().map(|(n, p)| (*n, *p as usize)).collect();
-    let code = crate::llvm::machine::HostCode::new(&text, &symbol, &helpers).map_err(|e| CodegenError::Internal(e.to_string()))?;
+    let code = crate::llvm::machine::HostCode::new(&text, &symbol, &helpers)
+        .map_err(|e| CodegenError::Internal(e.to_string()))?;
     // SAFETY: the symbol was defined with the kernel signature (six pointers, no result).
     let function: KernelFn = unsafe { std::mem::transmute::<usize, KernelFn>(code.address()) };
     Ok(CpuKernel { program: program.clone(), function, _code: Box::new(code), clif: text })
@@ -333,7 +334,7 @@ pub fn is_batch_rank(cascade: &Cascade, id: RankId) -> bool {
     let plain = Index { rank: id, primes: 0 };
     let mut ok = cascade.outputs.iter().all(|o| cascade.tensor(o.tensor).ranks.contains(&id));
     for einsum in &cascade.einsums {
-        ok &= einsum.lhs.iter().any(|l| *l == Lhs::Index(plain));
+        ok &= einsum.lhs.contains(&Lhs::Index(plain));
         ok &= einsum.lhs_indices().all(|i| i.rank != id || i == plain);
         einsum.body.walk(&mut |e| match e {
             Expr::Reduce { indices, .. } => ok &= indices.iter().all(|i| i.rank != id),
@@ -454,7 +455,8 @@ impl CpuKernel {
             bases[batch.index()] = range.start as i64;
             self.run_chunk(&sub_extents, &slices, &bases)
         };
-        let results: Vec<Vec<(usize, Result<Vec<Vec<f32>>, CodegenError>)>> = std::thread::scope(|scope| {
+        type Done = Vec<(usize, Result<Vec<Vec<f32>>, CodegenError>)>;
+        let results: Vec<Done> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads.min(ranges.len()))
                 .map(|_| {
                     scope.spawn(|| {

@@ -13,6 +13,9 @@ use crate::ir::*;
 use crate::schedule::{BufferRole, LoopProgram};
 use crate::shapes::tensor_shape;
 
+/// A call's buffers in host memory: values, and masks (empty for a buffer without one).
+pub type HostBuffers = (Vec<Vec<f32>>, Vec<Vec<u8>>);
+
 /// Threads per block.
 pub const BLOCK: u64 = 128;
 
@@ -122,7 +125,7 @@ impl ThreadLayout {
 impl ThreadLayout {
     /// The buffers of a call in host memory: inputs copied in (dense row-major, in the order of
     /// `Cascade::inputs`), everything else zero; a mask beside every masked buffer.
-    pub fn host_buffers(&self, program: &LoopProgram, inputs: &[&[f32]]) -> Result<(Vec<Vec<f32>>, Vec<Vec<u8>>), String> {
+    pub fn host_buffers(&self, program: &LoopProgram, inputs: &[&[f32]]) -> Result<HostBuffers, String> {
         let c = &program.cascade;
         let mut values = Vec::new();
         let mut masks = Vec::new();

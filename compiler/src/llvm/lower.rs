@@ -139,7 +139,12 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
     let per_thread = |s: &mut String, t: &str| {
         // Decompose the thread into batch coordinates, the last batch rank fastest.
         for r in 0..nr {
-            writeln!(s, "  %bz{r} = getelementptr [{0} x i64], [{0} x i64]* %bt, i64 0, i64 {r}\n  store i64 0, i64* %bz{r}", nr.max(1)).unwrap();
+            writeln!(
+                s,
+                "  %bz{r} = getelementptr [{0} x i64], [{0} x i64]* %bt, i64 0, i64 {r}\n  store i64 0, i64* %bz{r}",
+                nr.max(1)
+            )
+            .unwrap();
         }
         writeln!(s, "  %rest{k} = add i64 {t}, 0").unwrap();
         for j in (0..k).rev() {
@@ -195,7 +200,8 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
         )
         .unwrap();
     };
-    let allocas = format!("  %vt = alloca [{nb} x float*]\n  %mt = alloca [{nb} x i8*]\n  %bt = alloca [{} x i64]", nr.max(1));
+    let allocas =
+        format!("  %vt = alloca [{nb} x float*]\n  %mt = alloca [{nb} x i8*]\n  %bt = alloca [{} x i64]", nr.max(1));
     match flavor {
         Flavor::Nvptx => {
             writeln!(
@@ -688,13 +694,15 @@ impl<'a> Lowering<'a> {
         let x1 = self.ins(format!("select {b} {below}, {f} {lo}, {f} {x}"));
         let above = self.ins(format!("fcmp ogt {f} {x1}, {hi}"));
         let x2 = self.ins(format!("select {b} {above}, {f} {hi}, {f} {x1}"));
-        let fma = |g: &mut Self, a: &str, m: &str, c: &str| g.ins(format!("call {f} @llvm.fma.{s}({f} {a}, {f} {m}, {f} {c})"));
+        let fma = |g: &mut Self, a: &str, m: &str, c: &str| {
+            g.ins(format!("call {f} @llvm.fma.{s}({f} {a}, {f} {m}, {f} {c})"))
+        };
         let t_ = fma(self, &x2, &t.constant(std::f32::consts::LOG2_E), &t.constant(0.5));
         let n = self.ins(format!("call {f} @llvm.floor.{s}({f} {t_})"));
         let r = fma(self, &n, &t.constant(-0.693_359_4), &x2);
         let r = fma(self, &n, &t.constant(2.121_944_4e-4), &r);
         let mut p = t.constant(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
             p = fma(self, &p, &r, &t.constant(c));
         }
         let rr = self.ins(format!("fmul {f} {r}, {r}"));
@@ -738,7 +746,11 @@ impl<'a> Lowering<'a> {
                 let den = self.ins(format!("fadd float 1.0, {e}"));
                 let q = self.ins(format!("fdiv float {num}, {den}"));
                 let x2 = self.ins(format!("fmul float {x}, {x}"));
-                let s = self.ins(format!("call float @llvm.fma.f32(float {x2}, float {}, float {})", float(2.0 / 15.0), float(-1.0 / 3.0)));
+                let s = self.ins(format!(
+                    "call float @llvm.fma.f32(float {x2}, float {}, float {})",
+                    float(2.0 / 15.0),
+                    float(-1.0 / 3.0)
+                ));
                 let s = self.ins(format!("call float @llvm.fma.f32(float {s}, float {x2}, float 1.0)"));
                 let series = self.ins(format!("fmul float {s}, {x}"));
                 let neg = self.ins(format!("fcmp olt float {x}, 0.0"));
@@ -861,26 +873,30 @@ impl<'a> Lowering<'a> {
     ) {
         let Some((first, rest)) = remaining.split_first() else {
             let valid = self.valid_pairs(all);
-            self.when(valid, &mut |g| {
-                let passes = g.conds(filter);
-                let (x, defined) = g.expr(body);
-                let ok = g.and_def(passes, defined);
-                let current = g.ins(format!("load float, float* {acc}"));
-                let next = match op {
-                    // Reassociation lets LLVM vectorize a sum; the tolerance covers the rounding.
-                    ReduceOp::Sum => g.ins(format!("fadd reassoc contract float {current}, {x}")),
-                    ReduceOp::Max => g.extremum("ogt", &current, &x),
-                    ReduceOp::Min => g.extremum("olt", &current, &x),
-                };
-                let chosen = match ok {
-                    Some(ok) => g.ins(format!("select i1 {ok}, float {next}, float {current}")),
-                    None => next,
-                };
-                g.emit(format!("store float {chosen}, float* {acc}"));
-            });
+            self.when(valid, &mut |g| g.fold_into(op, filter, body, acc));
             return;
         };
         self.reduced_loop(*first, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
+    }
+
+    /// Folds the body at the current point into the float at `address`, where the point passes
+    /// the filter and the body is defined.
+    fn fold_into(&mut self, op: ReduceOp, filter: &[Cond], body: &Expr, address: &str) {
+        let passes = self.conds(filter);
+        let (x, defined) = self.expr(body);
+        let ok = self.and_def(passes, defined);
+        let current = self.ins(format!("load float, float* {address}"));
+        let next = match op {
+            // Reassociation lets LLVM vectorize a sum; the tolerance covers the rounding.
+            ReduceOp::Sum => self.ins(format!("fadd reassoc contract float {current}, {x}")),
+            ReduceOp::Max => self.extremum("ogt", &current, &x),
+            ReduceOp::Min => self.extremum("olt", &current, &x),
+        };
+        let chosen = match ok {
+            Some(ok) => self.ins(format!("select i1 {ok}, float {next}, float {current}")),
+            None => next,
+        };
+        self.emit(format!("store float {chosen}, float* {address}"));
     }
 
     /// The loop over a reduced index. For the inner index of a split pair whose tile index is
@@ -980,7 +996,8 @@ impl<'a> Lowering<'a> {
         let (offset, _) = self.offset(buffer, &coords, &vec![true; coords.len()]);
         let base = self.values[buffer].clone();
         let value = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
-        let mask = self.masks[buffer].clone().map(|m| self.ins(format!("getelementptr inbounds i8, i8* {m}, i64 {offset}")));
+        let mask =
+            self.masks[buffer].clone().map(|m| self.ins(format!("getelementptr inbounds i8, i8* {m}, i64 {offset}")));
         (value, mask)
     }
 
@@ -1032,21 +1049,8 @@ impl<'a> Lowering<'a> {
             let valid = self.valid_pairs(all);
             self.when(valid, &mut |g| {
                 g.for_loop(v, "0", extent, &mut |g| {
-                    let passes = g.conds(filter);
-                    let (x, defined) = g.expr(body);
-                    let ok = g.and_def(passes, defined);
                     let (address, _) = g.target_address(einsum);
-                    let current = g.ins(format!("load float, float* {address}"));
-                    let next = match op {
-                        ReduceOp::Sum => g.ins(format!("fadd reassoc contract float {current}, {x}")),
-                        ReduceOp::Max => g.extremum("ogt", &current, &x),
-                        ReduceOp::Min => g.extremum("olt", &current, &x),
-                    };
-                    let chosen = match ok {
-                        Some(ok) => g.ins(format!("select i1 {ok}, float {next}, float {current}")),
-                        None => next,
-                    };
-                    g.emit(format!("store float {chosen}, float* {address}"));
+                    g.fold_into(op, filter, body, &address);
                 });
             });
             return;
@@ -1124,7 +1128,8 @@ impl<'a> Lowering<'a> {
         let pairs = self.cascade().split_pairs();
         let (tile, _, whole) = pairs.iter().find(|(_, inner, _)| *inner == u.rank)?;
         let partner = Index { rank: *tile, primes: u.primes };
-        let uses_whole = pairs.iter().filter(|(t, i, w)| *t == u.rank || *w == u.rank || (*i == u.rank && w != whole)).count();
+        let uses_whole =
+            pairs.iter().filter(|(t, i, w)| *t == u.rank || *w == u.rank || (*i == u.rank && w != whole)).count();
         (uses_whole == 0 && self.env.iter().any(|(i, _)| *i == partner)).then_some((partner, *whole))
     }
 

@@ -59,7 +59,14 @@ fn nvptx_machine(sm: &str) -> Result<TargetMachine, LlvmError> {
     let triple = TargetTriple::create("nvptx64-nvidia-cuda");
     let target = Target::from_triple(&triple).map_err(|e| LlvmError::Internal(e.to_string()))?;
     target
-        .create_target_machine(&triple, sm, "+ptx75", OptimizationLevel::Aggressive, RelocMode::Default, CodeModel::Default)
+        .create_target_machine(
+            &triple,
+            sm,
+            "+ptx75",
+            OptimizationLevel::Aggressive,
+            RelocMode::Default,
+            CodeModel::Default,
+        )
         .ok_or_else(|| LlvmError::Internal(format!("LLVM cannot target NVPTX {sm}")))
 }
 
@@ -71,7 +78,14 @@ fn host_machine() -> Result<TargetMachine, LlvmError> {
     let cpu = TargetMachine::get_host_cpu_name().to_string();
     let features = TargetMachine::get_host_cpu_features().to_string();
     target
-        .create_target_machine(&triple, &cpu, &features, OptimizationLevel::Aggressive, RelocMode::Default, CodeModel::JITDefault)
+        .create_target_machine(
+            &triple,
+            &cpu,
+            &features,
+            OptimizationLevel::Aggressive,
+            RelocMode::Default,
+            CodeModel::JITDefault,
+        )
         .ok_or_else(|| LlvmError::Internal("LLVM cannot target this CPU".into()))
 }
 

@@ -36,8 +36,7 @@ pub fn host_ir(program: &LoopProgram, symbol: &str) -> String {
 /// The sidecar of a PTX file: what a launcher needs besides the PTX.
 pub fn launch_description(program: &LoopProgram, source_file: &str) -> String {
     let c = &program.cascade;
-    let batch: Vec<String> =
-        launch::batch_ranks(c).iter().map(|r| format!("\"{}\"", c.rank(*r).name)).collect();
+    let batch: Vec<String> = launch::batch_ranks(c).iter().map(|r| format!("\"{}\"", c.rank(*r).name)).collect();
     let inputs: Vec<String> = c.inputs().iter().map(|t| format!("\"{}\"", c.tensor(*t).name)).collect();
     let outputs: Vec<String> = c.outputs.iter().map(|o| format!("\"{}\"", c.tensor(o.tensor).name)).collect();
     let buffers: Vec<String> = program.buffers.iter().map(|b| format!("\"{}\"", c.tensor(b.tensor).name)).collect();
@@ -71,16 +70,8 @@ mod compiled {
         machine::ptx(&nvptx_ir(program), sm)
     }
 
-    type ThreadFn = unsafe extern "C" fn(
-        *const *mut f32,
-        *const *mut u8,
-        *const i64,
-        *const i64,
-        *const i64,
-        *const i64,
-        i64,
-        i64,
-    );
+    type ThreadFn =
+        unsafe extern "C" fn(*const *mut f32, *const *mut u8, *const i64, *const i64, *const i64, *const i64, i64, i64);
 
     /// A thread kernel compiled for the host, the grid run as loops: how CI checks the GPU
     /// kernels' logic without a GPU.
