@@ -54,6 +54,60 @@ impl Gen<'_, '_> {
         self.b.ins().splat(types::F32X4, x)
     }
 
+    /// `exp` in lanes, as Cephes' `expf`: `x = n ln 2 + r`, a degree-6 polynomial in `r`, and
+    /// `2^n` applied in two halves so that subnormal results come out right; below -104 it is 0,
+    /// above 89 infinity, and NaN stays NaN (the same code as the LLVM tier's).
+    fn vector_exp(&mut self, x: Value) -> Value {
+        let constant = |g: &mut Self, c: f32| {
+            let s = g.b.ins().f32const(c);
+            g.splat(s)
+        };
+        let integer = |g: &mut Self, c: i64| {
+            let s = g.b.ins().iconst(types::I32, c);
+            g.b.ins().splat(types::I32X4, s)
+        };
+        let lo = constant(self, -104.0);
+        let hi = constant(self, 89.0);
+        let below = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        let below = self.as_floats(below);
+        let x1 = self.b.ins().bitselect(below, lo, x);
+        let above = self.b.ins().fcmp(FloatCC::GreaterThan, x1, hi);
+        let above = self.as_floats(above);
+        let x2 = self.b.ins().bitselect(above, hi, x1);
+        let log2e = constant(self, std::f32::consts::LOG2_E);
+        let half = constant(self, 0.5);
+        let t = self.b.ins().fma(x2, log2e, half);
+        let n = self.b.ins().floor(t);
+        let c1 = constant(self, -0.693_359_4);
+        let r = self.b.ins().fma(n, c1, x2);
+        let c2 = constant(self, 2.121_944_4e-4);
+        let r = self.b.ins().fma(n, c2, r);
+        let mut p = constant(self, 1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            let c = constant(self, c);
+            p = self.b.ins().fma(p, r, c);
+        }
+        let rr = self.b.ins().fmul(r, r);
+        let y = self.b.ins().fma(p, rr, r);
+        let one = constant(self, 1.0);
+        let mut y = self.b.ins().fadd(y, one);
+        let ni = self.b.ins().fcvt_to_sint_sat(types::I32X4, n);
+        let first = self.b.ins().sshr_imm_s(ni, 1);
+        let second = self.b.ins().isub(ni, first);
+        for k in [first, second] {
+            let bias = integer(self, 127);
+            let biased = self.b.ins().iadd(k, bias);
+            let bits = self.b.ins().ishl_imm_s(biased, 23);
+            let factor = self.as_floats(bits);
+            y = self.b.ins().fmul(y, factor);
+        }
+        let zero = constant(self, 0.0);
+        let zeroed = self.b.ins().bitselect(below, zero, y);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+        let nan = self.as_floats(nan);
+        self.b.ins().bitselect(nan, x, zeroed)
+    }
+
     /// A scalar definedness (i8) as a lane mask.
     fn lanes(&mut self, defined: Def) -> Def {
         let defined = defined?;
@@ -237,9 +291,9 @@ impl Gen<'_, '_> {
                         let zero = self.splat(zero);
                         self.b.ins().fmax(x, zero)
                     }
+                    UnaryOp::Exp => self.vector_exp(x),
                     _ => {
                         let func = match op {
-                            UnaryOp::Exp => self.helpers.exp,
                             UnaryOp::Log => self.helpers.log,
                             UnaryOp::Tanh => self.helpers.tanh,
                             UnaryOp::Sigmoid => self.helpers.sigmoid,
