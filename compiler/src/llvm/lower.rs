@@ -298,6 +298,13 @@ impl Ty {
     }
 }
 
+/// Whether an expression holds no reduction (what lanes can evaluate).
+fn no_reduction(expr: &Expr) -> bool {
+    let mut none = true;
+    expr.walk(&mut |e| none &= !matches!(e, Expr::Reduce { .. }));
+    none
+}
+
 /// The vector widths the host flavour may use, for its intrinsic declarations.
 const HOST_WIDTHS: [usize; 3] = [4, 8, 16];
 
@@ -1069,54 +1076,16 @@ impl<'a> Lowering<'a> {
         if self.flavor != Flavor::Host || self.lanes < 2 || !plain || !self.lanes_along(einsum, v) {
             return false;
         }
-        // A statement filter is evaluated in lanes when the block is stored.
-        for cond in &einsum.filter {
-            let mut ok = true;
-            let c = self.cascade();
-            let mut check = |e: &Expr| {
-                e.walk(&mut |x| match x {
-                    Expr::Reduce { .. } => ok = false,
-                    Expr::Access { tensor, subscripts } => {
-                        for (p, sub) in subscripts.iter().enumerate() {
-                            let mut mentions = false;
-                            sub.for_each_index(&mut |i| mentions |= i == v);
-                            ok &= !mentions || c.tensor(*tensor).ranks[p] == v.rank;
-                        }
-                    }
-                    _ => {}
-                })
-            };
-            check(&cond.lhs);
-            check(&cond.rhs);
-            if !ok {
-                return false;
-            }
-        }
+        // A statement filter is evaluated in lanes when the block is stored; `lanes_along` has
+        // checked how every read and write meets `v`.
         let Expr::Reduce { body, filter, .. } = &einsum.body else { return false };
-        let c = self.cascade();
-        let mut ok = true;
-        let mut check = |e: &Expr| {
-            e.walk(&mut |x| match x {
-                Expr::Reduce { .. } => ok = false,
-                Expr::Access { tensor, subscripts } => {
-                    for (p, sub) in subscripts.iter().enumerate() {
-                        let mut mentions = false;
-                        sub.for_each_index(&mut |i| mentions |= i == v);
-                        ok &= !mentions || c.tensor(*tensor).ranks[p] == v.rank;
-                    }
-                }
-                _ => {}
-            })
-        };
-        check(body);
-        for cond in filter {
-            check(&cond.lhs);
-            check(&cond.rhs);
-        }
+        let mut ok = no_reduction(body)
+            && einsum.filter.iter().chain(filter).all(|c| no_reduction(&c.lhs) && no_reduction(&c.rhs));
         if let Some(u) = u {
             // `u` may be the inner index of a split pair whose tile index is bound: the blocks
             // then stop at the last valid row (see `compute_blocked`).
-            let in_pair = |r: RankId| c.split_pairs().iter().any(|(t, i, w)| r == *t || r == *i || r == *w);
+            let pairs = self.cascade().split_pairs();
+            let in_pair = |r: RankId| pairs.iter().any(|(t, i, w)| r == *t || r == *i || r == *w);
             ok &= !in_pair(u.rank) || self.split_partner(u).is_some();
         }
         ok
@@ -1219,27 +1188,7 @@ impl<'a> Lowering<'a> {
         if self.flavor != Flavor::Host || self.abi != Abi::Cpu || self.lanes < 2 || !self.lanes_along(einsum, v) {
             return false;
         }
-        let c = self.cascade();
-        let mut ok = true;
-        let mut check = |e: &Expr| {
-            e.walk(&mut |x| match x {
-                Expr::Reduce { .. } => ok = false,
-                Expr::Access { tensor, subscripts } => {
-                    for (p, sub) in subscripts.iter().enumerate() {
-                        let mut mentions = false;
-                        sub.for_each_index(&mut |i| mentions |= i == v);
-                        ok &= !mentions || c.tensor(*tensor).ranks[p] == v.rank;
-                    }
-                }
-                _ => {}
-            })
-        };
-        check(&einsum.body);
-        for cond in &einsum.filter {
-            check(&cond.lhs);
-            check(&cond.rhs);
-        }
-        ok
+        no_reduction(&einsum.body) && einsum.filter.iter().all(|c| no_reduction(&c.lhs) && no_reduction(&c.rhs))
     }
 
     /// An element-wise Einsum a vector of points at a time along `v`, the last points one by one.
