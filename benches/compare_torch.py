@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """einfuse against PyTorch's scaled_dot_product_attention, on the same inputs, in one run.
 
-    python3 benches/compare_torch.py cpu [--threads 2] [--runs 5]
+    python3 benches/compare_torch.py cpu [--threads 2] [--runs 5] [--kernel NAME]
         The CPU targets of docs/performance.md (fp32, 2 threads): prefill H=8 D=64 P=M=4096,
         causal prefill, decode H=32 D=128 P=1 M=16384. For each: random inputs written as .npy,
         einfuse (cpu-llvm) run on them and checked against PyTorch, then both timed (einfuse with
@@ -91,7 +91,7 @@ def gpu(out_dir):
         sys.exit("einfuse and PyTorch disagree")
 
 
-def cpu(threads, runs):
+def cpu(threads, runs, only=None):
     import numpy as np
     import torch
     torch.set_num_threads(threads)
@@ -106,6 +106,8 @@ def cpu(threads, runs):
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as work:
         for kernel, h, d, p, m, scale, causal in cases:
+            if only is not None and kernel != only:
+                continue
             q = rng.standard_normal((h, d, p), dtype=np.float32)
             k = rng.standard_normal((h, d, m), dtype=np.float32)
             v = rng.standard_normal((h, d, m), dtype=np.float32)
@@ -156,7 +158,8 @@ def main():
         args = sys.argv[2:]
         threads = int(args[args.index("--threads") + 1]) if "--threads" in args else 2
         runs = int(args[args.index("--runs") + 1]) if "--runs" in args else 5
-        cpu(threads, runs)
+        only = args[args.index("--kernel") + 1] if "--kernel" in args else None
+        cpu(threads, runs, only)
 
 
 if __name__ == "__main__":
