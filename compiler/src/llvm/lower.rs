@@ -910,20 +910,30 @@ impl<'a> Lowering<'a> {
     /// bound, it stops at the last valid point (`whole - tile * inner`, clamped to the tile), so
     /// that the body needs no validity branch for that pair and LLVM can vectorize it.
     fn reduced_loop(&mut self, index: Index, body: &mut dyn FnMut(&mut Self)) {
-        let extent = self.extents[index.rank.index()].clone();
-        let Some((tile, whole)) = self.split_partner(index) else {
+        let Some(end) = self.valid_points(index) else {
+            let extent = self.extents[index.rank.index()].clone();
             self.for_loop(index, "0", &extent, body);
             return;
         };
-        let t = self.index(tile);
-        let first = self.ins(format!("mul i64 {t}, {extent}"));
-        let whole = self.extents[whole.index()].clone();
-        let left = self.ins(format!("sub i64 {whole}, {first}"));
-        let short = self.ins(format!("icmp slt i64 {left}, {extent}"));
-        let end = self.ins(format!("select i1 {short}, i64 {left}, i64 {extent}"));
         self.bounded.push(index);
         self.for_loop(index, "0", &end, body);
         self.bounded.pop();
+    }
+
+    /// For the inner index of a split pair whose tile index is bound: how many of its points are
+    /// valid at the current tile (`whole - tile * inner`, clamped to `0..=inner`). `None` for any
+    /// other index, whose points are all valid.
+    fn valid_points(&mut self, index: Index) -> Option<String> {
+        let (tile, whole) = self.split_partner(index)?;
+        let n = self.extents[index.rank.index()].clone();
+        let t = self.index(tile);
+        let first = self.ins(format!("mul i64 {t}, {n}"));
+        let whole = self.extents[whole.index()].clone();
+        let left = self.ins(format!("sub i64 {whole}, {first}"));
+        let short = self.ins(format!("icmp slt i64 {left}, {n}"));
+        let limit = self.ins(format!("select i1 {short}, i64 {left}, i64 {n}"));
+        let negative = self.ins(format!("icmp slt i64 {limit}, 0"));
+        Some(self.ins(format!("select i1 {negative}, i64 0, i64 {limit}")))
     }
 
     fn compute(&mut self, id: EinsumId) {
@@ -1164,20 +1174,7 @@ impl<'a> Lowering<'a> {
     /// pair's inner index, inside the whole rank) and fill whole vectors.
     fn lane_blocks_end(&mut self, v: Index) -> String {
         let lanes = self.lanes;
-        let n = self.extents[v.rank.index()].clone();
-        let valid = match self.split_partner(v) {
-            Some((tile, whole)) => {
-                let t = self.index(tile);
-                let first = self.ins(format!("mul i64 {t}, {n}"));
-                let whole = self.extents[whole.index()].clone();
-                let left = self.ins(format!("sub i64 {whole}, {first}"));
-                let short = self.ins(format!("icmp slt i64 {left}, {n}"));
-                let limit = self.ins(format!("select i1 {short}, i64 {left}, i64 {n}"));
-                let negative = self.ins(format!("icmp slt i64 {limit}, 0"));
-                self.ins(format!("select i1 {negative}, i64 0, i64 {limit}"))
-            }
-            None => n,
-        };
+        let valid = self.valid_points(v).unwrap_or_else(|| self.extents[v.rank.index()].clone());
         let rest = self.ins(format!("srem i64 {valid}, {lanes}"));
         self.ins(format!("sub i64 {valid}, {rest}"))
     }
@@ -1255,19 +1252,7 @@ impl<'a> Lowering<'a> {
             Some(u) => {
                 let n = self.extents[u.rank.index()].clone();
                 // Whole blocks only over valid rows: for a split pair, those inside the whole rank.
-                let valid_rows = match self.split_partner(u) {
-                    Some((tile, whole)) => {
-                        let t = self.index(tile);
-                        let first = self.ins(format!("mul i64 {t}, {n}"));
-                        let whole = self.extents[whole.index()].clone();
-                        let left = self.ins(format!("sub i64 {whole}, {first}"));
-                        let short = self.ins(format!("icmp slt i64 {left}, {n}"));
-                        let limit = self.ins(format!("select i1 {short}, i64 {left}, i64 {n}"));
-                        let negative = self.ins(format!("icmp slt i64 {limit}, 0"));
-                        self.ins(format!("select i1 {negative}, i64 0, i64 {limit}"))
-                    }
-                    None => n.clone(),
-                };
+                let valid_rows = self.valid_points(u).unwrap_or_else(|| n.clone());
                 let rest = self.ins(format!("srem i64 {valid_rows}, {ROWS}"));
                 let main = self.ins(format!("sub i64 {valid_rows}, {rest}"));
                 self.for_loop_step(u, "0", &main, ROWS, &mut |g| g.block_rows(einsum, Some(u), ROWS, v));
