@@ -85,7 +85,6 @@ fn every_corpus_kernel_assembles_for_sm80_and_sm90_without_spills() {
                 let name = format!("{}-{form}", kernel.name);
                 let assembled = assemble(&ptxas, &ptx, arch, &name)
                     .unwrap_or_else(|log| panic!("ptxas -arch {arch} rejects {name}:\n{log}"));
-                assert_eq!(assembled.spill_bytes, 0, "{name} spills on {arch}: {assembled:?}");
                 report.push(format!(
                     "{name} {arch}: {} registers, {} spill bytes",
                     assembled.registers, assembled.spill_bytes
@@ -94,6 +93,8 @@ fn every_corpus_kernel_assembles_for_sm80_and_sm90_without_spills() {
         }
     }
     println!("{}", report.join("\n"));
+    let spilling: Vec<&String> = report.iter().filter(|l| !l.ends_with(" 0 spill bytes")).collect();
+    assert!(spilling.is_empty(), "kernels that spill: {spilling:#?}");
     assert!(report.iter().any(|l| l.starts_with("gpu_prefill-optimized sm_90")));
 }
 
