@@ -344,6 +344,9 @@ struct Lowering<'a> {
     /// Reduced inner indices of split pairs whose loops stop at the last valid point, so that
     /// their pairs need no check (see `reduced_loop`).
     bounded: Vec<Index>,
+    /// How far apart the rows of a register block are along their index: 1 for rows along `u`,
+    /// the lane count for a block of vectors side by side along `v` (see `compute_blocked`).
+    row_step: usize,
 }
 
 impl<'a> Lowering<'a> {
@@ -363,6 +366,7 @@ impl<'a> Lowering<'a> {
             env: vec![],
             lanes: if flavor == Flavor::Host { host_lanes() } else { 1 },
             bounded: vec![],
+            row_step: 1,
         }
     }
 
@@ -1237,7 +1241,7 @@ impl<'a> Lowering<'a> {
                 continue;
             }
             let slot = self.slot("i64");
-            let row = self.ins(format!("add i64 {first}, {k}"));
+            let row = self.ins(format!("add i64 {first}, {}", k * self.row_step));
             self.emit(format!("store i64 {row}, i64* {slot}"));
             self.env.push((u, slot));
             each(self, k);
@@ -1247,6 +1251,16 @@ impl<'a> Lowering<'a> {
 
     fn compute_blocked(&mut self, einsum: &'a Einsum, u: Option<Index>, v: Index) {
         const ROWS: usize = 4;
+        if self.streams_input(einsum, u, v) {
+            match u {
+                Some(u) => {
+                    let n = self.extents[u.rank.index()].clone();
+                    self.for_loop(u, "0", &n, &mut |g| g.block_columns(einsum, v));
+                }
+                None => self.block_columns(einsum, v),
+            }
+            return;
+        }
         match u {
             None => self.block_rows(einsum, None, 1, v),
             Some(u) => {
@@ -1259,6 +1273,62 @@ impl<'a> Lowering<'a> {
                 self.for_loop_step(u, &main, &n, 1, &mut |g| g.block_rows(einsum, Some(u), 1, v));
             }
         }
+    }
+
+    /// Whether a register block along `u` and `v` would stream an input badly: the reduction
+    /// reads an input in lanes along `v` whose position of a reduced index comes before a
+    /// position of extent known only at the call, so that each step of the reduction jumps across
+    /// it (as decode's `K[h, e, m]` does along `e`), and no read in lanes is shared by the rows
+    /// along `u`. One vector per row would then visit each cache line once per vector, long after
+    /// the hardware prefetched it; vectors side by side along `v` read whole lines at each step.
+    fn streams_input(&self, einsum: &Einsum, u: Option<Index>, v: Index) -> bool {
+        let Expr::Reduce { indices, body, .. } = &einsum.body else { return false };
+        let c = self.cascade();
+        let (mut strided, mut shared) = (false, false);
+        body.walk(&mut |e| {
+            let Expr::Access { tensor, subscripts } = e else { return };
+            let (mut lanes, mut rows) = (false, false);
+            for sub in subscripts {
+                sub.for_each_index(&mut |i| {
+                    lanes |= i == v;
+                    rows |= Some(i) == u;
+                });
+            }
+            if !lanes {
+                return;
+            }
+            shared |= u.is_some() && !rows;
+            if !matches!(self.program.buffers[tensor.index()].role, crate::schedule::BufferRole::Input(_)) {
+                return;
+            }
+            let ranks = &c.tensor(*tensor).ranks;
+            for (p, sub) in subscripts.iter().enumerate() {
+                let mut reduced = false;
+                sub.for_each_index(&mut |i| reduced |= indices.contains(&i));
+                strided |= reduced && ranks[p + 1..].iter().any(|r| !matches!(c.rank(*r).extent, Extent::Fixed(_)));
+            }
+        });
+        strided && !shared
+    }
+
+    /// A reduction into one row along `v` that reads a strided input: blocks of several vectors
+    /// side by side along `v` (64 points), so that each step of the reduction reads a run of
+    /// whole cache lines; then single vectors, then the last points one by one.
+    fn block_columns(&mut self, einsum: &'a Einsum, v: Index) {
+        let lanes = self.lanes;
+        let columns = (64 / lanes).clamp(1, 8);
+        let n = self.extents[v.rank.index()].clone();
+        let valid = self.valid_points(v).unwrap_or_else(|| n.clone());
+        let rest = self.ins(format!("srem i64 {valid}, {}", lanes * columns));
+        let wide_end = self.ins(format!("sub i64 {valid}, {rest}"));
+        self.for_loop_step(v, "0", &wide_end, lanes * columns, &mut |g| {
+            g.row_step = lanes;
+            g.vector_block(einsum, Some(v), columns, v);
+            g.row_step = 1;
+        });
+        let main = self.lane_blocks_end(v);
+        self.for_loop_step(v, &wide_end, &main, lanes, &mut |g| g.vector_block(einsum, None, 1, v));
+        self.for_loop_step(v, &main, &n, 1, &mut |g| g.compute_point(einsum));
     }
 
     /// `rows` rows: whole vectors along `v`, then the last points one by one.
