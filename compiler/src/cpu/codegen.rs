@@ -442,6 +442,38 @@ impl<'a, 'f> Gen<'a, 'f> {
             return;
         };
         let extent = self.extents[first.rank.index()];
+        let narrow = |v: Index| matches!(self.cascade().rank(v.rank).extent, Extent::Fixed(n) if (n as i64) < super::vector::LANES);
+        if rest.len() == 1
+            && !narrow(rest[0])
+            && super::vector::vectorizable(self.program, einsum, rest[0])
+            && super::vector::blockable_rows(self.program, einsum, *first)
+        {
+            if let Some(end) = self.valid_rows(*first) {
+                // Blocks of rows while whole blocks are valid, then row by row.
+                let (u, v) = (*first, rest[0]);
+                let rows = super::vector::BLOCK_ROWS;
+                let zero = self.b.ins().iconst(types::I64, 0);
+                let done = self.for_loop_from(u, zero, end, rows, &mut |g| {
+                    let extent_v = g.extents[v.rank.index()];
+                    let zero = g.b.ins().iconst(types::I64, 0);
+                    let lanes = super::vector::LANES;
+                    let done = g.for_loop_from(v, zero, extent_v, lanes, &mut |g| g.compute_vector_rows(einsum, u, rows, v));
+                    g.for_loop_from(v, done, extent_v, 1, &mut |g| {
+                        for k in 0..rows {
+                            let first = g.index(u);
+                            let var = g.b.declare_var(types::I64);
+                            let row = g.b.ins().iadd_imm_s(first, k);
+                            g.b.def_var(var, row);
+                            g.env.push((u, var));
+                            g.compute_point(einsum);
+                            g.env.pop();
+                        }
+                    });
+                });
+                self.for_loop_from(u, done, extent, 1, &mut |g| g.compute_loops(einsum, rest));
+                return;
+            }
+        }
         if rest.is_empty() && super::vector::vectorizable(self.program, einsum, *first) {
             // Four points at a time along the innermost index, then the rest one by one.
             let zero = self.b.ins().iconst(types::I64, 0);
@@ -451,6 +483,27 @@ impl<'a, 'f> Gen<'a, 'f> {
             return;
         }
         self.for_loop(*first, extent, &mut |g| g.compute_loops(einsum, rest));
+    }
+
+    /// The end of `u`'s rows that are all valid: its extent, or for the inner index of a split
+    /// pair whose tile index is bound, the points inside the whole rank (`whole - tile * inner`,
+    /// clamped to `0..=inner`). `None` when `u` is the inner index of a pair whose tile index is
+    /// not bound, so that its validity is not known here.
+    fn valid_rows(&mut self, u: Index) -> Option<Value> {
+        let extent = self.extents[u.rank.index()];
+        let Some((tile, _, whole)) = self.cascade().split_pairs().into_iter().find(|(_, i, _)| *i == u.rank) else {
+            return Some(extent);
+        };
+        let outer = Index { rank: tile, primes: u.primes };
+        if !self.env.iter().any(|(i, _)| *i == outer) {
+            return None;
+        }
+        let t = self.index(outer);
+        let first = self.b.ins().imul(t, extent);
+        let left = self.b.ins().isub(self.extents[whole.index()], first);
+        let limit = self.b.ins().smin(left, extent);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        Some(self.b.ins().smax(limit, zero))
     }
 
     fn compute_point(&mut self, einsum: &Einsum) {

@@ -14,6 +14,32 @@ use crate::schedule::{LoopProgram, Slot};
 
 pub const LANES: i64 = 4;
 
+/// Rows of a register block (see `Gen::compute_vector_rows`): four accumulators, a vector shared
+/// by the rows and a broadcast per row leave room in x86-64's sixteen vector registers.
+pub const BLOCK_ROWS: i64 = 4;
+
+/// Whether `einsum`, vectorizable along `v`, runs as register blocks of rows along `u`, the next
+/// index out: its body is one reduction over indices other than `u` and `v`, with no reduction
+/// inside, its left-hand side plain indices, and no statement filter. `u` must be in no split
+/// pair, or be the inner index of one (its block then stops at the last valid row).
+pub fn blockable_rows(program: &LoopProgram, einsum: &Einsum, u: Index) -> bool {
+    let Expr::Reduce { indices, filter, body, .. } = &einsum.body else { return false };
+    let nested = |e: &Expr| {
+        let mut found = false;
+        e.walk(&mut |x| found |= matches!(x, Expr::Reduce { .. }));
+        found
+    };
+    let pairs = program.cascade.split_pairs();
+    let pair_ok = pairs.iter().all(|(t, _, w)| u.rank != *t && u.rank != *w);
+    let plain = einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)));
+    plain
+        && pair_ok
+        && einsum.filter.is_empty()
+        && !indices.contains(&u)
+        && !nested(body)
+        && filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
+}
+
 /// Whether `einsum` can compute four points along `v` at once.
 pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
     let c = &program.cascade;
@@ -121,6 +147,112 @@ impl Gen<'_, '_> {
         self.b.ins().bitcast(types::F32X4, MemFlagsData::new().with_endianness(Endianness::Little), mask)
     }
 
+    /// Runs `each` once per row of a block: `u` bound to its first row, then the next ones.
+    fn each_row(&mut self, u: Index, rows: i64, each: &mut dyn FnMut(&mut Self, usize)) {
+        let first = self.index(u);
+        for k in 0..rows {
+            if k == 0 {
+                each(self, 0);
+                continue;
+            }
+            let var = self.b.declare_var(types::I64);
+            let row = self.b.ins().iadd_imm_s(first, k);
+            self.b.def_var(var, row);
+            self.env.push((u, var));
+            each(self, k as usize);
+            self.env.pop();
+        }
+    }
+
+    /// Rows `u .. u + rows` of a reduction (see `blockable_rows`) at the four points from `v`:
+    /// one accumulator per row in a register while the reduced indices run, so that each step
+    /// loads a vector shared by the rows once and keeps several additions in flight. Every row
+    /// is valid (the caller stops the block at the last valid row).
+    pub fn compute_vector_rows(&mut self, einsum: &Einsum, u: Index, rows: i64, v: Index) {
+        let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked") };
+        let zero = self.b.ins().f32const(0.0);
+        let zeros = self.splat(zero);
+        let none = self.b.ins().iconst(types::I32, 0);
+        let nones = self.b.ins().splat(types::I32X4, none);
+        // Split pairs not involving `v` (nor, by the caller's bound, `u`): one answer for the block.
+        let valid = self.valid_pairs(&[]);
+        let (then, otherwise, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+        match valid {
+            Some(valid) => self.b.ins().brif(valid, then, &[], otherwise, &[]),
+            None => self.b.ins().jump(then, &[]),
+        };
+        self.b.switch_to_block(otherwise);
+        self.each_row(u, rows, &mut |g, _| g.store_vector(einsum, zeros, Some(nones)));
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(then);
+        let identity = self.b.ins().f32const(reduce_identity(*op) as f32);
+        let identity = self.splat(identity);
+        let accumulators: Vec<cranelift_frontend::Variable> = (0..rows)
+            .map(|_| {
+                let acc = self.b.declare_var(types::F32X4);
+                self.b.def_var(acc, identity);
+                acc
+            })
+            .collect();
+        self.vreduce_rows(*op, indices, indices, filter, body, &accumulators, u, v);
+        self.each_row(u, rows, &mut |g, k| {
+            let value = g.b.use_var(accumulators[k]);
+            g.store_vector(einsum, value, None);
+        });
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(join);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn vreduce_rows(
+        &mut self,
+        op: ReduceOp,
+        all: &[Index],
+        remaining: &[Index],
+        filter: &[Cond],
+        body: &Expr,
+        accumulators: &[cranelift_frontend::Variable],
+        u: Index,
+        v: Index,
+    ) {
+        let Some((first, rest)) = remaining.split_first() else {
+            let valid = self.valid_pairs(all);
+            self.when(valid, &mut |g| {
+                g.each_row(u, accumulators.len() as i64, &mut |g, k| {
+                    let passes = g.vconds(filter, v);
+                    let (x, defined) = g.vexpr(body, v);
+                    let ok = g.and_def(passes, defined);
+                    g.fold(op, accumulators[k], x, ok);
+                });
+            });
+            return;
+        };
+        let extent = self.extents[first.rank.index()];
+        let first = *first;
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.for_loop_from(first, zero, extent, 1, &mut |g| {
+            g.vreduce_rows(op, all, rest, filter, body, accumulators, u, v)
+        });
+    }
+
+    /// Folds `x` into the accumulator `acc` in the lanes where `ok` holds.
+    fn fold(&mut self, op: ReduceOp, acc: cranelift_frontend::Variable, x: Value, ok: Def) {
+        let current = self.b.use_var(acc);
+        let next = match op {
+            ReduceOp::Sum => self.b.ins().fadd(current, x),
+            ReduceOp::Max => self.b.ins().fmax(current, x),
+            ReduceOp::Min => self.b.ins().fmin(current, x),
+        };
+        let chosen = match ok {
+            Some(ok) => {
+                let bits = self.as_floats(ok);
+                self.b.ins().bitselect(bits, next, current)
+            }
+            None => next,
+        };
+        self.b.def_var(acc, chosen);
+    }
+
     /// Four points of `einsum` at `v`, `v + 1`, `v + 2`, `v + 3`.
     pub fn compute_vector(&mut self, einsum: &Einsum, v: Index) {
         let coords: Vec<Value> = einsum
@@ -167,6 +299,20 @@ impl Gen<'_, '_> {
                 (self.b.block_params(join)[0], Some(self.b.block_params(join)[1]))
             }
         };
+        self.store_at(buffer, offset, value, defined);
+    }
+
+    /// Stores four lanes at the target's current point: zero and an unset mask where a lane is
+    /// not defined.
+    fn store_vector(&mut self, einsum: &Einsum, value: Value, defined: Def) {
+        let coords: Vec<Value> = einsum.lhs_indices().map(|i| self.index(i)).collect();
+        let buffer = einsum.target.index();
+        let always = vec![true; coords.len()];
+        let (offset, _) = self.offset(buffer, &coords, &always);
+        self.store_at(buffer, offset, value, defined);
+    }
+
+    fn store_at(&mut self, buffer: usize, offset: Value, value: Value, defined: Def) {
         let stored = match defined {
             Some(d) => {
                 let zero = self.b.ins().f32const(0.0);
@@ -180,19 +326,27 @@ impl Gen<'_, '_> {
         let address = self.b.ins().iadd(self.values[buffer], bytes);
         self.b.ins().store(MemFlagsData::new().with_notrap(), stored, address, 0);
         if let Some(mask) = self.masks[buffer] {
+            // The four lanes' flags as four bytes, stored at once.
             let address = self.b.ins().iadd(mask, offset);
-            for lane in 0..LANES as u8 {
-                let byte = match defined {
-                    Some(d) => {
-                        let bit = self.b.ins().extractlane(d, lane);
-                        let byte = self.b.ins().band_imm_s(bit, 1);
-                        self.b.ins().ireduce(types::I8, byte)
-                    }
-                    None => self.one(),
-                };
-                self.b.ins().store(self.flags, byte, address, lane as i32);
-            }
+            let word = match defined {
+                Some(d) => {
+                    let one = self.b.ins().iconst(types::I32, 1);
+                    let ones = self.b.ins().splat(types::I32X4, one);
+                    let flags = self.b.ins().band(d, ones);
+                    let halves = self.b.ins().unarrow(flags, flags);
+                    let bytes = self.b.ins().unarrow(halves, halves);
+                    let little = self.little();
+                    let words = self.b.ins().bitcast(types::I32X4, little, bytes);
+                    self.b.ins().extractlane(words, 0)
+                }
+                None => self.b.ins().iconst(types::I32, 0x0101_0101),
+            };
+            self.b.ins().store(self.flags, word, address, 0);
         }
+    }
+
+    fn little(&self) -> MemFlagsData {
+        MemFlagsData::new().with_endianness(Endianness::Little)
     }
 
     fn vector_value(&mut self, einsum: &Einsum, v: Index) -> (Value, Def) {
@@ -268,14 +422,15 @@ impl Gen<'_, '_> {
                 let value = self.b.ins().load(types::F32X4, MemFlagsData::new().with_notrap(), address, 0);
                 let mut defined = self.lanes(inside);
                 if let Some(mask) = self.masks[buffer] {
+                    // The four lanes' flags loaded as one word and widened to lane masks.
                     let address = self.b.ins().iadd(mask, offset);
-                    let zero = self.b.ins().iconst(types::I32, 0);
-                    let mut lanes = self.b.ins().splat(types::I32X4, zero);
-                    for lane in 0..LANES as u8 {
-                        let byte = self.b.ins().uload8(types::I32, self.flags, address, lane as i32);
-                        let bit = self.b.ins().ineg(byte);
-                        lanes = self.b.ins().insertlane(lanes, bit, lane);
-                    }
+                    let word = self.b.ins().load(types::I32, self.flags, address, 0);
+                    let words = self.b.ins().scalar_to_vector(types::I32X4, word);
+                    let little = self.little();
+                    let bytes = self.b.ins().bitcast(types::I8X16, little, words);
+                    let halves = self.b.ins().uwiden_low(bytes);
+                    let flags = self.b.ins().uwiden_low(halves);
+                    let lanes = self.b.ins().ineg(flags);
                     defined = self.and_def(defined, Some(lanes));
                 }
                 (value, defined)
@@ -352,20 +507,7 @@ impl Gen<'_, '_> {
                 let passes = g.vconds(filter, v);
                 let (x, defined) = g.vexpr(body, v);
                 let ok = g.and_def(passes, defined);
-                let current = g.b.use_var(acc);
-                let next = match op {
-                    ReduceOp::Sum => g.b.ins().fadd(current, x),
-                    ReduceOp::Max => g.b.ins().fmax(current, x),
-                    ReduceOp::Min => g.b.ins().fmin(current, x),
-                };
-                let chosen = match ok {
-                    Some(ok) => {
-                        let bits = g.as_floats(ok);
-                        g.b.ins().bitselect(bits, next, current)
-                    }
-                    None => next,
-                };
-                g.b.def_var(acc, chosen);
+                g.fold(op, acc, x, ok);
             });
             return;
         };
