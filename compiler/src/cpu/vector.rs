@@ -20,8 +20,9 @@ pub const BLOCK_ROWS: i64 = 4;
 
 /// Whether `einsum`, vectorizable along `v`, runs as register blocks of rows along `u`, the next
 /// index out: its body is one reduction over indices other than `u` and `v`, with no reduction
-/// inside, its left-hand side plain indices, and no statement filter. `u` must be in no split
-/// pair, or be the inner index of one (its block then stops at the last valid row).
+/// inside and its left-hand side plain indices; a statement filter must hold no reduction. `u`
+/// must be in no split pair, or be the inner index of one (its block then stops at the last
+/// valid row).
 pub fn blockable_rows(program: &LoopProgram, einsum: &Einsum, u: Index) -> bool {
     let Expr::Reduce { indices, filter, body, .. } = &einsum.body else { return false };
     let nested = |e: &Expr| {
@@ -34,7 +35,7 @@ pub fn blockable_rows(program: &LoopProgram, einsum: &Einsum, u: Index) -> bool 
     let plain = einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)));
     plain
         && pair_ok
-        && einsum.filter.is_empty()
+        && einsum.filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
         && !indices.contains(&u)
         && !nested(body)
         && filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
@@ -167,7 +168,9 @@ impl Gen<'_, '_> {
     /// Rows `u .. u + rows` of a reduction (see `blockable_rows`) at the four points from `v`:
     /// one accumulator per row in a register while the reduced indices run, so that each step
     /// loads a vector shared by the rows once and keeps several additions in flight. Every row
-    /// is valid (the caller stops the block at the last valid row).
+    /// is valid (the caller stops the block at the last valid row). A statement filter decides
+    /// which lanes exist: a block where none does is skipped (an empty tile of a causal mask),
+    /// the others computed whole and stored masked.
     pub fn compute_vector_rows(&mut self, einsum: &Einsum, u: Index, rows: i64, v: Index) {
         let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked") };
         let zero = self.b.ins().f32const(0.0);
@@ -185,6 +188,27 @@ impl Gen<'_, '_> {
         self.each_row(u, rows, &mut |g, _| g.store_vector(einsum, zeros, Some(nones)));
         self.b.ins().jump(join, &[]);
         self.b.switch_to_block(then);
+        let mut passes: Vec<Def> = Vec::new();
+        let mut any: Option<Value> = None;
+        if !einsum.filter.is_empty() {
+            self.each_row(u, rows, &mut |g, _| {
+                let holds = g.vconds(&einsum.filter, v).expect("a filter");
+                let some = g.b.ins().vany_true(holds);
+                any = Some(match any {
+                    Some(a) => g.b.ins().bor(a, some),
+                    None => some,
+                });
+                passes.push(Some(holds));
+            });
+        } else {
+            passes = vec![None; rows as usize];
+        }
+        if let Some(any) = any {
+            // No lane of the block passes the filter: every lane undefined, nothing computed.
+            let compute = self.b.create_block();
+            self.b.ins().brif(any, compute, &[], otherwise, &[]);
+            self.b.switch_to_block(compute);
+        }
         let identity = self.b.ins().f32const(reduce_identity(*op) as f32);
         let identity = self.splat(identity);
         let accumulators: Vec<cranelift_frontend::Variable> = (0..rows)
@@ -197,7 +221,7 @@ impl Gen<'_, '_> {
         self.vreduce_rows(*op, indices, indices, filter, body, &accumulators, u, v);
         self.each_row(u, rows, &mut |g, k| {
             let value = g.b.use_var(accumulators[k]);
-            g.store_vector(einsum, value, None);
+            g.store_vector(einsum, value, passes[k]);
         });
         self.b.ins().jump(join, &[]);
         self.b.switch_to_block(join);
