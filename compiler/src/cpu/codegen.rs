@@ -437,6 +437,18 @@ impl<'a, 'f> Gen<'a, 'f> {
     }
 
     fn compute_loops(&mut self, einsum: &'a Einsum, free: &[Index]) {
+        // Indices of fixed extent 1 at the end (decode's single query) are bound first, so that
+        // lanes run along the last index with more than one point.
+        let c = self.cascade();
+        let trailing = free.iter().rev().take_while(|i| matches!(c.rank(i.rank).extent, Extent::Fixed(1))).count();
+        if trailing > 0 && trailing < free.len() {
+            let (head, tail) = free.split_at(free.len() - trailing);
+            let index = tail[0];
+            let rest: Vec<Index> = head.iter().chain(&tail[1..]).copied().collect();
+            let one = self.b.ins().iconst(types::I64, 1);
+            self.for_loop(index, one, &mut |g| g.compute_loops(einsum, &rest));
+            return;
+        }
         let Some((first, rest)) = free.split_first() else {
             self.compute_point(einsum);
             return;
@@ -446,9 +458,9 @@ impl<'a, 'f> Gen<'a, 'f> {
         if rest.len() == 1
             && !narrow(rest[0])
             && super::vector::vectorizable(self.program, einsum, rest[0])
-            && super::vector::blockable_rows(self.program, einsum, *first)
+            && super::vector::blockable_rows(self.program, einsum, *first, rest[0])
         {
-            if let Some(end) = self.valid_rows(*first) {
+            if let (Some(end), Some(vector_end)) = (self.valid_rows(*first), self.valid_rows(rest[0])) {
                 // Blocks of rows while whole blocks are valid, then row by row.
                 let (u, v) = (*first, rest[0]);
                 let rows = super::vector::BLOCK_ROWS;
@@ -457,7 +469,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                     let extent_v = g.extents[v.rank.index()];
                     let zero = g.b.ins().iconst(types::I64, 0);
                     let lanes = super::vector::LANES;
-                    let done = g.for_loop_from(v, zero, extent_v, lanes, &mut |g| g.compute_vector_rows(einsum, u, rows, v));
+                    let done = g.for_loop_from(v, zero, vector_end, lanes, &mut |g| g.compute_vector_rows(einsum, u, rows, v));
                     g.for_loop_from(v, done, extent_v, 1, &mut |g| {
                         for k in 0..rows {
                             let first = g.index(u);
@@ -474,11 +486,26 @@ impl<'a, 'f> Gen<'a, 'f> {
                 return;
             }
         }
-        if rest.is_empty() && super::vector::vectorizable(self.program, einsum, *first) {
-            // Four points at a time along the innermost index, then the rest one by one.
-            let zero = self.b.ins().iconst(types::I64, 0);
+        let vector_end = if rest.is_empty() && super::vector::vectorizable(self.program, einsum, *first) {
+            self.valid_rows(*first)
+        } else {
+            None
+        };
+        if let Some(vector_end) = vector_end {
+            let v = *first;
+            let mut zero = self.b.ins().iconst(types::I64, 0);
+            if super::vector::blockable_reduction(einsum) && super::streams_input(self.program, einsum, None, v) {
+                // A strided input streamed: blocks of vectors side by side, whole cache lines
+                // at each step of the reduction.
+                let columns = super::vector::WIDE_COLUMNS;
+                zero = self.for_loop_from(v, zero, vector_end, columns * super::vector::LANES, &mut |g| {
+                    g.compute_vector_rows(einsum, v, columns, v)
+                });
+            }
+            // Four points at a time along the innermost index (valid points only), then the rest
+            // one by one.
             let done = self
-                .for_loop_from(*first, zero, extent, super::vector::LANES, &mut |g| g.compute_vector(einsum, *first));
+                .for_loop_from(*first, zero, vector_end, super::vector::LANES, &mut |g| g.compute_vector(einsum, *first));
             self.for_loop_from(*first, done, extent, 1, &mut |g| g.compute_point(einsum));
             return;
         }

@@ -10,7 +10,7 @@ pub use codegen::table_offsets;
 pub mod header;
 pub mod helpers;
 mod vector;
-pub use vector::vectorizable;
+pub use vector::{streams_input, vectorizable};
 
 use cranelift_codegen::ir::{types, AbiParam, InstBuilder, UserFuncName};
 use cranelift_codegen::settings::{self, Configurable};

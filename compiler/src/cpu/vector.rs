@@ -18,51 +18,132 @@ pub const LANES: i64 = 4;
 /// by the rows and a broadcast per row leave room in x86-64's sixteen vector registers.
 pub const BLOCK_ROWS: i64 = 4;
 
-/// Whether `einsum`, vectorizable along `v`, runs as register blocks of rows along `u`, the next
-/// index out: its body is one reduction over indices other than `u` and `v`, with no reduction
-/// inside and its left-hand side plain indices; a statement filter must hold no reduction. `u`
-/// must be in no split pair, or be the inner index of one (its block then stops at the last
-/// valid row).
-pub fn blockable_rows(program: &LoopProgram, einsum: &Einsum, u: Index) -> bool {
-    let Expr::Reduce { indices, filter, body, .. } = &einsum.body else { return false };
+/// Vectors side by side in a block along a streamed input (see `streams_input`): 32 points, two
+/// cache lines per step of the reduction, eight accumulators.
+pub const WIDE_COLUMNS: i64 = 8;
+
+/// Whether the body of `einsum` is one reduction with none inside, its left-hand side plain
+/// indices and any statement filter free of reductions: the shape a register block computes.
+pub fn blockable_reduction(einsum: &Einsum) -> bool {
+    let Expr::Reduce { filter, body, .. } = &einsum.body else { return false };
     let nested = |e: &Expr| {
         let mut found = false;
         e.walk(&mut |x| found |= matches!(x, Expr::Reduce { .. }));
         found
     };
-    let pairs = program.cascade.split_pairs();
-    let pair_ok = pairs.iter().all(|(t, _, w)| u.rank != *t && u.rank != *w);
-    let plain = einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)));
-    plain
-        && pair_ok
+    einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
         && einsum.filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
-        && !indices.contains(&u)
         && !nested(body)
         && filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
 }
 
-/// Whether `einsum` can compute four points along `v` at once.
+/// Whether `einsum`, vectorizable along `v`, runs as register blocks of rows along `u`, the next
+/// index out: its body is one reduction over indices other than `u` and `v`, with no reduction
+/// inside and its left-hand side plain indices; a statement filter must hold no reduction. `u`
+/// must be in no split pair, or be the inner index of one (its block then stops at the last
+/// valid row).
+pub fn blockable_rows(program: &LoopProgram, einsum: &Einsum, u: Index, v: Index) -> bool {
+    let Expr::Reduce { indices, body, .. } = &einsum.body else { return false };
+    let pairs = program.cascade.split_pairs();
+    let pair_ok = pairs.iter().all(|(t, _, w)| u.rank != *t && u.rank != *w);
+    // Rows pay when they share a vector: some read in lanes that does not mention `u`.
+    let mut shared = false;
+    body.walk(&mut |e| {
+        if let Expr::Access { subscripts, .. } = e {
+            let (mut lanes, mut rows) = (false, false);
+            for sub in subscripts {
+                sub.for_each_index(&mut |i| {
+                    lanes |= i == v;
+                    rows |= i == u;
+                });
+            }
+            shared |= lanes && !rows;
+        }
+    });
+    blockable_reduction(einsum) && pair_ok && shared && !indices.contains(&u)
+}
+
+/// Whether a register block along `u` and `v` would stream an input badly: the reduction
+/// reads an input in lanes along `v` whose position of a reduced index comes before a
+/// position of extent known only at the call, so that each step of the reduction jumps across
+/// it (as decode's `K[h, e, m]` does along `e`), and no read in lanes is shared by the rows
+/// along `u`. One vector per row would then visit each cache line once per vector, long after
+/// the hardware prefetched it; vectors side by side along `v` read whole lines at each step.
+/// Both CPU tiers ask this.
+pub fn streams_input(program: &LoopProgram, einsum: &Einsum, u: Option<Index>, v: Index) -> bool {
+    let Expr::Reduce { indices, body, .. } = &einsum.body else { return false };
+    let c = &program.cascade;
+    let (mut strided, mut shared) = (false, false);
+    body.walk(&mut |e| {
+        let Expr::Access { tensor, subscripts } = e else { return };
+        let (mut lanes, mut rows) = (false, false);
+        for sub in subscripts {
+            sub.for_each_index(&mut |i| {
+                lanes |= i == v;
+                rows |= Some(i) == u;
+            });
+        }
+        if !lanes {
+            return;
+        }
+        shared |= u.is_some() && !rows;
+        if !matches!(program.buffers[tensor.index()].role, crate::schedule::BufferRole::Input(_)) {
+            return;
+        }
+        let ranks = &c.tensor(*tensor).ranks;
+        for (p, sub) in subscripts.iter().enumerate() {
+            let mut reduced = false;
+            sub.for_each_index(&mut |i| reduced |= indices.contains(&i));
+            strided |= reduced && ranks[p + 1..].iter().any(|r| !matches!(c.rank(*r).extent, Extent::Fixed(_)));
+        }
+    });
+    strided && !shared
+}
+
+/// Whether `einsum` can compute four points along `v` at once: `v` is at a position of the
+/// target followed only by ranks of extent 1 (so the four results are contiguous), and every
+/// read either does not mention `v` (one value, splatted) or has it, followed only by ranks of
+/// extent 1, as a bare index or as the inner index of a split pair (`t * M0 + v`), whose vectors
+/// then cover only valid points (see `Gen::valid_rows`).
 pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
     let c = &program.cascade;
-    let last_is_v = einsum.lhs.last() == Some(&Lhs::Index(v));
-    let target_slot = program.buffers[einsum.target.index()].slots.last() == Some(&Slot::Full);
-    let in_split = c.split_pairs().iter().any(|(t, i, w)| v.rank == *t || v.rank == *i || v.rank == *w);
-    if !last_is_v || !target_slot || in_split {
+    let ones = |ranks: &[RankId]| ranks.iter().all(|r| matches!(c.rank(*r).extent, Extent::Fixed(1)));
+    let target = c.tensor(einsum.target);
+    let Some(k) = einsum.lhs.iter().position(|l| *l == Lhs::Index(v)) else { return false };
+    let pairs = c.split_pairs();
+    if program.buffers[einsum.target.index()].slots[k] != Slot::Full
+        || !ones(&target.ranks[k + 1..])
+        || pairs.iter().any(|(t, _, w)| v.rank == *t || v.rank == *w)
+    {
         return false;
     }
+    let split_form = |sub: &Affine| match sub {
+        Affine::Add(a, b) => match (&**a, &**b) {
+            (Affine::Mul(t, e), Affine::Index(i)) => match (&**t, &**e) {
+                (Affine::Index(t), Affine::Extent(e)) => {
+                    *i == v
+                        && *e == v.rank
+                        && t.primes == v.primes
+                        && pairs.iter().any(|(tile, inner, _)| t.rank == *tile && *inner == v.rank)
+                }
+                _ => false,
+            },
+            _ => false,
+        },
+        _ => false,
+    };
     let mut ok = true;
     let mut check = |expr: &Expr| {
         expr.walk(&mut |e| {
             if let Expr::Access { tensor, subscripts } = e {
-                let n = subscripts.len();
+                let ranks = &c.tensor(*tensor).ranks;
                 for (p, sub) in subscripts.iter().enumerate() {
                     let mut mentions = false;
                     sub.for_each_index(&mut |i| mentions |= i == v);
                     if mentions {
-                        let contiguous = p + 1 == n
-                            && *sub == Affine::Index(v)
-                            && program.buffers[tensor.index()].slots[p] == Slot::Full;
-                        ok &= contiguous;
+                        ok &= (*sub == Affine::Index(v) || split_form(sub))
+                            && program.buffers[tensor.index()].slots[p] == Slot::Full
+                            && ones(&ranks[p + 1..]);
                     }
                 }
             }
@@ -149,7 +230,9 @@ impl Gen<'_, '_> {
     }
 
     /// Runs `each` once per row of a block: `u` bound to its first row, then the next ones.
-    fn each_row(&mut self, u: Index, rows: i64, each: &mut dyn FnMut(&mut Self, usize)) {
+    /// A block along `v` itself (`u == v`) is of vectors side by side: its rows are `LANES` apart.
+    fn each_row(&mut self, u: Index, rows: i64, v: Index, each: &mut dyn FnMut(&mut Self, usize)) {
+        let step = if u == v { LANES } else { 1 };
         let first = self.index(u);
         for k in 0..rows {
             if k == 0 {
@@ -157,7 +240,7 @@ impl Gen<'_, '_> {
                 continue;
             }
             let var = self.b.declare_var(types::I64);
-            let row = self.b.ins().iadd_imm_s(first, k);
+            let row = self.b.ins().iadd_imm_s(first, k * step);
             self.b.def_var(var, row);
             self.env.push((u, var));
             each(self, k as usize);
@@ -165,7 +248,8 @@ impl Gen<'_, '_> {
         }
     }
 
-    /// Rows `u .. u + rows` of a reduction (see `blockable_rows`) at the four points from `v`:
+    /// Rows `u .. u + rows` of a reduction (see `blockable_rows`) at the four points from `v`, or
+    /// with `u == v`, `rows` vectors side by side from `v` (see `streams_input`):
     /// one accumulator per row in a register while the reduced indices run, so that each step
     /// loads a vector shared by the rows once and keeps several additions in flight. Every row
     /// is valid (the caller stops the block at the last valid row). A statement filter decides
@@ -185,13 +269,13 @@ impl Gen<'_, '_> {
             None => self.b.ins().jump(then, &[]),
         };
         self.b.switch_to_block(otherwise);
-        self.each_row(u, rows, &mut |g, _| g.store_vector(einsum, zeros, Some(nones)));
+        self.each_row(u, rows, v, &mut |g, _| g.store_vector(einsum, zeros, Some(nones)));
         self.b.ins().jump(join, &[]);
         self.b.switch_to_block(then);
         let mut passes: Vec<Def> = Vec::new();
         let mut any: Option<Value> = None;
         if !einsum.filter.is_empty() {
-            self.each_row(u, rows, &mut |g, _| {
+            self.each_row(u, rows, v, &mut |g, _| {
                 let holds = g.vconds(&einsum.filter, v).expect("a filter");
                 let some = g.b.ins().vany_true(holds);
                 any = Some(match any {
@@ -219,7 +303,7 @@ impl Gen<'_, '_> {
             })
             .collect();
         self.vreduce_rows(*op, indices, indices, filter, body, &accumulators, u, v);
-        self.each_row(u, rows, &mut |g, k| {
+        self.each_row(u, rows, v, &mut |g, k| {
             let value = g.b.use_var(accumulators[k]);
             g.store_vector(einsum, value, passes[k]);
         });
@@ -242,7 +326,7 @@ impl Gen<'_, '_> {
         let Some((first, rest)) = remaining.split_first() else {
             let valid = self.valid_pairs(all);
             self.when(valid, &mut |g| {
-                g.each_row(u, accumulators.len() as i64, &mut |g, k| {
+                g.each_row(u, accumulators.len() as i64, v, &mut |g, k| {
                     let passes = g.vconds(filter, v);
                     let (x, defined) = g.vexpr(body, v);
                     let ok = g.and_def(passes, defined);
@@ -294,8 +378,9 @@ impl Gen<'_, '_> {
         let buffer = einsum.target.index();
         let always = vec![true; coords.len()];
         let (offset, _) = self.offset(buffer, &coords, &always);
-        // The split pairs do not involve `v`: one answer for the four lanes. Where they are not
-        // valid, the lanes are undefined and nothing is read.
+        // One answer for the four lanes: a split pair of `v` is valid at all four (the caller's
+        // vectors cover valid points only), and the others do not involve `v`. Where they are
+        // not valid, the lanes are undefined and nothing is read.
         let valid = self.valid_pairs(&[]);
         let (value, defined) = match valid {
             None => self.vector_value(einsum, v),

@@ -988,11 +988,15 @@ impl<'a> Lowering<'a> {
     /// Whether a reduction can run with the innermost left-hand index `v` inside it (CPU only: on
     /// the GPU, `v` is a batch rank of extent 1 and the accumulator is better in a register). The
     /// Einsum must be exactly a reduction, with no statement filter and plain left-hand indices,
-    /// and `v` contiguous wherever it is read and written (as for Cranelift's lanes).
+    /// and `v` contiguous wherever it is read and written (as for Cranelift's lanes), the last
+    /// index of the target and in no split pair, since the loop over `v` runs over all its points.
     fn interchangeable(&self, einsum: &Einsum, v: Index) -> bool {
+        let in_pair = self.cascade().split_pairs().iter().any(|(t, i, w)| [*t, *i, *w].contains(&v.rank));
         self.abi == Abi::Cpu
             && einsum.filter.is_empty()
             && einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
+            && einsum.lhs.last() == Some(&Lhs::Index(v))
+            && !in_pair
             && matches!(einsum.body, Expr::Reduce { .. })
             && crate::cpu::vectorizable(self.program, einsum, v)
     }
@@ -1299,40 +1303,9 @@ impl<'a> Lowering<'a> {
         }
     }
 
-    /// Whether a register block along `u` and `v` would stream an input badly: the reduction
-    /// reads an input in lanes along `v` whose position of a reduced index comes before a
-    /// position of extent known only at the call, so that each step of the reduction jumps across
-    /// it (as decode's `K[h, e, m]` does along `e`), and no read in lanes is shared by the rows
-    /// along `u`. One vector per row would then visit each cache line once per vector, long after
-    /// the hardware prefetched it; vectors side by side along `v` read whole lines at each step.
+    /// See `cpu::streams_input`.
     fn streams_input(&self, einsum: &Einsum, u: Option<Index>, v: Index) -> bool {
-        let Expr::Reduce { indices, body, .. } = &einsum.body else { return false };
-        let c = self.cascade();
-        let (mut strided, mut shared) = (false, false);
-        body.walk(&mut |e| {
-            let Expr::Access { tensor, subscripts } = e else { return };
-            let (mut lanes, mut rows) = (false, false);
-            for sub in subscripts {
-                sub.for_each_index(&mut |i| {
-                    lanes |= i == v;
-                    rows |= Some(i) == u;
-                });
-            }
-            if !lanes {
-                return;
-            }
-            shared |= u.is_some() && !rows;
-            if !matches!(self.program.buffers[tensor.index()].role, crate::schedule::BufferRole::Input(_)) {
-                return;
-            }
-            let ranks = &c.tensor(*tensor).ranks;
-            for (p, sub) in subscripts.iter().enumerate() {
-                let mut reduced = false;
-                sub.for_each_index(&mut |i| reduced |= indices.contains(&i));
-                strided |= reduced && ranks[p + 1..].iter().any(|r| !matches!(c.rank(*r).extent, Extent::Fixed(_)));
-            }
-        });
-        strided && !shared
+        crate::cpu::streams_input(self.program, einsum, u, v)
     }
 
     /// A reduction into one row along `v` that reads a strided input: blocks of several vectors
