@@ -426,6 +426,24 @@ impl<'a, 'f> Gen<'a, 'f> {
             return;
         };
         let extent = self.extents[first.rank.index()];
+        if rest.is_empty() && super::vector::reducible_in_lanes(self.program, body, filter, *first) {
+            if let Some(end) = self.valid_rows(*first) {
+                // Four points of the innermost reduced index at a time, partial results per
+                // lane folded together at the end, then the last points one by one.
+                let r = *first;
+                let lanes = self.b.declare_var(types::F32X4);
+                let identity = self.b.ins().f32const(reduce_identity(op) as f32);
+                let identity = self.b.ins().splat(types::F32X4, identity);
+                self.b.def_var(lanes, identity);
+                let zero = self.b.ins().iconst(types::I64, 0);
+                let done = self.for_loop_from(r, zero, end, super::vector::LANES, &mut |g| {
+                    g.fold_lanes(op, all, filter, body, lanes, r)
+                });
+                self.fold_across(op, lanes, acc);
+                self.for_loop_from(r, done, extent, 1, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
+                return;
+            }
+        }
         self.for_loop(*first, extent, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
     }
 

@@ -107,14 +107,25 @@ pub fn streams_input(program: &LoopProgram, einsum: &Einsum, u: Option<Index>, v
 /// then cover only valid points (see `Gen::valid_rows`).
 pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
     let c = &program.cascade;
-    let ones = |ranks: &[RankId]| ranks.iter().all(|r| matches!(c.rank(*r).extent, Extent::Fixed(1)));
     let target = c.tensor(einsum.target);
     let Some(k) = einsum.lhs.iter().position(|l| *l == Lhs::Index(v)) else { return false };
+    program.buffers[einsum.target.index()].slots[k] == Slot::Full
+        && extent_one(program, &target.ranks[k + 1..])
+        && reads_in_lanes(program, std::iter::once(&einsum.body).chain(einsum.filter.iter().flat_map(|c| [&c.lhs, &c.rhs])), v)
+}
+
+/// Whether every rank of `ranks` has the fixed extent 1.
+fn extent_one(program: &LoopProgram, ranks: &[RankId]) -> bool {
+    ranks.iter().all(|r| matches!(program.cascade.rank(*r).extent, Extent::Fixed(1)))
+}
+
+/// Whether every read in `exprs` that mentions `v` has it, followed only by ranks of extent 1, as
+/// a bare index or as the inner index of a split pair (`t * M0 + v`), so that four points from
+/// `v` are contiguous; `v` is not the tile or the whole rank of a split pair.
+fn reads_in_lanes<'e>(program: &LoopProgram, exprs: impl Iterator<Item = &'e Expr>, v: Index) -> bool {
+    let c = &program.cascade;
     let pairs = c.split_pairs();
-    if program.buffers[einsum.target.index()].slots[k] != Slot::Full
-        || !ones(&target.ranks[k + 1..])
-        || pairs.iter().any(|(t, _, w)| v.rank == *t || v.rank == *w)
-    {
+    if pairs.iter().any(|(t, _, w)| v.rank == *t || v.rank == *w) {
         return false;
     }
     let split_form = |sub: &Affine| match sub {
@@ -133,7 +144,7 @@ pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
         _ => false,
     };
     let mut ok = true;
-    let mut check = |expr: &Expr| {
+    for expr in exprs {
         expr.walk(&mut |e| {
             if let Expr::Access { tensor, subscripts } = e {
                 let ranks = &c.tensor(*tensor).ranks;
@@ -143,18 +154,26 @@ pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
                     if mentions {
                         ok &= (*sub == Affine::Index(v) || split_form(sub))
                             && program.buffers[tensor.index()].slots[p] == Slot::Full
-                            && ones(&ranks[p + 1..]);
+                            && extent_one(program, &ranks[p + 1..]);
                     }
                 }
             }
         });
-    };
-    check(&einsum.body);
-    for cond in &einsum.filter {
-        check(&cond.lhs);
-        check(&cond.rhs);
     }
     ok
+}
+
+/// Whether a reduction can run its innermost reduced index `r` in lanes (partial results per
+/// lane, combined at the end): every read of `r` in its body and filter is contiguous (see
+/// `reads_in_lanes`), and nothing inside is another reduction.
+pub fn reducible_in_lanes(program: &LoopProgram, body: &Expr, filter: &[Cond], r: Index) -> bool {
+    let mut nested = false;
+    body.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
+    for c in filter {
+        c.lhs.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
+        c.rhs.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
+    }
+    !nested && reads_in_lanes(program, std::iter::once(body).chain(filter.iter().flat_map(|c| [&c.lhs, &c.rhs])), r)
 }
 
 impl Gen<'_, '_> {
@@ -341,6 +360,33 @@ impl Gen<'_, '_> {
         self.for_loop_from(first, zero, extent, 1, &mut |g| {
             g.vreduce_rows(op, all, rest, filter, body, accumulators, u, v)
         });
+    }
+
+    /// One step of a reduction in lanes along the reduced index `r` (see `reducible_in_lanes`):
+    /// the four points from `r`, where valid, folded into the lanes of `acc`.
+    pub fn fold_lanes(&mut self, op: ReduceOp, all: &[Index], filter: &[Cond], body: &Expr, acc: cranelift_frontend::Variable, r: Index) {
+        let valid = self.valid_pairs(all);
+        self.when(valid, &mut |g| {
+            let passes = g.vconds(filter, r);
+            let (x, defined) = g.vexpr(body, r);
+            let ok = g.and_def(passes, defined);
+            g.fold(op, acc, x, ok);
+        });
+    }
+
+    /// Folds the four lanes of `lanes` into the scalar accumulator `acc`.
+    pub fn fold_across(&mut self, op: ReduceOp, lanes: cranelift_frontend::Variable, acc: cranelift_frontend::Variable) {
+        let vector = self.b.use_var(lanes);
+        let mut total = self.b.use_var(acc);
+        for lane in 0..LANES as u8 {
+            let x = self.b.ins().extractlane(vector, lane);
+            total = match op {
+                ReduceOp::Sum => self.b.ins().fadd(total, x),
+                ReduceOp::Max => self.b.ins().fmax(total, x),
+                ReduceOp::Min => self.b.ins().fmin(total, x),
+            };
+        }
+        self.b.def_var(acc, total);
     }
 
     /// Folds `x` into the accumulator `acc` in the lanes where `ok` holds.
