@@ -487,7 +487,8 @@ impl<'a, 'f> Gen<'a, 'f> {
                     let extent_v = g.extents[v.rank.index()];
                     let zero = g.b.ins().iconst(types::I64, 0);
                     let lanes = super::vector::LANES;
-                    let done = g.for_loop_from(v, zero, vector_end, lanes, &mut |g| g.compute_vector_rows(einsum, u, rows, v));
+                    let done =
+                        g.for_loop_from(v, zero, vector_end, lanes, &mut |g| g.compute_vector_rows(einsum, u, rows, v));
                     g.for_loop_from(v, done, extent_v, 1, &mut |g| {
                         for k in 0..rows {
                             let first = g.index(u);
@@ -522,8 +523,9 @@ impl<'a, 'f> Gen<'a, 'f> {
             }
             // Four points at a time along the innermost index (valid points only), then the rest
             // one by one.
-            let done = self
-                .for_loop_from(*first, zero, vector_end, super::vector::LANES, &mut |g| g.compute_vector(einsum, *first));
+            let done = self.for_loop_from(*first, zero, vector_end, super::vector::LANES, &mut |g| {
+                g.compute_vector(einsum, *first)
+            });
             self.for_loop_from(*first, done, extent, 1, &mut |g| g.compute_point(einsum));
             return;
         }

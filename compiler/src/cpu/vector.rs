@@ -111,7 +111,11 @@ pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
     let Some(k) = einsum.lhs.iter().position(|l| *l == Lhs::Index(v)) else { return false };
     program.buffers[einsum.target.index()].slots[k] == Slot::Full
         && extent_one(program, &target.ranks[k + 1..])
-        && reads_in_lanes(program, std::iter::once(&einsum.body).chain(einsum.filter.iter().flat_map(|c| [&c.lhs, &c.rhs])), v)
+        && reads_in_lanes(
+            program,
+            std::iter::once(&einsum.body).chain(einsum.filter.iter().flat_map(|c| [&c.lhs, &c.rhs])),
+            v,
+        )
 }
 
 /// Whether every rank of `ranks` has the fixed extent 1.
@@ -364,7 +368,15 @@ impl Gen<'_, '_> {
 
     /// One step of a reduction in lanes along the reduced index `r` (see `reducible_in_lanes`):
     /// the four points from `r`, where valid, folded into the lanes of `acc`.
-    pub fn fold_lanes(&mut self, op: ReduceOp, all: &[Index], filter: &[Cond], body: &Expr, acc: cranelift_frontend::Variable, r: Index) {
+    pub fn fold_lanes(
+        &mut self,
+        op: ReduceOp,
+        all: &[Index],
+        filter: &[Cond],
+        body: &Expr,
+        acc: cranelift_frontend::Variable,
+        r: Index,
+    ) {
         let valid = self.valid_pairs(all);
         self.when(valid, &mut |g| {
             let passes = g.vconds(filter, r);
@@ -375,7 +387,12 @@ impl Gen<'_, '_> {
     }
 
     /// Folds the four lanes of `lanes` into the scalar accumulator `acc`.
-    pub fn fold_across(&mut self, op: ReduceOp, lanes: cranelift_frontend::Variable, acc: cranelift_frontend::Variable) {
+    pub fn fold_across(
+        &mut self,
+        op: ReduceOp,
+        lanes: cranelift_frontend::Variable,
+        acc: cranelift_frontend::Variable,
+    ) {
         let vector = self.b.use_var(lanes);
         let mut total = self.b.use_var(acc);
         for lane in 0..LANES as u8 {

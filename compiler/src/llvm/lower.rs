@@ -1258,7 +1258,14 @@ impl<'a> Lowering<'a> {
 
     /// Runs `each` once per vector of a block: per row (see `each_row`), `v` bound to the first
     /// lane of each of `columns` vectors side by side; `each` gets the vector's number.
-    fn each_vector(&mut self, u: Option<Index>, rows: usize, v: Index, columns: usize, each: &mut dyn FnMut(&mut Self, usize)) {
+    fn each_vector(
+        &mut self,
+        u: Option<Index>,
+        rows: usize,
+        v: Index,
+        columns: usize,
+        each: &mut dyn FnMut(&mut Self, usize),
+    ) {
         let lanes = self.lanes;
         self.each_row(u, rows, &mut |g, k| {
             let first = g.index(v);
@@ -1447,7 +1454,9 @@ impl<'a> Lowering<'a> {
             });
             return;
         };
-        self.reduced_loop(*first, &mut |g| g.block_reduce(op, all, rest, filter, body, (u, rows, v, columns), accumulators));
+        self.reduced_loop(*first, &mut |g| {
+            g.block_reduce(op, all, rest, filter, body, (u, rows, v, columns), accumulators)
+        });
     }
 
     fn vand(&mut self, a: Def, b: Def) -> Def {
