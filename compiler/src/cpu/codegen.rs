@@ -378,6 +378,15 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
     }
 
+    /// `op` applied to `a` and `b` (scalars or lanes alike).
+    pub(super) fn combine(&mut self, op: ReduceOp, a: Value, b: Value) -> Value {
+        match op {
+            ReduceOp::Sum => self.b.ins().fadd(a, b),
+            ReduceOp::Max => self.b.ins().fmax(a, b),
+            ReduceOp::Min => self.b.ins().fmin(a, b),
+        }
+    }
+
     /// Runs `then` only where `condition` holds (always, when it is `None`).
     pub(super) fn when(&mut self, condition: Def, then: &mut dyn FnMut(&mut Self)) {
         let Some(condition) = condition else {
@@ -412,11 +421,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let (x, defined) = g.expr(body);
                 let ok = g.and_def(passes, defined);
                 let current = g.b.use_var(acc);
-                let next = match op {
-                    ReduceOp::Sum => g.b.ins().fadd(current, x),
-                    ReduceOp::Max => g.b.ins().fmax(current, x),
-                    ReduceOp::Min => g.b.ins().fmin(current, x),
-                };
+                let next = g.combine(op, current, x);
                 let chosen = match ok {
                     Some(ok) => g.b.ins().select(ok, next, current),
                     None => next,

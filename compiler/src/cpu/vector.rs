@@ -397,11 +397,7 @@ impl Gen<'_, '_> {
         let mut total = self.b.use_var(acc);
         for lane in 0..LANES as u8 {
             let x = self.b.ins().extractlane(vector, lane);
-            total = match op {
-                ReduceOp::Sum => self.b.ins().fadd(total, x),
-                ReduceOp::Max => self.b.ins().fmax(total, x),
-                ReduceOp::Min => self.b.ins().fmin(total, x),
-            };
+            total = self.combine(op, total, x);
         }
         self.b.def_var(acc, total);
     }
@@ -409,11 +405,7 @@ impl Gen<'_, '_> {
     /// Folds `x` into the accumulator `acc` in the lanes where `ok` holds.
     fn fold(&mut self, op: ReduceOp, acc: cranelift_frontend::Variable, x: Value, ok: Def) {
         let current = self.b.use_var(acc);
-        let next = match op {
-            ReduceOp::Sum => self.b.ins().fadd(current, x),
-            ReduceOp::Max => self.b.ins().fmax(current, x),
-            ReduceOp::Min => self.b.ins().fmin(current, x),
-        };
+        let next = self.combine(op, current, x);
         let chosen = match ok {
             Some(ok) => {
                 let bits = self.as_floats(ok);
