@@ -13,6 +13,7 @@ use cranelift_codegen::ir::{types, AbiParam, FuncRef, InstBuilder, MemFlagsData,
 use cranelift_frontend::{FunctionBuilder, Variable};
 use cranelift_module::{Linkage, Module};
 
+use super::vector::Block;
 use crate::ir::*;
 use crate::schedule::{LoopProgram, Node, Slot};
 
@@ -73,6 +74,10 @@ pub struct Gen<'a, 'f> {
     pub env: Vec<(Index, Variable)>,
     /// Aligned, non-trapping accesses: every address is inside a buffer.
     pub flags: MemFlagsData,
+    /// Reads addressed by induction variables in the loop being generated (see `induction`).
+    pub planned: Vec<super::induction::PlannedRead>,
+    /// The cell of a register block being generated (see `vector::each_cell`).
+    pub cell: usize,
 }
 
 impl<'a, 'f> Gen<'a, 'f> {
@@ -372,8 +377,20 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let acc = self.b.declare_var(types::F32);
                 let identity = self.b.ins().f32const(reduce_identity(*op) as f32);
                 self.b.def_var(acc, identity);
+                // As in every path of this tier, so that a point gives the same bits in lanes,
+                // in a register block or alone: a constant factor applied after the loop, and
+                // a product folded by a fused multiply-add.
+                let factored = super::induction::invariant_factors(self.cascade(), *op, body);
+                let body = factored.as_ref().map_or(&**body, |(b, _)| b);
                 self.reduce_loops(*op, indices, indices, filter, body, acc);
-                (self.b.use_var(acc), None)
+                let value = self.b.use_var(acc);
+                match factored {
+                    Some((_, scale)) => {
+                        let scale = self.b.ins().f32const(scale);
+                        (self.b.ins().fmul(value, scale), None)
+                    }
+                    None => (value, None),
+                }
             }
         }
     }
@@ -385,6 +402,20 @@ impl<'a, 'f> Gen<'a, 'f> {
             ReduceOp::Max => self.b.ins().fmax(a, b),
             ReduceOp::Min => self.b.ins().fmin(a, b),
         }
+    }
+
+    /// `acc` combined with the term `body` (a sum of a product as a fused multiply-add), and
+    /// the term's definedness.
+    fn term(&mut self, op: ReduceOp, acc: Variable, body: &Expr) -> (Value, Def) {
+        if let (ReduceOp::Sum, Expr::Binary(BinaryOp::Mul, a, b)) = (op, body) {
+            let (x, dx) = self.expr(a);
+            let (y, dy) = self.expr(b);
+            let current = self.b.use_var(acc);
+            return (self.b.ins().fma(x, y, current), self.and_def(dx, dy));
+        }
+        let (x, defined) = self.expr(body);
+        let current = self.b.use_var(acc);
+        (self.combine(op, current, x), defined)
     }
 
     /// Runs `then` only where `condition` holds (always, when it is `None`).
@@ -418,10 +449,9 @@ impl<'a, 'f> Gen<'a, 'f> {
             let valid = self.valid_pairs(all);
             self.when(valid, &mut |g| {
                 let passes = g.conds(filter);
-                let (x, defined) = g.expr(body);
+                let (next, defined) = g.term(op, acc, body);
                 let ok = g.and_def(passes, defined);
                 let current = g.b.use_var(acc);
-                let next = g.combine(op, current, x);
                 let chosen = match ok {
                     Some(ok) => g.b.ins().select(ok, next, current),
                     None => next,
@@ -492,8 +522,14 @@ impl<'a, 'f> Gen<'a, 'f> {
                     let extent_v = g.extents[v.rank.index()];
                     let zero = g.b.ins().iconst(types::I64, 0);
                     let lanes = super::vector::LANES;
+                    let columns = super::vector::BLOCK_COLUMNS;
+                    let block = Block { u: Some(u), rows, v, columns };
+                    let done = g.for_loop_from(v, zero, vector_end, lanes * columns, &mut |g| {
+                        g.compute_vector_rows(einsum, block)
+                    });
+                    let block = Block { columns: 1, ..block };
                     let done =
-                        g.for_loop_from(v, zero, vector_end, lanes, &mut |g| g.compute_vector_rows(einsum, u, rows, v));
+                        g.for_loop_from(v, done, vector_end, lanes, &mut |g| g.compute_vector_rows(einsum, block));
                     g.for_loop_from(v, done, extent_v, 1, &mut |g| {
                         for k in 0..rows {
                             let first = g.index(u);
@@ -523,7 +559,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 // at each step of the reduction.
                 let columns = super::vector::WIDE_COLUMNS;
                 zero = self.for_loop_from(v, zero, vector_end, columns * super::vector::LANES, &mut |g| {
-                    g.compute_vector_rows(einsum, v, columns, v)
+                    g.compute_vector_rows(einsum, Block { u: Some(v), rows: columns, v, columns: 1 })
                 });
             }
             // Four points at a time along the innermost index (valid points only), then the rest
@@ -541,7 +577,7 @@ impl<'a, 'f> Gen<'a, 'f> {
     /// pair whose tile index is bound, the points inside the whole rank (`whole - tile * inner`,
     /// clamped to `0..=inner`). `None` when `u` is the inner index of a pair whose tile index is
     /// not bound, so that its validity is not known here.
-    fn valid_rows(&mut self, u: Index) -> Option<Value> {
+    pub(super) fn valid_rows(&mut self, u: Index) -> Option<Value> {
         let extent = self.extents[u.rank.index()];
         let Some((tile, _, whole)) = self.cascade().split_pairs().into_iter().find(|(_, i, _)| *i == u.rank) else {
             return Some(extent);

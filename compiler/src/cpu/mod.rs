@@ -6,6 +6,7 @@
 //! vectorised schedules are tested against it and the interpreter alike.
 
 mod codegen;
+mod induction;
 pub use codegen::table_offsets;
 pub mod header;
 pub mod helpers;
@@ -101,6 +102,8 @@ fn define<M: Module>(
             strides: vec![],
             env: vec![],
             flags: cranelift_codegen::ir::MemFlagsData::trusted(),
+            planned: vec![],
+            cell: 0,
         };
         g.prologue(params);
         g.nodes(&program.body);

@@ -9,18 +9,52 @@ use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{types, Endianness, InstBuilder, MemFlagsData, Value};
 
 use super::codegen::{Def, Gen};
+use super::induction::invariant_factors;
 use crate::ir::*;
 use crate::schedule::{LoopProgram, Slot};
 
 pub const LANES: i64 = 4;
 
-/// Rows of a register block (see `Gen::compute_vector_rows`): four accumulators, a vector shared
-/// by the rows and a broadcast per row leave room in x86-64's sixteen vector registers.
+/// Rows of a register block (see `Gen::compute_vector_rows`).
 pub const BLOCK_ROWS: i64 = 4;
+
+/// Vectors side by side in a register block: with `BLOCK_ROWS`, eight accumulators, a broadcast
+/// per row and a vector per column leave room in x86-64's sixteen vector registers.
+pub const BLOCK_COLUMNS: i64 = 2;
 
 /// Vectors side by side in a block along a streamed input (see `streams_input`): 32 points, two
 /// cache lines per step of the reduction, eight accumulators.
 pub const WIDE_COLUMNS: i64 = 8;
+
+/// The cells of a register block: `rows` along `u` by `columns` vectors along `v`. With
+/// `u == Some(v)`, the rows are vectors side by side (`LANES` apart) and there is one column;
+/// without `u`, one row.
+#[derive(Clone, Copy)]
+pub struct Block {
+    pub u: Option<Index>,
+    pub rows: i64,
+    pub v: Index,
+    pub columns: i64,
+}
+
+impl Block {
+    pub fn single(v: Index) -> Block {
+        Block { u: None, rows: 1, v, columns: 1 }
+    }
+
+    pub fn cells(&self) -> usize {
+        (self.rows * self.columns) as usize
+    }
+
+    /// The distance between rows, in points of `u`.
+    pub fn row_step(&self) -> i64 {
+        if self.u == Some(self.v) {
+            LANES
+        } else {
+            1
+        }
+    }
+}
 
 /// Whether the body of `einsum` is one reduction with none inside, its left-hand side plain
 /// indices and any statement filter free of reductions: the shape a register block computes.
@@ -240,7 +274,7 @@ impl Gen<'_, '_> {
     }
 
     /// A scalar definedness (i8) as a lane mask.
-    fn lanes(&mut self, defined: Def) -> Def {
+    pub(super) fn lanes(&mut self, defined: Def) -> Def {
         let defined = defined?;
         let all = self.b.ins().iconst(types::I32, -1);
         let none = self.b.ins().iconst(types::I32, 0);
@@ -248,37 +282,54 @@ impl Gen<'_, '_> {
         Some(self.b.ins().splat(types::I32X4, lane))
     }
 
-    fn as_floats(&mut self, mask: Value) -> Value {
+    pub(super) fn as_floats(&mut self, mask: Value) -> Value {
         self.b.ins().bitcast(types::F32X4, MemFlagsData::new().with_endianness(Endianness::Little), mask)
     }
 
-    /// Runs `each` once per row of a block: `u` bound to its first row, then the next ones.
-    /// A block along `v` itself (`u == v`) is of vectors side by side: its rows are `LANES` apart.
-    fn each_row(&mut self, u: Index, rows: i64, v: Index, each: &mut dyn FnMut(&mut Self, usize)) {
-        let step = if u == v { LANES } else { 1 };
-        let first = self.index(u);
-        for k in 0..rows {
-            if k == 0 {
-                each(self, 0);
-                continue;
+    /// Runs `each` once per cell of a block, column after column: `v` bound to the first vector
+    /// of each column, `u` to each row (`LANES` apart when `u == v`: vectors side by side).
+    /// `self.cell` is the cell's number (`column * rows + row`) while `each` runs.
+    pub(super) fn each_cell(&mut self, block: Block, each: &mut dyn FnMut(&mut Self, usize)) {
+        let first_v = self.index(block.v);
+        for column in 0..block.columns {
+            if column > 0 {
+                let var = self.b.declare_var(types::I64);
+                let at = self.b.ins().iadd_imm_s(first_v, column * LANES);
+                self.b.def_var(var, at);
+                self.env.push((block.v, var));
             }
-            let var = self.b.declare_var(types::I64);
-            let row = self.b.ins().iadd_imm_s(first, k * step);
-            self.b.def_var(var, row);
-            self.env.push((u, var));
-            each(self, k as usize);
-            self.env.pop();
+            let first = block.u.map(|u| self.index(u));
+            for row in 0..block.rows {
+                let cell = (column * block.rows + row) as usize;
+                self.cell = cell;
+                match (block.u, first) {
+                    (Some(u), Some(first)) if row > 0 => {
+                        let var = self.b.declare_var(types::I64);
+                        let at = self.b.ins().iadd_imm_s(first, row * block.row_step());
+                        self.b.def_var(var, at);
+                        self.env.push((u, var));
+                        each(self, cell);
+                        self.env.pop();
+                    }
+                    _ => each(self, cell),
+                }
+            }
+            if column > 0 {
+                self.env.pop();
+            }
         }
+        self.cell = 0;
     }
 
-    /// Rows `u .. u + rows` of a reduction (see `blockable_rows`) at the four points from `v`, or
-    /// with `u == v`, `rows` vectors side by side from `v` (see `streams_input`):
-    /// one accumulator per row in a register while the reduced indices run, so that each step
-    /// loads a vector shared by the rows once and keeps several additions in flight. Every row
-    /// is valid (the caller stops the block at the last valid row). A statement filter decides
-    /// which lanes exist: a block where none does is skipped (an empty tile of a causal mask),
-    /// the others computed whole and stored masked.
-    pub fn compute_vector_rows(&mut self, einsum: &Einsum, u: Index, rows: i64, v: Index) {
+    /// A register block of a reduction (see `blockable_rows`): rows `u .. u + rows` by
+    /// `columns` vectors from `v`, or with `u == v`, `rows` vectors side by side from `v` (see
+    /// `streams_input`): one accumulator per cell in a register while the reduced indices run,
+    /// so that each step loads a value shared by a row or a column once and keeps several
+    /// additions in flight. Every cell is valid (the caller stops the block at the last valid
+    /// row and vector). A statement filter decides which lanes exist: a block where none does is
+    /// skipped (an empty tile of a causal mask), the others computed whole and stored masked.
+    pub fn compute_vector_rows(&mut self, einsum: &Einsum, block: Block) {
+        let (rows, v) = (block.cells() as i64, block.v);
         let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked") };
         let zero = self.b.ins().f32const(0.0);
         let zeros = self.splat(zero);
@@ -292,13 +343,13 @@ impl Gen<'_, '_> {
             None => self.b.ins().jump(then, &[]),
         };
         self.b.switch_to_block(otherwise);
-        self.each_row(u, rows, v, &mut |g, _| g.store_vector(einsum, zeros, Some(nones)));
+        self.each_cell(block, &mut |g, _| g.store_vector(einsum, zeros, Some(nones)));
         self.b.ins().jump(join, &[]);
         self.b.switch_to_block(then);
         let mut passes: Vec<Def> = Vec::new();
         let mut any: Option<Value> = None;
         if !einsum.filter.is_empty() {
-            self.each_row(u, rows, v, &mut |g, _| {
+            self.each_cell(block, &mut |g, _| {
                 let holds = g.vconds(&einsum.filter, v).expect("a filter");
                 let some = g.b.ins().vany_true(holds);
                 any = Some(match any {
@@ -325,9 +376,13 @@ impl Gen<'_, '_> {
                 acc
             })
             .collect();
-        self.vreduce_rows(*op, indices, indices, filter, body, &accumulators, u, v);
-        self.each_row(u, rows, v, &mut |g, k| {
+        let factored = invariant_factors(&self.program.cascade, *op, body);
+        let body = factored.as_ref().map_or(&**body, |(b, _)| b);
+        self.vreduce_rows(*op, indices, indices, filter, body, &accumulators, block);
+        let scale = factored.map(|(_, s)| s);
+        self.each_cell(block, &mut |g, k| {
             let value = g.b.use_var(accumulators[k]);
+            let value = g.scaled(value, scale);
             g.store_vector(einsum, value, passes[k]);
         });
         self.b.ins().jump(join, &[]);
@@ -343,26 +398,29 @@ impl Gen<'_, '_> {
         filter: &[Cond],
         body: &Expr,
         accumulators: &[cranelift_frontend::Variable],
-        u: Index,
-        v: Index,
+        block: Block,
     ) {
         let Some((first, rest)) = remaining.split_first() else {
             let valid = self.valid_pairs(all);
             self.when(valid, &mut |g| {
-                g.each_row(u, accumulators.len() as i64, v, &mut |g, k| {
-                    let passes = g.vconds(filter, v);
-                    let (x, defined) = g.vexpr(body, v);
-                    let ok = g.and_def(passes, defined);
-                    g.fold(op, accumulators[k], x, ok);
+                g.each_cell(block, &mut |g, k| {
+                    let passes = g.vconds(filter, block.v);
+                    g.fold_term(op, accumulators[k], body, passes, block.v);
                 });
             });
             return;
         };
+        if rest.is_empty() && all.len() == 1 {
+            if let Some(end) = self.planned_end(*first, body, filter) {
+                self.planned_reduce(op, *first, end, filter, body, accumulators, block);
+                return;
+            }
+        }
         let extent = self.extents[first.rank.index()];
         let first = *first;
         let zero = self.b.ins().iconst(types::I64, 0);
         self.for_loop_from(first, zero, extent, 1, &mut |g| {
-            g.vreduce_rows(op, all, rest, filter, body, accumulators, u, v)
+            g.vreduce_rows(op, all, rest, filter, body, accumulators, block)
         });
     }
 
@@ -380,10 +438,16 @@ impl Gen<'_, '_> {
         let valid = self.valid_pairs(all);
         self.when(valid, &mut |g| {
             let passes = g.vconds(filter, r);
-            let (x, defined) = g.vexpr(body, r);
-            let ok = g.and_def(passes, defined);
-            g.fold(op, acc, x, ok);
+            g.fold_term(op, acc, body, passes, r);
         });
+    }
+
+    /// `value` times the constant factored out of a sum, if any.
+    fn scaled(&mut self, value: Value, scale: Option<f32>) -> Value {
+        let Some(scale) = scale else { return value };
+        let s = self.b.ins().f32const(scale);
+        let s = self.splat(s);
+        self.b.ins().fmul(value, s)
     }
 
     /// Folds the four lanes of `lanes` into the scalar accumulator `acc`.
@@ -403,7 +467,7 @@ impl Gen<'_, '_> {
     }
 
     /// Folds `x` into the accumulator `acc` in the lanes where `ok` holds.
-    fn fold(&mut self, op: ReduceOp, acc: cranelift_frontend::Variable, x: Value, ok: Def) {
+    pub(super) fn fold(&mut self, op: ReduceOp, acc: cranelift_frontend::Variable, x: Value, ok: Def) {
         let current = self.b.use_var(acc);
         let next = self.combine(op, current, x);
         let chosen = match ok {
@@ -509,6 +573,17 @@ impl Gen<'_, '_> {
         }
     }
 
+    /// The four lanes' flags at `address`, loaded as one word and widened to lane masks.
+    pub(super) fn mask_word(&mut self, address: Value) -> Value {
+        let word = self.b.ins().load(types::I32, self.flags, address, 0);
+        let words = self.b.ins().scalar_to_vector(types::I32X4, word);
+        let little = self.little();
+        let bytes = self.b.ins().bitcast(types::I8X16, little, words);
+        let halves = self.b.ins().uwiden_low(bytes);
+        let flags = self.b.ins().uwiden_low(halves);
+        self.b.ins().ineg(flags)
+    }
+
     fn little(&self) -> MemFlagsData {
         MemFlagsData::new().with_endianness(Endianness::Little)
     }
@@ -519,7 +594,7 @@ impl Gen<'_, '_> {
         (value, self.and_def(passes, defined))
     }
 
-    fn vconds(&mut self, conds: &[Cond], v: Index) -> Def {
+    pub(super) fn vconds(&mut self, conds: &[Cond], v: Index) -> Def {
         let mut ok: Def = None;
         for cond in conds {
             let (a, da) = self.vexpr(&cond.lhs, v);
@@ -540,7 +615,7 @@ impl Gen<'_, '_> {
         ok
     }
 
-    fn mentions(expr: &Expr, v: Index) -> bool {
+    pub(super) fn mentions(expr: &Expr, v: Index) -> bool {
         let mut found = false;
         expr.walk(&mut |e| match e {
             Expr::Index(i) => found |= *i == v,
@@ -555,7 +630,13 @@ impl Gen<'_, '_> {
     }
 
     /// Four lanes of an expression and their definedness.
-    fn vexpr(&mut self, expr: &Expr, v: Index) -> (Value, Def) {
+    pub(super) fn vexpr(&mut self, expr: &Expr, v: Index) -> (Value, Def) {
+        if let Expr::Access { tensor, .. } = expr {
+            if let Some(offset) = self.planned_offset(expr) {
+                let in_lanes = Self::mentions(expr, v);
+                return self.planned_load(tensor.index(), offset, in_lanes);
+            }
+        }
         if !Self::mentions(expr, v) && !matches!(expr, Expr::Reduce { .. }) {
             let (x, d) = self.expr_scalar(expr);
             let x = self.splat(x);
@@ -586,15 +667,8 @@ impl Gen<'_, '_> {
                 let value = self.b.ins().load(types::F32X4, MemFlagsData::new().with_notrap(), address, 0);
                 let mut defined = self.lanes(inside);
                 if let Some(mask) = self.masks[buffer] {
-                    // The four lanes' flags loaded as one word and widened to lane masks.
                     let address = self.b.ins().iadd(mask, offset);
-                    let word = self.b.ins().load(types::I32, self.flags, address, 0);
-                    let words = self.b.ins().scalar_to_vector(types::I32X4, word);
-                    let little = self.little();
-                    let bytes = self.b.ins().bitcast(types::I8X16, little, words);
-                    let halves = self.b.ins().uwiden_low(bytes);
-                    let flags = self.b.ins().uwiden_low(halves);
-                    let lanes = self.b.ins().ineg(flags);
+                    let lanes = self.mask_word(address);
                     defined = self.and_def(defined, Some(lanes));
                 }
                 (value, defined)
@@ -647,8 +721,11 @@ impl Gen<'_, '_> {
                 let identity = self.b.ins().f32const(reduce_identity(*op) as f32);
                 let identity = self.splat(identity);
                 self.b.def_var(acc, identity);
+                let factored = invariant_factors(&self.program.cascade, *op, body);
+                let body = factored.as_ref().map_or(&**body, |(b, _)| b);
                 self.vreduce(*op, indices, indices, filter, body, acc, v);
-                (self.b.use_var(acc), None)
+                let value = self.b.use_var(acc);
+                (self.scaled(value, factored.map(|(_, s)| s)), None)
             }
             Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) => unreachable!("handled as scalars"),
         }
@@ -669,12 +746,16 @@ impl Gen<'_, '_> {
             let valid = self.valid_pairs(all);
             self.when(valid, &mut |g| {
                 let passes = g.vconds(filter, v);
-                let (x, defined) = g.vexpr(body, v);
-                let ok = g.and_def(passes, defined);
-                g.fold(op, acc, x, ok);
+                g.fold_term(op, acc, body, passes, v);
             });
             return;
         };
+        if rest.is_empty() && all.len() == 1 {
+            if let Some(end) = self.planned_end(*first, body, filter) {
+                self.planned_reduce(op, *first, end, filter, body, &[acc], Block::single(v));
+                return;
+            }
+        }
         let extent = self.extents[first.rank.index()];
         let first = *first;
         let zero = self.b.ins().iconst(types::I64, 0);

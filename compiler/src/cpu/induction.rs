@@ -1,0 +1,344 @@
+//! Reductions in lanes whose reads advance by a fixed step: offsets as induction variables.
+//!
+//! The innermost loop of a reduction over one index `r` reads its tensors at offsets affine in
+//! `r` and in the row index `u` of a register block. Computing every offset from the indices
+//! costs a multiplication per position, per row, per step; on x86-64 those multiplications (one
+//! issued per cycle) bounded the register blocks, not the arithmetic. Here each read whose
+//! subscripts are always inside gets an offset variable, set before the loop and advanced by a
+//! loop-invariant step after each iteration, and per row a loop-invariant delta.
+//!
+//! Needs: the body holds no reduction; `r` is in no split pair, or is the inner index of one
+//! whose tile index is bound (the loop then stops at the last valid point); every row of the
+//! block is valid. Guarantees: the same loads, at the same addresses, as the generic path; a
+//! sum of a product folds with a fused multiply-add; factors of a sum that are finite constants
+//! are applied once, after the loop (`invariant_factors`).
+
+use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Value};
+use cranelift_frontend::Variable;
+
+use super::codegen::{Def, Gen};
+use super::vector::{Block, LANES};
+use crate::ir::*;
+use crate::schedule::Slot;
+
+/// A read of the loop's body addressed by an induction variable.
+#[derive(Clone)]
+pub struct PlannedRead {
+    /// The `Expr::Access` node, by address: the body outlives the loop's code generation.
+    pub expr: *const Expr,
+    /// The element offset of the read at the current step, for row 0 of the block.
+    pub offset: Variable,
+    /// Cells 1, 2, ... of the block; empty when the read does not move across the block.
+    pub cells: Vec<CellOffset>,
+}
+
+/// Where a cell of a block reads, relative to cell 0.
+#[derive(Clone, Copy)]
+pub enum CellOffset {
+    /// A fixed number of elements further (rows and columns run along the last position),
+    /// which the load takes as its immediate offset.
+    Fixed(i64),
+    /// An induction variable of its own: a loop-invariant delta added at each step would be
+    /// folded back into the loop by Cranelift's rewrites, with its multiplications.
+    Own(Variable),
+}
+
+/// Splits a sum's body into the factors that depend on the loop and the finite constants that
+/// do not (`Q * K * scale` into `Q * K` and `scale`), when there is at least one of each.
+pub fn invariant_factors(cascade: &Cascade, op: ReduceOp, body: &Expr) -> Option<(Expr, f32)> {
+    if op != ReduceOp::Sum {
+        return None;
+    }
+    let mut factors = Vec::new();
+    flatten_product(body, &mut factors);
+    let mut constant = 1.0f64;
+    let mut varying: Vec<&Expr> = Vec::new();
+    for factor in factors {
+        match factor {
+            Expr::Const(c) => constant *= c,
+            Expr::Param(p) => constant *= cascade.param(*p).value,
+            other => varying.push(other),
+        }
+    }
+    let constant = constant as f32;
+    if varying.is_empty() || constant == 1.0 || !constant.is_finite() {
+        return None;
+    }
+    let mut rest = varying.into_iter().cloned();
+    let first = rest.next().expect("one varying factor");
+    Some((rest.fold(first, |a, b| Expr::Binary(BinaryOp::Mul, Box::new(a), Box::new(b))), constant))
+}
+
+fn flatten_product<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {
+    match expr {
+        Expr::Binary(BinaryOp::Mul, a, b) => {
+            flatten_product(a, out);
+            flatten_product(b, out);
+        }
+        other => out.push(other),
+    }
+}
+
+impl Gen<'_, '_> {
+    /// Whether `r` can run as the loop of `planned_reduce`: in no split pair, or the inner index
+    /// of one whose tile is bound; returns the end of its valid points.
+    pub(super) fn planned_end(&mut self, r: Index, body: &Expr, filter: &[Cond]) -> Option<Value> {
+        let mut nested = false;
+        body.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
+        for c in filter {
+            c.lhs.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
+            c.rhs.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
+        }
+        let pairs = self.program.cascade.split_pairs();
+        if nested || pairs.iter().any(|(t, _, w)| r.rank == *t || r.rank == *w) {
+            return None;
+        }
+        self.valid_rows(r)
+    }
+
+    /// The reads of `exprs` whose offsets are affine in `r` and `u`: every subscript always
+    /// inside, and neither index at an alternating slot.
+    fn plannable_reads<'e>(&self, exprs: &[&'e Expr], r: Index, block: Block) -> Vec<&'e Expr> {
+        let c = &self.program.cascade;
+        let mut reads: Vec<&'e Expr> = Vec::new();
+        for expr in exprs {
+            walk_ref(expr, &mut |e| {
+                let Expr::Access { tensor, subscripts } = e else { return };
+                let ranks = &c.tensor(*tensor).ranks;
+                let slots = &self.program.buffers[tensor.index()].slots;
+                let ok = subscripts.iter().zip(ranks).zip(slots).all(|((sub, rank), slot)| {
+                    let mut moves = false;
+                    sub.for_each_index(&mut |i| moves |= i == r || Some(i) == block.u || i == block.v);
+                    super::always_inside(c, sub, *rank) && !(moves && *slot == Slot::Alternate)
+                });
+                if ok && !reads.iter().any(|x| std::ptr::eq(*x, e)) {
+                    reads.push(e);
+                }
+            });
+        }
+        reads
+    }
+
+    /// The element offset of an access at the current point, no bounds checked.
+    fn linear_offset(&mut self, expr: &Expr) -> Value {
+        let Expr::Access { tensor, subscripts } = expr else { unreachable!("an access") };
+        let coords: Vec<Value> = subscripts.iter().map(|s| self.affine(s)).collect();
+        let always = vec![true; coords.len()];
+        self.offset(tensor.index(), &coords, &always).0
+    }
+
+    /// The loop of a reduction over `r` alone, from 0 to `end` (see `planned_end`), folding into
+    /// one accumulator per cell of `block`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn planned_reduce(
+        &mut self,
+        op: ReduceOp,
+        r: Index,
+        end: Value,
+        filter: &[Cond],
+        body: &Expr,
+        accumulators: &[Variable],
+        block: Block,
+    ) {
+        let mut exprs = vec![body];
+        for c in filter {
+            exprs.push(&c.lhs);
+            exprs.push(&c.rhs);
+        }
+        let reads = self.plannable_reads(&exprs, r, block);
+        // Offsets at r = 0 for every cell, and at r = 1 for cell 0.
+        let at = |g: &mut Self, point: i64, each: &mut dyn FnMut(&mut Self)| {
+            let var = g.b.declare_var(types::I64);
+            let value = g.b.ins().iconst(types::I64, point);
+            g.b.def_var(var, value);
+            g.env.push((r, var));
+            each(g);
+            g.env.pop();
+        };
+        let mut first: Vec<Vec<Value>> = vec![Vec::new(); reads.len()];
+        at(self, 0, &mut |g| {
+            g.each_cell(block, &mut |g, _| {
+                for (k, read) in reads.iter().enumerate() {
+                    let offset = g.linear_offset(read);
+                    first[k].push(offset);
+                }
+            })
+        });
+        let mut second: Vec<Value> = Vec::new();
+        at(self, 1, &mut |g| {
+            for read in &reads {
+                second.push(g.linear_offset(read));
+            }
+        });
+        let mut plans = Vec::new();
+        let mut steps = Vec::new();
+        for (k, read) in reads.iter().enumerate() {
+            let offset = self.b.declare_var(types::I64);
+            self.b.def_var(offset, first[k][0]);
+            let moves = |i: Option<Index>| i.is_some_and(|i| Self::mentions(read, i));
+            let cells = if !moves(block.u) && !(block.columns > 1 && moves(Some(block.v))) {
+                Vec::new()
+            } else {
+                let fixed = |g: &Self, i: Option<Index>| match i {
+                    Some(i) if moves(Some(i)) => g.fixed_row_step(read, i),
+                    _ => Some(0),
+                };
+                match (fixed(self, block.u), fixed(self, Some(block.v))) {
+                    (Some(per_row), Some(per_lane)) => (1..block.cells() as i64)
+                        .map(|cell| {
+                            let (column, row) = (cell / block.rows, cell % block.rows);
+                            let per_row = if block.u == Some(block.v) { per_lane } else { per_row };
+                            CellOffset::Fixed(row * block.row_step() * per_row + column * LANES * per_lane)
+                        })
+                        .collect(),
+                    _ => first[k][1..]
+                        .iter()
+                        .map(|o| {
+                            let own = self.b.declare_var(types::I64);
+                            self.b.def_var(own, *o);
+                            CellOffset::Own(own)
+                        })
+                        .collect(),
+                }
+            };
+            steps.push(self.b.ins().isub(second[k], first[k][0]));
+            plans.push(PlannedRead { expr: *read as *const Expr, offset, cells });
+        }
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.for_loop_from(r, zero, end, 1, &mut |g| {
+            let saved = std::mem::replace(&mut g.planned, plans.clone());
+            g.each_cell(block, &mut |g, k| {
+                let passes = g.vconds(filter, block.v);
+                g.fold_term(op, accumulators[k], body, passes, block.v);
+            });
+            g.planned = saved;
+            for (plan, step) in plans.iter().zip(&steps) {
+                let owned = plan.cells.iter().filter_map(|c| match c {
+                    CellOffset::Own(var) => Some(*var),
+                    CellOffset::Fixed(_) => None,
+                });
+                for var in std::iter::once(plan.offset).chain(owned) {
+                    let offset = g.b.use_var(var);
+                    let next = g.b.ins().iadd(offset, *step);
+                    g.b.def_var(var, next);
+                }
+            }
+        });
+    }
+
+    /// Whether the rows of a block along `u` read `read` a fixed number of elements apart (per
+    /// unit of `u`): `u` at the last position of a full buffer, bare or as the inner index of a
+    /// split pair, and elsewhere only at positions not stored.
+    fn fixed_row_step(&self, read: &Expr, u: Index) -> Option<i64> {
+        let Expr::Access { tensor, subscripts } = read else { return None };
+        let slots = &self.program.buffers[tensor.index()].slots;
+        let last = subscripts.len() - 1;
+        let mut step = 0;
+        for (d, sub) in subscripts.iter().enumerate() {
+            let mut mentions = false;
+            sub.for_each_index(&mut |i| mentions |= i == u);
+            if !mentions || slots[d] == Slot::Current {
+                continue;
+            }
+            let unit = match sub {
+                Affine::Index(i) => *i == u,
+                Affine::Add(_, b) => matches!(&**b, Affine::Index(i) if *i == u) && !sub_mentions_twice(sub, u),
+                _ => false,
+            };
+            if d != last || slots[d] != Slot::Full || !unit {
+                return None;
+            }
+            step = 1;
+        }
+        Some(step)
+    }
+
+    /// The offset of `expr` at the current step and cell, when it is a planned read, and the
+    /// elements to add to it.
+    pub(super) fn planned_offset(&mut self, expr: &Expr) -> Option<(Value, i64)> {
+        let plan = self.planned.iter().find(|p| std::ptr::eq(p.expr, expr))?;
+        let cell = if self.cell > 0 { plan.cells.get(self.cell - 1).copied() } else { None };
+        Some(match cell {
+            None => (self.b.use_var(plan.offset), 0),
+            Some(CellOffset::Fixed(elements)) => (self.b.use_var(plan.offset), elements),
+            Some(CellOffset::Own(var)) => (self.b.use_var(var), 0),
+        })
+    }
+
+    /// A planned read, `extra` elements after `offset`: four contiguous lanes, or one value in
+    /// every lane.
+    pub(super) fn planned_load(&mut self, buffer: usize, (offset, extra): (Value, i64), in_lanes: bool) -> (Value, Def) {
+        let bytes = self.b.ins().ishl_imm_s(offset, 2);
+        let address = self.b.ins().iadd(self.values[buffer], bytes);
+        let flags = MemFlagsData::new().with_notrap();
+        let at = (extra * 4) as i32;
+        let value = if in_lanes {
+            self.b.ins().load(types::F32X4, flags, address, at)
+        } else {
+            let x = self.b.ins().load(types::F32, flags, address, at);
+            self.b.ins().splat(types::F32X4, x)
+        };
+        let Some(mask) = self.masks[buffer] else { return (value, None) };
+        let address = self.b.ins().iadd(mask, offset);
+        let address = if extra != 0 { self.b.ins().iadd_imm_s(address, extra) } else { address };
+        let defined = if in_lanes {
+            self.mask_word(address)
+        } else {
+            let flag = self.b.ins().load(types::I8, self.flags, address, 0);
+            self.lanes(Some(flag)).expect("a mask")
+        };
+        (value, Some(defined))
+    }
+
+    /// Folds one term of a reduction into `acc` where `passes` and the term's definedness hold;
+    /// a sum of a product as a fused multiply-add.
+    pub(super) fn fold_term(&mut self, op: ReduceOp, acc: Variable, body: &Expr, passes: Def, v: Index) {
+        if let (ReduceOp::Sum, Expr::Binary(BinaryOp::Mul, a, b)) = (op, body) {
+            let (x, dx) = self.vexpr(a, v);
+            let (y, dy) = self.vexpr(b, v);
+            let defined = self.and_def(dx, dy);
+            let ok = self.and_def(passes, defined);
+            let current = self.b.use_var(acc);
+            let next = self.b.ins().fma(x, y, current);
+            let chosen = match ok {
+                Some(ok) => {
+                    let bits = self.as_floats(ok);
+                    self.b.ins().bitselect(bits, next, current)
+                }
+                None => next,
+            };
+            self.b.def_var(acc, chosen);
+            return;
+        }
+        let (x, defined) = self.vexpr(body, v);
+        let ok = self.and_def(passes, defined);
+        self.fold(op, acc, x, ok);
+    }
+}
+
+/// Whether `u` occurs more than once in `sub` (its coefficient would not be 1).
+fn sub_mentions_twice(sub: &Affine, u: Index) -> bool {
+    let mut count = 0;
+    sub.for_each_index(&mut |i| count += (i == u) as usize);
+    count > 1
+}
+
+/// `Expr::walk` with the nodes' lifetime kept, so that their addresses can be collected.
+fn walk_ref<'e>(expr: &'e Expr, visit: &mut impl FnMut(&'e Expr)) {
+    visit(expr);
+    match expr {
+        Expr::Unary(_, arg) => walk_ref(arg, visit),
+        Expr::Binary(_, a, b) => {
+            walk_ref(a, visit);
+            walk_ref(b, visit);
+        }
+        Expr::Reduce { filter, body, .. } => {
+            for cond in filter {
+                walk_ref(&cond.lhs, visit);
+                walk_ref(&cond.rhs, visit);
+            }
+            walk_ref(body, visit);
+        }
+        Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Index(_) | Expr::Access { .. } => {}
+    }
+}
