@@ -26,6 +26,24 @@ fn ir() {
     });
 }
 
+/// The Loop IR of each kernel, optimized: loops, buffers and their slots, and which streamed
+/// loops may skip an empty step.
+#[test]
+fn loops() {
+    insta::glob!("filetests/*.ein", |path| {
+        let cascades = compiler::compile_source(&read(path)).expect("filetests check");
+        let mut out = String::new();
+        for cascade in &cascades {
+            let optimized = einfuse::optimize(cascade).map(|o| o.cascade).unwrap_or_else(|_| cascade.clone());
+            match compiler::schedule::schedule(&optimized) {
+                Ok(program) => out += &compiler::schedule::print_program(&program),
+                Err(e) => out += &format!("{}: {e}\n", cascade.name),
+            }
+        }
+        insta::assert_snapshot!(out);
+    });
+}
+
 #[test]
 fn printed_ir_reparses_to_the_same_ir() {
     insta::glob!("filetests/*.ein", |path| {

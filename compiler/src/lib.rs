@@ -24,6 +24,7 @@ pub mod passcount;
 pub mod print;
 pub mod schedule;
 pub mod shapes;
+pub mod skip;
 pub mod verify;
 
 pub use check::{check_file, check_kernel};

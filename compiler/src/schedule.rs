@@ -48,8 +48,11 @@ pub struct Buffer {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Node {
-    /// Runs `body` for `index` = 0, 1, ... up to its rank's extent, in order.
-    Loop { index: Index, body: Vec<Node> },
+    /// Runs `body` for `index` = 0, 1, ... up to its rank's extent, in order. With `skip`, a
+    /// step where that tensor (written by a `Compute` of the body) has no defined point may stop
+    /// after computing it, once every running tensor's current iterate is copied to its next
+    /// slot: the rest of the step would change nothing (see `skip`).
+    Loop { index: Index, body: Vec<Node>, skip: Option<TensorId> },
     /// Evaluates an Einsum at every point of its left-hand side not bound by an enclosing loop.
     Compute { einsum: EinsumId },
 }
@@ -285,7 +288,9 @@ fn order_units(
             (true, Some(index)) => {
                 check_group(cascade, &ids, index)?;
                 shrink_buffers(cascade, &ids, index, buffers);
-                body.push(Node::Loop { index, body: ids.into_iter().map(|einsum| Node::Compute { einsum }).collect() });
+                let skip = crate::skip::empty_step_tensor(cascade, buffers, &ids, index);
+                let body_nodes = ids.into_iter().map(|einsum| Node::Compute { einsum }).collect();
+                body.push(Node::Loop { index, body: body_nodes, skip });
             }
             _ => body.extend(ids.into_iter().map(|einsum| Node::Compute { einsum })),
         }
@@ -424,8 +429,13 @@ pub fn print_program(program: &LoopProgram) -> String {
         for node in body {
             let pad = "  ".repeat(depth);
             match node {
-                Node::Loop { index, body } => {
-                    writeln!(out, "{pad}loop {} < {} {{", c.index_name(*index), c.rank(index.rank).name).unwrap();
+                Node::Loop { index, body, skip } => {
+                    let skip = match skip {
+                        Some(t) => format!(", skipping a step where {} is empty", c.tensor(*t).name),
+                        None => String::new(),
+                    };
+                    let (name, rank) = (c.index_name(*index), &c.rank(index.rank).name);
+                    writeln!(out, "{pad}loop {name} < {rank}{skip} {{").unwrap();
                     nodes(c, body, depth + 1, out);
                     writeln!(out, "{pad}}}").unwrap();
                 }

@@ -116,9 +116,12 @@ impl<'a, 'f> Gen<'a, 'f> {
     pub fn nodes(&mut self, body: &[Node]) {
         for node in body {
             match node {
-                Node::Loop { index, body } => {
+                Node::Loop { index, body, skip } => {
                     let extent = self.extents[index.rank.index()];
-                    self.for_loop(*index, extent, &mut |g| g.nodes(body));
+                    self.for_loop(*index, extent, &mut |g| match skip {
+                        Some(tensor) => g.skippable_step(*index, body, *tensor),
+                        None => g.nodes(body),
+                    });
                 }
                 Node::Compute { einsum } => self.compute(*einsum),
             }

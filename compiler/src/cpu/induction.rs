@@ -267,7 +267,12 @@ impl Gen<'_, '_> {
 
     /// A planned read, `extra` elements after `offset`: four contiguous lanes, or one value in
     /// every lane.
-    pub(super) fn planned_load(&mut self, buffer: usize, (offset, extra): (Value, i64), in_lanes: bool) -> (Value, Def) {
+    pub(super) fn planned_load(
+        &mut self,
+        buffer: usize,
+        (offset, extra): (Value, i64),
+        in_lanes: bool,
+    ) -> (Value, Def) {
         let bytes = self.b.ins().ishl_imm_s(offset, 2);
         let address = self.b.ins().iadd(self.values[buffer], bytes);
         let flags = MemFlagsData::new().with_notrap();

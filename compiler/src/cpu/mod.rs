@@ -6,6 +6,7 @@
 //! vectorised schedules are tested against it and the interpreter alike.
 
 mod codegen;
+mod empty_steps;
 mod induction;
 pub use codegen::table_offsets;
 pub mod header;
@@ -200,7 +201,7 @@ impl CpuKernel {
     /// The most scratch memory `run_threads` holds at once: one chunk's scratch per thread at work.
     pub fn peak_scratch_bytes(&self, extents: &[u64], threads: usize) -> u64 {
         let c = &self.program.cascade;
-        let Some(batch) = batch_rank(c, extents).filter(|_| threads > 1) else {
+        let Some(batch) = batch_rank(c, extents).filter(|_| threads > 0) else {
             return self.scratch_bytes(extents);
         };
         let total = extents[batch.index()];
@@ -428,7 +429,7 @@ impl CpuKernel {
         threads: usize,
     ) -> Result<Vec<Vec<f32>>, CodegenError> {
         let c = &self.program.cascade;
-        let Some(batch) = batch_rank(c, extents).filter(|_| threads > 1) else {
+        let Some(batch) = batch_rank(c, extents).filter(|_| threads > 0) else {
             return self.run(extents, inputs);
         };
         let total = extents[batch.index()];

@@ -348,6 +348,11 @@ impl Gen<'_, '_> {
         self.b.switch_to_block(then);
         let mut passes: Vec<Def> = Vec::new();
         let mut any: Option<Value> = None;
+        // A scratch tensor takes its filter's mask now, and its values, unzeroed, after the
+        // reduction: lane masks kept across the loop would push the accumulators out of registers.
+        let buffer = einsum.target.index();
+        let early_mask =
+            self.program.buffers[buffer].role == crate::schedule::BufferRole::Temp && self.masks[buffer].is_some();
         if !einsum.filter.is_empty() {
             self.each_cell(block, &mut |g, _| {
                 let holds = g.vconds(&einsum.filter, v).expect("a filter");
@@ -356,6 +361,10 @@ impl Gen<'_, '_> {
                     Some(a) => g.b.ins().bor(a, some),
                     None => some,
                 });
+                if early_mask {
+                    let offset = g.target_offset(einsum);
+                    g.store_mask(buffer, offset, Some(holds));
+                }
                 passes.push(Some(holds));
             });
         } else {
@@ -380,10 +389,16 @@ impl Gen<'_, '_> {
         let body = factored.as_ref().map_or(&**body, |(b, _)| b);
         self.vreduce_rows(*op, indices, indices, filter, body, &accumulators, block);
         let scale = factored.map(|(_, s)| s);
+        let values_only = early_mask && !einsum.filter.is_empty();
         self.each_cell(block, &mut |g, k| {
             let value = g.b.use_var(accumulators[k]);
             let value = g.scaled(value, scale);
-            g.store_vector(einsum, value, passes[k]);
+            if values_only {
+                let offset = g.target_offset(einsum);
+                g.store_values(buffer, offset, value, None);
+            } else {
+                g.store_vector(einsum, value, passes[k]);
+            }
         });
         self.b.ins().jump(join, &[]);
         self.b.switch_to_block(join);
@@ -530,17 +545,27 @@ impl Gen<'_, '_> {
         self.store_at(buffer, offset, value, defined);
     }
 
+    /// The element offset of the target's current point.
+    fn target_offset(&mut self, einsum: &Einsum) -> Value {
+        let coords: Vec<Value> = einsum.lhs_indices().map(|i| self.index(i)).collect();
+        let always = vec![true; coords.len()];
+        self.offset(einsum.target.index(), &coords, &always).0
+    }
+
     /// Stores four lanes at the target's current point: zero and an unset mask where a lane is
     /// not defined.
     fn store_vector(&mut self, einsum: &Einsum, value: Value, defined: Def) {
-        let coords: Vec<Value> = einsum.lhs_indices().map(|i| self.index(i)).collect();
-        let buffer = einsum.target.index();
-        let always = vec![true; coords.len()];
-        let (offset, _) = self.offset(buffer, &coords, &always);
-        self.store_at(buffer, offset, value, defined);
+        let offset = self.target_offset(einsum);
+        self.store_at(einsum.target.index(), offset, value, defined);
     }
 
     fn store_at(&mut self, buffer: usize, offset: Value, value: Value, defined: Def) {
+        self.store_values(buffer, offset, value, defined);
+        self.store_mask(buffer, offset, defined);
+    }
+
+    /// Stores four lanes of values, zero where `defined` is not set.
+    fn store_values(&mut self, buffer: usize, offset: Value, value: Value, defined: Def) {
         let stored = match defined {
             Some(d) => {
                 let zero = self.b.ins().f32const(0.0);
@@ -553,6 +578,10 @@ impl Gen<'_, '_> {
         let bytes = self.b.ins().ishl_imm_s(offset, 2);
         let address = self.b.ins().iadd(self.values[buffer], bytes);
         self.b.ins().store(MemFlagsData::new().with_notrap(), stored, address, 0);
+    }
+
+    /// Stores the definedness of four lanes in a masked buffer.
+    fn store_mask(&mut self, buffer: usize, offset: Value, defined: Def) {
         if let Some(mask) = self.masks[buffer] {
             // The four lanes' flags as four bytes, stored at once.
             let address = self.b.ins().iadd(mask, offset);

@@ -493,7 +493,7 @@ impl<'a> Lowering<'a> {
     fn nodes(&mut self, body: &[Node]) {
         for node in body {
             match node {
-                Node::Loop { index, body } => {
+                Node::Loop { index, body, .. } => {
                     let extent = self.extents[index.rank.index()].clone();
                     self.for_loop(*index, "0", &extent, &mut |g| g.nodes(body));
                 }

@@ -1,0 +1,158 @@
+//! Skipping the empty steps of a streamed loop (see `crate::skip`): test, copy, skip.
+//!
+//! Needs: a `Node::Loop` whose `skip` names a masked tensor written by its body, and a body whose
+//! recurrences each keep two slots along the loop's index. Guarantees: a step where that tensor
+//! has no defined point leaves every running tensor's next slot equal to its current one (values
+//! and masks) without computing the Einsums after it, as the proof in `crate::skip` allows.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{types, InstBuilder, Value};
+
+use super::codegen::Gen;
+use crate::ir::*;
+use crate::schedule::{Node, Slot};
+
+impl Gen<'_, '_> {
+    /// One step of the loop over `index`: the body up to the Einsum writing `skip`, then the
+    /// rest only where `skip` has a defined point, else the running tensors carried over.
+    pub(super) fn skippable_step(&mut self, index: Index, body: &[Node], skip: TensorId) {
+        let c = &self.program.cascade;
+        let at = body
+            .iter()
+            .position(|n| matches!(n, Node::Compute { einsum } if c.einsums[einsum.index()].target == skip))
+            .expect("the skipped tensor is written in the loop");
+        self.nodes(&body[..=at]);
+        let any = self.any_defined(skip.index());
+        let (rest, carry, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(any, rest, &[], carry, &[]);
+        self.b.switch_to_block(rest);
+        self.nodes(&body[at + 1..]);
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(carry);
+        for node in &body[at + 1..] {
+            let Node::Compute { einsum } = node else { continue };
+            let einsum = &c.einsums[einsum.index()];
+            if einsum.recurrence_index() == Some(index) {
+                self.carry_over(einsum.target.index(), index);
+            }
+        }
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(join);
+    }
+
+    /// The stored extent of position `d` of buffer `b`.
+    fn stored_dim(&mut self, b: usize, d: usize) -> Value {
+        let dim = self.dims[b][d];
+        match self.program.buffers[b].slots[d] {
+            Slot::Full => dim,
+            Slot::Current => {
+                let one = self.b.ins().iconst(types::I64, 1);
+                self.b.ins().smin(dim, one)
+            }
+            Slot::Alternate => {
+                let two = self.b.ins().iconst(types::I64, 2);
+                self.b.ins().smin(dim, two)
+            }
+        }
+    }
+
+    /// Whether any byte of buffer `b`'s mask is set (8 bytes at a time, then the last ones).
+    fn any_defined(&mut self, b: usize) -> Value {
+        let mask = self.masks[b].expect("a skipped tensor has a mask");
+        let first = self.stored_dim(b, 0);
+        let len = self.b.ins().imul(first, self.strides[b][0]);
+        let seen = self.b.declare_var(types::I64);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b.def_var(seen, zero);
+        let done = self.counted_loop(zero, len, 8, &mut |g, i| {
+            let address = g.b.ins().iadd(mask, i);
+            let word = g.b.ins().load(types::I64, g.flags, address, 0);
+            let so_far = g.b.use_var(seen);
+            let both = g.b.ins().bor(so_far, word);
+            g.b.def_var(seen, both);
+        });
+        self.counted_loop(done, len, 1, &mut |g, i| {
+            let address = g.b.ins().iadd(mask, i);
+            let byte = g.b.ins().load(types::I8, g.flags, address, 0);
+            let byte = g.b.ins().uextend(types::I64, byte);
+            let so_far = g.b.use_var(seen);
+            let both = g.b.ins().bor(so_far, byte);
+            g.b.def_var(seen, both);
+        });
+        let seen = self.b.use_var(seen);
+        self.b.ins().icmp_imm_s(IntCC::NotEqual, seen, 0)
+    }
+
+    /// Copies the current iterate of recurrence buffer `b` (values and mask) into its next slot.
+    fn carry_over(&mut self, b: usize, index: Index) {
+        let d = self.program.buffers[b].slots.iter().position(|s| *s == Slot::Alternate).expect("two slots");
+        let mut outer = self.b.ins().iconst(types::I64, 1);
+        for k in 0..d {
+            let n = self.stored_dim(b, k);
+            outer = self.b.ins().imul(outer, n);
+        }
+        let inner = self.strides[b][d];
+        let slots = self.stored_dim(b, d);
+        let block = self.b.ins().imul(slots, inner);
+        let step = self.index(index);
+        let current = self.b.ins().band_imm_s(step, 1);
+        let following = self.b.ins().iadd_imm_s(step, 1);
+        let following = self.b.ins().band_imm_s(following, 1);
+        let from = self.b.ins().imul(current, inner);
+        let to = self.b.ins().imul(following, inner);
+        let (values, mask) = (self.values[b], self.masks[b]);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        let value_bytes = self.b.ins().ishl_imm_s(inner, 2);
+        self.counted_loop(zero, outer, 1, &mut |g, o| {
+            let base = g.b.ins().imul(o, block);
+            let source = g.b.ins().iadd(base, from);
+            let target = g.b.ins().iadd(base, to);
+            let (sb, tb) = (g.b.ins().ishl_imm_s(source, 2), g.b.ins().ishl_imm_s(target, 2));
+            let (sa, ta) = (g.b.ins().iadd(values, sb), g.b.ins().iadd(values, tb));
+            g.copy_bytes(ta, sa, value_bytes);
+            if let Some(mask) = mask {
+                let (sa, ta) = (g.b.ins().iadd(mask, source), g.b.ins().iadd(mask, target));
+                g.copy_bytes(ta, sa, inner);
+            }
+        });
+    }
+
+    /// Copies `len` bytes from `from` to `to` (not overlapping): sixteen at a time, then one by one.
+    fn copy_bytes(&mut self, to: Value, from: Value, len: Value) {
+        let zero = self.b.ins().iconst(types::I64, 0);
+        let flags = cranelift_codegen::ir::MemFlagsData::new().with_notrap();
+        let done = self.counted_loop(zero, len, 16, &mut |g, i| {
+            let (s, t) = (g.b.ins().iadd(from, i), g.b.ins().iadd(to, i));
+            let x = g.b.ins().load(types::I8X16, flags, s, 0);
+            g.b.ins().store(flags, x, t, 0);
+        });
+        self.counted_loop(done, len, 1, &mut |g, i| {
+            let (s, t) = (g.b.ins().iadd(from, i), g.b.ins().iadd(to, i));
+            let x = g.b.ins().load(types::I8, flags, s, 0);
+            g.b.ins().store(flags, x, t, 0);
+        });
+    }
+
+    /// `for i in (start..end).step_by(step)` while `i + step <= end`, binding no index; returns
+    /// where it stopped.
+    fn counted_loop(&mut self, start: Value, end: Value, step: i64, body: &mut dyn FnMut(&mut Self, Value)) -> Value {
+        let var = self.b.declare_var(types::I64);
+        self.b.def_var(var, start);
+        let (header, inner, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let i = self.b.use_var(var);
+        let last = self.b.ins().iadd_imm_s(i, step);
+        let more = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
+        self.b.ins().brif(more, inner, &[], exit, &[]);
+        self.b.switch_to_block(inner);
+        let i = self.b.use_var(var);
+        body(self, i);
+        let i = self.b.use_var(var);
+        let next = self.b.ins().iadd_imm_s(i, step);
+        self.b.def_var(var, next);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(exit);
+        self.b.use_var(var)
+    }
+}
