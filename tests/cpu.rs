@@ -188,3 +188,38 @@ fn vector_exp_is_accurate_over_the_float_range() {
     assert_eq!(&got[3..7], &[f32::INFINITY, 0.0, 0.0, f32::INFINITY]);
     assert!((got[7] as f64 - (-100f64).exp()).abs() <= 2e-45, "{}", got[7]);
 }
+
+/// Steps of a streamed loop where the filtered tensor has no point are skipped (see
+/// `compiler::skip`); the outputs still agree with the interpreter, whether a step is empty for
+/// every query (more keys than queries under a causal mask) or for a chunk of them only.
+#[test]
+fn skipped_steps_agree_with_the_interpreter() {
+    let tiles = "kernel tiles {
+  rank I, J = 4, P
+  input X[I, J, P]
+  S[i, j, p] = X[i, j, p] where i * J + j <= p
+  T[i, p] = S[i, j, p]
+  R[0, p] = 0
+  R[i + 1, p] = R[i, p] + T[i, p]
+  Y[p] = R[I, p]
+  output Y
+}";
+    let tiles = einfuse::compiler::compile_source(tiles).unwrap().remove(0);
+    for (i, p) in [(9, 5), (3, 40), (1, 1), (30, 3)] {
+        let sizes = BTreeMap::from([("I", i), ("P", p)]);
+        let worst = compare(&tiles, &sizes, 7, &[]);
+        assert!(worst <= 1e-5, "tiles at I = {i}, P = {p}: {worst}");
+    }
+    let causal = corpus().into_iter().find(|k| k.name == "causal").unwrap();
+    let optimized = einfuse::optimize(&causal).unwrap().cascade;
+    let program = einfuse::compiler::schedule::schedule(&optimized).unwrap();
+    assert!(
+        einfuse::compiler::schedule::print_program(&program).contains("skipping a step where"),
+        "causal attention's streamed loop skips empty steps"
+    );
+    for (m, p) in [(300, 7), (130, 65), (64, 1), (65, 64)] {
+        let sizes = BTreeMap::from([("M", m), ("P", p)]);
+        let worst = compare(&optimized, &sizes, 3, &[]);
+        assert!(worst <= 1e-4, "causal at M = {m}, P = {p}: {worst}");
+    }
+}

@@ -159,3 +159,51 @@ impl Reader<'_> {
         Abstract::Unknown
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::schedule::{schedule, Node};
+
+    /// The tensor a kernel's streamed loop may skip on, by name.
+    fn skipped_on(source: &str) -> Option<String> {
+        let cascade = crate::compile_source(source).expect("checks").remove(0);
+        let program = schedule(&cascade).expect("schedules");
+        program.body.iter().find_map(|node| match node {
+            Node::Loop { skip, .. } => skip.map(|t| cascade.tensor(t).name.clone()),
+            Node::Compute { .. } => None,
+        })
+    }
+
+    const TILES: &str = "kernel tiles {
+  rank I, J = 4, P
+  input X[I, J, P]
+  S[i, j, p] = X[i, j, p] where i * J + j <= p
+  T[i, p] = S[i, j, p]
+  R[0, p] = 0
+  R[i + 1, p] = R[i, p] + T[i, p]
+  Y[p] = R[I, p]
+  output Y
+}";
+
+    #[test]
+    fn an_empty_sum_leaves_a_running_sum_unchanged() {
+        assert_eq!(skipped_on(TILES).as_deref(), Some("S"));
+    }
+
+    #[test]
+    fn a_step_that_changes_the_running_tensor_anyway_is_not_skipped() {
+        let counting = TILES.replace("R[i, p] + T[i, p]", "R[i, p] + T[i, p] + 1");
+        assert_eq!(skipped_on(&counting), None);
+        // An undefined term makes the next iterate undefined: not the current one.
+        let undefined =
+            TILES.replace("T[i, p] = S[i, j, p]\n", "").replace("R[i, p] + T[i, p]", "R[i, p] + S[i, 0, p]");
+        assert_eq!(skipped_on(&undefined), None);
+        let scaled = TILES.replace("R[i, p] + T[i, p]", "R[i, p] * 2 + T[i, p]");
+        assert_eq!(skipped_on(&scaled), None);
+    }
+
+    #[test]
+    fn a_loop_without_a_filter_has_nothing_to_skip() {
+        assert_eq!(skipped_on(&TILES.replace(" where i * J + j <= p", "")), None);
+    }
+}
