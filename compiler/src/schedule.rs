@@ -357,11 +357,35 @@ fn check_group(cascade: &Cascade, group: &[EinsumId], index: Index) -> Result<()
     Ok(())
 }
 
-/// Which tensors may hold undefined points: those with a filter, a split pair that can be
-/// ragged, a read that can fall outside its tensor, or a read of such a tensor.
+/// Which tensors may hold undefined points that a reader could see: those with a filter, a
+/// recurrence without an initial value, a read that can fall outside its tensor, or a read of
+/// such a tensor; and those with a split pair that can be ragged, unless they are scratch whose
+/// every read names the pair by its own two indices. Every back end evaluates a point only
+/// where the split pairs bound there are valid, so such a read never reaches a point past the
+/// ragged edge, and the tensor needs no mask.
 pub fn may_be_undefined(cascade: &Cascade) -> Vec<bool> {
     let mut masked = vec![false; cascade.tensors.len()];
     let splits = cascade.split_pairs();
+    let outputs: Vec<TensorId> = cascade.outputs.iter().map(|o| o.tensor).collect();
+    // Whether every read of a tensor names each of its split pairs by a pair of indices.
+    let mut aligned = vec![true; cascade.tensors.len()];
+    for einsum in &cascade.einsums {
+        for (read, subscripts) in einsum.reads() {
+            let ranks = &cascade.tensor(read).ranks;
+            for (tile, inner, _) in &splits {
+                let (Some(t), Some(i)) = (ranks.iter().position(|r| r == tile), ranks.iter().position(|r| r == inner))
+                else {
+                    continue;
+                };
+                let paired = match (&subscripts[t], &subscripts[i]) {
+                    (Affine::Index(a), Affine::Index(b)) => a.rank == *tile && b.rank == *inner && a.primes == b.primes,
+                    _ => false,
+                };
+                aligned[read.index()] &= paired;
+            }
+        }
+    }
+    let initialized = |t: TensorId| cascade.einsums.iter().any(|e| e.target == t && e.is_initial());
     loop {
         let mut changed = false;
         for einsum in &cascade.einsums {
@@ -372,15 +396,30 @@ pub fn may_be_undefined(cascade: &Cascade) -> Vec<bool> {
             let ragged = splits
                 .iter()
                 .any(|(tile, inner, _)| lhs.iter().any(|i| i.rank == *tile) && lhs.iter().any(|i| i.rank == *inner));
-            let mut partial = !einsum.filter.is_empty() || ragged || einsum.recurrence_index().is_some();
-            for (read, subscripts) in einsum.reads() {
+            let target = einsum.target;
+            let ragged = ragged && (outputs.contains(&target) || !aligned[target.index()]);
+            let uninitialized = einsum.recurrence_index().is_some() && !initialized(target);
+            let mut partial = !einsum.filter.is_empty() || ragged || uninitialized;
+            for (read, subscripts) in outside_reductions(einsum) {
                 let tensor = cascade.tensor(read);
-                let in_range = tensor.ranks.iter().zip(subscripts).all(|(rank, sub)| match sub {
-                    Affine::Index(i) => i.rank == *rank,
-                    _ => false,
+                // A split pair's point `t * M0 + m0` is inside its whole rank wherever it is valid;
+                // an iterative position holds one more point than its rank: `i + 1` and the
+                // extent itself are inside it.
+                let iterative = match tensor.kind {
+                    TensorKind::Defined { iterative } => iterative,
+                    TensorKind::Input { .. } => None,
+                };
+                let in_range = tensor.ranks.iter().zip(subscripts).enumerate().all(|(p, (rank, sub))| {
+                    let next = iterative == Some(p)
+                        && match sub {
+                            Affine::Add(a, b) => {
+                                matches!((&**a, &**b), (Affine::Index(i), Affine::Const(1)) if i.rank == *rank)
+                            }
+                            Affine::Extent(r) => r == rank,
+                            _ => false,
+                        };
+                    next || crate::cpu::always_inside(cascade, sub, *rank)
                 });
-                // A reduction's body may be partial without making the reduction partial, but a
-                // read outside a reduction propagates.
                 partial |= masked[read.index()] || !in_range;
             }
             if partial {
@@ -392,6 +431,30 @@ pub fn may_be_undefined(cascade: &Cascade) -> Vec<bool> {
             return masked;
         }
     }
+}
+
+/// The reads of an Einsum outside its reductions (in its body and its filter): a reduction
+/// skips its undefined terms and is defined even when it has none (its identity), so only these
+/// make a point undefined.
+fn outside_reductions(einsum: &Einsum) -> Vec<(TensorId, &[Affine])> {
+    fn walk<'e>(expr: &'e Expr, out: &mut Vec<(TensorId, &'e [Affine])>) {
+        match expr {
+            Expr::Access { tensor, subscripts } => out.push((*tensor, subscripts)),
+            Expr::Unary(_, a) => walk(a, out),
+            Expr::Binary(_, a, b) => {
+                walk(a, out);
+                walk(b, out);
+            }
+            Expr::Reduce { .. } | Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Index(_) => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(&einsum.body, &mut out);
+    for cond in &einsum.filter {
+        walk(&cond.lhs, &mut out);
+        walk(&cond.rhs, &mut out);
+    }
+    out
 }
 
 /// The Loop IR's text form (`einfuse emit --stage loops`).

@@ -191,14 +191,31 @@ impl Gen<'_, '_> {
                             CellOffset::Fixed(row * block.row_step() * per_row + column * LANES * per_lane)
                         })
                         .collect(),
-                    _ => first[k][1..]
-                        .iter()
-                        .map(|o| {
-                            let own = self.b.declare_var(types::I64);
-                            self.b.def_var(own, *o);
-                            CellOffset::Own(own)
-                        })
-                        .collect(),
+                    _ => {
+                        // A cell shares the variable of the cell it reads alike: the same row
+                        // of the first column when the read does not move along `v`, the first
+                        // row of its column when it does not move along `u`.
+                        let (along_u, along_v) = (moves(block.u), block.columns > 1 && moves(Some(block.v)));
+                        let mut cells: Vec<CellOffset> = Vec::new();
+                        for cell in 1..block.cells() {
+                            let (column, row) = (cell as i64 / block.rows, cell as i64 % block.rows);
+                            let alike = match (along_u, along_v) {
+                                (_, false) => row,
+                                (false, true) => column * block.rows,
+                                (true, true) => cell as i64,
+                            } as usize;
+                            cells.push(match alike {
+                                0 => CellOffset::Fixed(0),
+                                a if a < cell => cells[a - 1],
+                                _ => {
+                                    let own = self.b.declare_var(types::I64);
+                                    self.b.def_var(own, first[k][cell]);
+                                    CellOffset::Own(own)
+                                }
+                            });
+                        }
+                        cells
+                    }
                 }
             };
             steps.push(self.b.ins().isub(second[k], first[k][0]));
@@ -213,10 +230,14 @@ impl Gen<'_, '_> {
             });
             g.planned = saved;
             for (plan, step) in plans.iter().zip(&steps) {
-                let owned = plan.cells.iter().filter_map(|c| match c {
-                    CellOffset::Own(var) => Some(*var),
-                    CellOffset::Fixed(_) => None,
-                });
+                let mut owned: Vec<Variable> = Vec::new();
+                for cell in &plan.cells {
+                    if let CellOffset::Own(var) = cell {
+                        if !owned.contains(var) {
+                            owned.push(*var);
+                        }
+                    }
+                }
                 for var in std::iter::once(plan.offset).chain(owned) {
                     let offset = g.b.use_var(var);
                     let next = g.b.ins().iadd(offset, *step);
