@@ -450,17 +450,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         let Some((first, rest)) = remaining.split_first() else {
             // Reads may rely on valid split pairs: evaluate nothing outside them.
             let valid = self.valid_pairs(all);
-            self.when(valid, &mut |g| {
-                let passes = g.conds(filter);
-                let (next, defined) = g.term(op, acc, body);
-                let ok = g.and_def(passes, defined);
-                let current = g.b.use_var(acc);
-                let chosen = match ok {
-                    Some(ok) => g.b.ins().select(ok, next, current),
-                    None => next,
-                };
-                g.b.def_var(acc, chosen);
-            });
+            self.when(valid, &mut |g| g.fold_scalar(op, acc, filter, body));
             return;
         };
         let extent = self.extents[first.rank.index()];
@@ -573,6 +563,17 @@ impl<'a, 'f> Gen<'a, 'f> {
             self.for_loop_from(*first, done, extent, 1, &mut |g| g.compute_point(einsum));
             return;
         }
+        if rest.is_empty() && super::vector::lane_rows(self.program, einsum, *first) {
+            if let Some(end) = self.valid_rows(*first) {
+                // Blocks of rows with the reduced index in lanes while whole blocks are valid,
+                // then row by row.
+                let (u, rows) = (*first, super::vector::BLOCK_ROWS);
+                let zero = self.b.ins().iconst(types::I64, 0);
+                let done = self.for_loop_from(u, zero, end, rows, &mut |g| g.compute_lane_rows(einsum, u, rows));
+                self.for_loop_from(u, done, extent, 1, &mut |g| g.compute_point(einsum));
+                return;
+            }
+        }
         self.for_loop(*first, extent, &mut |g| g.compute_loops(einsum, rest));
     }
 
@@ -597,7 +598,44 @@ impl<'a, 'f> Gen<'a, 'f> {
         Some(self.b.ins().smax(limit, zero))
     }
 
-    fn compute_point(&mut self, einsum: &Einsum) {
+    /// One step of a scalar reduction: `body` folded into `acc` where the filter passes and the
+    /// term is defined.
+    pub(super) fn fold_scalar(&mut self, op: ReduceOp, acc: Variable, filter: &[Cond], body: &Expr) {
+        let passes = self.conds(filter);
+        let (next, defined) = self.term(op, acc, body);
+        let ok = self.and_def(passes, defined);
+        let current = self.b.use_var(acc);
+        let chosen = match ok {
+            Some(ok) => self.b.ins().select(ok, next, current),
+            None => next,
+        };
+        self.b.def_var(acc, chosen);
+    }
+
+    /// Stores `value` at the current point of a plain left-hand side, with its definedness.
+    pub(super) fn store_point(&mut self, einsum: &Einsum, value: Value, defined: Def) {
+        let coords: Vec<Value> = einsum.lhs_indices().map(|i| self.index(i)).collect();
+        let buffer = einsum.target.index();
+        let always = vec![true; coords.len()];
+        let (offset, _) = self.offset(buffer, &coords, &always);
+        let stored = match defined {
+            Some(d) => {
+                let zero = self.b.ins().f32const(0.0);
+                self.b.ins().select(d, value, zero)
+            }
+            None => value,
+        };
+        let bytes = self.b.ins().ishl_imm_s(offset, 2);
+        let address = self.b.ins().iadd(self.values[buffer], bytes);
+        self.b.ins().store(self.flags, stored, address, 0);
+        if let Some(mask) = self.masks[buffer] {
+            let address = self.b.ins().iadd(mask, offset);
+            let d = defined.unwrap_or_else(|| self.one());
+            self.b.ins().store(self.flags, d, address, 0);
+        }
+    }
+
+    pub(super) fn compute_point(&mut self, einsum: &Einsum) {
         let coords: Vec<Value> = einsum
             .lhs
             .iter()

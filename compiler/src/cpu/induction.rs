@@ -127,26 +127,28 @@ impl Gen<'_, '_> {
         self.offset(tensor.index(), &coords, &always).0
     }
 
-    /// The loop of a reduction over `r` alone, from 0 to `end` (see `planned_end`), folding into
-    /// one accumulator per cell of `block`.
+    /// The loop of a reduction over `r` alone, from 0 while `step` more points fit before `end`
+    /// (see `planned_end`), folding into one accumulator per cell of `block`; returns where it
+    /// stopped. With `step == LANES` and `block.v == r`, each step folds four points of `r` in
+    /// lanes.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn planned_reduce(
         &mut self,
         op: ReduceOp,
         r: Index,
-        end: Value,
+        (end, step): (Value, i64),
         filter: &[Cond],
         body: &Expr,
         accumulators: &[Variable],
         block: Block,
-    ) {
+    ) -> Value {
         let mut exprs = vec![body];
         for c in filter {
             exprs.push(&c.lhs);
             exprs.push(&c.rhs);
         }
         let reads = self.plannable_reads(&exprs, r, block);
-        // Offsets at r = 0 for every cell, and at r = 1 for cell 0.
+        // Offsets at r = 0 for every cell, and at r = step for cell 0.
         let at = |g: &mut Self, point: i64, each: &mut dyn FnMut(&mut Self)| {
             let var = g.b.declare_var(types::I64);
             let value = g.b.ins().iconst(types::I64, point);
@@ -165,7 +167,7 @@ impl Gen<'_, '_> {
             })
         });
         let mut second: Vec<Value> = Vec::new();
-        at(self, 1, &mut |g| {
+        at(self, step, &mut |g| {
             for read in &reads {
                 second.push(g.linear_offset(read));
             }
@@ -222,7 +224,7 @@ impl Gen<'_, '_> {
             plans.push(PlannedRead { expr: *read as *const Expr, offset, cells });
         }
         let zero = self.b.ins().iconst(types::I64, 0);
-        self.for_loop_from(r, zero, end, 1, &mut |g| {
+        self.for_loop_from(r, zero, end, step, &mut |g| {
             let saved = std::mem::replace(&mut g.planned, plans.clone());
             g.each_cell(block, &mut |g, k| {
                 let passes = g.vconds(filter, block.v);
@@ -244,7 +246,7 @@ impl Gen<'_, '_> {
                     g.b.def_var(var, next);
                 }
             }
-        });
+        })
     }
 
     /// Whether the rows of a block along `u` read `read` a fixed number of elements apart (per

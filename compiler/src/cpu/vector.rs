@@ -97,6 +97,34 @@ pub fn blockable_rows(program: &LoopProgram, einsum: &Einsum, u: Index, v: Index
     blockable_reduction(einsum) && pair_ok && shared && !indices.contains(&u)
 }
 
+/// Whether `einsum`, not vectorizable along its last free index `u`, runs as blocks of rows of
+/// `u` with its one reduced index `r` in lanes (see `Gen::compute_lane_rows`): no statement
+/// filter, every read of `r` contiguous, and one of them shared by the rows (decode's value
+/// contraction `sum[m0] SLN[m0] * V[f, m0]` along `f`).
+pub fn lane_rows(program: &LoopProgram, einsum: &Einsum, u: Index) -> bool {
+    let Expr::Reduce { indices, filter, body, .. } = &einsum.body else { return false };
+    let [r] = indices.as_slice() else { return false };
+    let pairs = program.cascade.split_pairs();
+    let mut shared = false;
+    body.walk(&mut |e| {
+        if let Expr::Access { subscripts, .. } = e {
+            let (mut lanes, mut rows) = (false, false);
+            for sub in subscripts {
+                sub.for_each_index(&mut |i| {
+                    lanes |= i == *r;
+                    rows |= i == u;
+                });
+            }
+            shared |= lanes && !rows;
+        }
+    });
+    blockable_reduction(einsum)
+        && einsum.filter.is_empty()
+        && shared
+        && !pairs.iter().any(|(t, _, w)| u.rank == *t || u.rank == *w)
+        && reducible_in_lanes(program, body, filter, *r)
+}
+
 /// Whether a register block along `u` and `v` would stream an input badly: the reduction
 /// reads an input in lanes along `v` whose position of a reduced index comes before a
 /// position of extent known only at the call, so that each step of the reduction jumps across
@@ -290,9 +318,10 @@ impl Gen<'_, '_> {
     /// of each column, `u` to each row (`LANES` apart when `u == v`: vectors side by side).
     /// `self.cell` is the cell's number (`column * rows + row`) while `each` runs.
     pub(super) fn each_cell(&mut self, block: Block, each: &mut dyn FnMut(&mut Self, usize)) {
-        let first_v = self.index(block.v);
+        // `v` need not be bound for a block of one column (the lanes of a reduced index).
+        let first_v = if block.columns > 1 { Some(self.index(block.v)) } else { None };
         for column in 0..block.columns {
-            if column > 0 {
+            if let Some(first_v) = first_v.filter(|_| column > 0) {
                 let var = self.b.declare_var(types::I64);
                 let at = self.b.ins().iadd_imm_s(first_v, column * LANES);
                 self.b.def_var(var, at);
@@ -404,6 +433,58 @@ impl Gen<'_, '_> {
         self.b.switch_to_block(join);
     }
 
+    /// Rows `u .. u + rows` of a reduction over one index `r` (see `lane_rows`), every row
+    /// valid: one accumulator of four lanes of `r` per row while `r` runs four points at a time,
+    /// the lanes folded together, then the last points of `r` one by one, in the order of the
+    /// scalar path, so that a row gives the same bits in a block or alone.
+    pub fn compute_lane_rows(&mut self, einsum: &Einsum, u: Index, rows: i64) {
+        let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked") };
+        let r = indices[0];
+        let factored = invariant_factors(&self.program.cascade, *op, body);
+        let body = factored.as_ref().map_or(&**body, |(b, _)| b);
+        let block = Block { u: Some(u), rows, v: r, columns: 1 };
+        let bound = self.valid_pairs(&[]);
+        let end = if bound.is_none() { self.planned_end(r, body, filter) } else { None };
+        let Some(end) = end else {
+            self.each_cell(block, &mut |g, _| g.compute_point(einsum));
+            return;
+        };
+        let identity = reduce_identity(*op) as f32;
+        let lanes: Vec<cranelift_frontend::Variable> = (0..rows)
+            .map(|_| {
+                let acc = self.b.declare_var(types::F32X4);
+                let x = self.b.ins().f32const(identity);
+                let x = self.splat(x);
+                self.b.def_var(acc, x);
+                acc
+            })
+            .collect();
+        let totals: Vec<cranelift_frontend::Variable> = (0..rows)
+            .map(|_| {
+                let acc = self.b.declare_var(types::F32);
+                let x = self.b.ins().f32const(identity);
+                self.b.def_var(acc, x);
+                acc
+            })
+            .collect();
+        let done = self.planned_reduce(*op, r, (end, LANES), filter, body, &lanes, block);
+        for (lane, total) in lanes.iter().zip(&totals) {
+            self.fold_across(*op, *lane, *total);
+        }
+        self.for_loop_from(r, done, end, 1, &mut |g| {
+            g.each_cell(block, &mut |g, k| g.fold_scalar(*op, totals[k], filter, body));
+        });
+        let scale = factored.map(|(_, s)| s);
+        self.each_cell(block, &mut |g, k| {
+            let mut value = g.b.use_var(totals[k]);
+            if let Some(scale) = scale {
+                let s = g.b.ins().f32const(scale);
+                value = g.b.ins().fmul(value, s);
+            }
+            g.store_point(einsum, value, None);
+        });
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn vreduce_rows(
         &mut self,
@@ -427,7 +508,7 @@ impl Gen<'_, '_> {
         };
         if rest.is_empty() && all.len() == 1 {
             if let Some(end) = self.planned_end(*first, body, filter) {
-                self.planned_reduce(op, *first, end, filter, body, accumulators, block);
+                self.planned_reduce(op, *first, (end, 1), filter, body, accumulators, block);
                 return;
             }
         }
@@ -781,7 +862,7 @@ impl Gen<'_, '_> {
         };
         if rest.is_empty() && all.len() == 1 {
             if let Some(end) = self.planned_end(*first, body, filter) {
-                self.planned_reduce(op, *first, end, filter, body, &[acc], Block::single(v));
+                self.planned_reduce(op, *first, (end, 1), filter, body, &[acc], Block::single(v));
                 return;
             }
         }
