@@ -466,8 +466,12 @@ impl CpuKernel {
                     scope.spawn(|| {
                         let mut done = Vec::new();
                         loop {
-                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(range) = ranges.get(k) else { return done };
+                            // The last tiles first: under a causal mask they are the longest
+                            // (they see the most keys), so they start early and the short ones
+                            // fill in at the end.
+                            let taken = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(k) = ranges.len().checked_sub(taken + 1) else { return done };
+                            let range = &ranges[k];
                             done.push((k, run_range(range.clone())));
                         }
                     })
