@@ -493,13 +493,107 @@ impl<'a> Lowering<'a> {
     fn nodes(&mut self, body: &[Node]) {
         for node in body {
             match node {
-                Node::Loop { index, body, .. } => {
+                Node::Loop { index, body, skip } => {
                     let extent = self.extents[index.rank.index()].clone();
-                    self.for_loop(*index, "0", &extent, &mut |g| g.nodes(body));
+                    self.for_loop(*index, "0", &extent, &mut |g| match skip {
+                        Some(tensor) => g.skippable_step(*index, body, *tensor),
+                        None => g.nodes(body),
+                    });
                 }
                 Node::Compute { einsum } => self.compute(*einsum),
             }
         }
+    }
+
+    /// One step of the loop over `index` that may be empty (see `crate::skip`): the body up to
+    /// the Einsum writing `skip`, then the rest only where `skip` has a defined point at this
+    /// step (among the points this call or thread computes), else every running tensor's current
+    /// iterate copied into its next slot.
+    fn skippable_step(&mut self, index: Index, body: &[Node], skip: TensorId) {
+        let c = self.cascade();
+        let writes =
+            |n: &Node, t: TensorId| matches!(n, Node::Compute { einsum } if c.einsums[einsum.index()].target == t);
+        let at = body.iter().position(|n| writes(n, skip)).expect("the skipped tensor is written in the loop");
+        self.nodes(&body[..=at]);
+        let Node::Compute { einsum: filtered } = &body[at] else { unreachable!("found above") };
+        let filtered = &c.einsums[filtered.index()];
+        let seen = self.slot("i8");
+        self.emit(format!("store i8 0, i8* {seen}"));
+        let mask = self.masks[skip.index()].clone().expect("a skipped tensor has a mask");
+        self.each_point(filtered, &mut |g, coords| {
+            let always = vec![true; coords.len()];
+            let (offset, _) = g.offset(skip.index(), coords, &always);
+            let address = g.ins(format!("getelementptr inbounds i8, i8* {mask}, i64 {offset}"));
+            let flag = g.ins(format!("load i8, i8* {address}"));
+            let so_far = g.ins(format!("load i8, i8* {seen}"));
+            let both = g.ins(format!("or i8 {so_far}, {flag}"));
+            g.emit(format!("store i8 {both}, i8* {seen}"));
+        });
+        let seen = self.ins(format!("load i8, i8* {seen}"));
+        let any = self.ins(format!("icmp ne i8 {seen}, 0"));
+        let (rest, carry, join) = (self.label("step"), self.label("carry"), self.label("stepped"));
+        self.emit(format!("br i1 {any}, label %{rest}, label %{carry}"));
+        self.start_block(&rest);
+        self.nodes(&body[at + 1..]);
+        self.emit(format!("br label %{join}"));
+        self.start_block(&carry);
+        for node in &body[at + 1..] {
+            let Node::Compute { einsum } = node else { continue };
+            let einsum = &c.einsums[einsum.index()];
+            if einsum.recurrence_index() != Some(index) {
+                continue;
+            }
+            let buffer = einsum.target.index();
+            let position = einsum.lhs.iter().position(|l| *l == Lhs::Next(index)).expect("a recurrence");
+            self.each_point(einsum, &mut |g, coords| {
+                let always = vec![true; coords.len()];
+                let mut current = coords.to_vec();
+                current[position] = g.index(index);
+                let (from, _) = g.offset(buffer, &current, &always);
+                let (to, _) = g.offset(buffer, coords, &always);
+                let base = g.values[buffer].clone();
+                let source = g.ins(format!("getelementptr inbounds float, float* {base}, i64 {from}"));
+                let target = g.ins(format!("getelementptr inbounds float, float* {base}, i64 {to}"));
+                let x = g.ins(format!("load float, float* {source}"));
+                g.emit(format!("store float {x}, float* {target}"));
+                if let Some(mask) = g.masks[buffer].clone() {
+                    let source = g.ins(format!("getelementptr inbounds i8, i8* {mask}, i64 {from}"));
+                    let target = g.ins(format!("getelementptr inbounds i8, i8* {mask}, i64 {to}"));
+                    let m = g.ins(format!("load i8, i8* {source}"));
+                    g.emit(format!("store i8 {m}, i8* {target}"));
+                }
+            });
+        }
+        self.emit(format!("br label %{join}"));
+        self.start_block(&join);
+    }
+
+    /// Runs `each` at every point of `einsum`'s left-hand side not bound by an enclosing loop,
+    /// with the point's coordinates (an iterate's next slot for `Lhs::Next`).
+    fn each_point(&mut self, einsum: &Einsum, each: &mut dyn FnMut(&mut Self, &[String])) {
+        let free: Vec<Index> = einsum.lhs_indices().filter(|i| !self.env.iter().any(|(bound, _)| bound == i)).collect();
+        self.point_loops(einsum, &free, each);
+    }
+
+    fn point_loops(&mut self, einsum: &Einsum, free: &[Index], each: &mut dyn FnMut(&mut Self, &[String])) {
+        let Some((first, rest)) = free.split_first() else {
+            let coords: Vec<String> = einsum
+                .lhs
+                .iter()
+                .map(|lhs| match lhs {
+                    Lhs::Index(i) => self.index(*i),
+                    Lhs::Initial => "0".to_string(),
+                    Lhs::Next(i) => {
+                        let v = self.index(*i);
+                        self.ins(format!("add i64 {v}, 1"))
+                    }
+                })
+                .collect();
+            each(self, &coords);
+            return;
+        };
+        let extent = self.extents[first.rank.index()].clone();
+        self.for_loop(*first, "0", &extent, &mut |g| g.point_loops(einsum, rest, each));
     }
 
     /// `for index in start..end { body }`, with `index` bound in the environment.
@@ -1374,11 +1468,25 @@ impl<'a> Lowering<'a> {
             // The statement filter decides which points exist: a block where no point does is
             // skipped (an empty tile), the others computed whole and stored masked.
             let b = t.bool();
+            // A scratch tensor takes its filter's mask now and its values, unzeroed, after the
+            // reduction, so that no lane mask stays live across it beside the accumulators.
+            let buffer = einsum.target.index();
+            let early_mask =
+                self.program.buffers[buffer].role == crate::schedule::BufferRole::Temp && self.masks[buffer].is_some();
             let passes: Vec<String> = (0..rows * columns).map(|_| self.slot(&b)).collect();
             let mut any = "false".to_string();
             self.each_vector(u, rows, v, columns, &mut |g, k| {
                 let holds = g.vconds(&einsum.filter, v).expect("a filter");
-                g.emit(format!("store {b} {holds}, {b}* {}", passes[k]));
+                if early_mask {
+                    let (_, mask) = g.target_address(einsum);
+                    let mask = mask.expect("a masked target");
+                    let bytes = t.wrap("i8");
+                    let flags = g.ins(format!("zext {b} {holds} to {bytes}"));
+                    let vector = g.ins(format!("bitcast i8* {mask} to {bytes}*"));
+                    g.emit(format!("store {bytes} {flags}, {bytes}* {vector}, align 1"));
+                } else {
+                    g.emit(format!("store {b} {holds}, {b}* {}", passes[k]));
+                }
                 let some = g.ins(format!("call i1 @llvm.vector.reduce.or.v{w}i1({b} {holds})"));
                 any = g.ins(format!("or i1 {any}, {some}"));
             });
@@ -1386,6 +1494,13 @@ impl<'a> Lowering<'a> {
                 g.block_reduce(*op, indices, indices, filter, body, (u, rows, v, columns), &accumulators)
             });
             self.each_vector(u, rows, v, columns, &mut |g, k| {
+                if early_mask {
+                    let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
+                    let (address, _) = g.target_address(einsum);
+                    let vector = g.ins(format!("bitcast float* {address} to {f}*"));
+                    g.emit(format!("store {f} {value}, {f}* {vector}, align 4"));
+                    return;
+                }
                 let holds = g.ins(format!("load {b}, {b}* {}", passes[k]));
                 let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
                 let value = g.ins(format!("select {b} {holds}, {f} {value}, {f} {}", t.constant(0.0)));
