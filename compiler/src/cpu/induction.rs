@@ -30,6 +30,8 @@ pub struct PlannedRead {
     pub offset: Variable,
     /// Cells 1, 2, ... of the block; empty when the read does not move across the block.
     pub cells: Vec<CellOffset>,
+    /// Whether this step is known to read only defined points, so that the mask is not loaded.
+    pub defined: bool,
 }
 
 /// Where a cell of a block reads, relative to cell 0.
@@ -221,15 +223,62 @@ impl Gen<'_, '_> {
                 }
             };
             steps.push(self.b.ins().isub(second[k], first[k][0]));
-            plans.push(PlannedRead { expr: *read as *const Expr, offset, cells });
+            plans.push(PlannedRead { expr: *read as *const Expr, offset, cells, defined: false });
         }
         let zero = self.b.ins().iconst(types::I64, 0);
+        // Masked reads shared by every cell (a tile of scores under a causal mask): a step where
+        // all their points are defined folds without selecting lane by lane.
+        let shared: Vec<usize> = (0..reads.len())
+            .filter(|k| {
+                let Expr::Access { tensor, .. } = reads[*k] else { return false };
+                plans[*k].cells.is_empty() && self.masks[tensor.index()].is_some()
+            })
+            .collect();
         self.for_loop_from(r, zero, end, step, &mut |g| {
             let saved = std::mem::replace(&mut g.planned, plans.clone());
-            g.each_cell(block, &mut |g, k| {
-                let passes = g.vconds(filter, block.v);
-                g.fold_term(op, accumulators[k], body, passes, block.v);
-            });
+            let fold = |g: &mut Self| {
+                g.each_cell(block, &mut |g, k| {
+                    let passes = g.vconds(filter, block.v);
+                    g.fold_term(op, accumulators[k], body, passes, block.v);
+                })
+            };
+            if shared.is_empty() {
+                fold(g);
+            } else {
+                let mut all: Option<Value> = None;
+                for k in &shared {
+                    let Expr::Access { tensor, .. } = reads[*k] else { unreachable!("an access") };
+                    let offset = g.b.use_var(plans[*k].offset);
+                    let mask = g.masks[tensor.index()].expect("masked");
+                    let address = g.b.ins().iadd(mask, offset);
+                    let defined = if Self::mentions(reads[*k], block.v) {
+                        let lanes = g.mask_word(address);
+                        g.b.ins().vall_true(lanes)
+                    } else {
+                        let flag = g.b.ins().load(types::I8, g.flags, address, 0);
+                        g.b.ins().icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::NotEqual, flag, 0)
+                    };
+                    all = Some(match all {
+                        Some(a) => g.b.ins().band(a, defined),
+                        None => defined,
+                    });
+                }
+                let (whole, partial, join) = (g.b.create_block(), g.b.create_block(), g.b.create_block());
+                g.b.ins().brif(all.expect("a shared read"), whole, &[], partial, &[]);
+                g.b.switch_to_block(whole);
+                for k in &shared {
+                    g.planned[*k].defined = true;
+                }
+                fold(g);
+                for k in &shared {
+                    g.planned[*k].defined = false;
+                }
+                g.b.ins().jump(join, &[]);
+                g.b.switch_to_block(partial);
+                fold(g);
+                g.b.ins().jump(join, &[]);
+                g.b.switch_to_block(join);
+            }
             g.planned = saved;
             for (plan, step) in plans.iter().zip(&steps) {
                 let mut owned: Vec<Variable> = Vec::new();
@@ -276,6 +325,11 @@ impl Gen<'_, '_> {
         Some(step)
     }
 
+    /// Whether a planned read is known to be defined at this step.
+    pub(super) fn planned_defined(&self, expr: &Expr) -> bool {
+        self.planned.iter().any(|p| std::ptr::eq(p.expr, expr) && p.defined)
+    }
+
     /// The offset of `expr` at the current step and cell, when it is a planned read, and the
     /// elements to add to it.
     pub(super) fn planned_offset(&mut self, expr: &Expr) -> Option<(Value, i64)> {
@@ -289,12 +343,13 @@ impl Gen<'_, '_> {
     }
 
     /// A planned read, `extra` elements after `offset`: four contiguous lanes, or one value in
-    /// every lane.
+    /// every lane. `known`: the point is known to be defined, so its mask is not read.
     pub(super) fn planned_load(
         &mut self,
         buffer: usize,
         (offset, extra): (Value, i64),
         in_lanes: bool,
+        known: bool,
     ) -> (Value, Def) {
         let bytes = self.b.ins().ishl_imm_s(offset, 2);
         let address = self.b.ins().iadd(self.values[buffer], bytes);
@@ -306,7 +361,7 @@ impl Gen<'_, '_> {
             let x = self.b.ins().load(types::F32, flags, address, at);
             self.b.ins().splat(types::F32X4, x)
         };
-        let Some(mask) = self.masks[buffer] else { return (value, None) };
+        let Some(mask) = self.masks[buffer].filter(|_| !known) else { return (value, None) };
         let address = self.b.ins().iadd(mask, offset);
         let address = if extra != 0 { self.b.ins().iadd_imm_s(address, extra) } else { address };
         let defined = if in_lanes {

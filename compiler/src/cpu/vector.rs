@@ -744,7 +744,8 @@ impl Gen<'_, '_> {
         if let Expr::Access { tensor, .. } = expr {
             if let Some(offset) = self.planned_offset(expr) {
                 let in_lanes = Self::mentions(expr, v);
-                return self.planned_load(tensor.index(), offset, in_lanes);
+                let known = self.planned_defined(expr);
+                return self.planned_load(tensor.index(), offset, in_lanes, known);
             }
         }
         if !Self::mentions(expr, v) && !matches!(expr, Expr::Reduce { .. }) {
