@@ -401,8 +401,11 @@ impl Gen<'_, '_> {
         }
         if let Some(any) = any {
             // No lane of the block passes the filter: every lane undefined, nothing computed.
+            // A scratch tensor has its (unset) mask already, and no reader looks at the values
+            // of its undefined points.
             let compute = self.b.create_block();
-            self.b.ins().brif(any, compute, &[], otherwise, &[]);
+            let empty = if early_mask { join } else { otherwise };
+            self.b.ins().brif(any, compute, &[], empty, &[]);
             self.b.switch_to_block(compute);
         }
         let identity = self.b.ins().f32const(reduce_identity(*op) as f32);
