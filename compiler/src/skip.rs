@@ -121,11 +121,11 @@ impl Reader<'_> {
                     (BinaryOp::Add, Same(t), Constant(c)) | (BinaryOp::Add, Constant(c), Same(t)) if c == 0.0 => {
                         Same(t)
                     }
-                    (BinaryOp::Sub, Same(t), Constant(c)) if c == 0.0 => Same(t),
+                    (BinaryOp::Sub, Same(t), Constant(0.0)) => Same(t),
                     (BinaryOp::Mul, Same(t), Constant(c)) | (BinaryOp::Mul, Constant(c), Same(t)) if c == 1.0 => {
                         Same(t)
                     }
-                    (BinaryOp::Div, Same(t), Constant(c)) if c == 1.0 => Same(t),
+                    (BinaryOp::Div, Same(t), Constant(1.0)) => Same(t),
                     _ => Unknown,
                 }
             }

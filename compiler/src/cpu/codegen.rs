@@ -144,6 +144,22 @@ impl<'a, 'f> Gen<'a, 'f> {
         step: i64,
         body: &mut dyn FnMut(&mut Self),
     ) -> Value {
+        self.counted_loop(start, end, step, &mut |g, var| {
+            g.env.push((index, var));
+            body(g);
+            g.env.pop();
+        })
+    }
+
+    /// `for i in (start..end).step_by(step)` while `i + step <= end`, the counter in a variable
+    /// that `body` may bind to an index; returns where it stopped.
+    pub(super) fn counted_loop(
+        &mut self,
+        start: Value,
+        end: Value,
+        step: i64,
+        body: &mut dyn FnMut(&mut Self, Variable),
+    ) -> Value {
         let var = self.b.declare_var(types::I64);
         self.b.def_var(var, start);
         let header = self.b.create_block();
@@ -156,9 +172,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         let more = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
         self.b.ins().brif(more, inner, &[], exit, &[]);
         self.b.switch_to_block(inner);
-        self.env.push((index, var));
-        body(self);
-        self.env.pop();
+        body(self, var);
         let i = self.b.use_var(var);
         let next = self.b.ins().iadd_imm_s(i, step);
         self.b.def_var(var, next);
@@ -612,12 +626,37 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.b.def_var(acc, chosen);
     }
 
-    /// Stores `value` at the current point of a plain left-hand side, with its definedness.
-    pub(super) fn store_point(&mut self, einsum: &Einsum, value: Value, defined: Def) {
-        let coords: Vec<Value> = einsum.lhs_indices().map(|i| self.index(i)).collect();
-        let buffer = einsum.target.index();
+    /// The coordinates of the target's current point (an iterate's next slot for `Lhs::Next`).
+    pub(super) fn target_coords(&mut self, einsum: &Einsum) -> Vec<Value> {
+        einsum
+            .lhs
+            .iter()
+            .map(|lhs| match lhs {
+                Lhs::Index(i) => self.index(*i),
+                Lhs::Initial => self.b.ins().iconst(types::I64, 0),
+                Lhs::Next(i) => {
+                    let v = self.index(*i);
+                    self.b.ins().iadd_imm_s(v, 1)
+                }
+            })
+            .collect()
+    }
+
+    /// The element offset of the target's current point.
+    pub(super) fn target_offset(&mut self, einsum: &Einsum) -> Value {
+        let coords = self.target_coords(einsum);
         let always = vec![true; coords.len()];
-        let (offset, _) = self.offset(buffer, &coords, &always);
+        self.offset(einsum.target.index(), &coords, &always).0
+    }
+
+    /// Stores `value` at the target's current point, with its definedness.
+    pub(super) fn store_point(&mut self, einsum: &Einsum, value: Value, defined: Def) {
+        let offset = self.target_offset(einsum);
+        self.store_scalar(einsum.target.index(), offset, value, defined);
+    }
+
+    /// Stores one value at `offset` of buffer `buffer`: zero and an unset flag where not defined.
+    fn store_scalar(&mut self, buffer: usize, offset: Value, value: Value, defined: Def) {
         let stored = match defined {
             Some(d) => {
                 let zero = self.b.ins().f32const(0.0);
@@ -636,22 +675,8 @@ impl<'a, 'f> Gen<'a, 'f> {
     }
 
     pub(super) fn compute_point(&mut self, einsum: &Einsum) {
-        let coords: Vec<Value> = einsum
-            .lhs
-            .iter()
-            .map(|lhs| match lhs {
-                Lhs::Index(i) => self.index(*i),
-                Lhs::Initial => self.b.ins().iconst(types::I64, 0),
-                Lhs::Next(i) => {
-                    let v = self.index(*i);
-                    self.b.ins().iadd_imm_s(v, 1)
-                }
-            })
-            .collect();
         let valid = self.valid_pairs(&[]);
-        let buffer = einsum.target.index();
-        let always = vec![true; coords.len()];
-        let (offset, _) = self.offset(buffer, &coords, &always);
+        let offset = self.target_offset(einsum);
         let (value, defined) = match valid {
             None => self.point_value(einsum),
             Some(valid) => {
@@ -671,21 +696,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 (self.b.block_params(join)[0], Some(self.b.block_params(join)[1]))
             }
         };
-        let stored = match defined {
-            Some(d) => {
-                let zero = self.b.ins().f32const(0.0);
-                self.b.ins().select(d, value, zero)
-            }
-            None => value,
-        };
-        let bytes = self.b.ins().ishl_imm_s(offset, 2);
-        let address = self.b.ins().iadd(self.values[buffer], bytes);
-        self.b.ins().store(self.flags, stored, address, 0);
-        if let Some(mask) = self.masks[buffer] {
-            let address = self.b.ins().iadd(mask, offset);
-            let d = defined.unwrap_or_else(|| self.one());
-            self.b.ins().store(self.flags, d, address, 0);
-        }
+        self.store_scalar(einsum.target.index(), offset, value, defined);
     }
 
     /// The value at the current point, where its split pairs are valid: the filter, then the body.

@@ -64,14 +64,16 @@ impl Gen<'_, '_> {
         let seen = self.b.declare_var(types::I64);
         let zero = self.b.ins().iconst(types::I64, 0);
         self.b.def_var(seen, zero);
-        let done = self.counted_loop(zero, len, 8, &mut |g, i| {
+        let done = self.counted_loop(zero, len, 8, &mut |g, counter| {
+            let i = g.b.use_var(counter);
             let address = g.b.ins().iadd(mask, i);
             let word = g.b.ins().load(types::I64, g.flags, address, 0);
             let so_far = g.b.use_var(seen);
             let both = g.b.ins().bor(so_far, word);
             g.b.def_var(seen, both);
         });
-        self.counted_loop(done, len, 1, &mut |g, i| {
+        self.counted_loop(done, len, 1, &mut |g, counter| {
+            let i = g.b.use_var(counter);
             let address = g.b.ins().iadd(mask, i);
             let byte = g.b.ins().load(types::I8, g.flags, address, 0);
             let byte = g.b.ins().uextend(types::I64, byte);
@@ -103,7 +105,8 @@ impl Gen<'_, '_> {
         let (values, mask) = (self.values[b], self.masks[b]);
         let zero = self.b.ins().iconst(types::I64, 0);
         let value_bytes = self.b.ins().ishl_imm_s(inner, 2);
-        self.counted_loop(zero, outer, 1, &mut |g, o| {
+        self.counted_loop(zero, outer, 1, &mut |g, counter| {
+            let o = g.b.use_var(counter);
             let base = g.b.ins().imul(o, block);
             let source = g.b.ins().iadd(base, from);
             let target = g.b.ins().iadd(base, to);
@@ -121,38 +124,17 @@ impl Gen<'_, '_> {
     fn copy_bytes(&mut self, to: Value, from: Value, len: Value) {
         let zero = self.b.ins().iconst(types::I64, 0);
         let flags = cranelift_codegen::ir::MemFlagsData::new().with_notrap();
-        let done = self.counted_loop(zero, len, 16, &mut |g, i| {
+        let done = self.counted_loop(zero, len, 16, &mut |g, counter| {
+            let i = g.b.use_var(counter);
             let (s, t) = (g.b.ins().iadd(from, i), g.b.ins().iadd(to, i));
             let x = g.b.ins().load(types::I8X16, flags, s, 0);
             g.b.ins().store(flags, x, t, 0);
         });
-        self.counted_loop(done, len, 1, &mut |g, i| {
+        self.counted_loop(done, len, 1, &mut |g, counter| {
+            let i = g.b.use_var(counter);
             let (s, t) = (g.b.ins().iadd(from, i), g.b.ins().iadd(to, i));
             let x = g.b.ins().load(types::I8, flags, s, 0);
             g.b.ins().store(flags, x, t, 0);
         });
-    }
-
-    /// `for i in (start..end).step_by(step)` while `i + step <= end`, binding no index; returns
-    /// where it stopped.
-    fn counted_loop(&mut self, start: Value, end: Value, step: i64, body: &mut dyn FnMut(&mut Self, Value)) -> Value {
-        let var = self.b.declare_var(types::I64);
-        self.b.def_var(var, start);
-        let (header, inner, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
-        self.b.ins().jump(header, &[]);
-        self.b.switch_to_block(header);
-        let i = self.b.use_var(var);
-        let last = self.b.ins().iadd_imm_s(i, step);
-        let more = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
-        self.b.ins().brif(more, inner, &[], exit, &[]);
-        self.b.switch_to_block(inner);
-        let i = self.b.use_var(var);
-        body(self, i);
-        let i = self.b.use_var(var);
-        let next = self.b.ins().iadd_imm_s(i, step);
-        self.b.def_var(var, next);
-        self.b.ins().jump(header, &[]);
-        self.b.switch_to_block(exit);
-        self.b.use_var(var)
     }
 }

@@ -180,7 +180,8 @@ impl Gen<'_, '_> {
             let offset = self.b.declare_var(types::I64);
             self.b.def_var(offset, first[k][0]);
             let moves = |i: Option<Index>| i.is_some_and(|i| Self::mentions(read, i));
-            let cells = if !moves(block.u) && !(block.columns > 1 && moves(Some(block.v))) {
+            let (along_u, along_v) = (moves(block.u), block.columns > 1 && moves(Some(block.v)));
+            let cells = if !along_u && !along_v {
                 Vec::new()
             } else {
                 let fixed = |g: &Self, i: Option<Index>| match i {
@@ -191,7 +192,6 @@ impl Gen<'_, '_> {
                     (Some(per_row), Some(per_lane)) => (1..block.cells() as i64)
                         .map(|cell| {
                             let (column, row) = (cell / block.rows, cell % block.rows);
-                            let per_row = if block.u == Some(block.v) { per_lane } else { per_row };
                             CellOffset::Fixed(row * block.row_step() * per_row + column * LANES * per_lane)
                         })
                         .collect(),
@@ -199,7 +199,6 @@ impl Gen<'_, '_> {
                         // A cell shares the variable of the cell it reads alike: the same row
                         // of the first column when the read does not move along `v`, the first
                         // row of its column when it does not move along `u`.
-                        let (along_u, along_v) = (moves(block.u), block.columns > 1 && moves(Some(block.v)));
                         let mut cells: Vec<CellOffset> = Vec::new();
                         for cell in 1..block.cells() {
                             let (column, row) = (cell as i64 / block.rows, cell as i64 % block.rows);
@@ -383,14 +382,7 @@ impl Gen<'_, '_> {
             let ok = self.and_def(passes, defined);
             let current = self.b.use_var(acc);
             let next = self.b.ins().fma(x, y, current);
-            let chosen = match ok {
-                Some(ok) => {
-                    let bits = self.as_floats(ok);
-                    self.b.ins().bitselect(bits, next, current)
-                }
-                None => next,
-            };
-            self.b.def_var(acc, chosen);
+            self.update_lanes(acc, current, next, ok);
             return;
         }
         let (x, defined) = self.vexpr(body, v);

@@ -81,20 +81,25 @@ pub fn blockable_rows(program: &LoopProgram, einsum: &Einsum, u: Index, v: Index
     let pairs = program.cascade.split_pairs();
     let pair_ok = pairs.iter().all(|(t, _, w)| u.rank != *t && u.rank != *w);
     // Rows pay when they share a vector: some read in lanes that does not mention `u`.
+    blockable_reduction(einsum) && pair_ok && shares_a_read(body, v, u) && !indices.contains(&u)
+}
+
+/// Whether some read in `body` mentions `lanes` but not `rows`: one vector shared by the rows.
+fn shares_a_read(body: &Expr, lanes: Index, rows: Index) -> bool {
     let mut shared = false;
     body.walk(&mut |e| {
         if let Expr::Access { subscripts, .. } = e {
-            let (mut lanes, mut rows) = (false, false);
+            let (mut in_lanes, mut in_rows) = (false, false);
             for sub in subscripts {
                 sub.for_each_index(&mut |i| {
-                    lanes |= i == v;
-                    rows |= i == u;
+                    in_lanes |= i == lanes;
+                    in_rows |= i == rows;
                 });
             }
-            shared |= lanes && !rows;
+            shared |= in_lanes && !in_rows;
         }
     });
-    blockable_reduction(einsum) && pair_ok && shared && !indices.contains(&u)
+    shared
 }
 
 /// Whether `einsum`, not vectorizable along its last free index `u`, runs as blocks of rows of
@@ -105,22 +110,9 @@ pub fn lane_rows(program: &LoopProgram, einsum: &Einsum, u: Index) -> bool {
     let Expr::Reduce { indices, filter, body, .. } = &einsum.body else { return false };
     let [r] = indices.as_slice() else { return false };
     let pairs = program.cascade.split_pairs();
-    let mut shared = false;
-    body.walk(&mut |e| {
-        if let Expr::Access { subscripts, .. } = e {
-            let (mut lanes, mut rows) = (false, false);
-            for sub in subscripts {
-                sub.for_each_index(&mut |i| {
-                    lanes |= i == *r;
-                    rows |= i == u;
-                });
-            }
-            shared |= lanes && !rows;
-        }
-    });
     blockable_reduction(einsum)
         && einsum.filter.is_empty()
-        && shared
+        && shares_a_read(body, *r, u)
         && !pairs.iter().any(|(t, _, w)| u.rank == *t || u.rank == *w)
         && reducible_in_lanes(program, body, filter, *r)
 }
@@ -569,6 +561,11 @@ impl Gen<'_, '_> {
     pub(super) fn fold(&mut self, op: ReduceOp, acc: cranelift_frontend::Variable, x: Value, ok: Def) {
         let current = self.b.use_var(acc);
         let next = self.combine(op, current, x);
+        self.update_lanes(acc, current, next, ok);
+    }
+
+    /// Sets `acc` to `next` in the lanes where `ok` holds, to `current` elsewhere.
+    pub(super) fn update_lanes(&mut self, acc: cranelift_frontend::Variable, current: Value, next: Value, ok: Def) {
         let chosen = match ok {
             Some(ok) => {
                 let bits = self.as_floats(ok);
@@ -581,21 +578,8 @@ impl Gen<'_, '_> {
 
     /// Four points of `einsum` at `v`, `v + 1`, `v + 2`, `v + 3`.
     pub fn compute_vector(&mut self, einsum: &Einsum, v: Index) {
-        let coords: Vec<Value> = einsum
-            .lhs
-            .iter()
-            .map(|lhs| match lhs {
-                Lhs::Index(i) => self.index(*i),
-                Lhs::Initial => self.b.ins().iconst(types::I64, 0),
-                Lhs::Next(i) => {
-                    let x = self.index(*i);
-                    self.b.ins().iadd_imm_s(x, 1)
-                }
-            })
-            .collect();
         let buffer = einsum.target.index();
-        let always = vec![true; coords.len()];
-        let (offset, _) = self.offset(buffer, &coords, &always);
+        let offset = self.target_offset(einsum);
         // One answer for the four lanes: a split pair of `v` is valid at all four (the caller's
         // vectors cover valid points only), and the others do not involve `v`. Where they are
         // not valid, the lanes are undefined and nothing is read.
@@ -627,13 +611,6 @@ impl Gen<'_, '_> {
             }
         };
         self.store_at(buffer, offset, value, defined);
-    }
-
-    /// The element offset of the target's current point.
-    fn target_offset(&mut self, einsum: &Einsum) -> Value {
-        let coords: Vec<Value> = einsum.lhs_indices().map(|i| self.index(i)).collect();
-        let always = vec![true; coords.len()];
-        self.offset(einsum.target.index(), &coords, &always).0
     }
 
     /// Stores four lanes at the target's current point: zero and an unset mask where a lane is

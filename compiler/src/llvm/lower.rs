@@ -577,18 +577,7 @@ impl<'a> Lowering<'a> {
 
     fn point_loops(&mut self, einsum: &Einsum, free: &[Index], each: &mut dyn FnMut(&mut Self, &[String])) {
         let Some((first, rest)) = free.split_first() else {
-            let coords: Vec<String> = einsum
-                .lhs
-                .iter()
-                .map(|lhs| match lhs {
-                    Lhs::Index(i) => self.index(*i),
-                    Lhs::Initial => "0".to_string(),
-                    Lhs::Next(i) => {
-                        let v = self.index(*i);
-                        self.ins(format!("add i64 {v}, 1"))
-                    }
-                })
-                .collect();
+            let coords = self.target_coords(einsum);
             each(self, &coords);
             return;
         };
@@ -1722,18 +1711,7 @@ impl<'a> Lowering<'a> {
     }
 
     fn compute_point(&mut self, einsum: &Einsum) {
-        let coords: Vec<String> = einsum
-            .lhs
-            .iter()
-            .map(|lhs| match lhs {
-                Lhs::Index(i) => self.index(*i),
-                Lhs::Initial => "0".to_string(),
-                Lhs::Next(i) => {
-                    let v = self.index(*i);
-                    self.ins(format!("add i64 {v}, 1"))
-                }
-            })
-            .collect();
+        let coords = self.target_coords(einsum);
         let valid = self.valid_pairs(&[]);
         let buffer = einsum.target.index();
         let always = vec![true; coords.len()];
