@@ -193,6 +193,9 @@ pub struct RunOptions {
     pub check_finite: bool,
     /// Threads for the CPU target (default: every core).
     pub threads: usize,
+    /// Run the split-key (Flash-Decoding) form with chunks of this many keys: the streamed loop
+    /// per chunk, every chunk at once, then a merge kernel (see `compiler::split`).
+    pub split_keys: Option<u64>,
 }
 
 /// Every core of the machine.
@@ -209,6 +212,7 @@ impl Default for RunOptions {
             seed: 0,
             check_finite: true,
             threads: all_cores(),
+            split_keys: None,
         }
     }
 }
@@ -299,21 +303,13 @@ pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Ve
         }
     }
     let (extents, inputs) = prepare_inputs(&cascade, options)?;
-    let values: Vec<Vec<f32>> = match target {
-        Target::Cpu => {
-            let kernel = compile_cpu(&cascade)?;
-            let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
-            kernel.run_threads(&extents, &slices, options.threads)?
-        }
-        Target::CpuLlvm | Target::GpuEmulated | Target::Gpu => {
-            let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
-            run_llvm(&cascade, target, &extents, &slices, options.threads)?
-        }
-        Target::Interp => {
-            let data: Vec<Vec<f64>> = inputs.iter().map(Tensor::to_f64).collect();
-            let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
-            let outputs = interpret(&cascade, &extents, &slices, InterpLimits::default())?;
-            outputs.into_iter().map(|o| o.into_iter().map(|x| x as f32).collect()).collect()
+    let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
+    let values = match options.split_keys {
+        None => run_values(&cascade, target, &extents, &slices, options.threads)?,
+        Some(chunk) => {
+            let split = compiler::split::split_keys(&cascade, chunk)
+                .map_err(|why| Error::Usage(format!("kernel `{}` does not split into chunks: {why}", cascade.name)))?;
+            run_split(&cascade, &split, target, &extents, &slices, options.threads)?
         }
     };
     let outputs = output_tensors(&cascade, &extents, values);
@@ -321,6 +317,78 @@ pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Ve
         check_finite(&outputs)?;
     }
     Ok(outputs)
+}
+
+/// The extents of `cascade` for a call of `original` at `extents`: each symbolic rank by name,
+/// the rest from `inputs`.
+fn extents_by_name(
+    original: &Cascade,
+    extents: &[u64],
+    cascade: &Cascade,
+    shapes: &[Vec<u64>],
+) -> Result<Vec<u64>, Error> {
+    let bindings: Vec<(String, u64)> = cascade
+        .ranks
+        .iter()
+        .filter(|r| r.extent == compiler::ir::Extent::Symbolic)
+        .filter_map(|r| original.rank_by_name(&r.name).map(|id| (r.name.clone(), extents[id.index()])))
+        .collect();
+    let given: Vec<_> = cascade.inputs().into_iter().zip(shapes.iter().cloned()).collect();
+    Ok(bind_extents(cascade, &bindings, &given)?)
+}
+
+/// Runs the split-key form of `original`: the chunk kernel, then the merge kernel on its
+/// outputs; returns the original's outputs.
+pub fn run_split(
+    original: &Cascade,
+    split: &compiler::split::SplitKeys,
+    target: Target,
+    extents: &[u64],
+    inputs: &[&[f32]],
+    threads: usize,
+) -> Result<Vec<Vec<f32>>, Error> {
+    let original_inputs = original.inputs();
+    let shape_of = |i: usize| tensor_shape(original, original_inputs[i], extents);
+    let chunk_inputs: Vec<&[f32]> = split.chunk_inputs.iter().map(|i| inputs[*i]).collect();
+    let chunk_shapes: Vec<Vec<u64>> = split.chunk_inputs.iter().map(|i| shape_of(*i)).collect();
+    let chunk_extents = extents_by_name(original, extents, &split.chunks, &chunk_shapes)?;
+    let partials = run_values(&split.chunks, target, &chunk_extents, &chunk_inputs, threads)?;
+    let mut merge_inputs: Vec<&[f32]> = Vec::new();
+    let mut merge_shapes = Vec::new();
+    for source in &split.merge_inputs {
+        match source {
+            compiler::split::MergeInput::Original(i) => {
+                merge_inputs.push(inputs[*i]);
+                merge_shapes.push(shape_of(*i));
+            }
+            compiler::split::MergeInput::Partial(k) => {
+                merge_inputs.push(&partials[*k]);
+                merge_shapes.push(tensor_shape(&split.chunks, split.chunks.outputs[*k].tensor, &chunk_extents));
+            }
+        }
+    }
+    let merge_extents = extents_by_name(original, extents, &split.merge, &merge_shapes)?;
+    run_values(&split.merge, target, &merge_extents, &merge_inputs, threads)
+}
+
+/// Runs a kernel on f32 data on `target`: its outputs, dense.
+fn run_values(
+    cascade: &Cascade,
+    target: Target,
+    extents: &[u64],
+    slices: &[&[f32]],
+    threads: usize,
+) -> Result<Vec<Vec<f32>>, Error> {
+    Ok(match target {
+        Target::Cpu => compile_cpu(cascade)?.run_threads(extents, slices, threads)?,
+        Target::CpuLlvm | Target::GpuEmulated | Target::Gpu => run_llvm(cascade, target, extents, slices, threads)?,
+        Target::Interp => {
+            let data: Vec<Vec<f64>> = slices.iter().map(|s| s.iter().map(|x| *x as f64).collect()).collect();
+            let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
+            let outputs = interpret(cascade, extents, &slices, InterpLimits::default())?;
+            outputs.into_iter().map(|o| o.into_iter().map(|x| x as f32).collect()).collect()
+        }
+    })
 }
 
 /// Runs a kernel on one of the LLVM targets.

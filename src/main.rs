@@ -38,6 +38,9 @@ enum Command {
         /// For `--stage llvm`: the module for the GPU (`nvptx`) or for this CPU (`cpu-llvm`).
         #[arg(long, value_enum, default_value = "nvptx")]
         target: LlvmTarget,
+        /// For `--stage split`: keys per chunk (a whole number of the streamed loop's tiles).
+        #[arg(long, default_value_t = 1024)]
+        chunk: u64,
     },
     /// Print a kernel's dependency graph as Graphviz DOT.
     Graph {
@@ -138,6 +141,9 @@ enum Stage {
     Ir,
     /// The cascade after the e-graph optimizer, as `.ein`.
     Opt,
+    /// The split-key (Flash-Decoding) form of the optimized cascade: the chunk kernel and the
+    /// merge kernel, as `.ein` (see `--chunk`).
+    Split,
     /// The Loop IR: buffers, loops and the Einsums in them (of the optimized cascade).
     Loops,
     /// The Cranelift IR of the CPU kernel (of the optimized cascade).
@@ -226,6 +232,10 @@ struct RunArgs {
     /// Threads for the CPU target (default: every core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Run the split-key (Flash-Decoding) form: the streamed loop in chunks of this many keys,
+    /// all at once, then a merge kernel (`emit --stage split` prints both).
+    #[arg(long, value_name = "KEYS")]
+    split_keys: Option<u64>,
 }
 
 fn split_assignment(text: &str) -> Result<(&str, &str), String> {
@@ -279,7 +289,7 @@ fn main() -> ExitCode {
 fn execute(command: Command) -> Result<(), Error> {
     match command {
         Command::Check { files } => check(&files),
-        Command::Emit { stage, file, kernel, target } => {
+        Command::Emit { stage, file, kernel, target, chunk } => {
             let text = match stage {
                 Stage::Ast => emit_ast(&file, kernel.as_deref())?,
                 Stage::Ir => {
@@ -292,6 +302,18 @@ fn execute(command: Command) -> Result<(), Error> {
                     let mut kernels = Vec::new();
                     for k in program.selected(kernel.as_deref())? {
                         kernels.push(einfuse::optimize(k)?.cascade);
+                    }
+                    compiler::print::print_cascades(&kernels)
+                }
+                Stage::Split => {
+                    let program = Program::from_file(&file)?;
+                    let mut kernels = Vec::new();
+                    for k in program.selected(kernel.as_deref())? {
+                        let optimized = einfuse::optimize(k)?.cascade;
+                        let split = compiler::split::split_keys(&optimized, chunk)
+                            .map_err(|why| Error::Usage(format!("kernel `{}` does not split into chunks: {why}", k.name)))?;
+                        kernels.push(split.chunks);
+                        kernels.push(split.merge);
                     }
                     compiler::print::print_cascades(&kernels)
                 }
@@ -570,6 +592,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
         seed: args.seed,
         check_finite: !args.allow_non_finite,
         threads: args.threads.unwrap_or_else(einfuse::all_cores),
+        split_keys: args.split_keys,
     };
     for (name, path) in &args.inputs {
         let Some(id) = kernel.tensor_by_name(name).filter(|id| kernel.inputs().contains(id)) else {
@@ -580,6 +603,8 @@ fn run(args: RunArgs) -> Result<(), Error> {
         options.inputs.push((name.clone(), tensor));
     }
     let (target, kernel) = match args.target {
+        // The split-key form is derived from the optimized cascade.
+        TargetArg::Interp if args.split_keys.is_some() => (Target::Interp, einfuse::optimize(kernel)?.cascade),
         TargetArg::Interp => (Target::Interp, kernel.clone()),
         TargetArg::Cpu => (Target::Cpu, einfuse::optimize(kernel)?.cascade),
         TargetArg::CpuLlvm => (Target::CpuLlvm, einfuse::optimize(kernel)?.cascade),
@@ -588,7 +613,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
     };
     let outputs = einfuse::run(&kernel, target, &options)?;
     if args.check {
-        let reference = einfuse::run(&kernel, Target::Interp, &RunOptions { check_finite: false, ..options.clone() })?;
+        let reference = einfuse::run(&kernel, Target::Interp, &RunOptions { check_finite: false, split_keys: None, ..options.clone() })?;
         let mut worst_abs = 0.0f64;
         let mut worst_rel = 0.0f64;
         for ((_, got), (_, want)) in outputs.iter().zip(&reference) {

@@ -25,6 +25,7 @@ pub mod print;
 pub mod schedule;
 pub mod shapes;
 pub mod skip;
+pub mod split;
 pub mod verify;
 
 pub use check::{check_file, check_kernel};
