@@ -186,6 +186,47 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.b.use_var(var)
     }
 
+    /// The coordinates of an access. A bare index at a position of its own rank is local to the
+    /// call (the buffer is offset along a batch rank); any other subscript is evaluated at
+    /// global coordinates, a batch rank's index plus the call's base.
+    pub(super) fn coordinates(&mut self, tensor: TensorId, subscripts: &[Affine]) -> Vec<Value> {
+        let ranks = self.cascade().tensor(tensor).ranks.clone();
+        subscripts
+            .iter()
+            .zip(ranks)
+            .map(|(s, rank)| match s {
+                Affine::Index(i) if i.rank == rank => self.index(*i),
+                _ => self.global_affine(s),
+            })
+            .collect()
+    }
+
+    fn global_affine(&mut self, affine: &Affine) -> Value {
+        match affine {
+            Affine::Index(i) if super::is_batch_rank(self.cascade(), i.rank) => {
+                let v = self.index(*i);
+                self.b.ins().iadd(v, self.bases[i.rank.index()])
+            }
+            Affine::Add(a, b) => {
+                let (a, b) = (self.global_affine(a), self.global_affine(b));
+                self.b.ins().iadd(a, b)
+            }
+            Affine::Sub(a, b) => {
+                let (a, b) = (self.global_affine(a), self.global_affine(b));
+                self.b.ins().isub(a, b)
+            }
+            Affine::Mul(a, b) => {
+                let (a, b) = (self.global_affine(a), self.global_affine(b));
+                self.b.ins().imul(a, b)
+            }
+            Affine::Neg(a) => {
+                let a = self.global_affine(a);
+                self.b.ins().ineg(a)
+            }
+            _ => self.affine(affine),
+        }
+    }
+
     pub(super) fn affine(&mut self, affine: &Affine) -> Value {
         match affine {
             Affine::Const(c) => self.b.ins().iconst(types::I64, *c),
@@ -354,7 +395,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 (self.b.ins().fcvt_from_sint(types::F32, v), None)
             }
             Expr::Access { tensor, subscripts } => {
-                let coords: Vec<Value> = subscripts.iter().map(|s| self.affine(s)).collect();
+                let coords = self.coordinates(*tensor, subscripts);
                 let ranks = self.cascade().tensor(*tensor).ranks.clone();
                 let always: Vec<bool> = subscripts.iter().zip(&ranks).map(|(s, r)| self.always_inside(s, *r)).collect();
                 self.load(*tensor, &coords, &always)

@@ -124,7 +124,7 @@ impl Gen<'_, '_> {
     /// The element offset of an access at the current point, no bounds checked.
     fn linear_offset(&mut self, expr: &Expr) -> Value {
         let Expr::Access { tensor, subscripts } = expr else { unreachable!("an access") };
-        let coords: Vec<Value> = subscripts.iter().map(|s| self.affine(s)).collect();
+        let coords = self.coordinates(*tensor, subscripts);
         let always = vec![true; coords.len()];
         self.offset(tensor.index(), &coords, &always).0
     }

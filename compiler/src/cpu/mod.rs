@@ -327,12 +327,19 @@ pub fn batch_rank(cascade: &Cascade, extents: &[u64]) -> Option<RankId> {
 }
 
 /// Whether the kernel splits into independent calls along `id`: every Einsum binds its plain
-/// index on the left, none reduces it, reads it through an affine subscript or uses its extent,
-/// and every output has it.
+/// index on the left, none reduces it or uses its extent, every output has it, and at a position
+/// of its own rank it is read as the bare index. Elsewhere in a subscript it is a number, the
+/// global coordinate (`K[e, c * MC + m]` reads the chunk `c` of keys: the split-key schedule).
+/// A split tile rank qualifies only when its within-tile rank indexes nothing, so that no split
+/// pair's validity depends on it.
 pub fn is_batch_rank(cascade: &Cascade, id: RankId) -> bool {
     let rank = cascade.rank(id);
-    if matches!(rank.extent, Extent::Split { .. }) || cascade.split_pairs().iter().any(|(_, i, w)| *i == id || *w == id)
-    {
+    if let Extent::Split { tile, .. } = rank.extent {
+        if indexes_rank(cascade, tile) {
+            return false;
+        }
+    }
+    if cascade.split_pairs().iter().any(|(_, i, w)| *i == id || *w == id) {
         return false;
     }
     let plain = Index { rank: id, primes: 0 };
@@ -346,8 +353,11 @@ pub fn is_batch_rank(cascade: &Cascade, id: RankId) -> bool {
                 for (position, sub) in subscripts.iter().enumerate() {
                     let mut mentions = false;
                     sub.for_each_index(&mut |i| mentions |= i.rank == id);
-                    let at_rank = cascade.tensor(*tensor).ranks[position] == id;
-                    ok &= if mentions { at_rank && *sub == Affine::Index(plain) } else { !at_rank };
+                    if cascade.tensor(*tensor).ranks[position] == id {
+                        ok &= *sub == Affine::Index(plain);
+                    } else if mentions {
+                        sub.for_each_index(&mut |i| ok &= i.rank != id || i == plain);
+                    }
                 }
             }
             // An index used as a number is offset to its global coordinate by the call.
@@ -363,6 +373,26 @@ pub fn is_batch_rank(cascade: &Cascade, id: RankId) -> bool {
         }
     }
     ok
+}
+
+/// Whether some index of the cascade ranges over `rank`.
+fn indexes_rank(cascade: &Cascade, rank: RankId) -> bool {
+    let mut found = false;
+    for einsum in &cascade.einsums {
+        found |= einsum.lhs_indices().any(|i| i.rank == rank);
+        let mut visit = |e: &Expr| match e {
+            Expr::Index(i) => found |= i.rank == rank,
+            Expr::Reduce { indices, .. } => found |= indices.iter().any(|i| i.rank == rank),
+            Expr::Access { subscripts, .. } => subscripts.iter().for_each(|s| s.for_each_index(&mut |i| found |= i.rank == rank)),
+            _ => {}
+        };
+        einsum.body.walk(&mut visit);
+        for cond in &einsum.filter {
+            cond.lhs.walk(&mut visit);
+            cond.rhs.walk(&mut visit);
+        }
+    }
+    found
 }
 
 /// Whether a subscript can never leave its position: a bare index of the position's rank, or

@@ -748,7 +748,7 @@ impl Gen<'_, '_> {
                 (self.b.ins().fadd(f, steps), None)
             }
             Expr::Access { tensor, subscripts } => {
-                let coords: Vec<Value> = subscripts.iter().map(|s| self.affine(s)).collect();
+                let coords = self.coordinates(*tensor, subscripts);
                 let ranks = self.program.cascade.tensor(*tensor).ranks.clone();
                 let always: Vec<bool> = subscripts.iter().zip(&ranks).map(|(s, r)| self.always_inside(s, *r)).collect();
                 let buffer = tensor.index();

@@ -619,6 +619,47 @@ impl<'a> Lowering<'a> {
         self.ins(format!("load i64, i64* {var}"))
     }
 
+    /// The coordinates of an access: local for a bare index at a position of its own rank,
+    /// global (a batch rank's index plus the base) in any other subscript, as on the CPU.
+    fn coordinates(&mut self, tensor: TensorId, subscripts: &[Affine]) -> Vec<String> {
+        let ranks = self.cascade().tensor(tensor).ranks.clone();
+        subscripts
+            .iter()
+            .zip(ranks)
+            .map(|(s, rank)| match s {
+                Affine::Index(i) if i.rank == rank => self.index(*i),
+                _ => self.global_affine(s),
+            })
+            .collect()
+    }
+
+    fn global_affine(&mut self, affine: &Affine) -> String {
+        match affine {
+            Affine::Index(i) if crate::cpu::is_batch_rank(self.cascade(), i.rank) => {
+                let v = self.index(*i);
+                let base = self.bases[i.rank.index()].clone();
+                self.ins(format!("add i64 {v}, {base}"))
+            }
+            Affine::Add(a, b) => {
+                let (a, b) = (self.global_affine(a), self.global_affine(b));
+                self.ins(format!("add i64 {a}, {b}"))
+            }
+            Affine::Sub(a, b) => {
+                let (a, b) = (self.global_affine(a), self.global_affine(b));
+                self.ins(format!("sub i64 {a}, {b}"))
+            }
+            Affine::Mul(a, b) => {
+                let (a, b) = (self.global_affine(a), self.global_affine(b));
+                self.ins(format!("mul i64 {a}, {b}"))
+            }
+            Affine::Neg(a) => {
+                let a = self.global_affine(a);
+                self.ins(format!("sub i64 0, {a}"))
+            }
+            _ => self.affine(affine),
+        }
+    }
+
     fn affine(&mut self, affine: &Affine) -> String {
         match affine {
             Affine::Const(c) => c.to_string(),
@@ -898,7 +939,7 @@ impl<'a> Lowering<'a> {
                 (self.ins(format!("sitofp i64 {v} to float")), None)
             }
             Expr::Access { tensor, subscripts } => {
-                let coords: Vec<String> = subscripts.iter().map(|s| self.affine(s)).collect();
+                let coords = self.coordinates(*tensor, subscripts);
                 let ranks = self.cascade().tensor(*tensor).ranks.clone();
                 let always: Vec<bool> = subscripts.iter().zip(&ranks).map(|(s, r)| self.always_inside(s, *r)).collect();
                 self.load(*tensor, &coords, &always)
@@ -1641,7 +1682,7 @@ impl<'a> Lowering<'a> {
                 (self.ins(format!("sitofp <{w} x i64> {x} to {f}")), None)
             }
             Expr::Access { tensor, subscripts } => {
-                let coords: Vec<String> = subscripts.iter().map(|s| self.affine(s)).collect();
+                let coords = self.coordinates(*tensor, subscripts);
                 let ranks = self.cascade().tensor(*tensor).ranks.clone();
                 let always: Vec<bool> = subscripts.iter().zip(&ranks).map(|(s, r)| self.always_inside(s, *r)).collect();
                 let buffer = tensor.index();
