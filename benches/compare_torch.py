@@ -10,7 +10,8 @@
 
     python3 benches/compare_torch.py gpu OUT
         On a GPU machine, after `einfuse gpu-check` wrote OUT/gpu_prefill.*.npy and its time:
-        PyTorch on the same inputs on the GPU, the agreement, both times and their ratio.
+        PyTorch on the same inputs on the GPU, the agreement, both times and their ratio; the
+        same for decode (H=32, D=128, P=1, M=16384) and its split-key forms (OUT/decode_split*).
 """
 import json
 import os
@@ -53,41 +54,71 @@ def sdpa(torch, q, k, v, scale, causal):
     return out.squeeze(0).permute(0, 2, 1)
 
 
-def gpu(out_dir):
-    import numpy as np
-    import torch
-    name = "gpu_prefill"
-    q, k, v, av = (np.load(os.path.join(out_dir, f"{name}.{t}.npy")) for t in ("Q", "K", "V", "AV"))
-    with open(os.path.join(out_dir, f"{name}.time.txt")) as f:
-        einfuse_s = float(f.read())
-    dev = torch.device("cuda")
-    tq, tk, tv = (torch.from_numpy(x).to(dev) for x in (q, k, v))
-    torch.backends.cuda.matmul.allow_tf32 = False
-    ref = sdpa(torch, tq, tk, tv, 0.125, False)
-    torch.cuda.synchronize()
-    err = float((ref.cpu() - torch.from_numpy(av)).abs().max())
+def gpu_time(torch, call):
+    """The median of 10 timed calls (CUDA events), after one warm-up."""
+    call()
     times = []
     for _ in range(10):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        sdpa(torch, tq, tk, tv, 0.125, False)
+        call()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    torch_s = median(times)
+    return median(times)
+
+
+def gpu_compare(torch, out_dir, name, scale, variants):
+    """einfuse's times for `name` (and its `variants`, other outputs on the same inputs) against
+    SDPA on the inputs einfuse saved; returns the report's lines and whether all agree."""
+    import numpy as np
+    q, k, v = (np.load(os.path.join(out_dir, f"{name}.{t}.npy")) for t in ("Q", "K", "V"))
+    dev = torch.device("cuda")
+    tq, tk, tv = (torch.from_numpy(x).to(dev) for x in (q, k, v))
+    ref = sdpa(torch, tq, tk, tv, scale, False)
+    torch.cuda.synchronize()
+    torch_s = gpu_time(torch, lambda: sdpa(torch, tq, tk, tv, scale, False))
     flops = 4 * q.shape[0] * q.shape[2] * k.shape[2] * q.shape[1]
-    lines = [
-        f"device: {torch.cuda.get_device_name(0)}",
-        f"{name} H={q.shape[0]} P={q.shape[2]} M={k.shape[2]} D={q.shape[1]} fp32",
-        f"  einfuse: {einfuse_s * 1e3:.3f} ms  {flops / einfuse_s / 1e12:.2f} TFLOP/s",
-        f"  pytorch: {torch_s * 1e3:.3f} ms  {flops / torch_s / 1e12:.2f} TFLOP/s",
-        f"  einfuse / pytorch throughput: {torch_s / einfuse_s:.3f}",
-        f"  largest absolute difference: {err:.3e}",
-    ]
+    kv_bytes = 4 * (k.size + v.size)
+    lines = [f"{name} H={q.shape[0]} P={q.shape[2]} M={k.shape[2]} D={q.shape[1]} fp32"]
+    lines.append(f"  pytorch: {torch_s * 1e3:.3f} ms  {flops / torch_s / 1e12:.3f} TFLOP/s  "
+                 f"{kv_bytes / torch_s / 1e9:.1f} GB/s of K and V")
+    ok = True
+    for variant in [name] + variants:
+        timing = os.path.join(out_dir, f"{variant}.time.txt")
+        if not os.path.exists(timing):
+            lines.append(f"  {variant}: no time (einfuse did not run it)")
+            continue
+        with open(timing) as f:
+            einfuse_s = float(f.read())
+        av = np.load(os.path.join(out_dir, f"{variant}.AV.npy"))
+        err = float((ref.cpu() - torch.from_numpy(av)).abs().max())
+        ok &= err <= 1e-3
+        lines.append(f"  einfuse {variant}: {einfuse_s * 1e3:.3f} ms  {flops / einfuse_s / 1e12:.3f} TFLOP/s  "
+                     f"{kv_bytes / einfuse_s / 1e9:.1f} GB/s; throughput vs pytorch {torch_s / einfuse_s:.3f}; "
+                     f"largest absolute difference {err:.3e}")
+    return lines, ok
+
+
+def gpu(out_dir):
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lines = [f"device: {torch.cuda.get_device_name(0)}"]
+    ok = True
+    for name, scale, variants in (
+        ("gpu_prefill", 0.125, []),
+        ("decode", 0.08838834764831845, ["decode_split256", "decode_split1024"]),
+    ):
+        if not os.path.exists(os.path.join(out_dir, f"{name}.Q.npy")):
+            lines.append(f"{name}: no inputs (einfuse did not run it)")
+            continue
+        more, agree = gpu_compare(torch, out_dir, name, scale, variants)
+        lines += more
+        ok &= agree
     print("\n".join(lines))
     with open(os.path.join(out_dir, "torch.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    if not err <= 1e-3:
+    if not ok:
         sys.exit("einfuse and PyTorch disagree")
 
 

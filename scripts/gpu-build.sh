@@ -3,8 +3,9 @@
 # Rust nor LLVM: gpu-artifacts/ with
 #   - einfuse, built without the `llvm` feature (it loads PTX through the CUDA driver, found at
 #     run time, and runs the interpreter for the reference outputs);
-#   - the PTX of every corpus kernel (optimized) and of the benchmark kernel, with their sources,
-#     listed in kernels.txt (`file kernel form ptx`; form `optimized` or `bench`).
+#   - the PTX of every corpus kernel (optimized) and of the benchmark kernels, with their sources,
+#     listed in kernels.txt (`file kernel form ptx`; form `optimized`, `bench`, or `splitKEYS`
+#     for the split-key form of decode, whose two kernels are `chunks.ptx,merge.ptx`).
 # Carry gpu-artifacts/ to the GPU machine (the device tool: carry ["gpu-artifacts"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,13 +24,22 @@ for file in examples/*.ein benches/attention.ein; do
   for kernel in $(grep -o '^kernel [A-Za-z_0-9]*' "$file" | cut -d' ' -f2); do
     form=optimized
     if [ "$file" = benches/attention.ein ]; then
-      [ "$kernel" = gpu_prefill ] || continue
-      form=bench
+      case "$kernel" in
+        gpu_prefill | decode) form=bench ;;
+        *) continue ;;
+      esac
     fi
     ptx="$(basename "$file" .ein).$kernel.ptx"
     target/release/einfuse compile --target nvptx "$file" --kernel "$kernel" -o "$art/$ptx" >/dev/null
     echo "$file $kernel $form $ptx" >> "$art/kernels.txt"
   done
+done
+# Decode (one query, 16384 keys) split into chunks computed at once, then merged.
+for keys in 256 1024; do
+  base="attention.decode.split$keys"
+  target/release/einfuse compile --target nvptx benches/attention.ein --kernel decode --split-keys "$keys" \
+    -o "$art/$base.ptx" >/dev/null
+  echo "benches/attention.ein decode split$keys $base.chunks.ptx,$base.merge.ptx" >> "$art/kernels.txt"
 done
 du -sh "$art"
 echo "$(wc -l < "$art/kernels.txt") kernels in $art"

@@ -337,8 +337,15 @@ fn extents_by_name(
     Ok(bind_extents(cascade, &bindings, &given)?)
 }
 
-/// Runs the split-key form of `original`: the chunk kernel, then the merge kernel on its
-/// outputs; returns the original's outputs.
+/// The two kernels of a split-key form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitPart {
+    Chunks,
+    Merge,
+}
+
+/// Runs the split-key form of `original` on `target`: the chunk kernel, then the merge kernel on
+/// its outputs; returns the original's outputs.
 pub fn run_split(
     original: &Cascade,
     split: &compiler::split::SplitKeys,
@@ -347,12 +354,27 @@ pub fn run_split(
     inputs: &[&[f32]],
     threads: usize,
 ) -> Result<Vec<Vec<f32>>, Error> {
+    run_split_with(original, split, extents, inputs, &mut |part, extents, inputs| {
+        let cascade = if part == SplitPart::Chunks { &split.chunks } else { &split.merge };
+        run_values(cascade, target, extents, inputs, threads)
+    })
+}
+
+/// Runs the split-key form of `original` with `run`, which runs one part at the extents and on
+/// the inputs it is given (a benchmark passes kernels compiled once).
+pub fn run_split_with(
+    original: &Cascade,
+    split: &compiler::split::SplitKeys,
+    extents: &[u64],
+    inputs: &[&[f32]],
+    run: &mut dyn FnMut(SplitPart, &[u64], &[&[f32]]) -> Result<Vec<Vec<f32>>, Error>,
+) -> Result<Vec<Vec<f32>>, Error> {
     let original_inputs = original.inputs();
     let shape_of = |i: usize| tensor_shape(original, original_inputs[i], extents);
     let chunk_inputs: Vec<&[f32]> = split.chunk_inputs.iter().map(|i| inputs[*i]).collect();
     let chunk_shapes: Vec<Vec<u64>> = split.chunk_inputs.iter().map(|i| shape_of(*i)).collect();
     let chunk_extents = extents_by_name(original, extents, &split.chunks, &chunk_shapes)?;
-    let partials = run_values(&split.chunks, target, &chunk_extents, &chunk_inputs, threads)?;
+    let partials = run(SplitPart::Chunks, &chunk_extents, &chunk_inputs)?;
     let mut merge_inputs: Vec<&[f32]> = Vec::new();
     let mut merge_shapes = Vec::new();
     for source in &split.merge_inputs {
@@ -368,7 +390,7 @@ pub fn run_split(
         }
     }
     let merge_extents = extents_by_name(original, extents, &split.merge, &merge_shapes)?;
-    run_values(&split.merge, target, &merge_extents, &merge_inputs, threads)
+    run(SplitPart::Merge, &merge_extents, &merge_inputs)
 }
 
 /// Runs a kernel on f32 data on `target`: its outputs, dense.

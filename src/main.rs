@@ -91,6 +91,10 @@ enum Command {
         /// The file to write; the header (`.h`) or launch description (`.json`) goes beside it.
         #[arg(short, long)]
         output: PathBuf,
+        /// For `nvptx`: the split-key (Flash-Decoding) form with chunks of this many keys, as two
+        /// kernels: `OUTPUT` with `.chunks.ptx` and `.merge.ptx` in place of its extension.
+        #[arg(long, value_name = "KEYS")]
+        split_keys: Option<u64>,
     },
     /// Time a kernel on the CPU against the same cascade compiled as written (unfused).
     Bench {
@@ -113,6 +117,9 @@ enum Command {
         /// Which CPU tier: `cpu` (Cranelift), `cpu-llvm`, or `both` (measured in one run).
         #[arg(long, value_enum, default_value = "cpu")]
         target: BenchTarget,
+        /// Also time the split-key (Flash-Decoding) form with chunks of this many keys.
+        #[arg(long, value_name = "KEYS")]
+        split_keys: Option<u64>,
     },
     /// On a GPU machine: run the PTX kernels of a folder made by `scripts/gpu-build.sh` against
     /// the interpreter and time the attention kernels; needs no LLVM.
@@ -350,11 +357,29 @@ fn execute(command: Command) -> Result<(), Error> {
         Command::Analyze { file, kernel, json } => analyze(&file, kernel.as_deref(), json),
         Command::Explain { file, kernel } => explain(&file, kernel.as_deref()),
         Command::Run(args) => run(args),
-        Command::Compile { file, kernel, target, output } => {
+        Command::Compile { file, kernel, target, output, split_keys } => {
             let program = Program::from_file(&file)?;
             let optimized = einfuse::optimize(program.kernel(kernel.as_deref())?)?.cascade;
             let loops = compiler::schedule::schedule(&optimized)?;
             let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
+            if let Some(chunk) = split_keys {
+                if !matches!(target, CompileTarget::Nvptx) {
+                    return Err(Error::Usage("--split-keys is for `--target nvptx`".into()));
+                }
+                let split = compiler::split::split_keys(&optimized, chunk).map_err(|why| {
+                    Error::Usage(format!("kernel `{}` does not split into chunks: {why}", optimized.name))
+                })?;
+                for (part, cascade) in [("chunks", &split.chunks), ("merge", &split.merge)] {
+                    let loops = compiler::schedule::schedule(cascade)?;
+                    let path = output.with_extension(format!("{part}.ptx"));
+                    std::fs::write(&path, ptx(&loops)?).map_err(|e| io(&path, e))?;
+                    let sidecar = output.with_extension(format!("{part}.json"));
+                    let description = compiler::llvm::launch_description(&loops, &file.display().to_string());
+                    std::fs::write(&sidecar, description).map_err(|e| io(&sidecar, e))?;
+                    println!("wrote {} and {}", path.display(), sidecar.display());
+                }
+                return Ok(());
+            }
             if let CompileTarget::Nvptx = target {
                 let text = ptx(&loops)?;
                 let sidecar = output.with_extension("json");
@@ -375,9 +400,16 @@ fn execute(command: Command) -> Result<(), Error> {
             println!("wrote {} and {}", output.display(), header_path.display());
             Ok(())
         }
-        Command::Bench { file, kernel, bindings, runs, json, threads, target } => {
-            bench(&file, kernel.as_deref(), bindings, runs, json, threads.unwrap_or_else(einfuse::all_cores), target)
-        }
+        Command::Bench { file, kernel, bindings, runs, json, threads, target, split_keys } => bench(
+            &file,
+            kernel.as_deref(),
+            bindings,
+            runs,
+            json,
+            threads.unwrap_or_else(einfuse::all_cores),
+            target,
+            split_keys,
+        ),
         Command::GpuCheck { artifacts, out } => gpu_check(&artifacts, &out),
         Command::Gallery { examples, out } => {
             let gallery = einfuse::gallery::build(&examples)?;
@@ -655,6 +687,8 @@ fn median(mut samples: Vec<f64>) -> f64 {
 /// One tier's measurements.
 struct BenchResult {
     tier: &'static str,
+    /// The split-key form (`--split-keys`): chunks, then the merge.
+    split_median_s: Option<f64>,
     median_s: f64,
     unfused_median_s: f64,
     compile_s: f64,
@@ -681,6 +715,7 @@ fn bench(
     json: bool,
     threads: usize,
     target: BenchTarget,
+    split_keys: Option<u64>,
 ) -> Result<(), Error> {
     use std::time::Instant;
     let runs = runs.max(1);
@@ -730,8 +765,33 @@ fn bench(
         }
         let fused = fused.expect("compiled");
         let unfused = compile_tier(written, llvm)?;
+        let split_median_s = match split_keys {
+            None => None,
+            Some(chunk) => {
+                let optimized = fused.cascade().clone();
+                let split = compiler::split::split_keys(&optimized, chunk).map_err(|why| {
+                    Error::Usage(format!("kernel `{}` does not split into chunks: {why}", optimized.name))
+                })?;
+                let (chunks, merge) = (compile_tier(&split.chunks, llvm)?, compile_tier(&split.merge, llvm)?);
+                let once = || {
+                    einfuse::run_split_with(&optimized, &split, &extents, &slices, &mut |part, extents, inputs| {
+                        let kernel = if part == einfuse::SplitPart::Chunks { &chunks } else { &merge };
+                        Ok(kernel.run_threads(extents, inputs, threads)?)
+                    })
+                };
+                once()?;
+                let mut samples = Vec::new();
+                for _ in 0..runs {
+                    let start = Instant::now();
+                    std::hint::black_box(once()?);
+                    samples.push(start.elapsed().as_secs_f64());
+                }
+                Some(median(samples))
+            }
+        };
         results.push(BenchResult {
             tier,
+            split_median_s,
             median_s: time(&fused)?,
             unfused_median_s: time(&unfused)?,
             compile_s: median(compile_times),
@@ -747,6 +807,10 @@ fn bench(
             .map(|o| compiler::shapes::tensor_shape(written, o.tensor, &extents).iter().product::<u64>() as f64 * 4.0)
             .sum::<f64>();
     let fields = |r: &BenchResult| -> String {
+        let split = match r.split_median_s {
+            Some(t) => format!(", \"split_median_s\": {t:.6e}, \"split_speedup_vs_fused\": {:.3}", r.median_s / t),
+            None => String::new(),
+        };
         format!(
             "\"target\": \"{}\", \"median_s\": {:.6e}, \"gflops\": {:.3}, \"gbps\": {:.3}, \"unfused_median_s\": {:.6e}, \
              \"speedup_vs_unfused\": {:.3}, \"peak_extra_bytes\": {}, \"unfused_extra_bytes\": {}, \"compile_s\": {:.6e}",
@@ -759,7 +823,7 @@ fn bench(
             r.peak_extra_bytes,
             r.unfused_extra_bytes,
             r.compile_s
-        )
+        ) + &split
     };
     if json {
         let mut text = format!("{{\"kernel\": {}, {}", json_string(&written.name), fields(&results[0]));
@@ -789,6 +853,9 @@ fn bench(
             r.unfused_extra_bytes
         );
         println!("  {:<9} speedup vs unfused: {:.2}x", r.tier, r.unfused_median_s / r.median_s);
+        if let Some(t) = r.split_median_s {
+            println!("  {:<9} split-key form: {:>10.3} ms  ({:.2}x the fused kernel's speed)", r.tier, t * 1e3, r.median_s / t);
+        }
         println!("  {:<9} source to callable kernel: {:.2} ms", r.tier, r.compile_s * 1e3);
     }
     if results.len() == 2 {
@@ -884,6 +951,11 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
         let written = program.kernel(Some(name))?;
         // `compile --target nvptx` compiles the optimized cascade; the launch must see the same one.
         let cascade = einfuse::optimize(written)?.cascade;
+        if let Some(chunk) = form.strip_prefix("split") {
+            let chunk: u64 = chunk.parse().map_err(|_| Error::Usage(format!("{line}: form `split<KEYS>` expected")))?;
+            failures += gpu_check_split(&device, artifacts, out, file, &cascade, chunk, ptx_file, &mut say)?;
+            continue;
+        }
         let loops = compiler::schedule::schedule(&cascade)?;
         let ptx_path = artifacts.join(ptx_file);
         let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| io(&ptx_path, e))?;
@@ -891,7 +963,7 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
         let (registers, local) = kernel.resources().map_err(gpu)?;
         let bench = form == "bench";
         let shapes: Vec<Vec<(String, u64)>> = if bench {
-            vec![vec![("M".into(), 4096), ("P".into(), 4096)]]
+            vec![bench_shape(name)]
         } else {
             [[100u64, 7], [1, 3], [65, 70]]
                 .iter()
@@ -952,6 +1024,94 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
         return Err(Error::Usage(format!("{failures} GPU run(s) disagree with the interpreter")));
     }
     Ok(())
+}
+
+/// The benchmark shape of a kernel of `benches/attention.ein`: decode streams 16384 keys for one
+/// query, the others P = M = 4096.
+fn bench_shape(kernel: &str) -> Vec<(String, u64)> {
+    if kernel.contains("decode") {
+        vec![("M".into(), 16384), ("P".into(), 1)]
+    } else {
+        vec![("M".into(), 4096), ("P".into(), 4096)]
+    }
+}
+
+/// The split-key form of `cascade` on the GPU (`ptx_files`: the chunk and the merge kernel,
+/// comma-separated): against the interpreter at two small shapes, then timed at the benchmark
+/// shape (the sum of both kernels' median times, written as `{name}_split{KEYS}.time.txt`).
+/// Returns the number of mismatches.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn gpu_check_split(
+    device: &einfuse::gpu::GpuDevice,
+    artifacts: &Path,
+    out: &Path,
+    file: &str,
+    cascade: &compiler::ir::Cascade,
+    chunk: u64,
+    ptx_files: &str,
+    say: &mut dyn FnMut(String),
+) -> Result<usize, Error> {
+    use einfuse::gpu::GpuKernel;
+    let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
+    let gpu = |e: einfuse::gpu::GpuError| Error::Usage(e.to_string());
+    let name = &cascade.name;
+    let split = compiler::split::split_keys(cascade, chunk)
+        .map_err(|why| Error::Usage(format!("kernel `{name}` does not split into chunks: {why}")))?;
+    let Some((chunks_file, merge_file)) = ptx_files.split_once(',') else {
+        return Err(Error::Usage(format!("{ptx_files}: two PTX files, comma-separated, expected")));
+    };
+    let mut kernels = Vec::new();
+    for (part, ptx_file) in [(&split.chunks, chunks_file), (&split.merge, merge_file)] {
+        let loops = compiler::schedule::schedule(part)?;
+        let path = artifacts.join(ptx_file);
+        let ptx = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+        kernels.push(GpuKernel::load(device, &loops, &ptx).map_err(gpu)?);
+    }
+    let (registers, local) = kernels[0].resources().map_err(gpu)?;
+    let mut failures = 0;
+    let symbolic = |r: &str| {
+        cascade.rank_by_name(r).is_some_and(|id| matches!(cascade.rank(id).extent, compiler::ir::Extent::Symbolic))
+    };
+    for (s, sizes) in [vec![("M".to_string(), 1000u64), ("P".to_string(), 3)], vec![("M".to_string(), 1), ("P".to_string(), 1)]]
+        .into_iter()
+        .enumerate()
+    {
+        let bindings: Vec<(String, u64)> = sizes.iter().filter(|(r, _)| symbolic(r)).cloned().collect();
+        let options = RunOptions { bindings, seed: s as u64 + 1, ..RunOptions::default() };
+        let (extents, inputs) = einfuse::prepare_inputs(cascade, &options)?;
+        let slices: Vec<&[f32]> = inputs.iter().map(einfuse::Tensor::data).collect();
+        let got = einfuse::run_split_with(cascade, &split, &extents, &slices, &mut |part, extents, inputs| {
+            let kernel = &kernels[usize::from(part == einfuse::SplitPart::Merge)];
+            kernel.run(extents, inputs).map_err(gpu)
+        })?;
+        let reference = einfuse::run(cascade, einfuse::Target::Interp, &RunOptions { check_finite: false, ..options })?;
+        let want: Vec<Vec<f32>> = reference.iter().map(|(_, t)| t.data().to_vec()).collect();
+        let error = largest_difference(&got, &want);
+        let verdict = if error <= 1e-4 { "ok" } else { "MISMATCH" };
+        failures += usize::from(error > 1e-4);
+        say(format!(
+            "{verdict} {file} {name} split{chunk} {sizes:?}: relative error {error:.3e}, chunk kernel registers {registers}, local bytes {local}"
+        ));
+    }
+    let bindings: Vec<(String, u64)> = bench_shape(name).into_iter().filter(|(r, _)| symbolic(r)).collect();
+    let options = RunOptions { bindings, seed: 1, ..RunOptions::default() };
+    let (extents, inputs) = einfuse::prepare_inputs(cascade, &options)?;
+    let slices: Vec<&[f32]> = inputs.iter().map(einfuse::Tensor::data).collect();
+    let mut seconds = 0.0;
+    let outputs = einfuse::run_split_with(cascade, &split, &extents, &slices, &mut |part, extents, inputs| {
+        let kernel = &kernels[usize::from(part == einfuse::SplitPart::Merge)];
+        let (outputs, times) = kernel.time(extents, inputs, 10).map_err(gpu)?;
+        seconds += median(times);
+        Ok(outputs)
+    })?;
+    say(format!("bench {file} {name} split{chunk}: {:.3} ms (chunks and merge, medians added)", seconds * 1e3));
+    for (output_name, tensor) in einfuse::output_tensors(cascade, &extents, outputs) {
+        runtime::npy::write_npy(&out.join(format!("{name}_split{chunk}.{output_name}.npy")), &tensor)?;
+    }
+    let timing = out.join(format!("{name}_split{chunk}.time.txt"));
+    std::fs::write(&timing, format!("{seconds:.9}\n")).map_err(|e| io(&timing, e))?;
+    Ok(failures)
 }
 
 #[cfg(not(feature = "cuda"))]
