@@ -116,3 +116,28 @@ fn ptx_is_deterministic() {
     let b = einfuse::compile_ptx(&optimized, "sm_80").unwrap();
     assert_eq!(a, b);
 }
+
+/// The split-key form's two kernels (decode, and causal attention) assemble without spills.
+#[test]
+fn split_key_kernels_assemble_without_spills() {
+    let Some(ptxas) = ptxas() else {
+        assert!(std::env::var_os("CI").is_none(), "ptxas is missing in CI; scripts/test.sh installs it");
+        eprintln!("skipped: no ptxas (run scripts/test.sh, which installs it into .venv)");
+        return;
+    };
+    let mut kernels = common::kernels_in("benches");
+    kernels.extend(common::kernels_in("examples"));
+    for name in ["decode", "causal"] {
+        let cascade = kernels.iter().find(|k| k.name == name).unwrap();
+        let optimized = einfuse::optimize(cascade).unwrap().cascade;
+        let split = einfuse::compiler::split::split_keys(&optimized, 256).unwrap();
+        for part in [&split.chunks, &split.merge] {
+            let ptx = einfuse::compile_ptx(part, "sm_80").unwrap();
+            for arch in einfuse::compiler::llvm::CHECKED_ARCHITECTURES {
+                let assembled = assemble(&ptxas, &ptx, arch, &part.name)
+                    .unwrap_or_else(|log| panic!("ptxas -arch {arch} rejects {}:\n{log}", part.name));
+                assert_eq!(assembled.spill_bytes, 0, "{} spills on {arch}", part.name);
+            }
+        }
+    }
+}
