@@ -78,6 +78,8 @@ pub struct Gen<'a, 'f> {
     pub planned: Vec<super::induction::PlannedRead>,
     /// The cell of a register block being generated (see `vector::each_cell`).
     pub cell: usize,
+    /// The variant for steps that every filter admits whole (see `full_steps`).
+    pub full_steps: Option<&'a super::full_steps::FullSteps>,
 }
 
 impl<'a, 'f> Gen<'a, 'f> {
@@ -113,14 +115,62 @@ impl<'a, 'f> Gen<'a, 'f> {
         }
     }
 
+    /// Generates `emit` as `variant` (the same buffers, with fewer masks) says: a buffer that
+    /// has no mask there is treated as wholly defined.
+    fn with_program(&mut self, variant: &'a LoopProgram, emit: &mut dyn FnMut(&mut Self)) {
+        let (program, masks) = (self.program, self.masks.clone());
+        for (mask, buffer) in self.masks.iter_mut().zip(&variant.buffers) {
+            if !buffer.masked {
+                *mask = None;
+            }
+        }
+        self.program = variant;
+        emit(self);
+        self.program = program;
+        self.masks = masks;
+    }
+
     pub fn nodes(&mut self, body: &[Node]) {
         for node in body {
             match node {
                 Node::Loop { index, body, skip } => {
                     let extent = self.extents[index.rank.index()];
-                    self.for_loop(*index, extent, &mut |g| match skip {
-                        Some(tensor) => g.skippable_step(*index, body, *tensor),
-                        None => g.nodes(body),
+                    let full = self.full_steps.and_then(|f| {
+                        f.margins.iter().find(|(i, _)| i == index).map(|(_, margins)| (&f.variant, margins))
+                    });
+                    self.for_loop(*index, extent, &mut |g| {
+                        let join = g.b.create_block();
+                        // A step the filter empties: carried over before anything is computed.
+                        let empty_margins: Vec<_> = match (full, skip) {
+                            (Some((_, margins)), Some(tensor)) => {
+                                margins.iter().filter(|m| m.tensor == *tensor).cloned().collect()
+                            }
+                            _ => vec![],
+                        };
+                        if !empty_margins.is_empty() {
+                            let empty = g.step_is_empty(&empty_margins, *index);
+                            let (carry, compute) = (g.b.create_block(), g.b.create_block());
+                            g.b.ins().brif(empty, carry, &[], compute, &[]);
+                            g.b.switch_to_block(carry);
+                            g.carry_recurrences(*index, body);
+                            g.b.ins().jump(join, &[]);
+                            g.b.switch_to_block(compute);
+                        }
+                        if let Some((variant, margins)) = full {
+                            let whole = g.step_is_full(margins, *index);
+                            let (fast, slow) = (g.b.create_block(), g.b.create_block());
+                            g.b.ins().brif(whole, fast, &[], slow, &[]);
+                            g.b.switch_to_block(fast);
+                            g.with_program(variant, &mut |g| g.nodes(body));
+                            g.b.ins().jump(join, &[]);
+                            g.b.switch_to_block(slow);
+                        }
+                        match skip {
+                            Some(tensor) => g.skippable_step(*index, body, *tensor),
+                            None => g.nodes(body),
+                        }
+                        g.b.ins().jump(join, &[]);
+                        g.b.switch_to_block(join);
                     });
                 }
                 Node::Compute { einsum } => self.compute(*einsum),

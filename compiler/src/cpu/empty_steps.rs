@@ -29,15 +29,21 @@ impl Gen<'_, '_> {
         self.nodes(&body[at + 1..]);
         self.b.ins().jump(join, &[]);
         self.b.switch_to_block(carry);
-        for node in &body[at + 1..] {
+        self.carry_recurrences(index, &body[at + 1..]);
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(join);
+    }
+
+    /// Copies the current iterate of every recurrence of `body` into its next slot.
+    pub(super) fn carry_recurrences(&mut self, index: Index, body: &[Node]) {
+        let c = &self.program.cascade;
+        for node in body {
             let Node::Compute { einsum } = node else { continue };
             let einsum = &c.einsums[einsum.index()];
             if einsum.recurrence_index() == Some(index) {
                 self.carry_over(einsum.target.index(), index);
             }
         }
-        self.b.ins().jump(join, &[]);
-        self.b.switch_to_block(join);
     }
 
     /// The stored extent of position `d` of buffer `b`.

@@ -7,6 +7,7 @@
 
 mod codegen;
 mod empty_steps;
+mod full_steps;
 mod induction;
 pub use codegen::table_offsets;
 pub mod header;
@@ -86,6 +87,7 @@ fn define<M: Module>(
     let mut builder_context = FunctionBuilderContext::new();
     {
         let helpers = codegen::declare_helpers(module, &mut context.func).map_err(internal)?;
+        let full_steps = full_steps::plan(program);
         let mut b = FunctionBuilder::new(&mut context.func, &mut builder_context);
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
@@ -105,6 +107,7 @@ fn define<M: Module>(
             flags: cranelift_codegen::ir::MemFlagsData::trusted(),
             planned: vec![],
             cell: 0,
+            full_steps: full_steps.as_ref(),
         };
         g.prologue(params);
         g.nodes(&program.body);
