@@ -223,3 +223,30 @@ fn skipped_steps_agree_with_the_interpreter() {
         assert!(worst <= 1e-4, "causal at M = {m}, P = {p}: {worst}");
     }
 }
+
+/// Steps that a shifted causal filter (`m <= p + shift`) admits whole run without the filter,
+/// and steps it empties are carried over before anything is computed (`cpu::full_steps`): every
+/// shift that moves the diagonal across the tiles (so that some tile is one point short of full
+/// or of empty), against the interpreter.
+#[test]
+fn full_and_empty_steps_at_the_edges_of_tiles() {
+    let source = "kernel shifted {
+  rank E = 8, F = 8, M, P
+  input Q[E, P], K[E, M], V[F, M]
+  param scale = 0.3, shift = 0
+  QK[m, p] = Q[e, p] * K[e, m] * scale
+  S[m, p]  = QK[m, p] where m <= p + shift
+  GM[p]    = max[m](S[m, p])
+  SN[m, p] = exp(S[m, p] - GM[p])
+  SD[p]    = SN[m, p]
+  AV[f, p] = SN[m, p] * V[f, m] / SD[p]
+  output AV
+}";
+    let cascade = einfuse::compiler::compile_source(source).unwrap().remove(0);
+    let optimized = einfuse::optimize(&cascade).unwrap().cascade;
+    let sizes = BTreeMap::from([("M", 140), ("P", 100)]);
+    for shift in -100..=70 {
+        let worst = compare(&optimized, &sizes, 5, &[("shift", shift as f64)]);
+        assert!(worst <= 1e-4, "shift {shift}: {worst}");
+    }
+}
