@@ -360,6 +360,9 @@ pub fn run_split(
     })
 }
 
+/// Runs one part of a split-key form at the extents and on the inputs it is given.
+pub type PartRunner<'r> = dyn FnMut(SplitPart, &[u64], &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> + 'r;
+
 /// Runs the split-key form of `original` with `run`, which runs one part at the extents and on
 /// the inputs it is given (a benchmark passes kernels compiled once).
 pub fn run_split_with(
@@ -367,7 +370,7 @@ pub fn run_split_with(
     split: &compiler::split::SplitKeys,
     extents: &[u64],
     inputs: &[&[f32]],
-    run: &mut dyn FnMut(SplitPart, &[u64], &[&[f32]]) -> Result<Vec<Vec<f32>>, Error>,
+    run: &mut PartRunner<'_>,
 ) -> Result<Vec<Vec<f32>>, Error> {
     let original_inputs = original.inputs();
     let shape_of = |i: usize| tensor_shape(original, original_inputs[i], extents);

@@ -317,8 +317,9 @@ fn execute(command: Command) -> Result<(), Error> {
                     let mut kernels = Vec::new();
                     for k in program.selected(kernel.as_deref())? {
                         let optimized = einfuse::optimize(k)?.cascade;
-                        let split = compiler::split::split_keys(&optimized, chunk)
-                            .map_err(|why| Error::Usage(format!("kernel `{}` does not split into chunks: {why}", k.name)))?;
+                        let split = compiler::split::split_keys(&optimized, chunk).map_err(|why| {
+                            Error::Usage(format!("kernel `{}` does not split into chunks: {why}", k.name))
+                        })?;
                         kernels.push(split.chunks);
                         kernels.push(split.merge);
                     }
@@ -645,7 +646,11 @@ fn run(args: RunArgs) -> Result<(), Error> {
     };
     let outputs = einfuse::run(&kernel, target, &options)?;
     if args.check {
-        let reference = einfuse::run(&kernel, Target::Interp, &RunOptions { check_finite: false, split_keys: None, ..options.clone() })?;
+        let reference = einfuse::run(
+            &kernel,
+            Target::Interp,
+            &RunOptions { check_finite: false, split_keys: None, ..options.clone() },
+        )?;
         let mut worst_abs = 0.0f64;
         let mut worst_rel = 0.0f64;
         for ((_, got), (_, want)) in outputs.iter().zip(&reference) {
@@ -707,6 +712,7 @@ fn compile_tier(cascade: &compiler::ir::Cascade, llvm: bool) -> Result<compiler:
     Err(Error::Usage("the cpu-llvm tier needs LLVM, and this einfuse was built without the `llvm` feature".into()))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench(
     file: &Path,
     kernel: Option<&str>,
@@ -854,7 +860,12 @@ fn bench(
         );
         println!("  {:<9} speedup vs unfused: {:.2}x", r.tier, r.unfused_median_s / r.median_s);
         if let Some(t) = r.split_median_s {
-            println!("  {:<9} split-key form: {:>10.3} ms  ({:.2}x the fused kernel's speed)", r.tier, t * 1e3, r.median_s / t);
+            println!(
+                "  {:<9} split-key form: {:>10.3} ms  ({:.2}x the fused kernel's speed)",
+                r.tier,
+                t * 1e3,
+                r.median_s / t
+            );
         }
         println!("  {:<9} source to callable kernel: {:.2} ms", r.tier, r.compile_s * 1e3);
     }
@@ -1073,9 +1084,10 @@ fn gpu_check_split(
     let symbolic = |r: &str| {
         cascade.rank_by_name(r).is_some_and(|id| matches!(cascade.rank(id).extent, compiler::ir::Extent::Symbolic))
     };
-    for (s, sizes) in [vec![("M".to_string(), 1000u64), ("P".to_string(), 3)], vec![("M".to_string(), 1), ("P".to_string(), 1)]]
-        .into_iter()
-        .enumerate()
+    for (s, sizes) in
+        [vec![("M".to_string(), 1000u64), ("P".to_string(), 3)], vec![("M".to_string(), 1), ("P".to_string(), 1)]]
+            .into_iter()
+            .enumerate()
     {
         let bindings: Vec<(String, u64)> = sizes.iter().filter(|(r, _)| symbolic(r)).cloned().collect();
         let options = RunOptions { bindings, seed: s as u64 + 1, ..RunOptions::default() };

@@ -97,9 +97,7 @@ fn split_kernels_agree_with_the_interpreter_on_every_target() {
 #[test]
 fn split_kernels_keep_masked_rows_empty_and_large_logits_finite() {
     for name in ["causal", "padding_mask", "sliding_window", "gqa_decode"] {
-        let Some(written) = corpus().into_iter().find(|k| k.name == name) else {
-            panic!("no corpus kernel `{name}`")
-        };
+        let Some(written) = corpus().into_iter().find(|k| k.name == name) else { panic!("no corpus kernel `{name}`") };
         let optimized = einfuse::optimize(&written).unwrap().cascade;
         // More queries than keys leaves causal rows with no key at all; the scale puts logits
         // near 1e4; a chunk of two tiles makes three chunks, the last one ragged.

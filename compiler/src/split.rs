@@ -58,7 +58,10 @@ enum Kind {
     Extremum(BinaryOp),
     Sum,
     /// Scaled by `exp(-RM)` at the point `point` (indices of the running tensor).
-    Rescaled { by: TensorId, point: Vec<Index> },
+    Rescaled {
+        by: TensorId,
+        point: Vec<Index>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -154,12 +157,15 @@ impl<'a> Analysis<'a> {
             return Err("it has recurrences along more than one index".into());
         }
         let Extent::Split { whole, tile } = cascade.rank(m1.rank).extent else {
-            return Err(format!("its recurrence runs along `{}`, which is not a tile rank", cascade.rank(m1.rank).name));
+            return Err(format!(
+                "its recurrence runs along `{}`, which is not a tile rank",
+                cascade.rank(m1.rank).name
+            ));
         };
         let Extent::Fixed(tile_extent) = cascade.rank(tile).extent else {
             return Err("its tile is not of fixed size".into());
         };
-        if chunk == 0 || chunk % tile_extent != 0 {
+        if chunk == 0 || !chunk.is_multiple_of(tile_extent) {
             return Err(format!("a chunk of {chunk} keys is not a whole number of tiles of {tile_extent}"));
         }
         let m0 = Index { rank: tile, primes: m1.primes };
@@ -168,7 +174,11 @@ impl<'a> Analysis<'a> {
         let in_loop = cascade
             .einsums
             .iter()
-            .map(|e| e.lhs.contains(&Lhs::Index(m1)) || e.lhs.contains(&Lhs::Next(m1)) || (e.is_initial() && running_ids.contains(&e.target)))
+            .map(|e| {
+                e.lhs.contains(&Lhs::Index(m1))
+                    || e.lhs.contains(&Lhs::Next(m1))
+                    || (e.is_initial() && running_ids.contains(&e.target))
+            })
             .collect();
         let analysis = Analysis { cascade, chunk, m1, m0, whole, in_loop, running_ids };
         analysis.check_indices()?;
@@ -201,7 +211,9 @@ impl<'a> Analysis<'a> {
             einsum.body.walk(&mut |e| match e {
                 Expr::Index(i) => indices.push(*i),
                 Expr::Reduce { indices: reduced, .. } => indices.extend(reduced.iter().copied()),
-                Expr::Access { subscripts, .. } => subscripts.iter().for_each(|s| s.for_each_index(&mut |i| indices.push(i))),
+                Expr::Access { subscripts, .. } => {
+                    subscripts.iter().for_each(|s| s.for_each_index(&mut |i| indices.push(i)))
+                }
                 Expr::Extent(r) if *r == self.m1.rank => note("it uses the number of tiles as a value".into()),
                 _ => {}
             });
@@ -209,7 +221,9 @@ impl<'a> Analysis<'a> {
                 for side in [&cond.lhs, &cond.rhs] {
                     side.walk(&mut |e| match e {
                         Expr::Index(i) => indices.push(*i),
-                        Expr::Access { subscripts, .. } => subscripts.iter().for_each(|s| s.for_each_index(&mut |i| indices.push(i))),
+                        Expr::Access { subscripts, .. } => {
+                            subscripts.iter().for_each(|s| s.for_each_index(&mut |i| indices.push(i)))
+                        }
                         Expr::Extent(r) if *r == self.m1.rank => note("it uses the number of tiles as a value".into()),
                         _ => {}
                     });
@@ -217,7 +231,10 @@ impl<'a> Analysis<'a> {
             }
             indices.extend(einsum.lhs_indices());
             if self.in_loop[i] {
-                if indices.iter().any(|x| (x.rank == self.m1.rank && *x != self.m1) || (x.rank == self.m0.rank && *x != self.m0)) {
+                if indices
+                    .iter()
+                    .any(|x| (x.rank == self.m1.rank && *x != self.m1) || (x.rank == self.m0.rank && *x != self.m0))
+                {
                     note("it indexes the tiles by more than one index".into());
                 }
                 for (tensor, subscripts) in einsum.reads() {
@@ -247,7 +264,11 @@ impl<'a> Analysis<'a> {
                     let t = c.tensor(tensor);
                     if let TensorKind::Input { .. } = t.kind {
                         if t.ranks.iter().any(|r| loop_ranks.contains(r)) {
-                            note(format!("`{}` reads input `{}` after the streamed loop", c.tensor(einsum.target).name, t.name));
+                            note(format!(
+                                "`{}` reads input `{}` after the streamed loop",
+                                c.tensor(einsum.target).name,
+                                t.name
+                            ));
                         }
                     } else if self.is_running(tensor) {
                         let position = t.ranks.iter().position(|r| *r == self.m1.rank).expect("iterative");
@@ -372,7 +393,11 @@ impl<'a> Analysis<'a> {
 
     /// `expr` as `old * RM[m1] + new * RM[m1 + 1] + (free)`.
     #[allow(clippy::type_complexity)]
-    fn exponent(&self, expr: &Expr, extremes: &[TensorId]) -> Result<(i32, i32, Option<(TensorId, Vec<Index>)>), String> {
+    fn exponent(
+        &self,
+        expr: &Expr,
+        extremes: &[TensorId],
+    ) -> Result<(i32, i32, Option<(TensorId, Vec<Index>)>), String> {
         match expr {
             Expr::Access { tensor, subscripts } if extremes.contains(tensor) => {
                 let point = self.point(*tensor, subscripts)?;
@@ -467,7 +492,7 @@ impl<'a> Analysis<'a> {
                 };
                 let reducer = if *op == BinaryOp::Max { ReduceOp::Max } else { ReduceOp::Min };
                 let free = self.class(other, &[]).is_ok_and(|k| k.is_free())
-                    && !reads_any(c, other, &self.running_ids, &|id| self.definition(id).map(|(_, e)| e));
+                    && !reads_any(other, &self.running_ids, &|id| self.definition(id).map(|(_, e)| e));
                 if free && self.vanishes(other, reducer) {
                     extremes.push(tensor);
                     found.push(Running { tensor, position, kind: Kind::Extremum(*op), init: init_of(tensor)? });
@@ -554,19 +579,14 @@ fn flatten_sum<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {
 }
 
 /// Whether `expr` reads one of `tensors`, directly or through the definitions `definition` gives.
-fn reads_any<'e>(
-    cascade: &'e Cascade,
-    expr: &Expr,
-    tensors: &[TensorId],
-    definition: &dyn Fn(TensorId) -> Option<&'e Einsum>,
-) -> bool {
+fn reads_any<'e>(expr: &Expr, tensors: &[TensorId], definition: &dyn Fn(TensorId) -> Option<&'e Einsum>) -> bool {
     expr.accesses().iter().any(|(t, _)| {
         tensors.contains(t)
             || definition(*t).is_some_and(|e| {
-                reads_any(cascade, &e.body, tensors, definition)
-                    || e.filter.iter().any(|c| {
-                        reads_any(cascade, &c.lhs, tensors, definition) || reads_any(cascade, &c.rhs, tensors, definition)
-                    })
+                reads_any(&e.body, tensors, definition)
+                    || e.filter
+                        .iter()
+                        .any(|c| reads_any(&c.lhs, tensors, definition) || reads_any(&c.rhs, tensors, definition))
             })
     })
 }
@@ -708,7 +728,8 @@ impl Analysis<'_> {
             TensorKind::Defined { .. } => {
                 restricted.contains(&tensor)
                     && t.ranks.iter().zip(subscripts).all(|(r, s)| {
-                        (*r != self.m1.rank || *s == Affine::Index(self.m1)) && (*r != self.m0.rank || *s == Affine::Index(self.m0))
+                        (*r != self.m1.rank || *s == Affine::Index(self.m1))
+                            && (*r != self.m0.rank || *s == Affine::Index(self.m0))
                     })
             }
         }
@@ -751,7 +772,8 @@ impl Analysis<'_> {
         for (i, rank) in c.ranks.iter().enumerate() {
             if i == m1_position {
                 out.ranks.push(Rank { name: size_name.clone(), extent: Extent::Fixed(self.chunk) });
-                out.ranks.push(Rank { name: chunk_name.clone(), extent: Extent::Split { whole: self.whole, tile: size } });
+                out.ranks
+                    .push(Rank { name: chunk_name.clone(), extent: Extent::Split { whole: self.whole, tile: size } });
             }
             let mut rank = rank.clone();
             rank.extent = match rank.extent {
@@ -818,7 +840,11 @@ impl Analysis<'_> {
                     indices: indices.clone(),
                     filter: filter
                         .iter()
-                        .map(|c| Cond { lhs: global_index(&c.lhs, m1, chunk), op: c.op, rhs: global_index(&c.rhs, m1, chunk) })
+                        .map(|c| Cond {
+                            lhs: global_index(&c.lhs, m1, chunk),
+                            op: c.op,
+                            rhs: global_index(&c.rhs, m1, chunk),
+                        })
                         .collect(),
                     body: Box::new(global_index(body, m1, chunk)),
                 },
@@ -841,7 +867,8 @@ impl Analysis<'_> {
                 restricted.push(einsum.target);
             }
             // Reductions over the within-tile index whose body is not restricted by a read.
-            let filtered_body = self.filter_reductions(&einsum.body, &restricted, einsum.lhs.contains(&Lhs::Index(self.m1)));
+            let filtered_body =
+                self.filter_reductions(&einsum.body, &restricted, einsum.lhs.contains(&Lhs::Index(self.m1)));
             let mut rewritten = map.einsum(&Einsum { body: filtered_body, ..einsum.clone() });
             rewritten.target = tensor_ids[&einsum.target];
             rewritten.lhs.insert(0, Lhs::Index(chunk));
@@ -882,7 +909,8 @@ impl Analysis<'_> {
             ranks.insert(0, chunk_rank);
             let id = TensorId::new(out.tensors.len());
             out.tensors.push(Tensor { name, ranks, kind: TensorKind::Defined { iterative: None } });
-            let recurrence = c.einsums.iter().find(|e| e.target == r.tensor && e.recurrence_index().is_some()).expect("running");
+            let recurrence =
+                c.einsums.iter().find(|e| e.target == r.tensor && e.recurrence_index().is_some()).expect("running");
             let point: Vec<Index> = recurrence.lhs_indices().filter(|i| *i != self.m1).map(|i| map.index(i)).collect();
             let mut subscripts: Vec<Affine> = point.iter().map(|i| Affine::Index(*i)).collect();
             subscripts.insert(r.position, Affine::Extent(m1.rank));
@@ -928,7 +956,11 @@ impl Analysis<'_> {
         Cond {
             lhs: Expr::Binary(
                 BinaryOp::Add,
-                Box::new(Expr::Binary(BinaryOp::Mul, Box::new(Expr::Index(self.m1)), Box::new(Expr::Extent(self.m0.rank)))),
+                Box::new(Expr::Binary(
+                    BinaryOp::Mul,
+                    Box::new(Expr::Index(self.m1)),
+                    Box::new(Expr::Extent(self.m0.rank)),
+                )),
                 Box::new(Expr::Index(self.m0)),
             ),
             op: CmpOp::Lt,
@@ -957,7 +989,8 @@ impl Analysis<'_> {
         let mut tensor_ids: BTreeMap<TensorId, TensorId> = BTreeMap::new();
         let tail: Vec<usize> = (0..c.einsums.len()).filter(|i| !self.in_loop[*i]).collect();
         // Original inputs the tail reads.
-        let tail_reads: Vec<TensorId> = tail.iter().flat_map(|i| c.einsums[*i].reads().into_iter().map(|(t, _)| t)).collect();
+        let tail_reads: Vec<TensorId> =
+            tail.iter().flat_map(|i| c.einsums[*i].reads().into_iter().map(|(t, _)| t)).collect();
         for (position, id) in c.inputs().iter().enumerate() {
             if tail_reads.contains(id) {
                 tensor_ids.insert(*id, TensorId::new(out.tensors.len()));
@@ -978,7 +1011,8 @@ impl Analysis<'_> {
             inputs.push(MergeInput::Partial(k));
         }
         let point_of = |r: &Running| -> Vec<Index> {
-            let rec = c.einsums.iter().find(|e| e.target == r.tensor && e.recurrence_index().is_some()).expect("running");
+            let rec =
+                c.einsums.iter().find(|e| e.target == r.tensor && e.recurrence_index().is_some()).expect("running");
             rec.lhs_indices().filter(|i| *i != self.m1).collect()
         };
         let access = |tensor: TensorId, first: Option<Index>, point: &[Index]| Expr::Access {
@@ -993,7 +1027,11 @@ impl Analysis<'_> {
             let mut ranks = source.ranks.clone();
             ranks.remove(r.position);
             let id = TensorId::new(out.tensors.len());
-            out.tensors.push(Tensor { name: source.name.clone(), ranks, kind: TensorKind::Defined { iterative: None } });
+            out.tensors.push(Tensor {
+                name: source.name.clone(),
+                ranks,
+                kind: TensorKind::Defined { iterative: None },
+            });
             merged_ids.insert(r.tensor, id);
             let partial = access(partial_ids[&r.tensor], Some(chunk), &point);
             let body = match &r.kind {
@@ -1003,7 +1041,9 @@ impl Analysis<'_> {
                     filter: vec![],
                     body: Box::new(partial),
                 },
-                Kind::Sum => Expr::Reduce { op: ReduceOp::Sum, indices: vec![chunk], filter: vec![], body: Box::new(partial) },
+                Kind::Sum => {
+                    Expr::Reduce { op: ReduceOp::Sum, indices: vec![chunk], filter: vec![], body: Box::new(partial) }
+                }
                 Kind::Rescaled { by, point: anchor_point } => {
                     let weight = *weights.entry(*by).or_insert_with(|| {
                         let by_running = running.iter().find(|x| x.tensor == *by).expect("a running maximum");
@@ -1085,7 +1125,11 @@ impl Analysis<'_> {
                 filter: einsum
                     .filter
                     .iter()
-                    .map(|cond| Cond { lhs: map_accesses(&cond.lhs, &mut read), op: cond.op, rhs: map_accesses(&cond.rhs, &mut read) })
+                    .map(|cond| Cond {
+                        lhs: map_accesses(&cond.lhs, &mut read),
+                        op: cond.op,
+                        rhs: map_accesses(&cond.rhs, &mut read),
+                    })
                     .collect(),
             });
         }

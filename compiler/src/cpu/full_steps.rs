@@ -138,9 +138,12 @@ pub fn plan(program: &LoopProgram) -> Option<FullSteps> {
                     CmpOp::Eq | CmpOp::Ne => (None, 0),
                 };
                 match margin {
-                    Some(margin) => {
-                        loop_margins.push(Margin { margin, least, indices: e.lhs_indices().collect(), tensor: e.target })
-                    }
+                    Some(margin) => loop_margins.push(Margin {
+                        margin,
+                        least,
+                        indices: e.lhs_indices().collect(),
+                        tensor: e.target,
+                    }),
                     None => usable = false,
                 }
             }
@@ -163,11 +166,11 @@ pub fn plan(program: &LoopProgram) -> Option<FullSteps> {
         a.len() == b.len()
             && a.iter().zip(b).all(|(x, y)| match (x, y) {
                 (Node::Compute { einsum: e1 }, Node::Compute { einsum: e2 }) => e1 == e2,
-                (Node::Loop { index: i1, body: b1, .. }, Node::Loop { index: i2, body: b2, .. }) => {
-                    i1 == i2
-                        && b1.len() == b2.len()
-                        && b1.iter().zip(b2).all(|(p, q)| matches!((p, q), (Node::Compute { einsum: x }, Node::Compute { einsum: y }) if x == y))
-                }
+                (Node::Loop { index: i1, body: b1, .. }, Node::Loop { index: i2, body: b2, .. }) => i1 == i2
+                    && b1.len() == b2.len()
+                    && b1.iter().zip(b2).all(
+                        |(p, q)| matches!((p, q), (Node::Compute { einsum: x }, Node::Compute { einsum: y }) if x == y),
+                    ),
                 _ => false,
             })
     };

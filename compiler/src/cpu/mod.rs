@@ -386,7 +386,9 @@ fn indexes_rank(cascade: &Cascade, rank: RankId) -> bool {
         let mut visit = |e: &Expr| match e {
             Expr::Index(i) => found |= i.rank == rank,
             Expr::Reduce { indices, .. } => found |= indices.iter().any(|i| i.rank == rank),
-            Expr::Access { subscripts, .. } => subscripts.iter().for_each(|s| s.for_each_index(&mut |i| found |= i.rank == rank)),
+            Expr::Access { subscripts, .. } => {
+                subscripts.iter().for_each(|s| s.for_each_index(&mut |i| found |= i.rank == rank))
+            }
             _ => {}
         };
         einsum.body.walk(&mut visit);
