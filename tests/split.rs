@@ -158,3 +158,58 @@ fn chunks_that_are_not_whole_tiles_are_refused() {
     let why = split_keys(&optimized, 100).unwrap_err();
     assert!(why.contains("not a whole number of tiles"), "{why}");
 }
+
+/// A running sum of tiles (not rescaled) merges by a sum over chunks; recurrences that do not
+/// merge are refused with the reason.
+#[test]
+fn plain_running_sums_split_and_unmergeable_steps_are_refused() {
+    let sum = "kernel tiled_sum {
+  rank E = 4, M, P, M0 = 64, M1 = M / M0
+  input X[E, M], Y[P]
+  T[m1, p] = sum[m0](X[e, m1 * M0 + m0] * Y[p])
+  R[0, p] = 0
+  R[m1 + 1, p] = R[m1, p] + T[m1, p]
+  Z[p] = R[M1, p] * 0.5
+  output Z
+}";
+    let written = einfuse::compiler::compile_source(sum).unwrap().remove(0);
+    if let Err(why) = split_keys(&written, CHUNK) {
+        panic!("a tiled running sum does not split: {why}");
+    }
+    for target in targets(false) {
+        let options =
+            RunOptions { bindings: vec![("M".into(), 300), ("P".into(), 3)], seed: 2, ..RunOptions::default() };
+        let want = einfuse::run(&written, Target::Interp, &options).unwrap();
+        let got = einfuse::run(&written, target, &RunOptions { split_keys: Some(CHUNK), ..options }).unwrap();
+        for (a, b) in got[0].1.data().iter().zip(want[0].1.data()) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{} on {}: {a} against {b}", written.name, target.name());
+        }
+    }
+    let refused = [
+        // Doubling the last iterate: chunks cannot be added.
+        ("R[m1 + 1, p] = R[m1, p] + T[m1, p]", "R[m1 + 1, p] = R[m1, p] * 2 + T[m1, p]", "does not merge"),
+        // A step past the last key would add 1.
+        ("R[m1 + 1, p] = R[m1, p] + T[m1, p]", "R[m1 + 1, p] = R[m1, p] + T[m1, p] + 1", "past the last key"),
+        // Starting at 1: every chunk would count it.
+        ("R[0, p] = 0", "R[0, p] = 1", "does not start at 0"),
+    ];
+    for (from, to, why) in refused {
+        let source = sum.replace(from, to);
+        let cascade = einfuse::compiler::compile_source(&source).unwrap().remove(0);
+        let error = split_keys(&cascade, CHUNK).unwrap_err();
+        assert!(error.contains(why), "{to}: {error}");
+    }
+}
+
+/// A rescaled running sum whose new term is not scaled by `exp(-RM[m1 + 1])` is refused.
+#[test]
+fn a_rescaled_sum_must_be_scaled_by_the_new_maximum() {
+    let written = corpus().into_iter().find(|k| k.name == "attention_1pass").unwrap();
+    let text = einfuse::compiler::print::print_cascade(&written);
+    assert!(split_keys(&written, CHUNK).is_ok());
+    let unscaled = text.replace("exp(BQK[m1, m0, p] - RM[m1 + 1, p])", "exp(BQK[m1, m0, p] - RM[m1, p])");
+    assert_ne!(unscaled, text);
+    let cascade = einfuse::compiler::compile_source(&unscaled).unwrap().remove(0);
+    let error = split_keys(&cascade, CHUNK).unwrap_err();
+    assert!(error.contains("does not merge"), "{error}");
+}

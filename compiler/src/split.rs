@@ -442,7 +442,10 @@ impl<'a> Analysis<'a> {
                 }
                 _ => false,
             },
-            Expr::Reduce { op: reducer, indices, .. } => *reducer == op && indices.contains(&self.m0),
+            // A reduction of identities is the identity too.
+            Expr::Reduce { op: reducer, indices, body, .. } => {
+                *reducer == op && (indices.contains(&self.m0) || self.vanishes(body, op))
+            }
             Expr::Binary(BinaryOp::Add, a, b) if op == ReduceOp::Sum => self.vanishes(a, op) && self.vanishes(b, op),
             Expr::Binary(BinaryOp::Mul, a, b) if op == ReduceOp::Sum => self.vanishes(a, op) || self.vanishes(b, op),
             Expr::Binary(BinaryOp::Div, a, _) if op == ReduceOp::Sum => self.vanishes(a, op),
