@@ -1,6 +1,7 @@
 //! Differential testing with generated cascades: the interpreter on the cascade as written, the
 //! interpreter on the optimized cascade, the Cranelift back end on both, the LLVM CPU tier on the
-//! cascade as written and the host emulation of the GPU kernel on the optimized one must agree. A
+//! cascade as written and the host emulation of the GPU kernel on the optimized one, and the
+//! split-key form of the optimized one (where it splits, chunks of two tiles) must agree. A
 //! failure is shrunk (smaller extents, fewer lines, while it still fails), printed as `.ein` with
 //! its extents and, when `EINFUSE_SAVE_REGRESSIONS` is set, saved under `tests/regressions/`;
 //! every file there is run by `regressions_still_pass`.
@@ -110,6 +111,15 @@ fn check(generated: &Generated) -> Result<(), String> {
         .map_err(|e| format!("cpu as written: {e}"))?;
     agree(&optimized_reference, &cpu(&optimized, bindings, &data), 1e-4, Strictness::Exact)
         .map_err(|e| format!("cpu optimized: {e}"))?;
+    if let Some(split) = split_form(&optimized) {
+        let slices: Vec<&[f32]> = data.iter().map(Tensor::data).collect();
+        for target in [einfuse::Target::Interp, einfuse::Target::Cpu] {
+            let got =
+                einfuse::run_split(&optimized, &split, target, &extents, &slices, 2).map_err(|e| e.to_string())?;
+            agree(&optimized_reference, &to_f64(got), 1e-4, Strictness::Exact)
+                .map_err(|e| format!("split-key form on {}: {e}", target.name()))?;
+        }
+    }
     #[cfg(feature = "llvm")]
     {
         agree(&reference, &cpu_llvm(cascade, bindings, &data), 1e-4, Strictness::Exact)
@@ -119,6 +129,19 @@ fn check(generated: &Generated) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The split-key form of a cascade with chunks of two tiles, where it splits.
+fn split_form(cascade: &Cascade) -> Option<einfuse::compiler::split::SplitKeys> {
+    let index = cascade.einsums.iter().find_map(|e| e.recurrence_index())?;
+    let einfuse::compiler::ir::Extent::Split { tile, .. } = cascade.rank(index.rank).extent else { return None };
+    let einfuse::compiler::ir::Extent::Fixed(tile) = cascade.rank(tile).extent else { return None };
+    let split = einfuse::compiler::split::split_keys(cascade, 2 * tile).ok()?;
+    SPLIT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Some(split)
+}
+
+/// How many checked cascades had a split-key form.
+static SPLIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// `check` that turns a panic into a failure.
 fn outcome(generated: &Generated) -> Result<(), String> {
@@ -193,6 +216,7 @@ fn campaign(seeds: std::ops::Range<u64>) {
             failures.push(report(seed, &small, &why));
         }
     }
+    println!("{} checks of a split-key form", SPLIT.load(std::sync::atomic::Ordering::Relaxed));
     assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
 }
 
