@@ -33,6 +33,7 @@ use std::path::Path;
 use crate::compiler::cpu::CpuKernel;
 use crate::compiler::ir::{Cascade, TensorKind};
 use crate::compiler::shapes::{bind_extents, ShapeError};
+use crate::compiler::split::SplitKeys;
 use crate::{dtype_of, Error, Program, RunOptions, Target, Tensor};
 
 /// How to compile.
@@ -52,6 +53,10 @@ pub struct CompileOptions {
     pub check_finite: bool,
     /// Threads each call uses (default: every core).
     pub threads: usize,
+    /// Compile the split-key (Flash-Decoding) form with chunks of this many keys: a call runs
+    /// every chunk at once, then the merge (see `compiler::split`). A kernel that does not split
+    /// is an error at compile time.
+    pub split_keys: Option<u64>,
 }
 
 impl Default for CompileOptions {
@@ -63,6 +68,7 @@ impl Default for CompileOptions {
             params: vec![],
             check_finite: true,
             threads: crate::all_cores(),
+            split_keys: None,
         }
     }
 }
@@ -79,6 +85,18 @@ pub struct Kernel {
     cpu: Option<CpuKernel>,
     check_finite: bool,
     threads: usize,
+    /// The split-key form, and its two kernels compiled for the CPU targets.
+    split: Option<(SplitKeys, Option<(CpuKernel, CpuKernel)>)>,
+}
+
+/// Compiles a cascade for a CPU target; `None` for the others, which run through `crate::run`.
+fn compile_for(cascade: &Cascade, target: Target) -> Result<Option<CpuKernel>, Error> {
+    Ok(match target {
+        Target::Cpu => Some(crate::compile_cpu(cascade)?),
+        #[cfg(feature = "llvm")]
+        Target::CpuLlvm => Some(crate::compile_cpu_llvm(cascade)?),
+        _ => None,
+    })
 }
 
 /// Compiles every kernel of `source`.
@@ -104,18 +122,28 @@ fn compile_program(program: Program, options: &CompileOptions) -> Result<Compile
             let optimizer = crate::compiler::optimize::OptimizeOptions { tile: options.tile, ..Default::default() };
             cascade = crate::compiler::optimize::optimize(&cascade, &optimizer)?.cascade;
         }
-        let cpu = match options.target {
-            Target::Cpu => Some(crate::compile_cpu(&cascade)?),
-            #[cfg(feature = "llvm")]
-            Target::CpuLlvm => Some(crate::compile_cpu_llvm(&cascade)?),
-            _ => None,
+        let split = match options.split_keys {
+            None => None,
+            Some(keys) => {
+                let split = crate::compiler::split::split_keys(&cascade, keys).map_err(|why| {
+                    Error::Usage(format!("kernel `{}` does not split into chunks: {why}", cascade.name))
+                })?;
+                let parts =
+                    match (compile_for(&split.chunks, options.target)?, compile_for(&split.merge, options.target)?) {
+                        (Some(chunks), Some(merge)) => Some((chunks, merge)),
+                        _ => None,
+                    };
+                Some((split, parts))
+            }
         };
+        let cpu = if split.is_some() { None } else { compile_for(&cascade, options.target)? };
         kernels.push(Kernel {
             cascade,
             target: options.target,
             cpu,
             check_finite: options.check_finite,
             threads: options.threads.max(1),
+            split,
         });
     }
     Ok(Compiled { kernels })
@@ -179,8 +207,9 @@ impl Kernel {
         let shapes: Vec<_> =
             ids.iter().zip(&ordered).map(|(id, (_, shape))| (*id, shape.iter().map(|n| *n as u64).collect())).collect();
         let extents = bind_extents(c, &[], &shapes)?;
-        match (&self.cpu, self.target) {
-            (Some(cpu), _) => {
+        let compiled = self.cpu.is_some() || matches!(self.split, Some((_, Some(_))));
+        match (compiled, self.target) {
+            (true, _) => {
                 // Narrow storage types hold only representable values.
                 let rounded: Vec<Vec<f32>> = ids
                     .iter()
@@ -194,14 +223,23 @@ impl Kernel {
                     })
                     .collect();
                 let slices: Vec<&[f32]> = rounded.iter().map(Vec::as_slice).collect();
-                let values = cpu.run_threads(&extents, &slices, self.threads)?;
+                let values = match (&self.cpu, &self.split) {
+                    (Some(cpu), _) => cpu.run_threads(&extents, &slices, self.threads)?,
+                    (None, Some((split, Some((chunks, merge))))) => {
+                        crate::run_split_with(c, split, &extents, &slices, &mut |part, extents, inputs| {
+                            let kernel = if part == crate::SplitPart::Chunks { chunks } else { merge };
+                            Ok(kernel.run_threads(extents, inputs, self.threads)?)
+                        })?
+                    }
+                    _ => unreachable!("compiled"),
+                };
                 let outputs = crate::output_tensors(c, &extents, values);
                 if self.check_finite {
                     crate::check_finite(&outputs)?;
                 }
                 Ok(outputs)
             }
-            (None, target) => {
+            (false, target) => {
                 let tensors = ids
                     .iter()
                     .zip(&ordered)
@@ -211,7 +249,12 @@ impl Kernel {
                         (c.tensor(*id).name.clone(), tensor)
                     })
                     .collect();
-                let options = RunOptions { inputs: tensors, check_finite: self.check_finite, ..RunOptions::default() };
+                let options = RunOptions {
+                    inputs: tensors,
+                    check_finite: self.check_finite,
+                    split_keys: self.split.as_ref().map(|(split, _)| split.chunk),
+                    ..RunOptions::default()
+                };
                 crate::run(c, target, &options)
             }
         }

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use einfuse::{compile, compile_file, CompileOptions, DType, Target, Tensor};
 
 fn attention() -> einfuse::Compiled {
@@ -71,4 +73,38 @@ fn errors_at_the_boundary() {
     assert!(error.unwrap_err().to_string().contains("`Q`"));
     assert!(compiled.kernel("nope").is_err());
     assert!(compile("kernel k {", &CompileOptions::default()).is_err());
+}
+
+/// A kernel compiled in its split-key form (`CompileOptions::split_keys`) gives what the plain
+/// kernel gives, on the Cranelift tier and the interpreter; a kernel that does not split is an
+/// error at compile time that says why.
+#[test]
+fn split_key_kernels_through_the_api() {
+    let path = common::root().join("examples/variants.ein");
+    let plain = compile_file(&path, &CompileOptions::default()).unwrap();
+    let q = Tensor::random(DType::F32, vec![64, 5], 1).unwrap();
+    let k = Tensor::random(DType::F32, vec![64, 300], 2).unwrap();
+    let v = Tensor::random(DType::F32, vec![64, 300], 3).unwrap();
+    let inputs = [("Q", &q), ("K", &k), ("V", &v)];
+    let want = plain.kernel("causal").unwrap().call(&inputs).unwrap();
+    for target in [Target::Cpu, Target::Interp] {
+        let options = CompileOptions { target, split_keys: Some(128), ..CompileOptions::default() };
+        let split = compile_file(&path, &CompileOptions { ..options.clone() });
+        // Some kernels of the file do not split: compile the one that does from its own text.
+        assert!(split.is_err(), "every kernel of variants.ein splits?");
+        let causal = plain.kernel("causal").unwrap().cascade().clone();
+        let text = einfuse::compiler::print::print_cascade(&causal);
+        let compiled = compile(&text, &options).unwrap();
+        let got = compiled.kernel("causal").unwrap().call(&inputs).unwrap();
+        for (a, b) in got[0].1.data().iter().zip(want[0].1.data()) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{}: {a} against {b}", target.name());
+        }
+    }
+    let error = compile("kernel s { rank I\n input X[I]\n Y[i] = X[i] * 2\n output Y }", &CompileOptions {
+        split_keys: Some(128),
+        ..CompileOptions::default()
+    })
+    .err()
+    .unwrap();
+    assert!(error.to_string().contains("does not split into chunks"), "{error}");
 }

@@ -41,6 +41,8 @@ pub struct SplitKeys {
     pub chunk_inputs: Vec<usize>,
     /// For each input of `merge`, in order, where it comes from.
     pub merge_inputs: Vec<MergeInput>,
+    /// Keys per chunk.
+    pub chunk: u64,
 }
 
 /// Where an input of the merge comes from.
@@ -120,7 +122,7 @@ pub fn split_keys(cascade: &Cascade, chunk: u64) -> Result<SplitKeys, String> {
         .collect();
     crate::verify::verify(&chunks).map_err(|e| format!("internal error: the chunk cascade does not verify: {e}"))?;
     crate::verify::verify(&merge).map_err(|e| format!("internal error: the merge cascade does not verify: {e}"))?;
-    Ok(SplitKeys { chunks, merge, chunk_inputs, merge_inputs })
+    Ok(SplitKeys { chunks, merge, chunk_inputs, merge_inputs, chunk })
 }
 
 struct Analysis<'a> {
