@@ -82,6 +82,15 @@ pub fn optimize(cascade: &Cascade) -> Result<compiler::optimize::Optimized, Erro
     Ok(compiler::optimize::optimize(cascade, &compiler::optimize::OptimizeOptions::default())?)
 }
 
+/// Optimizes a kernel, the split ranks it creates in tiles of `tile` (the default is 64).
+pub fn optimize_tiled(cascade: &Cascade, tile: u64) -> Result<compiler::optimize::Optimized, Error> {
+    if tile == 0 {
+        return Err(Error::Usage("a tile holds at least one point".into()));
+    }
+    let options = compiler::optimize::OptimizeOptions { tile, ..Default::default() };
+    Ok(compiler::optimize::optimize(cascade, &options)?)
+}
+
 /// A checked source file: its text and its kernels.
 pub struct Program {
     pub path: String,

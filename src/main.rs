@@ -120,6 +120,10 @@ enum Command {
         /// Also time the split-key (Flash-Decoding) form with chunks of this many keys.
         #[arg(long, value_name = "KEYS")]
         split_keys: Option<u64>,
+        /// Tiles of this many points for the split ranks the optimizer creates (the streamed
+        /// keys).
+        #[arg(long, default_value_t = 64)]
+        tile: u64,
     },
     /// On a GPU machine: run the PTX kernels of a folder made by `scripts/gpu-build.sh` against
     /// the interpreter and time the attention kernels; needs no LLVM.
@@ -243,6 +247,9 @@ struct RunArgs {
     /// all at once, then a merge kernel (`emit --stage split` prints both).
     #[arg(long, value_name = "KEYS")]
     split_keys: Option<u64>,
+    /// Tiles of this many points for the split ranks the optimizer creates (the streamed keys).
+    #[arg(long, default_value_t = 64)]
+    tile: u64,
 }
 
 fn split_assignment(text: &str) -> Result<(&str, &str), String> {
@@ -401,7 +408,7 @@ fn execute(command: Command) -> Result<(), Error> {
             println!("wrote {} and {}", output.display(), header_path.display());
             Ok(())
         }
-        Command::Bench { file, kernel, bindings, runs, json, threads, target, split_keys } => bench(
+        Command::Bench { file, kernel, bindings, runs, json, threads, target, split_keys, tile } => bench(
             &file,
             kernel.as_deref(),
             bindings,
@@ -410,6 +417,7 @@ fn execute(command: Command) -> Result<(), Error> {
             threads.unwrap_or_else(einfuse::all_cores),
             target,
             split_keys,
+            tile,
         ),
         Command::GpuCheck { artifacts, out } => gpu_check(&artifacts, &out),
         Command::Gallery { examples, out } => {
@@ -637,12 +645,14 @@ fn run(args: RunArgs) -> Result<(), Error> {
     }
     let (target, kernel) = match args.target {
         // The split-key form is derived from the optimized cascade.
-        TargetArg::Interp if args.split_keys.is_some() => (Target::Interp, einfuse::optimize(kernel)?.cascade),
+        TargetArg::Interp if args.split_keys.is_some() => {
+            (Target::Interp, einfuse::optimize_tiled(kernel, args.tile)?.cascade)
+        }
         TargetArg::Interp => (Target::Interp, kernel.clone()),
-        TargetArg::Cpu => (Target::Cpu, einfuse::optimize(kernel)?.cascade),
-        TargetArg::CpuLlvm => (Target::CpuLlvm, einfuse::optimize(kernel)?.cascade),
-        TargetArg::GpuEmu => (Target::GpuEmulated, einfuse::optimize(kernel)?.cascade),
-        TargetArg::Gpu => (Target::Gpu, einfuse::optimize(kernel)?.cascade),
+        TargetArg::Cpu => (Target::Cpu, einfuse::optimize_tiled(kernel, args.tile)?.cascade),
+        TargetArg::CpuLlvm => (Target::CpuLlvm, einfuse::optimize_tiled(kernel, args.tile)?.cascade),
+        TargetArg::GpuEmu => (Target::GpuEmulated, einfuse::optimize_tiled(kernel, args.tile)?.cascade),
+        TargetArg::Gpu => (Target::Gpu, einfuse::optimize_tiled(kernel, args.tile)?.cascade),
     };
     let outputs = einfuse::run(&kernel, target, &options)?;
     if args.check {
@@ -722,6 +732,7 @@ fn bench(
     threads: usize,
     target: BenchTarget,
     split_keys: Option<u64>,
+    tile: u64,
 ) -> Result<(), Error> {
     use std::time::Instant;
     let runs = runs.max(1);
@@ -765,7 +776,7 @@ fn bench(
         for _ in 0..3 {
             let start = Instant::now();
             let program = Program::from_source(&file.display().to_string(), &source)?;
-            let optimized = einfuse::optimize(program.kernel(kernel)?)?.cascade;
+            let optimized = einfuse::optimize_tiled(program.kernel(kernel)?, tile)?.cascade;
             fused = Some(compile_tier(&optimized, llvm)?);
             compile_times.push(start.elapsed().as_secs_f64());
         }

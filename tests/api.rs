@@ -100,10 +100,10 @@ fn split_key_kernels_through_the_api() {
             assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{}: {a} against {b}", target.name());
         }
     }
-    let error = compile("kernel s { rank I\n input X[I]\n Y[i] = X[i] * 2\n output Y }", &CompileOptions {
-        split_keys: Some(128),
-        ..CompileOptions::default()
-    })
+    let error = compile(
+        "kernel s { rank I\n input X[I]\n Y[i] = X[i] * 2\n output Y }",
+        &CompileOptions { split_keys: Some(128), ..CompileOptions::default() },
+    )
     .err()
     .unwrap();
     assert!(error.to_string().contains("does not split into chunks"), "{error}");

@@ -141,3 +141,43 @@ fn explain_shows_the_derivation() {
         assert!(text.contains(expected), "missing {expected}:\n{text}");
     }
 }
+
+/// The split-key form and the tile size from the command line: `--check` against the
+/// interpreter passes; a kernel that does not split, and a chunk that is not whole tiles, are
+/// usage errors that say why.
+#[test]
+fn split_keys_and_tiles_on_the_command_line() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "examples/variants.ein", "--kernel", "causal", "--target", "cpu", "--bind", "M=300"];
+        args.extend(["--bind", "P=20", "--check"]);
+        args.extend(extra);
+        einfuse(&args)
+    };
+    for extra in [&["--split-keys", "128"][..], &["--tile", "16"], &["--tile", "16", "--split-keys", "48"]] {
+        let output = run(extra);
+        assert_eq!(output.status.code(), Some(0), "{extra:?}: {}", stderr(&output));
+        assert!(stdout(&output).contains("check against the interpreter"), "{extra:?}");
+    }
+    let output = run(&["--split-keys", "100"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("not a whole number of tiles"), "{}", stderr(&output));
+    let output = run(&["--tile", "0"]);
+    assert_eq!(output.status.code(), Some(1));
+    let output = einfuse(&[
+        "run",
+        "examples/variants.ein",
+        "--kernel",
+        "relu_attention",
+        "--bind",
+        "M=9",
+        "--bind",
+        "P=2",
+        "--split-keys",
+        "128",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("does not split into chunks"), "{}", stderr(&output));
+    let split = einfuse(&["emit", "--stage", "split", "benches/attention.ein", "--kernel", "decode", "--chunk", "256"]);
+    assert_eq!(split.status.code(), Some(0));
+    assert!(stdout(&split).contains("kernel decode_chunks") && stdout(&split).contains("kernel decode_merge"));
+}
