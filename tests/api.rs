@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-mod common;
-
 use einfuse::{compile, compile_file, CompileOptions, DType, Target, Tensor};
 
 fn attention() -> einfuse::Compiled {
@@ -80,7 +78,7 @@ fn errors_at_the_boundary() {
 /// error at compile time that says why.
 #[test]
 fn split_key_kernels_through_the_api() {
-    let path = common::root().join("examples/variants.ein");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/variants.ein");
     let plain = compile_file(&path, &CompileOptions::default()).unwrap();
     let q = Tensor::random(DType::F32, vec![64, 5], 1).unwrap();
     let k = Tensor::random(DType::F32, vec![64, 300], 2).unwrap();

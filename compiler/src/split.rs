@@ -107,12 +107,23 @@ impl Class {
     }
 }
 
+/// Why a cascade has no split-key form.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SplitError {
+    /// The cascade's shape does not allow it (a user-facing reason).
+    #[error("{0}")]
+    NotSplittable(String),
+    /// A bug: a cascade this pass built does not verify.
+    #[error("internal error: the {part} cascade does not verify: {errors}")]
+    Internal { part: &'static str, errors: String },
+}
+
 /// Cuts `cascade`'s streamed loop into chunks of `chunk` keys; an error says why it cannot.
-pub fn split_keys(cascade: &Cascade, chunk: u64) -> Result<SplitKeys, String> {
-    let analysis = Analysis::new(cascade, chunk)?;
-    let running = analysis.running()?;
-    let chunks = analysis.chunk_cascade(&running)?;
-    let (merge, merge_inputs) = analysis.merge_cascade(&running)?;
+pub fn split_keys(cascade: &Cascade, chunk: u64) -> Result<SplitKeys, SplitError> {
+    let analysis = Analysis::new(cascade, chunk).map_err(SplitError::NotSplittable)?;
+    let running = analysis.running().map_err(SplitError::NotSplittable)?;
+    let chunks = analysis.chunk_cascade(&running).map_err(SplitError::NotSplittable)?;
+    let (merge, merge_inputs) = analysis.merge_cascade(&running).map_err(SplitError::NotSplittable)?;
     let chunk_inputs = cascade
         .inputs()
         .iter()
@@ -120,8 +131,8 @@ pub fn split_keys(cascade: &Cascade, chunk: u64) -> Result<SplitKeys, String> {
         .filter(|(_, id)| chunks.tensor_by_name(&cascade.tensor(**id).name).is_some())
         .map(|(i, _)| i)
         .collect();
-    crate::verify::verify(&chunks).map_err(|e| format!("internal error: the chunk cascade does not verify: {e}"))?;
-    crate::verify::verify(&merge).map_err(|e| format!("internal error: the merge cascade does not verify: {e}"))?;
+    crate::verify::verify(&chunks).map_err(|e| SplitError::Internal { part: "chunk", errors: e.to_string() })?;
+    crate::verify::verify(&merge).map_err(|e| SplitError::Internal { part: "merge", errors: e.to_string() })?;
     Ok(SplitKeys { chunks, merge, chunk_inputs, merge_inputs, chunk })
 }
 
@@ -933,8 +944,9 @@ impl Analysis<'_> {
         Ok(out)
     }
 
-    /// Adds `c * MC + m1 * M0 + m0 < M` to the reductions over `m0` (with `m1` bound) whose body
-    /// reads nothing restricted; the filter is built later, so this marks them with a placeholder.
+    /// Adds `m1 * M0 + m0 < M` to the reductions over `m0` (with `m1` bound) whose body reads
+    /// nothing restricted, in the original ranks: the chunk's offset comes in when `m1` becomes
+    /// the global tile `c * M1 + m1`.
     fn filter_reductions(&self, expr: &Expr, restricted: &[TensorId], m1_bound: bool) -> Expr {
         match expr {
             Expr::Reduce { op, indices, filter, body } => {
