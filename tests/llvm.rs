@@ -206,3 +206,33 @@ kernel attention_bf16 {
         assert!(error <= 1e-2, "emulated: {emulated}: {error:.3e}");
     }
 }
+
+/// The `cpu-llvm` tier's full and empty steps (`cpu::full_steps`) at shifts of a causal filter
+/// that leave some tile one point short of full or of empty, against the interpreter.
+#[test]
+fn cpu_llvm_full_and_empty_steps_at_the_edges_of_tiles() {
+    let source = "kernel shifted {
+  rank E = 8, F = 8, M, P
+  input Q[E, P], K[E, M], V[F, M]
+  param scale = 0.3, shift = 0
+  QK[m, p] = Q[e, p] * K[e, m] * scale
+  S[m, p]  = QK[m, p] where m <= p + shift
+  GM[p]    = max[m](S[m, p])
+  SN[m, p] = exp(S[m, p] - GM[p])
+  SD[p]    = SN[m, p]
+  AV[f, p] = SN[m, p] * V[f, m] / SD[p]
+  output AV
+}";
+    let cascade = einfuse::compiler::compile_source(source).unwrap().remove(0);
+    let optimized = einfuse::optimize(&cascade).unwrap().cascade;
+    let sizes: BTreeMap<&str, u64> = [("M", 140), ("P", 100)].into();
+    // With P = 100 rows in one call: a tile is one point short of full at shifts 62 - 64k, and
+    // one point short of empty at 64k - 99.
+    for shift in [-99, -66, -35, -2, 0, 29, 62] {
+        let mut shifted = optimized.clone();
+        shifted.params.iter_mut().filter(|p| p.name == "shift").for_each(|p| p.value = shift as f64);
+        let compiled = Compiled::new(&shifted, false);
+        let error = compare(&shifted, &compiled, &sizes, 5);
+        assert!(error <= 1e-4, "shift {shift}: {error:.3e}");
+    }
+}

@@ -27,10 +27,10 @@ use crate::schedule::{schedule, LoopProgram, Node, Slot};
 
 /// `constant + sum(coefficient * index) + sum(coefficient * extent)`, in integers.
 #[derive(Clone, Debug, Default, PartialEq)]
-struct Linear {
-    constant: i64,
-    indices: BTreeMap<Index, i64>,
-    extents: BTreeMap<RankId, i64>,
+pub struct Linear {
+    pub constant: i64,
+    pub indices: BTreeMap<Index, i64>,
+    pub extents: BTreeMap<RankId, i64>,
 }
 
 impl Linear {
@@ -89,10 +89,10 @@ fn linear(c: &Cascade, e: &Expr) -> Option<Linear> {
 /// A margin that must be at least `least` at every point of an Einsum for its filter to hold.
 #[derive(Clone, Debug)]
 pub struct Margin {
-    margin: Linear,
-    least: i64,
+    pub margin: Linear,
+    pub least: i64,
     /// The Einsum's indices, whose ranges make the box.
-    indices: Vec<Index>,
+    pub indices: Vec<Index>,
     /// The tensor the Einsum writes.
     pub tensor: TensorId,
 }

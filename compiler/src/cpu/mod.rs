@@ -7,7 +7,7 @@
 
 mod codegen;
 mod empty_steps;
-mod full_steps;
+pub mod full_steps;
 mod induction;
 pub use codegen::table_offsets;
 pub mod header;

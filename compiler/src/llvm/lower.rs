@@ -57,7 +57,10 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
         writeln!(module, "target triple = \"{triple}\"").unwrap();
     }
     module.push('\n');
+    // Steps that every filter admits whole run a variant without filters (CPU entry only).
+    let full_steps = if abi == Abi::Cpu { crate::cpu::full_steps::plan(program) } else { None };
     let mut body = Lowering::new(program, flavor, abi);
+    body.full_steps = full_steps.as_ref();
     body.function_body();
     let attributes = "alwaysinline nounwind";
     writeln!(
@@ -351,6 +354,8 @@ struct Lowering<'a> {
     /// Reduced inner indices of split pairs whose loops stop at the last valid point, so that
     /// their pairs need no check (see `reduced_loop`).
     bounded: Vec<Index>,
+    /// The variant for steps that every filter admits whole (see `cpu::full_steps`).
+    full_steps: Option<&'a crate::cpu::full_steps::FullSteps>,
 }
 
 impl<'a> Lowering<'a> {
@@ -370,6 +375,7 @@ impl<'a> Lowering<'a> {
             env: vec![],
             lanes: if flavor == Flavor::Host { host_lanes() } else { 1 },
             bounded: vec![],
+            full_steps: None,
         }
     }
 
@@ -495,9 +501,40 @@ impl<'a> Lowering<'a> {
             match node {
                 Node::Loop { index, body, skip } => {
                     let extent = self.extents[index.rank.index()].clone();
-                    self.for_loop(*index, "0", &extent, &mut |g| match skip {
-                        Some(tensor) => g.skippable_step(*index, body, *tensor),
-                        None => g.nodes(body),
+                    let full = self.full_steps.and_then(|f| {
+                        f.margins.iter().find(|(i, _)| i == index).map(|(_, margins)| (&f.variant, margins))
+                    });
+                    self.for_loop(*index, "0", &extent, &mut |g| {
+                        let join = g.label("stepped");
+                        if let Some((variant, margins)) = full {
+                            // A step the skippable tensor's filter empties: carried over first.
+                            let empty: Vec<_> = match skip {
+                                Some(tensor) => margins.iter().filter(|m| m.tensor == *tensor).cloned().collect(),
+                                None => vec![],
+                            };
+                            if !empty.is_empty() {
+                                let none = g.step_is_empty(&empty, *index);
+                                let (carry, compute) = (g.label("carry"), g.label("compute"));
+                                g.emit(format!("br i1 {none}, label %{carry}, label %{compute}"));
+                                g.start_block(&carry);
+                                g.carry_recurrences(*index, body);
+                                g.emit(format!("br label %{join}"));
+                                g.start_block(&compute);
+                            }
+                            let whole = g.step_is_full(margins, *index);
+                            let (fast, slow) = (g.label("full"), g.label("partial"));
+                            g.emit(format!("br i1 {whole}, label %{fast}, label %{slow}"));
+                            g.start_block(&fast);
+                            g.with_program(variant, &mut |g| g.nodes(body));
+                            g.emit(format!("br label %{join}"));
+                            g.start_block(&slow);
+                        }
+                        match skip {
+                            Some(tensor) => g.skippable_step(*index, body, *tensor),
+                            None => g.nodes(body),
+                        }
+                        g.emit(format!("br label %{join}"));
+                        g.start_block(&join);
                     });
                 }
                 Node::Compute { einsum } => self.compute(*einsum),
@@ -537,7 +574,15 @@ impl<'a> Lowering<'a> {
         self.nodes(&body[at + 1..]);
         self.emit(format!("br label %{join}"));
         self.start_block(&carry);
-        for node in &body[at + 1..] {
+        self.carry_recurrences(index, &body[at + 1..]);
+        self.emit(format!("br label %{join}"));
+        self.start_block(&join);
+    }
+
+    /// Copies the current iterate of every recurrence of `body` into its next slot.
+    fn carry_recurrences(&mut self, index: Index, body: &[Node]) {
+        let c = self.cascade();
+        for node in body {
             let Node::Compute { einsum } = node else { continue };
             let einsum = &c.einsums[einsum.index()];
             if einsum.recurrence_index() != Some(index) {
@@ -564,8 +609,73 @@ impl<'a> Lowering<'a> {
                 }
             });
         }
-        self.emit(format!("br label %{join}"));
-        self.start_block(&join);
+    }
+
+    /// Generates `emit` as `variant` (the same buffers, fewer masks) says: a buffer without a
+    /// mask there is treated as wholly defined.
+    fn with_program(&mut self, variant: &'a LoopProgram, emit: &mut dyn FnMut(&mut Self)) {
+        let (program, masks) = (self.program, self.masks.clone());
+        for (mask, buffer) in self.masks.iter_mut().zip(&variant.buffers) {
+            if !buffer.masked {
+                *mask = None;
+            }
+        }
+        self.program = variant;
+        emit(self);
+        self.program = program;
+        self.masks = masks;
+    }
+
+    /// Whether every filter of `margins` holds at every point of the current step.
+    fn step_is_full(&mut self, margins: &[crate::cpu::full_steps::Margin], index: Index) -> String {
+        let mut all = "true".to_string();
+        for m in margins {
+            let Some(smallest) = self.extreme_margin(m, index, false) else { return "false".into() };
+            let holds = self.ins(format!("icmp sge i64 {smallest}, {}", m.least));
+            all = self.ins(format!("and i1 {all}, {holds}"));
+        }
+        all
+    }
+
+    /// Whether some filter of `margins` holds at no point of the current step.
+    fn step_is_empty(&mut self, margins: &[crate::cpu::full_steps::Margin], index: Index) -> String {
+        let mut any = "false".to_string();
+        for m in margins {
+            let Some(largest) = self.extreme_margin(m, index, true) else { continue };
+            let fails = self.ins(format!("icmp slt i64 {largest}, {}", m.least));
+            any = self.ins(format!("or i1 {any}, {fails}"));
+        }
+        any
+    }
+
+    /// The smallest (or largest) margin over the step's box of points, as `cpu::full_steps`.
+    fn extreme_margin(&mut self, m: &crate::cpu::full_steps::Margin, index: Index, largest: bool) -> Option<String> {
+        let mut total = m.margin.constant.to_string();
+        for (r, k) in &m.margin.extents {
+            let extent = self.extents[r.index()].clone();
+            let term = self.ins(format!("mul i64 {extent}, {k}"));
+            total = self.ins(format!("add i64 {total}, {term}"));
+        }
+        for (i, k) in &m.margin.indices {
+            if *k == 0 {
+                continue;
+            }
+            let local = if *i == index {
+                self.index(*i)
+            } else if !m.indices.contains(i) {
+                return None;
+            } else if (*k > 0) == largest {
+                let extent = self.extents[i.rank.index()].clone();
+                self.ins(format!("sub i64 {extent}, 1"))
+            } else {
+                "0".to_string()
+            };
+            let base = self.bases[i.rank.index()].clone();
+            let global = self.ins(format!("add i64 {local}, {base}"));
+            let term = self.ins(format!("mul i64 {global}, {k}"));
+            total = self.ins(format!("add i64 {total}, {term}"));
+        }
+        Some(total)
     }
 
     /// Runs `each` at every point of `einsum`'s left-hand side not bound by an enclosing loop,
