@@ -211,19 +211,7 @@ kernel attention_bf16 {
 /// that leave some tile one point short of full or of empty, against the interpreter.
 #[test]
 fn cpu_llvm_full_and_empty_steps_at_the_edges_of_tiles() {
-    let source = "kernel shifted {
-  rank E = 8, F = 8, M, P
-  input Q[E, P], K[E, M], V[F, M]
-  param scale = 0.3, shift = 0
-  QK[m, p] = Q[e, p] * K[e, m] * scale
-  S[m, p]  = QK[m, p] where m <= p + shift
-  GM[p]    = max[m](S[m, p])
-  SN[m, p] = exp(S[m, p] - GM[p])
-  SD[p]    = SN[m, p]
-  AV[f, p] = SN[m, p] * V[f, m] / SD[p]
-  output AV
-}";
-    let cascade = einfuse::compiler::compile_source(source).unwrap().remove(0);
+    let cascade = einfuse::compiler::compile_source(common::SHIFTED_CAUSAL).unwrap().remove(0);
     let optimized = einfuse::optimize(&cascade).unwrap().cascade;
     let sizes: BTreeMap<&str, u64> = [("M", 140), ("P", 100)].into();
     // With P = 100 rows in one call: a tile is one point short of full at shifts 62 - 64k, and

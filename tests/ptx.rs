@@ -33,6 +33,16 @@ fn ptxas() -> Option<PathBuf> {
     Command::new("ptxas").arg("--version").output().ok().filter(|o| o.status.success()).map(|_| "ptxas".into())
 }
 
+/// `ptxas`, or `None` after saying why the test skips (never in CI, where it must be installed).
+fn ptxas_or_skip() -> Option<PathBuf> {
+    let found = ptxas();
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "ptxas is missing in CI; scripts/test.sh installs it");
+        eprintln!("skipped: no ptxas (run scripts/test.sh, which installs it into .venv)");
+    }
+    found
+}
+
 /// What `ptxas -v` says about one kernel.
 #[derive(Debug)]
 struct Assembled {
@@ -69,11 +79,7 @@ fn assemble(ptxas: &Path, ptx: &str, arch: &str, name: &str) -> Result<Assembled
 
 #[test]
 fn every_corpus_kernel_assembles_for_sm80_and_sm90_without_spills() {
-    let Some(ptxas) = ptxas() else {
-        assert!(std::env::var_os("CI").is_none(), "ptxas is missing in CI; scripts/test.sh installs it");
-        eprintln!("skipped: no ptxas (run scripts/test.sh, which installs it into .venv)");
-        return;
-    };
+    let Some(ptxas) = ptxas_or_skip() else { return };
     let mut kernels = common::kernels_in("examples");
     kernels.extend(common::kernels_in("benches"));
     let mut report = Vec::new();
@@ -120,11 +126,7 @@ fn ptx_is_deterministic() {
 /// The split-key form's two kernels (decode, and causal attention) assemble without spills.
 #[test]
 fn split_key_kernels_assemble_without_spills() {
-    let Some(ptxas) = ptxas() else {
-        assert!(std::env::var_os("CI").is_none(), "ptxas is missing in CI; scripts/test.sh installs it");
-        eprintln!("skipped: no ptxas (run scripts/test.sh, which installs it into .venv)");
-        return;
-    };
+    let Some(ptxas) = ptxas_or_skip() else { return };
     let mut kernels = common::kernels_in("benches");
     kernels.extend(common::kernels_in("examples"));
     for name in ["decode", "causal"] {

@@ -339,6 +339,17 @@ impl Expr {
         }
     }
 
+    /// The operands of a chain of `op` (`a * b * c` for `Mul`), left to right.
+    pub fn operands<'e>(&'e self, op: BinaryOp, out: &mut Vec<&'e Expr>) {
+        match self {
+            Expr::Binary(o, a, b) if *o == op => {
+                a.operands(op, out);
+                b.operands(op, out);
+            }
+            other => out.push(other),
+        }
+    }
+
     /// The tensors this expression reads, with their subscripts, in order of appearance.
     pub fn accesses(&self) -> Vec<(TensorId, &[Affine])> {
         let mut found = Vec::new();

@@ -526,7 +526,7 @@ impl<'a> Analysis<'a> {
                 _ => unreachable!("a recurrence's target is iterative"),
             };
             let mut addends = Vec::new();
-            flatten_sum(&rec.body, &mut addends);
+            rec.body.operands(BinaryOp::Add, &mut addends);
             let mut carried = None;
             let mut rest = Vec::new();
             for addend in addends {
@@ -581,16 +581,6 @@ fn print_op(op: BinaryOp) -> &'static str {
         BinaryOp::Div => "/",
         BinaryOp::Max => "max",
         BinaryOp::Min => "min",
-    }
-}
-
-fn flatten_sum<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {
-    match expr {
-        Expr::Binary(BinaryOp::Add, a, b) => {
-            flatten_sum(a, out);
-            flatten_sum(b, out);
-        }
-        _ => out.push(expr),
     }
 }
 

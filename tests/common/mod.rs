@@ -21,3 +21,19 @@ pub fn kernels_in(dir: &str) -> Vec<Cascade> {
         .flat_map(|p| Program::from_file(p).unwrap().kernels)
         .collect()
 }
+
+/// Attention under a causal filter shifted by the param `shift` (`m <= p + shift`): the tests of
+/// steps that the filter admits whole or empties (`cpu::full_steps`) on both CPU tiers.
+#[allow(dead_code)]
+pub const SHIFTED_CAUSAL: &str = "kernel shifted {
+  rank E = 8, F = 8, M, P
+  input Q[E, P], K[E, M], V[F, M]
+  param scale = 0.3, shift = 0
+  QK[m, p] = Q[e, p] * K[e, m] * scale
+  S[m, p]  = QK[m, p] where m <= p + shift
+  GM[p]    = max[m](S[m, p])
+  SN[m, p] = exp(S[m, p] - GM[p])
+  SD[p]    = SN[m, p]
+  AV[f, p] = SN[m, p] * V[f, m] / SD[p]
+  output AV
+}";

@@ -246,56 +246,35 @@ impl<'a, 'f> Gen<'a, 'f> {
             .zip(ranks)
             .map(|(s, rank)| match s {
                 Affine::Index(i) if i.rank == rank => self.index(*i),
-                _ => self.global_affine(s),
+                _ => self.affine(s, true),
             })
             .collect()
     }
 
-    fn global_affine(&mut self, affine: &Affine) -> Value {
+    /// A subscript's value; with `global`, a batch rank's index is offset by the call's base.
+    fn affine(&mut self, affine: &Affine, global: bool) -> Value {
         match affine {
-            Affine::Index(i) if super::is_batch_rank(self.cascade(), i.rank) => {
+            Affine::Const(c) => self.b.ins().iconst(types::I64, *c),
+            Affine::Index(i) if global && super::is_batch_rank(self.cascade(), i.rank) => {
                 let v = self.index(*i);
                 self.b.ins().iadd(v, self.bases[i.rank.index()])
             }
-            Affine::Add(a, b) => {
-                let (a, b) = (self.global_affine(a), self.global_affine(b));
-                self.b.ins().iadd(a, b)
-            }
-            Affine::Sub(a, b) => {
-                let (a, b) = (self.global_affine(a), self.global_affine(b));
-                self.b.ins().isub(a, b)
-            }
-            Affine::Mul(a, b) => {
-                let (a, b) = (self.global_affine(a), self.global_affine(b));
-                self.b.ins().imul(a, b)
-            }
-            Affine::Neg(a) => {
-                let a = self.global_affine(a);
-                self.b.ins().ineg(a)
-            }
-            _ => self.affine(affine),
-        }
-    }
-
-    pub(super) fn affine(&mut self, affine: &Affine) -> Value {
-        match affine {
-            Affine::Const(c) => self.b.ins().iconst(types::I64, *c),
             Affine::Index(i) => self.index(*i),
             Affine::Extent(r) => self.extents[r.index()],
             Affine::Add(a, b) => {
-                let (a, b) = (self.affine(a), self.affine(b));
+                let (a, b) = (self.affine(a, global), self.affine(b, global));
                 self.b.ins().iadd(a, b)
             }
             Affine::Sub(a, b) => {
-                let (a, b) = (self.affine(a), self.affine(b));
+                let (a, b) = (self.affine(a, global), self.affine(b, global));
                 self.b.ins().isub(a, b)
             }
             Affine::Mul(a, b) => {
-                let (a, b) = (self.affine(a), self.affine(b));
+                let (a, b) = (self.affine(a, global), self.affine(b, global));
                 self.b.ins().imul(a, b)
             }
             Affine::Neg(a) => {
-                let a = self.affine(a);
+                let a = self.affine(a, global);
                 self.b.ins().ineg(a)
             }
         }

@@ -97,6 +97,49 @@ pub struct Margin {
     pub tensor: TensorId,
 }
 
+/// Where an index's coordinate is taken in a margin's extreme over a step's box.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum At {
+    /// The loop index: its current value.
+    Current,
+    /// The first point of the range.
+    First,
+    /// The last point of the range (its extent less one).
+    Last,
+}
+
+/// One term of a margin's extreme: a coefficient times a rank's extent, or times an index's
+/// global coordinate (the call's base plus the local coordinate `at`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MarginTerm {
+    Extent { rank: RankId, k: i64 },
+    Coordinate { index: Index, at: At, k: i64 },
+}
+
+impl Margin {
+    /// The terms (besides the constant) of the smallest margin over the current step of the loop
+    /// over `index`, or with `largest` the largest: each index at the end of its range that makes
+    /// its term smallest (largest). `None` when the margin mentions an index the Einsum does
+    /// not bind.
+    pub fn extreme_terms(&self, index: Index, largest: bool) -> Option<Vec<MarginTerm>> {
+        let mut terms: Vec<MarginTerm> =
+            self.margin.extents.iter().map(|(rank, k)| MarginTerm::Extent { rank: *rank, k: *k }).collect();
+        for (i, k) in self.margin.indices.iter().filter(|(_, k)| **k != 0) {
+            let at = if *i == index {
+                At::Current
+            } else if !self.indices.contains(i) {
+                return None;
+            } else if (*k > 0) == largest {
+                At::Last
+            } else {
+                At::First
+            };
+            terms.push(MarginTerm::Coordinate { index: *i, at, k: *k });
+        }
+        Some(terms)
+    }
+}
+
 /// The variant of a program whose streamed steps may run without filters, and the margins each
 /// loop (by its index) must meet.
 pub struct FullSteps {
@@ -214,30 +257,23 @@ impl Gen<'_, '_> {
         any
     }
 
-    /// The smallest (or, with `largest`, the largest) margin over the step's box of points:
-    /// each index at the end of its range that makes its term smallest (largest), the loop index
-    /// at its current value, every index at its global coordinate.
+    /// The smallest (or, with `largest`, the largest) margin over the step's box of points (see
+    /// `Margin::extreme_terms`).
     fn extreme_margin(&mut self, m: &Margin, index: Index, largest: bool) -> Option<Value> {
         let mut total = self.b.ins().iconst(types::I64, m.margin.constant);
-        for (r, k) in &m.margin.extents {
-            let term = self.b.ins().imul_imm_s(self.extents[r.index()], *k);
-            total = self.b.ins().iadd(total, term);
-        }
-        for (i, k) in &m.margin.indices {
-            if *k == 0 {
-                continue;
-            }
-            let local = if *i == index {
-                self.index(*i)
-            } else if !m.indices.contains(i) {
-                return None;
-            } else if (*k > 0) == largest {
-                self.b.ins().iadd_imm_s(self.extents[i.rank.index()], -1)
-            } else {
-                self.b.ins().iconst(types::I64, 0)
+        for term in m.extreme_terms(index, largest)? {
+            let term = match term {
+                MarginTerm::Extent { rank, k } => self.b.ins().imul_imm_s(self.extents[rank.index()], k),
+                MarginTerm::Coordinate { index: i, at, k } => {
+                    let local = match at {
+                        At::Current => self.index(i),
+                        At::First => self.b.ins().iconst(types::I64, 0),
+                        At::Last => self.b.ins().iadd_imm_s(self.extents[i.rank.index()], -1),
+                    };
+                    let global = self.b.ins().iadd(local, self.bases[i.rank.index()]);
+                    self.b.ins().imul_imm_s(global, k)
+                }
             };
-            let global = self.b.ins().iadd(local, self.bases[i.rank.index()]);
-            let term = self.b.ins().imul_imm_s(global, *k);
             total = self.b.ins().iadd(total, term);
         }
         Some(total)

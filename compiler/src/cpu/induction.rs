@@ -52,7 +52,7 @@ pub fn invariant_factors(cascade: &Cascade, op: ReduceOp, body: &Expr) -> Option
         return None;
     }
     let mut factors = Vec::new();
-    flatten_product(body, &mut factors);
+    body.operands(BinaryOp::Mul, &mut factors);
     let mut constant = 1.0f64;
     let mut varying: Vec<&Expr> = Vec::new();
     for factor in factors {
@@ -69,16 +69,6 @@ pub fn invariant_factors(cascade: &Cascade, op: ReduceOp, body: &Expr) -> Option
     let mut rest = varying.into_iter().cloned();
     let first = rest.next().expect("one varying factor");
     Some((rest.fold(first, |a, b| Expr::Binary(BinaryOp::Mul, Box::new(a), Box::new(b))), constant))
-}
-
-fn flatten_product<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {
-    match expr {
-        Expr::Binary(BinaryOp::Mul, a, b) => {
-            flatten_product(a, out);
-            flatten_product(b, out);
-        }
-        other => out.push(other),
-    }
 }
 
 impl Gen<'_, '_> {

@@ -648,31 +648,31 @@ impl<'a> Lowering<'a> {
         any
     }
 
-    /// The smallest (or largest) margin over the step's box of points, as `cpu::full_steps`.
+    /// The smallest (or largest) margin over the step's box of points (see
+    /// `cpu::full_steps::Margin::extreme_terms`).
     fn extreme_margin(&mut self, m: &crate::cpu::full_steps::Margin, index: Index, largest: bool) -> Option<String> {
+        use crate::cpu::full_steps::{At, MarginTerm};
         let mut total = m.margin.constant.to_string();
-        for (r, k) in &m.margin.extents {
-            let extent = self.extents[r.index()].clone();
-            let term = self.ins(format!("mul i64 {extent}, {k}"));
-            total = self.ins(format!("add i64 {total}, {term}"));
-        }
-        for (i, k) in &m.margin.indices {
-            if *k == 0 {
-                continue;
-            }
-            let local = if *i == index {
-                self.index(*i)
-            } else if !m.indices.contains(i) {
-                return None;
-            } else if (*k > 0) == largest {
-                let extent = self.extents[i.rank.index()].clone();
-                self.ins(format!("sub i64 {extent}, 1"))
-            } else {
-                "0".to_string()
+        for term in m.extreme_terms(index, largest)? {
+            let term = match term {
+                MarginTerm::Extent { rank, k } => {
+                    let extent = self.extents[rank.index()].clone();
+                    self.ins(format!("mul i64 {extent}, {k}"))
+                }
+                MarginTerm::Coordinate { index: i, at, k } => {
+                    let local = match at {
+                        At::Current => self.index(i),
+                        At::First => "0".to_string(),
+                        At::Last => {
+                            let extent = self.extents[i.rank.index()].clone();
+                            self.ins(format!("sub i64 {extent}, 1"))
+                        }
+                    };
+                    let base = self.bases[i.rank.index()].clone();
+                    let global = self.ins(format!("add i64 {local}, {base}"));
+                    self.ins(format!("mul i64 {global}, {k}"))
+                }
             };
-            let base = self.bases[i.rank.index()].clone();
-            let global = self.ins(format!("add i64 {local}, {base}"));
-            let term = self.ins(format!("mul i64 {global}, {k}"));
             total = self.ins(format!("add i64 {total}, {term}"));
         }
         Some(total)
@@ -738,57 +738,36 @@ impl<'a> Lowering<'a> {
             .zip(ranks)
             .map(|(s, rank)| match s {
                 Affine::Index(i) if i.rank == rank => self.index(*i),
-                _ => self.global_affine(s),
+                _ => self.affine(s, true),
             })
             .collect()
     }
 
-    fn global_affine(&mut self, affine: &Affine) -> String {
+    /// A subscript's value; with `global`, a batch rank's index is offset by the call's base.
+    fn affine(&mut self, affine: &Affine, global: bool) -> String {
         match affine {
-            Affine::Index(i) if crate::cpu::is_batch_rank(self.cascade(), i.rank) => {
+            Affine::Const(c) => c.to_string(),
+            Affine::Index(i) if global && crate::cpu::is_batch_rank(self.cascade(), i.rank) => {
                 let v = self.index(*i);
                 let base = self.bases[i.rank.index()].clone();
                 self.ins(format!("add i64 {v}, {base}"))
             }
-            Affine::Add(a, b) => {
-                let (a, b) = (self.global_affine(a), self.global_affine(b));
-                self.ins(format!("add i64 {a}, {b}"))
-            }
-            Affine::Sub(a, b) => {
-                let (a, b) = (self.global_affine(a), self.global_affine(b));
-                self.ins(format!("sub i64 {a}, {b}"))
-            }
-            Affine::Mul(a, b) => {
-                let (a, b) = (self.global_affine(a), self.global_affine(b));
-                self.ins(format!("mul i64 {a}, {b}"))
-            }
-            Affine::Neg(a) => {
-                let a = self.global_affine(a);
-                self.ins(format!("sub i64 0, {a}"))
-            }
-            _ => self.affine(affine),
-        }
-    }
-
-    fn affine(&mut self, affine: &Affine) -> String {
-        match affine {
-            Affine::Const(c) => c.to_string(),
             Affine::Index(i) => self.index(*i),
             Affine::Extent(r) => self.extents[r.index()].clone(),
             Affine::Add(a, b) => {
-                let (a, b) = (self.affine(a), self.affine(b));
+                let (a, b) = (self.affine(a, global), self.affine(b, global));
                 self.ins(format!("add i64 {a}, {b}"))
             }
             Affine::Sub(a, b) => {
-                let (a, b) = (self.affine(a), self.affine(b));
+                let (a, b) = (self.affine(a, global), self.affine(b, global));
                 self.ins(format!("sub i64 {a}, {b}"))
             }
             Affine::Mul(a, b) => {
-                let (a, b) = (self.affine(a), self.affine(b));
+                let (a, b) = (self.affine(a, global), self.affine(b, global));
                 self.ins(format!("mul i64 {a}, {b}"))
             }
             Affine::Neg(a) => {
-                let a = self.affine(a);
+                let a = self.affine(a, global);
                 self.ins(format!("sub i64 0, {a}"))
             }
         }
