@@ -122,8 +122,11 @@ impl GpuKernel {
         }
         let grid =
             u32::try_from(call.layout.grid).map_err(|_| GpuError::Run("too many threads for one grid".into()))?;
-        let config =
-            LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (call.layout.block as u32, 1, 1), shared_mem_bytes: 0 };
+        let config = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (call.layout.block as u32, 1, 1),
+            shared_mem_bytes: call.layout.shared_bytes as u32,
+        };
         let threads = call.layout.threads as i64;
         let mut builder = self.stream.launch_builder(&self.function);
         for table in &call.tables {

@@ -3,7 +3,11 @@
 //! needs no LLVM.
 //!
 //! One thread computes one point of the *batch ranks* (every rank along which the cascade splits
-//! into independent parts, see `cpu::is_batch_rank`), the last batch rank fastest. Inputs and
+//! into independent parts, see `cpu::is_batch_rank`), the last batch rank fastest. The threads
+//! of a block share the point of every batch rank but the last, the *lane rank*: a row of the
+//! lane rank takes `ceil(extent / block)` blocks, and the threads of the last one past the
+//! row's end are idle (in a kernel with staged reads, see `staging`, they compute the row's last
+//! point again, writing the same values, so that every thread meets every barrier). Inputs and
 //! outputs keep their global row-major layout; a thread offsets them to its point. Scratch
 //! buffers hold one copy per thread, interleaved (element `i` of thread `t` at `i * threads +
 //! t`), so that the threads of a warp touch neighbouring addresses.
@@ -16,8 +20,15 @@ use crate::shapes::tensor_shape;
 /// A call's buffers in host memory: values, and masks (empty for a buffer without one).
 pub type HostBuffers = (Vec<Vec<f32>>, Vec<Vec<u8>>);
 
-/// Threads per block.
+/// Threads per block at most; a lane rank shorter than that gets its extent rounded up to a
+/// whole warp.
 pub const BLOCK: u64 = 128;
+
+/// The threads of a warp.
+pub const WARP: u64 = 32;
+
+/// Shared memory per block for staged tiles: what a kernel may use without asking the driver.
+pub const SHARED_BYTES: u64 = 48 << 10;
 
 /// The batch ranks of a cascade, in rank order.
 pub fn batch_ranks(cascade: &Cascade) -> Vec<RankId> {
@@ -29,15 +40,20 @@ pub fn batch_ranks(cascade: &Cascade) -> Vec<RankId> {
 pub struct ThreadLayout {
     /// One thread per point of the batch ranks.
     pub threads: u64,
+    /// The extent of the lane rank (1 without batch ranks).
+    pub lane_extent: u64,
     pub block: u64,
     pub grid: u64,
+    /// Dynamic shared memory per block, for the staged tiles.
+    pub shared_bytes: u64,
     /// The extents the body sees: 1 for every batch rank.
     pub local_extents: Vec<i64>,
     /// Every buffer's dimensions, then every buffer's strides, as the body reads them.
     pub dims: Vec<i64>,
     pub strides: Vec<i64>,
     /// The batch ranks' global extents, then per buffer one stride per batch rank and one per
-    /// thread.
+    /// thread, then per staged read (see `staging`) its offset in shared memory in elements (-1
+    /// where it does not fit and the threads read global memory) and its box extents.
     pub batch: Vec<i64>,
     /// Elements to allocate per buffer (values; a masked buffer has as many mask bytes).
     pub lengths: Vec<u64>,
@@ -66,10 +82,15 @@ impl ThreadLayout {
         for r in &batch {
             local[r.index()] = 1;
         }
+        let lane_extent = batch.last().map_or(1, |r| extents[r.index()]);
+        let block = lane_extent.clamp(1, BLOCK).next_multiple_of(WARP);
+        let rows = if lane_extent == 0 { 0 } else { threads / lane_extent };
         let mut layout = ThreadLayout {
             threads,
-            block: BLOCK,
-            grid: threads.div_ceil(BLOCK),
+            lane_extent,
+            block,
+            grid: rows.checked_mul(lane_extent.div_ceil(block)).ok_or("the number of blocks overflows")?,
+            shared_bytes: 0,
             local_extents: local.iter().map(|e| *e as i64).collect(),
             dims: vec![],
             strides: vec![],
@@ -115,6 +136,7 @@ impl ThreadLayout {
             total = total.saturating_add(length.saturating_mul(if buffer.masked { 5 } else { 4 }));
             layout.lengths.push(length);
         }
+        layout.stage(program, &local);
         if total > max_bytes {
             return Err(format!("this call needs {total} bytes of buffers, more than the limit of {max_bytes}"));
         }
@@ -123,6 +145,31 @@ impl ThreadLayout {
 }
 
 impl ThreadLayout {
+    /// Places the staged tiles in shared memory: each streamed loop's from the start (the loops
+    /// run one after the other), in order, as many as fit.
+    fn stage(&mut self, program: &LoopProgram, local: &[u64]) {
+        let mut used: Vec<(Index, u64)> = Vec::new();
+        for read in super::staging::staged_reads(program) {
+            let extents = read.box_extents(local);
+            let elements = extents.iter().try_fold(1u64, |a, n| a.checked_mul(*n)).unwrap_or(u64::MAX);
+            let at = match used.iter().position(|(step, _)| *step == read.step) {
+                Some(at) => at,
+                None => {
+                    used.push((read.step, 0));
+                    used.len() - 1
+                }
+            };
+            let offset = used[at].1;
+            let fits = elements.checked_add(offset).is_some_and(|end| end.saturating_mul(4) <= SHARED_BYTES);
+            if fits {
+                used[at].1 = offset + elements;
+            }
+            self.batch.push(if fits { offset as i64 } else { -1 });
+            self.batch.extend(extents.iter().map(|n| *n as i64));
+        }
+        self.shared_bytes = used.iter().map(|(_, elements)| elements * 4).max().unwrap_or(0);
+    }
+
     /// The buffers of a call in host memory: inputs copied in (dense row-major, in the order of
     /// `Cascade::inputs`), everything else zero; a mask beside every masked buffer.
     pub fn host_buffers(&self, program: &LoopProgram, inputs: &[&[f32]]) -> Result<HostBuffers, String> {

@@ -18,6 +18,7 @@
 use std::fmt::Write;
 
 use crate::ir::*;
+use super::staging::StagedRead;
 use crate::schedule::{LoopProgram, Node, Slot};
 
 /// The instruction set the module is for; it decides how `exp` and friends are computed.
@@ -66,7 +67,8 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
     writeln!(
         module,
         "define internal void @\"{symbol}.body\"(float** noalias %values, i8** noalias %masks, i64* noalias %extents, \
-         i64* noalias %dims, i64* noalias %strides, i64* noalias %bases, i64* noalias %batch, i64 %threads) {attributes} {{"
+         i64* noalias %dims, i64* noalias %strides, i64* noalias %bases, i64* noalias %batch, i64 %threads, \
+         i64 %tid, i64 %ntid, float* %shared, i8* %sync) {attributes} {{"
     )
     .unwrap();
     module.push_str("entry:\n");
@@ -80,13 +82,18 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
                 module,
                 "define void @\"{symbol}\"(float** %values, i8** %masks, i64* %extents, i64* %dims, i64* %strides, \
                  i64* %bases) nounwind {{\n  call void @\"{symbol}.body\"(float** %values, i8** %masks, \
-                 i64* %extents, i64* %dims, i64* %strides, i64* %bases, i64* null, i64 0)\n  ret void\n}}\n"
+                 i64* %extents, i64* %dims, i64* %strides, i64* %bases, i64* null, i64 0, i64 0, i64 1, float* null, \
+                 i8* null)\n  ret void\n}}\n"
             )
             .unwrap();
         }
         (Abi::Thread, _) => module.push_str(&thread_entry(program, flavor, symbol)),
     }
     module.push_str(&declarations(flavor));
+    if flavor == Flavor::Nvptx && abi == Abi::Thread && !super::staging::staged_reads(program).is_empty() {
+        // The staged tiles, in dynamic shared memory sized at launch.
+        module.push_str("@einfuse_shared = external addrspace(3) global [0 x float], align 16\n");
+    }
     if flavor == Flavor::Nvptx && abi == Abi::Thread {
         writeln!(
             module,
@@ -115,7 +122,8 @@ fn declarations(flavor: Flavor) -> String {
     }
     match flavor {
         Flavor::Host => out.push_str(
-            "declare float @einfuse_logf(float) nounwind readnone\n\
+            "declare void @einfuse_barrier(i8*) nounwind\n\
+             declare float @einfuse_logf(float) nounwind readnone\n\
              declare float @einfuse_tanhf(float) nounwind readnone\n\
              declare float @einfuse_sigmoidf(float) nounwind readnone\n\
              declare float @einfuse_softplusf(float) nounwind readnone\n",
@@ -123,7 +131,7 @@ fn declarations(flavor: Flavor) -> String {
         Flavor::Nvptx => out.push_str(
             "declare float @llvm.nvvm.ex2.approx.f(float)\ndeclare float @llvm.nvvm.lg2.approx.f(float)\n\
              declare i32 @llvm.nvvm.read.ptx.sreg.tid.x()\ndeclare i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()\n\
-             declare i32 @llvm.nvvm.read.ptx.sreg.ntid.x()\n",
+             declare i32 @llvm.nvvm.read.ptx.sreg.ntid.x()\ndeclare void @llvm.nvvm.barrier0()\n",
         ),
     }
     out
@@ -139,6 +147,10 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
     let nb = program.buffers.len();
     let nr = c.ranks.len();
     let mut s = String::new();
+    let sync = match flavor {
+        Flavor::Nvptx => "i8* null",
+        Flavor::Host => "i8* %sync",
+    };
     let per_thread = |s: &mut String, t: &str| {
         // Decompose the thread into batch coordinates, the last batch rank fastest.
         for r in 0..nr {
@@ -198,51 +210,68 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
              %mtp = getelementptr [{nb} x i8*], [{nb} x i8*]* %mt, i64 0, i64 0\n  \
              %btp = getelementptr [{0} x i64], [{0} x i64]* %bt, i64 0, i64 0\n  \
              call void @\"{symbol}.body\"(float** %vtp, i8** %mtp, i64* %extents, i64* %dims, i64* %strides, i64* %btp, \
-             i64* %batch, i64 %threads)",
+             i64* %batch, i64 %threads, i64 %tid, i64 %ntid, float* %shared, {sync})",
             nr.max(1)
         )
         .unwrap();
     };
     let allocas =
         format!("  %vt = alloca [{nb} x float*]\n  %mt = alloca [{nb} x i8*]\n  %bt = alloca [{} x i64]", nr.max(1));
-    match flavor {
-        Flavor::Nvptx => {
-            writeln!(
-                s,
+    let staged = !super::staging::staged_reads(program).is_empty();
+    let header = match flavor {
+        Flavor::Nvptx => format!(
                 "define void @\"{symbol}\"(float** %values, i8** %masks, i64* %extents, i64* %dims, i64* %strides, \
-                 i64* %batch, i64 %threads) nounwind {{\nentry:\n{allocas}\n  %tid = call i32 @llvm.nvvm.read.ptx.sreg.tid.x()\n  \
-                 %ctaid = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()\n  %ntid = call i32 @llvm.nvvm.read.ptx.sreg.ntid.x()\n  \
-                 %tid64 = zext i32 %tid to i64\n  %ctaid64 = zext i32 %ctaid to i64\n  %ntid64 = zext i32 %ntid to i64\n  \
-                 %first = mul i64 %ctaid64, %ntid64\n  %t = add i64 %first, %tid64\n  \
-                 %live = icmp ult i64 %t, %threads\n  br i1 %live, label %run, label %done\nrun:"
-            )
+                 i64* %batch, i64 %threads) nounwind {{\nentry:\n{allocas}\n  \
+                 %tid32 = call i32 @llvm.nvvm.read.ptx.sreg.tid.x()\n  \
+                 %ctaid32 = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()\n  \
+                 %ntid32 = call i32 @llvm.nvvm.read.ptx.sreg.ntid.x()\n  \
+                 %tid = zext i32 %tid32 to i64\n  %ctaid = zext i32 %ctaid32 to i64\n  %ntid = zext i32 %ntid32 to i64\n  {}",
+                if staged {
+                    "%shared = addrspacecast float addrspace(3)* getelementptr inbounds ([0 x float], \
+                     [0 x float] addrspace(3)* @einfuse_shared, i64 0, i64 0) to float*"
+                } else {
+                    "%shared = getelementptr float, float* null, i64 0"
+                }
+            ),
+        // One thread of the emulated grid; the emulator runs a block's threads side by side
+        // where the kernel has barriers, else one after another.
+        Flavor::Host => format!(
+            "define void @\"{symbol}\"(float** %values, i8** %masks, i64* %extents, i64* %dims, i64* %strides, \
+             i64* %batch, i64 %threads, i64 %ctaid, i64 %tid, i64 %ntid, float* %shared, i8* %sync) nounwind \
+             {{\nentry:\n{allocas}"
+        ),
+    };
+    s.push_str(&header);
+    // The block's row of the lane rank, and the thread's place in it.
+    let lane = if k == 0 { "1" } else { "%lane.extent" };
+    if k > 0 {
+        writeln!(s, "\n  %lane.at = getelementptr i64, i64* %batch, i64 {}\n  %lane.extent = load i64, i64* %lane.at", k - 1)
             .unwrap();
-            per_thread(&mut s, "%t");
-            s.push_str("  br label %done\ndone:\n  ret void\n}\n\n");
-        }
-        Flavor::Host => {
-            // The grid as loops: every block, every thread of it, in turn. A kernel with barriers
-            // would run each phase over the block's threads before the next; these have none.
-            writeln!(
-                s,
-                "define void @\"{symbol}\"(float** %values, i8** %masks, i64* %extents, i64* %dims, i64* %strides, \
-                 i64* %batch, i64 %threads, i64 %block) nounwind {{\nentry:\n{allocas}\n  br label %blocks\n\
-                 blocks:\n  %ctaid = phi i64 [ 0, %entry ], [ %ctaid.next, %block.done ]\n  \
-                 %first = mul i64 %ctaid, %block\n  %more = icmp ult i64 %first, %threads\n  \
-                 br i1 %more, label %lanes, label %exit\n\
-                 lanes:\n  %tid = phi i64 [ 0, %blocks ], [ %tid.next, %lane.done ]\n  \
-                 %t = add i64 %first, %tid\n  %live = icmp ult i64 %t, %threads\n  \
-                 br i1 %live, label %run, label %lane.done\nrun:"
-            )
-            .unwrap();
-            per_thread(&mut s, "%t");
-            s.push_str(
-                "  br label %lane.done\nlane.done:\n  %tid.next = add i64 %tid, 1\n  \
-                 %in.block = icmp ult i64 %tid.next, %block\n  br i1 %in.block, label %lanes, label %block.done\n\
-                 block.done:\n  %ctaid.next = add i64 %ctaid, 1\n  br label %blocks\nexit:\n  ret void\n}\n\n",
-            );
-        }
+    } else {
+        s.push('\n');
     }
+    writeln!(
+        s,
+        "  %lane.more = add i64 {lane}, %ntid\n  %lane.more1 = sub i64 %lane.more, 1\n  \
+         %lane.blocks = udiv i64 %lane.more1, %ntid\n  %row = udiv i64 %ctaid, %lane.blocks\n  \
+         %column = urem i64 %ctaid, %lane.blocks\n  %lane.first = mul i64 %column, %ntid\n  \
+         %inner = add i64 %lane.first, %tid\n  %live = icmp ult i64 %inner, {lane}\n  \
+         %row.first = mul i64 %row, {lane}"
+    )
+    .unwrap();
+    if staged {
+        // Past the row's end a thread computes its last point again: every thread meets every barrier.
+        writeln!(
+            s,
+            "  %lane.last = sub i64 {lane}, 1\n  %inner.kept = select i1 %live, i64 %inner, i64 %lane.last\n  \
+             %t = add i64 %row.first, %inner.kept\n  br label %run\nrun:"
+        )
+        .unwrap();
+    } else {
+        writeln!(s, "  %t = add i64 %row.first, %inner\n  br i1 %live, label %run, label %done\nrun:").unwrap();
+    }
+    per_thread(&mut s, "%t");
+    writeln!(s, "  br label %done\ndone:\n  ret void\n}}\n").unwrap();
     s
 }
 
@@ -356,6 +385,22 @@ struct Lowering<'a> {
     bounded: Vec<Index>,
     /// The variant for steps that every filter admits whole (see `cpu::full_steps`).
     full_steps: Option<&'a crate::cpu::full_steps::FullSteps>,
+    /// The reads the threads of a block share through shared memory (thread kernels only).
+    staged: Vec<StagedRead>,
+    /// The staged reads of the current step, and where each reads from.
+    views: Vec<View>,
+    /// How many streamed loops enclose the code being generated.
+    depth: usize,
+}
+
+/// Where a staged read reads at the current step: the shared copy, or (where it did not fit)
+/// global memory as any other read. Its element at coordinates `c` is at
+/// `base + sum((c - first) * stride)`.
+struct View {
+    read: usize,
+    base: String,
+    first: Vec<String>,
+    strides: Vec<String>,
 }
 
 impl<'a> Lowering<'a> {
@@ -373,9 +418,13 @@ impl<'a> Lowering<'a> {
             extents: vec![],
             bases: vec![],
             env: vec![],
-            lanes: if flavor == Flavor::Host { host_lanes() } else { 1 },
+            // The host emulation of a thread kernel runs the GPU's code, one point at a time.
+            lanes: if flavor == Flavor::Host && abi == Abi::Cpu { host_lanes() } else { 1 },
             bounded: vec![],
             full_steps: None,
+            staged: if abi == Abi::Thread { super::staging::staged_reads(program) } else { vec![] },
+            views: vec![],
+            depth: 0,
         }
     }
 
@@ -501,10 +550,19 @@ impl<'a> Lowering<'a> {
             match node {
                 Node::Loop { index, body, skip } => {
                     let extent = self.extents[index.rank.index()].clone();
+                    let staged: Vec<usize> = if self.depth == 0 {
+                        (0..self.staged.len()).filter(|j| self.staged[*j].step == *index).collect()
+                    } else {
+                        vec![]
+                    };
+                    self.depth += 1;
                     let full = self.full_steps.and_then(|f| {
                         f.margins.iter().find(|(i, _)| i == index).map(|(_, margins)| (&f.variant, margins))
                     });
                     self.for_loop(*index, "0", &extent, &mut |g| {
+                        if !staged.is_empty() {
+                            g.stage(&staged);
+                        }
                         let join = g.label("stepped");
                         if let Some((variant, margins)) = full {
                             // A step the skippable tensor's filter empties: carried over first.
@@ -535,11 +593,130 @@ impl<'a> Lowering<'a> {
                         }
                         g.emit(format!("br label %{join}"));
                         g.start_block(&join);
+                        g.views.clear();
                     });
+                    self.depth -= 1;
                 }
                 Node::Compute { einsum } => self.compute(*einsum),
             }
         }
+    }
+
+    /// A block-wide barrier: every thread of the block gets here before any goes on.
+    fn barrier(&mut self) {
+        match self.flavor {
+            Flavor::Nvptx => self.emit("call void @llvm.nvvm.barrier0()"),
+            Flavor::Host => self.emit("call void @einfuse_barrier(i8* %sync)"),
+        }
+    }
+
+    /// The start of a step with staged reads: the block copies each read's box for the step
+    /// into shared memory (where the launch gave it room) and sets up its view.
+    fn stage(&mut self, reads: &[usize]) {
+        let c = self.cascade();
+        let k = super::launch::batch_ranks(c).len();
+        let nb = self.program.buffers.len();
+        // No thread may still read the previous step's tiles.
+        self.barrier();
+        for &j in reads {
+            let read = self.staged[j].clone();
+            let at = k + nb * (k + 1) + self.staged[..j].iter().map(|r| 1 + r.subscripts.len()).sum::<usize>();
+            let offset = self.load_i64("%batch", at);
+            let extents: Vec<String> = (0..read.subscripts.len()).map(|d| self.load_i64("%batch", at + 1 + d)).collect();
+            // Row-major strides of the box, and its size.
+            let mut box_strides = vec!["1".to_string(); extents.len()];
+            for d in (0..extents.len().saturating_sub(1)).rev() {
+                box_strides[d] = self.ins(format!("mul i64 {}, {}", box_strides[d + 1], extents[d + 1]));
+            }
+            let size = match extents.first() {
+                Some(n) => self.ins(format!("mul i64 {}, {n}", box_strides[0])),
+                None => "1".to_string(),
+            };
+            // The box's first point: the subscripts with every index but the streamed one at 0.
+            let zero = self.slot("i64");
+            self.emit(format!("store i64 0, i64* {zero}"));
+            let mut bound = 0;
+            for s in &read.subscripts {
+                s.for_each_index(&mut |i| {
+                    if i != read.step && !self.env[self.env.len() - bound..].iter().any(|(b, _)| *b == i) {
+                        self.env.push((i, zero.clone()));
+                        bound += 1;
+                    }
+                });
+            }
+            let first = self.coordinates(read.tensor, &read.subscripts);
+            self.env.truncate(self.env.len() - bound);
+            let buffer = read.tensor.index();
+            let on = self.ins(format!("icmp sge i64 {offset}, 0"));
+            let tile = self.ins(format!("getelementptr inbounds float, float* %shared, i64 {offset}"));
+            let (copy, copied) = (self.label("copy"), self.label("copied"));
+            self.emit(format!("br i1 {on}, label %{copy}, label %{copied}"));
+            self.start_block(&copy);
+            // Each thread copies every `ntid`-th element of the box, from `tid` on.
+            let element = self.slot("i64");
+            self.emit(format!("store i64 %tid, i64* {element}"));
+            let (header, body) = (self.label("copying"), self.label("element"));
+            self.emit(format!("br label %{header}"));
+            self.start_block(&header);
+            let e = self.ins(format!("load i64, i64* {element}"));
+            let more = self.ins(format!("icmp slt i64 {e}, {size}"));
+            self.emit(format!("br i1 {more}, label %{body}, label %{copied}"));
+            self.start_block(&body);
+            let mut coords = Vec::new();
+            for d in 0..extents.len() {
+                let q = self.ins(format!("udiv i64 {e}, {}", box_strides[d]));
+                let within = self.ins(format!("urem i64 {q}, {}", extents[d]));
+                coords.push(self.ins(format!("add i64 {}, {within}", first[d])));
+            }
+            let (from, _) = self.offset(buffer, &coords, &vec![false; coords.len()]);
+            let base = self.values[buffer].clone();
+            let source = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {from}"));
+            let x = self.ins(format!("load float, float* {source}"));
+            let target = self.ins(format!("getelementptr inbounds float, float* {tile}, i64 {e}"));
+            self.emit(format!("store float {x}, float* {target}"));
+            let next = self.ins(format!("add i64 {e}, %ntid"));
+            self.emit(format!("store i64 {next}, i64* {element}"));
+            self.emit(format!("br label %{header}"));
+            self.start_block(&copied);
+            let base = self.values[buffer].clone();
+            let base = self.ins(format!("select i1 {on}, float* {tile}, float* {base}"));
+            let mut view = View { read: j, base, first: vec![], strides: vec![] };
+            for (d, first) in first.iter().enumerate() {
+                let global = self.stride(buffer, d);
+                view.first.push(self.ins(format!("select i1 {on}, i64 {first}, i64 0")));
+                view.strides.push(self.ins(format!("select i1 {on}, i64 {}, i64 {global}", box_strides[d])));
+            }
+            self.views.push(view);
+        }
+        // Every tile is whole before any thread reads it.
+        self.barrier();
+    }
+
+    /// A staged read through its view: in range as any read (the values outside the input are
+    /// undefined), its element at `coords` less the box's first point.
+    fn load_view(&mut self, view: usize, tensor: TensorId, coords: &[String], always_inside: &[bool]) -> (String, Def) {
+        let buffer = tensor.index();
+        let mut inside: Def = None;
+        let mut offset = "0".to_string();
+        for (d, c) in coords.iter().enumerate() {
+            if !always_inside[d] {
+                let dim = self.dim(buffer, d);
+                let below = self.ins(format!("icmp slt i64 {c}, {dim}"));
+                let nonneg = self.ins(format!("icmp sge i64 {c}, 0"));
+                let both = self.ins(format!("and i1 {below}, {nonneg}"));
+                inside = self.and_def(inside, Some(both));
+            }
+            let (first, stride) = (self.views[view].first[d].clone(), self.views[view].strides[d].clone());
+            let within = self.ins(format!("sub i64 {c}, {first}"));
+            let term = self.ins(format!("mul i64 {within}, {stride}"));
+            offset = self.ins(format!("add i64 {offset}, {term}"));
+        }
+        if let Some(check) = &inside {
+            offset = self.ins(format!("select i1 {check}, i64 {offset}, i64 0"));
+        }
+        let base = self.views[view].base.clone();
+        let address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
+        (self.ins(format!("load float, float* {address}")), inside)
     }
 
     /// One step of the loop over `index` that may be empty (see `crate::skip`): the body up to
@@ -1031,7 +1208,14 @@ impl<'a> Lowering<'a> {
                 let coords = self.coordinates(*tensor, subscripts);
                 let ranks = self.cascade().tensor(*tensor).ranks.clone();
                 let always: Vec<bool> = subscripts.iter().zip(&ranks).map(|(s, r)| self.always_inside(s, *r)).collect();
-                self.load(*tensor, &coords, &always)
+                let view = self.views.iter().position(|v| {
+                    let read = &self.staged[v.read];
+                    read.tensor == *tensor && read.subscripts == *subscripts
+                });
+                match view {
+                    Some(view) => self.load_view(view, *tensor, &coords, &always),
+                    None => self.load(*tensor, &coords, &always),
+                }
             }
             Expr::Unary(op, arg) => {
                 let (x, d) = self.expr(arg);
@@ -1167,7 +1351,7 @@ impl<'a> Lowering<'a> {
         // lanes run along the last index with more than one point.
         let c = self.cascade();
         let trailing = free.iter().rev().take_while(|i| matches!(c.rank(i.rank).extent, Extent::Fixed(1))).count();
-        if self.flavor == Flavor::Host && trailing > 0 && trailing < free.len() {
+        if self.lanes > 1 && trailing > 0 && trailing < free.len() {
             let (head, tail) = free.split_at(free.len() - trailing);
             let index = tail[0];
             let rest: Vec<Index> = head.iter().chain(&tail[1..]).copied().collect();

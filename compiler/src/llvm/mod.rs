@@ -8,7 +8,9 @@ pub mod launch;
 pub mod lower;
 #[cfg(feature = "llvm")]
 pub mod machine;
+pub mod staging;
 
+use crate::ir::Expr;
 use crate::schedule::LoopProgram;
 pub use lower::{Abi, Flavor};
 
@@ -40,20 +42,28 @@ pub fn launch_description(program: &LoopProgram, source_file: &str) -> String {
     let inputs: Vec<String> = c.inputs().iter().map(|t| format!("\"{}\"", c.tensor(*t).name)).collect();
     let outputs: Vec<String> = c.outputs.iter().map(|o| format!("\"{}\"", c.tensor(o.tensor).name)).collect();
     let buffers: Vec<String> = program.buffers.iter().map(|b| format!("\"{}\"", c.tensor(b.tensor).name)).collect();
+    let staged: Vec<String> = staging::staged_reads(program)
+        .iter()
+        .map(|r| format!("\"{}\"", crate::print::print_expr(c, &Expr::Access { tensor: r.tensor, subscripts: r.subscripts.clone() })))
+        .collect();
     format!(
-        "{{\n  \"kernel\": \"{}\",\n  \"source\": \"{}\",\n  \"entry\": \"{}\",\n  \"block\": [{}, 1, 1],\n  \
-         \"grid\": \"ceil(threads / {}) blocks in x; threads = the product of the batch ranks' extents\",\n  \
-         \"batch_ranks\": [{}],\n  \"shared_memory_bytes\": 0,\n  \
+        "{{\n  \"kernel\": \"{}\",\n  \"source\": \"{}\",\n  \"entry\": \"{}\",\n  \"block\": \"min({}, the lane rank's extent rounded up to a multiple of {}) threads in x\",\n  \
+         \"grid\": \"(the product of the other batch ranks' extents) * ceil(lane extent / block) blocks in x\",\n  \
+         \"batch_ranks\": [{}],\n  \"lane_rank\": {},\n  \"staged_reads\": [{}],\n  \
+         \"shared_memory_bytes\": \"dynamic, per call: the staged tiles that fit in {} bytes (see ThreadLayout)\",\n  \
          \"arguments\": [\"values: float*[buffers]\", \"masks: u8*[buffers]\", \"extents: i64[ranks], batch ranks as 1\", \
          \"dims: i64[positions of all buffers]\", \"strides: i64[positions of all buffers]\", \
-         \"batch: i64[batch ranks + buffers * (batch ranks + 1)]\", \"threads: i64\"],\n  \
+         \"batch: i64[batch ranks + buffers * (batch ranks + 1) + per staged read: shared offset or -1, box extents]\", \"threads: i64\"],\n  \
          \"buffers\": [{}],\n  \"inputs\": [{}],\n  \"outputs\": [{}]\n}}\n",
         c.name,
         source_file.replace('\\', "\\\\").replace('"', "\\\""),
         c.name,
         launch::BLOCK,
-        launch::BLOCK,
+        launch::WARP,
         batch.join(", "),
+        batch.last().map_or("null".to_string(), |b| b.clone()),
+        staged.join(", "),
+        launch::SHARED_BYTES,
         buffers.join(", "),
         inputs.join(", "),
         outputs.join(", ")
@@ -70,8 +80,58 @@ mod compiled {
         machine::ptx(&nvptx_ir(program), sm)
     }
 
-    type ThreadFn =
-        unsafe extern "C" fn(*const *mut f32, *const *mut u8, *const i64, *const i64, *const i64, *const i64, i64, i64);
+    /// One thread of the emulated grid: the tables, the thread count, then the block, the
+    /// thread in it, the block size, the block's shared memory and its barrier.
+    type ThreadFn = unsafe extern "C" fn(
+        *const *mut f32,
+        *const *mut u8,
+        *const i64,
+        *const i64,
+        *const i64,
+        *const i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        *mut f32,
+        *const u8,
+    );
+
+    /// The barrier of an emulated block, which the kernels call as `einfuse_barrier`.
+    struct BlockBarrier {
+        /// Threads still to arrive, and the generation (how many times the barrier opened).
+        state: std::sync::Mutex<(u64, u64)>,
+        opened: std::sync::Condvar,
+        threads: u64,
+    }
+
+    impl BlockBarrier {
+        fn wait(&self) {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let generation = state.1;
+            state.0 -= 1;
+            if state.0 == 0 {
+                *state = (self.threads, generation + 1);
+                self.opened.notify_all();
+                return;
+            }
+            let limit = std::time::Duration::from_secs(120);
+            let (state, timeout) = self
+                .opened
+                .wait_timeout_while(state, limit, |s| s.1 == generation)
+                .unwrap_or_else(|e| e.into_inner());
+            if timeout.timed_out() && state.1 == generation {
+                // A thread that never arrives is a kernel bug that would hang the GPU too.
+                eprintln!("einfuse: an emulated block waited {limit:?} at a barrier that not every thread reached");
+                std::process::abort();
+            }
+        }
+    }
+
+    extern "C" fn einfuse_barrier(sync: *const u8) {
+        // SAFETY: the kernels pass on the pointer the emulator gave them, a live `BlockBarrier`.
+        unsafe { (*(sync as *const BlockBarrier)).wait() }
+    }
 
     /// A thread kernel compiled for the host, the grid run as loops: how CI checks the GPU
     /// kernels' logic without a GPU.
@@ -89,14 +149,17 @@ mod compiled {
         pub fn new(program: &LoopProgram) -> Result<EmulatedKernel, LlvmError> {
             let symbol = format!("einfuse_emulated_{}", program.cascade.name);
             let text = lower::lower(program, Flavor::Host, Abi::Thread, &symbol);
-            let helpers: Vec<(&str, usize)> = helpers::symbols().iter().map(|(n, p)| (*n, *p as usize)).collect();
+            let mut helpers: Vec<(&str, usize)> = helpers::symbols().iter().map(|(n, p)| (*n, *p as usize)).collect();
+            helpers.push(("einfuse_barrier", einfuse_barrier as *const () as usize));
             let code = machine::HostCode::new(&text, &symbol, &helpers)?;
             // SAFETY: the symbol was defined with this signature.
             let function: ThreadFn = unsafe { std::mem::transmute::<usize, ThreadFn>(code.address()) };
             Ok(EmulatedKernel { program: program.clone(), function, _code: code })
         }
 
-        /// Runs the kernel as the GPU would, one emulated thread after another.
+        /// Runs the kernel as the GPU would: block after block; the threads of a block one after
+        /// another, or, where the kernel stages tiles in shared memory, side by side (an OS thread
+        /// each), meeting at its barriers.
         pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, LlvmError> {
             let layout = launch::ThreadLayout::new(&self.program, extents, crate::cpu::MAX_CALL_BYTES)
                 .map_err(LlvmError::Run)?;
@@ -105,24 +168,100 @@ mod compiled {
             let mask_pointers: Vec<*mut u8> =
                 masks.iter_mut().map(|m| if m.is_empty() { std::ptr::null_mut() } else { m.as_mut_ptr() }).collect();
             if layout.threads > 0 {
-                // SAFETY: the tables have one entry per buffer (rank, position), and every buffer
-                // holds what `ThreadLayout` says the threads address.
-                unsafe {
-                    (self.function)(
-                        value_pointers.as_ptr(),
-                        mask_pointers.as_ptr(),
-                        layout.local_extents.as_ptr(),
-                        layout.dims.as_ptr(),
-                        layout.strides.as_ptr(),
-                        layout.batch.as_ptr(),
-                        layout.threads as i64,
-                        layout.block as i64,
-                    )
+                let tables = Tables {
+                    values: value_pointers.as_ptr(),
+                    masks: mask_pointers.as_ptr(),
+                    extents: layout.local_extents.as_ptr(),
+                    dims: layout.dims.as_ptr(),
+                    strides: layout.strides.as_ptr(),
+                    batch: layout.batch.as_ptr(),
                 };
+                let staged = !staging::staged_reads(&self.program).is_empty();
+                for block in 0..layout.grid as i64 {
+                    if staged {
+                        self.run_block_together(&layout, &tables, block);
+                    } else {
+                        for tid in 0..layout.block as i64 {
+                            // SAFETY: as for `call`; this kernel has no barrier.
+                            unsafe { self.call(&layout, &tables, block, tid, std::ptr::null_mut(), std::ptr::null()) };
+                        }
+                    }
+                }
             }
             Ok(layout.outputs(&self.program, values))
         }
+
+        /// One block, its threads side by side, sharing the block's shared memory and barrier.
+        fn run_block_together(&self, layout: &launch::ThreadLayout, tables: &Tables, block: i64) {
+            let mut shared = vec![0f32; (layout.shared_bytes / 4).max(1) as usize];
+            let shared = SharedPointer(shared.as_mut_ptr());
+            let barrier = BlockBarrier {
+                state: std::sync::Mutex::new((layout.block, 0)),
+                opened: std::sync::Condvar::new(),
+                threads: layout.block,
+            };
+            std::thread::scope(|scope| {
+                for tid in 0..layout.block as i64 {
+                    let (shared, barrier) = (&shared, &barrier);
+                    scope.spawn(move || {
+                        let sync = barrier as *const BlockBarrier as *const u8;
+                        // SAFETY: as for `call`; the threads of the block write the shared memory
+                        // only between the kernel's barriers, each its own elements.
+                        unsafe { self.call(layout, tables, block, tid, shared.0, sync) };
+                    });
+                }
+            });
+        }
+
+        /// Runs thread `tid` of `block`.
+        ///
+        /// # Safety
+        /// The tables must have one entry per buffer (rank, position) and every buffer hold what
+        /// `ThreadLayout` says the threads address; `shared` must hold the layout's shared bytes
+        /// and `sync` be a `BlockBarrier` for the block's threads, where the kernel has barriers.
+        unsafe fn call(
+            &self,
+            layout: &launch::ThreadLayout,
+            tables: &Tables,
+            block: i64,
+            tid: i64,
+            shared: *mut f32,
+            sync: *const u8,
+        ) {
+            (self.function)(
+                tables.values,
+                tables.masks,
+                tables.extents,
+                tables.dims,
+                tables.strides,
+                tables.batch,
+                layout.threads as i64,
+                block,
+                tid,
+                layout.block as i64,
+                shared,
+                sync,
+            )
+        }
     }
+
+    /// The tables of one call, as the kernel takes them.
+    struct Tables {
+        values: *const *mut f32,
+        masks: *const *mut u8,
+        extents: *const i64,
+        dims: *const i64,
+        strides: *const i64,
+        batch: *const i64,
+    }
+
+    // SAFETY: the tables are read only, and outlive every thread of a call (scoped threads).
+    unsafe impl Sync for Tables {}
+
+    struct SharedPointer(*mut f32);
+
+    // SAFETY: the threads of a block synchronize their use of shared memory at the barriers.
+    unsafe impl Sync for SharedPointer {}
 }
 
 #[cfg(feature = "llvm")]
