@@ -224,3 +224,45 @@ fn cpu_llvm_full_and_empty_steps_at_the_edges_of_tiles() {
         assert!(error <= 1e-4, "shift {shift}: {error:.3e}");
     }
 }
+
+/// Key and value tiles staged in shared memory by the emulated GPU kernel, and where a tile does
+/// not fit in a block's shared memory, read from global memory instead: both agree with the
+/// interpreter.
+#[test]
+fn staged_tiles_in_shared_memory_or_global_where_they_do_not_fit() {
+    use einfuse::compiler::llvm::{launch, staging};
+    let source = "kernel wide {
+      rank E, F, M, P
+      input Q[E, P], K[E, M], V[F, M]
+      param scale = 0.05
+      QK[m, p] = Q[e, p] * K[e, m] * scale
+      GM[p] = max[m](QK[m, p])
+      SN[m, p] = exp(QK[m, p] - GM[p])
+      SD[p] = SN[m, p]
+      AV[f, p] = SN[m, p] * V[f, m] / SD[p]
+      output AV
+    }";
+    let cascade = einfuse::compiler::compile_source(source).unwrap().remove(0);
+    let optimized = einfuse::optimize(&cascade).unwrap().cascade;
+    let program = einfuse::compiler::schedule::schedule(&optimized).unwrap();
+    let staged = staging::staged_reads(&program);
+    let names: Vec<&str> = staged.iter().map(|r| optimized.tensor(r.tensor).name.as_str()).collect();
+    assert_eq!(names, ["K", "V"]);
+    let emulated = Compiled::new(&optimized, true);
+    // A tile of 64 keys: 200 rows of it take 51 200 bytes, more than a block's 48 KB.
+    for (e, f, shared) in [(8, 8, [true, true]), (200, 8, [false, true]), (8, 200, [true, false]), (200, 200, [false; 2])] {
+        let sizes: BTreeMap<&str, u64> = [("E", e), ("F", f), ("M", 130), ("P", 70)].into();
+        let bindings: Vec<(String, u64)> = sizes.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let extents = bind_extents(&optimized, &bindings, &[]).unwrap();
+        let layout = launch::ThreadLayout::new(&program, &extents, u64::MAX).unwrap();
+        let table_start = layout.batch.len() - staged.iter().map(|r| 1 + r.subscripts.len()).sum::<usize>();
+        let mut at = table_start;
+        for (read, expected) in staged.iter().zip(shared) {
+            assert_eq!(layout.batch[at] >= 0, expected, "E={e} F={f}: {:?}", layout.batch[at..].to_vec());
+            at += 1 + read.subscripts.len();
+        }
+        assert!(layout.shared_bytes <= launch::SHARED_BYTES);
+        let error = compare(&optimized, &emulated, &sizes, e + f);
+        assert!(error <= 1e-4, "E={e} F={f}: relative error {error:.3e}");
+    }
+}
