@@ -127,7 +127,7 @@ impl GpuKernel {
             block_dim: (call.layout.block as u32, 1, 1),
             shared_mem_bytes: call.layout.shared_bytes as u32,
         };
-        let threads = call.layout.threads as i64;
+        let threads = call.layout.scratch_copies() as i64;
         let mut builder = self.stream.launch_builder(&self.function);
         for table in &call.tables {
             builder.arg(table);

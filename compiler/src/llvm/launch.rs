@@ -35,13 +35,37 @@ pub fn batch_ranks(cascade: &Cascade) -> Vec<RankId> {
     (0..cascade.ranks.len()).map(RankId::new).filter(|r| is_batch_rank(cascade, *r)).collect()
 }
 
+/// Threads per point of a call whose lane rank has `lane_extent` points: where a block would
+/// hold so few points that most of its warp would idle (decode's single query row), and the
+/// kernel has reductions, a whole warp computes each point, every lane the same values, except
+/// that the lanes split the points of each outermost reduction and combine their partial
+/// results with butterfly shuffles (`shfl.sync.bfly`).
+pub fn lanes_per_point(program: &LoopProgram, lane_extent: u64, warp: u64) -> u64 {
+    let mut reduces = false;
+    for einsum in &program.cascade.einsums {
+        einsum.body.walk(&mut |e| reduces |= matches!(e, Expr::Reduce { .. }));
+    }
+    if reduces && lane_extent <= WARP / 4 {
+        warp
+    } else {
+        1
+    }
+}
+
+/// The warp of the host emulation: narrower than a GPU's, so that the emulated lanes (an OS
+/// thread each) meet at a shuffle at a small cost; the kernels take the width as an argument.
+pub const EMULATED_WARP: u64 = 4;
+
 /// Everything a call of a thread kernel passes, for one set of extents.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ThreadLayout {
-    /// One thread per point of the batch ranks.
+    /// Points of the batch ranks.
     pub threads: u64,
     /// The extent of the lane rank (1 without batch ranks).
     pub lane_extent: u64,
+    /// Threads per point: 1, or a warp that splits every reduction's points among its lanes
+    /// (see `lanes_per_point`).
+    pub lanes_per_point: u64,
     pub block: u64,
     pub grid: u64,
     /// Dynamic shared memory per block, for the staged tiles.
@@ -53,7 +77,8 @@ pub struct ThreadLayout {
     pub strides: Vec<i64>,
     /// The batch ranks' global extents, then per buffer one stride per batch rank and one per
     /// thread, then per staged read (see `staging`) its offset in shared memory in elements (-1
-    /// where it does not fit and the threads read global memory) and its box extents.
+    /// where it does not fit and the threads read global memory) and its box extents, then the
+    /// threads per point.
     pub batch: Vec<i64>,
     /// Elements to allocate per buffer (values; a masked buffer has as many mask bytes).
     pub lengths: Vec<u64>,
@@ -70,8 +95,14 @@ fn row_major(shape: &[u64]) -> Vec<u64> {
 }
 
 impl ThreadLayout {
-    /// The layout of a call at `extents`; an error when a size overflows or exceeds `max_bytes`.
+    /// The layout of a call at `extents` on a GPU; an error when a size overflows or exceeds
+    /// `max_bytes`.
     pub fn new(program: &LoopProgram, extents: &[u64], max_bytes: u64) -> Result<ThreadLayout, String> {
+        ThreadLayout::with_warp(program, extents, max_bytes, WARP)
+    }
+
+    /// The layout of a call with warps of `warp` threads (a power of two, at most `WARP`).
+    pub fn with_warp(program: &LoopProgram, extents: &[u64], max_bytes: u64, warp: u64) -> Result<ThreadLayout, String> {
         let c = &program.cascade;
         let batch = batch_ranks(c);
         let mut threads: u64 = 1;
@@ -83,13 +114,19 @@ impl ThreadLayout {
             local[r.index()] = 1;
         }
         let lane_extent = batch.last().map_or(1, |r| extents[r.index()]);
-        let block = lane_extent.clamp(1, BLOCK).next_multiple_of(WARP);
+        let lanes = lanes_per_point(program, lane_extent, warp);
+        // A block of one point per warp lane, or (with a warp per point) of one point.
+        let block = if lanes > 1 { lanes } else { lane_extent.clamp(1, BLOCK).next_multiple_of(WARP) };
+        let points_per_block = block / lanes;
         let rows = if lane_extent == 0 { 0 } else { threads / lane_extent };
         let mut layout = ThreadLayout {
             threads,
             lane_extent,
+            lanes_per_point: lanes,
             block,
-            grid: rows.checked_mul(lane_extent.div_ceil(block)).ok_or("the number of blocks overflows")?,
+            grid: rows
+                .checked_mul(lane_extent.div_ceil(points_per_block))
+                .ok_or("the number of blocks overflows")?,
             shared_bytes: 0,
             local_extents: local.iter().map(|e| *e as i64).collect(),
             dims: vec![],
@@ -123,13 +160,15 @@ impl ThreadLayout {
                     len.max(last.saturating_add(1))
                 }
                 BufferRole::Temp => {
+                    // One copy per thread: per point, per lane of its warp.
+                    let copies = threads.checked_mul(lanes).ok_or("the number of threads overflows")?;
                     let stored = stored_shape(&local_shape, &buffer.slots);
                     let strides = row_major(&stored);
-                    layout.strides.extend(strides.iter().map(|s| s.saturating_mul(threads) as i64));
+                    layout.strides.extend(strides.iter().map(|s| s.saturating_mul(copies) as i64));
                     layout.batch.extend(std::iter::repeat_n(0, batch.len()));
                     layout.batch.push(1);
                     layout.global_lengths.push(0);
-                    count(&stored).ok_or("a buffer's size overflows")?.max(1).checked_mul(threads).ok_or("overflow")?
+                    count(&stored).ok_or("a buffer's size overflows")?.max(1).checked_mul(copies).ok_or("overflow")?
                 }
             };
             let length = length.max(1);
@@ -137,6 +176,7 @@ impl ThreadLayout {
             layout.lengths.push(length);
         }
         layout.stage(program, &local);
+        layout.batch.push(lanes as i64);
         if total > max_bytes {
             return Err(format!("this call needs {total} bytes of buffers, more than the limit of {max_bytes}"));
         }
@@ -145,6 +185,12 @@ impl ThreadLayout {
 }
 
 impl ThreadLayout {
+    /// The thread count the kernel takes: the copies of each scratch buffer, one per point and
+    /// lane.
+    pub fn scratch_copies(&self) -> u64 {
+        self.threads * self.lanes_per_point
+    }
+
     /// Places the staged tiles in shared memory: each streamed loop's from the start (the loops
     /// run one after the other), in order, as many as fit.
     fn stage(&mut self, program: &LoopProgram, local: &[u64]) {

@@ -68,7 +68,7 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
         module,
         "define internal void @\"{symbol}.body\"(float** noalias %values, i8** noalias %masks, i64* noalias %extents, \
          i64* noalias %dims, i64* noalias %strides, i64* noalias %bases, i64* noalias %batch, i64 %threads, \
-         i64 %tid, i64 %ntid, float* %shared, i8* %sync) {attributes} {{"
+         i64 %tid, i64 %ntid, float* %shared, i8* %sync, i64 %lane, i64 %lanes) {attributes} {{"
     )
     .unwrap();
     module.push_str("entry:\n");
@@ -83,7 +83,7 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
                 "define void @\"{symbol}\"(float** %values, i8** %masks, i64* %extents, i64* %dims, i64* %strides, \
                  i64* %bases) nounwind {{\n  call void @\"{symbol}.body\"(float** %values, i8** %masks, \
                  i64* %extents, i64* %dims, i64* %strides, i64* %bases, i64* null, i64 0, i64 0, i64 1, float* null, \
-                 i8* null)\n  ret void\n}}\n"
+                 i8* null, i64 0, i64 1)\n  ret void\n}}\n"
             )
             .unwrap();
         }
@@ -123,6 +123,7 @@ fn declarations(flavor: Flavor) -> String {
     match flavor {
         Flavor::Host => out.push_str(
             "declare void @einfuse_barrier(i8*) nounwind\n\
+             declare float @einfuse_shuffle_xor(i8*, float, i64, i64) nounwind\n\
              declare float @einfuse_logf(float) nounwind readnone\n\
              declare float @einfuse_tanhf(float) nounwind readnone\n\
              declare float @einfuse_sigmoidf(float) nounwind readnone\n\
@@ -131,7 +132,8 @@ fn declarations(flavor: Flavor) -> String {
         Flavor::Nvptx => out.push_str(
             "declare float @llvm.nvvm.ex2.approx.f(float)\ndeclare float @llvm.nvvm.lg2.approx.f(float)\n\
              declare i32 @llvm.nvvm.read.ptx.sreg.tid.x()\ndeclare i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()\n\
-             declare i32 @llvm.nvvm.read.ptx.sreg.ntid.x()\ndeclare void @llvm.nvvm.barrier0()\n",
+             declare i32 @llvm.nvvm.read.ptx.sreg.ntid.x()\ndeclare void @llvm.nvvm.barrier0()\n\
+             declare float @llvm.nvvm.shfl.sync.bfly.f32(i32, float, i32, i32)\n",
         ),
     }
     out
@@ -151,7 +153,7 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
         Flavor::Nvptx => "i8* null",
         Flavor::Host => "i8* %sync",
     };
-    let per_thread = |s: &mut String, t: &str| {
+    let per_thread = |s: &mut String, t: &str, t_scratch: &str| {
         // Decompose the thread into batch coordinates, the last batch rank fastest.
         for r in 0..nr {
             writeln!(
@@ -177,7 +179,7 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
         for b in 0..nb {
             let row = k + b * (k + 1);
             for j in 0..=k {
-                let coordinate = if j == k { t.to_string() } else { format!("%b{j}") };
+                let coordinate = if j == k { t_scratch.to_string() } else { format!("%b{j}") };
                 writeln!(
                     s,
                     "  %sp{b}_{j} = getelementptr i64, i64* %batch, i64 {}\n  %s{b}_{j} = load i64, i64* %sp{b}_{j}\n  \
@@ -210,14 +212,16 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
              %mtp = getelementptr [{nb} x i8*], [{nb} x i8*]* %mt, i64 0, i64 0\n  \
              %btp = getelementptr [{0} x i64], [{0} x i64]* %bt, i64 0, i64 0\n  \
              call void @\"{symbol}.body\"(float** %vtp, i8** %mtp, i64* %extents, i64* %dims, i64* %strides, i64* %btp, \
-             i64* %batch, i64 %threads, i64 %tid, i64 %ntid, float* %shared, {sync})",
+             i64* %batch, i64 %threads, i64 %tid, i64 %ntid, float* %shared, {sync}, i64 %warp.lane, i64 %lanes)",
             nr.max(1)
         )
         .unwrap();
     };
     let allocas =
         format!("  %vt = alloca [{nb} x float*]\n  %mt = alloca [{nb} x i8*]\n  %bt = alloca [{} x i64]", nr.max(1));
-    let staged = !super::staging::staged_reads(program).is_empty();
+    let staged_reads = super::staging::staged_reads(program);
+    let staged = !staged_reads.is_empty();
+    let lanes_at = k + nb * (k + 1) + staged_reads.iter().map(|r| 1 + r.subscripts.len()).sum::<usize>();
     let header = match flavor {
         Flavor::Nvptx => format!(
                 "define void @\"{symbol}\"(float** %values, i8** %masks, i64* %extents, i64* %dims, i64* %strides, \
@@ -250,12 +254,16 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
     } else {
         s.push('\n');
     }
+    // With a warp per point, its lanes are the threads of one point.
     writeln!(
         s,
-        "  %lane.more = add i64 {lane}, %ntid\n  %lane.more1 = sub i64 %lane.more, 1\n  \
-         %lane.blocks = udiv i64 %lane.more1, %ntid\n  %row = udiv i64 %ctaid, %lane.blocks\n  \
-         %column = urem i64 %ctaid, %lane.blocks\n  %lane.first = mul i64 %column, %ntid\n  \
-         %inner = add i64 %lane.first, %tid\n  %live = icmp ult i64 %inner, {lane}\n  \
+        "  %lanes.at = getelementptr i64, i64* %batch, i64 {lanes_at}\n  %lanes = load i64, i64* %lanes.at\n  \
+         %points = udiv i64 %ntid, %lanes\n  %warp.lane = urem i64 %tid, %lanes\n  \
+         %point.in.block = udiv i64 %tid, %lanes\n  \
+         %lane.more = add i64 {lane}, %points\n  %lane.more1 = sub i64 %lane.more, 1\n  \
+         %lane.blocks = udiv i64 %lane.more1, %points\n  %row = udiv i64 %ctaid, %lane.blocks\n  \
+         %column = urem i64 %ctaid, %lane.blocks\n  %lane.first = mul i64 %column, %points\n  \
+         %inner = add i64 %lane.first, %point.in.block\n  %live = icmp ult i64 %inner, {lane}\n  \
          %row.first = mul i64 %row, {lane}"
     )
     .unwrap();
@@ -270,7 +278,9 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
     } else {
         writeln!(s, "  %t = add i64 %row.first, %inner\n  br i1 %live, label %run, label %done\nrun:").unwrap();
     }
-    per_thread(&mut s, "%t");
+    // Each lane of a point keeps its own copy of the scratch buffers.
+    writeln!(s, "  %t.lanes = mul i64 %t, %lanes\n  %t.scratch = add i64 %t.lanes, %warp.lane").unwrap();
+    per_thread(&mut s, "%t", "%t.scratch");
     writeln!(s, "  br label %done\ndone:\n  ret void\n}}\n").unwrap();
     s
 }
@@ -391,6 +401,10 @@ struct Lowering<'a> {
     views: Vec<View>,
     /// How many streamed loops enclose the code being generated.
     depth: usize,
+    /// Whether the code being generated is inside a reduction that the lanes of a warp split.
+    in_split: bool,
+    /// Whether the next reduced loop is the outermost of such a reduction.
+    split_next: bool,
 }
 
 /// Where a staged read reads at the current step: the shared copy, or (where it did not fit)
@@ -425,6 +439,8 @@ impl<'a> Lowering<'a> {
             staged: if abi == Abi::Thread { super::staging::staged_reads(program) } else { vec![] },
             views: vec![],
             depth: 0,
+            in_split: false,
+            split_next: false,
         }
     }
 
@@ -880,6 +896,11 @@ impl<'a> Lowering<'a> {
     /// `for index in (start..end).step_by(step) { body }`; callers make `end - start` a multiple
     /// of `step`.
     fn for_loop_step(&mut self, index: Index, start: &str, end: &str, step: usize, body: &mut dyn FnMut(&mut Self)) {
+        self.for_loop_by(index, start, end, &step.to_string(), body)
+    }
+
+    /// `for index in (start..end).step_by(step) { body }`, the step an `i64` value or number.
+    fn for_loop_by(&mut self, index: Index, start: &str, end: &str, step: &str, body: &mut dyn FnMut(&mut Self)) {
         let var = self.slot("i64");
         self.emit(format!("store i64 {start}, i64* {var}"));
         let header = self.label("loop");
@@ -1252,8 +1273,18 @@ impl<'a> Lowering<'a> {
             Expr::Reduce { op, indices, filter, body } => {
                 let acc = self.slot("float");
                 self.emit(format!("store float {}, float* {acc}", float(reduce_identity(*op) as f32)));
+                // In a thread kernel the lanes of a point split its outermost reductions.
+                let split = self.abi == Abi::Thread && !self.in_split && !indices.is_empty();
+                self.in_split |= split;
+                self.split_next = split;
                 self.reduce_loops(*op, indices, indices, filter, body, &acc);
-                (self.ins(format!("load float, float* {acc}")), None)
+                self.split_next = false;
+                let partial = self.ins(format!("load float, float* {acc}"));
+                if !split {
+                    return (partial, None);
+                }
+                self.in_split = false;
+                (self.combine_lanes(*op, &partial), None)
             }
         }
     }
@@ -1314,14 +1345,61 @@ impl<'a> Lowering<'a> {
     /// bound, it stops at the last valid point (`whole - tile * inner`, clamped to the tile), so
     /// that the body needs no validity branch for that pair and LLVM can vectorize it.
     fn reduced_loop(&mut self, index: Index, body: &mut dyn FnMut(&mut Self)) {
+        // The outermost loop of a reduction split among the lanes of a warp: lane `l` takes the
+        // points `l, l + lanes, ...`.
+        let (start, step) = if std::mem::take(&mut self.split_next) { ("%lane", "%lanes") } else { ("0", "1") };
         let Some(end) = self.valid_points(index) else {
             let extent = self.extents[index.rank.index()].clone();
-            self.for_loop(index, "0", &extent, body);
+            self.for_loop_by(index, start, &extent, step, body);
             return;
         };
         self.bounded.push(index);
-        self.for_loop(index, "0", &end, body);
+        self.for_loop_by(index, start, &end, step, body);
         self.bounded.pop();
+    }
+
+    /// Combines the partial results of a reduction split among the lanes of a warp: after a
+    /// butterfly of shuffles every lane holds the whole reduction (bit for bit the same, as each
+    /// combination is commutative). A no-op with one lane per point.
+    fn combine_lanes(&mut self, op: ReduceOp, partial: &str) -> String {
+        let slot = self.slot("float");
+        self.emit(format!("store float {partial}, float* {slot}"));
+        let split = self.ins("icmp ugt i64 %lanes, 1");
+        let (shuffle, done) = (self.label("shuffle"), self.label("combined"));
+        self.emit(format!("br i1 {split}, label %{shuffle}, label %{done}"));
+        self.start_block(&shuffle);
+        // Distances lanes / 2, lanes / 4, ..., 1.
+        let distance = self.slot("i64");
+        let half = self.ins("lshr i64 %lanes, 1");
+        self.emit(format!("store i64 {half}, i64* {distance}"));
+        let (step, next) = (self.label("butterfly"), self.label("butterfly.next"));
+        self.emit(format!("br label %{step}"));
+        self.start_block(&step);
+        let d = self.ins(format!("load i64, i64* {distance}"));
+        let value = self.ins(format!("load float, float* {slot}"));
+        let other = match self.flavor {
+            Flavor::Nvptx => {
+                let d32 = self.ins(format!("trunc i64 {d} to i32"));
+                self.ins(format!("call float @llvm.nvvm.shfl.sync.bfly.f32(i32 -1, float {value}, i32 {d32}, i32 31)"))
+            }
+            Flavor::Host => {
+                self.ins(format!("call float @einfuse_shuffle_xor(i8* %sync, float {value}, i64 %tid, i64 {d})"))
+            }
+        };
+        let combined = match op {
+            ReduceOp::Sum => self.ins(format!("fadd float {value}, {other}")),
+            ReduceOp::Max => self.extremum("ogt", &value, &other),
+            ReduceOp::Min => self.extremum("olt", &value, &other),
+        };
+        self.emit(format!("store float {combined}, float* {slot}"));
+        let d_next = self.ins(format!("lshr i64 {d}, 1"));
+        self.emit(format!("store i64 {d_next}, i64* {distance}"));
+        let more = self.ins(format!("icmp ne i64 {d_next}, 0"));
+        self.emit(format!("br i1 {more}, label %{step}, label %{next}"));
+        self.start_block(&next);
+        self.emit(format!("br label %{done}"));
+        self.start_block(&done);
+        self.ins(format!("load float, float* {slot}"))
     }
 
     /// For the inner index of a split pair whose tile index is bound: how many of its points are

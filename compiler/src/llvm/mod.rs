@@ -97,15 +97,37 @@ mod compiled {
         *const u8,
     );
 
-    /// The barrier of an emulated block, which the kernels call as `einfuse_barrier`.
+    /// The barrier of an emulated block, which the kernels call as `einfuse_barrier`, and the
+    /// slots through which its threads exchange values in `einfuse_shuffle_xor`.
     struct BlockBarrier {
         /// Threads still to arrive, and the generation (how many times the barrier opened).
         state: std::sync::Mutex<(u64, u64)>,
         opened: std::sync::Condvar,
         threads: u64,
+        slots: Vec<std::sync::atomic::AtomicU32>,
     }
 
     impl BlockBarrier {
+        fn new(threads: u64) -> BlockBarrier {
+            BlockBarrier {
+                state: std::sync::Mutex::new((threads, 0)),
+                opened: std::sync::Condvar::new(),
+                threads,
+                slots: (0..threads).map(|_| std::sync::atomic::AtomicU32::new(0)).collect(),
+            }
+        }
+
+        /// `shfl.sync.bfly`: the value of the thread `distance` lanes away (in xor). The block is
+        /// one warp, whose every thread shuffles at the same point of the kernel.
+        fn shuffle_xor(&self, value: f32, tid: usize, distance: usize) -> f32 {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.slots[tid].store(value.to_bits(), Relaxed);
+            self.wait();
+            let other = f32::from_bits(self.slots[tid ^ distance].load(Relaxed));
+            self.wait();
+            other
+        }
+
         fn wait(&self) {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let generation = state.1;
@@ -133,6 +155,11 @@ mod compiled {
         unsafe { (*(sync as *const BlockBarrier)).wait() }
     }
 
+    extern "C" fn einfuse_shuffle_xor(sync: *const u8, value: f32, tid: i64, distance: i64) -> f32 {
+        // SAFETY: as for `einfuse_barrier`; the thread and its partner are threads of the block.
+        unsafe { (*(sync as *const BlockBarrier)).shuffle_xor(value, tid as usize, distance as usize) }
+    }
+
     /// A thread kernel compiled for the host, the grid run as loops: how CI checks the GPU
     /// kernels' logic without a GPU.
     pub struct EmulatedKernel {
@@ -151,6 +178,7 @@ mod compiled {
             let text = lower::lower(program, Flavor::Host, Abi::Thread, &symbol);
             let mut helpers: Vec<(&str, usize)> = helpers::symbols().iter().map(|(n, p)| (*n, *p as usize)).collect();
             helpers.push(("einfuse_barrier", einfuse_barrier as *const () as usize));
+            helpers.push(("einfuse_shuffle_xor", einfuse_shuffle_xor as *const () as usize));
             let code = machine::HostCode::new(&text, &symbol, &helpers)?;
             // SAFETY: the symbol was defined with this signature.
             let function: ThreadFn = unsafe { std::mem::transmute::<usize, ThreadFn>(code.address()) };
@@ -158,10 +186,11 @@ mod compiled {
         }
 
         /// Runs the kernel as the GPU would: block after block; the threads of a block one after
-        /// another, or, where the kernel stages tiles in shared memory, side by side (an OS thread
-        /// each), meeting at its barriers.
+        /// another, or, where the kernel stages tiles in shared memory or a warp computes each
+        /// point, side by side (an OS thread each), meeting at its barriers and shuffles.
         pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, LlvmError> {
-            let layout = launch::ThreadLayout::new(&self.program, extents, crate::cpu::MAX_CALL_BYTES)
+            let max = crate::cpu::MAX_CALL_BYTES;
+            let layout = launch::ThreadLayout::with_warp(&self.program, extents, max, launch::EMULATED_WARP)
                 .map_err(LlvmError::Run)?;
             let (mut values, mut masks) = layout.host_buffers(&self.program, inputs).map_err(LlvmError::Run)?;
             let value_pointers: Vec<*mut f32> = values.iter_mut().map(|v| v.as_mut_ptr()).collect();
@@ -176,9 +205,9 @@ mod compiled {
                     strides: layout.strides.as_ptr(),
                     batch: layout.batch.as_ptr(),
                 };
-                let staged = !staging::staged_reads(&self.program).is_empty();
+                let together = !staging::staged_reads(&self.program).is_empty() || layout.lanes_per_point > 1;
                 for block in 0..layout.grid as i64 {
-                    if staged {
+                    if together {
                         self.run_block_together(&layout, &tables, block);
                     } else {
                         for tid in 0..layout.block as i64 {
@@ -195,11 +224,7 @@ mod compiled {
         fn run_block_together(&self, layout: &launch::ThreadLayout, tables: &Tables, block: i64) {
             let mut shared = vec![0f32; (layout.shared_bytes / 4).max(1) as usize];
             let shared = SharedPointer(shared.as_mut_ptr());
-            let barrier = BlockBarrier {
-                state: std::sync::Mutex::new((layout.block, 0)),
-                opened: std::sync::Condvar::new(),
-                threads: layout.block,
-            };
+            let barrier = BlockBarrier::new(layout.block);
             std::thread::scope(|scope| {
                 for tid in 0..layout.block as i64 {
                     let (shared, barrier) = (&shared, &barrier);
@@ -235,7 +260,7 @@ mod compiled {
                 tables.dims,
                 tables.strides,
                 tables.batch,
-                layout.threads as i64,
+                layout.scratch_copies() as i64,
                 block,
                 tid,
                 layout.block as i64,
