@@ -255,7 +255,8 @@ fn staged_tiles_in_shared_memory_or_global_where_they_do_not_fit() {
         let bindings: Vec<(String, u64)> = sizes.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let extents = bind_extents(&optimized, &bindings, &[]).unwrap();
         let layout = launch::ThreadLayout::new(&program, &extents, u64::MAX).unwrap();
-        let table_start = layout.batch.len() - staged.iter().map(|r| 1 + r.subscripts.len()).sum::<usize>();
+        // The staged reads' entries close the batch table, before the threads per point.
+        let table_start = layout.batch.len() - 1 - staged.iter().map(|r| 1 + r.subscripts.len()).sum::<usize>();
         let mut at = table_start;
         for (read, expected) in staged.iter().zip(shared) {
             assert_eq!(layout.batch[at] >= 0, expected, "E={e} F={f}: {:?}", layout.batch[at..].to_vec());
@@ -265,4 +266,36 @@ fn staged_tiles_in_shared_memory_or_global_where_they_do_not_fit() {
         let error = compare(&optimized, &emulated, &sizes, e + f);
         assert!(error <= 1e-4, "E={e} F={f}: relative error {error:.3e}");
     }
+}
+
+/// Where the lane rank is short (decode's one query row), a warp computes each point, its lanes
+/// splitting the reductions: one block of one warp per point on a GPU, four-lane warps in the
+/// emulation, which agrees with the interpreter at every length of the reduced ranks around
+/// the warp's width.
+#[test]
+fn a_warp_per_point_where_the_lane_rank_is_short() {
+    use einfuse::compiler::llvm::launch;
+    let decode = corpus().into_iter().find(|k| k.name == "gqa_decode").unwrap();
+    let optimized = einfuse::optimize(&decode).unwrap().cascade;
+    let program = einfuse::compiler::schedule::schedule(&optimized).unwrap();
+    let sizes: BTreeMap<&str, u64> = [("M", 100), ("H", 2)].into();
+    let bindings: Vec<(String, u64)> = sizes.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let extents = bind_extents(&optimized, &bindings, &[]).unwrap();
+    let gpu = launch::ThreadLayout::new(&program, &extents, u64::MAX).unwrap();
+    assert_eq!((gpu.lanes_per_point, gpu.block, gpu.grid), (launch::WARP, launch::WARP, gpu.threads));
+    assert_eq!(gpu.scratch_copies(), gpu.threads * launch::WARP);
+    let emulated = launch::ThreadLayout::with_warp(&program, &extents, u64::MAX, launch::EMULATED_WARP).unwrap();
+    assert_eq!(emulated.lanes_per_point, launch::EMULATED_WARP);
+    let kernel = Compiled::new(&optimized, true);
+    for m in [1u64, 2, 3, 4, 5, 63, 64, 65, 130] {
+        let sizes: BTreeMap<&str, u64> = [("M", m), ("H", 2)].into();
+        let error = compare(&optimized, &kernel, &sizes, m);
+        assert!(error <= 1e-4, "M={m}: relative error {error:.3e}");
+    }
+    // A long query rank keeps one thread per point.
+    let causal = corpus().into_iter().find(|k| k.name == "causal").unwrap();
+    let program = einfuse::compiler::schedule::schedule(&einfuse::optimize(&causal).unwrap().cascade).unwrap();
+    let extents = bind_extents(&program.cascade, &[("M".into(), 50), ("P".into(), 50)], &[]).unwrap();
+    let layout = launch::ThreadLayout::new(&program, &extents, u64::MAX).unwrap();
+    assert_eq!((layout.lanes_per_point, layout.block), (1, 64));
 }

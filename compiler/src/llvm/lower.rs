@@ -1388,8 +1388,18 @@ impl<'a> Lowering<'a> {
         };
         let combined = match op {
             ReduceOp::Sum => self.ins(format!("fadd float {value}, {other}")),
-            ReduceOp::Max => self.extremum("ogt", &value, &other),
-            ReduceOp::Min => self.extremum("olt", &value, &other),
+            ReduceOp::Max | ReduceOp::Min => {
+                let (cc, bits) = if op == ReduceOp::Max { ("ogt", "and") } else { ("olt", "or") };
+                let picked = self.extremum(cc, &value, &other);
+                // Equal values differ at most in the sign of a zero: both lanes take +0 for a
+                // maximum and -0 for a minimum, so that they keep the same bits.
+                let x = self.ins(format!("bitcast float {value} to i32"));
+                let y = self.ins(format!("bitcast float {other} to i32"));
+                let both = self.ins(format!("{bits} i32 {x}, {y}"));
+                let both = self.ins(format!("bitcast i32 {both} to float"));
+                let equal = self.ins(format!("fcmp oeq float {value}, {other}"));
+                self.ins(format!("select i1 {equal}, float {both}, float {picked}"))
+            }
         };
         self.emit(format!("store float {combined}, float* {slot}"));
         let d_next = self.ins(format!("lshr i64 {d}, 1"));
