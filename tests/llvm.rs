@@ -250,7 +250,9 @@ fn staged_tiles_in_shared_memory_or_global_where_they_do_not_fit() {
     assert_eq!(names, ["K", "V"]);
     let emulated = Compiled::new(&optimized, true);
     // A tile of 64 keys: 200 rows of it take 51 200 bytes, more than a block's 48 KB.
-    for (e, f, shared) in [(8, 8, [true, true]), (200, 8, [false, true]), (8, 200, [true, false]), (200, 200, [false; 2])] {
+    for (e, f, shared) in
+        [(8, 8, [true, true]), (200, 8, [false, true]), (8, 200, [true, false]), (200, 200, [false; 2])]
+    {
         let sizes: BTreeMap<&str, u64> = [("E", e), ("F", f), ("M", 130), ("P", 70)].into();
         let bindings: Vec<(String, u64)> = sizes.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let extents = bind_extents(&optimized, &bindings, &[]).unwrap();

@@ -516,7 +516,9 @@ pub fn print_program(program: &LoopProgram) -> String {
 /// The arithmetic a cascade does at `extents`: for every Einsum, its points (left-hand side and
 /// reduced indices) times the operations at each point, a reduction step counting as one. This is
 /// the cascade as written, so that a fused and an unfused kernel are measured against the same
-/// count; for attention it is the usual 4 * P * M * D.
+/// count; for attention with the scale applied outside the sum it is about the usual 4 * P * M *
+/// D, and with the scale inside the sum (`Q[e, p] * K[e, m] * scale`, as `benches/attention.ein`
+/// writes it) the scale's products count too: about 1.27 times that.
 pub fn flop_count(cascade: &Cascade, extents: &[u64]) -> f64 {
     fn ops(expr: &Expr, extents: &[u64]) -> f64 {
         match expr {

@@ -102,7 +102,12 @@ impl ThreadLayout {
     }
 
     /// The layout of a call with warps of `warp` threads (a power of two, at most `WARP`).
-    pub fn with_warp(program: &LoopProgram, extents: &[u64], max_bytes: u64, warp: u64) -> Result<ThreadLayout, String> {
+    pub fn with_warp(
+        program: &LoopProgram,
+        extents: &[u64],
+        max_bytes: u64,
+        warp: u64,
+    ) -> Result<ThreadLayout, String> {
         let c = &program.cascade;
         let batch = batch_ranks(c);
         let mut threads: u64 = 1;
@@ -118,15 +123,13 @@ impl ThreadLayout {
         // A block of one point per warp lane, or (with a warp per point) of one point.
         let block = if lanes > 1 { lanes } else { lane_extent.clamp(1, BLOCK).next_multiple_of(WARP) };
         let points_per_block = block / lanes;
-        let rows = if lane_extent == 0 { 0 } else { threads / lane_extent };
+        let rows = threads.checked_div(lane_extent).unwrap_or(0);
         let mut layout = ThreadLayout {
             threads,
             lane_extent,
             lanes_per_point: lanes,
             block,
-            grid: rows
-                .checked_mul(lane_extent.div_ceil(points_per_block))
-                .ok_or("the number of blocks overflows")?,
+            grid: rows.checked_mul(lane_extent.div_ceil(points_per_block)).ok_or("the number of blocks overflows")?,
             shared_bytes: 0,
             local_extents: local.iter().map(|e| *e as i64).collect(),
             dims: vec![],

@@ -7,9 +7,12 @@
 //! differ by `Abi`:
 //! - `Abi::Cpu`: the body is the kernel, called once per chunk of a batch rank by the runtime;
 //! - `Abi::Thread`: the kernel takes the global tables once and a thread count; each thread
-//!   computes one point of the batch ranks (see `launch`) and calls the body on its own part of
-//!   every buffer. On NVPTX the thread is `ctaid.x * ntid.x + tid.x`; in the host emulation of
-//!   the same kernel, loops over the blocks and the threads of a block.
+//!   finds its point of the batch ranks from its block and its place in it (see `launch`) and
+//!   calls the body on its own part of every buffer. On NVPTX the block and thread come from
+//!   `ctaid.x` and `tid.x`; the host emulation's entry is one thread, called by the emulator.
+//!   At each step of a top-level streamed loop the block stages the reads that `staging` finds
+//!   into shared memory between two barriers; with a warp per point, the lanes split each
+//!   outermost reduction and combine it with shuffles.
 //!
 //! Arithmetic is f32; a value travels with its definedness (an `i1`); a read out of range reads
 //! nothing (its address is clamped and the result marked undefined). Maxima and minima propagate
@@ -17,8 +20,8 @@
 
 use std::fmt::Write;
 
-use crate::ir::*;
 use super::staging::StagedRead;
+use crate::ir::*;
 use crate::schedule::{LoopProgram, Node, Slot};
 
 /// The instruction set the module is for; it decides how `exp` and friends are computed.
@@ -139,9 +142,10 @@ fn declarations(flavor: Flavor) -> String {
     out
 }
 
-/// The thread entry: finds the thread's batch point, offsets every buffer to it, and runs the
-/// body. The batch table holds the global extents of the batch ranks, then per buffer one element
-/// stride per batch rank and one per thread (see `launch::ThreadLayout`).
+/// The thread entry: finds the thread's batch point, offsets every buffer to it (scratch buffers
+/// to its own copy), and runs the body. The batch table holds the global extents of the batch
+/// ranks, then per buffer one element stride per batch rank and one per thread, then the staged
+/// reads' entries and the threads per point (see `launch::ThreadLayout`).
 fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
     let c = &program.cascade;
     let batch = super::launch::batch_ranks(c);
@@ -249,8 +253,12 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
     // The block's row of the lane rank, and the thread's place in it.
     let lane = if k == 0 { "1" } else { "%lane.extent" };
     if k > 0 {
-        writeln!(s, "\n  %lane.at = getelementptr i64, i64* %batch, i64 {}\n  %lane.extent = load i64, i64* %lane.at", k - 1)
-            .unwrap();
+        writeln!(
+            s,
+            "\n  %lane.at = getelementptr i64, i64* %batch, i64 {}\n  %lane.extent = load i64, i64* %lane.at",
+            k - 1
+        )
+        .unwrap();
     } else {
         s.push('\n');
     }
@@ -638,7 +646,8 @@ impl<'a> Lowering<'a> {
             let read = self.staged[j].clone();
             let at = k + nb * (k + 1) + self.staged[..j].iter().map(|r| 1 + r.subscripts.len()).sum::<usize>();
             let offset = self.load_i64("%batch", at);
-            let extents: Vec<String> = (0..read.subscripts.len()).map(|d| self.load_i64("%batch", at + 1 + d)).collect();
+            let extents: Vec<String> =
+                (0..read.subscripts.len()).map(|d| self.load_i64("%batch", at + 1 + d)).collect();
             // Row-major strides of the box, and its size.
             let mut box_strides = vec!["1".to_string(); extents.len()];
             for d in (0..extents.len().saturating_sub(1)).rev() {

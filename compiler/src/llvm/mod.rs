@@ -44,7 +44,12 @@ pub fn launch_description(program: &LoopProgram, source_file: &str) -> String {
     let buffers: Vec<String> = program.buffers.iter().map(|b| format!("\"{}\"", c.tensor(b.tensor).name)).collect();
     let staged: Vec<String> = staging::staged_reads(program)
         .iter()
-        .map(|r| format!("\"{}\"", crate::print::print_expr(c, &Expr::Access { tensor: r.tensor, subscripts: r.subscripts.clone() })))
+        .map(|r| {
+            format!(
+                "\"{}\"",
+                crate::print::print_expr(c, &Expr::Access { tensor: r.tensor, subscripts: r.subscripts.clone() })
+            )
+        })
         .collect();
     format!(
         "{{\n  \"kernel\": \"{}\",\n  \"source\": \"{}\",\n  \"entry\": \"{}\",\n  \"block\": \"min({}, the lane rank's extent rounded up to a multiple of {}) threads in x; a warp (one point) where \
@@ -139,10 +144,8 @@ mod compiled {
                 return;
             }
             let limit = std::time::Duration::from_secs(120);
-            let (state, timeout) = self
-                .opened
-                .wait_timeout_while(state, limit, |s| s.1 == generation)
-                .unwrap_or_else(|e| e.into_inner());
+            let (state, timeout) =
+                self.opened.wait_timeout_while(state, limit, |s| s.1 == generation).unwrap_or_else(|e| e.into_inner());
             if timeout.timed_out() && state.1 == generation {
                 // A thread that never arrives is a kernel bug that would hang the GPU too.
                 eprintln!("einfuse: an emulated block waited {limit:?} at a barrier that not every thread reached");

@@ -1,0 +1,102 @@
+/* The ceilings of this machine, for docs/performance.md: the peak of 128-bit fused
+   multiply-adds on one core (10 independent chains); the register-blocked kernel that the
+   Cranelift tier generates for the scores of attention (4 rows by 2 vectors of 4 floats, a
+   64-long reduction, operands in L1) written with intrinsics and compiled by GCC; and the rate
+   at which one core reads memory (a 1 GiB array of floats summed in 256-bit vectors, the way
+   decode reads its keys and values).
+
+   gcc -O2 -mavx2 -mfma -o /tmp/ceiling benches/ceiling.c && /tmp/ceiling
+   (run two at once to see both cores: `/tmp/ceiling & /tmp/ceiling; wait`) */
+#include <immintrin.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static double fma_peak(void) {
+  __m128 a[10];
+  for (int i = 0; i < 10; i++) a[i] = _mm_set1_ps(i * 0.001f);
+  const __m128 x = _mm_set1_ps(0.9999f), y = _mm_set1_ps(0.00001f);
+  const long n = 20000000;
+  double best = 1e9;
+  for (int rep = 0; rep < 7; rep++) {
+    double t0 = now();
+    for (long i = 0; i < n; i++) {
+#pragma GCC unroll 10
+      for (int k = 0; k < 10; k++) a[k] = _mm_fmadd_ps(a[k], x, y);
+    }
+    double t = now() - t0;
+    if (t < best) best = t;
+  }
+  float sink = 0;
+  for (int i = 0; i < 10; i++) sink += a[i][0];
+  if (sink == 12345.0f) puts("");
+  return n * 10.0 * 8.0 / best / 1e9;
+}
+
+static double block_kernel(void) {
+  const int E = 64, M = 256, P = 256, H = 8;
+  float *Q = aligned_alloc(64, 4 * E * P), *K = aligned_alloc(64, 4 * E * M), *S = aligned_alloc(64, 4 * M * P);
+  for (int i = 0; i < E * P; i++) Q[i] = i * 1e-4f;
+  for (int i = 0; i < E * M; i++) K[i] = i * 1e-4f;
+  double best = 1e9;
+  for (int rep = 0; rep < 50; rep++) {
+    double t0 = now();
+    for (int h = 0; h < H; h++)
+      for (int m = 0; m < M; m += 4)
+        for (int p = 0; p < P; p += 8) {
+          __m128 a0 = _mm_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+          for (int e = 0; e < E; e++) {
+            __m128 q0 = _mm_loadu_ps(Q + e * P + p), q1 = _mm_loadu_ps(Q + e * P + p + 4);
+            __m128 k0 = _mm_broadcast_ss(K + e * M + m), k1 = _mm_broadcast_ss(K + e * M + m + 1);
+            __m128 k2 = _mm_broadcast_ss(K + e * M + m + 2), k3 = _mm_broadcast_ss(K + e * M + m + 3);
+            a0 = _mm_fmadd_ps(k0, q0, a0), a1 = _mm_fmadd_ps(k1, q0, a1);
+            a2 = _mm_fmadd_ps(k2, q0, a2), a3 = _mm_fmadd_ps(k3, q0, a3);
+            b0 = _mm_fmadd_ps(k0, q1, b0), b1 = _mm_fmadd_ps(k1, q1, b1);
+            b2 = _mm_fmadd_ps(k2, q1, b2), b3 = _mm_fmadd_ps(k3, q1, b3);
+          }
+          float *s = S + m * P + p;
+          _mm_storeu_ps(s, a0), _mm_storeu_ps(s + P, a1), _mm_storeu_ps(s + 2 * P, a2), _mm_storeu_ps(s + 3 * P, a3);
+          _mm_storeu_ps(s + 4, b0), _mm_storeu_ps(s + P + 4, b1), _mm_storeu_ps(s + 2 * P + 4, b2);
+          _mm_storeu_ps(s + 3 * P + 4, b3);
+        }
+    double t = now() - t0;
+    if (t < best) best = t;
+  }
+  if (S[77] == 12345.0f) puts("");
+  free(Q), free(K), free(S);
+  return (double)H * 2 * E * M * P / best / 1e9;
+}
+
+static double read_bandwidth(void) {
+  const size_t n = (size_t)1 << 28;
+  float *x = aligned_alloc(64, n * sizeof(float));
+  for (size_t i = 0; i < n; i++) x[i] = (float)(i & 1023);
+  double best = 1e9;
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  for (int rep = 0; rep < 5; rep++) {
+    double t0 = now();
+    for (size_t i = 0; i < n; i += 32) {
+      s0 = _mm256_add_ps(s0, _mm256_load_ps(x + i)), s1 = _mm256_add_ps(s1, _mm256_load_ps(x + i + 8));
+      s2 = _mm256_add_ps(s2, _mm256_load_ps(x + i + 16)), s3 = _mm256_add_ps(s3, _mm256_load_ps(x + i + 24));
+    }
+    double t = now() - t0;
+    if (t < best) best = t;
+  }
+  __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+  if (s[0] == 12345.0f) puts("");
+  free(x);
+  return n * sizeof(float) / best / 1e9;
+}
+
+int main(void) {
+  printf("128-bit FMA peak, one core: %.1f GFLOP/s\n", fma_peak());
+  printf("4x2 block of the scores (GCC, intrinsics), one core: %.1f GFLOP/s\n", block_kernel());
+  printf("memory read, one core: %.1f GB/s\n", read_bandwidth());
+  return 0;
+}
