@@ -678,30 +678,22 @@ impl<'a> Lowering<'a> {
             self.emit(format!("br i1 {on}, label %{copy}, label %{copied}"));
             self.start_block(&copy);
             // Each thread copies every `ntid`-th element of the box, from `tid` on.
-            let element = self.slot("i64");
-            self.emit(format!("store i64 %tid, i64* {element}"));
-            let (header, body) = (self.label("copying"), self.label("element"));
-            self.emit(format!("br label %{header}"));
-            self.start_block(&header);
-            let e = self.ins(format!("load i64, i64* {element}"));
-            let more = self.ins(format!("icmp slt i64 {e}, {size}"));
-            self.emit(format!("br i1 {more}, label %{body}, label %{copied}"));
-            self.start_block(&body);
-            let mut coords = Vec::new();
-            for d in 0..extents.len() {
-                let q = self.ins(format!("udiv i64 {e}, {}", box_strides[d]));
-                let within = self.ins(format!("urem i64 {q}, {}", extents[d]));
-                coords.push(self.ins(format!("add i64 {}, {within}", first[d])));
-            }
-            let (from, _) = self.offset(buffer, &coords, &vec![false; coords.len()]);
-            let base = self.values[buffer].clone();
-            let source = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {from}"));
-            let x = self.ins(format!("load float, float* {source}"));
-            let target = self.ins(format!("getelementptr inbounds float, float* {tile}, i64 {e}"));
-            self.emit(format!("store float {x}, float* {target}"));
-            let next = self.ins(format!("add i64 {e}, %ntid"));
-            self.emit(format!("store i64 {next}, i64* {element}"));
-            self.emit(format!("br label %{header}"));
+            self.counted_loop("%tid", &size, "%ntid", &mut |g, element| {
+                let e = g.ins(format!("load i64, i64* {element}"));
+                let mut coords = Vec::new();
+                for d in 0..extents.len() {
+                    let q = g.ins(format!("udiv i64 {e}, {}", box_strides[d]));
+                    let within = g.ins(format!("urem i64 {q}, {}", extents[d]));
+                    coords.push(g.ins(format!("add i64 {}, {within}", first[d])));
+                }
+                let (from, _) = g.offset(buffer, &coords, &vec![false; coords.len()]);
+                let base = g.values[buffer].clone();
+                let source = g.ins(format!("getelementptr inbounds float, float* {base}, i64 {from}"));
+                let x = g.ins(format!("load float, float* {source}"));
+                let target = g.ins(format!("getelementptr inbounds float, float* {tile}, i64 {e}"));
+                g.emit(format!("store float {x}, float* {target}"));
+            });
+            self.emit(format!("br label %{copied}"));
             self.start_block(&copied);
             let base = self.values[buffer].clone();
             let base = self.ins(format!("select i1 {on}, float* {tile}, float* {base}"));
@@ -725,10 +717,7 @@ impl<'a> Lowering<'a> {
         let mut offset = "0".to_string();
         for (d, c) in coords.iter().enumerate() {
             if !always_inside[d] {
-                let dim = self.dim(buffer, d);
-                let below = self.ins(format!("icmp slt i64 {c}, {dim}"));
-                let nonneg = self.ins(format!("icmp sge i64 {c}, 0"));
-                let both = self.ins(format!("and i1 {below}, {nonneg}"));
+                let both = self.in_range(buffer, d, c);
                 inside = self.and_def(inside, Some(both));
             }
             let (first, stride) = (self.views[view].first[d].clone(), self.views[view].strides[d].clone());
@@ -910,6 +899,15 @@ impl<'a> Lowering<'a> {
 
     /// `for index in (start..end).step_by(step) { body }`, the step an `i64` value or number.
     fn for_loop_by(&mut self, index: Index, start: &str, end: &str, step: &str, body: &mut dyn FnMut(&mut Self)) {
+        self.counted_loop(start, end, step, &mut |g, var| {
+            g.env.push((index, var.to_string()));
+            body(g);
+            g.env.pop();
+        });
+    }
+
+    /// `for i in (start..end).step_by(step) { body }`, the body given the `i64` slot of `i`.
+    fn counted_loop(&mut self, start: &str, end: &str, step: &str, body: &mut dyn FnMut(&mut Self, &str)) {
         let var = self.slot("i64");
         self.emit(format!("store i64 {start}, i64* {var}"));
         let header = self.label("loop");
@@ -921,9 +919,7 @@ impl<'a> Lowering<'a> {
         let more = self.ins(format!("icmp slt i64 {i}, {end}"));
         self.emit(format!("br i1 {more}, label %{inner}, label %{exit}"));
         self.start_block(&inner);
-        self.env.push((index, var.clone()));
-        body(self);
-        self.env.pop();
+        body(self, &var);
         let i = self.ins(format!("load i64, i64* {var}"));
         let next = self.ins(format!("add nsw i64 {i}, {step}"));
         self.emit(format!("store i64 {next}, i64* {var}"));
@@ -1040,6 +1036,14 @@ impl<'a> Lowering<'a> {
         ok
     }
 
+    /// Whether coordinate `c` lies inside position `d` of buffer `buffer`.
+    fn in_range(&mut self, buffer: usize, d: usize, c: &str) -> String {
+        let dim = self.dim(buffer, d);
+        let below = self.ins(format!("icmp slt i64 {c}, {dim}"));
+        let nonneg = self.ins(format!("icmp sge i64 {c}, 0"));
+        self.ins(format!("and i1 {below}, {nonneg}"))
+    }
+
     /// The element offset of `coords` in buffer `buffer`, clamped to 0 when out of range, and
     /// whether it is in range.
     fn offset(&mut self, buffer: usize, coords: &[String], always_inside: &[bool]) -> (String, Def) {
@@ -1048,10 +1052,7 @@ impl<'a> Lowering<'a> {
         let slots = self.program.buffers[buffer].slots.clone();
         for (d, c) in coords.iter().enumerate() {
             if !always_inside[d] {
-                let dim = self.dim(buffer, d);
-                let below = self.ins(format!("icmp slt i64 {c}, {dim}"));
-                let nonneg = self.ins(format!("icmp sge i64 {c}, 0"));
-                let both = self.ins(format!("and i1 {below}, {nonneg}"));
+                let both = self.in_range(buffer, d, c);
                 inside = self.and_def(inside, Some(both));
             }
             let stored = match slots[d] {
