@@ -2,8 +2,10 @@
    multiply-adds on one core (10 independent chains); the register-blocked kernel that the
    Cranelift tier generates for the scores of attention (4 rows by 2 vectors of 4 floats, a
    64-long reduction, operands in L1) written with intrinsics and compiled by GCC; and the rate
-   at which one core reads memory (a 1 GiB array of floats summed in 256-bit vectors, the way
-   decode reads its keys and values).
+   at which one core reads memory (a 1 GiB array of floats summed in 256-bit vectors), and the
+   scores of decode (S[m] = sum_e q[e] K[e, m], K[E = 128, M = 16384] per head, 16 heads) in the
+   order the Cranelift tier runs them (32 keys at a time, the head dimension inside) and with
+   the head dimension outside (each row of K read along a tile, the scores kept in cache).
 
    gcc -O2 -mavx2 -mfma -o /tmp/ceiling benches/ceiling.c && /tmp/ceiling
    (run two at once to see both cores: `/tmp/ceiling & /tmp/ceiling; wait`) */
@@ -94,9 +96,55 @@ static double read_bandwidth(void) {
   return n * sizeof(float) / best / 1e9;
 }
 
+/* Decode's scores, 16 heads: `rows_outside` 0 reads 32 keys of every row of K in turn, 1 reads
+   `tile` keys of one row at a time. Returns GB/s of K read. */
+static double decode_scores(int rows_outside, long tile) {
+  const long H = 16, E = 128, M = 16384;
+  float *K = aligned_alloc(64, 4 * H * E * M), *q = aligned_alloc(64, 4 * H * E), *S = aligned_alloc(64, 4 * M);
+  for (long i = 0; i < H * E * M; i++) K[i] = (i & 255) * 1e-3f;
+  for (long i = 0; i < H * E; i++) q[i] = 1e-3f * i;
+  double best = 1e9;
+  for (int rep = 0; rep < 5; rep++) {
+    double t0 = now();
+    for (long h = 0; h < H; h++) {
+      const float *kh = K + h * E * M, *qh = q + h * E;
+      for (long m1 = 0; m1 < M; m1 += tile) {
+        if (!rows_outside) {
+          for (long c = 0; c < tile; c += 32) {
+            __m128 a[8];
+            for (int j = 0; j < 8; j++) a[j] = _mm_setzero_ps();
+            for (long e = 0; e < E; e++) {
+              __m128 b = _mm_set1_ps(qh[e]);
+              const float *k = kh + e * M + m1 + c;
+              for (int j = 0; j < 8; j++) a[j] = _mm_fmadd_ps(b, _mm_loadu_ps(k + 4 * j), a[j]);
+            }
+            for (int j = 0; j < 8; j++) _mm_storeu_ps(S + m1 + c + 4 * j, a[j]);
+          }
+        } else {
+          for (long c = 0; c < tile; c += 4) _mm_storeu_ps(S + m1 + c, _mm_setzero_ps());
+          for (long e = 0; e < E; e++) {
+            __m128 b = _mm_set1_ps(qh[e]);
+            const float *k = kh + e * M + m1;
+            for (long c = 0; c < tile; c += 4)
+              _mm_storeu_ps(S + m1 + c, _mm_fmadd_ps(b, _mm_loadu_ps(k + c), _mm_loadu_ps(S + m1 + c)));
+          }
+        }
+      }
+    }
+    double t = now() - t0;
+    if (t < best) best = t;
+  }
+  if (S[5] == 12345.0f) puts("");
+  free(K), free(q), free(S);
+  return 4.0 * H * E * M / best / 1e9;
+}
+
 int main(void) {
   printf("128-bit FMA peak, one core: %.1f GFLOP/s\n", fma_peak());
   printf("4x2 block of the scores (GCC, intrinsics), one core: %.1f GFLOP/s\n", block_kernel());
   printf("memory read, one core: %.1f GB/s\n", read_bandwidth());
+  printf("decode scores, one core, 32 keys of every row in turn: %.1f GB/s\n", decode_scores(0, 64));
+  printf("decode scores, one core, rows outside, tiles of 1024 keys: %.1f GB/s\n", decode_scores(1, 1024));
+  printf("decode scores, one core, rows outside, whole rows: %.1f GB/s\n", decode_scores(1, 16384));
   return 0;
 }
