@@ -119,11 +119,7 @@ impl<'a, 'f> Gen<'a, 'f> {
     /// has no mask there is treated as wholly defined.
     fn with_program(&mut self, variant: &'a LoopProgram, emit: &mut dyn FnMut(&mut Self)) {
         let (program, masks) = (self.program, self.masks.clone());
-        for (mask, buffer) in self.masks.iter_mut().zip(&variant.buffers) {
-            if !buffer.masked {
-                *mask = None;
-            }
-        }
+        self.masks = super::full_steps::variant_masks(&masks, variant);
         self.program = variant;
         emit(self);
         self.program = program;

@@ -86,6 +86,12 @@ fn linear(c: &Cascade, e: &Expr) -> Option<Linear> {
     }
 }
 
+/// The masks a tier generates `variant`'s code with: those of the buffers still masked there
+/// (a buffer without a mask in the variant is treated as wholly defined).
+pub fn variant_masks<T: Clone>(masks: &[Option<T>], variant: &LoopProgram) -> Vec<Option<T>> {
+    masks.iter().zip(&variant.buffers).map(|(mask, buffer)| mask.clone().filter(|_| buffer.masked)).collect()
+}
+
 /// A margin that must be at least `least` at every point of an Einsum for its filter to hold.
 #[derive(Clone, Debug)]
 pub struct Margin {

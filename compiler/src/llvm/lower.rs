@@ -63,7 +63,9 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
     module.push('\n');
     // Steps that every filter admits whole run a variant without filters (CPU entry only).
     let full_steps = if abi == Abi::Cpu { crate::cpu::full_steps::plan(program) } else { None };
-    let mut body = Lowering::new(program, flavor, abi);
+    // The reads the threads of a block share through shared memory (thread kernels only).
+    let staged = if abi == Abi::Thread { super::staging::staged_reads(program) } else { vec![] };
+    let mut body = Lowering::new(program, flavor, abi, staged.clone());
     body.full_steps = full_steps.as_ref();
     body.function_body();
     let attributes = "alwaysinline nounwind";
@@ -90,10 +92,10 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
             )
             .unwrap();
         }
-        (Abi::Thread, _) => module.push_str(&thread_entry(program, flavor, symbol)),
+        (Abi::Thread, _) => module.push_str(&thread_entry(program, flavor, symbol, &staged)),
     }
     module.push_str(&declarations(flavor));
-    if flavor == Flavor::Nvptx && abi == Abi::Thread && !super::staging::staged_reads(program).is_empty() {
+    if flavor == Flavor::Nvptx && !staged.is_empty() {
         // The staged tiles, in dynamic shared memory sized at launch.
         module.push_str("@einfuse_shared = external addrspace(3) global [0 x float], align 16\n");
     }
@@ -146,7 +148,7 @@ fn declarations(flavor: Flavor) -> String {
 /// to its own copy), and runs the body. The batch table holds the global extents of the batch
 /// ranks, then per buffer one element stride per batch rank and one per thread, then the staged
 /// reads' entries and the threads per point (see `launch::ThreadLayout`).
-fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
+fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str, staged_reads: &[StagedRead]) -> String {
     let c = &program.cascade;
     let batch = super::launch::batch_ranks(c);
     let k = batch.len();
@@ -223,7 +225,6 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str) -> String {
     };
     let allocas =
         format!("  %vt = alloca [{nb} x float*]\n  %mt = alloca [{nb} x i8*]\n  %bt = alloca [{} x i64]", nr.max(1));
-    let staged_reads = super::staging::staged_reads(program);
     let staged = !staged_reads.is_empty();
     let lanes_at = k + nb * (k + 1) + staged_reads.iter().map(|r| 1 + r.subscripts.len()).sum::<usize>();
     let header = match flavor {
@@ -426,7 +427,7 @@ struct View {
 }
 
 impl<'a> Lowering<'a> {
-    fn new(program: &'a LoopProgram, flavor: Flavor, abi: Abi) -> Self {
+    fn new(program: &'a LoopProgram, flavor: Flavor, abi: Abi, staged: Vec<StagedRead>) -> Self {
         Lowering {
             program,
             flavor,
@@ -444,7 +445,7 @@ impl<'a> Lowering<'a> {
             lanes: if flavor == Flavor::Host && abi == Abi::Cpu { host_lanes() } else { 1 },
             bounded: vec![],
             full_steps: None,
-            staged: if abi == Abi::Thread { super::staging::staged_reads(program) } else { vec![] },
+            staged,
             views: vec![],
             depth: 0,
             in_split: false,
@@ -806,11 +807,7 @@ impl<'a> Lowering<'a> {
     /// mask there is treated as wholly defined.
     fn with_program(&mut self, variant: &'a LoopProgram, emit: &mut dyn FnMut(&mut Self)) {
         let (program, masks) = (self.program, self.masks.clone());
-        for (mask, buffer) in self.masks.iter_mut().zip(&variant.buffers) {
-            if !buffer.masked {
-                *mask = None;
-            }
-        }
+        self.masks = crate::cpu::full_steps::variant_masks(&masks, variant);
         self.program = variant;
         emit(self);
         self.program = program;

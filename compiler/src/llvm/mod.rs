@@ -169,6 +169,8 @@ mod compiled {
     pub struct EmulatedKernel {
         program: LoopProgram,
         function: ThreadFn,
+        /// Whether the kernel stages tiles in shared memory, and so has barriers.
+        staged: bool,
         _code: machine::HostCode,
     }
 
@@ -186,7 +188,8 @@ mod compiled {
             let code = machine::HostCode::new(&text, &symbol, &helpers)?;
             // SAFETY: the symbol was defined with this signature.
             let function: ThreadFn = unsafe { std::mem::transmute::<usize, ThreadFn>(code.address()) };
-            Ok(EmulatedKernel { program: program.clone(), function, _code: code })
+            let staged = !staging::staged_reads(program).is_empty();
+            Ok(EmulatedKernel { program: program.clone(), function, staged, _code: code })
         }
 
         /// Runs the kernel as the GPU would: block after block; the threads of a block one after
@@ -209,7 +212,7 @@ mod compiled {
                     strides: layout.strides.as_ptr(),
                     batch: layout.batch.as_ptr(),
                 };
-                let together = !staging::staged_reads(&self.program).is_empty() || layout.lanes_per_point > 1;
+                let together = self.staged || layout.lanes_per_point > 1;
                 for block in 0..layout.grid as i64 {
                     if together {
                         self.run_block_together(&layout, &tables, block);
