@@ -95,6 +95,9 @@ enum Command {
         /// kernels: `OUTPUT` with `.chunks.ptx` and `.merge.ptx` in place of its extension.
         #[arg(long, value_name = "KEYS")]
         split_keys: Option<u64>,
+        /// Tiles of this many points for the split ranks the optimizer creates (the streamed keys).
+        #[arg(long, default_value_t = 64)]
+        tile: u64,
     },
     /// Time a kernel on the CPU against the same cascade compiled as written (unfused).
     Bench {
@@ -365,9 +368,9 @@ fn execute(command: Command) -> Result<(), Error> {
         Command::Analyze { file, kernel, json } => analyze(&file, kernel.as_deref(), json),
         Command::Explain { file, kernel } => explain(&file, kernel.as_deref()),
         Command::Run(args) => run(args),
-        Command::Compile { file, kernel, target, output, split_keys } => {
+        Command::Compile { file, kernel, target, output, split_keys, tile } => {
             let program = Program::from_file(&file)?;
-            let optimized = einfuse::optimize(program.kernel(kernel.as_deref())?)?.cascade;
+            let optimized = einfuse::optimize_tiled(program.kernel(kernel.as_deref())?, tile)?.cascade;
             let loops = compiler::schedule::schedule(&optimized)?;
             let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
             if let Some(chunk) = split_keys {

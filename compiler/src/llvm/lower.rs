@@ -62,11 +62,14 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
     }
     module.push('\n');
     // Steps that every filter admits whole run a variant without filters (CPU entry only).
-    let full_steps = if abi == Abi::Cpu { crate::cpu::full_steps::plan(program) } else { None };
+    let full_steps = crate::cpu::full_steps::plan(program);
     // The reads the threads of a block share through shared memory (thread kernels only).
     let staged = if abi == Abi::Thread { super::staging::staged_reads(program) } else { vec![] };
     let mut body = Lowering::new(program, flavor, abi, staged.clone());
-    body.full_steps = full_steps.as_ref();
+    match abi {
+        Abi::Cpu => body.full_steps = full_steps.as_ref(),
+        Abi::Thread => body.thread_full_steps = full_steps.as_ref(),
+    }
     body.function_body();
     let attributes = "alwaysinline nounwind";
     writeln!(
@@ -404,6 +407,9 @@ struct Lowering<'a> {
     bounded: Vec<Index>,
     /// The variant for steps that every filter admits whole (see `cpu::full_steps`).
     full_steps: Option<&'a crate::cpu::full_steps::FullSteps>,
+    /// The same, for the steps of a thread kernel that keep register buffers (see
+    /// `full_or_partial_step`).
+    thread_full_steps: Option<&'a crate::cpu::full_steps::FullSteps>,
     /// The reads the threads of a block share through shared memory (thread kernels only).
     staged: Vec<StagedRead>,
     /// The staged reads of the current step, and where each reads from.
@@ -414,15 +420,25 @@ struct Lowering<'a> {
     in_split: bool,
     /// Whether the next reduced loop is the outermost of such a reduction.
     split_next: bool,
+    /// Per buffer, whether each thread keeps it in registers (thread kernels only; see
+    /// `registers`).
+    registers: Vec<bool>,
+    /// The indices whose loops are unrolled in the Einsum being generated.
+    unroll: Vec<Index>,
+    /// A register buffer's global scratch (values and mask), for the steps that do not keep it
+    /// in registers (see `full_or_partial_step`).
+    scratch: Vec<Option<(String, Option<String>)>>,
 }
 
 /// Where a staged read reads at the current step: the shared copy, or (where it did not fit)
-/// global memory as any other read. Its element at coordinates `c` is at
-/// `base + sum((c - first) * stride)`.
+/// global memory as any other read. Its element at coordinates `first + local` is at
+/// `base + sum(local * stride)`, where `local` is what the indices that vary within the step add
+/// to each subscript (`StagedRead::terms`): an unrolled index's part of the address is then a
+/// constant. `safe` is an address to read instead where a coordinate is out of range.
 struct View {
     read: usize,
     base: String,
-    first: Vec<String>,
+    safe: String,
     strides: Vec<String>,
 }
 
@@ -445,11 +461,19 @@ impl<'a> Lowering<'a> {
             lanes: if flavor == Flavor::Host && abi == Abi::Cpu { host_lanes() } else { 1 },
             bounded: vec![],
             full_steps: None,
+            thread_full_steps: None,
             staged,
             views: vec![],
             depth: 0,
             in_split: false,
             split_next: false,
+            registers: if abi == Abi::Thread {
+                super::registers::register_buffers(program)
+            } else {
+                vec![false; program.buffers.len()]
+            },
+            unroll: vec![],
+            scratch: vec![],
         }
     }
 
@@ -499,12 +523,38 @@ impl<'a> Lowering<'a> {
     fn function_body(&mut self) {
         let c = self.cascade();
         for r in 0..c.ranks.len() {
-            let e = self.load_i64("%extents", r);
+            // A thread kernel's body sees each batch rank as one point (see `launch`).
+            let e = if self.batch.contains(&RankId::new(r)) { "1".to_string() } else { self.load_i64("%extents", r) };
             self.extents.push(e);
             let b = self.load_i64("%bases", r);
             self.bases.push(b);
         }
         for (b, buffer) in self.program.buffers.iter().enumerate() {
+            self.scratch.push(None);
+            if self.registers[b] {
+                let p = self.ins(format!("getelementptr float*, float** %values, i64 {b}"));
+                let v = self.ins(format!("load float*, float** {p}"));
+                let mask = buffer.masked.then(|| {
+                    let p = self.ins(format!("getelementptr i8*, i8** %masks, i64 {b}"));
+                    self.ins(format!("load i8*, i8** {p}"))
+                });
+                self.scratch[b] = Some((v, mask));
+                // A private array in the entry block, which LLVM promotes to registers where
+                // every offset is constant.
+                let size = super::registers::private_size(self.program, b).expect("a register buffer has a size");
+                let array = self.fresh();
+                writeln!(self.allocas, "  {array} = alloca [{size} x float], align 16").unwrap();
+                let v = self.ins(format!("getelementptr inbounds [{size} x float], [{size} x float]* {array}, i64 0, i64 0"));
+                self.values.push(v);
+                // The mask as the bits of one integer (a register buffer has at most 64 points).
+                let mask = buffer.masked.then(|| {
+                    let bits = self.fresh();
+                    writeln!(self.allocas, "  {bits} = alloca i64").unwrap();
+                    bits
+                });
+                self.masks.push(mask);
+                continue;
+            }
             let p = self.ins(format!("getelementptr float*, float** %values, i64 {b}"));
             let v = self.ins(format!("load float*, float** {p}"));
             self.values.push(v);
@@ -536,6 +586,9 @@ impl<'a> Lowering<'a> {
     /// thread kernel, over the global extents for inputs and outputs, and times the thread count
     /// for scratch buffers.
     fn stride(&mut self, b: usize, d: usize) -> String {
+        if self.registers[b] {
+            return super::registers::private_strides(self.program, b)[d].to_string();
+        }
         let buffer = &self.program.buffers[b];
         let tensor = self.cascade().tensor(buffer.tensor);
         let scratch = buffer.role == crate::schedule::BufferRole::Temp;
@@ -612,10 +665,7 @@ impl<'a> Lowering<'a> {
                             g.emit(format!("br label %{join}"));
                             g.start_block(&slow);
                         }
-                        match skip {
-                            Some(tensor) => g.skippable_step(*index, body, *tensor),
-                            None => g.nodes(body),
-                        }
+                        g.full_or_partial_step(*index, body, *skip);
                         g.emit(format!("br label %{join}"));
                         g.start_block(&join);
                         g.views.clear();
@@ -625,6 +675,72 @@ impl<'a> Lowering<'a> {
                 Node::Compute { einsum } => self.compute(*einsum),
             }
         }
+    }
+
+    /// One step of the top-level loop over `index`, whose Einsums are `body`. Where the step
+    /// keeps register buffers, a step whose split pairs are all valid (every step but a ragged
+    /// last one) and whose filters admit every point (see `cpu::full_steps`) runs with neither
+    /// checked, so that the unrolled points need no conditions and no masks; the other steps run
+    /// with the step's register buffers in global scratch and nothing unrolled, as a kernel
+    /// without register buffers (the same values).
+    fn full_or_partial_step(&mut self, index: Index, body: &[Node], skip: Option<TensorId>) {
+        let local: Vec<usize> = (0..self.registers.len())
+            .filter(|b| self.registers[*b] && super::registers::place(self.program, *b) == Some(Some(index)))
+            .collect();
+        let pairs: Vec<(RankId, RankId)> =
+            self.cascade().split_pairs().into_iter().filter(|(t, _, _)| *t == index.rank).map(|(_, i, w)| (i, w)).collect();
+        let full = self.thread_full_steps.and_then(|f| {
+            f.margins.iter().find(|(i, _)| *i == index).map(|(_, margins)| (&f.variant, margins.clone()))
+        });
+        let step = |g: &mut Self| match skip {
+            Some(tensor) => g.skippable_step(index, body, tensor),
+            None => g.nodes(body),
+        };
+        if local.is_empty() || (pairs.is_empty() && full.is_none()) {
+            step(self);
+            return;
+        }
+        let mut whole = "true".to_string();
+        for (inner, extent) in &pairs {
+            let t = self.index(index);
+            let n = self.extents[inner.index()].clone();
+            let next = self.ins(format!("add i64 {t}, 1"));
+            let end = self.ins(format!("mul i64 {next}, {n}"));
+            let extent = self.extents[extent.index()].clone();
+            let inside = self.ins(format!("icmp sle i64 {end}, {extent}"));
+            whole = self.ins(format!("and i1 {whole}, {inside}"));
+        }
+        if let Some((_, margins)) = &full {
+            let admitted = self.step_is_full(margins, index);
+            whole = self.ins(format!("and i1 {whole}, {admitted}"));
+        }
+        let (fast, slow, join) = (self.label("full.tile"), self.label("partial.tile"), self.label("tile.done"));
+        self.emit(format!("br i1 {whole}, label %{fast}, label %{slow}"));
+        self.start_block(&fast);
+        let bounded = self.bounded.len();
+        self.bounded.extend(pairs.iter().map(|(inner, _)| Index { rank: *inner, primes: index.primes }));
+        match full {
+            // A full step is never empty: no skipping.
+            Some((variant, _)) => self.with_program(variant, &mut |g| g.nodes(body)),
+            None => step(self),
+        }
+        self.bounded.truncate(bounded);
+        self.emit(format!("br label %{join}"));
+        self.start_block(&slow);
+        let saved = (self.values.clone(), self.masks.clone());
+        for &b in &local {
+            let (values, mask) = self.scratch[b].clone().expect("a register buffer keeps its scratch");
+            self.registers[b] = false;
+            self.values[b] = values;
+            self.masks[b] = mask;
+        }
+        step(self);
+        for &b in &local {
+            self.registers[b] = true;
+        }
+        (self.values, self.masks) = saved;
+        self.emit(format!("br label %{join}"));
+        self.start_block(&join);
     }
 
     /// A block-wide barrier: every thread of the block gets here before any goes on.
@@ -696,15 +812,19 @@ impl<'a> Lowering<'a> {
             });
             self.emit(format!("br label %{copied}"));
             self.start_block(&copied);
-            let base = self.values[buffer].clone();
-            let base = self.ins(format!("select i1 {on}, float* {tile}, float* {base}"));
-            let mut view = View { read: j, base, first: vec![], strides: vec![] };
+            let whole = self.values[buffer].clone();
+            let mut at_first = "0".to_string();
+            let mut strides = vec![];
             for (d, first) in first.iter().enumerate() {
                 let global = self.stride(buffer, d);
-                view.first.push(self.ins(format!("select i1 {on}, i64 {first}, i64 0")));
-                view.strides.push(self.ins(format!("select i1 {on}, i64 {}, i64 {global}", box_strides[d])));
+                let term = self.ins(format!("mul i64 {first}, {global}"));
+                at_first = self.ins(format!("add i64 {at_first}, {term}"));
+                strides.push(self.ins(format!("select i1 {on}, i64 {}, i64 {global}", box_strides[d])));
             }
-            self.views.push(view);
+            let global_first = self.ins(format!("getelementptr float, float* {whole}, i64 {at_first}"));
+            let base = self.ins(format!("select i1 {on}, float* {tile}, float* {global_first}"));
+            let safe = self.ins(format!("select i1 {on}, float* {tile}, float* {whole}"));
+            self.views.push(View { read: j, base, safe, strides });
         }
         // Every tile is whole before any thread reads it.
         self.barrier();
@@ -716,21 +836,28 @@ impl<'a> Lowering<'a> {
         let buffer = tensor.index();
         let mut inside: Def = None;
         let mut offset = "0".to_string();
+        let terms = self.staged[self.views[view].read].terms.clone();
         for (d, c) in coords.iter().enumerate() {
             if !always_inside[d] {
                 let both = self.in_range(buffer, d, c);
                 inside = self.and_def(inside, Some(both));
             }
-            let (first, stride) = (self.views[view].first[d].clone(), self.views[view].strides[d].clone());
-            let within = self.ins(format!("sub i64 {c}, {first}"));
-            let term = self.ins(format!("mul i64 {within}, {stride}"));
+            let mut local = "0".to_string();
+            for (index, k) in &terms[d] {
+                let i = self.index(*index);
+                let term = if *k == 1 { i } else { self.ins(format!("mul i64 {i}, {k}")) };
+                local = self.ins(format!("add i64 {local}, {term}"));
+            }
+            let stride = self.views[view].strides[d].clone();
+            let term = self.ins(format!("mul i64 {local}, {stride}"));
             offset = self.ins(format!("add i64 {offset}, {term}"));
         }
-        if let Some(check) = &inside {
-            offset = self.ins(format!("select i1 {check}, i64 {offset}, i64 0"));
-        }
         let base = self.views[view].base.clone();
-        let address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
+        let mut address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
+        if let Some(check) = &inside {
+            let safe = self.views[view].safe.clone();
+            address = self.ins(format!("select i1 {check}, float* {address}, float* {safe}"));
+        }
         (self.ins(format!("load float, float* {address}")), inside)
     }
 
@@ -748,12 +875,12 @@ impl<'a> Lowering<'a> {
         let filtered = &c.einsums[filtered.index()];
         let seen = self.slot("i8");
         self.emit(format!("store i8 0, i8* {seen}"));
-        let mask = self.masks[skip.index()].clone().expect("a skipped tensor has a mask");
+        assert!(self.masks[skip.index()].is_some(), "a skipped tensor has a mask");
         self.each_point(filtered, &mut |g, coords| {
             let always = vec![true; coords.len()];
             let (offset, _) = g.offset(skip.index(), coords, &always);
-            let address = g.ins(format!("getelementptr inbounds i8, i8* {mask}, i64 {offset}"));
-            let flag = g.ins(format!("load i8, i8* {address}"));
+            let flag = g.read_mask(skip.index(), &offset);
+            let flag = g.ins(format!("zext i1 {flag} to i8"));
             let so_far = g.ins(format!("load i8, i8* {seen}"));
             let both = g.ins(format!("or i8 {so_far}, {flag}"));
             g.emit(format!("store i8 {both}, i8* {seen}"));
@@ -870,7 +997,21 @@ impl<'a> Lowering<'a> {
     /// with the point's coordinates (an iterate's next slot for `Lhs::Next`).
     fn each_point(&mut self, einsum: &Einsum, each: &mut dyn FnMut(&mut Self, &[String])) {
         let free: Vec<Index> = einsum.lhs_indices().filter(|i| !self.env.iter().any(|(bound, _)| bound == i)).collect();
+        let unroll = self.unrolled_indices(einsum);
+        let outer = std::mem::replace(&mut self.unroll, unroll);
         self.point_loops(einsum, &free, each);
+        self.unroll = outer;
+    }
+
+    /// The indices to unroll in `einsum` (see `registers::unrolled_indices`).
+    fn unrolled_indices(&self, einsum: &Einsum) -> Vec<Index> {
+        if !self.registers.contains(&true) {
+            return vec![];
+        }
+        let bound: Vec<Index> = self.env.iter().map(|(i, _)| *i).collect();
+        let mut unroll = super::registers::unrolled_indices(self.program, &self.registers, einsum);
+        unroll.retain(|i| !bound.contains(i));
+        unroll
     }
 
     fn point_loops(&mut self, einsum: &Einsum, free: &[Index], each: &mut dyn FnMut(&mut Self, &[String])) {
@@ -896,11 +1037,27 @@ impl<'a> Lowering<'a> {
 
     /// `for index in (start..end).step_by(step) { body }`, the step an `i64` value or number.
     fn for_loop_by(&mut self, index: Index, start: &str, end: &str, step: &str, body: &mut dyn FnMut(&mut Self)) {
+        if start == "0" && step == "1" && self.unroll.contains(&index) {
+            self.unrolled_loop(index, body);
+            return;
+        }
         self.counted_loop(start, end, step, &mut |g, var| {
             g.env.push((index, var.to_string()));
             body(g);
             g.env.pop();
         });
+    }
+
+    /// `body` once for each point of `index`'s rank (of fixed extent), with the index a constant.
+    fn unrolled_loop(&mut self, index: Index, body: &mut dyn FnMut(&mut Self)) {
+        let Extent::Fixed(n) = self.cascade().rank(index.rank).extent else { unreachable!("an unrolled rank is fixed") };
+        let var = self.slot("i64");
+        for k in 0..n {
+            self.emit(format!("store i64 {k}, i64* {var}"));
+            self.env.push((index, var.clone()));
+            body(self);
+            self.env.pop();
+        }
     }
 
     /// `for i in (start..end).step_by(step) { body }`, the body given the `i64` slot of `i`.
@@ -1058,6 +1215,9 @@ impl<'a> Lowering<'a> {
                 Slot::Alternate => self.ins(format!("and i64 {c}, 1")),
             };
             let stride = self.stride(buffer, d);
+            if stride == "0" {
+                continue;
+            }
             let term = if stride == "1" { stored } else { self.ins(format!("mul i64 {stored}, {stride}")) };
             offset = Some(match offset {
                 Some(o) => self.ins(format!("add i64 {o}, {term}")),
@@ -1076,16 +1236,49 @@ impl<'a> Lowering<'a> {
         let base = self.values[buffer].clone();
         let address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
         let value = self.ins(format!("load float, float* {address}"));
-        let defined = match self.masks[buffer].clone() {
-            Some(mask) => {
-                let address = self.ins(format!("getelementptr inbounds i8, i8* {mask}, i64 {offset}"));
-                let m = self.ins(format!("load i8, i8* {address}"));
-                let m = self.ins(format!("icmp ne i8 {m}, 0"));
+        let defined = match self.masks[buffer].is_some() {
+            true => {
+                let m = self.read_mask(buffer, &offset);
                 self.and_def(Some(m), inside)
             }
-            None => inside,
+            false => inside,
         };
         (value, defined)
+    }
+
+    /// Whether the point at `offset` of masked buffer `buffer` is defined (an `i1`). A register
+    /// buffer keeps its mask as the bits of one `i64` (see `function_body`), so that its 64
+    /// points take two registers rather than 64 predicates.
+    fn read_mask(&mut self, buffer: usize, offset: &str) -> String {
+        let mask = self.masks[buffer].clone().expect("a masked buffer");
+        if self.registers[buffer] {
+            let bits = self.ins(format!("load i64, i64* {mask}"));
+            let shifted = self.ins(format!("lshr i64 {bits}, {offset}"));
+            return self.ins(format!("trunc i64 {shifted} to i1"));
+        }
+        let address = self.ins(format!("getelementptr inbounds i8, i8* {mask}, i64 {offset}"));
+        let m = self.ins(format!("load i8, i8* {address}"));
+        self.ins(format!("icmp ne i8 {m}, 0"))
+    }
+
+    /// Sets the definedness of the point at `offset` of masked buffer `buffer` (`defined` an
+    /// `i1`).
+    fn write_mask(&mut self, buffer: usize, offset: &str, defined: &str) {
+        let mask = self.masks[buffer].clone().expect("a masked buffer");
+        if self.registers[buffer] {
+            let bits = self.ins(format!("load i64, i64* {mask}"));
+            let bit = self.ins(format!("shl i64 1, {offset}"));
+            let others = self.ins(format!("xor i64 {bit}, -1"));
+            let kept = self.ins(format!("and i64 {bits}, {others}"));
+            let d = self.ins(format!("zext i1 {defined} to i64"));
+            let d = self.ins(format!("shl i64 {d}, {offset}"));
+            let bits = self.ins(format!("or i64 {kept}, {d}"));
+            self.emit(format!("store i64 {bits}, i64* {mask}"));
+            return;
+        }
+        let address = self.ins(format!("getelementptr inbounds i8, i8* {mask}, i64 {offset}"));
+        let d = self.ins(format!("zext i1 {defined} to i8"));
+        self.emit(format!("store i8 {d}, i8* {address}"));
     }
 
     fn call(&mut self, function: &str, x: &str) -> String {
@@ -1281,7 +1474,9 @@ impl<'a> Lowering<'a> {
                 let acc = self.slot("float");
                 self.emit(format!("store float {}, float* {acc}", float(reduce_identity(*op) as f32)));
                 // In a thread kernel the lanes of a point split its outermost reductions.
-                let split = self.abi == Abi::Thread && !self.in_split && !indices.is_empty();
+                let split = self.abi == Abi::Thread
+                    && !self.in_split
+                    && indices.first().is_some_and(|i| !self.unroll.contains(i));
                 self.in_split |= split;
                 self.split_next = split;
                 self.reduce_loops(*op, indices, indices, filter, body, &acc);
@@ -1322,16 +1517,41 @@ impl<'a> Lowering<'a> {
     ) {
         let Some((first, rest)) = remaining.split_first() else {
             let valid = self.valid_pairs(all);
-            self.when(valid, &mut |g| g.fold_into(op, filter, body, acc));
+            self.fold_where(valid, op, filter, body, acc);
             return;
         };
         self.reduced_loop(*first, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
     }
 
+    /// `fold_into` where the split pairs are `valid`: behind a branch, or in a thread kernel
+    /// where the body reads nowhere that depends on the pairs' validity, as a selection (no
+    /// divergence, and LLVM keeps the unrolled points' code together).
+    fn fold_where(&mut self, valid: Def, op: ReduceOp, filter: &[Cond], body: &Expr, acc: &str) {
+        let speculate = self.abi == Abi::Thread
+            && self.speculatable(body)
+            && filter.iter().all(|c| self.speculatable(&c.lhs) && self.speculatable(&c.rhs));
+        if valid.is_some() && speculate {
+            self.fold_into(op, filter, body, acc, valid);
+        } else {
+            self.when(valid, &mut |g| g.fold_into(op, filter, body, acc, None));
+        }
+    }
+
+    /// Whether `expr` can be evaluated at a point whose split pairs are not valid: every read's
+    /// subscripts are bare indices of their own rank or checked against the extents (a pair's
+    /// `tile * inner + inner` is not: it is inside only where the pair is valid).
+    fn speculatable(&self, expr: &Expr) -> bool {
+        expr.accesses().iter().all(|(tensor, subscripts)| {
+            let ranks = &self.cascade().tensor(*tensor).ranks;
+            subscripts.iter().zip(ranks).all(|(s, r)| matches!(s, Affine::Index(i) if i.rank == *r) || !self.always_inside(s, *r))
+        })
+    }
+
     /// Folds the body at the current point into the float at `address`, where the point passes
-    /// the filter and the body is defined.
-    fn fold_into(&mut self, op: ReduceOp, filter: &[Cond], body: &Expr, address: &str) {
+    /// the filter, the body is defined and `guard` holds.
+    fn fold_into(&mut self, op: ReduceOp, filter: &[Cond], body: &Expr, address: &str, guard: Def) {
         let passes = self.conds(filter);
+        let passes = self.and_def(passes, guard);
         let (x, defined) = self.expr(body);
         let ok = self.and_def(passes, defined);
         let current = self.ins(format!("load float, float* {address}"));
@@ -1355,7 +1575,9 @@ impl<'a> Lowering<'a> {
         // The outermost loop of a reduction split among the lanes of a warp: lane `l` takes the
         // points `l, l + lanes, ...`.
         let (start, step) = if std::mem::take(&mut self.split_next) { ("%lane", "%lanes") } else { ("0", "1") };
-        let Some(end) = self.valid_points(index) else {
+        // An unrolled index runs over its whole rank; `valid_pairs` checks each point.
+        let end = if self.unroll.contains(&index) { None } else { self.valid_points(index) };
+        let Some(end) = end else {
             let extent = self.extents[index.rank.index()].clone();
             self.for_loop_by(index, start, &extent, step, body);
             return;
@@ -1438,7 +1660,95 @@ impl<'a> Lowering<'a> {
     fn compute(&mut self, id: EinsumId) {
         let einsum = &self.cascade().einsums[id.index()];
         let free: Vec<Index> = einsum.lhs_indices().filter(|i| !self.env.iter().any(|(bound, _)| bound == i)).collect();
-        self.compute_loops(einsum, &free);
+        let unroll = self.unrolled_indices(einsum);
+        if unroll.is_empty() {
+            self.compute_loops(einsum, &free);
+            return;
+        }
+        // Loops over the unrolled indices innermost, so that the code between them is one copy.
+        let (inner, mut outer): (Vec<Index>, Vec<Index>) = free.iter().partition(|i| unroll.contains(i));
+        let reduction = matches!(einsum.body, Expr::Reduce { .. })
+            && einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
+            && einsum.filter.iter().all(|c| self.speculatable(&c.lhs) && self.speculatable(&c.rhs));
+        let outside = std::mem::replace(&mut self.unroll, unroll);
+        if reduction && !inner.is_empty() {
+            self.dynamic_loops(&outer, &mut |g| g.compute_unrolled_reduction(einsum, &inner));
+        } else {
+            outer.extend(inner);
+            self.compute_loops(einsum, &outer);
+        }
+        self.unroll = outside;
+    }
+
+    /// `body` inside loops over `indices`, outermost first.
+    fn dynamic_loops(&mut self, indices: &[Index], body: &mut dyn FnMut(&mut Self)) {
+        let Some((first, rest)) = indices.split_first() else {
+            body(self);
+            return;
+        };
+        let extent = self.extents[first.rank.index()].clone();
+        self.for_loop(*first, "0", &extent, &mut |g| g.dynamic_loops(rest, body));
+    }
+
+    /// A reduction computed at every point of its unrolled left-hand indices `points` at once:
+    /// one accumulator per point (a register), the reduced loops outside, the points' copies of
+    /// the body innermost, so that an operand that does not depend on the points (a row of `Q`)
+    /// is read once for all of them. Each point is stored as `compute_point` stores it; a point
+    /// that the statement's filter leaves out is computed too, and stored undefined.
+    fn compute_unrolled_reduction(&mut self, einsum: &'a Einsum, points: &[Index]) {
+        let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked by the caller") };
+        let mut all: Vec<Vec<u64>> = vec![vec![]];
+        for index in points {
+            let Extent::Fixed(n) = self.cascade().rank(index.rank).extent else { unreachable!("an unrolled rank is fixed") };
+            all = all.iter().flat_map(|p| (0..n).map(move |k| [p.clone(), vec![k]].concat())).collect();
+        }
+        let slots: Vec<String> = points.iter().map(|_| self.slot("i64")).collect();
+        let accumulators: Vec<String> = all.iter().map(|_| self.slot("float")).collect();
+        for acc in &accumulators {
+            self.emit(format!("store float {}, float* {acc}", float(reduce_identity(*op) as f32)));
+        }
+        let split = self.abi == Abi::Thread && !self.in_split && indices.first().is_some_and(|i| !self.unroll.contains(i));
+        self.in_split |= split;
+        self.split_next = split;
+        let each_point = |g: &mut Self, point: &[u64], then: &mut dyn FnMut(&mut Self)| {
+            for ((index, slot), k) in points.iter().zip(&slots).zip(point) {
+                g.emit(format!("store i64 {k}, i64* {slot}"));
+                g.env.push((*index, slot.clone()));
+            }
+            then(g);
+            g.env.truncate(g.env.len() - points.len());
+        };
+        self.reduced_loops(indices, &mut |g| {
+            for (point, acc) in all.iter().zip(&accumulators) {
+                each_point(g, point, &mut |g| {
+                    let valid = g.valid_pairs(indices);
+                    g.fold_where(valid, *op, filter, body, acc);
+                });
+            }
+        });
+        self.split_next = false;
+        if split {
+            self.in_split = false;
+        }
+        for (point, acc) in all.iter().zip(&accumulators) {
+            each_point(self, point, &mut |g| {
+                let partial = g.ins(format!("load float, float* {acc}"));
+                let value = if split { g.combine_lanes(*op, &partial) } else { partial };
+                let valid = g.valid_pairs(&[]);
+                let passes = g.conds(&einsum.filter);
+                let defined = g.and_def(valid, passes);
+                g.store_point(einsum, &value, defined);
+            });
+        }
+    }
+
+    /// `body` inside the loops over the reduced `indices` (see `reduced_loop`).
+    fn reduced_loops(&mut self, indices: &[Index], body: &mut dyn FnMut(&mut Self)) {
+        let Some((first, rest)) = indices.split_first() else {
+            body(self);
+            return;
+        };
+        self.reduced_loop(*first, &mut |g| g.reduced_loops(rest, body));
     }
 
     fn compute_loops(&mut self, einsum: &'a Einsum, free: &[Index]) {
@@ -1570,7 +1880,7 @@ impl<'a> Lowering<'a> {
             self.when(valid, &mut |g| {
                 g.for_loop(v, "0", extent, &mut |g| {
                     let (address, _) = g.target_address(einsum);
-                    g.fold_into(op, filter, body, &address);
+                    g.fold_into(op, filter, body, &address, None);
                 });
             });
             return;
@@ -2120,13 +2430,16 @@ impl<'a> Lowering<'a> {
     }
 
     fn compute_point(&mut self, einsum: &Einsum) {
-        let coords = self.target_coords(einsum);
         let valid = self.valid_pairs(&[]);
-        let buffer = einsum.target.index();
-        let always = vec![true; coords.len()];
-        let (offset, _) = self.offset(buffer, &coords, &always);
+        let speculate = self.abi == Abi::Thread
+            && self.speculatable(&einsum.body)
+            && einsum.filter.iter().all(|c| self.speculatable(&c.lhs) && self.speculatable(&c.rhs));
         let (value, defined) = match valid {
             None => self.point_value(einsum),
+            Some(valid) if speculate => {
+                let (value, defined) = self.point_value(einsum);
+                (value, self.and_def(Some(valid), defined))
+            }
             Some(valid) => {
                 // Evaluate only where the point exists: a body may read where it should not.
                 let value_slot = self.slot("float");
@@ -2143,20 +2456,25 @@ impl<'a> Lowering<'a> {
                 (value, Some(defined))
             }
         };
+        self.store_point(einsum, &value, defined);
+    }
+
+    /// Stores `value` at the target's current point, with its definedness (0 where undefined).
+    fn store_point(&mut self, einsum: &Einsum, value: &str, defined: Def) {
+        let coords = self.target_coords(einsum);
+        let buffer = einsum.target.index();
+        let always = vec![true; coords.len()];
+        let (offset, _) = self.offset(buffer, &coords, &always);
         let stored = match &defined {
             Some(d) => self.ins(format!("select i1 {d}, float {value}, float 0.0")),
-            None => value,
+            None => value.to_string(),
         };
         let base = self.values[buffer].clone();
         let address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
         self.emit(format!("store float {stored}, float* {address}"));
-        if let Some(mask) = self.masks[buffer].clone() {
-            let address = self.ins(format!("getelementptr inbounds i8, i8* {mask}, i64 {offset}"));
-            let d = match defined {
-                Some(d) => self.ins(format!("zext i1 {d} to i8")),
-                None => "1".to_string(),
-            };
-            self.emit(format!("store i8 {d}, i8* {address}"));
+        if self.masks[buffer].is_some() {
+            let d = defined.unwrap_or_else(|| "true".to_string());
+            self.write_mask(buffer, &offset, &d);
         }
     }
 

@@ -8,6 +8,7 @@ pub mod launch;
 pub mod lower;
 #[cfg(feature = "llvm")]
 pub mod machine;
+pub mod registers;
 pub mod staging;
 
 use crate::ir::Expr;
@@ -51,11 +52,17 @@ pub fn launch_description(program: &LoopProgram, source_file: &str) -> String {
             )
         })
         .collect();
+    let registers: Vec<String> = registers::register_buffers(program)
+        .iter()
+        .zip(&program.buffers)
+        .filter(|(r, _)| **r)
+        .map(|(_, b)| format!("\"{}\"", c.tensor(b.tensor).name))
+        .collect();
     format!(
         "{{\n  \"kernel\": \"{}\",\n  \"source\": \"{}\",\n  \"entry\": \"{}\",\n  \"block\": \"min({}, the lane rank's extent rounded up to a multiple of {}) threads in x; a warp (one point) where \
          the lane rank has at most 8 points and the kernel reduces\",\n  \
          \"grid\": \"(the product of the other batch ranks' extents) * ceil(lane extent / points per block) blocks in x\",\n  \
-         \"batch_ranks\": [{}],\n  \"lane_rank\": {},\n  \"staged_reads\": [{}],\n  \
+         \"batch_ranks\": [{}],\n  \"lane_rank\": {},\n  \"staged_reads\": [{}],\n  \"register_buffers\": [{}],\n  \
          \"shared_memory_bytes\": \"dynamic, per call: the staged tiles that fit in {} bytes (see ThreadLayout)\",\n  \
          \"arguments\": [\"values: float*[buffers]\", \"masks: u8*[buffers]\", \"extents: i64[ranks], batch ranks as 1\", \
          \"dims: i64[positions of all buffers]\", \"strides: i64[positions of all buffers]\", \
@@ -69,6 +76,7 @@ pub fn launch_description(program: &LoopProgram, source_file: &str) -> String {
         batch.join(", "),
         batch.last().map_or("null".to_string(), |b| b.clone()),
         staged.join(", "),
+        registers.join(", "),
         launch::SHARED_BYTES,
         buffers.join(", "),
         inputs.join(", "),
