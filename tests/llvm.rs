@@ -301,3 +301,40 @@ fn a_warp_per_point_where_the_lane_rank_is_short() {
     let layout = launch::ThreadLayout::new(&program, &extents, u64::MAX).unwrap();
     assert_eq!((layout.lanes_per_point, layout.block), (1, 64));
 }
+
+/// Register buffers (`llvm::registers`): the score tile and the probabilities of a step stay in
+/// each thread's registers in full steps, and in global scratch in a ragged last step, a diagonal
+/// step of a causal mask, and where a short query rank runs a warp per row (the lanes then
+/// compute the unrolled reductions whole). Decode, always a warp per row, keeps none.
+#[test]
+fn register_buffers_in_full_steps_and_scratch_in_the_others() {
+    use einfuse::compiler::llvm::registers::register_buffers;
+    let named = |name: &str| {
+        let cascade = common::kernels_in("benches").into_iter().find(|k| k.name == name).unwrap();
+        let optimized = einfuse::optimize(&cascade).unwrap().cascade;
+        let program = einfuse::compiler::schedule::schedule(&optimized).unwrap();
+        let chosen = register_buffers(&program);
+        let names: Vec<String> = program
+            .buffers
+            .iter()
+            .zip(&chosen)
+            .filter(|(_, r)| **r)
+            .map(|(b, _)| program.cascade.tensor(b.tensor).name.clone())
+            .collect();
+        (optimized, names)
+    };
+    let (prefill, registers) = named("prefill");
+    assert_eq!(registers, ["BQK", "LM", "PRM", "SLN", "SLD"]);
+    let (causal, registers) = named("prefill_causal");
+    assert_eq!(registers, ["BS", "LM", "PRM", "SLN", "SLD"]);
+    assert!(named("decode").1.is_empty());
+    // Whole tiles only, a ragged last tile, one key; query rows for a warp each, and for blocks.
+    for kernel in [&prefill, &causal] {
+        let compiled = Compiled::new(kernel, true);
+        for (m, p) in [(128u64, 70u64), (130, 70), (1, 9), (64, 3), (100, 1), (65, 130)] {
+            let sizes: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
+            let error = compare(kernel, &compiled, &sizes, m * 1000 + p);
+            assert!(error <= 1e-4, "{} M={m} P={p}: relative error {error:.3e}", kernel.name);
+        }
+    }
+}

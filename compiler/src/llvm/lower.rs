@@ -544,7 +544,8 @@ impl<'a> Lowering<'a> {
                 let size = super::registers::private_size(self.program, b).expect("a register buffer has a size");
                 let array = self.fresh();
                 writeln!(self.allocas, "  {array} = alloca [{size} x float], align 16").unwrap();
-                let v = self.ins(format!("getelementptr inbounds [{size} x float], [{size} x float]* {array}, i64 0, i64 0"));
+                let v = self
+                    .ins(format!("getelementptr inbounds [{size} x float], [{size} x float]* {array}, i64 0, i64 0"));
                 self.values.push(v);
                 // The mask as the bits of one integer (a register buffer has at most 64 points).
                 let mask = buffer.masked.then(|| {
@@ -687,8 +688,13 @@ impl<'a> Lowering<'a> {
         let local: Vec<usize> = (0..self.registers.len())
             .filter(|b| self.registers[*b] && super::registers::place(self.program, *b) == Some(Some(index)))
             .collect();
-        let pairs: Vec<(RankId, RankId)> =
-            self.cascade().split_pairs().into_iter().filter(|(t, _, _)| *t == index.rank).map(|(_, i, w)| (i, w)).collect();
+        let pairs: Vec<(RankId, RankId)> = self
+            .cascade()
+            .split_pairs()
+            .into_iter()
+            .filter(|(t, _, _)| *t == index.rank)
+            .map(|(_, i, w)| (i, w))
+            .collect();
         let full = self.thread_full_steps.and_then(|f| {
             f.margins.iter().find(|(i, _)| *i == index).map(|(_, margins)| (&f.variant, margins.clone()))
         });
@@ -1050,7 +1056,9 @@ impl<'a> Lowering<'a> {
 
     /// `body` once for each point of `index`'s rank (of fixed extent), with the index a constant.
     fn unrolled_loop(&mut self, index: Index, body: &mut dyn FnMut(&mut Self)) {
-        let Extent::Fixed(n) = self.cascade().rank(index.rank).extent else { unreachable!("an unrolled rank is fixed") };
+        let Extent::Fixed(n) = self.cascade().rank(index.rank).extent else {
+            unreachable!("an unrolled rank is fixed")
+        };
         let var = self.slot("i64");
         for k in 0..n {
             self.emit(format!("store i64 {k}, i64* {var}"));
@@ -1456,6 +1464,25 @@ impl<'a> Lowering<'a> {
                 };
                 (v, d)
             }
+            Expr::Binary(BinaryOp::Mul, ..) if self.hoistable_factors(expr) => {
+                // The factors that do not change across the unrolled points first (`Q * scale`
+                // once for 64 keys), then the others; LLVM computes the first product once.
+                let mut factors = Vec::new();
+                expr.operands(BinaryOp::Mul, &mut factors);
+                let (fixed, varying): (Vec<&Expr>, Vec<&Expr>) = factors.into_iter().partition(|f| !self.varies(f));
+                let mut product: Option<(String, Def)> = None;
+                for factor in fixed.into_iter().chain(varying) {
+                    let (y, dy) = self.expr(factor);
+                    product = Some(match product {
+                        None => (y, dy),
+                        Some((x, dx)) => {
+                            let v = self.ins(format!("fmul contract float {x}, {y}"));
+                            (v, self.and_def(dx, dy))
+                        }
+                    });
+                }
+                product.expect("a product has factors")
+            }
             Expr::Binary(op, a, b) => {
                 let (x, dx) = self.expr(a);
                 let (y, dy) = self.expr(b);
@@ -1491,6 +1518,36 @@ impl<'a> Lowering<'a> {
         }
     }
 
+    /// Whether `expr` is a product with a factor that varies across the unrolled points after one
+    /// that does not (so that reordering the factors lets the fixed ones be multiplied once).
+    fn hoistable_factors(&self, expr: &Expr) -> bool {
+        if self.unroll.is_empty() {
+            return false;
+        }
+        let mut factors = Vec::new();
+        expr.operands(BinaryOp::Mul, &mut factors);
+        let first_fixed = factors.iter().rposition(|f| !self.varies(f));
+        let first_varying = factors.iter().position(|f| self.varies(f));
+        matches!((first_varying, first_fixed), (Some(v), Some(f)) if v < f)
+    }
+
+    /// Whether `expr` may differ between the unrolled points (it mentions an unrolled index, or
+    /// reduces).
+    fn varies(&self, expr: &Expr) -> bool {
+        let mut varies = false;
+        expr.walk(&mut |e| match e {
+            Expr::Index(i) => varies |= self.unroll.contains(i),
+            Expr::Access { subscripts, .. } => {
+                for s in subscripts {
+                    s.for_each_index(&mut |i| varies |= self.unroll.contains(&i));
+                }
+            }
+            Expr::Reduce { .. } => varies = true,
+            _ => {}
+        });
+        varies
+    }
+
     /// Runs `then` only where `condition` holds (always, when it is `None`).
     fn when(&mut self, condition: Def, then: &mut dyn FnMut(&mut Self)) {
         let Some(condition) = condition else {
@@ -1517,24 +1574,10 @@ impl<'a> Lowering<'a> {
     ) {
         let Some((first, rest)) = remaining.split_first() else {
             let valid = self.valid_pairs(all);
-            self.fold_where(valid, op, filter, body, acc);
+            self.when(valid, &mut |g| g.fold_into(op, filter, body, acc));
             return;
         };
         self.reduced_loop(*first, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
-    }
-
-    /// `fold_into` where the split pairs are `valid`: behind a branch, or in a thread kernel
-    /// where the body reads nowhere that depends on the pairs' validity, as a selection (no
-    /// divergence, and LLVM keeps the unrolled points' code together).
-    fn fold_where(&mut self, valid: Def, op: ReduceOp, filter: &[Cond], body: &Expr, acc: &str) {
-        let speculate = self.abi == Abi::Thread
-            && self.speculatable(body)
-            && filter.iter().all(|c| self.speculatable(&c.lhs) && self.speculatable(&c.rhs));
-        if valid.is_some() && speculate {
-            self.fold_into(op, filter, body, acc, valid);
-        } else {
-            self.when(valid, &mut |g| g.fold_into(op, filter, body, acc, None));
-        }
     }
 
     /// Whether `expr` can be evaluated at a point whose split pairs are not valid: every read's
@@ -1543,15 +1586,17 @@ impl<'a> Lowering<'a> {
     fn speculatable(&self, expr: &Expr) -> bool {
         expr.accesses().iter().all(|(tensor, subscripts)| {
             let ranks = &self.cascade().tensor(*tensor).ranks;
-            subscripts.iter().zip(ranks).all(|(s, r)| matches!(s, Affine::Index(i) if i.rank == *r) || !self.always_inside(s, *r))
+            subscripts
+                .iter()
+                .zip(ranks)
+                .all(|(s, r)| matches!(s, Affine::Index(i) if i.rank == *r) || !self.always_inside(s, *r))
         })
     }
 
     /// Folds the body at the current point into the float at `address`, where the point passes
-    /// the filter, the body is defined and `guard` holds.
-    fn fold_into(&mut self, op: ReduceOp, filter: &[Cond], body: &Expr, address: &str, guard: Def) {
+    /// the filter and the body is defined.
+    fn fold_into(&mut self, op: ReduceOp, filter: &[Cond], body: &Expr, address: &str) {
         let passes = self.conds(filter);
-        let passes = self.and_def(passes, guard);
         let (x, defined) = self.expr(body);
         let ok = self.and_def(passes, defined);
         let current = self.ins(format!("load float, float* {address}"));
@@ -1699,7 +1744,9 @@ impl<'a> Lowering<'a> {
         let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked by the caller") };
         let mut all: Vec<Vec<u64>> = vec![vec![]];
         for index in points {
-            let Extent::Fixed(n) = self.cascade().rank(index.rank).extent else { unreachable!("an unrolled rank is fixed") };
+            let Extent::Fixed(n) = self.cascade().rank(index.rank).extent else {
+                unreachable!("an unrolled rank is fixed")
+            };
             all = all.iter().flat_map(|p| (0..n).map(move |k| [p.clone(), vec![k]].concat())).collect();
         }
         let slots: Vec<String> = points.iter().map(|_| self.slot("i64")).collect();
@@ -1707,7 +1754,8 @@ impl<'a> Lowering<'a> {
         for acc in &accumulators {
             self.emit(format!("store float {}, float* {acc}", float(reduce_identity(*op) as f32)));
         }
-        let split = self.abi == Abi::Thread && !self.in_split && indices.first().is_some_and(|i| !self.unroll.contains(i));
+        let split =
+            self.abi == Abi::Thread && !self.in_split && indices.first().is_some_and(|i| !self.unroll.contains(i));
         self.in_split |= split;
         self.split_next = split;
         let each_point = |g: &mut Self, point: &[u64], then: &mut dyn FnMut(&mut Self)| {
@@ -1722,7 +1770,7 @@ impl<'a> Lowering<'a> {
             for (point, acc) in all.iter().zip(&accumulators) {
                 each_point(g, point, &mut |g| {
                     let valid = g.valid_pairs(indices);
-                    g.fold_where(valid, *op, filter, body, acc);
+                    g.when(valid, &mut |g| g.fold_into(*op, filter, body, acc));
                 });
             }
         });
@@ -1880,7 +1928,7 @@ impl<'a> Lowering<'a> {
             self.when(valid, &mut |g| {
                 g.for_loop(v, "0", extent, &mut |g| {
                     let (address, _) = g.target_address(einsum);
-                    g.fold_into(op, filter, body, &address, None);
+                    g.fold_into(op, filter, body, &address);
                 });
             });
             return;

@@ -65,8 +65,10 @@ pub fn register_buffers(program: &LoopProgram) -> Vec<bool> {
 
 /// Drops buffers from `chosen` until every Einsum's unrolled code is within bounds and its
 /// addresses at the unrolled indices are constants: a register buffer, or the last (contiguous)
-/// position of an input or output. Any other access at an unrolled index (interleaved scratch,
-/// a strided row) would need an address per point, which LLVM keeps live across the step.
+/// position of an input or output at a subscript that needs no range check. Any other access
+/// at an unrolled index (interleaved scratch, a strided row, a checked coordinate) would need
+/// an address or a condition per point, which LLVM computes once before the loops around it
+/// and keeps in registers throughout.
 fn settle(program: &LoopProgram, streamed: &[Index], chosen: &mut [bool]) {
     let c = &program.cascade;
     loop {
@@ -78,21 +80,23 @@ fn settle(program: &LoopProgram, streamed: &[Index], chosen: &mut [bool]) {
             }
             let points =
                 unrolled.iter().map(|i| fixed_extent(c, i.rank).unwrap_or(u64::MAX)).fold(1u64, u64::saturating_mul);
-            let constant = |tensor: TensorId, at: &dyn Fn(usize) -> Vec<Index>| {
+            // `at(d)`: the indices of position `d`'s subscript, and whether it is always inside.
+            let constant = |tensor: TensorId, at: &dyn Fn(usize) -> (Vec<Index>, bool)| {
                 let buffer = &program.buffers[tensor.index()];
                 let positions = c.tensor(tensor).ranks.len();
                 chosen[tensor.index()]
                     || (0..positions).all(|d| {
-                        !at(d).iter().any(|i| unrolled.contains(i))
-                            || (d + 1 == positions && buffer.role != BufferRole::Temp)
+                        let (indices, inside) = at(d);
+                        !indices.iter().any(|i| unrolled.contains(i))
+                            || (d + 1 == positions && buffer.role != BufferRole::Temp && inside)
                     })
             };
-            let target_ok = constant(e.target, &|d| e.lhs[d].index().into_iter().collect());
+            let target_ok = constant(e.target, &|d| (e.lhs[d].index().into_iter().collect(), true));
             let reads_ok = e.reads().iter().all(|(t, subscripts)| {
                 constant(*t, &|d| {
                     let mut found = vec![];
                     subscripts[d].for_each_index(&mut |i| found.push(i));
-                    found
+                    (found, crate::cpu::always_inside(c, &subscripts[d], c.tensor(*t).ranks[d]))
                 })
             });
             if points <= MAX_UNROLLED && !unrolled.iter().any(|i| streamed.contains(i)) && target_ok && reads_ok {
@@ -197,11 +201,9 @@ fn addressed_plainly(program: &LoopProgram, b: usize) -> bool {
     let plain = |i: Option<Index>, d: usize| i.is_some_and(|i| i.rank == ranks[d]);
     c.einsums.iter().all(|e| {
         let target_ok = e.target != tensor_id || fixed.iter().all(|d| plain(e.lhs[*d].index(), *d));
-        let reads_ok = e
-            .reads()
-            .iter()
-            .filter(|(t, _)| *t == tensor_id)
-            .all(|(_, subscripts)| fixed.iter().all(|d| matches!(&subscripts[*d], Affine::Index(_)) && plain(subscripts[*d].as_index(), *d)));
+        let reads_ok = e.reads().iter().filter(|(t, _)| *t == tensor_id).all(|(_, subscripts)| {
+            fixed.iter().all(|d| matches!(&subscripts[*d], Affine::Index(_)) && plain(subscripts[*d].as_index(), *d))
+        });
         target_ok && reads_ok
     })
 }
