@@ -305,7 +305,8 @@ fn a_warp_per_point_where_the_lane_rank_is_short() {
 /// Register buffers (`llvm::registers`): the score tile and the probabilities of a step stay in
 /// each thread's registers in full steps, and in global scratch in a ragged last step, a diagonal
 /// step of a causal mask, and where a short query rank runs a warp per row (the lanes then
-/// compute the unrolled reductions whole). Decode, always a warp per row, keeps none.
+/// compute the unrolled reductions whole); the running maximum and sum stay in registers
+/// throughout. Decode, always a warp per row, keeps none.
 #[test]
 fn register_buffers_in_full_steps_and_scratch_in_the_others() {
     use einfuse::compiler::llvm::registers::register_buffers;
@@ -324,9 +325,9 @@ fn register_buffers_in_full_steps_and_scratch_in_the_others() {
         (optimized, names)
     };
     let (prefill, registers) = named("prefill");
-    assert_eq!(registers, ["BQK", "LM", "PRM", "SLN", "SLD"]);
+    assert_eq!(registers, ["BQK", "LM", "RM", "PRM", "SLN", "SLD", "RD"]);
     let (causal, registers) = named("prefill_causal");
-    assert_eq!(registers, ["BS", "LM", "PRM", "SLN", "SLD"]);
+    assert_eq!(registers, ["BS", "LM", "RM", "PRM", "SLN", "SLD", "RD"]);
     assert!(named("decode").1.is_empty());
     // Whole tiles only, a ragged last tile, one key; query rows for a warp each, and for blocks.
     for kernel in [&prefill, &causal] {

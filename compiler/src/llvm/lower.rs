@@ -670,6 +670,7 @@ impl<'a> Lowering<'a> {
                         g.emit(format!("br label %{join}"));
                         g.start_block(&join);
                         g.views.clear();
+                        g.rotate_running(*index);
                     });
                     self.depth -= 1;
                 }
@@ -747,6 +748,25 @@ impl<'a> Lowering<'a> {
         (self.values, self.masks) = saved;
         self.emit(format!("br label %{join}"));
         self.start_block(&join);
+    }
+
+    /// The end of a step of the loop over `index`: each running tensor that a thread keeps in
+    /// registers moves its next iterate into the current one (see `registers::running_loop`).
+    fn rotate_running(&mut self, index: Index) {
+        for b in 0..self.registers.len() {
+            if !self.registers[b] || super::registers::running_loop(self.program, b) != Some(index) {
+                continue;
+            }
+            let current = self.values[b].clone();
+            let next = self.ins(format!("getelementptr inbounds float, float* {current}, i64 1"));
+            let x = self.ins(format!("load float, float* {next}"));
+            self.emit(format!("store float {x}, float* {current}"));
+            if let Some(mask) = self.masks[b].clone() {
+                let bits = self.ins(format!("load i64, i64* {mask}"));
+                let next = self.ins(format!("lshr i64 {bits}, 1"));
+                self.emit(format!("store i64 {next}, i64* {mask}"));
+            }
+        }
     }
 
     /// A block-wide barrier: every thread of the block gets here before any goes on.
@@ -1220,6 +1240,17 @@ impl<'a> Lowering<'a> {
             let stored = match slots[d] {
                 Slot::Full => c.clone(),
                 Slot::Current => continue,
+                // A running tensor in registers: the current iterate in slot 0, the next in 1.
+                Slot::Alternate if self.registers[buffer] => {
+                    let rank = self.cascade().tensor(self.program.buffers[buffer].tensor).ranks[d];
+                    match self.env.iter().rev().find(|(i, _)| i.rank == rank).map(|(i, _)| *i) {
+                        Some(i) => {
+                            let i = self.index(i);
+                            self.ins(format!("sub i64 {c}, {i}"))
+                        }
+                        None => "0".to_string(),
+                    }
+                }
                 Slot::Alternate => self.ins(format!("and i64 {c}, 1")),
             };
             let stride = self.stride(buffer, d);

@@ -48,7 +48,11 @@ pub fn register_buffers(program: &LoopProgram) -> Vec<bool> {
     }
     let streamed = loop_indices(&program.body);
     let candidates: Vec<bool> = (0..program.buffers.len())
-        .map(|b| private_size(program, b).is_some() && addressed_plainly(program, b) && place(program, b).is_some())
+        .map(|b| {
+            private_size(program, b).is_some()
+                && addressed_plainly(program, b)
+                && (place(program, b).is_some() || running_loop(program, b).is_some())
+        })
         .collect();
     let mut chosen = candidates.clone();
     loop {
@@ -151,30 +155,42 @@ pub fn fixed_positions(program: &LoopProgram, b: usize) -> Vec<usize> {
         .collect()
 }
 
-/// The constant element strides of a register buffer: row-major over its fixed positions, 0 at
-/// every other position (a batch rank's coordinate is 0 in a thread, a current slot is one).
+/// The constant element strides of a register buffer: row-major over its fixed positions and
+/// the two slots of a running tensor's iterate, 0 at every other position (a batch rank's
+/// coordinate is 0 in a thread, a current slot is one).
 pub fn private_strides(program: &LoopProgram, b: usize) -> Vec<u64> {
     let c = &program.cascade;
-    let tensor = c.tensor(program.buffers[b].tensor);
+    let buffer = &program.buffers[b];
+    let tensor = c.tensor(buffer.tensor);
     let fixed = fixed_positions(program, b);
     let mut strides = vec![0; tensor.ranks.len()];
     let mut next = 1;
-    for d in fixed.into_iter().rev() {
-        strides[d] = next;
-        next *= fixed_extent(c, tensor.ranks[d]).expect("a register buffer's fixed position");
+    for d in (0..tensor.ranks.len()).rev() {
+        if fixed.contains(&d) {
+            strides[d] = next;
+            next *= fixed_extent(c, tensor.ranks[d]).expect("a register buffer's fixed position");
+        } else if buffer.slots[d] == Slot::Alternate {
+            strides[d] = next;
+            next *= 2;
+        }
     }
     strides
 }
 
-/// The floats a thread needs for buffer `b` as a private array, if it can have one.
+/// The floats a thread needs for buffer `b` as a private array, if it can have one: a tensor of
+/// fixed size per thread, or a running tensor of one value per thread (its two iterates; see
+/// `running_loop`).
 pub fn private_size(program: &LoopProgram, b: usize) -> Option<u64> {
     let c = &program.cascade;
     let buffer = &program.buffers[b];
     let tensor = c.tensor(buffer.tensor);
-    if buffer.role != BufferRole::Temp || tensor.kind != (TensorKind::Defined { iterative: None }) {
+    if buffer.role != BufferRole::Temp {
         return None;
     }
-    if buffer.slots.contains(&Slot::Alternate) {
+    if running_loop(program, b).is_some() {
+        return fixed_positions(program, b).is_empty().then_some(2);
+    }
+    if tensor.kind != (TensorKind::Defined { iterative: None }) || buffer.slots.contains(&Slot::Alternate) {
         return None;
     }
     let mut size = 1u64;
@@ -182,6 +198,70 @@ pub fn private_size(program: &LoopProgram, b: usize) -> Option<u64> {
         size = size.saturating_mul(fixed_extent(c, tensor.ranks[d])?);
     }
     (size <= MAX_BUFFER).then_some(size)
+}
+
+/// For a running tensor (an iterate kept in two slots) of one top-level loop, that loop's index:
+/// every Einsum that writes or reads it inside the loop addresses its iterate at the loop index
+/// or the next, and outside the loop it is only initialized (before) and read at the last
+/// iterate (after). In registers its two slots are the current and the next iterate (`lower`
+/// addresses the iterate at `c` as slot `c - index` inside the loop, slot 0 outside) and each
+/// step ends by moving the next into the current.
+pub fn running_loop(program: &LoopProgram, b: usize) -> Option<Index> {
+    let c = &program.cascade;
+    let buffer = &program.buffers[b];
+    let tensor_id = buffer.tensor;
+    let tensor = c.tensor(tensor_id);
+    let TensorKind::Defined { iterative: Some(k) } = tensor.kind else { return None };
+    if buffer.slots[k] != Slot::Alternate {
+        return None;
+    }
+    let rank = tensor.ranks[k];
+    let touches = |e: &Einsum| e.target == tensor_id || e.reads().iter().any(|(t, _)| *t == tensor_id);
+    let mut found: Option<Index> = None;
+    let mut after = false;
+    for node in &program.body {
+        match node {
+            Node::Loop { index, body, .. } => {
+                let ids = computes(body);
+                if !ids.iter().any(|id| touches(&c.einsums[id.index()])) {
+                    continue;
+                }
+                if found.is_some() || index.rank != rank {
+                    return None;
+                }
+                let current = |s: &Affine| match s {
+                    Affine::Index(i) => *i == *index,
+                    Affine::Add(a, b) => {
+                        matches!((&**a, &**b), (Affine::Index(i), Affine::Const(1)) if *i == *index)
+                    }
+                    _ => false,
+                };
+                for id in ids {
+                    let e = &c.einsums[id.index()];
+                    if e.target == tensor_id && !matches!(e.lhs[k], Lhs::Next(i) if i == *index) {
+                        return None;
+                    }
+                    if !e.reads().iter().filter(|(t, _)| *t == tensor_id).all(|(_, s)| current(&s[k])) {
+                        return None;
+                    }
+                }
+                found = Some(*index);
+                after = true;
+            }
+            Node::Compute { einsum } => {
+                let e = &c.einsums[einsum.index()];
+                let initial = e.target == tensor_id && e.lhs[k] == Lhs::Initial && !after;
+                let last = e.reads().iter().filter(|(t, _)| *t == tensor_id).all(|(_, s)| s[k] == Affine::Extent(rank));
+                if e.target == tensor_id && !initial || !last || (after && e.target == tensor_id) {
+                    return None;
+                }
+                if !after && e.reads().iter().any(|(t, _)| *t == tensor_id) {
+                    return None;
+                }
+            }
+        }
+    }
+    found
 }
 
 fn fixed_extent(c: &Cascade, rank: RankId) -> Option<u64> {
