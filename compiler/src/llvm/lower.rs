@@ -12,7 +12,10 @@
 //!   `ctaid.x` and `tid.x`; the host emulation's entry is one thread, called by the emulator.
 //!   At each step of a top-level streamed loop the block stages the reads that `staging` finds
 //!   into shared memory between two barriers; with a warp per point, the lanes split each
-//!   outermost reduction and combine it with shuffles.
+//!   outermost reduction and combine it with shuffles. The scratch buffers that `registers`
+//!   picks are private arrays that LLVM promotes to registers: the loops over their fixed ranks
+//!   are unrolled, and a step runs them only where every split pair is valid and every filter
+//!   holds (`full_or_partial_step`), else the same code on global scratch.
 //!
 //! Arithmetic is f32; a value travels with its definedness (an `i1`); a read out of range reads
 //! nothing (its address is clamped and the result marked undefined). Maxima and minima propagate
@@ -61,7 +64,8 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
         writeln!(module, "target triple = \"{triple}\"").unwrap();
     }
     module.push('\n');
-    // Steps that every filter admits whole run a variant without filters (CPU entry only).
+    // Steps that every filter admits whole run a variant without filters (on the CPU; in a thread
+    // kernel, the steps that keep register buffers).
     let full_steps = crate::cpu::full_steps::plan(program);
     // The reads the threads of a block share through shared memory (thread kernels only).
     let staged = if abi == Abi::Thread { super::staging::staged_reads(program) } else { vec![] };

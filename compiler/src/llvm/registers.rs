@@ -4,17 +4,20 @@
 //! (see `lower::Lowering::stride`). A buffer that is small and of fixed size per thread (every
 //! position a batch rank, the current step of a streamed loop, or a rank of fixed extent) is
 //! better in the thread's registers: in attention, the score tile `BQK[h, m1, m0, p]` and the
-//! probabilities of a step (64 floats each), and the step's maximum and sum. Such a buffer
-//! becomes a private array (`alloca`) addressed with constant strides, and the loops over its
-//! fixed ranks are unrolled where it is read or written, so that every element is at a constant
-//! offset and LLVM promotes the array to registers.
+//! probabilities of a step (64 floats each), and the step's maximum and sum; and a running tensor
+//! of one value per thread (the running maximum and sum), as its current and next iterate. Such
+//! a buffer becomes a private array (`alloca`) addressed with constant strides, and the loops
+//! over its fixed ranks are unrolled where it is read or written, so that every element is at a
+//! constant offset and LLVM promotes the array to registers.
 //!
 //! Needs: a scheduled program. Guarantees: `register_buffers` picks only buffers whose per-thread
 //! size is fixed (so that the private array holds every point a thread addresses, whatever the
 //! loops), whose fixed positions are read and written at bare indices of their own rank (so that
-//! unrolling makes every offset constant), and that keep every Einsum's unrolled points, and the
-//! total, within bounds. Correctness does not depend on the unrolling: an index left in a loop
-//! addresses the array at run time (local memory) and computes the same values.
+//! unrolling makes every offset constant), that are used within the steps of one top-level loop
+//! or only outside loops (`place`), or are running tensors of one loop (`running_loop`), and
+//! that keep every Einsum's unrolled points, its other addresses at unrolled indices, and the
+//! total, within bounds (`settle`). Correctness does not depend on the unrolling: an index left
+//! in a loop addresses the array at run time (local memory) and computes the same values.
 //!
 //! Kernels whose lane rank is short by definition (decode, `P = 1`) always run a warp per point
 //! (see `launch::lanes_per_point`), whose lanes split each reduction's outermost loop; an
@@ -47,14 +50,13 @@ pub fn register_buffers(program: &LoopProgram) -> Vec<bool> {
         }
     }
     let streamed = loop_indices(&program.body);
-    let candidates: Vec<bool> = (0..program.buffers.len())
+    let mut chosen: Vec<bool> = (0..program.buffers.len())
         .map(|b| {
             private_size(program, b).is_some()
                 && addressed_plainly(program, b)
                 && (place(program, b).is_some() || running_loop(program, b).is_some())
         })
         .collect();
-    let mut chosen = candidates.clone();
     loop {
         settle(program, &streamed, &mut chosen);
         let total: u64 = (0..chosen.len()).filter(|b| chosen[*b]).filter_map(|b| private_size(program, b)).sum();
