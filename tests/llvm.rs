@@ -9,6 +9,7 @@ mod common;
 
 use einfuse::compiler::interp::{interpret, InterpLimits};
 use einfuse::compiler::ir::{Cascade, Extent, TensorKind};
+use einfuse::compiler::schedule::Slot;
 use einfuse::compiler::shapes::{bind_extents, tensor_shape};
 use einfuse::Tensor;
 
@@ -267,6 +268,29 @@ fn staged_tiles_in_shared_memory_or_global_where_they_do_not_fit() {
         assert!(layout.shared_bytes <= launch::SHARED_BYTES);
         let error = compare(&optimized, &emulated, &sizes, e + f);
         assert!(error <= 1e-4, "E={e} F={f}: relative error {error:.3e}");
+    }
+    // Tiles of 30 keys: the rows of each tile are padded to 32 floats in shared memory, and the
+    // value tile starts 16-byte aligned after the key tile (5 rows of 32 floats for E = 5), in
+    // the steps with register buffers (which read the tiles with 16-byte reads) and the others.
+    let fixed = source.replace("rank E, F, M, P", "rank E = 5, F = 7, M, P");
+    let cascade = einfuse::compiler::compile_source(&fixed).unwrap().remove(0);
+    let optimized = einfuse::optimize_tiled(&cascade, 30).unwrap().cascade;
+    let program = einfuse::compiler::schedule::schedule(&optimized).unwrap();
+    assert_eq!(staging::staged_reads(&program).len(), 2);
+    let registers = einfuse::compiler::llvm::registers::register_buffers(&program);
+    let step_local = program.buffers.iter().zip(&registers).filter(|(b, r)| **r && b.slots.contains(&Slot::Current));
+    assert!(step_local.count() >= 2, "{registers:?}");
+    let emulated = Compiled::new(&optimized, true);
+    for (m, p) in [(120u64, 70u64), (131, 9), (3, 130)] {
+        let sizes: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
+        let bindings: Vec<(String, u64)> = sizes.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let extents = bind_extents(&optimized, &bindings, &[]).unwrap();
+        let layout = launch::ThreadLayout::new(&program, &extents, u64::MAX).unwrap();
+        let at = layout.batch.len() - 1 - 2 * 3;
+        assert_eq!((layout.batch[at], layout.batch[at + 3]), (0, 5 * 32), "{:?}", layout.batch);
+        assert_eq!(layout.shared_bytes, (5 * 32 + 7 * 32) * 4);
+        let error = compare(&optimized, &emulated, &sizes, m + p);
+        assert!(error <= 1e-4, "tiles of 30, M={m} P={p}: relative error {error:.3e}");
     }
 }
 

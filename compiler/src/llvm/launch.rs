@@ -200,7 +200,13 @@ impl ThreadLayout {
         let mut used: Vec<(Index, u64)> = Vec::new();
         for read in super::staging::staged_reads(program) {
             let extents = read.box_extents(local);
-            let elements = extents.iter().try_fold(1u64, |a, n| a.checked_mul(*n)).unwrap_or(u64::MAX);
+            // Rows padded to a multiple of 4 floats, so that every tile and row starts 16-byte
+            // aligned (see `lower::Lowering::stage`).
+            let mut padded = extents.clone();
+            if let Some(last) = padded.last_mut() {
+                *last = last.saturating_add(3) & !3;
+            }
+            let elements = padded.iter().try_fold(1u64, |a, n| a.checked_mul(*n)).unwrap_or(u64::MAX);
             let at = match used.iter().position(|(step, _)| *step == read.step) {
                 Some(at) => at,
                 None => {

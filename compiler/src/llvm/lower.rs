@@ -432,6 +432,9 @@ struct Lowering<'a> {
     /// A register buffer's global scratch (values and mask), for the steps that do not keep it
     /// in registers (see `full_or_partial_step`).
     scratch: Vec<Option<(String, Option<String>)>>,
+    /// Whether every staged tile of the current step is in shared memory, so that the views
+    /// read the tiles alone.
+    shared_tiles: bool,
 }
 
 /// Where a staged read reads at the current step: the shared copy, or (where it did not fit)
@@ -444,6 +447,11 @@ struct View {
     base: String,
     safe: String,
     strides: Vec<String>,
+    /// Whether the tile is in shared memory, and there its start and strides (used alone in
+    /// the steps that `full_or_partial_step` runs with every tile in shared memory).
+    on: String,
+    tile: String,
+    tile_strides: Vec<String>,
 }
 
 impl<'a> Lowering<'a> {
@@ -478,6 +486,7 @@ impl<'a> Lowering<'a> {
             },
             unroll: vec![],
             scratch: vec![],
+            shared_tiles: false,
         }
     }
 
@@ -725,16 +734,22 @@ impl<'a> Lowering<'a> {
             let admitted = self.step_is_full(margins, index);
             whole = self.ins(format!("and i1 {whole}, {admitted}"));
         }
+        for view in 0..self.views.len() {
+            let on = self.views[view].on.clone();
+            whole = self.ins(format!("and i1 {whole}, {on}"));
+        }
         let (fast, slow, join) = (self.label("full.tile"), self.label("partial.tile"), self.label("tile.done"));
         self.emit(format!("br i1 {whole}, label %{fast}, label %{slow}"));
         self.start_block(&fast);
         let bounded = self.bounded.len();
         self.bounded.extend(pairs.iter().map(|(inner, _)| Index { rank: *inner, primes: index.primes }));
+        self.shared_tiles = true;
         match full {
             // A full step is never empty: no skipping.
             Some((variant, _)) => self.with_program(variant, &mut |g| g.nodes(body)),
             None => step(self),
         }
+        self.shared_tiles = false;
         self.bounded.truncate(bounded);
         self.emit(format!("br label %{join}"));
         self.start_block(&slow);
@@ -804,6 +819,19 @@ impl<'a> Lowering<'a> {
                 Some(n) => self.ins(format!("mul i64 {}, {n}", box_strides[0])),
                 None => "1".to_string(),
             };
+            // In shared memory the box's rows are padded to a multiple of 4 floats and the tile
+            // starts at a multiple of 4 (see `launch`), so that 4 neighbouring elements of a row
+            // are one aligned 16-byte read; the masks make the alignment visible to LLVM.
+            let mut tile_strides = vec!["1".to_string(); extents.len()];
+            for d in (0..extents.len().saturating_sub(1)).rev() {
+                let next = if d + 2 == extents.len() {
+                    let padded = self.ins(format!("add i64 {}, 3", extents[d + 1]));
+                    self.ins(format!("and i64 {padded}, -4"))
+                } else {
+                    extents[d + 1].clone()
+                };
+                tile_strides[d] = self.ins(format!("mul i64 {}, {next}", tile_strides[d + 1]));
+            }
             // The box's first point: the subscripts with every index but the streamed one at 0.
             let zero = self.slot("i64");
             self.emit(format!("store i64 0, i64* {zero}"));
@@ -820,7 +848,8 @@ impl<'a> Lowering<'a> {
             self.env.truncate(self.env.len() - bound);
             let buffer = read.tensor.index();
             let on = self.ins(format!("icmp sge i64 {offset}, 0"));
-            let tile = self.ins(format!("getelementptr inbounds float, float* %shared, i64 {offset}"));
+            let aligned = self.ins(format!("and i64 {offset}, -4"));
+            let tile = self.ins(format!("getelementptr inbounds float, float* %shared, i64 {aligned}"));
             let (copy, copied) = (self.label("copy"), self.label("copied"));
             self.emit(format!("br i1 {on}, label %{copy}, label %{copied}"));
             self.start_block(&copy);
@@ -828,16 +857,19 @@ impl<'a> Lowering<'a> {
             self.counted_loop("%tid", &size, "%ntid", &mut |g, element| {
                 let e = g.ins(format!("load i64, i64* {element}"));
                 let mut coords = Vec::new();
+                let mut at = "0".to_string();
                 for d in 0..extents.len() {
                     let q = g.ins(format!("udiv i64 {e}, {}", box_strides[d]));
                     let within = g.ins(format!("urem i64 {q}, {}", extents[d]));
                     coords.push(g.ins(format!("add i64 {}, {within}", first[d])));
+                    let term = g.ins(format!("mul i64 {within}, {}", tile_strides[d]));
+                    at = g.ins(format!("add i64 {at}, {term}"));
                 }
                 let (from, _) = g.offset(buffer, &coords, &vec![false; coords.len()]);
                 let base = g.values[buffer].clone();
                 let source = g.ins(format!("getelementptr inbounds float, float* {base}, i64 {from}"));
                 let x = g.ins(format!("load float, float* {source}"));
-                let target = g.ins(format!("getelementptr inbounds float, float* {tile}, i64 {e}"));
+                let target = g.ins(format!("getelementptr inbounds float, float* {tile}, i64 {at}"));
                 g.emit(format!("store float {x}, float* {target}"));
             });
             self.emit(format!("br label %{copied}"));
@@ -849,12 +881,12 @@ impl<'a> Lowering<'a> {
                 let global = self.stride(buffer, d);
                 let term = self.ins(format!("mul i64 {first}, {global}"));
                 at_first = self.ins(format!("add i64 {at_first}, {term}"));
-                strides.push(self.ins(format!("select i1 {on}, i64 {}, i64 {global}", box_strides[d])));
+                strides.push(self.ins(format!("select i1 {on}, i64 {}, i64 {global}", tile_strides[d])));
             }
             let global_first = self.ins(format!("getelementptr float, float* {whole}, i64 {at_first}"));
             let base = self.ins(format!("select i1 {on}, float* {tile}, float* {global_first}"));
             let safe = self.ins(format!("select i1 {on}, float* {tile}, float* {whole}"));
-            self.views.push(View { read: j, base, safe, strides });
+            self.views.push(View { read: j, base, safe, strides, on, tile, tile_strides });
         }
         // Every tile is whole before any thread reads it.
         self.barrier();
@@ -878,14 +910,19 @@ impl<'a> Lowering<'a> {
                 let term = if *k == 1 { i } else { self.ins(format!("mul i64 {i}, {k}")) };
                 local = self.ins(format!("add i64 {local}, {term}"));
             }
-            let stride = self.views[view].strides[d].clone();
+            let stride = match self.shared_tiles {
+                true => self.views[view].tile_strides[d].clone(),
+                false => self.views[view].strides[d].clone(),
+            };
             let term = self.ins(format!("mul i64 {local}, {stride}"));
             offset = self.ins(format!("add i64 {offset}, {term}"));
         }
-        let base = self.views[view].base.clone();
+        let (base, safe) = match self.shared_tiles {
+            true => (self.views[view].tile.clone(), self.views[view].tile.clone()),
+            false => (self.views[view].base.clone(), self.views[view].safe.clone()),
+        };
         let mut address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
         if let Some(check) = &inside {
-            let safe = self.views[view].safe.clone();
             address = self.ins(format!("select i1 {check}, float* {address}, float* {safe}"));
         }
         (self.ins(format!("load float, float* {address}")), inside)
