@@ -1573,9 +1573,7 @@ impl<'a> Lowering<'a> {
                 let acc = self.slot("float");
                 self.emit(format!("store float {}, float* {acc}", float(reduce_identity(*op) as f32)));
                 // In a thread kernel the lanes of a point split its outermost reductions.
-                let split = self.abi == Abi::Thread
-                    && !self.in_split
-                    && indices.first().is_some_and(|i| !self.unroll.contains(i));
+                let split = self.splits(indices);
                 self.in_split |= split;
                 self.split_next = split;
                 self.reduce_loops(*op, indices, indices, filter, body, &acc);
@@ -1663,6 +1661,17 @@ impl<'a> Lowering<'a> {
                 .zip(ranks)
                 .all(|(s, r)| matches!(s, Affine::Index(i) if i.rank == *r) || !self.always_inside(s, *r))
         })
+    }
+
+    /// Whether every comparison of `filter` is `speculatable`.
+    fn filter_speculatable(&self, filter: &[Cond]) -> bool {
+        filter.iter().all(|c| self.speculatable(&c.lhs) && self.speculatable(&c.rhs))
+    }
+
+    /// Whether the lanes of a warp split a reduction over `indices` here: in a thread kernel, the
+    /// outermost reduction, unless its first loop is unrolled (an unrolled loop cannot be split).
+    fn splits(&self, indices: &[Index]) -> bool {
+        self.abi == Abi::Thread && !self.in_split && indices.first().is_some_and(|i| !self.unroll.contains(i))
     }
 
     /// Folds the body at the current point into the float at `address`, where the point passes
@@ -1786,7 +1795,7 @@ impl<'a> Lowering<'a> {
         let (inner, mut outer): (Vec<Index>, Vec<Index>) = free.iter().partition(|i| unroll.contains(i));
         let reduction = matches!(einsum.body, Expr::Reduce { .. })
             && einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
-            && einsum.filter.iter().all(|c| self.speculatable(&c.lhs) && self.speculatable(&c.rhs));
+            && self.filter_speculatable(&einsum.filter);
         let outside = std::mem::replace(&mut self.unroll, unroll);
         if reduction && !inner.is_empty() {
             self.dynamic_loops(&outer, &mut |g| g.compute_unrolled_reduction(einsum, &inner));
@@ -1826,8 +1835,7 @@ impl<'a> Lowering<'a> {
         for acc in &accumulators {
             self.emit(format!("store float {}, float* {acc}", float(reduce_identity(*op) as f32)));
         }
-        let split =
-            self.abi == Abi::Thread && !self.in_split && indices.first().is_some_and(|i| !self.unroll.contains(i));
+        let split = self.splits(indices);
         self.in_split |= split;
         self.split_next = split;
         let each_point = |g: &mut Self, point: &[u64], then: &mut dyn FnMut(&mut Self)| {
@@ -2551,9 +2559,8 @@ impl<'a> Lowering<'a> {
 
     fn compute_point(&mut self, einsum: &Einsum) {
         let valid = self.valid_pairs(&[]);
-        let speculate = self.abi == Abi::Thread
-            && self.speculatable(&einsum.body)
-            && einsum.filter.iter().all(|c| self.speculatable(&c.lhs) && self.speculatable(&c.rhs));
+        let speculate =
+            self.abi == Abi::Thread && self.speculatable(&einsum.body) && self.filter_speculatable(&einsum.filter);
         let (value, defined) = match valid {
             None => self.point_value(einsum),
             Some(valid) if speculate => {
