@@ -11,7 +11,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use crate::compiler::llvm::launch::ThreadLayout;
+use crate::compiler::llvm::launch::{HostValues, ThreadLayout};
 use crate::compiler::schedule::LoopProgram;
 
 /// The most device memory one call may allocate.
@@ -65,10 +65,16 @@ pub struct GpuKernel {
     stream: Arc<CudaStream>,
 }
 
+/// One buffer on the device, in the type the kernel stores it in.
+enum DeviceValues {
+    F32(CudaSlice<f32>),
+    Narrow(CudaSlice<u16>),
+}
+
 /// The buffers and tables of one call, on the device.
 struct DeviceCall {
     layout: ThreadLayout,
-    values: Vec<CudaSlice<f32>>,
+    values: Vec<DeviceValues>,
     _masks: Vec<Option<CudaSlice<u8>>>,
     tables: [CudaSlice<i64>; 6],
 }
@@ -90,14 +96,26 @@ impl GpuKernel {
         let layout = ThreadLayout::new(&self.program, extents, MAX_DEVICE_BYTES).map_err(GpuError::Run)?;
         let (values, masks) = layout.host_buffers(&self.program, inputs).map_err(GpuError::Run)?;
         let s = &self.stream;
-        let values: Vec<CudaSlice<f32>> =
-            values.iter().map(|v| s.clone_htod(v)).collect::<Result<_, _>>().map_err(driver)?;
+        let values: Vec<DeviceValues> = values
+            .iter()
+            .map(|v| match v {
+                HostValues::F32(v) => s.clone_htod(v).map(DeviceValues::F32),
+                HostValues::Narrow(v) => s.clone_htod(v).map(DeviceValues::Narrow),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(driver)?;
         let masks: Vec<Option<CudaSlice<u8>>> = masks
             .iter()
             .map(|m| if m.is_empty() { Ok(None) } else { s.clone_htod(m).map(Some) })
             .collect::<Result<_, _>>()
             .map_err(driver)?;
-        let value_pointers: Vec<i64> = values.iter().map(|v| v.device_ptr(s).0 as i64).collect();
+        let value_pointers: Vec<i64> = values
+            .iter()
+            .map(|v| match v {
+                DeviceValues::F32(v) => v.device_ptr(s).0 as i64,
+                DeviceValues::Narrow(v) => v.device_ptr(s).0 as i64,
+            })
+            .collect();
         let mask_pointers: Vec<i64> =
             masks.iter().map(|m| m.as_ref().map_or(0, |m| m.device_ptr(s).0 as i64)).collect();
         let table = |data: &[i64]| -> Result<CudaSlice<i64>, GpuError> {
@@ -143,9 +161,11 @@ impl GpuKernel {
         self.stream.synchronize().map_err(driver)?;
         let mut values = Vec::new();
         for (buffer, slice) in self.program.buffers.iter().zip(&call.values) {
-            values.push(match buffer.role {
-                crate::compiler::schedule::BufferRole::Output(_) => self.stream.clone_dtoh(slice).map_err(driver)?,
-                _ => Vec::new(),
+            let output = matches!(buffer.role, crate::compiler::schedule::BufferRole::Output(_));
+            values.push(match slice {
+                DeviceValues::F32(v) if output => HostValues::F32(self.stream.clone_dtoh(v).map_err(driver)?),
+                DeviceValues::Narrow(v) if output => HostValues::Narrow(self.stream.clone_dtoh(v).map_err(driver)?),
+                _ => HostValues::F32(Vec::new()),
             });
         }
         Ok(call.layout.outputs(&self.program, values))

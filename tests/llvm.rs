@@ -208,6 +208,92 @@ kernel attention_bf16 {
     }
 }
 
+/// The GPU kernels store f16 and bf16 inputs and outputs as 16-bit values (see
+/// `llvm::storage`): inputs always, an output where nothing reads it back. Staged tiles of
+/// 16-bit keys and values are widened into shared memory, or read from global memory where they
+/// do not fit; outputs are rounded to nearest even, bit for bit as `half` rounds them.
+#[test]
+fn narrow_storage_in_the_gpu_kernels() {
+    use einfuse::compiler::ir::ElemType::{Bf16, F16, F32};
+    use einfuse::compiler::llvm::storage::storage_types;
+    let source = "kernel narrow {
+      rank E, F, M, P
+      input Q[E, P]: bf16, K[E, M]: bf16, V[F, M]: f16
+      param scale = 0.05
+      QK[m, p] = Q[e, p] * K[e, m] * scale
+      GM[p] = max[m](QK[m, p])
+      SN[m, p] = exp(QK[m, p] - GM[p])
+      SD[p] = SN[m, p]
+      AV[f, p] = SN[m, p] * V[f, m] / SD[p]
+      output AV: bf16, SD: f16
+    }";
+    let cascade = einfuse::compiler::compile_source(source).unwrap().remove(0);
+    let optimized = einfuse::optimize(&cascade).unwrap().cascade;
+    let program = einfuse::compiler::schedule::schedule(&optimized).unwrap();
+    let storage = storage_types(&program);
+    let of = |name: &str| {
+        let b = program.buffers.iter().position(|b| optimized.tensor(b.tensor).name == name).unwrap();
+        storage[b]
+    };
+    // The optimized cascade computes `SD` from the running sum after the loop, once.
+    assert_eq!([of("Q"), of("K"), of("V"), of("AV"), of("SD")], [Bf16, Bf16, F16, Bf16, F16]);
+    assert!(program.buffers.iter().zip(&storage).all(|(b, s)| {
+        *s == F32 || !matches!(b.role, einfuse::compiler::schedule::BufferRole::Temp)
+    }));
+    let emulated = Compiled::new(&optimized, true);
+    // Head dimensions whose tiles fit in shared memory or not (200 rows of 64 keys do not).
+    for (e, f) in [(8, 8), (200, 8), (8, 200)] {
+        let sizes: BTreeMap<&str, u64> = [("E", e), ("F", f), ("M", 130), ("P", 70)].into();
+        let error = compare(&optimized, &emulated, &sizes, e + f);
+        assert!(error <= 1e-2, "E={e} F={f}: relative error {error:.3e}");
+    }
+    // Rounding: ties, overflow to infinity, subnormals, signed zeros and NaN. `Y` is read back
+    // (by `W`, which must see it unrounded), so the kernel stores it as f32 and the caller
+    // rounds it.
+    let copy = "kernel copy {
+      rank I
+      input X[I]
+      Y[i] = X[i]
+      Z[i] = X[i]
+      U[i] = X[i]
+      W[i] = Y[i] * 3
+      output Y: bf16, Z: f16, U: bf16, W
+    }";
+    let cascade = einfuse::compiler::compile_source(copy).unwrap().remove(0);
+    let program = einfuse::compiler::schedule::schedule(&cascade).unwrap();
+    let names: Vec<&str> = program.buffers.iter().map(|b| cascade.tensor(b.tensor).name.as_str()).collect();
+    assert_eq!(names, ["X", "Y", "Z", "U", "W"]);
+    assert_eq!(storage_types(&program), [F32, F32, F16, Bf16, F32]);
+    let mut x: Vec<f32> = vec![
+        1.0 + 1.0 / 256.0,             // a bf16 tie, rounded down to even
+        1.0 + 3.0 / 256.0,             // a bf16 tie, rounded up to even
+        1.0 + 1.0 / 2048.0,            // an f16 tie
+        f32::from_bits(0x3f80_8001),   // just past a bf16 tie
+        65520.0,                       // rounds to f16 infinity
+        3.4e38,                        // rounds to bf16 infinity
+        1e-6,                          // an f16 subnormal
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::from_bits(0x7f7f_ffff),   // the largest f32
+        f32::from_bits(0x0000_0001),   // the smallest f32 subnormal
+    ];
+    x.extend((0..200).map(|k| ((k as f32) * 0.731).sin() * 10f32.powi(k % 11 - 5)));
+    let kernel = Compiled::new(&cascade, true);
+    let got = kernel.run(&[x.len() as u64], &[&x]);
+    for (output, dtype) in [(0, einfuse::DType::Bf16), (1, einfuse::DType::F16), (2, einfuse::DType::Bf16)] {
+        for (value, got) in x.iter().zip(&got[output]) {
+            let (want, got) = (dtype.round(*value), dtype.round(*got));
+            let same = want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan());
+            assert!(same, "{value:e} ({:#010x}) as {}: {got:e}, expected {want:e}", value.to_bits(), dtype.name());
+        }
+    }
+    for (value, got) in x.iter().zip(&got[3]) {
+        assert!((value * 3.0).to_bits() == got.to_bits() || value.is_nan(), "{value:e} * 3: {got:e}");
+    }
+}
+
 /// The `cpu-llvm` tier's full and empty steps (`cpu::full_steps`) at shifts of a causal filter
 /// that leave some tile one point short of full or of empty, against the interpreter.
 #[test]

@@ -51,13 +51,26 @@ pub extern "C" fn einfuse_softplusf(x: f32) -> f32 {
     crate::ir::UnaryOp::Softplus.apply(x as f64) as f32
 }
 
+/// An f16 (its bits) widened to f32, for the host emulation of GPU kernels that store f16
+/// (LLVM 14 lowers `fpext half` on x86 to a library call that a JIT cannot count on).
+pub extern "C" fn einfuse_f16_to_f32(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// An f32 rounded to the nearest f16 (ties to even), as its bits; see `einfuse_f16_to_f32`.
+pub extern "C" fn einfuse_f32_to_f16(x: f32) -> u16 {
+    half::f16::from_f32(x).to_bits()
+}
+
 /// The helpers by name, for the JIT's symbol table.
-pub fn symbols() -> [(&'static str, *const u8); 5] {
+pub fn symbols() -> [(&'static str, *const u8); 7] {
     [
         ("einfuse_expf", einfuse_expf as *const u8),
         ("einfuse_logf", einfuse_logf as *const u8),
         ("einfuse_tanhf", einfuse_tanhf as *const u8),
         ("einfuse_sigmoidf", einfuse_sigmoidf as *const u8),
         ("einfuse_softplusf", einfuse_softplusf as *const u8),
+        ("einfuse_f16_to_f32", einfuse_f16_to_f32 as *const u8),
+        ("einfuse_f32_to_f16", einfuse_f32_to_f16 as *const u8),
     ]
 }

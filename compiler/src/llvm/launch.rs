@@ -17,8 +17,28 @@ use crate::ir::*;
 use crate::schedule::{BufferRole, LoopProgram};
 use crate::shapes::tensor_shape;
 
+use super::storage::{element_bytes, narrow_bits, storage_types, widen_bits};
+
 /// A call's buffers in host memory: values, and masks (empty for a buffer without one).
-pub type HostBuffers = (Vec<Vec<f32>>, Vec<Vec<u8>>);
+pub type HostBuffers = (Vec<HostValues>, Vec<Vec<u8>>);
+
+/// One buffer's elements in host memory, in the type the kernel stores them in (see `storage`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostValues {
+    F32(Vec<f32>),
+    /// f16 or bf16 elements, as their bits.
+    Narrow(Vec<u16>),
+}
+
+impl HostValues {
+    /// The address of the first element, as the kernels take it.
+    pub fn as_mut_ptr(&mut self) -> *mut f32 {
+        match self {
+            HostValues::F32(v) => v.as_mut_ptr(),
+            HostValues::Narrow(v) => v.as_mut_ptr() as *mut f32,
+        }
+    }
+}
 
 /// Threads per block at most; a lane rank shorter than that gets its extent rounded up to a
 /// whole warp.
@@ -139,7 +159,8 @@ impl ThreadLayout {
             global_lengths: vec![],
         };
         let mut total: u64 = 0;
-        for buffer in &program.buffers {
+        let storage = storage_types(program);
+        for (buffer, elem) in program.buffers.iter().zip(&storage) {
             let tensor = c.tensor(buffer.tensor);
             let global = tensor_shape(c, buffer.tensor, extents);
             let local_shape = tensor_shape(c, buffer.tensor, &local);
@@ -175,7 +196,8 @@ impl ThreadLayout {
                 }
             };
             let length = length.max(1);
-            total = total.saturating_add(length.saturating_mul(if buffer.masked { 5 } else { 4 }));
+            let bytes = element_bytes(*elem) + u64::from(buffer.masked);
+            total = total.saturating_add(length.saturating_mul(bytes));
             layout.lengths.push(length);
         }
         layout.stage(program, &local);
@@ -226,12 +248,13 @@ impl ThreadLayout {
     }
 
     /// The buffers of a call in host memory: inputs copied in (dense row-major, in the order of
-    /// `Cascade::inputs`), everything else zero; a mask beside every masked buffer.
+    /// `Cascade::inputs`; f16 and bf16 inputs hold values of their type, which are stored as
+    /// their bits), everything else zero; a mask beside every masked buffer.
     pub fn host_buffers(&self, program: &LoopProgram, inputs: &[&[f32]]) -> Result<HostBuffers, String> {
         let c = &program.cascade;
         let mut values = Vec::new();
         let mut masks = Vec::new();
-        for (b, buffer) in program.buffers.iter().enumerate() {
+        for ((b, buffer), elem) in program.buffers.iter().enumerate().zip(storage_types(program)) {
             let length = self.lengths[b] as usize;
             let mut data = vec![0.0f32; length];
             if let BufferRole::Input(i) = buffer.role {
@@ -246,18 +269,24 @@ impl ThreadLayout {
                 }
                 data[..given.len()].copy_from_slice(given);
             }
-            values.push(data);
+            values.push(match elem {
+                ElemType::F32 => HostValues::F32(data),
+                _ => HostValues::Narrow(data.iter().map(|x| narrow_bits(elem, *x)).collect()),
+            });
             masks.push(if buffer.masked { vec![0u8; length] } else { Vec::new() });
         }
         Ok((values, masks))
     }
 
-    /// The outputs of a call, from its buffers.
-    pub fn outputs(&self, program: &LoopProgram, mut values: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+    /// The outputs of a call, from its buffers (narrow ones widened to f32, exactly).
+    pub fn outputs(&self, program: &LoopProgram, mut values: Vec<HostValues>) -> Vec<Vec<f32>> {
         let mut outputs = vec![Vec::new(); program.cascade.outputs.len()];
-        for (b, buffer) in program.buffers.iter().enumerate() {
+        for ((b, buffer), elem) in program.buffers.iter().enumerate().zip(storage_types(program)) {
             if let BufferRole::Output(o) = buffer.role {
-                let mut data = std::mem::take(&mut values[b]);
+                let mut data = match std::mem::replace(&mut values[b], HostValues::F32(Vec::new())) {
+                    HostValues::F32(data) => data,
+                    HostValues::Narrow(bits) => bits.iter().map(|x| widen_bits(elem, *x)).collect(),
+                };
                 data.truncate(self.global_lengths[b] as usize);
                 outputs[o] = data;
             }

@@ -99,7 +99,7 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
             )
             .unwrap();
         }
-        (Abi::Thread, _) => module.push_str(&thread_entry(program, flavor, symbol, &staged)),
+        (Abi::Thread, _) => module.push_str(&thread_entry(program, flavor, symbol, &staged, &body.storage)),
     }
     module.push_str(&declarations(flavor));
     if flavor == Flavor::Nvptx && !staged.is_empty() {
@@ -139,7 +139,9 @@ fn declarations(flavor: Flavor) -> String {
              declare float @einfuse_logf(float) nounwind readnone\n\
              declare float @einfuse_tanhf(float) nounwind readnone\n\
              declare float @einfuse_sigmoidf(float) nounwind readnone\n\
-             declare float @einfuse_softplusf(float) nounwind readnone\n",
+             declare float @einfuse_softplusf(float) nounwind readnone\n\
+             declare float @einfuse_f16_to_f32(i16) nounwind readnone\n\
+             declare i16 @einfuse_f32_to_f16(float) nounwind readnone\n",
         ),
         Flavor::Nvptx => out.push_str(
             "declare float @llvm.nvvm.ex2.approx.f(float)\ndeclare float @llvm.nvvm.lg2.approx.f(float)\n\
@@ -155,7 +157,13 @@ fn declarations(flavor: Flavor) -> String {
 /// to its own copy), and runs the body. The batch table holds the global extents of the batch
 /// ranks, then per buffer one element stride per batch rank and one per thread, then the staged
 /// reads' entries and the threads per point (see `launch::ThreadLayout`).
-fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str, staged_reads: &[StagedRead]) -> String {
+fn thread_entry(
+    program: &LoopProgram,
+    flavor: Flavor,
+    symbol: &str,
+    staged_reads: &[StagedRead],
+    storage: &[ElemType],
+) -> String {
     let c = &program.cascade;
     let batch = super::launch::batch_ranks(c);
     let k = batch.len();
@@ -206,10 +214,18 @@ fn thread_entry(program: &LoopProgram, flavor: Flavor, symbol: &str, staged_read
                 writeln!(s, "  %a{b}_{j} = add i64 {acc}, %m{b}_{j}").unwrap();
                 acc = format!("%a{b}_{j}");
             }
+            // A buffer of 16-bit elements is offset in its own elements.
+            let offset = match storage[b] {
+                ElemType::F32 => format!("%vo{b} = getelementptr float, float* %vb{b}, i64 {acc}"),
+                _ => format!(
+                    "%vn{b} = bitcast float* %vb{b} to i16*\n  %vq{b} = getelementptr i16, i16* %vn{b}, i64 {acc}\n  \
+                     %vo{b} = bitcast i16* %vq{b} to float*"
+                ),
+            };
             writeln!(
                 s,
                 "  %vin{b} = getelementptr float*, float** %values, i64 {b}\n  %vb{b} = load float*, float** %vin{b}\n  \
-                 %vo{b} = getelementptr float, float* %vb{b}, i64 {acc}\n  \
+                 {offset}\n  \
                  %vs{b} = getelementptr [{nb} x float*], [{nb} x float*]* %vt, i64 0, i64 {b}\n  \
                  store float* %vo{b}, float** %vs{b}\n  \
                  %min{b} = getelementptr i8*, i8** %masks, i64 {b}\n  %mb{b} = load i8*, i8** %min{b}\n  \
@@ -435,6 +451,8 @@ struct Lowering<'a> {
     /// Whether every staged tile of the current step is in shared memory, so that the views
     /// read the tiles alone.
     shared_tiles: bool,
+    /// Per buffer, the type its elements are stored in (see `storage`; f32 for the CPU entry).
+    storage: Vec<ElemType>,
 }
 
 /// Where a staged read reads at the current step: the shared copy, or (where it did not fit)
@@ -452,6 +470,9 @@ struct View {
     on: String,
     tile: String,
     tile_strides: Vec<String>,
+    /// The box's first element in global memory, and the whole buffer (typed as it is stored).
+    global: String,
+    whole: String,
 }
 
 impl<'a> Lowering<'a> {
@@ -487,6 +508,11 @@ impl<'a> Lowering<'a> {
             unroll: vec![],
             scratch: vec![],
             shared_tiles: false,
+            storage: if abi == Abi::Thread {
+                super::storage::storage_types(program)
+            } else {
+                vec![ElemType::F32; program.buffers.len()]
+            },
         }
     }
 
@@ -570,7 +596,10 @@ impl<'a> Lowering<'a> {
                 continue;
             }
             let p = self.ins(format!("getelementptr float*, float** %values, i64 {b}"));
-            let v = self.ins(format!("load float*, float** {p}"));
+            let mut v = self.ins(format!("load float*, float** {p}"));
+            if self.storage[b] != ElemType::F32 {
+                v = self.ins(format!("bitcast float* {v} to i16*"));
+            }
             self.values.push(v);
             let mask = if buffer.masked {
                 let p = self.ins(format!("getelementptr i8*, i8** %masks, i64 {b}"));
@@ -867,8 +896,8 @@ impl<'a> Lowering<'a> {
                 }
                 let (from, _) = g.offset(buffer, &coords, &vec![false; coords.len()]);
                 let base = g.values[buffer].clone();
-                let source = g.ins(format!("getelementptr inbounds float, float* {base}, i64 {from}"));
-                let x = g.ins(format!("load float, float* {source}"));
+                let source = g.element_address(buffer, &base, &from);
+                let x = g.load_element(buffer, &source);
                 let target = g.ins(format!("getelementptr inbounds float, float* {tile}, i64 {at}"));
                 g.emit(format!("store float {x}, float* {target}"));
             });
@@ -883,10 +912,18 @@ impl<'a> Lowering<'a> {
                 at_first = self.ins(format!("add i64 {at_first}, {term}"));
                 strides.push(self.ins(format!("select i1 {on}, i64 {}, i64 {global}", tile_strides[d])));
             }
-            let global_first = self.ins(format!("getelementptr float, float* {whole}, i64 {at_first}"));
-            let base = self.ins(format!("select i1 {on}, float* {tile}, float* {global_first}"));
-            let safe = self.ins(format!("select i1 {on}, float* {tile}, float* {whole}"));
-            self.views.push(View { read: j, base, safe, strides, on, tile, tile_strides });
+            let ty = self.stored_type(buffer);
+            let global = self.ins(format!("getelementptr {ty}, {ty}* {whole}, i64 {at_first}"));
+            // A tile of 16-bit elements is widened in shared memory, so that its reads from
+            // there and from global memory have different types: `load_view` picks one.
+            let (base, safe) = match self.storage[buffer] {
+                ElemType::F32 => (
+                    self.ins(format!("select i1 {on}, float* {tile}, float* {global}")),
+                    self.ins(format!("select i1 {on}, float* {tile}, float* {whole}")),
+                ),
+                _ => (String::new(), String::new()),
+            };
+            self.views.push(View { read: j, base, safe, strides, on, tile, tile_strides, global, whole });
         }
         // Every tile is whole before any thread reads it.
         self.barrier();
@@ -917,8 +954,10 @@ impl<'a> Lowering<'a> {
             let term = self.ins(format!("mul i64 {local}, {stride}"));
             offset = self.ins(format!("add i64 {offset}, {term}"));
         }
+        let narrow = self.storage[buffer] != ElemType::F32;
         let (base, safe) = match self.shared_tiles {
             true => (self.views[view].tile.clone(), self.views[view].tile.clone()),
+            false if narrow => return (self.load_narrow_view(view, buffer, &offset, &inside), inside),
             false => (self.views[view].base.clone(), self.views[view].safe.clone()),
         };
         let mut address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
@@ -926,6 +965,101 @@ impl<'a> Lowering<'a> {
             address = self.ins(format!("select i1 {check}, float* {address}, float* {safe}"));
         }
         (self.ins(format!("load float, float* {address}")), inside)
+    }
+
+    /// A view's element at `offset` (in the strides its tile uses at this step) where the buffer
+    /// holds 16-bit elements: from the widened tile in shared memory, or from global memory.
+    fn load_narrow_view(&mut self, view: usize, buffer: usize, offset: &str, inside: &Def) -> String {
+        let View { on, tile, global, whole, .. } = &self.views[view];
+        let (on, tile, global, whole) = (on.clone(), tile.clone(), global.clone(), whole.clone());
+        let (shared, from_global, join) = (self.label("tileread"), self.label("globalread"), self.label("read"));
+        self.emit(format!("br i1 {on}, label %{shared}, label %{from_global}"));
+        self.start_block(&shared);
+        let mut address = self.ins(format!("getelementptr inbounds float, float* {tile}, i64 {offset}"));
+        if let Some(check) = inside {
+            address = self.ins(format!("select i1 {check}, float* {address}, float* {tile}"));
+        }
+        let x = self.ins(format!("load float, float* {address}"));
+        self.emit(format!("br label %{join}"));
+        self.start_block(&from_global);
+        let mut address = self.element_address(buffer, &global, offset);
+        if let Some(check) = inside {
+            address = self.ins(format!("select i1 {check}, i16* {address}, i16* {whole}"));
+        }
+        let y = self.load_element(buffer, &address);
+        self.emit(format!("br label %{join}"));
+        self.start_block(&join);
+        self.ins(format!("phi float [ {x}, %{shared} ], [ {y}, %{from_global} ]"))
+    }
+
+    /// The LLVM type of buffer `buffer`'s elements in memory: `float`, or `i16` for f16 and bf16.
+    fn stored_type(&self, buffer: usize) -> &'static str {
+        match self.storage[buffer] {
+            ElemType::F32 => "float",
+            ElemType::F16 | ElemType::Bf16 => "i16",
+        }
+    }
+
+    /// The address of the element at `offset` from `base`, a pointer into buffer `buffer`.
+    fn element_address(&mut self, buffer: usize, base: &str, offset: &str) -> String {
+        let ty = self.stored_type(buffer);
+        self.ins(format!("getelementptr inbounds {ty}, {ty}* {base}, i64 {offset}"))
+    }
+
+    /// The element of buffer `buffer` at `address`, as f32 (widened exactly from f16 or bf16).
+    fn load_element(&mut self, buffer: usize, address: &str) -> String {
+        match self.storage[buffer] {
+            ElemType::F32 => self.ins(format!("load float, float* {address}")),
+            ElemType::Bf16 => {
+                // The bf16 bits are the high half of the f32 with the same value.
+                let bits = self.ins(format!("load i16, i16* {address}"));
+                let wide = self.ins(format!("zext i16 {bits} to i32"));
+                let high = self.ins(format!("shl i32 {wide}, 16"));
+                self.ins(format!("bitcast i32 {high} to float"))
+            }
+            ElemType::F16 => {
+                let bits = self.ins(format!("load i16, i16* {address}"));
+                match self.flavor {
+                    Flavor::Nvptx => {
+                        let h = self.ins(format!("bitcast i16 {bits} to half"));
+                        self.ins(format!("fpext half {h} to float"))
+                    }
+                    Flavor::Host => self.ins(format!("call float @einfuse_f16_to_f32(i16 {bits})")),
+                }
+            }
+        }
+    }
+
+    /// Stores the f32 `value` at `address` in buffer `buffer`, rounded to nearest even where the
+    /// buffer holds f16 or bf16.
+    fn store_element(&mut self, buffer: usize, value: &str, address: &str) {
+        let bits = match self.storage[buffer] {
+            ElemType::F32 => {
+                self.emit(format!("store float {value}, float* {address}"));
+                return;
+            }
+            ElemType::Bf16 => {
+                // Round the low 16 bits away, ties to even; a NaN stays a (quiet) NaN.
+                let x = self.ins(format!("bitcast float {value} to i32"));
+                let high = self.ins(format!("lshr i32 {x}, 16"));
+                let odd = self.ins(format!("and i32 {high}, 1"));
+                let half_up = self.ins(format!("add i32 {x}, 32767"));
+                let rounded = self.ins(format!("add i32 {half_up}, {odd}"));
+                let kept = self.ins(format!("lshr i32 {rounded}, 16"));
+                let quiet = self.ins(format!("or i32 {high}, 64"));
+                let nan = self.ins(format!("fcmp uno float {value}, 0.0"));
+                let chosen = self.ins(format!("select i1 {nan}, i32 {quiet}, i32 {kept}"));
+                self.ins(format!("trunc i32 {chosen} to i16"))
+            }
+            ElemType::F16 => match self.flavor {
+                Flavor::Nvptx => {
+                    let h = self.ins(format!("fptrunc float {value} to half"));
+                    self.ins(format!("bitcast half {h} to i16"))
+                }
+                Flavor::Host => self.ins(format!("call i16 @einfuse_f32_to_f16(float {value})")),
+            },
+        };
+        self.emit(format!("store i16 {bits}, i16* {address}"));
     }
 
     /// One step of the loop over `index` that may be empty (see `crate::skip`): the body up to
@@ -1314,8 +1448,8 @@ impl<'a> Lowering<'a> {
         let buffer = tensor.index();
         let (offset, inside) = self.offset(buffer, coords, always_inside);
         let base = self.values[buffer].clone();
-        let address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
-        let value = self.ins(format!("load float, float* {address}"));
+        let address = self.element_address(buffer, &base, &offset);
+        let value = self.load_element(buffer, &address);
         let defined = match self.masks[buffer].is_some() {
             true => {
                 let m = self.read_mask(buffer, &offset);
@@ -2597,8 +2731,8 @@ impl<'a> Lowering<'a> {
             None => value.to_string(),
         };
         let base = self.values[buffer].clone();
-        let address = self.ins(format!("getelementptr inbounds float, float* {base}, i64 {offset}"));
-        self.emit(format!("store float {stored}, float* {address}"));
+        let address = self.element_address(buffer, &base, &offset);
+        self.store_element(buffer, &stored, &address);
         if self.masks[buffer].is_some() {
             let d = defined.unwrap_or_else(|| "true".to_string());
             self.write_mask(buffer, &offset, &d);

@@ -10,6 +10,7 @@ pub mod lower;
 pub mod machine;
 pub mod registers;
 pub mod staging;
+pub mod storage;
 
 use crate::ir::Expr;
 use crate::schedule::LoopProgram;
