@@ -11,7 +11,8 @@
     python3 benches/compare_torch.py gpu OUT
         On a GPU machine, after `einfuse gpu-check` wrote OUT/gpu_prefill.*.npy and its time:
         PyTorch on the same inputs on the GPU, the agreement, both times and their ratio; the
-        same for decode (H=32, D=128, P=1, M=16384) and its split-key forms (OUT/decode_split*).
+        same for the bf16 form (gpu_prefill_bf16, against PyTorch in bf16) and for decode (H=32,
+        D=128, P=1, M=16384) and its split-key forms (OUT/decode_split*).
 """
 import json
 import os
@@ -68,19 +69,23 @@ def gpu_time(torch, call):
     return median(times)
 
 
-def gpu_compare(torch, out_dir, name, scale, variants):
+def gpu_compare(torch, out_dir, name, scale, variants, dtype="fp32"):
     """einfuse's times for `name` (and its `variants`, other outputs on the same inputs) against
-    SDPA on the inputs einfuse saved; returns the report's lines and whether all agree."""
+    SDPA on the inputs einfuse saved (bf16 values, saved as f32, for dtype "bf16"); returns the
+    report's lines and whether all agree."""
     import numpy as np
     q, k, v = (np.load(os.path.join(out_dir, f"{name}.{t}.npy")) for t in ("Q", "K", "V"))
     dev = torch.device("cuda")
-    tq, tk, tv = (torch.from_numpy(x).to(dev) for x in (q, k, v))
-    ref = sdpa(torch, tq, tk, tv, scale, False)
+    kind = torch.bfloat16 if dtype == "bf16" else torch.float32
+    tq, tk, tv = (torch.from_numpy(x).to(dev).to(kind) for x in (q, k, v))
+    ref = sdpa(torch, tq, tk, tv, scale, False).float()
     torch.cuda.synchronize()
     torch_s = gpu_time(torch, lambda: sdpa(torch, tq, tk, tv, scale, False))
     flops = 4 * q.shape[0] * q.shape[2] * k.shape[2] * q.shape[1]
-    kv_bytes = 4 * (k.size + v.size)
-    lines = [f"{name} H={q.shape[0]} P={q.shape[2]} M={k.shape[2]} D={q.shape[1]} fp32"]
+    kv_bytes = (2 if dtype == "bf16" else 4) * (k.size + v.size)
+    # Both round their bf16 outputs (values below 4 in size): a few units in the last place.
+    tolerance = 3e-2 if dtype == "bf16" else 1e-3
+    lines = [f"{name} H={q.shape[0]} P={q.shape[2]} M={k.shape[2]} D={q.shape[1]} {dtype}"]
     lines.append(f"  pytorch: {torch_s * 1e3:.3f} ms  {flops / torch_s / 1e12:.3f} TFLOP/s  "
                  f"{kv_bytes / torch_s / 1e9:.1f} GB/s of K and V")
     ok = True
@@ -93,7 +98,7 @@ def gpu_compare(torch, out_dir, name, scale, variants):
             einfuse_s = float(f.read())
         av = np.load(os.path.join(out_dir, f"{variant}.AV.npy"))
         err = float((ref.cpu() - torch.from_numpy(av)).abs().max())
-        ok &= err <= 1e-3
+        ok &= err <= tolerance
         lines.append(f"  einfuse {variant}: {einfuse_s * 1e3:.3f} ms  {flops / einfuse_s / 1e12:.3f} TFLOP/s  "
                      f"{kv_bytes / einfuse_s / 1e9:.1f} GB/s; throughput vs pytorch {torch_s / einfuse_s:.3f}; "
                      f"largest absolute difference {err:.3e}")
@@ -105,14 +110,15 @@ def gpu(out_dir):
     torch.backends.cuda.matmul.allow_tf32 = False
     lines = [f"device: {torch.cuda.get_device_name(0)}"]
     ok = True
-    for name, scale, variants in (
-        ("gpu_prefill", 0.125, []),
-        ("decode", 0.08838834764831845, ["decode_split256", "decode_split1024"]),
+    for name, scale, variants, dtype in (
+        ("gpu_prefill", 0.125, [], "fp32"),
+        ("gpu_prefill_bf16", 0.125, [], "bf16"),
+        ("decode", 0.08838834764831845, ["decode_split256", "decode_split1024"], "fp32"),
     ):
         if not os.path.exists(os.path.join(out_dir, f"{name}.Q.npy")):
             lines.append(f"{name}: no inputs (einfuse did not run it)")
             continue
-        more, agree = gpu_compare(torch, out_dir, name, scale, variants)
+        more, agree = gpu_compare(torch, out_dir, name, scale, variants, dtype)
         lines += more
         ok &= agree
     print("\n".join(lines))

@@ -25,7 +25,7 @@ for file in examples/*.ein benches/attention.ein; do
     form=optimized
     if [ "$file" = benches/attention.ein ]; then
       case "$kernel" in
-        gpu_prefill | decode) form=bench ;;
+        gpu_prefill | gpu_prefill_bf16 | decode) form=bench ;;
         *) continue ;;
       esac
     fi

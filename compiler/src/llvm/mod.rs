@@ -59,16 +59,18 @@ pub fn launch_description(program: &LoopProgram, source_file: &str) -> String {
         .filter(|(r, _)| **r)
         .map(|(_, b)| format!("\"{}\"", c.tensor(b.tensor).name))
         .collect();
+    let storage: Vec<String> =
+        storage::storage_types(program).iter().map(|elem| format!("\"{elem}\"")).collect();
     format!(
         "{{\n  \"kernel\": \"{}\",\n  \"source\": \"{}\",\n  \"entry\": \"{}\",\n  \"block\": \"min({}, the lane rank's extent rounded up to a multiple of {}) threads in x; a warp (one point) where \
          the lane rank has at most 8 points and the kernel reduces\",\n  \
          \"grid\": \"(the product of the other batch ranks' extents) * ceil(lane extent / points per block) blocks in x\",\n  \
          \"batch_ranks\": [{}],\n  \"lane_rank\": {},\n  \"staged_reads\": [{}],\n  \"register_buffers\": [{}],\n  \
          \"shared_memory_bytes\": \"dynamic, per call: the staged tiles that fit in {} bytes (see ThreadLayout)\",\n  \
-         \"arguments\": [\"values: float*[buffers]\", \"masks: u8*[buffers]\", \"extents: i64[ranks], batch ranks as 1\", \
+         \"arguments\": [\"values: pointer[buffers], each to elements of its storage type\", \"masks: u8*[buffers]\", \"extents: i64[ranks], batch ranks as 1\", \
          \"dims: i64[positions of all buffers]\", \"strides: i64[positions of all buffers]\", \
          \"batch: i64[batch ranks + buffers * (batch ranks + 1) + per staged read: shared offset or -1, box extents; threads per point]\", \"threads: i64 (points times threads per point)\"],\n  \
-         \"buffers\": [{}],\n  \"inputs\": [{}],\n  \"outputs\": [{}]\n}}\n",
+         \"buffers\": [{}],\n  \"storage\": [{}],\n  \"inputs\": [{}],\n  \"outputs\": [{}]\n}}\n",
         c.name,
         source_file.replace('\\', "\\\\").replace('"', "\\\""),
         c.name,
@@ -80,6 +82,7 @@ pub fn launch_description(program: &LoopProgram, source_file: &str) -> String {
         registers.join(", "),
         launch::SHARED_BYTES,
         buffers.join(", "),
+        storage.join(", "),
         inputs.join(", "),
         outputs.join(", ")
     )
