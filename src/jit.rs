@@ -45,8 +45,9 @@ pub struct CompileOptions {
     pub target: Target,
     /// Run the e-graph optimizer first (fewest passes).
     pub optimize: bool,
-    /// The tile size of split ranks the optimizer creates.
-    pub tile: u64,
+    /// The tile size of split ranks the optimizer creates; by default 64, on the GPU targets as
+    /// `optimize_for_gpu` chooses (32 where a head dimension of 128 needs it).
+    pub tile: Option<u64>,
     /// Param overrides, baked into the compiled code.
     pub params: Vec<(String, f64)>,
     /// Fail when an output holds an infinity or a NaN.
@@ -64,7 +65,7 @@ impl Default for CompileOptions {
         CompileOptions {
             target: Target::Cpu,
             optimize: true,
-            tile: 64,
+            tile: None,
             params: vec![],
             check_finite: true,
             threads: crate::all_cores(),
@@ -119,8 +120,11 @@ fn compile_program(program: Program, options: &CompileOptions) -> Result<Compile
             }
         }
         if options.optimize {
-            let optimizer = crate::compiler::optimize::OptimizeOptions { tile: options.tile, ..Default::default() };
-            cascade = crate::compiler::optimize::optimize(&cascade, &optimizer)?.cascade;
+            let gpu = matches!(options.target, Target::Gpu | Target::GpuEmulated);
+            cascade = match options.tile {
+                None if gpu => crate::optimize_for_gpu(&cascade)?.cascade,
+                tile => crate::optimize_tiled(&cascade, tile.unwrap_or(64))?.cascade,
+            };
         }
         let split = match options.split_keys {
             None => None,

@@ -91,6 +91,30 @@ pub fn optimize_tiled(cascade: &Cascade, tile: u64) -> Result<compiler::optimize
     Ok(compiler::optimize::optimize(cascade, &options)?)
 }
 
+/// The smaller tile sizes `optimize_for_gpu` tries, largest first.
+pub const SMALLER_GPU_TILES: [u64; 2] = [32, 16];
+
+/// Optimizes a kernel for the GPU: tiles of 64 points for the split ranks the optimizer creates;
+/// but where the kernel keeps register buffers (`compiler::llvm::registers`), which a step uses
+/// only when all its staged tiles are in shared memory, and they do not all fit at 64, the
+/// largest of `SMALLER_GPU_TILES` at which they do (a head dimension of 128 needs 32). A kernel
+/// whose tiles fit at none, or whose tile sizes depend on a symbolic extent, gets 64.
+pub fn optimize_for_gpu(cascade: &Cascade) -> Result<compiler::optimize::Optimized, Error> {
+    use compiler::llvm::{launch::staged_tiles_fit, registers::register_buffers};
+    let optimized = optimize_tiled(cascade, 64)?;
+    let program = compiler::schedule::schedule(&optimized.cascade)?;
+    if staged_tiles_fit(&program) != Some(false) || !register_buffers(&program).contains(&true) {
+        return Ok(optimized);
+    }
+    for tile in SMALLER_GPU_TILES {
+        let smaller = optimize_tiled(cascade, tile)?;
+        if staged_tiles_fit(&compiler::schedule::schedule(&smaller.cascade)?) == Some(true) {
+            return Ok(smaller);
+        }
+    }
+    Ok(optimized)
+}
+
 /// A checked source file: its text and its kernels.
 pub struct Program {
     pub path: String,

@@ -96,10 +96,11 @@ enum Command {
         #[arg(long, value_name = "KEYS")]
         split_keys: Option<u64>,
         /// Tiles of this many points for the split ranks the optimizer creates (the streamed keys).
-        /// For `nvptx` with a head dimension of 128, 32 lets the key and value tiles of a step
-        /// both fit in shared memory, which the register code needs.
-        #[arg(long, default_value_t = 64)]
-        tile: u64,
+        /// Default: 64; for `nvptx`, where the kernel keeps register buffers, the largest of 64,
+        /// 32 and 16 at which a step's key and value tiles fit in shared memory (32 for a head
+        /// dimension of 128), which the register code needs.
+        #[arg(long)]
+        tile: Option<u64>,
     },
     /// Time a kernel on the CPU against the same cascade compiled as written (unfused).
     Bench {
@@ -253,8 +254,9 @@ struct RunArgs {
     #[arg(long, value_name = "KEYS")]
     split_keys: Option<u64>,
     /// Tiles of this many points for the split ranks the optimizer creates (the streamed keys).
-    #[arg(long, default_value_t = 64)]
-    tile: u64,
+    /// Default: 64; for the GPU targets, as for `compile --target nvptx`.
+    #[arg(long)]
+    tile: Option<u64>,
 }
 
 fn split_assignment(text: &str) -> Result<(&str, &str), String> {
@@ -372,7 +374,11 @@ fn execute(command: Command) -> Result<(), Error> {
         Command::Run(args) => run(args),
         Command::Compile { file, kernel, target, output, split_keys, tile } => {
             let program = Program::from_file(&file)?;
-            let optimized = einfuse::optimize_tiled(program.kernel(kernel.as_deref())?, tile)?.cascade;
+            let written = program.kernel(kernel.as_deref())?;
+            let optimized = match tile {
+                None if matches!(target, CompileTarget::Nvptx) => einfuse::optimize_for_gpu(written)?.cascade,
+                tile => einfuse::optimize_tiled(written, tile.unwrap_or(64))?.cascade,
+            };
             let loops = compiler::schedule::schedule(&optimized)?;
             let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
             if let Some(chunk) = split_keys {
@@ -648,16 +654,19 @@ fn run(args: RunArgs) -> Result<(), Error> {
         let tensor = runtime::npy::read_npy(path, einfuse::dtype_of(elem))?;
         options.inputs.push((name.clone(), tensor));
     }
+    let tiled = |kernel| einfuse::optimize_tiled(kernel, args.tile.unwrap_or(64)).map(|o| o.cascade);
+    let for_gpu = |kernel| match args.tile {
+        None => einfuse::optimize_for_gpu(kernel).map(|o| o.cascade),
+        Some(tile) => einfuse::optimize_tiled(kernel, tile).map(|o| o.cascade),
+    };
     let (target, kernel) = match args.target {
         // The split-key form is derived from the optimized cascade.
-        TargetArg::Interp if args.split_keys.is_some() => {
-            (Target::Interp, einfuse::optimize_tiled(kernel, args.tile)?.cascade)
-        }
+        TargetArg::Interp if args.split_keys.is_some() => (Target::Interp, tiled(kernel)?),
         TargetArg::Interp => (Target::Interp, kernel.clone()),
-        TargetArg::Cpu => (Target::Cpu, einfuse::optimize_tiled(kernel, args.tile)?.cascade),
-        TargetArg::CpuLlvm => (Target::CpuLlvm, einfuse::optimize_tiled(kernel, args.tile)?.cascade),
-        TargetArg::GpuEmu => (Target::GpuEmulated, einfuse::optimize_tiled(kernel, args.tile)?.cascade),
-        TargetArg::Gpu => (Target::Gpu, einfuse::optimize_tiled(kernel, args.tile)?.cascade),
+        TargetArg::Cpu => (Target::Cpu, tiled(kernel)?),
+        TargetArg::CpuLlvm => (Target::CpuLlvm, tiled(kernel)?),
+        TargetArg::GpuEmu => (Target::GpuEmulated, for_gpu(kernel)?),
+        TargetArg::Gpu => (Target::Gpu, for_gpu(kernel)?),
     };
     let outputs = einfuse::run(&kernel, target, &options)?;
     if args.check {
@@ -976,8 +985,8 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
         };
         let program = Program::from_file(&artifacts.join(file))?;
         let written = program.kernel(Some(name))?;
-        // `compile --target nvptx` compiles the optimized cascade; the launch must see the same one.
-        let cascade = einfuse::optimize(written)?.cascade;
+        // `compile --target nvptx` compiles this optimized cascade; the launch must see the same one.
+        let cascade = einfuse::optimize_for_gpu(written)?.cascade;
         if let Some(chunk) = form.strip_prefix("split") {
             let chunk: u64 = chunk.parse().map_err(|_| Error::Usage(format!("{line}: form `split<KEYS>` expected")))?;
             failures += gpu_check_split(&device, artifacts, out, file, &cascade, chunk, ptx_file, &mut say)?;

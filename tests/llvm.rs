@@ -237,9 +237,11 @@ fn narrow_storage_in_the_gpu_kernels() {
     };
     // The optimized cascade computes `SD` from the running sum after the loop, once.
     assert_eq!([of("Q"), of("K"), of("V"), of("AV"), of("SD")], [Bf16, Bf16, F16, Bf16, F16]);
-    assert!(program.buffers.iter().zip(&storage).all(|(b, s)| {
-        *s == F32 || !matches!(b.role, einfuse::compiler::schedule::BufferRole::Temp)
-    }));
+    assert!(program
+        .buffers
+        .iter()
+        .zip(&storage)
+        .all(|(b, s)| { *s == F32 || !matches!(b.role, einfuse::compiler::schedule::BufferRole::Temp) }));
     let emulated = Compiled::new(&optimized, true);
     // Head dimensions whose tiles fit in shared memory or not (200 rows of 64 keys do not).
     for (e, f) in [(8, 8), (200, 8), (8, 200)] {
@@ -265,19 +267,19 @@ fn narrow_storage_in_the_gpu_kernels() {
     assert_eq!(names, ["X", "Y", "Z", "U", "W"]);
     assert_eq!(storage_types(&program), [F32, F32, F16, Bf16, F32]);
     let mut x: Vec<f32> = vec![
-        1.0 + 1.0 / 256.0,             // a bf16 tie, rounded down to even
-        1.0 + 3.0 / 256.0,             // a bf16 tie, rounded up to even
-        1.0 + 1.0 / 2048.0,            // an f16 tie
-        f32::from_bits(0x3f80_8001),   // just past a bf16 tie
-        65520.0,                       // rounds to f16 infinity
-        3.4e38,                        // rounds to bf16 infinity
-        1e-6,                          // an f16 subnormal
+        1.0 + 1.0 / 256.0,           // a bf16 tie, rounded down to even
+        1.0 + 3.0 / 256.0,           // a bf16 tie, rounded up to even
+        1.0 + 1.0 / 2048.0,          // an f16 tie
+        f32::from_bits(0x3f80_8001), // just past a bf16 tie
+        65520.0,                     // rounds to f16 infinity
+        3.4e38,                      // rounds to bf16 infinity
+        1e-6,                        // an f16 subnormal
         -0.0,
         f32::INFINITY,
         f32::NEG_INFINITY,
         f32::NAN,
-        f32::from_bits(0x7f7f_ffff),   // the largest f32
-        f32::from_bits(0x0000_0001),   // the smallest f32 subnormal
+        f32::from_bits(0x7f7f_ffff), // the largest f32
+        f32::from_bits(0x0000_0001), // the smallest f32 subnormal
     ];
     x.extend((0..200).map(|k| ((k as f32) * 0.731).sin() * 10f32.powi(k % 11 - 5)));
     let kernel = Compiled::new(&cascade, true);
@@ -377,6 +379,56 @@ fn staged_tiles_in_shared_memory_or_global_where_they_do_not_fit() {
         assert_eq!(layout.shared_bytes, (5 * 32 + 7 * 32) * 4);
         let error = compare(&optimized, &emulated, &sizes, m + p);
         assert!(error <= 1e-4, "tiles of 30, M={m} P={p}: relative error {error:.3e}");
+    }
+}
+
+/// `optimize_for_gpu` tiles the keys by 64 unless the kernel keeps register buffers and its key
+/// and value tiles do not both fit in shared memory at 64: a head dimension of 128 then gets
+/// tiles of 32, at which both are in shared memory, and the emulation agrees.
+#[test]
+fn gpu_tiles_small_enough_for_shared_memory() {
+    use einfuse::compiler::llvm::launch::{staged_tiles_fit, ThreadLayout};
+    let source = "kernel wide {
+      rank E = 128, F = 128, M, P
+      input Q[E, P], K[E, M], V[F, M]
+      param scale = 0.05
+      QK[m, p] = Q[e, p] * K[e, m] * scale
+      GM[p] = max[m](QK[m, p])
+      SN[m, p] = exp(QK[m, p] - GM[p])
+      SD[p] = SN[m, p]
+      AV[f, p] = SN[m, p] * V[f, m] / SD[p]
+      output AV
+    }";
+    let tile_of = |cascade: &Cascade| {
+        let pairs = cascade.split_pairs();
+        let Extent::Fixed(n) = cascade.rank(pairs[0].1).extent else { panic!("a fixed tile") };
+        n
+    };
+    let kernel = |text: &str| einfuse::compiler::compile_source(text).unwrap().remove(0);
+    let wide = kernel(source);
+    let program = |c: &Cascade| einfuse::compiler::schedule::schedule(c).unwrap();
+    assert_eq!(staged_tiles_fit(&program(&einfuse::optimize(&wide).unwrap().cascade)), Some(false));
+    let optimized = einfuse::optimize_for_gpu(&wide).unwrap().cascade;
+    assert_eq!(tile_of(&optimized), 32);
+    let loops = program(&optimized);
+    assert_eq!(staged_tiles_fit(&loops), Some(true));
+    // Head dimension 64 fits at 64; a symbolic head dimension cannot be known; decode keeps no
+    // register buffers (a warp per row), so its tile stays 64 too.
+    let narrow = kernel(&source.replace("E = 128, F = 128", "E = 64, F = 64"));
+    let symbolic = kernel(&source.replace("E = 128, F = 128", "E, F"));
+    let decode = kernel(&source.replace("M, P", "M, P = 1"));
+    for cascade in [&narrow, &symbolic, &decode] {
+        assert_eq!(tile_of(&einfuse::optimize_for_gpu(cascade).unwrap().cascade), 64, "{source}");
+    }
+    let emulated = Compiled::new(&optimized, true);
+    for (m, p) in [(100u64, 40u64), (64, 5)] {
+        let sizes: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
+        let bindings: Vec<(String, u64)> = sizes.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let extents = bind_extents(&optimized, &bindings, &[]).unwrap();
+        let layout = ThreadLayout::new(&loops, &extents, u64::MAX).unwrap();
+        assert_eq!(layout.shared_bytes, 2 * 128 * 32 * 4);
+        let error = compare(&optimized, &emulated, &sizes, m + p);
+        assert!(error <= 1e-4, "M={m} P={p}: relative error {error:.3e}");
     }
 }
 

@@ -17,6 +17,7 @@ use crate::ir::*;
 use crate::schedule::{BufferRole, LoopProgram};
 use crate::shapes::tensor_shape;
 
+use super::staging::StagedRead;
 use super::storage::{element_bytes, narrow_bits, storage_types, widen_bits};
 
 /// A call's buffers in host memory: values, and masks (empty for a buffer without one).
@@ -216,37 +217,68 @@ impl ThreadLayout {
         self.threads * self.lanes_per_point
     }
 
-    /// Places the staged tiles in shared memory: each streamed loop's from the start (the loops
-    /// run one after the other), in order, as many as fit.
+    /// Places the staged tiles in shared memory (see `place_tiles`) and lists each one's offset
+    /// and box in the batch table.
     fn stage(&mut self, program: &LoopProgram, local: &[u64]) {
-        let mut used: Vec<(Index, u64)> = Vec::new();
-        for read in super::staging::staged_reads(program) {
-            let extents = read.box_extents(local);
-            // Rows padded to a multiple of 4 floats, so that every tile and row starts 16-byte
-            // aligned (see `lower::Lowering::stage`).
-            let mut padded = extents.clone();
-            if let Some(last) = padded.last_mut() {
-                *last = last.saturating_add(3) & !3;
-            }
-            let elements = padded.iter().try_fold(1u64, |a, n| a.checked_mul(*n)).unwrap_or(u64::MAX);
-            let at = match used.iter().position(|(step, _)| *step == read.step) {
-                Some(at) => at,
-                None => {
-                    used.push((read.step, 0));
-                    used.len() - 1
-                }
-            };
-            let offset = used[at].1;
-            let fits = elements.checked_add(offset).is_some_and(|end| end.saturating_mul(4) <= SHARED_BYTES);
-            if fits {
-                used[at].1 = offset + elements;
-            }
-            self.batch.push(if fits { offset as i64 } else { -1 });
-            self.batch.extend(extents.iter().map(|n| *n as i64));
+        let reads = super::staging::staged_reads(program);
+        let (offsets, shared_bytes) = place_tiles(&reads, local);
+        for (read, offset) in reads.iter().zip(offsets) {
+            self.batch.push(offset.map_or(-1, |o| o as i64));
+            self.batch.extend(read.box_extents(local).iter().map(|n| *n as i64));
         }
-        self.shared_bytes = used.iter().map(|(_, elements)| elements * 4).max().unwrap_or(0);
+        self.shared_bytes = shared_bytes;
     }
+}
 
+/// Places the staged tiles of a call at `extents` (batch ranks as 1) in shared memory: each
+/// streamed loop's from the start (the loops run one after the other), in order, as many as fit
+/// in `SHARED_BYTES`. Returns each tile's offset in floats (`None` where it does not fit), and
+/// the bytes the block needs.
+fn place_tiles(reads: &[StagedRead], extents: &[u64]) -> (Vec<Option<u64>>, u64) {
+    let mut used: Vec<(Index, u64)> = Vec::new();
+    let mut offsets = Vec::new();
+    for read in reads {
+        // Rows padded to a multiple of 4 floats, so that every tile and row starts 16-byte
+        // aligned (see `lower::Lowering::stage`).
+        let mut padded = read.box_extents(extents);
+        if let Some(last) = padded.last_mut() {
+            *last = last.saturating_add(3) & !3;
+        }
+        let elements = padded.iter().try_fold(1u64, |a, n| a.checked_mul(*n)).unwrap_or(u64::MAX);
+        let at = match used.iter().position(|(step, _)| *step == read.step) {
+            Some(at) => at,
+            None => {
+                used.push((read.step, 0));
+                used.len() - 1
+            }
+        };
+        let offset = used[at].1;
+        let fits = elements.checked_add(offset).is_some_and(|end| end.saturating_mul(4) <= SHARED_BYTES);
+        if fits {
+            used[at].1 = offset + elements;
+        }
+        offsets.push(fits.then_some(offset));
+    }
+    (offsets, used.iter().map(|(_, elements)| elements * 4).max().unwrap_or(0))
+}
+
+/// Whether every staged tile of `program` fits in shared memory at every call, as `ThreadLayout`
+/// places them; `None` where a tile's size depends on a symbolic extent (and so on the call).
+pub fn staged_tiles_fit(program: &LoopProgram) -> Option<bool> {
+    let c = &program.cascade;
+    let reads = super::staging::staged_reads(program);
+    let mut extents = vec![0u64; c.ranks.len()];
+    for read in &reads {
+        for index in read.terms.iter().flat_map(|terms| terms.keys()) {
+            let Extent::Fixed(n) = c.rank(index.rank).extent else { return None };
+            extents[index.rank.index()] = n;
+        }
+    }
+    let (offsets, _) = place_tiles(&reads, &extents);
+    Some(offsets.iter().all(Option::is_some))
+}
+
+impl ThreadLayout {
     /// The buffers of a call in host memory: inputs copied in (dense row-major, in the order of
     /// `Cascade::inputs`; f16 and bf16 inputs hold values of their type, which are stored as
     /// their bits), everything else zero; a mask beside every masked buffer.

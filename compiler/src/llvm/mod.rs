@@ -59,13 +59,21 @@ pub fn launch_description(program: &LoopProgram, source_file: &str) -> String {
         .filter(|(r, _)| **r)
         .map(|(_, b)| format!("\"{}\"", c.tensor(b.tensor).name))
         .collect();
-    let storage: Vec<String> =
-        storage::storage_types(program).iter().map(|elem| format!("\"{elem}\"")).collect();
+    // The split ranks, as `M0 = 64`: the tile the optimizer chose (see `optimize_for_gpu`).
+    let tiles: Vec<String> = c
+        .split_pairs()
+        .iter()
+        .map(|(_, inner, _)| match c.rank(*inner).extent {
+            crate::ir::Extent::Fixed(n) => format!("\"{} = {n}\"", c.rank(*inner).name),
+            _ => format!("\"{}\"", c.rank(*inner).name),
+        })
+        .collect();
+    let storage: Vec<String> = storage::storage_types(program).iter().map(|elem| format!("\"{elem}\"")).collect();
     format!(
         "{{\n  \"kernel\": \"{}\",\n  \"source\": \"{}\",\n  \"entry\": \"{}\",\n  \"block\": \"min({}, the lane rank's extent rounded up to a multiple of {}) threads in x; a warp (one point) where \
          the lane rank has at most 8 points and the kernel reduces\",\n  \
          \"grid\": \"(the product of the other batch ranks' extents) * ceil(lane extent / points per block) blocks in x\",\n  \
-         \"batch_ranks\": [{}],\n  \"lane_rank\": {},\n  \"staged_reads\": [{}],\n  \"register_buffers\": [{}],\n  \
+         \"batch_ranks\": [{}],\n  \"lane_rank\": {},\n  \"tiles\": [{}],\n  \"staged_reads\": [{}],\n  \"register_buffers\": [{}],\n  \
          \"shared_memory_bytes\": \"dynamic, per call: the staged tiles that fit in {} bytes (see ThreadLayout)\",\n  \
          \"arguments\": [\"values: pointer[buffers], each to elements of its storage type\", \"masks: u8*[buffers]\", \"extents: i64[ranks], batch ranks as 1\", \
          \"dims: i64[positions of all buffers]\", \"strides: i64[positions of all buffers]\", \
@@ -78,6 +86,7 @@ pub fn launch_description(program: &LoopProgram, source_file: &str) -> String {
         launch::WARP,
         batch.join(", "),
         batch.last().map_or("null".to_string(), |b| b.clone()),
+        tiles.join(", "),
         staged.join(", "),
         registers.join(", "),
         launch::SHARED_BYTES,
