@@ -181,3 +181,31 @@ fn split_keys_and_tiles_on_the_command_line() {
     assert_eq!(split.status.code(), Some(0));
     assert!(stdout(&split).contains("kernel decode_chunks") && stdout(&split).contains("kernel decode_merge"));
 }
+
+/// `--check` allows an f16 or bf16 output one unit in its last place beside the tolerance (both
+/// sides are rounded to its type, and may round to neighbours): bf16 attention passes on the CPU
+/// and on the emulated GPU, whose kernel rounds the output itself.
+#[test]
+fn narrow_outputs_are_checked_to_a_unit_in_the_last_place() {
+    let mut targets = vec!["cpu"];
+    if cfg!(feature = "llvm") {
+        targets.push("gpu-emu");
+    }
+    for target in targets {
+        let output = einfuse(&[
+            "run",
+            "benches/attention.ein",
+            "--kernel",
+            "gpu_prefill_bf16",
+            "--bind",
+            "M=100",
+            "--bind",
+            "P=70",
+            "--check",
+            "--target",
+            target,
+        ]);
+        assert_eq!(output.status.code(), Some(0), "{target}: {}", stderr(&output));
+        assert!(stdout(&output).contains("AV: bf16 [32, 64, 70]"), "{target}: {}", stdout(&output));
+    }
+}
