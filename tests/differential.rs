@@ -11,7 +11,7 @@
 
 use einfuse::compiler::generate::{generate, Generated};
 use einfuse::compiler::interp::{interpret, InterpLimits};
-use einfuse::compiler::ir::Cascade;
+use einfuse::compiler::ir::{Cascade, TensorKind};
 use einfuse::compiler::print::print_cascade;
 use einfuse::compiler::shapes::{bind_extents, tensor_shape};
 use einfuse::{DType, Tensor};
@@ -23,7 +23,8 @@ fn inputs(cascade: &Cascade, extents: &[u64], seed: u64) -> Vec<Tensor> {
         .enumerate()
         .map(|(n, id)| {
             let shape = tensor_shape(cascade, *id, extents).iter().map(|s| *s as usize).collect();
-            Tensor::random(DType::F32, shape, seed * 31 + n as u64).unwrap()
+            let TensorKind::Input { elem } = cascade.tensor(*id).kind else { unreachable!("an input") };
+            Tensor::random(einfuse::dtype_of(elem), shape, seed * 31 + n as u64).unwrap()
         })
         .collect()
 }
@@ -73,12 +74,28 @@ enum Strictness {
     Optimized,
 }
 
-fn agree(a: &[Vec<f64>], b: &[Vec<f64>], tolerance: f64, strictness: Strictness) -> Result<(), String> {
+/// Whether two runs' outputs agree. An output stored as f16 or bf16 is compared rounded to its
+/// type (a GPU kernel stores it rounded), within one unit in its last place more, since two
+/// values a rounding error apart may round to neighbours.
+fn agree(
+    cascade: &Cascade,
+    a: &[Vec<f64>],
+    b: &[Vec<f64>],
+    tolerance: f64,
+    strictness: Strictness,
+) -> Result<(), String> {
     for (o, (x, y)) in a.iter().zip(b).enumerate() {
         if x.len() != y.len() {
             return Err(format!("output {o}: {} vs {} elements", x.len(), y.len()));
         }
+        let dtype = einfuse::dtype_of(cascade.outputs[o].elem);
+        let (tolerance, round): (f64, &dyn Fn(f64) -> f64) = match dtype {
+            DType::F32 => (tolerance, &|v| v),
+            DType::F16 => (tolerance + 2f64.powi(-10), &|v| DType::F16.round(v as f32) as f64),
+            DType::Bf16 => (tolerance + 2f64.powi(-7), &|v| DType::Bf16.round(v as f32) as f64),
+        };
         for (i, (p, q)) in x.iter().zip(y).enumerate() {
+            let (p, q) = (&round(*p), &round(*q));
             let forgiven = matches!(strictness, Strictness::Optimized) && p.is_nan();
             let same = forgiven
                 || (p.is_nan() && q.is_nan())
@@ -105,26 +122,26 @@ fn check(generated: &Generated) -> Result<(), String> {
     let data = inputs(cascade, &extents, 7);
     let reference = interp(cascade, bindings, &data);
     let optimized_reference = interp(&optimized, bindings, &data);
-    agree(&reference, &optimized_reference, 1e-9, Strictness::Optimized)
+    agree(cascade, &reference, &optimized_reference, 1e-9, Strictness::Optimized)
         .map_err(|e| format!("optimized interpreter: {e}"))?;
-    agree(&reference, &cpu(cascade, bindings, &data), 1e-4, Strictness::Exact)
+    agree(cascade, &reference, &cpu(cascade, bindings, &data), 1e-4, Strictness::Exact)
         .map_err(|e| format!("cpu as written: {e}"))?;
-    agree(&optimized_reference, &cpu(&optimized, bindings, &data), 1e-4, Strictness::Exact)
+    agree(cascade, &optimized_reference, &cpu(&optimized, bindings, &data), 1e-4, Strictness::Exact)
         .map_err(|e| format!("cpu optimized: {e}"))?;
     if let Some(split) = split_form(&optimized) {
         let slices: Vec<&[f32]> = data.iter().map(Tensor::data).collect();
         for target in [einfuse::Target::Interp, einfuse::Target::Cpu] {
             let got =
                 einfuse::run_split(&optimized, &split, target, &extents, &slices, 2).map_err(|e| e.to_string())?;
-            agree(&optimized_reference, &to_f64(got), 1e-4, Strictness::Exact)
+            agree(cascade, &optimized_reference, &to_f64(got), 1e-4, Strictness::Exact)
                 .map_err(|e| format!("split-key form on {}: {e}", target.name()))?;
         }
     }
     #[cfg(feature = "llvm")]
     {
-        agree(&reference, &cpu_llvm(cascade, bindings, &data), 1e-4, Strictness::Exact)
+        agree(cascade, &reference, &cpu_llvm(cascade, bindings, &data), 1e-4, Strictness::Exact)
             .map_err(|e| format!("cpu-llvm as written: {e}"))?;
-        agree(&optimized_reference, &emulated(&optimized, bindings, &data), 1e-4, Strictness::Exact)
+        agree(cascade, &optimized_reference, &emulated(&optimized, bindings, &data), 1e-4, Strictness::Exact)
             .map_err(|e| format!("emulated GPU kernel, optimized: {e}"))?;
     }
     Ok(())

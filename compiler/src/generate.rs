@@ -3,7 +3,8 @@
 //! Every generated cascade checks and verifies, and keeps its values finite: element-wise
 //! functions are chosen so that they cannot overflow (`tanh`, `sigmoid`, `exp` of a bounded
 //! argument, division by `1 + |x|`), and extents are small. It uses ranks fixed and symbolic (and
-//! sometimes a split pair), inputs, sum/max/min reductions (implicit and explicit), index values,
+//! sometimes a split pair), inputs and outputs of every storage type, sum/max/min reductions
+//! (implicit and explicit), index values,
 //! affine subscripts into split ranks, `where` filters, recurrences and several outputs. The result
 //! is `.ein` text from the IR printer, so every failure is a reproducible file.
 
@@ -112,6 +113,22 @@ pub fn generate(seed: u64) -> Generated {
     let outputs = if defined.len() > 1 && b.rng.chance(40) { 2 } else { 1 };
     for t in &defined[defined.len() - outputs..] {
         b.c.outputs.push(Output { tensor: *t, elem: ElemType::F32 });
+    }
+    // Storage types from a stream of their own, so that the rest of a seed's cascade is what it
+    // was before they were drawn: some inputs and outputs f16 or bf16.
+    let mut types = Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B);
+    let mut narrow = |percent: usize| match types.below(100) {
+        n if n < percent / 2 => ElemType::Bf16,
+        n if n < percent => ElemType::F16,
+        _ => ElemType::F32,
+    };
+    for tensor in &mut b.c.tensors {
+        if let TensorKind::Input { elem } = &mut tensor.kind {
+            *elem = narrow(30);
+        }
+    }
+    for output in &mut b.c.outputs {
+        output.elem = narrow(30);
     }
     // The checker's form of the same cascade (it folds `-1` and the like), so that printing and
     // checking again is the identity on what is returned.
