@@ -197,7 +197,7 @@ fn thread_entry(
             )
             .unwrap();
         }
-        for b in 0..nb {
+        for (b, elem) in storage.iter().enumerate() {
             let row = k + b * (k + 1);
             for j in 0..=k {
                 let coordinate = if j == k { t_scratch.to_string() } else { format!("%b{j}") };
@@ -215,7 +215,7 @@ fn thread_entry(
                 acc = format!("%a{b}_{j}");
             }
             // A buffer of 16-bit elements is offset in its own elements.
-            let offset = match storage[b] {
+            let offset = match elem {
                 ElemType::F32 => format!("%vo{b} = getelementptr float, float* %vb{b}, i64 {acc}"),
                 _ => format!(
                     "%vn{b} = bitcast float* %vb{b} to i16*\n  %vq{b} = getelementptr i16, i16* %vn{b}, i64 {acc}\n  \
