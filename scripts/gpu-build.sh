@@ -6,20 +6,21 @@
 #   - the PTX of every corpus kernel (optimized) and of the benchmark kernels, with their sources,
 #     listed in kernels.txt (`file kernel form ptx`; form `optimized`, `bench`, or `splitKEYS`
 #     for the split-key form of decode, whose two kernels are `chunks.ptx,merge.ptx`).
-# Carry gpu-artifacts/ to the GPU machine (the device tool: carry ["gpu-artifacts"]).
+# Carry gpu-artifacts/ to the GPU machine (the device tool: carry ["gpu-artifacts"]). A rehearsal
+# here: target/release/einfuse gpu-check --emulate gpu-artifacts OUT (the emulated kernels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 
 art=gpu-artifacts
 rm -rf "$art"
-mkdir -p "$art/examples" "$art/benches"
+mkdir -p "$art/examples" "$art/benches" "$art/tests/filetests"
 cargo build --quiet --release --bin einfuse
 cargo build --quiet --release --bin einfuse --no-default-features --features cuda --target-dir target/no-llvm
 cp target/no-llvm/release/einfuse "$art/einfuse"
 strip "$art/einfuse" 2>/dev/null || true
 : > "$art/kernels.txt"
-for file in examples/*.ein benches/attention.ein; do
+for file in examples/*.ein benches/attention.ein tests/filetests/features.ein; do
   cp "$file" "$art/$file"
   for kernel in $(grep -o '^kernel [A-Za-z_0-9]*' "$file" | cut -d' ' -f2); do
     form=optimized
@@ -28,6 +29,10 @@ for file in examples/*.ein benches/attention.ein; do
         gpu_prefill | gpu_prefill_bf16 | decode) form=bench ;;
         *) continue ;;
       esac
+    fi
+    # f16 and bf16 inputs and a bf16 output, checked against the interpreter.
+    if [ "$file" = tests/filetests/features.ein ] && [ "$kernel" != types_and_scalars ]; then
+      continue
     fi
     ptx="$(basename "$file" .ein).$kernel.ptx"
     target/release/einfuse compile --target nvptx "$file" --kernel "$kernel" -o "$art/$ptx" >/dev/null

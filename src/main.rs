@@ -139,6 +139,10 @@ enum Command {
         artifacts: PathBuf,
         /// Where to write `results.txt` and the benchmark's `.npy` files.
         out: PathBuf,
+        /// Run the emulated kernels on this CPU instead (needs LLVM), the benchmarks at the
+        /// small shape: a rehearsal of the GPU run on a machine without one.
+        #[arg(long)]
+        emulate: bool,
     },
     /// Write the gallery page and its pictures (as DOT) for the kernels of a folder.
     #[command(hide = true)]
@@ -430,7 +434,7 @@ fn execute(command: Command) -> Result<(), Error> {
             split_keys,
             tile,
         ),
-        Command::GpuCheck { artifacts, out } => gpu_check(&artifacts, &out),
+        Command::GpuCheck { artifacts, out, emulate } => gpu_check(&artifacts, &out, emulate),
         Command::Gallery { examples, out } => {
             let gallery = einfuse::gallery::build(&examples)?;
             let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
@@ -961,28 +965,83 @@ fn cpu_llvm_object(_: &compiler::schedule::LoopProgram) -> Result<Vec<u8>, Error
     Err(Error::Usage("the cpu-llvm target needs LLVM, and this einfuse was built without the `llvm` feature".into()))
 }
 
-/// The largest relative difference (`|a - b| / (1 + |b|)`) between two sets of outputs; NaN
-/// against NaN agrees.
-fn largest_difference(got: &[Vec<f32>], want: &[Vec<f32>]) -> f64 {
+/// The largest relative difference (`|a - b| / (1 + |b|)`) between a kernel's outputs and the
+/// interpreter's, both rounded to each output's storage type, less one unit in the last place of
+/// an f16 or bf16 output (two values a rounding error apart may round to neighbours); NaN against
+/// NaN agrees.
+fn largest_difference(cascade: &compiler::ir::Cascade, got: &[Vec<f32>], want: &[Vec<f32>]) -> f64 {
     let mut worst = 0.0f64;
-    for (g, w) in got.iter().zip(want) {
+    for ((g, w), output) in got.iter().zip(want).zip(&cascade.outputs) {
         if g.len() != w.len() {
             return f64::INFINITY;
         }
+        let dtype = einfuse::dtype_of(output.elem);
         for (a, b) in g.iter().zip(w) {
-            let (a, b) = (*a as f64, *b as f64);
+            let (a, b) = (dtype.round(*a) as f64, dtype.round(*b) as f64);
             if !(a.is_nan() && b.is_nan()) {
                 let d = (a - b).abs() / (1.0 + b.abs());
-                worst = if d.is_nan() { f64::INFINITY } else { worst.max(d) };
+                let d = if d.is_nan() { f64::INFINITY } else { (d - unit_in_last_place(dtype)).max(0.0) };
+                worst = worst.max(d);
             }
         }
     }
     worst
 }
 
+/// A kernel that `gpu-check` runs: its PTX loaded on the GPU, or the emulation of the same
+/// kernel on this CPU (`--emulate`).
 #[cfg(feature = "cuda")]
-fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
-    use einfuse::gpu::{GpuDevice, GpuKernel};
+enum CheckedKernel {
+    Gpu(einfuse::gpu::GpuKernel),
+    #[cfg(feature = "llvm")]
+    Emulated(compiler::llvm::EmulatedKernel),
+}
+
+#[cfg(feature = "cuda")]
+impl CheckedKernel {
+    fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
+        match self {
+            CheckedKernel::Gpu(k) => k.run(extents, inputs).map_err(|e| Error::Usage(e.to_string())),
+            #[cfg(feature = "llvm")]
+            CheckedKernel::Emulated(k) => k.run(extents, inputs).map_err(|e| Error::Usage(e.to_string())),
+        }
+    }
+
+    /// The outputs and the time of each of `runs` calls after a warm-up (launch to completion
+    /// on the GPU).
+    fn time(&self, extents: &[u64], inputs: &[&[f32]], runs: usize) -> Result<(Vec<Vec<f32>>, Vec<f64>), Error> {
+        match self {
+            CheckedKernel::Gpu(k) => k.time(extents, inputs, runs).map_err(|e| Error::Usage(e.to_string())),
+            #[cfg(feature = "llvm")]
+            CheckedKernel::Emulated(_) => {
+                let mut times = Vec::new();
+                let mut outputs = self.run(extents, inputs)?;
+                for _ in 0..runs.max(1) {
+                    let start = std::time::Instant::now();
+                    outputs = self.run(extents, inputs)?;
+                    times.push(start.elapsed().as_secs_f64());
+                }
+                Ok((outputs, times))
+            }
+        }
+    }
+
+    /// Registers per thread and local bytes per thread (0 and 0 in the emulation).
+    fn resources(&self) -> Result<(i32, i32), Error> {
+        match self {
+            CheckedKernel::Gpu(k) => k.resources().map_err(|e| Error::Usage(e.to_string())),
+            #[cfg(feature = "llvm")]
+            CheckedKernel::Emulated(_) => Ok((0, 0)),
+        }
+    }
+}
+
+/// Loads a kernel for `gpu-check` from its loop program and PTX.
+#[cfg(feature = "cuda")]
+type KernelLoader<'a> = dyn Fn(&compiler::schedule::LoopProgram, &str) -> Result<CheckedKernel, Error> + 'a;
+
+#[cfg(feature = "cuda")]
+fn gpu_check(artifacts: &Path, out: &Path, emulate: bool) -> Result<(), Error> {
     let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
     let gpu = |e: einfuse::gpu::GpuError| Error::Usage(e.to_string());
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
@@ -992,8 +1051,22 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
         report.push_str(&line);
         report.push('\n');
     };
-    let device = GpuDevice::open().map_err(gpu)?;
-    say(format!("device: {} (compute capability {}.{})", device.name, device.capability.0, device.capability.1));
+    let device = if emulate { None } else { Some(einfuse::gpu::GpuDevice::open().map_err(gpu)?) };
+    let load: Box<KernelLoader> = match &device {
+        Some(device) => {
+            say(format!(
+                "device: {} (compute capability {}.{})",
+                device.name, device.capability.0, device.capability.1
+            ));
+            Box::new(move |loops, ptx| {
+                Ok(CheckedKernel::Gpu(einfuse::gpu::GpuKernel::load(device, loops, ptx).map_err(gpu)?))
+            })
+        }
+        None => {
+            say("device: none, the kernels emulated on this CPU (--emulate)".to_string());
+            emulated_loader()?
+        }
+    };
     let manifest_path = artifacts.join("kernels.txt");
     let manifest = std::fs::read_to_string(&manifest_path).map_err(|e| io(&manifest_path, e))?;
     let mut failures = 0;
@@ -1011,17 +1084,20 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
         let cascade = einfuse::optimize_for_gpu(written)?.cascade;
         if let Some(chunk) = form.strip_prefix("split") {
             let chunk: u64 = chunk.parse().map_err(|_| Error::Usage(format!("{line}: form `split<KEYS>` expected")))?;
-            failures += gpu_check_split(&device, artifacts, out, file, &cascade, chunk, ptx_file, &mut say)?;
+            failures += gpu_check_split(&*load, emulate, artifacts, out, file, &cascade, chunk, ptx_file, &mut say)?;
             continue;
         }
         let loops = compiler::schedule::schedule(&cascade)?;
         let ptx_path = artifacts.join(ptx_file);
         let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| io(&ptx_path, e))?;
-        let kernel = GpuKernel::load(&device, &loops, &ptx).map_err(gpu)?;
-        let (registers, local) = kernel.resources().map_err(gpu)?;
+        let kernel = load(&loops, &ptx)?;
+        let (registers, local) = kernel.resources()?;
         let bench = form == "bench";
+        // A benchmark kernel is checked at a small shape first, then timed at its own (at the
+        // small one again when emulated).
+        let small = vec![("M".to_string(), 100), ("P".to_string(), 70)];
         let shapes: Vec<Vec<(String, u64)>> = if bench {
-            vec![bench_shape(name)]
+            vec![small.clone(), if emulate { small } else { bench_shape(name) }]
         } else {
             [[100u64, 7], [1, 3], [65, 70]]
                 .iter()
@@ -1043,8 +1119,8 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
             let options = RunOptions { bindings, seed: s as u64 + 1, ..RunOptions::default() };
             let (extents, inputs) = einfuse::prepare_inputs(&cascade, &options)?;
             let slices: Vec<&[f32]> = inputs.iter().map(einfuse::Tensor::data).collect();
-            if bench {
-                let (outputs, times) = kernel.time(&extents, &slices, 10).map_err(gpu)?;
+            if bench && s == 1 {
+                let (outputs, times) = kernel.time(&extents, &slices, 10)?;
                 let seconds = median(times);
                 let flops = compiler::schedule::flop_count(&cascade, &extents);
                 say(format!(
@@ -1063,11 +1139,11 @@ fn gpu_check(artifacts: &Path, out: &Path) -> Result<(), Error> {
                 std::fs::write(&timing, format!("{seconds:.9}\n")).map_err(|e| io(&timing, e))?;
                 continue;
             }
-            let got = kernel.run(&extents, &slices).map_err(gpu)?;
+            let got = kernel.run(&extents, &slices)?;
             let reference =
                 einfuse::run(&cascade, einfuse::Target::Interp, &RunOptions { check_finite: false, ..options })?;
             let want: Vec<Vec<f32>> = reference.iter().map(|(_, t)| t.data().to_vec()).collect();
-            let error = largest_difference(&got, &want);
+            let error = largest_difference(&cascade, &got, &want);
             let verdict = if error <= 1e-4 { "ok" } else { "MISMATCH" };
             failures += usize::from(error > 1e-4);
             say(format!(
@@ -1101,7 +1177,8 @@ fn bench_shape(kernel: &str) -> Vec<(String, u64)> {
 #[cfg(feature = "cuda")]
 #[allow(clippy::too_many_arguments)]
 fn gpu_check_split(
-    device: &einfuse::gpu::GpuDevice,
+    load: &KernelLoader,
+    emulate: bool,
     artifacts: &Path,
     out: &Path,
     file: &str,
@@ -1110,9 +1187,7 @@ fn gpu_check_split(
     ptx_files: &str,
     say: &mut dyn FnMut(String),
 ) -> Result<usize, Error> {
-    use einfuse::gpu::GpuKernel;
     let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
-    let gpu = |e: einfuse::gpu::GpuError| Error::Usage(e.to_string());
     let name = &cascade.name;
     let split = compiler::split::split_keys(cascade, chunk)
         .map_err(|why| Error::Usage(format!("kernel `{name}` does not split into chunks: {why}")))?;
@@ -1124,9 +1199,9 @@ fn gpu_check_split(
         let loops = compiler::schedule::schedule(part)?;
         let path = artifacts.join(ptx_file);
         let ptx = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
-        kernels.push(GpuKernel::load(device, &loops, &ptx).map_err(gpu)?);
+        kernels.push(load(&loops, &ptx)?);
     }
-    let (registers, local) = kernels[0].resources().map_err(gpu)?;
+    let (registers, local) = kernels[0].resources()?;
     let mut failures = 0;
     let symbolic = |r: &str| {
         cascade.rank_by_name(r).is_some_and(|id| matches!(cascade.rank(id).extent, compiler::ir::Extent::Symbolic))
@@ -1142,25 +1217,27 @@ fn gpu_check_split(
         let slices: Vec<&[f32]> = inputs.iter().map(einfuse::Tensor::data).collect();
         let got = einfuse::run_split_with(cascade, &split, &extents, &slices, &mut |part, extents, inputs| {
             let kernel = &kernels[usize::from(part == einfuse::SplitPart::Merge)];
-            kernel.run(extents, inputs).map_err(gpu)
+            kernel.run(extents, inputs)
         })?;
         let reference = einfuse::run(cascade, einfuse::Target::Interp, &RunOptions { check_finite: false, ..options })?;
         let want: Vec<Vec<f32>> = reference.iter().map(|(_, t)| t.data().to_vec()).collect();
-        let error = largest_difference(&got, &want);
+        let error = largest_difference(cascade, &got, &want);
         let verdict = if error <= 1e-4 { "ok" } else { "MISMATCH" };
         failures += usize::from(error > 1e-4);
         say(format!(
             "{verdict} {file} {name} split{chunk} {sizes:?}: relative error {error:.3e}, chunk kernel registers {registers}, local bytes {local}"
         ));
     }
-    let bindings: Vec<(String, u64)> = bench_shape(name).into_iter().filter(|(r, _)| symbolic(r)).collect();
+    // Timed at the benchmark shape on a GPU, at the first checked shape when emulated.
+    let shape = if emulate { vec![("M".to_string(), 1000), ("P".to_string(), 3)] } else { bench_shape(name) };
+    let bindings: Vec<(String, u64)> = shape.into_iter().filter(|(r, _)| symbolic(r)).collect();
     let options = RunOptions { bindings, seed: 1, ..RunOptions::default() };
     let (extents, inputs) = einfuse::prepare_inputs(cascade, &options)?;
     let slices: Vec<&[f32]> = inputs.iter().map(einfuse::Tensor::data).collect();
     let mut seconds = 0.0;
     let outputs = einfuse::run_split_with(cascade, &split, &extents, &slices, &mut |part, extents, inputs| {
         let kernel = &kernels[usize::from(part == einfuse::SplitPart::Merge)];
-        let (outputs, times) = kernel.time(extents, inputs, 10).map_err(gpu)?;
+        let (outputs, times) = kernel.time(extents, inputs, 10)?;
         seconds += median(times);
         Ok(outputs)
     })?;
@@ -1173,8 +1250,19 @@ fn gpu_check_split(
     Ok(failures)
 }
 
+/// The emulated kernels' loader (`gpu-check --emulate`): the PTX is read, not used.
+#[cfg(all(feature = "cuda", feature = "llvm"))]
+fn emulated_loader() -> Result<Box<KernelLoader<'static>>, Error> {
+    Ok(Box::new(|loops, _ptx| Ok(CheckedKernel::Emulated(compiler::llvm::EmulatedKernel::new(loops)?))))
+}
+
+#[cfg(all(feature = "cuda", not(feature = "llvm")))]
+fn emulated_loader() -> Result<Box<KernelLoader<'static>>, Error> {
+    Err(Error::Usage("gpu-check --emulate needs LLVM, and this einfuse was built without the `llvm` feature".into()))
+}
+
 #[cfg(not(feature = "cuda"))]
-fn gpu_check(_: &Path, _: &Path) -> Result<(), Error> {
+fn gpu_check(_: &Path, _: &Path, _: bool) -> Result<(), Error> {
     Err(Error::Usage("gpu-check needs the `cuda` feature, and this einfuse was built without it".into()))
 }
 

@@ -209,3 +209,40 @@ fn narrow_outputs_are_checked_to_a_unit_in_the_last_place() {
         assert!(stdout(&output).contains("AV: bf16 [32, 64, 70]"), "{target}: {}", stdout(&output));
     }
 }
+
+/// `gpu-check --emulate`, the rehearsal of the GPU run: a folder as `scripts/gpu-build.sh` makes
+/// it (one kernel with f16 and bf16 storage, its PTX) checked against the interpreter on the
+/// emulated GPU, with the report written.
+#[cfg(all(feature = "llvm", feature = "cuda"))]
+#[test]
+fn gpu_check_rehearses_on_the_emulated_gpu() {
+    let dir = std::env::temp_dir().join(format!("einfuse-gpu-check-{}", std::process::id()));
+    let artifacts = dir.join("artifacts");
+    std::fs::create_dir_all(artifacts.join("tests/filetests")).unwrap();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/filetests/features.ein");
+    std::fs::copy(&source, artifacts.join("tests/filetests/features.ein")).unwrap();
+    let ptx = artifacts.join("features.types_and_scalars.ptx");
+    let compile = einfuse(&[
+        "compile",
+        "--target",
+        "nvptx",
+        source.to_str().unwrap(),
+        "--kernel",
+        "types_and_scalars",
+        "-o",
+        ptx.to_str().unwrap(),
+    ]);
+    assert_eq!(compile.status.code(), Some(0), "{}", stderr(&compile));
+    std::fs::write(
+        artifacts.join("kernels.txt"),
+        "tests/filetests/features.ein types_and_scalars optimized features.types_and_scalars.ptx\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let check = einfuse(&["gpu-check", "--emulate", artifacts.to_str().unwrap(), out.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(0), "{}{}", stdout(&check), stderr(&check));
+    let results = std::fs::read_to_string(out.join("results.txt")).unwrap();
+    assert_eq!(results.lines().filter(|l| l.starts_with("ok tests/filetests/features.ein")).count(), 3, "{results}");
+    assert!(results.contains("0 mismatch(es)"), "{results}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
