@@ -204,19 +204,9 @@ fn host_exp_is_accurate_over_the_float_range() {
 /// Narrow storage types (bf16 and f16 inputs, a bf16 output) on both LLVM targets.
 #[test]
 fn narrow_storage_types_on_both_llvm_targets() {
-    let source = "
-kernel attention_bf16 {
-  rank E = 64, F = 64, M, P
-  input Q[E, P]: bf16, K[E, M]: bf16, V[F, M]: f16
-  param scale = 0.125
-  QK[m, p] = Q[e, p] * K[e, m] * scale
-  GM[p]    = max[m](QK[m, p])
-  SN[m, p] = exp(QK[m, p] - GM[p])
-  SD[p]    = SN[m, p]
-  AV[f, p] = SN[m, p] * V[f, m] / SD[p]
-  output AV: bf16
-}";
-    let cascade = einfuse::compiler::compile_source(source).unwrap().remove(0);
+    let inputs = "Q[E, P]: bf16, K[E, M]: bf16, V[F, M]: f16";
+    let source = attention("attention_bf16", "E = 64, F = 64, M, P", inputs, "AV: bf16");
+    let cascade = einfuse::compiler::compile_source(&source).unwrap().remove(0);
     let optimized = einfuse::optimize(&cascade).unwrap().cascade;
     let sizes: BTreeMap<&str, u64> = [("M", 90), ("P", 37)].into();
     for emulated in [false, true] {
