@@ -17,9 +17,10 @@
 //!   are unrolled, and a step runs them only where every split pair is valid and every filter
 //!   holds (`full_or_partial_step`), else the same code on global scratch.
 //!
-//! Arithmetic is f32; a value travels with its definedness (an `i1`); a read out of range reads
-//! nothing (its address is clamped and the result marked undefined). Maxima and minima propagate
-//! NaN, as the interpreter's do.
+//! Arithmetic is f32; in a thread kernel the buffers that `storage` picks hold f16 or bf16 as
+//! 16 bits, widened on load and rounded on store. A value travels with its definedness (an
+//! `i1`); a read out of range reads nothing (its address is clamped and the result marked
+//! undefined). Maxima and minima propagate NaN, as the interpreter's do.
 
 use std::fmt::Write;
 
@@ -470,7 +471,8 @@ struct View {
     on: String,
     tile: String,
     tile_strides: Vec<String>,
-    /// The box's first element in global memory, and the whole buffer (typed as it is stored).
+    /// The box's first element in global memory, and the whole buffer (typed as it is stored:
+    /// for 16-bit elements, `base` and `safe` are unused and `load_narrow_view` reads these).
     global: String,
     whole: String,
 }
