@@ -13,6 +13,10 @@
         PyTorch on the same inputs on the GPU, the agreement, both times and their ratio; the
         same for the bf16 form (gpu_prefill_bf16, against PyTorch in bf16) and for decode (H=32,
         D=128, P=1, M=16384) and its split-key forms (OUT/decode_split*).
+
+    python3 benches/compare_torch.py rehearse OUT
+        The same with PyTorch on the CPU, after `einfuse gpu-check --emulate` wrote OUT: a
+        rehearsal of the GPU run (`scripts/gpu-check.sh --emulate OUT`); the times mean nothing.
 """
 import json
 import os
@@ -185,12 +189,39 @@ def cpu(threads, runs, only=None):
                 sys.exit(f"{kernel}: einfuse and PyTorch disagree")
 
 
+def rehearse(out_dir):
+    """`gpu` with PyTorch on the CPU standing in for the GPU: the report's arithmetic and the
+    agreement checks, on what `einfuse gpu-check --emulate` wrote (times are meaningless)."""
+    import time
+    import torch
+
+    class Event:
+        def __init__(self, enable_timing=True):
+            self.at = 0.0
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1e3
+
+    cpu_device = torch.device("cpu")
+    torch.device = lambda name: cpu_device
+    torch.cuda.Event = Event
+    torch.cuda.synchronize = lambda: None
+    torch.cuda.get_device_name = lambda index: "none: PyTorch on the CPU (rehearsal)"
+    gpu(out_dir)
+
+
 def main():
-    if len(sys.argv) < 2 or sys.argv[1] not in ("cpu", "gpu"):
+    mode = sys.argv[1] if len(sys.argv) > 1 else None
+    if mode not in ("cpu", "gpu", "rehearse") or (mode != "cpu" and len(sys.argv) < 3):
         sys.exit(__doc__)
     ensure_torch()
     if sys.argv[1] == "gpu":
         gpu(sys.argv[2])
+    elif sys.argv[1] == "rehearse":
+        rehearse(sys.argv[2])
     else:
         args = sys.argv[2:]
         threads = int(args[args.index("--threads") + 1]) if "--threads" in args else 2

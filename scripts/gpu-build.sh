@@ -7,7 +7,7 @@
 #     listed in kernels.txt (`file kernel form ptx`; form `optimized`, `bench`, or `splitKEYS`
 #     for the split-key form of decode, whose two kernels are `chunks.ptx,merge.ptx`).
 # Carry gpu-artifacts/ to the GPU machine (the device tool: carry ["gpu-artifacts"]). A rehearsal
-# here: target/release/einfuse gpu-check --emulate gpu-artifacts OUT (the emulated kernels).
+# here: bash scripts/gpu-check.sh --emulate OUT (the kernels emulated, PyTorch on the CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
