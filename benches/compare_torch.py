@@ -11,7 +11,8 @@
     python3 benches/compare_torch.py gpu OUT
         On a GPU machine, after `einfuse gpu-check` wrote OUT/gpu_prefill.*.npy and its time:
         PyTorch on the same inputs on the GPU, the agreement, both times and their ratio; the
-        same for the bf16 form (gpu_prefill_bf16, against PyTorch in bf16) and for decode (H=32,
+        same for the bf16 form (gpu_prefill_bf16, against PyTorch in bf16), head dimension 128
+        (gpu_prefill_d128) and decode (H=32,
         D=128, P=1, M=16384) and its split-key forms (OUT/decode_split*).
 
     python3 benches/compare_torch.py rehearse OUT
@@ -117,6 +118,7 @@ def gpu(out_dir):
     for name, scale, variants, dtype in (
         ("gpu_prefill", 0.125, [], "fp32"),
         ("gpu_prefill_bf16", 0.125, [], "bf16"),
+        ("gpu_prefill_d128", 0.08838834764831845, [], "fp32"),
         ("decode", 0.08838834764831845, ["decode_split256", "decode_split1024"], "fp32"),
     ):
         if not os.path.exists(os.path.join(out_dir, f"{name}.Q.npy")):

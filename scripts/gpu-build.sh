@@ -26,7 +26,7 @@ for file in examples/*.ein benches/attention.ein tests/filetests/features.ein; d
     form=optimized
     if [ "$file" = benches/attention.ein ]; then
       case "$kernel" in
-        gpu_prefill | gpu_prefill_bf16 | decode) form=bench ;;
+        gpu_prefill | gpu_prefill_bf16 | gpu_prefill_d128 | decode) form=bench ;;
         *) continue ;;
       esac
     fi

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine (PyTorch installed; no Rust, no LLVM): runs the PTX kernels that
 # scripts/gpu-build.sh put in gpu-artifacts/ against the interpreter, times the attention kernel
-# (H=32, P=M=4096, head dimension 64, in f32 and with bf16 storage; decode and its split-key
-# forms) and PyTorch's scaled_dot_product_attention on the same inputs, and writes the reports
+# (H=32, P=M=4096, head dimension 64 in f32 and with bf16 storage, head dimension 128 in f32;
+# decode and its split-key forms) and PyTorch's scaled_dot_product_attention on the same inputs, and writes the reports
 # (text) to the folder given as the argument. Well under 5 minutes.
 #   usage: scripts/gpu-check.sh [--emulate] OUT
 # With --emulate (on the machine that built gpu-artifacts/, without a GPU): a rehearsal, the
