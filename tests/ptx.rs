@@ -145,3 +145,33 @@ fn split_key_kernels_assemble_without_spills() {
         }
     }
 }
+
+/// f16 and bf16 storage (see `llvm::storage`): 16-bit loads widened by `cvt.f32.f16` or a shift,
+/// an f16 output rounded by `cvt.rn.f16.f32` and a bf16 one by integer arithmetic, and
+/// 16-bit stores, all accepted by ptxas without spills.
+#[test]
+fn narrow_storage_assembles() {
+    let Some(ptxas) = ptxas_or_skip() else { return };
+    let source = "kernel narrow_storage {
+      rank E = 64, F = 64, M, P
+      input Q[E, P]: bf16, K[E, M]: f16, V[F, M]: bf16
+      param scale = 0.125
+      QK[m, p] = Q[e, p] * K[e, m] * scale
+      GM[p] = max[m](QK[m, p])
+      SN[m, p] = exp(QK[m, p] - GM[p])
+      SD[p] = SN[m, p]
+      AV[f, p] = SN[m, p] * V[f, m] / SD[p]
+      output AV: f16, SD: bf16
+    }";
+    let cascade = einfuse::compiler::compile_source(source).unwrap().remove(0);
+    let optimized = einfuse::optimize_for_gpu(&cascade).unwrap().cascade;
+    let ptx = einfuse::compile_ptx(&optimized, "sm_80").unwrap();
+    for needle in ["cvt.f32.f16", "cvt.rn.f16.f32", "ld.u16", "st.u16"] {
+        assert!(ptx.contains(needle), "no {needle} in the PTX");
+    }
+    for arch in einfuse::compiler::llvm::CHECKED_ARCHITECTURES {
+        let assembled = assemble(&ptxas, &ptx, arch, "narrow_storage")
+            .unwrap_or_else(|log| panic!("ptxas -arch {arch} rejects narrow_storage:\n{log}"));
+        assert_eq!(assembled.spill_bytes, 0, "narrow_storage spills on {arch}");
+    }
+}
