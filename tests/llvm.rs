@@ -104,24 +104,6 @@ fn every_corpus_kernel(emulated: bool) {
     }
 }
 
-/// Softmax attention over keys `m` for queries `p` (head dimension `e`, value dimension `f`),
-/// with the given ranks, inputs (their storage types) and outputs.
-fn attention(name: &str, ranks: &str, inputs: &str, outputs: &str) -> String {
-    format!(
-        "kernel {name} {{
-      rank {ranks}
-      input {inputs}
-      param scale = 0.05
-      QK[m, p] = Q[e, p] * K[e, m] * scale
-      GM[p] = max[m](QK[m, p])
-      SN[m, p] = exp(QK[m, p] - GM[p])
-      SD[p] = SN[m, p]
-      AV[f, p] = SN[m, p] * V[f, m] / SD[p]
-      output {outputs}
-    }}"
-    )
-}
-
 #[test]
 fn cpu_llvm_runs_every_corpus_kernel() {
     every_corpus_kernel(false);
@@ -205,7 +187,7 @@ fn host_exp_is_accurate_over_the_float_range() {
 #[test]
 fn narrow_storage_types_on_both_llvm_targets() {
     let inputs = "Q[E, P]: bf16, K[E, M]: bf16, V[F, M]: f16";
-    let source = attention("attention_bf16", "E = 64, F = 64, M, P", inputs, "AV: bf16");
+    let source = common::attention("attention_bf16", "E = 64, F = 64, M, P", inputs, "AV: bf16");
     let cascade = einfuse::compiler::compile_source(&source).unwrap().remove(0);
     let optimized = einfuse::optimize(&cascade).unwrap().cascade;
     let sizes: BTreeMap<&str, u64> = [("M", 90), ("P", 37)].into();
@@ -224,7 +206,8 @@ fn narrow_storage_types_on_both_llvm_targets() {
 fn narrow_storage_in_the_gpu_kernels() {
     use einfuse::compiler::ir::ElemType::{Bf16, F16, F32};
     use einfuse::compiler::llvm::storage::storage_types;
-    let source = attention("narrow", "E, F, M, P", "Q[E, P]: bf16, K[E, M]: bf16, V[F, M]: f16", "AV: bf16, SD: f16");
+    let source =
+        common::attention("narrow", "E, F, M, P", "Q[E, P]: bf16, K[E, M]: bf16, V[F, M]: f16", "AV: bf16, SD: f16");
     let cascade = einfuse::compiler::compile_source(&source).unwrap().remove(0);
     let optimized = einfuse::optimize(&cascade).unwrap().cascade;
     let program = einfuse::compiler::schedule::schedule(&optimized).unwrap();
@@ -319,7 +302,8 @@ fn cpu_llvm_full_and_empty_steps_at_the_edges_of_tiles() {
 fn staged_tiles_in_shared_memory_or_global_where_they_do_not_fit() {
     use einfuse::compiler::llvm::{launch, staging};
     let plain = "Q[E, P], K[E, M], V[F, M]";
-    let cascade = einfuse::compiler::compile_source(&attention("wide", "E, F, M, P", plain, "AV")).unwrap().remove(0);
+    let cascade =
+        einfuse::compiler::compile_source(&common::attention("wide", "E, F, M, P", plain, "AV")).unwrap().remove(0);
     let optimized = einfuse::optimize(&cascade).unwrap().cascade;
     let program = einfuse::compiler::schedule::schedule(&optimized).unwrap();
     let staged = staging::staged_reads(&program);
@@ -348,7 +332,7 @@ fn staged_tiles_in_shared_memory_or_global_where_they_do_not_fit() {
     // Tiles of 30 keys: the rows of each tile are padded to 32 floats in shared memory, and the
     // value tile starts 16-byte aligned after the key tile (5 rows of 32 floats for E = 5), in
     // the steps with register buffers (which read the tiles with 16-byte reads) and the others.
-    let fixed = attention("wide", "E = 5, F = 7, M, P", plain, "AV");
+    let fixed = common::attention("wide", "E = 5, F = 7, M, P", plain, "AV");
     let cascade = einfuse::compiler::compile_source(&fixed).unwrap().remove(0);
     let optimized = einfuse::optimize_tiled(&cascade, 30).unwrap().cascade;
     let program = einfuse::compiler::schedule::schedule(&optimized).unwrap();
@@ -383,7 +367,7 @@ fn gpu_tiles_small_enough_for_shared_memory() {
         n
     };
     let kernel = |text: &str| einfuse::compiler::compile_source(text).unwrap().remove(0);
-    let wide = kernel(&attention("wide", "E = 128, F = 128, M, P", plain, "AV"));
+    let wide = kernel(&common::attention("wide", "E = 128, F = 128, M, P", plain, "AV"));
     let program = |c: &Cascade| einfuse::compiler::schedule::schedule(c).unwrap();
     assert_eq!(staged_tiles_fit(&program(&einfuse::optimize(&wide).unwrap().cascade)), Some(false));
     let optimized = einfuse::optimize_for_gpu(&wide).unwrap().cascade;
@@ -392,9 +376,9 @@ fn gpu_tiles_small_enough_for_shared_memory() {
     assert_eq!(staged_tiles_fit(&loops), Some(true));
     // Head dimension 64 fits at 64; a symbolic head dimension cannot be known; decode keeps no
     // register buffers (a warp per row), so its tile stays 64 too.
-    let narrow = kernel(&attention("narrow", "E = 64, F = 64, M, P", plain, "AV"));
-    let symbolic = kernel(&attention("symbolic", "E, F, M, P", plain, "AV"));
-    let decode = kernel(&attention("decode", "E = 128, F = 128, M, P = 1", plain, "AV"));
+    let narrow = kernel(&common::attention("narrow", "E = 64, F = 64, M, P", plain, "AV"));
+    let symbolic = kernel(&common::attention("symbolic", "E, F, M, P", plain, "AV"));
+    let decode = kernel(&common::attention("decode", "E = 128, F = 128, M, P = 1", plain, "AV"));
     for cascade in [&narrow, &symbolic, &decode] {
         assert_eq!(tile_of(&einfuse::optimize_for_gpu(cascade).unwrap().cascade), 64, "{}", cascade.name);
     }

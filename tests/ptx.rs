@@ -152,18 +152,9 @@ fn split_key_kernels_assemble_without_spills() {
 #[test]
 fn narrow_storage_assembles() {
     let Some(ptxas) = ptxas_or_skip() else { return };
-    let source = "kernel narrow_storage {
-      rank E = 64, F = 64, M, P
-      input Q[E, P]: bf16, K[E, M]: f16, V[F, M]: bf16
-      param scale = 0.125
-      QK[m, p] = Q[e, p] * K[e, m] * scale
-      GM[p] = max[m](QK[m, p])
-      SN[m, p] = exp(QK[m, p] - GM[p])
-      SD[p] = SN[m, p]
-      AV[f, p] = SN[m, p] * V[f, m] / SD[p]
-      output AV: f16, SD: bf16
-    }";
-    let cascade = einfuse::compiler::compile_source(source).unwrap().remove(0);
+    let inputs = "Q[E, P]: bf16, K[E, M]: f16, V[F, M]: bf16";
+    let source = common::attention("narrow_storage", "E = 64, F = 64, M, P", inputs, "AV: f16, SD: bf16");
+    let cascade = einfuse::compiler::compile_source(&source).unwrap().remove(0);
     let optimized = einfuse::optimize_for_gpu(&cascade).unwrap().cascade;
     let ptx = einfuse::compile_ptx(&optimized, "sm_80").unwrap();
     for needle in ["cvt.f32.f16", "cvt.rn.f16.f32", "ld.u16", "st.u16"] {

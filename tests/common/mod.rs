@@ -37,3 +37,22 @@ pub const SHIFTED_CAUSAL: &str = "kernel shifted {
   AV[f, p] = SN[m, p] * V[f, m] / SD[p]
   output AV
 }";
+
+/// Softmax attention over keys `m` for queries `p` (head dimension `e`, value dimension `f`),
+/// with the given ranks, inputs (their storage types) and outputs.
+#[allow(dead_code)]
+pub fn attention(name: &str, ranks: &str, inputs: &str, outputs: &str) -> String {
+    format!(
+        "kernel {name} {{
+      rank {ranks}
+      input {inputs}
+      param scale = 0.05
+      QK[m, p] = Q[e, p] * K[e, m] * scale
+      GM[p] = max[m](QK[m, p])
+      SN[m, p] = exp(QK[m, p] - GM[p])
+      SD[p] = SN[m, p]
+      AV[f, p] = SN[m, p] * V[f, m] / SD[p]
+      output {outputs}
+    }}"
+    )
+}
