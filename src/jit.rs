@@ -120,11 +120,7 @@ fn compile_program(program: Program, options: &CompileOptions) -> Result<Compile
             }
         }
         if options.optimize {
-            let gpu = matches!(options.target, Target::Gpu | Target::GpuEmulated);
-            cascade = match options.tile {
-                None if gpu => crate::optimize_for_gpu(&cascade)?.cascade,
-                tile => crate::optimize_tiled(&cascade, tile.unwrap_or(64))?.cascade,
-            };
+            cascade = crate::optimize_for_target(&cascade, options.target, options.tile)?.cascade;
         }
         let split = match options.split_keys {
             None => None,

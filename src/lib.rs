@@ -115,6 +115,19 @@ pub fn optimize_for_gpu(cascade: &Cascade) -> Result<compiler::optimize::Optimiz
     Ok(optimized)
 }
 
+/// Optimizes a kernel to run on `target`, the split ranks the optimizer creates in tiles of
+/// `tile` points; without one, 64, or on the GPU targets what `optimize_for_gpu` chooses.
+pub fn optimize_for_target(
+    cascade: &Cascade,
+    target: Target,
+    tile: Option<u64>,
+) -> Result<compiler::optimize::Optimized, Error> {
+    match tile {
+        None if matches!(target, Target::Gpu | Target::GpuEmulated) => optimize_for_gpu(cascade),
+        tile => optimize_tiled(cascade, tile.unwrap_or(64)),
+    }
+}
+
 /// A checked source file: its text and its kernels.
 pub struct Program {
     pub path: String,

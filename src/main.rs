@@ -379,10 +379,8 @@ fn execute(command: Command) -> Result<(), Error> {
         Command::Compile { file, kernel, target, output, split_keys, tile } => {
             let program = Program::from_file(&file)?;
             let written = program.kernel(kernel.as_deref())?;
-            let optimized = match tile {
-                None if matches!(target, CompileTarget::Nvptx) => einfuse::optimize_for_gpu(written)?.cascade,
-                tile => einfuse::optimize_tiled(written, tile.unwrap_or(64))?.cascade,
-            };
+            let runs_on = if matches!(target, CompileTarget::Nvptx) { Target::Gpu } else { Target::Cpu };
+            let optimized = einfuse::optimize_for_target(written, runs_on, tile)?.cascade;
             let loops = compiler::schedule::schedule(&optimized)?;
             let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
             if let Some(chunk) = split_keys {
@@ -658,19 +656,18 @@ fn run(args: RunArgs) -> Result<(), Error> {
         let tensor = runtime::npy::read_npy(path, einfuse::dtype_of(elem))?;
         options.inputs.push((name.clone(), tensor));
     }
-    let tiled = |kernel| einfuse::optimize_tiled(kernel, args.tile.unwrap_or(64)).map(|o| o.cascade);
-    let for_gpu = |kernel| match args.tile {
-        None => einfuse::optimize_for_gpu(kernel).map(|o| o.cascade),
-        Some(tile) => einfuse::optimize_tiled(kernel, tile).map(|o| o.cascade),
+    let target = match args.target {
+        TargetArg::Interp => Target::Interp,
+        TargetArg::Cpu => Target::Cpu,
+        TargetArg::CpuLlvm => Target::CpuLlvm,
+        TargetArg::GpuEmu => Target::GpuEmulated,
+        TargetArg::Gpu => Target::Gpu,
     };
-    let (target, kernel) = match args.target {
-        // The split-key form is derived from the optimized cascade.
-        TargetArg::Interp if args.split_keys.is_some() => (Target::Interp, tiled(kernel)?),
-        TargetArg::Interp => (Target::Interp, kernel.clone()),
-        TargetArg::Cpu => (Target::Cpu, tiled(kernel)?),
-        TargetArg::CpuLlvm => (Target::CpuLlvm, tiled(kernel)?),
-        TargetArg::GpuEmu => (Target::GpuEmulated, for_gpu(kernel)?),
-        TargetArg::Gpu => (Target::Gpu, for_gpu(kernel)?),
+    // The interpreter runs the cascade as written, unless the split-key form (derived from the
+    // optimized cascade) is asked for.
+    let kernel = match target {
+        Target::Interp if args.split_keys.is_none() => kernel.clone(),
+        _ => einfuse::optimize_for_target(kernel, target, args.tile)?.cascade,
     };
     let outputs = einfuse::run(&kernel, target, &options)?;
     if args.check {
@@ -683,20 +680,8 @@ fn run(args: RunArgs) -> Result<(), Error> {
         let mut worst_rel = 0.0f64;
         let mut beyond = None;
         for ((name, got), (_, want)) in outputs.iter().zip(&reference) {
-            let mut output_rel = 0.0f64;
-            for (a, b) in got.data().iter().zip(want.data()) {
-                let (a, b) = (*a as f64, *b as f64);
-                if a.is_nan() && b.is_nan() {
-                    continue;
-                }
-                // A NaN on one side only (or infinities of opposite signs) is as far off as can be.
-                let abs = match (a - b).abs() {
-                    d if d.is_nan() => f64::INFINITY,
-                    d => d,
-                };
-                worst_abs = worst_abs.max(abs);
-                output_rel = output_rel.max(abs / (1.0 + b.abs()));
-            }
+            let (output_abs, output_rel) = output_difference(got.dtype(), got.data(), want.data());
+            worst_abs = worst_abs.max(output_abs);
             worst_rel = worst_rel.max(output_rel);
             // Both sides are rounded to the output's type, and may round to neighbours: one unit
             // in the last place of an f16 or bf16 is allowed beside the tolerance.
@@ -723,6 +708,26 @@ fn run(args: RunArgs) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The largest absolute and relative (`|a - b| / (1 + |b|)`) differences between one output of
+/// a run and the interpreter's, both rounded to the output's storage type. NaN against NaN
+/// agrees; NaN against a number (or infinities of opposite signs) is as far off as can be.
+fn output_difference(dtype: einfuse::DType, got: &[f32], want: &[f32]) -> (f64, f64) {
+    let (mut worst_abs, mut worst_rel) = (0.0f64, 0.0f64);
+    for (a, b) in got.iter().zip(want) {
+        let (a, b) = (dtype.round(*a) as f64, dtype.round(*b) as f64);
+        if a.is_nan() && b.is_nan() {
+            continue;
+        }
+        let abs = match (a - b).abs() {
+            d if d.is_nan() => f64::INFINITY,
+            d => d,
+        };
+        worst_abs = worst_abs.max(abs);
+        worst_rel = worst_rel.max(abs / (1.0 + b.abs()));
+    }
+    (worst_abs, worst_rel)
 }
 
 /// The largest relative spacing of neighbouring values of a storage type (f32 needs none here).
@@ -977,14 +982,8 @@ fn largest_difference(cascade: &compiler::ir::Cascade, got: &[Vec<f32>], want: &
             return f64::INFINITY;
         }
         let dtype = einfuse::dtype_of(output.elem);
-        for (a, b) in g.iter().zip(w) {
-            let (a, b) = (dtype.round(*a) as f64, dtype.round(*b) as f64);
-            if !(a.is_nan() && b.is_nan()) {
-                let d = (a - b).abs() / (1.0 + b.abs());
-                let d = if d.is_nan() { f64::INFINITY } else { (d - unit_in_last_place(dtype)).max(0.0) };
-                worst = worst.max(d);
-            }
-        }
+        let (_, relative) = output_difference(dtype, g, w);
+        worst = worst.max((relative - unit_in_last_place(dtype)).max(0.0));
     }
     worst
 }

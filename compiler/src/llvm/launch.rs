@@ -228,6 +228,60 @@ impl ThreadLayout {
         }
         self.shared_bytes = shared_bytes;
     }
+
+    /// The buffers of a call in host memory: inputs copied in (dense row-major, in the order of
+    /// `Cascade::inputs`; f16 and bf16 inputs hold values of their type, which are stored as
+    /// their bits), everything else zero; a mask beside every masked buffer.
+    pub fn host_buffers(&self, program: &LoopProgram, inputs: &[&[f32]]) -> Result<HostBuffers, String> {
+        let c = &program.cascade;
+        let mut values = Vec::new();
+        let mut masks = Vec::new();
+        for ((b, buffer), elem) in program.buffers.iter().enumerate().zip(storage_types(program)) {
+            let length = self.lengths[b] as usize;
+            let given: &[f32] = match buffer.role {
+                BufferRole::Input(i) => inputs.get(i).ok_or_else(|| format!("input {i} is missing"))?,
+                _ => &[],
+            };
+            if matches!(buffer.role, BufferRole::Input(_)) && given.len() as u64 != self.global_lengths[b] {
+                return Err(format!(
+                    "input `{}` has {} elements, its shape needs {}",
+                    c.tensor(buffer.tensor).name,
+                    given.len(),
+                    self.global_lengths[b]
+                ));
+            }
+            values.push(match elem {
+                ElemType::F32 => {
+                    let mut data = vec![0.0f32; length];
+                    data[..given.len()].copy_from_slice(given);
+                    HostValues::F32(data)
+                }
+                _ => {
+                    let mut bits = vec![0u16; length];
+                    bits.iter_mut().zip(given).for_each(|(to, x)| *to = narrow_bits(elem, *x));
+                    HostValues::Narrow(bits)
+                }
+            });
+            masks.push(if buffer.masked { vec![0u8; length] } else { Vec::new() });
+        }
+        Ok((values, masks))
+    }
+
+    /// The outputs of a call, from its buffers (narrow ones widened to f32, exactly).
+    pub fn outputs(&self, program: &LoopProgram, mut values: Vec<HostValues>) -> Vec<Vec<f32>> {
+        let mut outputs = vec![Vec::new(); program.cascade.outputs.len()];
+        for ((b, buffer), elem) in program.buffers.iter().enumerate().zip(storage_types(program)) {
+            if let BufferRole::Output(o) = buffer.role {
+                let mut data = match std::mem::replace(&mut values[b], HostValues::F32(Vec::new())) {
+                    HostValues::F32(data) => data,
+                    HostValues::Narrow(bits) => bits.iter().map(|x| widen_bits(elem, *x)).collect(),
+                };
+                data.truncate(self.global_lengths[b] as usize);
+                outputs[o] = data;
+            }
+        }
+        outputs
+    }
 }
 
 /// Places the staged tiles of a call at `extents` (batch ranks as 1) in shared memory: each
@@ -276,53 +330,4 @@ pub fn staged_tiles_fit(program: &LoopProgram) -> Option<bool> {
     }
     let (offsets, _) = place_tiles(&reads, &extents);
     Some(offsets.iter().all(Option::is_some))
-}
-
-impl ThreadLayout {
-    /// The buffers of a call in host memory: inputs copied in (dense row-major, in the order of
-    /// `Cascade::inputs`; f16 and bf16 inputs hold values of their type, which are stored as
-    /// their bits), everything else zero; a mask beside every masked buffer.
-    pub fn host_buffers(&self, program: &LoopProgram, inputs: &[&[f32]]) -> Result<HostBuffers, String> {
-        let c = &program.cascade;
-        let mut values = Vec::new();
-        let mut masks = Vec::new();
-        for ((b, buffer), elem) in program.buffers.iter().enumerate().zip(storage_types(program)) {
-            let length = self.lengths[b] as usize;
-            let mut data = vec![0.0f32; length];
-            if let BufferRole::Input(i) = buffer.role {
-                let given = inputs.get(i).ok_or_else(|| format!("input {i} is missing"))?;
-                if given.len() as u64 != self.global_lengths[b] {
-                    return Err(format!(
-                        "input `{}` has {} elements, its shape needs {}",
-                        c.tensor(buffer.tensor).name,
-                        given.len(),
-                        self.global_lengths[b]
-                    ));
-                }
-                data[..given.len()].copy_from_slice(given);
-            }
-            values.push(match elem {
-                ElemType::F32 => HostValues::F32(data),
-                _ => HostValues::Narrow(data.iter().map(|x| narrow_bits(elem, *x)).collect()),
-            });
-            masks.push(if buffer.masked { vec![0u8; length] } else { Vec::new() });
-        }
-        Ok((values, masks))
-    }
-
-    /// The outputs of a call, from its buffers (narrow ones widened to f32, exactly).
-    pub fn outputs(&self, program: &LoopProgram, mut values: Vec<HostValues>) -> Vec<Vec<f32>> {
-        let mut outputs = vec![Vec::new(); program.cascade.outputs.len()];
-        for ((b, buffer), elem) in program.buffers.iter().enumerate().zip(storage_types(program)) {
-            if let BufferRole::Output(o) = buffer.role {
-                let mut data = match std::mem::replace(&mut values[b], HostValues::F32(Vec::new())) {
-                    HostValues::F32(data) => data,
-                    HostValues::Narrow(bits) => bits.iter().map(|x| widen_bits(elem, *x)).collect(),
-                };
-                data.truncate(self.global_lengths[b] as usize);
-                outputs[o] = data;
-            }
-        }
-        outputs
-    }
 }
