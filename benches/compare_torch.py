@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """einfuse against PyTorch's scaled_dot_product_attention, on the same inputs, in one run.
 
-    python3 benches/compare_torch.py cpu [--threads 2] [--runs 5] [--kernel NAME]
-        The CPU targets of docs/performance.md (fp32, 2 threads): prefill H=8 D=64 P=M=4096,
-        causal prefill, decode H=32 D=128 P=1 M=16384. For each: random inputs written as .npy,
-        einfuse (cpu-llvm) run on them and checked against PyTorch, then both timed (einfuse with
-        `einfuse bench --target both`, PyTorch with the median of --runs calls). PyTorch is
-        installed into .venv-torch when missing (a large download; not part of CI).
+    python3 benches/compare_torch.py cpu [--threads 2] [--runs 5] [--kernel NAME] [--no-variants] [--no-layouts]
+        The CPU targets of docs/performance.md (fp32, 2 threads), every kernel of
+        benches/pytorch.ein, written in PyTorch's layout: prefill H=8 D=64 P=M=4096, causal
+        prefill, decode H=32 D=128 P=1 M=16384, GQA; the variants (ALiBi + soft-capping +
+        causal, sigmoid, softplus-l1, sinks) at the prefill shape; and prefill at P=M=2048 in
+        three layouts. For each: random inputs written as .npy, einfuse (cpu-llvm) run on them
+        and checked against PyTorch (SDPA, or an eager expression for the variants SDPA lacks),
+        then both timed (einfuse with `einfuse bench --target both`, PyTorch's SDPA with the
+        median of --runs calls). PyTorch gets the same data as contiguous [1, H, P, E] tensors,
+        its own fast configuration. PyTorch (pinned, TORCH below) is installed into
+        ~/.cache/einfuse/torch-venv (EINFUSE_TORCH_VENV_DIR) when missing: a large download,
+        outside the clone, not part of CI.
 
     python3 benches/compare_torch.py gpu OUT
         On a GPU machine, after `einfuse gpu-check` wrote OUT/gpu_prefill.*.npy and its time:
@@ -26,6 +32,8 @@ import sys
 import tempfile
 import time
 
+# The PyTorch the comparisons install and were measured with.
+TORCH = "torch==2.15.0"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,13 +43,14 @@ def ensure_torch():
         return
     except ImportError:
         pass
-    venv = os.path.join(ROOT, ".venv-torch")
+    # Outside the clone, so that every checkout and CI run reuses it (about 5 GB installed).
+    venv = os.environ.get("EINFUSE_TORCH_VENV_DIR", os.path.expanduser("~/.cache/einfuse/torch-venv"))
     python = os.path.join(venv, "bin", "python")
     if os.environ.get("EINFUSE_TORCH_VENV") == "1":
-        sys.exit("PyTorch is still missing after installing it into .venv-torch")
+        sys.exit(f"PyTorch is still missing after installing it into {venv}")
     if not os.path.exists(python):
         subprocess.check_call([sys.executable, "-m", "venv", venv])
-    subprocess.check_call([python, "-m", "pip", "install", "--quiet", "numpy", "torch"])
+    subprocess.check_call([python, "-m", "pip", "install", "--quiet", "numpy", TORCH])
     os.environ["EINFUSE_TORCH_VENV"] = "1"
     os.execv(python, [python] + sys.argv)
 
@@ -52,12 +61,16 @@ def median(xs):
 
 
 def sdpa(torch, q, k, v, scale, causal):
-    """q: [H, E, P], k: [H, E, M], v: [H, F, M] as einfuse lays them out; returns [H, F, P]."""
-    qt = q.permute(0, 2, 1).unsqueeze(0)
-    kt = k.permute(0, 2, 1).unsqueeze(0)
-    vt = v.permute(0, 2, 1).unsqueeze(0)
-    out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
-    return out.squeeze(0).permute(0, 2, 1)
+    """SDPA on contiguous [1, H, P, E] tensors (PyTorch's own layout, made once by `to_torch_layout`);
+    returns [1, H, P, F]."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def to_torch_layout(x):
+    """einfuse's [H, E, P] (the GPU benchmark kernels' layout) as PyTorch's contiguous [1, H, P, E]:
+    a copy, so that PyTorch runs in its own fast configuration (a permuted view, whose last
+    dimension is not contiguous, sends SDPA to a slow path)."""
+    return x.permute(0, 2, 1).unsqueeze(0).contiguous()
 
 
 def gpu_time(torch, call):
@@ -82,8 +95,9 @@ def gpu_compare(torch, out_dir, name, scale, variants, dtype="fp32"):
     q, k, v = (np.load(os.path.join(out_dir, f"{name}.{t}.npy")) for t in ("Q", "K", "V"))
     dev = torch.device("cuda")
     kind = torch.bfloat16 if dtype == "bf16" else torch.float32
-    tq, tk, tv = (torch.from_numpy(x).to(dev).to(kind) for x in (q, k, v))
-    ref = sdpa(torch, tq, tk, tv, scale, False).float()
+    tq, tk, tv = (to_torch_layout(torch.from_numpy(x).to(dev).to(kind)) for x in (q, k, v))
+    # Back in einfuse's [H, F, P] to compare.
+    ref = sdpa(torch, tq, tk, tv, scale, False).squeeze(0).permute(0, 2, 1).float()
     torch.cuda.synchronize()
     torch_s = gpu_time(torch, lambda: sdpa(torch, tq, tk, tv, scale, False))
     flops = 4 * q.shape[0] * q.shape[2] * k.shape[2] * q.shape[1]
@@ -134,61 +148,150 @@ def gpu(out_dir):
         sys.exit("einfuse and PyTorch disagree")
 
 
-def cpu(threads, runs, only=None):
+# The CPU comparison's cases, all in PyTorch's layout (benches/pytorch.ein): the kernel, its
+# symbolic extents, PyTorch's reference (a function of the inputs by name, each a contiguous
+# tensor in the kernel's layout, returning AV in that layout) and whether that reference is
+# SDPA itself (timed as the peer) or an eager PyTorch expression (only checked against).
+PLAIN = ("prefill", "prefill_causal", "decode")
+
+
+def torch_reference(torch, kernel, x, scale):
+    """AV of `kernel` on the inputs `x` (contiguous, in the kernel's layout), by PyTorch."""
+    F = torch.nn.functional
+    q, k, v = x["Q"], x["K"], x["V"]
+    if kernel in PLAIN or kernel == "gqa":
+        if kernel == "gqa":
+            # Q[H, G, P, E] is PyTorch's [B, H * G, P, E]: query head h * G + g reads head h.
+            h, g, p, e = q.shape
+            q4 = q.reshape(1, h * g, p, e)
+            out = F.scaled_dot_product_attention(q4, k.unsqueeze(0), v.unsqueeze(0), scale=scale, enable_gqa=True)
+            return out.reshape(h, g, p, -1)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=kernel == "prefill_causal", scale=scale
+        )
+        return out.squeeze(0)
+    if kernel == "prefill_phe":
+        out = F.scaled_dot_product_attention(
+            q.permute(1, 0, 2).unsqueeze(0), k.permute(1, 0, 2).unsqueeze(0), v.permute(1, 0, 2).unsqueeze(0),
+            scale=scale)
+        return out.squeeze(0).permute(1, 0, 2)
+    if kernel == "prefill_hep":
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2).unsqueeze(0), k.transpose(1, 2).unsqueeze(0), v.transpose(1, 2).unsqueeze(0),
+            scale=scale)
+        return out.squeeze(0).transpose(1, 2)
+    s = (q @ k.transpose(1, 2)) * scale
+    p_idx = torch.arange(q.shape[1]).view(1, -1, 1)
+    m_idx = torch.arange(k.shape[1]).view(1, 1, -1)
+    if kernel == "alibi_softcap_causal":
+        s = 50.0 * torch.tanh(s / 50.0) + x["Slope"].view(-1, 1, 1) * (m_idx - p_idx)
+        s = s.masked_fill(m_idx > p_idx, float("-inf"))
+        w = torch.softmax(s, dim=-1)
+    elif kernel == "sigmoid":
+        w = torch.sigmoid(s - 4.0)
+    elif kernel == "softplus_l1":
+        w = F.softplus(s)
+        w = w / w.sum(dim=-1, keepdim=True)
+    elif kernel == "sinks":
+        gm = s.amax(dim=-1, keepdim=True)
+        e = torch.exp(s - gm)
+        w = e / (e.sum(dim=-1, keepdim=True) + torch.exp(x["Sink"].view(-1, 1, 1) - gm))
+    else:
+        raise ValueError(kernel)
+    return w @ v
+
+
+def input_shapes(kernel, extents):
+    """The inputs of a kernel of benches/pytorch.ein and their shapes at the symbolic `extents`."""
+    sizes = dict(extents, H=8, G=4, E=64, F=64)
+    if kernel == "decode":
+        sizes.update(H=32, E=128, F=128, P=1)
+    if kernel == "gqa":
+        sizes.update(H=2)
+    layouts = {"Q": "HPE", "K": "HME", "V": "HMF"}
+    if kernel == "gqa":
+        layouts["Q"] = "HGPE"
+    elif kernel == "prefill_phe":
+        layouts = {"Q": "PHE", "K": "MHE", "V": "MHF"}
+    elif kernel == "prefill_hep":
+        layouts = {"Q": "HEP", "K": "HEM", "V": "HFM"}
+    elif kernel == "alibi_softcap_causal":
+        layouts["Slope"] = "H"
+    elif kernel == "sinks":
+        layouts["Sink"] = "H"
+    return {name: [sizes[r] for r in layout] for name, layout in layouts.items()}
+
+
+def cpu(threads, runs, only=None, layouts=True, variants=True):
+    """Every case of benches/pytorch.ein on the same contiguous data for PyTorch and einfuse."""
     import numpy as np
     import torch
     torch.set_num_threads(threads)
     einfuse = os.path.join(ROOT, "target", "release", "einfuse")
     subprocess.check_call(["cargo", "build", "--quiet", "--release", "--bin", "einfuse"], cwd=ROOT)
-    source = os.path.join(ROOT, "benches", "attention.ein")
-    cases = [
-        ("prefill", 8, 64, 4096, 4096, 0.125, False),
-        ("prefill_causal", 8, 64, 4096, 4096, 0.125, True),
-        ("decode", 32, 128, 1, 16384, 0.08838834764831845, False),
-    ]
+    source = os.path.join(ROOT, "benches", "pytorch.ein")
+    long_prefill = {"P": 4096, "M": 4096}
+    cases = [("prefill", long_prefill, 0.125), ("prefill_causal", long_prefill, 0.125),
+             ("decode", {"M": 16384}, 0.08838834764831845)]
+    if variants:
+        cases += [(k, long_prefill, 0.125) for k in ("gqa", "alibi_softcap_causal", "sigmoid", "softplus_l1", "sinks")]
+    if layouts:
+        cases += [(k, {"P": 2048, "M": 2048}, 0.125) for k in ("prefill", "prefill_phe", "prefill_hep")]
+    print(f"torch {torch.__version__}, {threads} threads, medians of {runs} runs; einfuse `bench --target both`")
+    rows = []
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as work:
-        for kernel, h, d, p, m, scale, causal in cases:
+        for kernel, extents, scale in cases:
             if only is not None and kernel != only:
                 continue
-            q = rng.standard_normal((h, d, p), dtype=np.float32)
-            k = rng.standard_normal((h, d, m), dtype=np.float32)
-            v = rng.standard_normal((h, d, m), dtype=np.float32)
+            binds = [arg for r, n in extents.items() for arg in ("--bind", f"{r}={n}")]
+            shapes = input_shapes(kernel, extents)
+            x = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
             paths = {}
-            for name, x in (("Q", q), ("K", k), ("V", v)):
+            for name, array in x.items():
                 paths[name] = os.path.join(work, f"{name}.npy")
-                np.save(paths[name], x)
+                np.save(paths[name], array)
             out = os.path.join(work, "AV.npy")
-            binds = ["--bind", f"M={m}"] + (["--bind", f"P={p}"] if kernel != "decode" else [])
             subprocess.check_call(
                 [einfuse, "run", source, "--kernel", kernel, "--target", "cpu-llvm", "--threads", str(threads)]
                 + binds + [f"--input={n}={path}" for n, path in paths.items()] + ["--output", f"AV={out}"],
                 stdout=subprocess.DEVNULL,
             )
-            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
-            ref = sdpa(torch, tq, tk, tv, scale, causal)
+            tx = {name: torch.from_numpy(array) for name, array in x.items()}
+            ref = torch_reference(torch, kernel, tx, scale)
             err = float((ref - torch.from_numpy(np.load(out))).abs().max())
-            times = []
-            for _ in range(runs + 1):
-                start = time.perf_counter()
-                sdpa(torch, tq, tk, tv, scale, causal)
-                times.append(time.perf_counter() - start)
-            torch_s = median(times[1:])
+            torch_s = None
+            if kernel in PLAIN or kernel == "gqa":
+                times = []
+                for _ in range(runs + 1):
+                    start = time.perf_counter()
+                    torch_reference(torch, kernel, tx, scale)
+                    times.append(time.perf_counter() - start)
+                torch_s = median(times[1:])
             bench = json.loads(subprocess.check_output(
                 [einfuse, "bench", source, "--kernel", kernel, "--target", "both", "--json", "--runs", str(runs),
                  "--threads", str(threads)] + binds))
-            llvm_s = bench["cpu-llvm"]["median_s"]
-            cranelift_s = bench["median_s"]
-            flops = 4 * h * p * m * d
-            print(f"{kernel} H={h} D={d} P={p} M={m} ({threads} threads, medians of {runs})")
-            print(f"  pytorch   {torch_s * 1e3:10.2f} ms  {flops / torch_s / 1e9:8.2f} GFLOP/s")
-            print(f"  cpu-llvm  {llvm_s * 1e3:10.2f} ms  {flops / llvm_s / 1e9:8.2f} GFLOP/s  "
-                  f"{torch_s / llvm_s:.3f}x pytorch's throughput")
-            print(f"  cpu       {cranelift_s * 1e3:10.2f} ms  {flops / cranelift_s / 1e9:8.2f} GFLOP/s  "
-                  f"{torch_s / cranelift_s:.3f}x pytorch's throughput")
-            print(f"  largest absolute difference from pytorch: {err:.3e}")
+            rows.append((kernel, extents, torch_s, bench["cpu-llvm"], bench, err))
+            shape = " ".join(f"{r}={n}" for r, n in extents.items())
+            line = f"{kernel} {shape}: cpu-llvm {bench['cpu-llvm']['median_s'] * 1e3:.1f} ms, cpu {bench['median_s'] * 1e3:.1f} ms"
+            if torch_s is not None:
+                line += (f", pytorch {torch_s * 1e3:.1f} ms: cpu-llvm {torch_s / bench['cpu-llvm']['median_s']:.3f}x, "
+                         f"cpu {torch_s / bench['median_s']:.3f}x pytorch's throughput")
+            line += (f"; fused vs unfused cpu-llvm {bench['cpu-llvm']['speedup_vs_unfused']:.2f}x, "
+                     f"cpu {bench['speedup_vs_unfused']:.2f}x; largest absolute difference from pytorch {err:.2e}")
+            print(line, flush=True)
             if not err <= 1e-3:
                 sys.exit(f"{kernel}: einfuse and PyTorch disagree")
+    print()
+    print("| kernel | shape | PyTorch | `cpu-llvm` | `cpu` | fused vs unfused (`cpu-llvm` / `cpu`) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for kernel, extents, torch_s, llvm, cranelift, _ in rows:
+        shape = ", ".join(f"{r}={n}" for r, n in extents.items())
+        ratio = lambda s: f" ({torch_s / s:.2f}x)" if torch_s is not None else ""
+        peer = f"{torch_s * 1e3:.1f} ms" if torch_s is not None else "-"
+        print(f"| {kernel} | {shape} | {peer} | {llvm['median_s'] * 1e3:.1f} ms{ratio(llvm['median_s'])} | "
+              f"{cranelift['median_s'] * 1e3:.1f} ms{ratio(cranelift['median_s'])} | "
+              f"{llvm['speedup_vs_unfused']:.2f}x / {cranelift['speedup_vs_unfused']:.2f}x |")
 
 
 def rehearse(out_dir):
@@ -229,7 +332,7 @@ def main():
         threads = int(args[args.index("--threads") + 1]) if "--threads" in args else 2
         runs = int(args[args.index("--runs") + 1]) if "--runs" in args else 5
         only = args[args.index("--kernel") + 1] if "--kernel" in args else None
-        cpu(threads, runs, only)
+        cpu(threads, runs, only, layouts="--no-layouts" not in args, variants="--no-variants" not in args)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,9 @@
 
 use std::path::Path;
 
-use crate::compiler::cpu::CpuKernel;
 use crate::compiler::ir::{Cascade, TensorKind};
 use crate::compiler::shapes::{bind_extents, ShapeError};
-use crate::compiler::split::SplitKeys;
-use crate::{dtype_of, Error, Program, RunOptions, Target, Tensor};
+use crate::{dtype_of, BuildOptions, Built, Error, Program, Target, Tensor};
 
 /// How to compile.
 #[derive(Clone, Debug)]
@@ -81,23 +79,9 @@ pub struct Compiled {
 
 /// One compiled kernel; `Send + Sync`, so it may be called from several threads at once.
 pub struct Kernel {
-    cascade: Cascade,
-    target: Target,
-    cpu: Option<CpuKernel>,
+    built: Built,
     check_finite: bool,
     threads: usize,
-    /// The split-key form, and its two kernels compiled for the CPU targets.
-    split: Option<(SplitKeys, Option<(CpuKernel, CpuKernel)>)>,
-}
-
-/// Compiles a cascade for a CPU target; `None` for the others, which run through `crate::run`.
-fn compile_for(cascade: &Cascade, target: Target) -> Result<Option<CpuKernel>, Error> {
-    Ok(match target {
-        Target::Cpu => Some(crate::compile_cpu(cascade)?),
-        #[cfg(feature = "llvm")]
-        Target::CpuLlvm => Some(crate::compile_cpu_llvm(cascade)?),
-        _ => None,
-    })
 }
 
 /// Compiles every kernel of `source`.
@@ -111,39 +95,19 @@ pub fn compile_file(path: &Path, options: &CompileOptions) -> Result<Compiled, E
 }
 
 fn compile_program(program: Program, options: &CompileOptions) -> Result<Compiled, Error> {
+    let build_options = BuildOptions {
+        target: options.target,
+        optimize: options.optimize,
+        tile: options.tile,
+        params: options.params.clone(),
+        split_keys: options.split_keys,
+    };
     let mut kernels = Vec::new();
-    for mut cascade in program.kernels {
-        for (name, value) in &options.params {
-            match cascade.params.iter_mut().find(|p| &p.name == name) {
-                Some(param) => param.value = *value,
-                None => return Err(Error::Usage(format!("kernel `{}` has no param `{name}`", cascade.name))),
-            }
-        }
-        if options.optimize {
-            cascade = crate::optimize_for_target(&cascade, options.target, options.tile)?.cascade;
-        }
-        let split = match options.split_keys {
-            None => None,
-            Some(keys) => {
-                let split = crate::compiler::split::split_keys(&cascade, keys).map_err(|why| {
-                    Error::Usage(format!("kernel `{}` does not split into chunks: {why}", cascade.name))
-                })?;
-                let parts =
-                    match (compile_for(&split.chunks, options.target)?, compile_for(&split.merge, options.target)?) {
-                        (Some(chunks), Some(merge)) => Some((chunks, merge)),
-                        _ => None,
-                    };
-                Some((split, parts))
-            }
-        };
-        let cpu = if split.is_some() { None } else { compile_for(&cascade, options.target)? };
+    for cascade in &program.kernels {
         kernels.push(Kernel {
-            cascade,
-            target: options.target,
-            cpu,
+            built: crate::pipeline::build(cascade, &build_options)?,
             check_finite: options.check_finite,
             threads: options.threads.max(1),
-            split,
         });
     }
     Ok(Compiled { kernels })
@@ -152,8 +116,8 @@ fn compile_program(program: Program, options: &CompileOptions) -> Result<Compile
 impl Compiled {
     /// The kernel named `name`.
     pub fn kernel(&self, name: &str) -> Result<&Kernel, Error> {
-        self.kernels.iter().find(|k| k.cascade.name == name).ok_or_else(|| {
-            let names: Vec<&str> = self.kernels.iter().map(|k| k.cascade.name.as_str()).collect();
+        self.kernels.iter().find(|k| k.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = self.kernels.iter().map(Kernel::name).collect();
             Error::Usage(format!("no kernel `{name}` (there are: {})", names.join(", ")))
         })
     }
@@ -161,12 +125,17 @@ impl Compiled {
 
 impl Kernel {
     pub fn name(&self) -> &str {
-        &self.cascade.name
+        &self.built.cascade.name
     }
 
     /// The cascade that runs (after optimization, when asked for).
     pub fn cascade(&self) -> &Cascade {
-        &self.cascade
+        &self.built.cascade
+    }
+
+    /// How long each stage of the pipeline took for this kernel.
+    pub fn timings(&self) -> &crate::Timings {
+        &self.built.timings
     }
 
     /// Calls the kernel with tensors by input name; symbolic ranks are bound from their shapes.
@@ -178,7 +147,7 @@ impl Kernel {
 
     /// Calls the kernel with borrowed row-major f32 slices and their shapes.
     pub fn call_slices(&self, inputs: &[(&str, &[f32], &[usize])]) -> Result<Vec<(String, Tensor)>, Error> {
-        let c = &self.cascade;
+        let c = &self.built.cascade;
         let ids = c.inputs();
         for (name, _, _) in inputs {
             if !ids.iter().any(|id| c.tensor(*id).name == *name) {
@@ -207,56 +176,24 @@ impl Kernel {
         let shapes: Vec<_> =
             ids.iter().zip(&ordered).map(|(id, (_, shape))| (*id, shape.iter().map(|n| *n as u64).collect())).collect();
         let extents = bind_extents(c, &[], &shapes)?;
-        let compiled = self.cpu.is_some() || matches!(self.split, Some((_, Some(_))));
-        match (compiled, self.target) {
-            (true, _) => {
-                // Narrow storage types hold only representable values.
-                let rounded: Vec<Vec<f32>> = ids
-                    .iter()
-                    .zip(&ordered)
-                    .map(|(id, (data, _))| match c.tensor(*id).kind {
-                        TensorKind::Input { elem } => {
-                            let dtype = dtype_of(elem);
-                            data.iter().map(|x| dtype.round(*x)).collect()
-                        }
-                        TensorKind::Defined { .. } => unreachable!("inputs"),
-                    })
-                    .collect();
-                let slices: Vec<&[f32]> = rounded.iter().map(Vec::as_slice).collect();
-                let values = match (&self.cpu, &self.split) {
-                    (Some(cpu), _) => cpu.run_threads(&extents, &slices, self.threads)?,
-                    (None, Some((split, Some((chunks, merge))))) => {
-                        crate::run_split_with(c, split, &extents, &slices, &mut |part, extents, inputs| {
-                            let kernel = if part == crate::SplitPart::Chunks { chunks } else { merge };
-                            Ok(kernel.run_threads(extents, inputs, self.threads)?)
-                        })?
-                    }
-                    _ => unreachable!("compiled"),
-                };
-                let outputs = crate::output_tensors(c, &extents, values);
-                if self.check_finite {
-                    crate::check_finite(&outputs)?;
+        // Narrow storage types hold only representable values.
+        let rounded: Vec<Vec<f32>> = ids
+            .iter()
+            .zip(&ordered)
+            .map(|(id, (data, _))| match c.tensor(*id).kind {
+                TensorKind::Input { elem } => {
+                    let dtype = dtype_of(elem);
+                    data.iter().map(|x| dtype.round(*x)).collect()
                 }
-                Ok(outputs)
-            }
-            (false, target) => {
-                let tensors = ids
-                    .iter()
-                    .zip(&ordered)
-                    .map(|(id, (data, shape))| {
-                        let TensorKind::Input { elem } = c.tensor(*id).kind else { unreachable!("inputs") };
-                        let tensor = Tensor::new(dtype_of(elem), shape.to_vec(), data.to_vec()).expect("checked size");
-                        (c.tensor(*id).name.clone(), tensor)
-                    })
-                    .collect();
-                let options = RunOptions {
-                    inputs: tensors,
-                    check_finite: self.check_finite,
-                    split_keys: self.split.as_ref().map(|(split, _)| split.chunk),
-                    ..RunOptions::default()
-                };
-                crate::run(c, target, &options)
-            }
+                TensorKind::Defined { .. } => unreachable!("inputs"),
+            })
+            .collect();
+        let slices: Vec<&[f32]> = rounded.iter().map(Vec::as_slice).collect();
+        let values = self.built.run(&extents, &slices, self.threads)?;
+        let outputs = crate::output_tensors(c, &extents, values);
+        if self.check_finite {
+            crate::check_finite(&outputs)?;
         }
+        Ok(outputs)
     }
 }

@@ -28,9 +28,13 @@ use std::path::Path;
 pub mod gallery;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+#[cfg(feature = "cuda")]
+pub mod gpu_check;
 mod jit;
+pub mod pipeline;
 
 pub use jit::{compile, compile_file, CompileOptions, Compiled, Kernel};
+pub use pipeline::{build, build_source, BuildOptions, Built, Executable, Stage, Timings};
 
 // The README's Rust example is compiled and run as a doc test.
 #[doc = include_str!("../README.md")]
@@ -41,7 +45,7 @@ pub use einfuse_compiler as compiler;
 pub use einfuse_dsl as dsl;
 pub use einfuse_runtime as runtime;
 
-use compiler::interp::{interpret, InterpError, InterpLimits};
+use compiler::interp::InterpError;
 use compiler::ir::{Cascade, ElemType, TensorKind};
 use compiler::shapes::{bind_extents, tensor_shape, ShapeError};
 pub use runtime::{DType, Tensor};
@@ -339,26 +343,26 @@ pub fn prepare_inputs(cascade: &Cascade, options: &RunOptions) -> Result<(Vec<u6
     Ok((extents, tensors))
 }
 
-/// Runs a kernel on `target`; returns its outputs by name, in declaration order.
+/// Runs a kernel on `target` as given (not optimized: see `pipeline::build` for that); returns its
+/// outputs by name, in declaration order.
 pub fn run(cascade: &Cascade, target: Target, options: &RunOptions) -> Result<Vec<(String, Tensor)>, Error> {
-    let mut cascade = cascade.clone();
-    for (name, value) in &options.params {
-        match cascade.params.iter_mut().find(|p| &p.name == name) {
-            Some(param) => param.value = *value,
-            None => return Err(Error::Usage(format!("kernel `{}` has no param `{name}`", cascade.name))),
-        }
-    }
-    let (extents, inputs) = prepare_inputs(&cascade, options)?;
-    let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
-    let values = match options.split_keys {
-        None => run_values(&cascade, target, &extents, &slices, options.threads)?,
-        Some(chunk) => {
-            let split = compiler::split::split_keys(&cascade, chunk)
-                .map_err(|why| Error::Usage(format!("kernel `{}` does not split into chunks: {why}", cascade.name)))?;
-            run_split(&cascade, &split, target, &extents, &slices, options.threads)?
-        }
+    let build_options = BuildOptions {
+        optimize: false,
+        params: options.params.clone(),
+        split_keys: options.split_keys,
+        ..BuildOptions::new(target)
     };
-    let outputs = output_tensors(&cascade, &extents, values);
+    let built = pipeline::build(cascade, &build_options)?;
+    run_built(&built, options)
+}
+
+/// Runs a built kernel on the inputs of `options` (random where not given; its params and split
+/// are those the kernel was built with).
+pub fn run_built(built: &Built, options: &RunOptions) -> Result<Vec<(String, Tensor)>, Error> {
+    let (extents, inputs) = prepare_inputs(&built.cascade, options)?;
+    let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
+    let values = built.run(&extents, &slices, options.threads)?;
+    let outputs = output_tensors(&built.cascade, &extents, values);
     if options.check_finite {
         check_finite(&outputs)?;
     }
@@ -388,22 +392,6 @@ fn extents_by_name(
 pub enum SplitPart {
     Chunks,
     Merge,
-}
-
-/// Runs the split-key form of `original` on `target`: the chunk kernel, then the merge kernel on
-/// its outputs; returns the original's outputs.
-pub fn run_split(
-    original: &Cascade,
-    split: &compiler::split::SplitKeys,
-    target: Target,
-    extents: &[u64],
-    inputs: &[&[f32]],
-    threads: usize,
-) -> Result<Vec<Vec<f32>>, Error> {
-    run_split_with(original, split, extents, inputs, &mut |part, extents, inputs| {
-        let cascade = if part == SplitPart::Chunks { &split.chunks } else { &split.merge };
-        run_values(cascade, target, extents, inputs, threads)
-    })
 }
 
 /// Runs one part of a split-key form at the extents and on the inputs it is given.
@@ -442,64 +430,6 @@ pub fn run_split_with(
     run(SplitPart::Merge, &merge_extents, &merge_inputs)
 }
 
-/// Runs a kernel on f32 data on `target`: its outputs, dense.
-fn run_values(
-    cascade: &Cascade,
-    target: Target,
-    extents: &[u64],
-    slices: &[&[f32]],
-    threads: usize,
-) -> Result<Vec<Vec<f32>>, Error> {
-    Ok(match target {
-        Target::Cpu => compile_cpu(cascade)?.run_threads(extents, slices, threads)?,
-        Target::CpuLlvm | Target::GpuEmulated | Target::Gpu => run_llvm(cascade, target, extents, slices, threads)?,
-        Target::Interp => {
-            let data: Vec<Vec<f64>> = slices.iter().map(|s| s.iter().map(|x| *x as f64).collect()).collect();
-            let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
-            let outputs = interpret(cascade, extents, &slices, InterpLimits::default())?;
-            outputs.into_iter().map(|o| o.into_iter().map(|x| x as f32).collect()).collect()
-        }
-    })
-}
-
-/// Runs a kernel on one of the LLVM targets.
-#[cfg(feature = "llvm")]
-fn run_llvm(
-    cascade: &Cascade,
-    target: Target,
-    extents: &[u64],
-    inputs: &[&[f32]],
-    threads: usize,
-) -> Result<Vec<Vec<f32>>, Error> {
-    match target {
-        Target::CpuLlvm => Ok(compile_cpu_llvm(cascade)?.run_threads(extents, inputs, threads)?),
-        Target::GpuEmulated => Ok(compile_emulated(cascade)?.run(extents, inputs)?),
-        _ => run_gpu(cascade, extents, inputs),
-    }
-}
-
-#[cfg(not(feature = "llvm"))]
-fn run_llvm(_: &Cascade, target: Target, _: &[u64], _: &[&[f32]], _: usize) -> Result<Vec<Vec<f32>>, Error> {
-    Err(Error::Usage(format!(
-        "the target `{}` needs LLVM, and this einfuse was built without the `llvm` feature",
-        target.name()
-    )))
-}
-
-#[cfg(all(feature = "llvm", feature = "cuda"))]
-fn run_gpu(cascade: &Cascade, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
-    let device = gpu::GpuDevice::open().map_err(|e| Error::Usage(e.to_string()))?;
-    let program = compiler::schedule::schedule(cascade)?;
-    let ptx = compiler::llvm::compile_ptx(&program, "sm_80")?;
-    let kernel = gpu::GpuKernel::load(&device, &program, &ptx).map_err(|e| Error::Usage(e.to_string()))?;
-    kernel.run(extents, inputs).map_err(|e| Error::Usage(e.to_string()))
-}
-
-#[cfg(all(feature = "llvm", not(feature = "cuda")))]
-fn run_gpu(_: &Cascade, _: &[u64], _: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
-    Err(Error::Usage("the GPU target needs the `cuda` feature, and this einfuse was built without it".into()))
-}
-
 /// Dense outputs as named tensors of their storage types.
 pub fn output_tensors(cascade: &Cascade, extents: &[u64], values: Vec<Vec<f32>>) -> Vec<(String, Tensor)> {
     cascade
@@ -514,30 +444,78 @@ pub fn output_tensors(cascade: &Cascade, extents: &[u64], values: Vec<Vec<f32>>)
         .collect()
 }
 
+/// A kernel compiled as given (not optimized) for `target`.
+fn compile_as_written(cascade: &Cascade, target: Target) -> Result<Executable, Error> {
+    let mut built = pipeline::build(cascade, &BuildOptions { optimize: false, ..BuildOptions::new(target) })?;
+    Ok(built.executables.remove(0))
+}
+
 /// Schedules and compiles a kernel for the CPU (the Cranelift back end).
 pub fn compile_cpu(cascade: &Cascade) -> Result<compiler::cpu::CpuKernel, Error> {
-    let program = compiler::schedule::schedule(cascade)?;
-    Ok(compiler::cpu::compile(&program)?)
+    match compile_as_written(cascade, Target::Cpu)? {
+        Executable::Cpu(kernel) => Ok(kernel),
+        _ => unreachable!("the cpu target compiles a CPU kernel"),
+    }
 }
 
 /// Compiles a cascade for the CPU through LLVM (the `cpu-llvm` tier).
 #[cfg(feature = "llvm")]
 pub fn compile_cpu_llvm(cascade: &Cascade) -> Result<compiler::cpu::CpuKernel, Error> {
-    let program = compiler::schedule::schedule(cascade)?;
-    Ok(compiler::cpu::compile_llvm(&program)?)
+    match compile_as_written(cascade, Target::CpuLlvm)? {
+        Executable::Cpu(kernel) => Ok(kernel),
+        _ => unreachable!("the cpu-llvm target compiles a CPU kernel"),
+    }
 }
 
 /// Compiles a cascade's GPU kernel for the host, its grid run as loops (the emulation that
 /// checks the GPU code without a GPU).
 #[cfg(feature = "llvm")]
 pub fn compile_emulated(cascade: &Cascade) -> Result<compiler::llvm::EmulatedKernel, Error> {
-    let program = compiler::schedule::schedule(cascade)?;
-    Ok(compiler::llvm::EmulatedKernel::new(&program)?)
+    match compile_as_written(cascade, Target::GpuEmulated)? {
+        Executable::Emulated(kernel) => Ok(kernel),
+        _ => unreachable!("the gpu-emu target compiles an emulated kernel"),
+    }
 }
 
-/// PTX of a cascade's GPU kernel for the architecture `sm` (for example `sm_80`).
+/// PTX of a cascade's GPU kernel (as given, not optimized) for the architecture `sm` (for
+/// example `sm_80`).
 #[cfg(feature = "llvm")]
 pub fn compile_ptx(cascade: &Cascade, sm: &str) -> Result<String, Error> {
-    let program = compiler::schedule::schedule(cascade)?;
-    Ok(compiler::llvm::compile_ptx(&program, sm)?)
+    let scheduled = pipeline::schedule_kernel(cascade, &BuildOptions { optimize: false, ..BuildOptions::new(Target::Gpu) })?;
+    pipeline::ptx(&scheduled.loops[0], sm)
+}
+
+/// The largest absolute and relative (`|a - b| / (1 + |b|)`) differences between one output of
+/// a run and the interpreter's, both rounded to the output's storage type. NaN against NaN
+/// agrees; NaN against a number (or infinities of opposite signs) is as far off as can be.
+pub fn output_difference(dtype: DType, got: &[f32], want: &[f32]) -> (f64, f64) {
+    let (mut worst_abs, mut worst_rel) = (0.0f64, 0.0f64);
+    for (a, b) in got.iter().zip(want) {
+        let (a, b) = (dtype.round(*a) as f64, dtype.round(*b) as f64);
+        if a.is_nan() && b.is_nan() {
+            continue;
+        }
+        let abs = match (a - b).abs() {
+            d if d.is_nan() => f64::INFINITY,
+            d => d,
+        };
+        worst_abs = worst_abs.max(abs);
+        worst_rel = worst_rel.max(abs / (1.0 + b.abs()));
+    }
+    (worst_abs, worst_rel)
+}
+
+/// The largest relative spacing of neighbouring values of a storage type (f32 needs none here).
+pub fn unit_in_last_place(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 0.0,
+        DType::F16 => 2f64.powi(-10),
+        DType::Bf16 => 2f64.powi(-7),
+    }
+}
+
+/// The median of some samples (the upper one of an even count).
+pub fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
 }

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use einfuse::{compiler, dsl, runtime, Error, Program, RunOptions, Target};
+use einfuse::{compiler, dsl, median, output_difference, runtime, unit_in_last_place};
+use einfuse::{BuildOptions, Error, Program, RunOptions, Target};
 
 #[derive(Parser)]
 #[command(
@@ -101,6 +102,9 @@ enum Command {
         /// dimension of 128), which the register code needs.
         #[arg(long)]
         tile: Option<u64>,
+        /// Print how long each stage of the pipeline took (to standard error).
+        #[arg(long)]
+        timings: bool,
     },
     /// Time a kernel on the CPU against the same cascade compiled as written (unfused).
     Bench {
@@ -261,6 +265,9 @@ struct RunArgs {
     /// Default: 64; for the GPU targets, as for `compile --target nvptx`.
     #[arg(long)]
     tile: Option<u64>,
+    /// Print how long each stage of the pipeline took (to standard error).
+    #[arg(long)]
+    timings: bool,
 }
 
 fn split_assignment(text: &str) -> Result<(&str, &str), String> {
@@ -347,19 +354,21 @@ fn execute(command: Command) -> Result<(), Error> {
                     let program = Program::from_file(&file)?;
                     let mut text = String::new();
                     for k in program.selected(kernel.as_deref())? {
-                        let optimized = einfuse::optimize(k)?.cascade;
-                        let loops = compiler::schedule::schedule(&optimized)?;
+                        // The stages of the CPU kernel, as `--target cpu` builds it.
+                        let options = BuildOptions { tile: Some(64), ..BuildOptions::new(Target::Cpu) };
+                        let scheduled = einfuse::pipeline::schedule_kernel(k, &options)?;
+                        let loops = &scheduled.loops[0];
                         text.push_str(&match stage {
-                            Stage::Loops => compiler::schedule::print_program(&loops),
+                            Stage::Loops => compiler::schedule::print_program(loops),
                             Stage::Llvm => match target {
-                                LlvmTarget::Nvptx => compiler::llvm::nvptx_ir(&loops),
+                                LlvmTarget::Nvptx => compiler::llvm::nvptx_ir(loops),
                                 LlvmTarget::CpuLlvm => {
-                                    compiler::llvm::host_ir(&loops, &compiler::cpu::object_symbol(&loops.cascade))
+                                    compiler::llvm::host_ir(loops, &compiler::cpu::object_symbol(&loops.cascade))
                                 }
                             },
-                            Stage::LlvmOpt => optimized_llvm(&loops, matches!(target, LlvmTarget::Nvptx))?,
-                            Stage::Ptx => ptx(&loops)?,
-                            _ => compiler::cpu::compile(&loops)?.clif.clone(),
+                            Stage::LlvmOpt => optimized_llvm(loops, matches!(target, LlvmTarget::Nvptx))?,
+                            Stage::Ptx => einfuse::pipeline::ptx(loops, "sm_80")?,
+                            _ => compiler::cpu::compile(loops)?.clif.clone(),
                         });
                     }
                     text
@@ -376,49 +385,48 @@ fn execute(command: Command) -> Result<(), Error> {
         Command::Analyze { file, kernel, json } => analyze(&file, kernel.as_deref(), json),
         Command::Explain { file, kernel } => explain(&file, kernel.as_deref()),
         Command::Run(args) => run(args),
-        Command::Compile { file, kernel, target, output, split_keys, tile } => {
+        Command::Compile { file, kernel, target, output, split_keys, tile, timings: show } => {
             let program = Program::from_file(&file)?;
             let written = program.kernel(kernel.as_deref())?;
+            if split_keys.is_some() && !matches!(target, CompileTarget::Nvptx) {
+                return Err(Error::Usage("--split-keys is for `--target nvptx`".into()));
+            }
             let runs_on = if matches!(target, CompileTarget::Nvptx) { Target::Gpu } else { Target::Cpu };
-            let optimized = einfuse::optimize_for_target(written, runs_on, tile)?.cascade;
-            let loops = compiler::schedule::schedule(&optimized)?;
+            let options = BuildOptions { tile, split_keys, ..BuildOptions::new(runs_on) };
+            let mut scheduled = einfuse::pipeline::schedule_kernel(written, &options)?;
             let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
-            if let Some(chunk) = split_keys {
-                if !matches!(target, CompileTarget::Nvptx) {
-                    return Err(Error::Usage("--split-keys is for `--target nvptx`".into()));
+            let start = std::time::Instant::now();
+            let mut written_files = Vec::new();
+            match target {
+                CompileTarget::Nvptx => {
+                    let names: Vec<PathBuf> = match scheduled.split {
+                        None => vec![output.clone()],
+                        Some(_) => ["chunks", "merge"].iter().map(|p| output.with_extension(format!("{p}.ptx"))).collect(),
+                    };
+                    for (loops, path) in scheduled.loops.iter().zip(names) {
+                        std::fs::write(&path, einfuse::pipeline::ptx(loops, "sm_80")?).map_err(|e| io(&path, e))?;
+                        let sidecar = path.with_extension("json");
+                        let description = compiler::llvm::launch_description(loops, &file.display().to_string());
+                        std::fs::write(&sidecar, description).map_err(|e| io(&sidecar, e))?;
+                        written_files.push((path, sidecar));
+                    }
                 }
-                let split = compiler::split::split_keys(&optimized, chunk).map_err(|why| {
-                    Error::Usage(format!("kernel `{}` does not split into chunks: {why}", optimized.name))
-                })?;
-                for (part, cascade) in [("chunks", &split.chunks), ("merge", &split.merge)] {
-                    let loops = compiler::schedule::schedule(cascade)?;
-                    let path = output.with_extension(format!("{part}.ptx"));
-                    std::fs::write(&path, ptx(&loops)?).map_err(|e| io(&path, e))?;
-                    let sidecar = output.with_extension(format!("{part}.json"));
-                    let description = compiler::llvm::launch_description(&loops, &file.display().to_string());
-                    std::fs::write(&sidecar, description).map_err(|e| io(&sidecar, e))?;
-                    println!("wrote {} and {}", path.display(), sidecar.display());
+                CompileTarget::Cpu | CompileTarget::CpuLlvm => {
+                    let llvm = matches!(target, CompileTarget::CpuLlvm);
+                    let (object, header) = einfuse::pipeline::object(&scheduled.loops[0], llvm)?;
+                    let header_path = output.with_extension("h");
+                    std::fs::write(&output, object).map_err(|e| io(&output, e))?;
+                    std::fs::write(&header_path, header).map_err(|e| io(&header_path, e))?;
+                    written_files.push((output.clone(), header_path));
                 }
-                return Ok(());
             }
-            if let CompileTarget::Nvptx = target {
-                let text = ptx(&loops)?;
-                let sidecar = output.with_extension("json");
-                std::fs::write(&output, text).map_err(|e| io(&output, e))?;
-                let description = compiler::llvm::launch_description(&loops, &file.display().to_string());
-                std::fs::write(&sidecar, description).map_err(|e| io(&sidecar, e))?;
-                println!("wrote {} and {}", output.display(), sidecar.display());
-                return Ok(());
+            scheduled.timings.stages.push((einfuse::Stage::Compile, start.elapsed()));
+            for (main, beside) in written_files {
+                println!("wrote {} and {}", main.display(), beside.display());
             }
-            let object = match target {
-                CompileTarget::CpuLlvm => cpu_llvm_object(&loops)?,
-                _ => compiler::cpu::compile_object(&loops)?,
-            };
-            let header = compiler::cpu::header::c_header(&loops);
-            let header_path = output.with_extension("h");
-            std::fs::write(&output, object).map_err(|e| io(&output, e))?;
-            std::fs::write(&header_path, header).map_err(|e| io(&header_path, e))?;
-            println!("wrote {} and {}", output.display(), header_path.display());
+            if show {
+                eprint!("timings:\n{}", scheduled.timings.report());
+            }
             Ok(())
         }
         Command::Bench { file, kernel, bindings, runs, json, threads, target, split_keys, tile } => bench(
@@ -481,18 +489,20 @@ fn analyze(file: &Path, kernel: Option<&str>, json: bool) -> Result<(), Error> {
         results.push((written, optimized, optimized_report));
     }
     if json {
-        let entries: Vec<String> = results
+        let counts = |c: Vec<(String, usize)>| -> serde_json::Map<String, serde_json::Value> {
+            c.into_iter().map(|(rank, n)| (rank, n.into())).collect()
+        };
+        let entries: Vec<serde_json::Value> = results
             .iter()
             .map(|(written, _, optimized)| {
-                format!(
-                    "{{\"name\": {}, \"passes\": {}, \"optimized_passes\": {}}}",
-                    json_string(&written.kernel),
-                    json_counts(&written.counts()),
-                    json_counts(&optimized.counts())
-                )
+                serde_json::json!({
+                    "name": written.kernel,
+                    "passes": counts(written.counts()),
+                    "optimized_passes": counts(optimized.counts()),
+                })
             })
             .collect();
-        println!("{{\"kernels\": [{}]}}", entries.join(", "));
+        println!("{}", serde_json::json!({ "kernels": entries }));
         return Ok(());
     }
     for (kernel, (written, optimized, optimized_report)) in kernels.iter().zip(&results) {
@@ -556,25 +566,6 @@ fn explain(file: &Path, kernel: Option<&str>) -> Result<(), Error> {
         println!();
     }
     Ok(())
-}
-
-fn json_string(text: &str) -> String {
-    let mut out = String::from("\"");
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn json_counts(counts: &[(String, usize)]) -> String {
-    let fields: Vec<String> = counts.iter().map(|(rank, n)| format!("{}: {n}", json_string(rank))).collect();
-    format!("{{{}}}", fields.join(", "))
 }
 
 fn check(files: &[PathBuf]) -> Result<(), Error> {
@@ -665,14 +656,21 @@ fn run(args: RunArgs) -> Result<(), Error> {
     };
     // The interpreter runs the cascade as written, unless the split-key form (derived from the
     // optimized cascade) is asked for.
-    let kernel = match target {
-        Target::Interp if args.split_keys.is_none() => kernel.clone(),
-        _ => einfuse::optimize_for_target(kernel, target, args.tile)?.cascade,
+    let build_options = BuildOptions {
+        optimize: target != Target::Interp || args.split_keys.is_some(),
+        tile: args.tile,
+        params: std::mem::take(&mut options.params),
+        split_keys: args.split_keys,
+        ..BuildOptions::new(target)
     };
-    let outputs = einfuse::run(&kernel, target, &options)?;
+    let built = einfuse::build(kernel, &build_options)?;
+    let outputs = einfuse::run_built(&built, &options)?;
+    if args.timings {
+        eprint!("timings:\n{}", built.timings.report());
+    }
     if args.check {
         let reference = einfuse::run(
-            &kernel,
+            &built.cascade,
             Target::Interp,
             &RunOptions { check_finite: false, split_keys: None, ..options.clone() },
         )?;
@@ -710,40 +708,6 @@ fn run(args: RunArgs) -> Result<(), Error> {
     Ok(())
 }
 
-/// The largest absolute and relative (`|a - b| / (1 + |b|)`) differences between one output of
-/// a run and the interpreter's, both rounded to the output's storage type. NaN against NaN
-/// agrees; NaN against a number (or infinities of opposite signs) is as far off as can be.
-fn output_difference(dtype: einfuse::DType, got: &[f32], want: &[f32]) -> (f64, f64) {
-    let (mut worst_abs, mut worst_rel) = (0.0f64, 0.0f64);
-    for (a, b) in got.iter().zip(want) {
-        let (a, b) = (dtype.round(*a) as f64, dtype.round(*b) as f64);
-        if a.is_nan() && b.is_nan() {
-            continue;
-        }
-        let abs = match (a - b).abs() {
-            d if d.is_nan() => f64::INFINITY,
-            d => d,
-        };
-        worst_abs = worst_abs.max(abs);
-        worst_rel = worst_rel.max(abs / (1.0 + b.abs()));
-    }
-    (worst_abs, worst_rel)
-}
-
-/// The largest relative spacing of neighbouring values of a storage type (f32 needs none here).
-fn unit_in_last_place(dtype: einfuse::DType) -> f64 {
-    match dtype {
-        einfuse::DType::F32 => 0.0,
-        einfuse::DType::F16 => 2f64.powi(-10),
-        einfuse::DType::Bf16 => 2f64.powi(-7),
-    }
-}
-
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(|a, b| a.total_cmp(b));
-    samples[samples.len() / 2]
-}
-
 /// One tier's measurements.
 struct BenchResult {
     tier: &'static str,
@@ -756,15 +720,14 @@ struct BenchResult {
     unfused_extra_bytes: u64,
 }
 
-/// Compiles a cascade on one CPU tier.
+/// Compiles a cascade as written on one CPU tier.
 fn compile_tier(cascade: &compiler::ir::Cascade, llvm: bool) -> Result<compiler::cpu::CpuKernel, Error> {
-    if !llvm {
-        return einfuse::compile_cpu(cascade);
+    let target = if llvm { Target::CpuLlvm } else { Target::Cpu };
+    let mut built = einfuse::build(cascade, &BuildOptions { optimize: false, ..BuildOptions::new(target) })?;
+    match built.executables.remove(0) {
+        einfuse::Executable::Cpu(kernel) => Ok(kernel),
+        _ => unreachable!("a CPU target builds a CPU kernel"),
     }
-    #[cfg(feature = "llvm")]
-    return einfuse::compile_cpu_llvm(cascade);
-    #[cfg(not(feature = "llvm"))]
-    Err(Error::Usage("the cpu-llvm tier needs LLVM, and this einfuse was built without the `llvm` feature".into()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -815,37 +778,28 @@ fn bench(
     };
     let mut results = Vec::new();
     for (tier, llvm) in tiers {
+        let target = if llvm { Target::CpuLlvm } else { Target::Cpu };
+        let options = BuildOptions { tile: Some(tile), ..BuildOptions::new(target) };
         // Source to a callable kernel: parse, check, optimize, schedule, compile.
         let mut compile_times = Vec::new();
-        let mut fused = None;
+        let mut built = None;
         for _ in 0..3 {
             let start = Instant::now();
-            let program = Program::from_source(&file.display().to_string(), &source)?;
-            let optimized = einfuse::optimize_tiled(program.kernel(kernel)?, tile)?.cascade;
-            fused = Some(compile_tier(&optimized, llvm)?);
+            built = Some(einfuse::build_source(&file.display().to_string(), &source, kernel, &options)?);
             compile_times.push(start.elapsed().as_secs_f64());
         }
-        let fused = fused.expect("compiled");
+        let built = built.expect("compiled");
+        let fused = built.cpu().expect("a CPU target builds a CPU kernel");
         let unfused = compile_tier(written, llvm)?;
         let split_median_s = match split_keys {
             None => None,
             Some(chunk) => {
-                let optimized = fused.cascade().clone();
-                let split = compiler::split::split_keys(&optimized, chunk).map_err(|why| {
-                    Error::Usage(format!("kernel `{}` does not split into chunks: {why}", optimized.name))
-                })?;
-                let (chunks, merge) = (compile_tier(&split.chunks, llvm)?, compile_tier(&split.merge, llvm)?);
-                let once = || {
-                    einfuse::run_split_with(&optimized, &split, &extents, &slices, &mut |part, extents, inputs| {
-                        let kernel = if part == einfuse::SplitPart::Chunks { &chunks } else { &merge };
-                        Ok(kernel.run_threads(extents, inputs, threads)?)
-                    })
-                };
-                once()?;
+                let split = einfuse::build(written, &BuildOptions { split_keys: Some(chunk), ..options.clone() })?;
+                split.run(&extents, &slices, threads)?;
                 let mut samples = Vec::new();
                 for _ in 0..runs {
                     let start = Instant::now();
-                    std::hint::black_box(once()?);
+                    std::hint::black_box(split.run(&extents, &slices, threads)?);
                     samples.push(start.elapsed().as_secs_f64());
                 }
                 Some(median(samples))
@@ -854,10 +808,10 @@ fn bench(
         results.push(BenchResult {
             tier,
             split_median_s,
-            median_s: time(&fused)?,
+            median_s: time(fused)?,
             unfused_median_s: time(&unfused)?,
             compile_s: median(compile_times),
-            peak_extra_bytes: fused.peak_scratch_bytes(&extents_of(&fused)?, threads),
+            peak_extra_bytes: fused.peak_scratch_bytes(&extents_of(fused)?, threads),
             unfused_extra_bytes: unfused.peak_scratch_bytes(&extents, threads),
         });
     }
@@ -868,34 +822,39 @@ fn bench(
             .iter()
             .map(|o| compiler::shapes::tensor_shape(written, o.tensor, &extents).iter().product::<u64>() as f64 * 4.0)
             .sum::<f64>();
-    let fields = |r: &BenchResult| -> String {
-        let split = match r.split_median_s {
-            Some(t) => format!(", \"split_median_s\": {t:.6e}, \"split_speedup_vs_fused\": {:.3}", r.median_s / t),
-            None => String::new(),
-        };
-        format!(
-            "\"target\": \"{}\", \"median_s\": {:.6e}, \"gflops\": {:.3}, \"gbps\": {:.3}, \"unfused_median_s\": {:.6e}, \
-             \"speedup_vs_unfused\": {:.3}, \"peak_extra_bytes\": {}, \"unfused_extra_bytes\": {}, \"compile_s\": {:.6e}",
-            r.tier,
-            r.median_s,
-            flops / r.median_s / 1e9,
-            bytes / r.median_s / 1e9,
-            r.unfused_median_s,
-            r.unfused_median_s / r.median_s,
-            r.peak_extra_bytes,
-            r.unfused_extra_bytes,
-            r.compile_s
-        ) + &split
+    let fields = |r: &BenchResult| -> serde_json::Map<String, serde_json::Value> {
+        let mut fields = serde_json::json!({
+            "target": r.tier,
+            "median_s": r.median_s,
+            "gflops": flops / r.median_s / 1e9,
+            "gbps": bytes / r.median_s / 1e9,
+            "unfused_median_s": r.unfused_median_s,
+            "speedup_vs_unfused": r.unfused_median_s / r.median_s,
+            "peak_extra_bytes": r.peak_extra_bytes,
+            "unfused_extra_bytes": r.unfused_extra_bytes,
+            "compile_s": r.compile_s,
+        });
+        if let Some(t) = r.split_median_s {
+            fields["split_median_s"] = t.into();
+            fields["split_speedup_vs_fused"] = (r.median_s / t).into();
+        }
+        let serde_json::Value::Object(map) = fields else { unreachable!("an object") };
+        map
     };
     if json {
-        let mut text = format!("{{\"kernel\": {}, {}", json_string(&written.name), fields(&results[0]));
+        // The first tier's fields at the top level, the second's under its name.
+        let mut report = serde_json::Map::new();
+        report.insert("kernel".into(), written.name.clone().into());
+        report.extend(fields(&results[0]));
         for other in &results[1..] {
-            text.push_str(&format!(", \"{}\": {{{}}}", other.tier, fields(other)));
+            report.insert(other.tier.into(), fields(other).into());
         }
         if results.len() == 2 {
-            text.push_str(&format!(", \"llvm_speedup_vs_cpu\": {:.3}", results[0].median_s / results[1].median_s));
+            report.insert("llvm_speedup_vs_cpu".into(), (results[0].median_s / results[1].median_s).into());
         }
-        println!("{text}, \"threads\": {threads}, \"runs\": {runs}}}");
+        report.insert("threads".into(), threads.into());
+        report.insert("runs".into(), runs.into());
+        println!("{}", serde_json::Value::Object(report));
         return Ok(());
     }
     println!("kernel {} ({runs} runs, medians, {threads} thread(s))", written.name);
@@ -950,330 +909,9 @@ fn print_tensor(name: &str, tensor: &einfuse::Tensor, all: bool) {
     }
 }
 
-#[cfg(feature = "llvm")]
-fn ptx(program: &compiler::schedule::LoopProgram) -> Result<String, Error> {
-    Ok(compiler::llvm::compile_ptx(program, "sm_80")?)
-}
-
-#[cfg(not(feature = "llvm"))]
-fn ptx(_: &compiler::schedule::LoopProgram) -> Result<String, Error> {
-    Err(Error::Usage("PTX needs LLVM, and this einfuse was built without the `llvm` feature".into()))
-}
-
-#[cfg(feature = "llvm")]
-fn cpu_llvm_object(program: &compiler::schedule::LoopProgram) -> Result<Vec<u8>, Error> {
-    Ok(compiler::cpu::compile_object_llvm(program)?)
-}
-
-#[cfg(not(feature = "llvm"))]
-fn cpu_llvm_object(_: &compiler::schedule::LoopProgram) -> Result<Vec<u8>, Error> {
-    Err(Error::Usage("the cpu-llvm target needs LLVM, and this einfuse was built without the `llvm` feature".into()))
-}
-
-/// The largest relative difference (`|a - b| / (1 + |b|)`) between a kernel's outputs and the
-/// interpreter's, both rounded to each output's storage type, less one unit in the last place of
-/// an f16 or bf16 output (two values a rounding error apart may round to neighbours); NaN against
-/// NaN agrees.
-#[cfg(feature = "cuda")]
-fn largest_difference(cascade: &compiler::ir::Cascade, got: &[Vec<f32>], want: &[Vec<f32>]) -> f64 {
-    let mut worst = 0.0f64;
-    for ((g, w), output) in got.iter().zip(want).zip(&cascade.outputs) {
-        if g.len() != w.len() {
-            return f64::INFINITY;
-        }
-        let dtype = einfuse::dtype_of(output.elem);
-        let (_, relative) = output_difference(dtype, g, w);
-        worst = worst.max((relative - unit_in_last_place(dtype)).max(0.0));
-    }
-    worst
-}
-
-/// A kernel that `gpu-check` runs: its PTX loaded on the GPU, or the emulation of the same
-/// kernel on this CPU (`--emulate`).
-#[cfg(feature = "cuda")]
-enum CheckedKernel {
-    Gpu(einfuse::gpu::GpuKernel),
-    #[cfg(feature = "llvm")]
-    Emulated(compiler::llvm::EmulatedKernel),
-}
-
-#[cfg(feature = "cuda")]
-impl CheckedKernel {
-    fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
-        match self {
-            CheckedKernel::Gpu(k) => k.run(extents, inputs).map_err(|e| Error::Usage(e.to_string())),
-            #[cfg(feature = "llvm")]
-            CheckedKernel::Emulated(k) => k.run(extents, inputs).map_err(|e| Error::Usage(e.to_string())),
-        }
-    }
-
-    /// The outputs and the time of each of `runs` calls after a warm-up (launch to completion
-    /// on the GPU).
-    fn time(&self, extents: &[u64], inputs: &[&[f32]], runs: usize) -> Result<(Vec<Vec<f32>>, Vec<f64>), Error> {
-        match self {
-            CheckedKernel::Gpu(k) => k.time(extents, inputs, runs).map_err(|e| Error::Usage(e.to_string())),
-            #[cfg(feature = "llvm")]
-            CheckedKernel::Emulated(_) => {
-                let mut times = Vec::new();
-                let mut outputs = self.run(extents, inputs)?;
-                for _ in 0..runs.max(1) {
-                    let start = std::time::Instant::now();
-                    outputs = self.run(extents, inputs)?;
-                    times.push(start.elapsed().as_secs_f64());
-                }
-                Ok((outputs, times))
-            }
-        }
-    }
-
-    /// Registers per thread and local bytes per thread (0 and 0 in the emulation).
-    fn resources(&self) -> Result<(i32, i32), Error> {
-        match self {
-            CheckedKernel::Gpu(k) => k.resources().map_err(|e| Error::Usage(e.to_string())),
-            #[cfg(feature = "llvm")]
-            CheckedKernel::Emulated(_) => Ok((0, 0)),
-        }
-    }
-}
-
-/// Loads a kernel for `gpu-check` from its loop program and PTX.
-#[cfg(feature = "cuda")]
-type KernelLoader<'a> = dyn Fn(&compiler::schedule::LoopProgram, &str) -> Result<CheckedKernel, Error> + 'a;
-
 #[cfg(feature = "cuda")]
 fn gpu_check(artifacts: &Path, out: &Path, emulate: bool) -> Result<(), Error> {
-    let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
-    let gpu = |e: einfuse::gpu::GpuError| Error::Usage(e.to_string());
-    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    let mut report = String::new();
-    let mut say = |line: String| {
-        println!("{line}");
-        report.push_str(&line);
-        report.push('\n');
-    };
-    let device = if emulate { None } else { Some(einfuse::gpu::GpuDevice::open().map_err(gpu)?) };
-    let load: Box<KernelLoader> = match &device {
-        Some(device) => {
-            say(format!(
-                "device: {} (compute capability {}.{})",
-                device.name, device.capability.0, device.capability.1
-            ));
-            Box::new(move |loops, ptx| {
-                Ok(CheckedKernel::Gpu(einfuse::gpu::GpuKernel::load(device, loops, ptx).map_err(gpu)?))
-            })
-        }
-        None => {
-            say("device: none, the kernels emulated on this CPU (--emulate)".to_string());
-            emulated_loader()?
-        }
-    };
-    let manifest_path = artifacts.join("kernels.txt");
-    let manifest = std::fs::read_to_string(&manifest_path).map_err(|e| io(&manifest_path, e))?;
-    let mut failures = 0;
-    for line in manifest.lines().filter(|l| !l.trim().is_empty()) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [file, name, form, ptx_file] = fields[..] else {
-            return Err(Error::Usage(format!(
-                "{}: a line is not `file kernel form ptx`: {line}",
-                manifest_path.display()
-            )));
-        };
-        let program = Program::from_file(&artifacts.join(file))?;
-        let written = program.kernel(Some(name))?;
-        // `compile --target nvptx` compiles this optimized cascade; the launch must see the same one.
-        let cascade = einfuse::optimize_for_gpu(written)?.cascade;
-        if let Some(chunk) = form.strip_prefix("split") {
-            let chunk: u64 = chunk.parse().map_err(|_| Error::Usage(format!("{line}: form `split<KEYS>` expected")))?;
-            failures += gpu_check_split(&*load, emulate, artifacts, out, file, &cascade, chunk, ptx_file, &mut say)?;
-            continue;
-        }
-        let loops = compiler::schedule::schedule(&cascade)?;
-        let ptx_path = artifacts.join(ptx_file);
-        let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| io(&ptx_path, e))?;
-        let kernel = load(&loops, &ptx)?;
-        let (registers, local) = kernel.resources()?;
-        let bench = form == "bench";
-        // A benchmark kernel is checked at a small shape first, then timed at its own (at the
-        // small one again when emulated).
-        let shapes: Vec<Vec<(String, u64)>> = if bench {
-            vec![small_shape(), if emulate { small_shape() } else { bench_shape(name) }]
-        } else {
-            [[100u64, 7], [1, 3], [65, 70]]
-                .iter()
-                .map(|[m, p]| {
-                    vec![("M".into(), *m), ("P".into(), *p), ("K".into(), 37), ("H".into(), 2), ("T".into(), 20)]
-                })
-                .collect()
-        };
-        for (s, sizes) in shapes.iter().enumerate() {
-            let bindings: Vec<(String, u64)> = sizes
-                .iter()
-                .filter(|(r, _)| {
-                    cascade
-                        .rank_by_name(r)
-                        .is_some_and(|id| matches!(cascade.rank(id).extent, compiler::ir::Extent::Symbolic))
-                })
-                .cloned()
-                .collect();
-            // The timed inputs are those of seed `BENCH_SEED`, as for the split forms, so that
-            // `benches/compare_torch.py` compares every form on the inputs saved here.
-            let seed = if bench && s == 1 { BENCH_SEED } else { s as u64 + 1 };
-            let options = RunOptions { bindings, seed, ..RunOptions::default() };
-            let (extents, inputs) = einfuse::prepare_inputs(&cascade, &options)?;
-            let slices: Vec<&[f32]> = inputs.iter().map(einfuse::Tensor::data).collect();
-            if bench && s == 1 {
-                let (outputs, times) = kernel.time(&extents, &slices, 10)?;
-                let seconds = median(times);
-                let flops = compiler::schedule::flop_count(&cascade, &extents);
-                say(format!(
-                    "bench {file} {name}: {:.3} ms, {:.1} GFLOP/s, registers {registers}, local bytes {local}",
-                    seconds * 1e3,
-                    flops / seconds / 1e9
-                ));
-                for (id, tensor) in cascade.inputs().iter().zip(&inputs) {
-                    let path = out.join(format!("{name}.{}.npy", cascade.tensor(*id).name));
-                    runtime::npy::write_npy(&path, tensor)?;
-                }
-                for (output_name, tensor) in einfuse::output_tensors(&cascade, &extents, outputs) {
-                    runtime::npy::write_npy(&out.join(format!("{name}.{output_name}.npy")), &tensor)?;
-                }
-                let timing = out.join(format!("{name}.time.txt"));
-                std::fs::write(&timing, format!("{seconds:.9}\n")).map_err(|e| io(&timing, e))?;
-                continue;
-            }
-            let got = kernel.run(&extents, &slices)?;
-            let reference =
-                einfuse::run(&cascade, einfuse::Target::Interp, &RunOptions { check_finite: false, ..options })?;
-            let want: Vec<Vec<f32>> = reference.iter().map(|(_, t)| t.data().to_vec()).collect();
-            let error = largest_difference(&cascade, &got, &want);
-            let verdict = if error <= 1e-4 { "ok" } else { "MISMATCH" };
-            failures += usize::from(error > 1e-4);
-            say(format!(
-                "{verdict} {file} {name} {form} {sizes:?}: relative error {error:.3e}, registers {registers}, local bytes {local}"
-            ));
-        }
-    }
-    say(format!("{failures} mismatch(es)"));
-    let path = out.join("results.txt");
-    std::fs::write(&path, report).map_err(|e| io(&path, e))?;
-    if failures > 0 {
-        return Err(Error::Usage(format!("{failures} GPU run(s) disagree with the interpreter")));
-    }
-    Ok(())
-}
-
-/// The seed of the benchmark kernels' random inputs in `gpu-check`.
-#[cfg(feature = "cuda")]
-const BENCH_SEED: u64 = 1;
-
-/// The shape at which `gpu-check` checks a benchmark kernel against the interpreter (and, when
-/// emulated, times it).
-#[cfg(feature = "cuda")]
-fn small_shape() -> Vec<(String, u64)> {
-    vec![("M".into(), 100), ("P".into(), 70)]
-}
-
-/// The benchmark shape of a kernel of `benches/attention.ein`: decode streams 16384 keys for one
-/// query, the others P = M = 4096.
-#[cfg(feature = "cuda")]
-fn bench_shape(kernel: &str) -> Vec<(String, u64)> {
-    if kernel.contains("decode") {
-        vec![("M".into(), 16384), ("P".into(), 1)]
-    } else {
-        vec![("M".into(), 4096), ("P".into(), 4096)]
-    }
-}
-
-/// The split-key form of `cascade` on the GPU (`ptx_files`: the chunk and the merge kernel,
-/// comma-separated): against the interpreter at two small shapes, then timed at the benchmark
-/// shape (the sum of both kernels' median times, written as `{name}_split{KEYS}.time.txt`).
-/// Returns the number of mismatches.
-#[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
-fn gpu_check_split(
-    load: &KernelLoader,
-    emulate: bool,
-    artifacts: &Path,
-    out: &Path,
-    file: &str,
-    cascade: &compiler::ir::Cascade,
-    chunk: u64,
-    ptx_files: &str,
-    say: &mut dyn FnMut(String),
-) -> Result<usize, Error> {
-    let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };
-    let name = &cascade.name;
-    let split = compiler::split::split_keys(cascade, chunk)
-        .map_err(|why| Error::Usage(format!("kernel `{name}` does not split into chunks: {why}")))?;
-    let Some((chunks_file, merge_file)) = ptx_files.split_once(',') else {
-        return Err(Error::Usage(format!("{ptx_files}: two PTX files, comma-separated, expected")));
-    };
-    let mut kernels = Vec::new();
-    for (part, ptx_file) in [(&split.chunks, chunks_file), (&split.merge, merge_file)] {
-        let loops = compiler::schedule::schedule(part)?;
-        let path = artifacts.join(ptx_file);
-        let ptx = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
-        kernels.push(load(&loops, &ptx)?);
-    }
-    let (registers, local) = kernels[0].resources()?;
-    let mut failures = 0;
-    let symbolic = |r: &str| {
-        cascade.rank_by_name(r).is_some_and(|id| matches!(cascade.rank(id).extent, compiler::ir::Extent::Symbolic))
-    };
-    for (s, sizes) in
-        [vec![("M".to_string(), 1000u64), ("P".to_string(), 3)], vec![("M".to_string(), 1), ("P".to_string(), 1)]]
-            .into_iter()
-            .enumerate()
-    {
-        let bindings: Vec<(String, u64)> = sizes.iter().filter(|(r, _)| symbolic(r)).cloned().collect();
-        let options = RunOptions { bindings, seed: s as u64 + 1, ..RunOptions::default() };
-        let (extents, inputs) = einfuse::prepare_inputs(cascade, &options)?;
-        let slices: Vec<&[f32]> = inputs.iter().map(einfuse::Tensor::data).collect();
-        let got = einfuse::run_split_with(cascade, &split, &extents, &slices, &mut |part, extents, inputs| {
-            let kernel = &kernels[usize::from(part == einfuse::SplitPart::Merge)];
-            kernel.run(extents, inputs)
-        })?;
-        let reference = einfuse::run(cascade, einfuse::Target::Interp, &RunOptions { check_finite: false, ..options })?;
-        let want: Vec<Vec<f32>> = reference.iter().map(|(_, t)| t.data().to_vec()).collect();
-        let error = largest_difference(cascade, &got, &want);
-        let verdict = if error <= 1e-4 { "ok" } else { "MISMATCH" };
-        failures += usize::from(error > 1e-4);
-        say(format!(
-            "{verdict} {file} {name} split{chunk} {sizes:?}: relative error {error:.3e}, chunk kernel registers {registers}, local bytes {local}"
-        ));
-    }
-    // Timed at the benchmark shape on a GPU (the small shape when emulated), on the inputs the
-    // plain kernel was timed on.
-    let shape = if emulate { small_shape() } else { bench_shape(name) };
-    let bindings: Vec<(String, u64)> = shape.into_iter().filter(|(r, _)| symbolic(r)).collect();
-    let options = RunOptions { bindings, seed: BENCH_SEED, ..RunOptions::default() };
-    let (extents, inputs) = einfuse::prepare_inputs(cascade, &options)?;
-    let slices: Vec<&[f32]> = inputs.iter().map(einfuse::Tensor::data).collect();
-    let mut seconds = 0.0;
-    let outputs = einfuse::run_split_with(cascade, &split, &extents, &slices, &mut |part, extents, inputs| {
-        let kernel = &kernels[usize::from(part == einfuse::SplitPart::Merge)];
-        let (outputs, times) = kernel.time(extents, inputs, 10)?;
-        seconds += median(times);
-        Ok(outputs)
-    })?;
-    say(format!("bench {file} {name} split{chunk}: {:.3} ms (chunks and merge, medians added)", seconds * 1e3));
-    for (output_name, tensor) in einfuse::output_tensors(cascade, &extents, outputs) {
-        runtime::npy::write_npy(&out.join(format!("{name}_split{chunk}.{output_name}.npy")), &tensor)?;
-    }
-    let timing = out.join(format!("{name}_split{chunk}.time.txt"));
-    std::fs::write(&timing, format!("{seconds:.9}\n")).map_err(|e| io(&timing, e))?;
-    Ok(failures)
-}
-
-/// The emulated kernels' loader (`gpu-check --emulate`): the PTX is read, not used.
-#[cfg(all(feature = "cuda", feature = "llvm"))]
-fn emulated_loader() -> Result<Box<KernelLoader<'static>>, Error> {
-    Ok(Box::new(|loops, _ptx| Ok(CheckedKernel::Emulated(compiler::llvm::EmulatedKernel::new(loops)?))))
-}
-
-#[cfg(all(feature = "cuda", not(feature = "llvm")))]
-fn emulated_loader() -> Result<Box<KernelLoader<'static>>, Error> {
-    Err(Error::Usage("gpu-check --emulate needs LLVM, and this einfuse was built without the `llvm` feature".into()))
+    einfuse::gpu_check::gpu_check(artifacts, out, emulate)
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -131,8 +131,13 @@ fn check(generated: &Generated) -> Result<(), String> {
     if let Some(split) = split_form(&optimized) {
         let slices: Vec<&[f32]> = data.iter().map(Tensor::data).collect();
         for target in [einfuse::Target::Interp, einfuse::Target::Cpu] {
-            let got =
-                einfuse::run_split(&optimized, &split, target, &extents, &slices, 2).map_err(|e| e.to_string())?;
+            let options = einfuse::BuildOptions {
+                optimize: false,
+                split_keys: Some(split.chunk),
+                ..einfuse::BuildOptions::new(target)
+            };
+            let built = einfuse::build(&optimized, &options).map_err(|e| e.to_string())?;
+            let got = built.run(&extents, &slices, 2).map_err(|e| e.to_string())?;
             agree(cascade, &optimized_reference, &to_f64(got), 1e-4, Strictness::Exact)
                 .map_err(|e| format!("split-key form on {}: {e}", target.name()))?;
         }

@@ -38,63 +38,85 @@ pub fn host_ir(program: &LoopProgram, symbol: &str) -> String {
 }
 
 /// The sidecar of a PTX file: what a launcher needs besides the PTX.
+#[derive(Debug, serde::Serialize)]
+pub struct LaunchDescription {
+    pub kernel: String,
+    pub source: String,
+    pub entry: String,
+    pub block: String,
+    pub grid: String,
+    pub batch_ranks: Vec<String>,
+    pub lane_rank: Option<String>,
+    /// The split ranks, as `M0 = 64`: the tile the optimizer chose (see `optimize_for_gpu`).
+    pub tiles: Vec<String>,
+    pub staged_reads: Vec<String>,
+    pub register_buffers: Vec<String>,
+    pub shared_memory_bytes: String,
+    pub arguments: Vec<&'static str>,
+    pub buffers: Vec<String>,
+    pub storage: Vec<String>,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+}
+
+/// The launch description of a thread kernel, as JSON (`einfuse compile --target nvptx`).
 pub fn launch_description(program: &LoopProgram, source_file: &str) -> String {
+    let description = describe_launch(program, source_file);
+    serde_json::to_string_pretty(&description).expect("plain data serializes") + "\n"
+}
+
+/// What a launcher needs to know of a thread kernel besides its PTX.
+pub fn describe_launch(program: &LoopProgram, source_file: &str) -> LaunchDescription {
     let c = &program.cascade;
-    let batch: Vec<String> = launch::batch_ranks(c).iter().map(|r| format!("\"{}\"", c.rank(*r).name)).collect();
-    let inputs: Vec<String> = c.inputs().iter().map(|t| format!("\"{}\"", c.tensor(*t).name)).collect();
-    let outputs: Vec<String> = c.outputs.iter().map(|o| format!("\"{}\"", c.tensor(o.tensor).name)).collect();
-    let buffers: Vec<String> = program.buffers.iter().map(|b| format!("\"{}\"", c.tensor(b.tensor).name)).collect();
-    let staged: Vec<String> = staging::staged_reads(program)
-        .iter()
-        .map(|r| {
-            format!(
-                "\"{}\"",
-                crate::print::print_expr(c, &Expr::Access { tensor: r.tensor, subscripts: r.subscripts.clone() })
-            )
-        })
-        .collect();
-    let registers: Vec<String> = registers::register_buffers(program)
-        .iter()
-        .zip(&program.buffers)
-        .filter(|(r, _)| **r)
-        .map(|(_, b)| format!("\"{}\"", c.tensor(b.tensor).name))
-        .collect();
-    // The split ranks, as `M0 = 64`: the tile the optimizer chose (see `optimize_for_gpu`).
-    let tiles: Vec<String> = c
-        .split_pairs()
-        .iter()
-        .map(|(_, inner, _)| match c.rank(*inner).extent {
-            crate::ir::Extent::Fixed(n) => format!("\"{} = {n}\"", c.rank(*inner).name),
-            _ => format!("\"{}\"", c.rank(*inner).name),
-        })
-        .collect();
-    let storage: Vec<String> = storage::storage_types(program).iter().map(|elem| format!("\"{elem}\"")).collect();
-    format!(
-        "{{\n  \"kernel\": \"{}\",\n  \"source\": \"{}\",\n  \"entry\": \"{}\",\n  \"block\": \"min({}, the lane rank's extent rounded up to a multiple of {}) threads in x; a warp (one point) where \
-         the lane rank has at most 8 points and the kernel reduces\",\n  \
-         \"grid\": \"(the product of the other batch ranks' extents) * ceil(lane extent / points per block) blocks in x\",\n  \
-         \"batch_ranks\": [{}],\n  \"lane_rank\": {},\n  \"tiles\": [{}],\n  \"staged_reads\": [{}],\n  \"register_buffers\": [{}],\n  \
-         \"shared_memory_bytes\": \"dynamic, per call: the staged tiles that fit in {} bytes (see ThreadLayout)\",\n  \
-         \"arguments\": [\"values: pointer[buffers], each to elements of its storage type\", \"masks: u8*[buffers]\", \"extents: i64[ranks], batch ranks as 1\", \
-         \"dims: i64[positions of all buffers]\", \"strides: i64[positions of all buffers]\", \
-         \"batch: i64[batch ranks + buffers * (batch ranks + 1) + per staged read: shared offset or -1, box extents; threads per point]\", \"threads: i64 (points times threads per point)\"],\n  \
-         \"buffers\": [{}],\n  \"storage\": [{}],\n  \"inputs\": [{}],\n  \"outputs\": [{}]\n}}\n",
-        c.name,
-        source_file.replace('\\', "\\\\").replace('"', "\\\""),
-        c.name,
-        launch::BLOCK,
-        launch::WARP,
-        batch.join(", "),
-        batch.last().map_or("null".to_string(), |b| b.clone()),
-        tiles.join(", "),
-        staged.join(", "),
-        registers.join(", "),
-        launch::SHARED_BYTES,
-        buffers.join(", "),
-        storage.join(", "),
-        inputs.join(", "),
-        outputs.join(", ")
-    )
+    let names = |ids: &mut dyn Iterator<Item = crate::ir::TensorId>| ids.map(|t| c.tensor(t).name.clone()).collect();
+    let batch: Vec<String> = launch::batch_ranks(c).iter().map(|r| c.rank(*r).name.clone()).collect();
+    LaunchDescription {
+        kernel: c.name.clone(),
+        source: source_file.to_string(),
+        entry: c.name.clone(),
+        block: format!(
+            "min({}, the lane rank's extent rounded up to a multiple of {}) threads in x; a warp (one point) where \
+             the lane rank has at most 8 points and the kernel reduces",
+            launch::BLOCK,
+            launch::WARP
+        ),
+        grid: "(the product of the other batch ranks' extents) * ceil(lane extent / points per block) blocks in x"
+            .into(),
+        lane_rank: batch.last().cloned(),
+        batch_ranks: batch,
+        tiles: c
+            .split_pairs()
+            .iter()
+            .map(|(_, inner, _)| match c.rank(*inner).extent {
+                crate::ir::Extent::Fixed(n) => format!("{} = {n}", c.rank(*inner).name),
+                _ => c.rank(*inner).name.clone(),
+            })
+            .collect(),
+        staged_reads: staging::staged_reads(program)
+            .iter()
+            .map(|r| crate::print::print_expr(c, &Expr::Access { tensor: r.tensor, subscripts: r.subscripts.clone() }))
+            .collect(),
+        register_buffers: names(
+            &mut registers::register_buffers(program).iter().zip(&program.buffers).filter(|(r, _)| **r).map(|(_, b)| b.tensor),
+        ),
+        shared_memory_bytes: format!(
+            "dynamic, per call: the staged tiles that fit in {} bytes (see ThreadLayout)",
+            launch::SHARED_BYTES
+        ),
+        arguments: vec![
+            "values: pointer[buffers], each to elements of its storage type",
+            "masks: u8*[buffers]",
+            "extents: i64[ranks], batch ranks as 1",
+            "dims: i64[positions of all buffers]",
+            "strides: i64[positions of all buffers]",
+            "batch: i64[batch ranks + buffers * (batch ranks + 1) + per staged read: shared offset or -1, box extents; threads per point]",
+            "threads: i64 (points times threads per point)",
+        ],
+        buffers: names(&mut program.buffers.iter().map(|b| b.tensor)),
+        storage: storage::storage_types(program).iter().map(|elem| elem.to_string()).collect(),
+        inputs: names(&mut c.inputs().into_iter()),
+        outputs: names(&mut c.outputs.iter().map(|o| o.tensor)),
+    }
 }
 
 #[cfg(feature = "llvm")]
