@@ -85,9 +85,106 @@ struct Target {
 pub fn analyze(cascade: &Cascade) -> PassReport {
     let consumed = consumed_ranks(cascade);
     let order = topological_order(cascade);
-    let ranks =
-        targets(cascade).into_iter().map(|target| analyze_target(cascade, &target, &consumed, &order)).collect();
+    let roles = Roles::of(cascade);
+    let ranks = targets(cascade, &roles)
+        .into_iter()
+        .map(|target| analyze_target(cascade, &target, &roles, &consumed, &order))
+        .collect();
     PassReport { kernel: cascade.name.clone(), ranks, warnings: exp_warnings(cascade) }
+}
+
+/// The roles a rank plays: which of its index names (`m`, `m'`, ...) walk the same fibers.
+///
+/// A pass is a traversal of a fiber of a tensor's position, whatever index walks it: in
+/// `GM[p] = max[m](A[m, p])` and `Y[p] = sum[m'](exp(A[m', p] - GM[p]))` both reductions walk
+/// `A`'s first position, so `m` and `m'` play one role and their passes are counted together.
+/// Two names that appear in one Einsum (`QK[m, m'] = Q[e, m'] * K[e, m]`: keys and queries of a
+/// self-attention over one rank) always play two roles. Names are merged when they walk a common
+/// tensor position and never meet in an Einsum; a role is named after its fewest primes.
+#[derive(Clone, Debug, Default)]
+pub struct Roles {
+    role: HashMap<(RankId, u8), u8>,
+}
+
+impl Roles {
+    pub fn of(cascade: &Cascade) -> Roles {
+        // The positions each name walks, and the pairs of names that meet in an Einsum.
+        let mut walks: HashMap<(RankId, u8), BTreeSet<(TensorId, usize)>> = HashMap::new();
+        let mut together: BTreeSet<(RankId, u8, u8)> = BTreeSet::new();
+        for einsum in &cascade.einsums {
+            let mut present: BTreeSet<(RankId, u8)> = BTreeSet::new();
+            for (position, lhs) in einsum.lhs.iter().enumerate() {
+                if let Some(i) = lhs.index() {
+                    present.insert((i.rank, i.primes));
+                    walks.entry((i.rank, i.primes)).or_default().insert((einsum.target, position));
+                }
+            }
+            einsum.body.walk(&mut |e| match e {
+                Expr::Reduce { indices, .. } => present.extend(indices.iter().map(|i| (i.rank, i.primes))),
+                Expr::Index(i) => {
+                    present.insert((i.rank, i.primes));
+                }
+                _ => {}
+            });
+            for (read, subscripts) in einsum.reads() {
+                for (position, subscript) in subscripts.iter().enumerate() {
+                    subscript.for_each_index(&mut |i| {
+                        present.insert((i.rank, i.primes));
+                        walks.entry((i.rank, i.primes)).or_default().insert((read, position));
+                    });
+                }
+            }
+            for a in &present {
+                for b in &present {
+                    if a.0 == b.0 && a.1 < b.1 {
+                        together.insert((a.0, a.1, b.1));
+                    }
+                }
+            }
+        }
+        // Classes of names per rank, merged until nothing changes.
+        let mut names: Vec<(RankId, u8)> = walks.keys().copied().collect();
+        names.sort();
+        let mut class: HashMap<(RankId, u8), usize> = names.iter().enumerate().map(|(n, k)| (*k, n)).collect();
+        loop {
+            let mut merged = false;
+            for a in &names {
+                for b in &names {
+                    let (ca, cb) = (class[a], class[b]);
+                    if a.0 != b.0 || ca >= cb || walks[a].is_disjoint(&walks[b]) {
+                        continue;
+                    }
+                    let members = |c: usize| names.iter().filter(|n| class[*n] == c).map(|n| n.1).collect::<Vec<_>>();
+                    let (left, right) = (members(ca), members(cb));
+                    let meet = left.iter().any(|x| {
+                        right.iter().any(|y| together.contains(&(a.0, (*x).min(*y), (*x).max(*y))))
+                    });
+                    if !meet {
+                        for n in &names {
+                            if class[n] == cb {
+                                class.insert(*n, ca);
+                            }
+                        }
+                        merged = true;
+                    }
+                }
+            }
+            if !merged {
+                break;
+            }
+        }
+        let mut role = HashMap::new();
+        for n in &names {
+            let fewest = names.iter().filter(|m| class[*m] == class[n]).map(|m| m.1).min().expect("itself");
+            role.insert(*n, fewest);
+        }
+        Roles { role }
+    }
+
+    /// The role of an index: the primes of the name its role is reported under.
+    pub fn role(&self, index: Index) -> u8 {
+        self.role.get(&(index.rank, index.primes)).copied().unwrap_or(index.primes)
+    }
 }
 
 /// Whether a tensor holds a maximum: a max reduction, or a running maximum.
@@ -138,12 +235,12 @@ fn exp_warnings(cascade: &Cascade) -> Vec<String> {
 
 /// The ranks to report, in declaration order: reduced or iterated ranks, and for a split pair
 /// the whole rank and both parts.
-fn targets(cascade: &Cascade) -> Vec<Target> {
+fn targets(cascade: &Cascade, roles: &Roles) -> Vec<Target> {
     let mut used: BTreeSet<(u8, RankId)> = BTreeSet::new();
     for einsum in &cascade.einsums {
         einsum.body.walk(&mut |e| {
             if let Expr::Reduce { indices, .. } = e {
-                used.extend(indices.iter().map(|i| (i.primes, i.rank)));
+                used.extend(indices.iter().map(|i| (roles.role(*i), i.rank)));
             }
         });
     }
@@ -278,20 +375,26 @@ fn topological_order(cascade: &Cascade) -> Vec<TensorId> {
     }
 }
 
-/// The ranks of the indices with `primes` primes that an Einsum binds.
-fn binds(einsum: &Einsum, primes: u8) -> BTreeSet<RankId> {
+/// The ranks of the indices of the role `primes` that an Einsum binds.
+fn binds(einsum: &Einsum, roles: &Roles, primes: u8) -> BTreeSet<RankId> {
     let mut indices: BTreeSet<Index> = einsum.lhs_indices().collect();
     einsum.body.walk(&mut |e| {
         if let Expr::Reduce { indices: reduced, .. } = e {
             indices.extend(reduced.iter().copied());
         }
     });
-    indices.into_iter().filter(|i| i.primes == primes).map(|i| i.rank).collect()
+    indices.into_iter().filter(|i| roles.role(*i) == primes).map(|i| i.rank).collect()
 }
 
-fn analyze_target(cascade: &Cascade, target: &Target, consumed: &[BTreeSet<Index>], order: &[TensorId]) -> RankPasses {
+fn analyze_target(
+    cascade: &Cascade,
+    target: &Target,
+    roles: &Roles,
+    consumed: &[BTreeSet<Index>],
+    order: &[TensorId],
+) -> RankPasses {
     let covers = |einsum: &Einsum| {
-        let bound = binds(einsum, target.primes);
+        let bound = binds(einsum, roles, target.primes);
         match target.pair {
             Some((tile, inner)) => {
                 bound.iter().any(|r| target.parts.contains(r) && *r != tile && *r != inner)
@@ -301,13 +404,13 @@ fn analyze_target(cascade: &Cascade, target: &Target, consumed: &[BTreeSet<Index
         }
     };
     let complete = |set: &BTreeSet<Index>| {
-        let ranks: BTreeSet<RankId> = set.iter().filter(|i| i.primes == target.primes).map(|i| i.rank).collect();
+        let ranks: BTreeSet<RankId> = set.iter().filter(|i| roles.role(**i) == target.primes).map(|i| i.rank).collect();
         target.complete_when.iter().any(|needed| needed.is_subset(&ranks))
     };
     let indexed = |cascade: &Cascade, subscripts: &[Affine]| {
         let mut any = false;
         for subscript in subscripts {
-            subscript.for_each_index(&mut |i| any |= target.parts.contains(&i.rank) && i.primes == target.primes);
+            subscript.for_each_index(&mut |i| any |= target.parts.contains(&i.rank) && roles.role(i) == target.primes);
         }
         let _ = cascade;
         any
@@ -407,6 +510,7 @@ fn analyze_target(cascade: &Cascade, target: &Target, consumed: &[BTreeSet<Index
 /// The report as text: per rank, the passes and the Einsums of each, and why each extra pass is
 /// needed.
 pub fn describe(cascade: &Cascade, report: &PassReport) -> String {
+    let roles = Roles::of(cascade);
     let mut out = String::new();
     for rank in &report.ranks {
         let plural = if rank.passes == 1 { "pass" } else { "passes" };
@@ -430,7 +534,7 @@ pub fn describe(cascade: &Cascade, report: &PassReport) -> String {
             ));
             let reader = &cascade.einsums[extra.reader.index()];
             let is_output = cascade.outputs.iter().any(|o| o.tensor == reader.target);
-            let role = |i: Index| format!("{}{}", cascade.rank(i.rank).name, "'".repeat(i.primes as usize));
+            let role = |i: Index| format!("{}{}", cascade.rank(i.rank).name, "'".repeat(roles.role(i) as usize));
             let indexed_by_rank = reader.lhs_indices().any(|i| role(i) == rank.rank);
             if is_output && indexed_by_rank {
                 out.push_str(&format!(

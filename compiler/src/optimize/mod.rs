@@ -76,14 +76,16 @@ pub enum OptimizeError {
     Internal(String),
 }
 
-/// The role of each index name for the pass count: its rank, with its primes (`m'` counts
-/// passes over `M'`, apart from `m`).
+/// The role of each index name for the pass count, as the analysis sees it
+/// (`passcount::Roles`): its rank, with the primes of its role (`m'` counts passes over `M'`,
+/// apart from `m`, only where both walk different fibers).
 fn index_roles(cascade: &Cascade) -> HashMap<Symbol, Symbol> {
+    let by_fiber = crate::passcount::Roles::of(cascade);
     let mut roles = HashMap::new();
     for (r, rank) in cascade.ranks.iter().enumerate() {
         for primes in 0..4u8 {
             let index = Index { rank: RankId::new(r), primes };
-            let role = format!("{}{}", rank.name, "'".repeat(primes as usize));
+            let role = format!("{}{}", rank.name, "'".repeat(by_fiber.role(index) as usize));
             roles.insert(Symbol::from(cascade.index_name(index)), Symbol::from(role.as_str()));
         }
     }

@@ -2,8 +2,9 @@
 //!
 //! Needs: a verified cascade without iterative tensors. Guarantees: one term per defined tensor
 //! (at its own indices) with the same meaning: filters become `filt`, reductions nest one index
-//! at a time, a read at a shifted coordinate keeps its range check, and bound indices are renamed
-//! (by adding primes) wherever inlining would capture a free one.
+//! at a time, a read at a shifted coordinate keeps its range check, and bound indices get
+//! canonical names (the fewest primes that no free index of the context captures), so that the
+//! same reduction written with another index name is the same term.
 
 use std::collections::HashMap;
 
@@ -202,11 +203,13 @@ impl<'c> Translator<'c> {
                 })
             }
             Expr::Reduce { op, indices, filter, body } => {
-                // Rename a bound index that a substitution would capture.
+                // Bound indices get canonical names: the fewest primes of their rank that no
+                // substitution would capture. So `max[m](A[m, p])` and `max[m'](A[m', p])` are one
+                // term, whatever name the source chose.
                 let mut inner = env.clone();
                 let mut bound = Vec::new();
                 for index in indices {
-                    let mut fresh = *index;
+                    let mut fresh = Index { rank: index.rank, primes: 0 };
                     while env.values().any(|a| {
                         let mut hit = false;
                         a.for_each_index(&mut |j| hit |= j == fresh);

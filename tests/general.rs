@@ -1,0 +1,93 @@
+//! The analysis and the optimizer on the same mathematics written in other ways than the
+//! corpus writes it: a primed index, a sink written as a maximum, FuseMax's 2-pass form, the
+//! log-sum-exp form, the scale applied after the shift, named intermediates and a reciprocal.
+//! Each kernel's passes as written and after optimization are pinned, the optimizer's claim must
+//! equal the analysis of its output, and the optimized kernel must agree with the interpreter on
+//! the kernel as written (ragged sizes, large logits).
+
+use einfuse::compiler::interp::{interpret, InterpLimits};
+use einfuse::compiler::ir::Cascade;
+use einfuse::compiler::optimize::{optimize, OptimizeOptions};
+use einfuse::compiler::passcount::analyze;
+use einfuse::compiler::shapes::{bind_extents, tensor_shape};
+use einfuse::{DType, Program, Tensor};
+
+fn kernel(source: &str) -> Cascade {
+    let program = Program::from_source("general.ein", source).unwrap_or_else(|e| panic!("{e}"));
+    program.kernels.into_iter().next().unwrap()
+}
+
+/// Passes over `rank` as written and after optimization; checks the optimizer's claim and the
+/// values of the optimized kernel.
+fn passes(cascade: &Cascade, rank: &str) -> (usize, usize) {
+    let written = analyze(cascade).passes(rank).unwrap_or_else(|| panic!("{}: no rank {rank}", cascade.name));
+    let optimized = optimize(cascade, &OptimizeOptions::default()).unwrap();
+    let after = analyze(&optimized.cascade);
+    let after_passes = after.passes(rank).unwrap_or(1);
+    if optimized.changed {
+        let claimed = optimized.claimed_passes.get(rank).copied().unwrap_or(1) as usize;
+        assert_eq!(claimed, after_passes, "{}: the optimizer claims {claimed} passes over {rank}", cascade.name);
+    }
+    agree(cascade, &optimized.cascade);
+    (written, after_passes)
+}
+
+/// The optimized cascade computes what the written one does, on ragged sizes and large logits.
+fn agree(written: &Cascade, optimized: &Cascade) {
+    for (m, p, scale) in [(70u64, 5u64, 1.0f32), (1, 3, 1.0), (130, 2, 1e4)] {
+        let bindings = [("M".to_string(), m), ("P".to_string(), p), ("H".to_string(), 2)];
+        let bindings: Vec<(String, u64)> =
+            bindings.into_iter().filter(|(r, _)| written.rank_by_name(r).is_some()).collect();
+        let extents = bind_extents(written, &bindings, &[]).unwrap();
+        let inputs: Vec<Vec<f64>> = written
+            .inputs()
+            .iter()
+            .enumerate()
+            .map(|(n, id)| {
+                let shape: Vec<usize> = tensor_shape(written, *id, &extents).iter().map(|x| *x as usize).collect();
+                let t = Tensor::random(DType::F32, shape, m * 100 + n as u64).unwrap();
+                t.data().iter().map(|x| (*x * scale) as f64).collect()
+            })
+            .collect();
+        let slices: Vec<&[f64]> = inputs.iter().map(Vec::as_slice).collect();
+        let want = interpret(written, &extents, &slices, InterpLimits::default()).unwrap();
+        let optimized_extents = bind_extents(optimized, &bindings, &[]).unwrap();
+        let got = interpret(optimized, &optimized_extents, &slices, InterpLimits::default()).unwrap();
+        for (w, g) in want.iter().zip(&got) {
+            for (a, b) in w.iter().zip(g) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + a.abs()) || (a.is_nan() && b.is_nan()),
+                    "{}: M={m} P={p}: {a} as written, {b} optimized",
+                    written.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_primed_index_walks_the_same_fiber() {
+    let softmax = kernel(
+        "kernel primed {
+           rank M, P
+           input A[M, P]
+           GM[p]    = max[m](A[m, p])
+           Y[p]     = sum[m'](exp(A[m', p] - GM[p]))
+           output Y
+         }",
+    );
+    let report = analyze(&softmax);
+    assert_eq!(report.passes("M"), Some(2), "{report:?}");
+    assert_eq!(report.passes("M'"), None, "{report:?}");
+    assert_eq!(passes(&softmax, "M"), (2, 1));
+}
+
+#[test]
+fn two_roles_of_one_rank_stay_apart() {
+    let program = Program::from_file("examples/masks.ein".as_ref()).unwrap();
+    let document = program.kernel(Some("document_mask")).unwrap();
+    let report = analyze(document);
+    assert_eq!(report.passes("M"), Some(3), "{report:?}");
+    let optimized = optimize(document, &OptimizeOptions::default()).unwrap();
+    assert_eq!(analyze(&optimized.cascade).passes("M"), Some(1));
+}
