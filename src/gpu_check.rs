@@ -8,8 +8,8 @@
 use std::path::Path;
 
 use crate::compiler;
-use crate::runtime;
 use crate::pipeline::Scheduled;
+use crate::runtime;
 use crate::{median, output_difference, unit_in_last_place, BuildOptions, Error, Program, RunOptions, Target};
 
 /// The largest relative difference (`|a - b| / (1 + |b|)`) between a kernel's outputs and the
@@ -186,8 +186,7 @@ pub fn gpu_check(artifacts: &Path, out: &Path, emulate: bool) -> Result<(), Erro
                 continue;
             }
             let got = kernel.run(&extents, &slices)?;
-            let reference =
-                crate::run(cascade, crate::Target::Interp, &RunOptions { check_finite: false, ..options })?;
+            let reference = crate::run(cascade, crate::Target::Interp, &RunOptions { check_finite: false, ..options })?;
             let want: Vec<Vec<f32>> = reference.iter().map(|(_, t)| t.data().to_vec()).collect();
             let error = largest_difference(cascade, &got, &want);
             let verdict = if error <= 1e-4 { "ok" } else { "MISMATCH" };
@@ -314,4 +313,3 @@ fn emulated_loader() -> Result<Box<KernelLoader<'static>>, Error> {
 fn emulated_loader() -> Result<Box<KernelLoader<'static>>, Error> {
     Err(Error::Usage("gpu-check --emulate needs LLVM, and this einfuse was built without the `llvm` feature".into()))
 }
-

@@ -481,7 +481,8 @@ pub fn compile_emulated(cascade: &Cascade) -> Result<compiler::llvm::EmulatedKer
 /// example `sm_80`).
 #[cfg(feature = "llvm")]
 pub fn compile_ptx(cascade: &Cascade, sm: &str) -> Result<String, Error> {
-    let scheduled = pipeline::schedule_kernel(cascade, &BuildOptions { optimize: false, ..BuildOptions::new(Target::Gpu) })?;
+    let scheduled =
+        pipeline::schedule_kernel(cascade, &BuildOptions { optimize: false, ..BuildOptions::new(Target::Gpu) })?;
     pipeline::ptx(&scheduled.loops[0], sm)
 }
 

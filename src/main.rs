@@ -401,7 +401,9 @@ fn execute(command: Command) -> Result<(), Error> {
                 CompileTarget::Nvptx => {
                     let names: Vec<PathBuf> = match scheduled.split {
                         None => vec![output.clone()],
-                        Some(_) => ["chunks", "merge"].iter().map(|p| output.with_extension(format!("{p}.ptx"))).collect(),
+                        Some(_) => {
+                            ["chunks", "merge"].iter().map(|p| output.with_extension(format!("{p}.ptx"))).collect()
+                        }
                     };
                     for (loops, path) in scheduled.loops.iter().zip(names) {
                         std::fs::write(&path, einfuse::pipeline::ptx(loops, "sm_80")?).map_err(|e| io(&path, e))?;

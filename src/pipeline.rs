@@ -148,9 +148,8 @@ pub fn build(written: &Cascade, options: &BuildOptions) -> Result<Built, Error> 
     let Scheduled { cascade, optimized, split, loops, mut timings } = schedule_kernel(written, options)?;
     let executables = match options.target {
         Target::Interp => (0..if split.is_some() { 2 } else { 1 }).map(|_| Executable::Interp).collect(),
-        target => timings.time(Stage::Compile, || {
-            loops.iter().map(|l| compile_loops(l, target)).collect::<Result<Vec<_>, _>>()
-        })?,
+        target => timings
+            .time(Stage::Compile, || loops.iter().map(|l| compile_loops(l, target)).collect::<Result<Vec<_>, _>>())?,
     };
     Ok(Built { cascade, optimized, split, loops, executables, timings })
 }
@@ -160,9 +159,9 @@ pub fn schedule_kernel(written: &Cascade, options: &BuildOptions) -> Result<Sche
     let mut timings = Timings::default();
     let mut cascade = with_params(written, &options.params)?;
     let optimized = match options.optimize {
-        true => Some(timings.time(Stage::Optimize, || {
-            crate::optimize_for_target(&cascade, options.target, options.tile)
-        })?),
+        true => {
+            Some(timings.time(Stage::Optimize, || crate::optimize_for_target(&cascade, options.target, options.tile))?)
+        }
         false => None,
     };
     if let Some(optimized) = &optimized {
@@ -170,9 +169,11 @@ pub fn schedule_kernel(written: &Cascade, options: &BuildOptions) -> Result<Sche
     }
     let split = match options.split_keys {
         None => None,
-        Some(chunk) => Some(timings.time(Stage::Optimize, || split_keys(&cascade, chunk)).map_err(|why| {
-            Error::Usage(format!("kernel `{}` does not split into chunks: {why}", cascade.name))
-        })?),
+        Some(chunk) => Some(
+            timings
+                .time(Stage::Optimize, || split_keys(&cascade, chunk))
+                .map_err(|why| Error::Usage(format!("kernel `{}` does not split into chunks: {why}", cascade.name)))?,
+        ),
     };
     let parts: Vec<&Cascade> = match &split {
         None => vec![&cascade],

@@ -91,3 +91,87 @@ fn two_roles_of_one_rank_stay_apart() {
     let optimized = optimize(document, &OptimizeOptions::default()).unwrap();
     assert_eq!(analyze(&optimized.cascade).passes("M"), Some(1));
 }
+
+/// Attention with a sink, in the layout and names of `examples/variants.ein` but with the sink as
+/// an extra term of the maximum: `exp(S - max(max S, sink))` is bounded, and one pass suffices.
+const SINK_AS_MAX: &str = "kernel sink_as_max {
+  rank H, E = 8, F = 8, M, P
+  input Q[H, P, E], K[H, M, E], V[H, M, F], Sink[H]
+  param scale = 0.35
+  S[h, p, m]  = Q[h, p, e] * K[h, m, e] * scale
+  GM[h, p]    = max(max[m](S[h, p, m]), Sink[h])
+  SN[h, p, m] = exp(S[h, p, m] - GM[h, p])
+  SD[h, p]    = sum[m](SN[h, p, m]) + exp(Sink[h] - GM[h, p])
+  A[h, p, m]  = SN[h, p, m] / SD[h, p]
+  AV[h, p, f] = A[h, p, m] * V[h, m, f]
+  output AV
+}";
+
+#[test]
+fn a_sink_written_as_a_maximum_is_bounded_and_one_pass() {
+    let sink = kernel(SINK_AS_MAX);
+    let report = analyze(&sink);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_eq!(passes(&sink, "M"), (3, 1));
+    let optimized = optimize(&sink, &OptimizeOptions::default()).unwrap();
+    assert!(analyze(&optimized.cascade).warnings.is_empty(), "{:?}", analyze(&optimized.cascade).warnings);
+}
+
+/// The 1-pass sink computes its maximum once: the running maximum's final iterate, not a second
+/// full maximum over the keys (which would also keep the scores out of the streamed loop).
+#[test]
+fn a_sink_reuses_the_running_maximum() {
+    let program = Program::from_file("examples/variants.ein".as_ref()).unwrap();
+    for written in [program.kernel(Some("sink")).unwrap().clone(), kernel(SINK_AS_MAX)] {
+        let optimized = optimize(&written, &OptimizeOptions::default()).unwrap().cascade;
+        let maxima = optimized
+            .einsums
+            .iter()
+            .filter(|e| {
+                matches!(e.body, einfuse::compiler::ir::Expr::Reduce { op: einfuse::compiler::ir::ReduceOp::Max, .. })
+            })
+            .count();
+        assert_eq!(maxima, 1, "only the tile maximum:\n{}", einfuse::compiler::print::print_cascade(&optimized));
+        agree(&written, &optimized);
+    }
+}
+
+/// Softmax attention written through the log-sum-exp: `exp(S - LSE)` with
+/// `LSE = GM + log(sum exp(S - GM))` is `exp(S - GM) / sum exp(S - GM)`.
+#[test]
+fn the_log_sum_exp_form_is_one_pass() {
+    let lse = kernel(
+        "kernel lse {
+           rank E = 8, F = 8, M, P
+           input Q[E, P], K[E, M], V[F, M]
+           S[m, p]   = Q[e, p] * K[e, m]
+           GM[p]     = max[m](S[m, p])
+           LSE[p]    = GM[p] + log(sum[m](exp(S[m, p] - GM[p])))
+           A[m, p]   = exp(S[m, p] - LSE[p])
+           AV[f, p]  = A[m, p] * V[f, m]
+           output AV
+         }",
+    );
+    assert_eq!(passes(&lse, "M"), (3, 1));
+}
+
+/// Every intermediate named, the division written as a product by a reciprocal.
+#[test]
+fn a_product_by_a_reciprocal_is_one_pass() {
+    let named = kernel(
+        "kernel reciprocal {
+           rank E = 8, F = 8, M, P
+           input Q[E, P], K[E, M], V[F, M]
+           S[m, p]   = Q[e, p] * K[e, m]
+           GM[p]     = max[m](S[m, p])
+           D[m, p]   = S[m, p] - GM[p]
+           SN[m, p]  = exp(D[m, p])
+           SD[p]     = sum[m](SN[m, p])
+           R[p]      = 1 / SD[p]
+           A[m, p]   = SN[m, p] * R[p]
+           AV[f, p]  = A[m, p] * V[f, m]
+           output AV
+         }",
+    );
+    assert_eq!(passes(&named, "M"), (3, 1));
+}

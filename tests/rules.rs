@@ -94,6 +94,41 @@ const RULES: &[(&str, &str, &str)] = &[
         "D[p] = exp(B[p])\n Y[p] = max[m](A[m, p]) * D[p]\n output Y",
     ),
     ("max-bias", "Y[p] = max[m](A[m, p] + B[p])\n output Y", "Y[p] = max[m](A[m, p]) + B[p]\n output Y"),
+    (
+        "shift-by-larger-max-left",
+        "G[p] = max(max[m](A[m, p]), B[p])\n Y[m, p] = exp(A[m, p] - G[p])\n output Y",
+        "H[p] = max[m](A[m, p])\n Y[m, p] = exp(A[m, p] - H[p]) * exp(H[p] - max(H[p], B[p]))\n output Y",
+    ),
+    (
+        "shift-by-larger-max-right",
+        "G[p] = max(B[p], max[m](A[m, p]))\n Y[m, p] = exp(A[m, p] - G[p])\n output Y",
+        "H[p] = max[m](A[m, p])\n Y[m, p] = exp(A[m, p] - H[p]) * exp(H[p] - max(B[p], H[p]))\n output Y",
+    ),
+    (
+        "exp-minus-log-right",
+        "D[p] = exp(B[p])\n Y[m, p] = exp(A[m, p] - (B[p] + log(D[p])))\n output Y",
+        "D[p] = exp(B[p])\n Y[m, p] = exp(A[m, p] - B[p]) / D[p]\n output Y",
+    ),
+    (
+        "exp-minus-log-left",
+        "D[p] = exp(B[p])\n Y[m, p] = exp(A[m, p] - (log(D[p]) + B[p]))\n output Y",
+        "D[p] = exp(B[p])\n Y[m, p] = exp(A[m, p] - B[p]) / D[p]\n output Y",
+    ),
+    (
+        "exp-minus-log-after",
+        "D[p] = exp(B[p])\n Y[m, p] = exp(A[m, p] - B[p] - log(D[p]))\n output Y",
+        "D[p] = exp(B[p])\n Y[m, p] = exp(A[m, p] - B[p]) / D[p]\n output Y",
+    ),
+    (
+        "reciprocal-right",
+        "D[p] = exp(B[p])\n Y[m, p] = A[m, p] * (1 / D[p])\n output Y",
+        "D[p] = exp(B[p])\n Y[m, p] = A[m, p] / D[p]\n output Y",
+    ),
+    (
+        "reciprocal-left",
+        "D[p] = exp(B[p])\n Y[m, p] = (1 / D[p]) * A[m, p]\n output Y",
+        "D[p] = exp(B[p])\n Y[m, p] = A[m, p] / D[p]\n output Y",
+    ),
 ];
 
 #[test]
@@ -143,6 +178,10 @@ fn rules_do_not_fire_outside_their_conditions() {
         ("max-positive-factor", "Y[p] = max[m](A[m, p] * B[p])\n output Y"),
         // The bias depends on the reduced index.
         ("max-bias", "Y[p] = max[m](A[m, p] + C[m, p])\n output Y"),
+        // The maximum is of other scores than those shifted.
+        ("shift-by-larger-max-left", "G[p] = max(max[m](C[m, p]), B[p])\n Y[m, p] = exp(A[m, p] - G[p])\n output Y"),
+        // The logarithm's argument may be negative.
+        ("exp-minus-log-right", "Y[m, p] = exp(A[m, p] - (B[p] + log(C[m, p])))\n output Y"),
     ];
     for (rule, source) in cases {
         let rules = applied(&kernel(source), &default);

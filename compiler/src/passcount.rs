@@ -100,7 +100,8 @@ pub fn analyze(cascade: &Cascade) -> PassReport {
 /// `A`'s first position, so `m` and `m'` play one role and their passes are counted together.
 /// Two names that appear in one Einsum (`QK[m, m'] = Q[e, m'] * K[e, m]`: keys and queries of a
 /// self-attention over one rank) always play two roles. Names are merged when they walk a common
-/// tensor position and never meet in an Einsum; a role is named after its fewest primes.
+/// tensor position and never meet in an Einsum. The roles of a rank are numbered in the order of
+/// their fewest primes and reported as `M`, `M'`, ..., so renaming an index changes nothing.
 #[derive(Clone, Debug, Default)]
 pub struct Roles {
     role: HashMap<(RankId, u8), u8>,
@@ -156,9 +157,9 @@ impl Roles {
                     }
                     let members = |c: usize| names.iter().filter(|n| class[*n] == c).map(|n| n.1).collect::<Vec<_>>();
                     let (left, right) = (members(ca), members(cb));
-                    let meet = left.iter().any(|x| {
-                        right.iter().any(|y| together.contains(&(a.0, (*x).min(*y), (*x).max(*y))))
-                    });
+                    let meet = left
+                        .iter()
+                        .any(|x| right.iter().any(|y| together.contains(&(a.0, (*x).min(*y), (*x).max(*y)))));
                     if !meet {
                         for n in &names {
                             if class[n] == cb {
@@ -173,15 +174,22 @@ impl Roles {
                 break;
             }
         }
+        // The roles of a rank in the order of their fewest primes: the first is reported as the
+        // rank (`M`), the second with one prime (`M'`), whatever names the source chose.
         let mut role = HashMap::new();
         for n in &names {
-            let fewest = names.iter().filter(|m| class[*m] == class[n]).map(|m| m.1).min().expect("itself");
-            role.insert(*n, fewest);
+            let fewest = |c: usize| names.iter().filter(|m| class[*m] == c).map(|m| m.1).min().expect("a member");
+            let mine = fewest(class[n]);
+            let mut earlier: Vec<usize> = names.iter().filter(|m| m.0 == n.0).map(|m| class[m]).collect();
+            earlier.sort();
+            earlier.dedup();
+            let rank = earlier.iter().filter(|c| fewest(**c) < mine).count();
+            role.insert(*n, rank as u8);
         }
         Roles { role }
     }
 
-    /// The role of an index: the primes of the name its role is reported under.
+    /// The role of an index: the primes of the name its role is reported under (0 for the first).
     pub fn role(&self, index: Index) -> u8 {
         self.role.get(&(index.rank, index.primes)).copied().unwrap_or(index.primes)
     }
@@ -195,16 +203,23 @@ fn is_max_like(cascade: &Cascade, tensor: TensorId) -> bool {
     })
 }
 
+/// Whether an expression is a maximum: a max reduction, a tensor that holds one, or the larger of
+/// two values one of which is (`max(a, b) >= a`: `max(max[m](S), sink)` bounds `S` as well).
+fn is_maximum(cascade: &Cascade, expr: &Expr) -> bool {
+    match expr {
+        Expr::Reduce { op: ReduceOp::Max, .. } => true,
+        Expr::Access { tensor, .. } => is_max_like(cascade, *tensor),
+        Expr::Binary(BinaryOp::Max, a, b) => is_maximum(cascade, a) || is_maximum(cascade, b),
+        _ => false,
+    }
+}
+
 /// Whether `exp(arg)` cannot overflow: the argument is shifted by a maximum (`a - max(..)`), or
 /// is bounded above by a constant (`min(a, 0)`, a constant).
 fn bounded_exponent(cascade: &Cascade, arg: &Expr) -> bool {
     match arg {
         Expr::Const(_) => true,
-        Expr::Binary(BinaryOp::Sub, _, shift) => match &**shift {
-            Expr::Reduce { op: ReduceOp::Max, .. } => true,
-            Expr::Access { tensor, .. } => is_max_like(cascade, *tensor),
-            _ => false,
-        },
+        Expr::Binary(BinaryOp::Sub, _, shift) => is_maximum(cascade, shift),
         Expr::Binary(BinaryOp::Min, a, b) => {
             matches!(**a, Expr::Const(c) if c <= 0.0) || matches!(**b, Expr::Const(c) if c <= 0.0)
         }

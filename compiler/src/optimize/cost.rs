@@ -21,7 +21,7 @@ pub struct PassCost {
     pub passes: BTreeMap<Symbol, (u32, u32)>,
     /// The free indices of the chosen term.
     pub free: BTreeSet<Symbol>,
-    /// This term is a maximum (`rmax`).
+    /// This term is a maximum (`rmax`), or the larger of one and something else.
     pub is_max: bool,
     /// This term is `a - max(...)`.
     pub shifted: bool,
@@ -127,7 +127,12 @@ impl CostFunction<Ein> for PassCostFunction {
             unstable,
             passes,
             free,
-            is_max: matches!(enode, Ein::RMax(_)),
+            // The larger of a maximum and anything is an upper bound too: `max(max[m](S), sink)`.
+            is_max: match enode {
+                Ein::RMax(_) => true,
+                Ein::Max2(_) => children.iter().any(|c| c.is_max),
+                _ => false,
+            },
             shifted: matches!(enode, Ein::Sub(_)) && children[1].is_max,
             size,
         }

@@ -7,7 +7,10 @@
 //! operations stay inline in their readers. An `(rsum m a x)` becomes, with `m = m1 * M0 + m0`:
 //! a blocked score `Ba[.., m1, m0]`, a tile maximum `LM`, a running maximum `RM` (iterative along
 //! `M1`), a correction `PRM = exp(RM[m1] - RM[m1 + 1])`, shifted scores `SLN`, and for each `x` a
-//! tile sum and a running sum read at its final iterate. The running maximum starts at the lowest
+//! tile sum and a running sum read at its final iterate; a maximum of the same (total) scores
+//! elsewhere reads the running maximum's final iterate instead of a second pass over the keys. A
+//! transcendental function of fewer indices than its Einsum iterates over becomes a tensor of its
+//! own, computed once (`computed_again`). The running maximum starts at the lowest
 //! finite f32 rather than `-inf`, so that a row with no score so far corrects by `exp(0) = 1`
 //! instead of `exp(-inf - -inf) = NaN`.
 
@@ -36,6 +39,11 @@ pub struct Emitter<'a> {
     counter: usize,
     /// Names kept for the outputs until they are emitted.
     reserved: BTreeSet<String>,
+    /// The (index, score class) of every online sum the chosen terms hold: a maximum of the same
+    /// total scores is that sum's running maximum at its final iterate, not a second pass.
+    online_scores: BTreeSet<(Symbol, Id)>,
+    /// The indices the Einsum being emitted iterates over (its left-hand and reduced indices).
+    iteration: Vec<Index>,
 }
 
 #[derive(Clone)]
@@ -45,6 +53,7 @@ struct OnlineGroup {
     shifted_lhs: Vec<Index>,
     correction: TensorId,
     correction_lhs: Vec<Index>,
+    running_max: TensorId,
     tile_index: Index,
     inner_index: Index,
     tile_rank: RankId,
@@ -65,7 +74,24 @@ impl<'a> Emitter<'a> {
         original: &Cascade,
         names: &'a HashMap<Id, String>,
         tile: u64,
+        roots: &[Id],
     ) -> Self {
+        // Every online sum reachable from the roots through the chosen nodes.
+        let mut online_scores = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        let mut stack: Vec<Id> = roots.iter().map(|r| egraph.find(*r)).collect();
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            let node = best(id);
+            if let Ein::RSum([k, a, _]) = &node {
+                if let Some(symbol) = egraph[*k].data.free.iter().next() {
+                    online_scores.insert((*symbol, egraph.find(*a)));
+                }
+            }
+            stack.extend(node.children().iter().map(|c| egraph.find(*c)));
+        }
         let mut cascade = original.clone();
         let reserved = original.outputs.iter().map(|o| original.tensor(o.tensor).name.clone()).collect();
         cascade.tensors.retain(|t| matches!(t.kind, TensorKind::Input { .. }));
@@ -82,6 +108,8 @@ impl<'a> Emitter<'a> {
             tile,
             counter: 0,
             reserved,
+            online_scores,
+            iteration: Vec::new(),
         }
     }
 
@@ -184,7 +212,9 @@ impl<'a> Emitter<'a> {
         let ranks = lhs.iter().map(|i| i.rank).collect();
         let subst = Subst::new();
         // The body first: the IR numbers tensors in the order of their first definition.
+        let outer = std::mem::replace(&mut self.iteration, lhs.to_vec());
         let (body, filter) = self.definition(root, &subst, lhs);
+        self.iteration = outer;
         self.reserved.remove(name);
         let target = self.add_tensor(name, ranks, None);
         self.push(target, lhs.iter().map(|i| Lhs::Index(*i)).collect(), body, filter);
@@ -251,7 +281,10 @@ impl<'a> Emitter<'a> {
             self.conds(cond, &inner, &mut filter);
             body = rest;
         }
+        let outer = self.iteration.clone();
+        self.iteration.extend(indices.iter().copied());
         let value = self.value(body, &inner);
+        self.iteration = outer;
         Expr::Reduce { op, indices, filter, body: Box::new(value) }
     }
 
@@ -307,8 +340,33 @@ impl<'a> Emitter<'a> {
         }
     }
 
+    /// Whether class `id` under `subst` is a transcendental function of fewer indices than the
+    /// Einsum being emitted iterates over: inline, it would be evaluated again for every value
+    /// of the others (`softplus(S[m, p])` in `sum[m](softplus(S[m, p]) * V[f, m])`, once per `f`).
+    fn computed_again(&self, id: Id, subst: &Subst) -> bool {
+        let expensive = matches!(
+            (self.best)(id),
+            Ein::Exp(_) | Ein::Log(_) | Ein::Tanh(_) | Ein::Sigmoid(_) | Ein::Softplus(_) | Ein::Sqrt(_)
+        );
+        if !expensive || self.iteration.is_empty() {
+            return false;
+        }
+        let free = self.free(id);
+        // Already a tensor (another reader needed it): read it rather than compute it again.
+        if self.memo.contains_key(&(self.egraph.find(id), subst_key(subst, &free))) {
+            return true;
+        }
+        let needs = self.lhs_of(&free, subst);
+        self.iteration.iter().any(|i| !needs.contains(i))
+    }
+
     /// The value of class `id` as an expression of the current Einsum.
     fn value(&mut self, id: Id, subst: &Subst) -> Expr {
+        if self.computed_again(id, subst) {
+            // Its own tensor, computed once per point of the indices it needs.
+            let (tensor, lhs) = self.tensor(id, subst, None);
+            return Expr::Access { tensor, subscripts: lhs.into_iter().map(Affine::Index).collect() };
+        }
         let node = (self.best)(id);
         let unary = |op: UnaryOp, this: &mut Self, a: Id| Expr::Unary(op, Box::new(this.value(a, subst)));
         let binary = |op: BinaryOp, this: &mut Self, a: Id, b: Id| {
@@ -347,6 +405,7 @@ impl<'a> Emitter<'a> {
             Ein::Max2([a, b]) => binary(BinaryOp::Max, self, a, b),
             Ein::Min2([a, b]) => binary(BinaryOp::Min, self, a, b),
             Ein::RSum([k, a, x]) => self.online_sum(id, k, a, x, subst),
+            Ein::RMax([k, a]) if self.is_running_max(k, a) => self.running_max(k, a, subst),
             Ein::Sum(_) | Ein::RMax(_) | Ein::RMin(_) | Ein::Filter(_) => {
                 let (tensor, lhs) = self.tensor(id, subst, None);
                 Expr::Access { tensor, subscripts: lhs.into_iter().map(Affine::Index).collect() }
@@ -381,7 +440,9 @@ impl<'a> Emitter<'a> {
                 format!("T{}", self.counter)
             }
         };
+        let outer = std::mem::replace(&mut self.iteration, lhs.clone());
         let (body, filter) = self.definition(id, subst, &lhs);
+        self.iteration = outer;
         let target = self.add_tensor(&base, lhs.iter().map(|i| i.rank).collect(), None);
         self.push(target, lhs.iter().map(|i| Lhs::Index(*i)).collect(), body, filter);
         self.memo.insert(key, target);
@@ -413,6 +474,45 @@ impl<'a> Emitter<'a> {
         (RankId::new(self.cascade.ranks.len() - 1), inner)
     }
 
+    /// Whether `(rmax k a)` is the maximum an online sum over the same scores keeps running. Only
+    /// total scores: a row that a filter empties has the maximum -inf, where the running maximum
+    /// stays at `NO_MAX_YET`.
+    fn is_running_max(&self, k: Id, a: Id) -> bool {
+        let Some(symbol) = self.free(k).iter().next().copied() else { return false };
+        self.free(k).len() == 1
+            && self.egraph[a].data.total
+            && self.online_scores.contains(&(symbol, self.egraph.find(a)))
+    }
+
+    /// The online-sum group of `(k, a)` under `subst`, emitted once.
+    fn group(&mut self, k_symbol: Symbol, a: Id, subst: &Subst) -> OnlineGroup {
+        let a_free = self.free(a);
+        let group_key = (k_symbol, self.egraph.find(a), subst_key(subst, &a_free));
+        match self.groups.get(&group_key) {
+            Some(group) => group.clone(),
+            None => {
+                let group = self.online_group(k_symbol, a, subst);
+                self.groups.insert(group_key, group.clone());
+                group
+            }
+        }
+    }
+
+    /// `(rmax k a)` where an online sum over the same scores runs: its running maximum at the
+    /// final iterate.
+    fn running_max(&mut self, k: Id, a: Id, subst: &Subst) -> Expr {
+        let k_symbol = *self.free(k).iter().next().expect("a reduced index");
+        let group = self.group(k_symbol, a, subst);
+        Expr::Access {
+            tensor: group.running_max,
+            subscripts: group
+                .correction_lhs
+                .iter()
+                .map(|i| if *i == group.tile_index { Affine::Extent(group.tile_rank) } else { Affine::Index(*i) })
+                .collect(),
+        }
+    }
+
     /// `(rsum k a x)`: the running-max recurrence, shared by every online sum over the same
     /// scores; returns the read of this sum's final iterate.
     fn online_sum(&mut self, id: Id, k: Id, a: Id, x: Id, subst: &Subst) -> Expr {
@@ -422,16 +522,7 @@ impl<'a> Emitter<'a> {
         if let Some(read) = self.online.get(&memo_key) {
             return read.clone();
         }
-        let a_free = self.free(a);
-        let group_key = (k_symbol, self.egraph.find(a), subst_key(subst, &a_free));
-        let group = match self.groups.get(&group_key) {
-            Some(group) => group.clone(),
-            None => {
-                let group = self.online_group(k_symbol, a, subst);
-                self.groups.insert(group_key, group.clone());
-                group
-            }
-        };
+        let group = self.group(k_symbol, a, subst);
         let mut blocked = subst.clone();
         blocked.insert(
             k_symbol,
@@ -578,6 +669,7 @@ impl<'a> Emitter<'a> {
             shifted_lhs: scores_lhs,
             correction: prm,
             correction_lhs: row_lhs,
+            running_max: rm,
             tile_index,
             inner_index,
             tile_rank,

@@ -161,6 +161,20 @@ pub struct Facts {
 #[derive(Default)]
 pub struct EinAnalysis;
 
+/// Whether class `id` holds `m - max(m, c)` (or `m - max(c, m)`) for a finite `c`.
+fn shift_by_larger(egraph: &EGraph<Ein, EinAnalysis>, id: Id) -> bool {
+    egraph[id].nodes.iter().any(|node| {
+        let Ein::Sub([m, bound]) = node else { return false };
+        egraph[*bound].nodes.iter().any(|b| match b {
+            Ein::Max2([x, y]) => {
+                (egraph.find(*x) == egraph.find(*m) && egraph[*y].data.finite)
+                    || (egraph.find(*y) == egraph.find(*m) && egraph[*x].data.finite)
+            }
+            _ => false,
+        })
+    })
+}
+
 fn facts(egraph: &EGraph<Ein, EinAnalysis>, id: Id) -> &Facts {
     &egraph[id].data
 }
@@ -180,6 +194,9 @@ impl Analysis<Ein> for EinAnalysis {
             positive_unless_empty: false,
             finite: match enode {
                 Ein::RMax(_) | Ein::RMin(_) => false,
+                // `exp(m - max(m, c))` with `c` finite is in [0, 1], also where `m` is the maximum
+                // of an empty set (-inf).
+                Ein::Exp(a) if shift_by_larger(egraph, *a) => true,
                 Ein::Num(c) => c.value().is_finite(),
                 Ein::Div(_) => false,
                 other => other.children().iter().all(|c| egraph[*c].data.finite),

@@ -212,7 +212,7 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
         names.entry(egraph.find(*root)).or_insert_with(|| cascade.tensor(*tensor).name.clone());
     }
     let best = |id: Id| extractor.find_best_node(id).clone();
-    let mut emitter = from_egg::Emitter::new(egraph, &best, cascade, &names, options.tile);
+    let mut emitter = from_egg::Emitter::new(egraph, &best, cascade, &names, options.tile, &roots);
     for (output, root) in cascade.outputs.iter().zip(&roots) {
         let (_, einsum) = cascade.definitions(output.tensor).next().expect("an output is defined");
         let lhs: Vec<Index> = einsum.lhs_indices().collect();
@@ -221,6 +221,24 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
     let optimized = emitter.cascade;
     crate::verify::verify(&optimized)
         .map_err(|e| OptimizeError::Internal(format!("{e}\n{}", crate::print::print_cascade(&optimized))))?;
+    // The result must keep the promise of its terms: where the analysis finds more passes in it
+    // than the terms claimed, or where an online sum over a rank the source had already split by
+    // hand was lowered to tiles of tiles (whose passes the term count does not see), the input is
+    // kept. (The term count may claim more than the analysis finds: it does not trace which
+    // fibers a complete value consumed, so an output indexed by a rank that a reduction also
+    // consumed through other tensors is counted once more.)
+    let found = crate::passcount::analyze(&optimized);
+    let broken = claimed_passes.iter().any(|(rank, claimed)| found.passes(rank).is_some_and(|n| n > *claimed as usize));
+    let parts: Vec<RankId> = cascade.split_pairs().iter().flat_map(|(tile, inner, _)| [*tile, *inner]).collect();
+    let nested = optimized.split_pairs().iter().any(|(_, _, whole)| parts.contains(whole));
+    let why = match (broken, nested) {
+        (true, _) => Some("the cascade found makes more passes than its terms promise"),
+        (_, true) => Some("the cascade found would tile again a rank the source already splits"),
+        _ => None,
+    };
+    if let Some(why) = why {
+        return Ok(report(cascade.clone(), false, Some(why.into())));
+    }
     Ok(report(optimized, true, None))
 }
 

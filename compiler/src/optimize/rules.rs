@@ -58,6 +58,16 @@ fn finite(a: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
     move |egraph, _, subst| egraph[subst[a]].data.finite
 }
 
+/// `?b` depends on fewer indices than `?a` and `?c` together, and `?c` on one `?b` does not.
+fn fewer_indices(b: &str, a: &str, c: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
+    let (b, a, c) = (var(b), var(a), var(c));
+    move |egraph, _, subst| {
+        let free = |v: Var| &egraph[subst[v]].data.free;
+        let others: std::collections::BTreeSet<Symbol> = free(a).union(free(c)).copied().collect();
+        free(b).is_subset(&others) && free(b).len() < others.len() && !free(c).is_subset(free(b))
+    }
+}
+
 /// `?c` is > 0 wherever it is defined.
 fn positive(c: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
     let c = var(c);
@@ -84,6 +94,26 @@ pub fn rules() -> Vec<Rule> {
         rw!("online-sum-right"; "(sum ?k (* (exp (- ?a (rmax ?k ?a))) ?x))" => "(rsum ?k ?a ?x)" if depends("?k", "?a")),
         rw!("online-sum-left";  "(sum ?k (* ?x (exp (- ?a (rmax ?k ?a)))))" => "(rsum ?k ?a ?x)" if depends("?k", "?a")),
         rw!("online-sum-one";   "(sum ?k (exp (- ?a (rmax ?k ?a))))" => "(rsum ?k ?a 1)" if depends("?k", "?a")),
+        // A shift by a maximum with extra terms (a sink, a bias: `max(max[k](a), c)`) is the
+        // shift by the maximum alone, rescaled once per row by a factor of at most 1, which
+        // leaves the sum; both exponents stay <= 0.
+        rw!("shift-by-larger-max-left"; "(exp (- ?a (max2 (rmax ?k ?a) ?c)))"
+            => "(* (exp (- ?a (rmax ?k ?a))) (exp (- (rmax ?k ?a) (max2 (rmax ?k ?a) ?c))))" if depends("?k", "?a")),
+        rw!("shift-by-larger-max-right"; "(exp (- ?a (max2 ?c (rmax ?k ?a))))"
+            => "(* (exp (- ?a (rmax ?k ?a))) (exp (- (rmax ?k ?a) (max2 ?c (rmax ?k ?a)))))" if depends("?k", "?a")),
+        // A factor indexed by fewer indices than its neighbours moves outward in a product, so
+        // that the factor rules above see it (`(x * e) * v` with `e` per row: `(x * v) * e`).
+        // Only towards fewer indices, which bounds the orders a product takes.
+        rw!("mul-assoc"; "(* ?a (* ?b ?c))" => "(* (* ?a ?b) ?c)"),
+        rw!("mul-factor-outward"; "(* (* ?a ?b) ?c)" => "(* (* ?a ?c) ?b)" if fewer_indices("?b", "?a", "?c")),
+        // A shift by a log-sum-exp is a division by the sum: exp(a - (b + log c)) = exp(a - b) / c.
+        // The exponent keeps the shift by b (a maximum, where the source wrote one).
+        rw!("exp-minus-log-right"; "(exp (- ?a (+ ?b (log ?c))))" => "(/ (exp (- ?a ?b)) ?c)" if positive_divisor("?c")),
+        rw!("exp-minus-log-left";  "(exp (- ?a (+ (log ?c) ?b)))" => "(/ (exp (- ?a ?b)) ?c)" if positive_divisor("?c")),
+        rw!("exp-minus-log-after"; "(exp (- (- ?a ?b) (log ?c)))" => "(/ (exp (- ?a ?b)) ?c)" if positive_divisor("?c")),
+        // A product by a reciprocal is a division.
+        rw!("reciprocal-right"; "(* ?a (/ 1 ?b))" => "(/ ?a ?b)"),
+        rw!("reciprocal-left";  "(* (/ 1 ?b) ?a)" => "(/ ?a ?b)"),
         // Filters move inward through element-wise operations, so that a masked score and a
         // mask applied after the exponential meet in one form.
         rw!("filter-into-exp"; "(filt ?c (exp ?x))" => "(exp (filt ?c ?x))"),
@@ -117,6 +147,15 @@ pub fn describe(rule: &str) -> &'static str {
             "sum[k](exp(a - max[k](a)) * x)  =>  online sum: running max, rescaled running sum (1 pass)"
         }
         "online-sum-one" => "sum[k](exp(a - max[k](a)))  =>  online sum of 1 (running max and denominator, 1 pass)",
+        "shift-by-larger-max-left" | "shift-by-larger-max-right" => {
+            "exp(a - max(max[k](a), c))  =>  exp(a - max[k](a)) * exp(max[k](a) - max(max[k](a), c))"
+        }
+        "exp-minus-log-right" | "exp-minus-log-left" | "exp-minus-log-after" => {
+            "exp(a - (b + log c))  =>  exp(a - b) / c   (c > 0 unless empty)"
+        }
+        "reciprocal-right" | "reciprocal-left" => "a * (1 / b)  =>  a / b",
+        "mul-assoc" => "a * (b * c)  =>  (a * b) * c",
+        "mul-factor-outward" => "(a * b) * c  =>  (a * c) * b   (b has fewer indices)",
         "filter-into-exp" => "exp(x) where c  =>  exp(x where c)",
         "filter-into-sub" => "(a - b) where c  =>  (a where c) - b",
         "filter-into-mul" => "(a * b) where c  =>  (a where c) * b",
