@@ -558,6 +558,16 @@ fn explain(file: &Path, kernel: Option<&str>) -> Result<(), Error> {
                 println!("  {n:>2}: {step}");
             }
         }
+        // Where more than one pass remains, the reads that force each extra one.
+        let report = compiler::passcount::analyze(&result.cascade);
+        if report.ranks.iter().any(|r| r.passes > 1) {
+            println!("== what forces the passes that remain");
+            for line in compiler::passcount::describe(&result.cascade, &report).lines() {
+                if line.contains("needed because") || line.contains("no rewrite removes") {
+                    println!("  {}", line.trim_start());
+                }
+            }
+        }
         match &result.note {
             Some(note) => println!("== kept as written: {note}"),
             None => {

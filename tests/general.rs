@@ -175,3 +175,28 @@ fn a_product_by_a_reciprocal_is_one_pass() {
     );
     assert_eq!(passes(&named, "M"), (3, 1));
 }
+
+/// The scale applied after the shift: `exp((S - GM) * scale)` with a positive param `scale`.
+#[test]
+fn the_scale_after_the_shift_is_one_pass() {
+    let scaled = kernel(
+        "kernel scale_after {
+           rank E = 8, F = 8, M, P
+           input Q[E, P], K[E, M], V[F, M]
+           param scale = 0.125
+           S[m, p]   = Q[e, p] * K[e, m]
+           GM[p]     = max[m](S[m, p])
+           SN[m, p]  = exp((S[m, p] - GM[p]) * scale)
+           SD[p]     = SN[m, p]
+           AV[f, p]  = SN[m, p] / SD[p] * V[f, m]
+           output AV
+         }",
+    );
+    assert_eq!(passes(&scaled, "M"), (3, 1));
+    // With a negative scale the maximum is not the scaled maximum: nothing may be derived from it.
+    let mut negative = scaled.clone();
+    negative.params[0].value = -0.125;
+    let optimized = optimize(&negative, &OptimizeOptions::default()).unwrap();
+    assert!(!optimized.applied.iter().any(|(_, rule, _)| rule.starts_with("scale-after-shift")));
+    agree(&negative, &optimized.cascade);
+}

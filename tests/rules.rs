@@ -105,6 +105,16 @@ const RULES: &[(&str, &str, &str)] = &[
         "H[p] = max[m](A[m, p])\n Y[m, p] = exp(A[m, p] - H[p]) * exp(H[p] - max(B[p], H[p]))\n output Y",
     ),
     (
+        "scale-after-shift-right",
+        "G[p] = max[m](A[m, p])\n Y[m, p] = exp((A[m, p] - G[p]) * 2)\n output Y",
+        "G[p] = max[m](A[m, p] * 2)\n Y[m, p] = exp(A[m, p] * 2 - G[p])\n output Y",
+    ),
+    (
+        "scale-after-shift-left",
+        "G[p] = max[m](A[m, p])\n Y[m, p] = exp(2 * (A[m, p] - G[p]))\n output Y",
+        "G[p] = max[m](A[m, p] * 2)\n Y[m, p] = exp(A[m, p] * 2 - G[p])\n output Y",
+    ),
+    (
         "exp-minus-log-right",
         "D[p] = exp(B[p])\n Y[m, p] = exp(A[m, p] - (B[p] + log(D[p])))\n output Y",
         "D[p] = exp(B[p])\n Y[m, p] = exp(A[m, p] - B[p]) / D[p]\n output Y",
@@ -180,6 +190,8 @@ fn rules_do_not_fire_outside_their_conditions() {
         ("max-bias", "Y[p] = max[m](A[m, p] + C[m, p])\n output Y"),
         // The maximum is of other scores than those shifted.
         ("shift-by-larger-max-left", "G[p] = max(max[m](C[m, p]), B[p])\n Y[m, p] = exp(A[m, p] - G[p])\n output Y"),
+        // A negative scale turns the maximum into a minimum.
+        ("scale-after-shift-right", "G[p] = max[m](A[m, p])\n Y[m, p] = exp((A[m, p] - G[p]) * -2)\n output Y"),
         // The logarithm's argument may be negative.
         ("exp-minus-log-right", "Y[m, p] = exp(A[m, p] - (B[p] + log(C[m, p])))\n output Y"),
     ];

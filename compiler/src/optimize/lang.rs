@@ -158,8 +158,21 @@ pub struct Facts {
     pub finite: bool,
 }
 
+/// The e-class analysis; it knows which params are positive (params are fixed when a kernel is
+/// compiled, so `exp((s - max s) * scale)` may use the sign of `scale`).
 #[derive(Default)]
-pub struct EinAnalysis;
+pub struct EinAnalysis {
+    pub positive_params: BTreeSet<Symbol>,
+}
+
+impl EinAnalysis {
+    /// The analysis of a cascade's terms: its positive params.
+    pub fn of(cascade: &crate::ir::Cascade) -> EinAnalysis {
+        let positive_params =
+            cascade.params.iter().filter(|p| p.value > 0.0).map(|p| Symbol::from(p.name.as_str())).collect();
+        EinAnalysis { positive_params }
+    }
+}
 
 /// Whether class `id` holds `m - max(m, c)` (or `m - max(c, m)`) for a finite `c`.
 fn shift_by_larger(egraph: &EGraph<Ein, EinAnalysis>, id: Id) -> bool {
@@ -222,7 +235,12 @@ impl Analysis<Ein> for EinAnalysis {
             Ein::Index(name) => {
                 out.free.insert(name.0);
             }
-            Ein::Tensor(_) | Ein::Param(_) => {}
+            Ein::Tensor(_) => {}
+            Ein::Param(name) => {
+                let positive = egraph.analysis.positive_params.contains(&name.0);
+                out.positive = positive;
+                out.nonnegative = positive;
+            }
             Ein::Extent(_) => {
                 // A zero extent empties every reduction over it, so as a divisor it is positive
                 // wherever it matters.

@@ -128,8 +128,8 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
     let input_costs: Vec<PassCost> =
         terms[..cascade.outputs.len()].iter().map(|(_, expr)| cost_function.cost_rec(expr)).collect();
 
-    let mut runner: Runner<Ein, EinAnalysis> = Runner::new(EinAnalysis)
-        .with_egraph(EGraph::new(EinAnalysis))
+    let mut runner: Runner<Ein, EinAnalysis> = Runner::new(EinAnalysis::of(cascade))
+        .with_egraph(EGraph::new(EinAnalysis::of(cascade)))
         .with_scheduler(SimpleScheduler)
         .with_node_limit(options.node_limit)
         .with_iter_limit(options.iter_limit)
@@ -251,7 +251,7 @@ pub fn derivation(cascade: &Cascade, options: &OptimizeOptions) -> Vec<String> {
     let Some(output) = cascade.outputs.first() else { return vec![] };
     let start = translator.tensor_term(output.tensor);
     let rank_of = index_roles(cascade);
-    let mut runner: Runner<Ein, EinAnalysis> = Runner::new(EinAnalysis)
+    let mut runner: Runner<Ein, EinAnalysis> = Runner::new(EinAnalysis::of(cascade))
         .with_explanations_enabled()
         .with_scheduler(SimpleScheduler)
         .with_node_limit(options.node_limit)

@@ -106,6 +106,12 @@ pub fn rules() -> Vec<Rule> {
         // Only towards fewer indices, which bounds the orders a product takes.
         rw!("mul-assoc"; "(* ?a (* ?b ?c))" => "(* (* ?a ?b) ?c)"),
         rw!("mul-factor-outward"; "(* (* ?a ?b) ?c)" => "(* (* ?a ?c) ?b)" if fewer_indices("?b", "?a", "?c")),
+        // A positive scale applied after the shift is a scale of the scores: the maximum of the
+        // scaled scores is the scaled maximum (`exp((s - max s) * c) = exp(s c - max(s c))`).
+        rw!("scale-after-shift-right"; "(exp (* (- ?a (rmax ?k ?a)) ?c))" => "(exp (- (* ?a ?c) (rmax ?k (* ?a ?c))))"
+            if independent("?k", "?c") if positive("?c") if total("?c") if finite("?c")),
+        rw!("scale-after-shift-left"; "(exp (* ?c (- ?a (rmax ?k ?a))))" => "(exp (- (* ?a ?c) (rmax ?k (* ?a ?c))))"
+            if independent("?k", "?c") if positive("?c") if total("?c") if finite("?c")),
         // A shift by a log-sum-exp is a division by the sum: exp(a - (b + log c)) = exp(a - b) / c.
         // The exponent keeps the shift by b (a maximum, where the source wrote one).
         rw!("exp-minus-log-right"; "(exp (- ?a (+ ?b (log ?c))))" => "(/ (exp (- ?a ?b)) ?c)" if positive_divisor("?c")),
@@ -155,6 +161,9 @@ pub fn describe(rule: &str) -> &'static str {
         }
         "reciprocal-right" | "reciprocal-left" => "a * (1 / b)  =>  a / b",
         "mul-assoc" => "a * (b * c)  =>  (a * b) * c",
+        "scale-after-shift-right" | "scale-after-shift-left" => {
+            "exp((a - max[k](a)) * c)  =>  exp(a c - max[k](a c))   (c > 0, independent of k)"
+        }
         "mul-factor-outward" => "(a * b) * c  =>  (a * c) * b   (b has fewer indices)",
         "filter-into-exp" => "exp(x) where c  =>  exp(x where c)",
         "filter-into-sub" => "(a - b) where c  =>  (a where c) - b",
