@@ -29,6 +29,22 @@ fn largest_difference(cascade: &compiler::ir::Cascade, got: &[Vec<f32>], want: &
     worst
 }
 
+/// The relative difference a GPU kernel may have from the interpreter.
+const TOLERANCE: f64 = 1e-4;
+
+/// The largest relative difference of a kernel's outputs `got` from the interpreter's on the
+/// inputs of `options`, and the verdict.
+fn against_interpreter(
+    cascade: &compiler::ir::Cascade,
+    options: RunOptions,
+    got: &[Vec<f32>],
+) -> Result<(f64, &'static str), Error> {
+    let reference = crate::run(cascade, crate::Target::Interp, &RunOptions { check_finite: false, ..options })?;
+    let want: Vec<Vec<f32>> = reference.iter().map(|(_, t)| t.data().to_vec()).collect();
+    let error = largest_difference(cascade, got, &want);
+    Ok((error, if error <= TOLERANCE { "ok" } else { "MISMATCH" }))
+}
+
 /// A kernel that `gpu-check` runs: its PTX loaded on the GPU, or the emulation of the same
 /// kernel on this CPU (`--emulate`).
 enum CheckedKernel {
@@ -186,11 +202,8 @@ pub fn gpu_check(artifacts: &Path, out: &Path, emulate: bool) -> Result<(), Erro
                 continue;
             }
             let got = kernel.run(&extents, &slices)?;
-            let reference = crate::run(cascade, crate::Target::Interp, &RunOptions { check_finite: false, ..options })?;
-            let want: Vec<Vec<f32>> = reference.iter().map(|(_, t)| t.data().to_vec()).collect();
-            let error = largest_difference(cascade, &got, &want);
-            let verdict = if error <= 1e-4 { "ok" } else { "MISMATCH" };
-            failures += usize::from(error > 1e-4);
+            let (error, verdict) = against_interpreter(cascade, options, &got)?;
+            failures += usize::from(error > TOLERANCE);
             say(format!(
                 "{verdict} {file} {name} {form} {sizes:?}: relative error {error:.3e}, registers {registers}, local bytes {local}"
             ));
@@ -271,11 +284,8 @@ fn gpu_check_split(
             let kernel = &kernels[usize::from(part == crate::SplitPart::Merge)];
             kernel.run(extents, inputs)
         })?;
-        let reference = crate::run(cascade, crate::Target::Interp, &RunOptions { check_finite: false, ..options })?;
-        let want: Vec<Vec<f32>> = reference.iter().map(|(_, t)| t.data().to_vec()).collect();
-        let error = largest_difference(cascade, &got, &want);
-        let verdict = if error <= 1e-4 { "ok" } else { "MISMATCH" };
-        failures += usize::from(error > 1e-4);
+        let (error, verdict) = against_interpreter(cascade, options, &got)?;
+        failures += usize::from(error > TOLERANCE);
         say(format!(
             "{verdict} {file} {name} split{chunk} {sizes:?}: relative error {error:.3e}, chunk kernel registers {registers}, local bytes {local}"
         ));

@@ -183,6 +183,92 @@ fn host_exp_is_accurate_over_the_float_range() {
     assert!((got[7] as f64 - (-100f64).exp()).abs() <= 2e-45, "{}", got[7]);
 }
 
+/// `log`, `tanh`, `sigmoid` and `softplus` in lanes on the host: within a bound of the f64
+/// interpreter over their domains, IEEE edges right, and the same bits in a lane as in the
+/// scalar path that a ragged tail (or a call with one element) takes.
+#[test]
+fn host_functions_are_accurate_and_the_same_in_lanes_and_tails() {
+    type Case = (&'static str, fn(f64) -> f64, f32, f32, f64);
+    let cases: [Case; 4] = [
+        // Measured: 7.7e-8, 1.25e-7, 1.73e-7, 2.07e-7.
+        ("log", f64::ln, -30.0, 30.0, 1.5e-7),
+        ("tanh", f64::tanh, -12.0, 12.0, 2.5e-7),
+        ("sigmoid", |x| 1.0 / (1.0 + (-x).exp()), -87.0, 40.0, 2.5e-7),
+        ("softplus", |x| x.max(0.0) + (-x.abs()).exp().ln_1p(), -87.0, 60.0, 3e-7),
+    ];
+    for (name, reference, lo, hi, bound) in cases {
+        let source = format!("kernel f {{ rank I\n input X[I]\n Y[i] = {name}(X[i])\n output Y }}");
+        let cascade = einfuse::compiler::compile_source(&source).unwrap().remove(0);
+        let kernel = einfuse::compile_cpu_llvm(&cascade).unwrap();
+        // log over 2^-30 .. 2^30 (and subnormals), the others over [lo, hi]; 100,003 points (not a
+        // multiple of any vector width).
+        let n = 100_003;
+        let xs: Vec<f32> = (0..n)
+            .map(|k| {
+                let t = lo + (hi - lo) * k as f32 / (n - 1) as f32;
+                if name == "log" {
+                    2f32.powf(t)
+                } else {
+                    t
+                }
+            })
+            .chain(if name == "log" {
+                vec![1e-40, 3e-45, 1.0, 0.999_999_9, 1.000_000_1]
+            } else {
+                vec![0.0, -0.0, 1e-6, -1e-6]
+            })
+            .collect();
+        let got = kernel.run(&[xs.len() as u64], &[&xs]).unwrap().remove(0);
+        let mut worst = 0.0f64;
+        for (x, y) in xs.iter().zip(&got) {
+            let want = reference(*x as f64);
+            if want.abs() >= f32::MIN_POSITIVE as f64 {
+                let error = (*y as f64 - want).abs() / want.abs().max(if name == "log" { 1.0 } else { 0.0 });
+                worst = worst.max(error);
+            }
+        }
+        assert!(worst <= bound, "{name}: relative error {worst:.3e}");
+        // The Cranelift tier (4 lanes, helpers in its tails) and the scalar definition
+        // (`compiler::math`) give the same bits as the LLVM tier's 8 lanes, everywhere.
+        let cranelift = einfuse::compile_cpu(&cascade).unwrap().run(&[xs.len() as u64], &[&xs]).unwrap().remove(0);
+        let scalar: fn(f32) -> f32 = match name {
+            "log" => einfuse::compiler::math::log,
+            "tanh" => einfuse::compiler::math::tanh,
+            "sigmoid" => einfuse::compiler::math::sigmoid,
+            _ => einfuse::compiler::math::softplus,
+        };
+        for ((x, a), b) in xs.iter().zip(&got).zip(&cranelift) {
+            assert_eq!(a.to_bits(), b.to_bits(), "{name}({x}): {a} on cpu-llvm, {b} on cpu");
+            assert_eq!(a.to_bits(), scalar(*x).to_bits(), "{name}({x}): {a} on cpu-llvm, {} in math", scalar(*x));
+        }
+        // Lanes against the scalar path: every element alone, bit for bit.
+        for (x, y) in xs.iter().zip(&got).step_by(997) {
+            let alone = kernel.run(&[1], &[&[*x]]).unwrap().remove(0)[0];
+            assert_eq!(alone.to_bits(), y.to_bits(), "{name}({x}): {alone} alone, {y} in a lane");
+        }
+        let edges = [f32::NEG_INFINITY, f32::INFINITY, f32::NAN, -1e30, 1e30];
+        let got = kernel.run(&[edges.len() as u64], &[&edges]).unwrap().remove(0);
+        assert!(got[2].is_nan(), "{name}(NaN) = {}", got[2]);
+        let want: [f32; 5] = match name {
+            "log" => [f32::NAN, f32::INFINITY, f32::NAN, f32::NAN, 1e30f32.ln()],
+            "tanh" => [-1.0, 1.0, f32::NAN, -1.0, 1.0],
+            "sigmoid" => [0.0, 1.0, f32::NAN, 0.0, 1.0],
+            _ => [0.0, f32::INFINITY, f32::NAN, 0.0, 1e30],
+        };
+        for (k, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()) || (g - w).abs() <= 1e-6 * w.abs(),
+                "{name}({}) = {g}, want {w}",
+                edges[k]
+            );
+        }
+        let zero = kernel.run(&[1], &[&[0.0]]).unwrap().remove(0)[0];
+        if name == "log" {
+            assert_eq!(zero, f32::NEG_INFINITY);
+        }
+    }
+}
+
 /// Narrow storage types (bf16 and f16 inputs, a bf16 output) on both LLVM targets.
 #[test]
 fn narrow_storage_types_on_both_llvm_targets() {

@@ -19,6 +19,7 @@ pub mod graph;
 pub mod interp;
 pub mod ir;
 pub mod llvm;
+pub mod math;
 pub mod optimize;
 pub mod passcount;
 pub mod print;

@@ -11,6 +11,7 @@ use cranelift_codegen::ir::{types, Endianness, InstBuilder, MemFlagsData, Value}
 use super::codegen::{Def, Gen};
 use super::induction::invariant_factors;
 use crate::ir::*;
+use crate::math;
 use crate::schedule::{LoopProgram, Slot};
 
 pub const LANES: i64 = 4;
@@ -251,8 +252,8 @@ impl Gen<'_, '_> {
             let s = g.b.ins().iconst(types::I32, c);
             g.b.ins().splat(types::I32X4, s)
         };
-        let lo = constant(self, -104.0);
-        let hi = constant(self, 89.0);
+        let lo = constant(self, math::EXP_LO);
+        let hi = constant(self, math::EXP_HI);
         let below = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let below = self.as_floats(below);
         let x1 = self.b.ins().bitselect(below, lo, x);
@@ -263,15 +264,11 @@ impl Gen<'_, '_> {
         let half = constant(self, 0.5);
         let t = self.b.ins().fma(x2, log2e, half);
         let n = self.b.ins().floor(t);
-        let c1 = constant(self, -0.693_359_4);
+        let c1 = constant(self, math::EXP_LN2_HI);
         let r = self.b.ins().fma(n, c1, x2);
-        let c2 = constant(self, 2.121_944_4e-4);
+        let c2 = constant(self, math::EXP_LN2_LO);
         let r = self.b.ins().fma(n, c2, r);
-        let mut p = constant(self, 1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
-            let c = constant(self, c);
-            p = self.b.ins().fma(p, r, c);
-        }
+        let p = self.vector_horner(&math::EXP_POLY, r);
         let rr = self.b.ins().fmul(r, r);
         let y = self.b.ins().fma(p, rr, r);
         let one = constant(self, 1.0);
@@ -291,6 +288,132 @@ impl Gen<'_, '_> {
         let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
         let nan = self.as_floats(nan);
         self.b.ins().bitselect(nan, x, zeroed)
+    }
+
+    fn vconst(&mut self, c: f32) -> Value {
+        let s = self.b.ins().f32const(c);
+        self.splat(s)
+    }
+
+    /// Horner's rule with fused multiply-adds, highest degree first (`math::horner`).
+    fn vector_horner(&mut self, coefficients: &[f32], x: Value) -> Value {
+        let mut p = self.vconst(coefficients[0]);
+        for c in &coefficients[1..] {
+            let c = self.vconst(*c);
+            p = self.b.ins().fma(p, x, c);
+        }
+        p
+    }
+
+    /// `select(condition, a, b)` on lanes, the condition a float comparison.
+    fn vselect(&mut self, cc: FloatCC, x: Value, y: Value, a: Value, b: Value) -> Value {
+        let mask = self.b.ins().fcmp(cc, x, y);
+        let mask = self.as_floats(mask);
+        self.b.ins().bitselect(mask, a, b)
+    }
+
+    /// `math::log` in lanes.
+    fn vector_log(&mut self, x: Value) -> Value {
+        let integer = |g: &mut Self, c: i64| {
+            let s = g.b.ins().iconst(types::I32, c);
+            g.b.ins().splat(types::I32X4, s)
+        };
+        let min_normal = self.vconst(f32::MIN_POSITIVE);
+        let scale = self.vconst(8_388_608.0);
+        let scaled = self.b.ins().fmul(x, scale);
+        let xs = self.vselect(FloatCC::LessThan, x, min_normal, scaled, x);
+        let tiny = self.b.ins().fcmp(FloatCC::LessThan, x, min_normal);
+        let (sub_bias, bias) = (integer(self, -149), integer(self, -126));
+        let bias = self.b.ins().bitselect(tiny, sub_bias, bias);
+        let bits = self.b.ins().bitcast(types::I32X4, MemFlagsData::new().with_endianness(Endianness::Little), xs);
+        let shifted = self.b.ins().ushr_imm_u(bits, 23);
+        let mask = integer(self, 255);
+        let biased = self.b.ins().band(shifted, mask);
+        let exponent = self.b.ins().iadd(biased, bias);
+        let keep = integer(self, 0x007f_ffff);
+        let mantissa = self.b.ins().band(bits, keep);
+        let half = integer(self, 0x3f00_0000);
+        let mantissa = self.b.ins().bor(mantissa, half);
+        let m = self.as_floats(mantissa);
+        let e = self.b.ins().fcvt_from_sint(types::F32X4, exponent);
+        let root = self.vconst(std::f32::consts::FRAC_1_SQRT_2);
+        let doubled = self.b.ins().fadd(m, m);
+        let one = self.vconst(1.0);
+        let e_less = self.b.ins().fsub(e, one);
+        let e = self.vselect(FloatCC::LessThan, m, root, e_less, e);
+        let m = self.vselect(FloatCC::LessThan, m, root, doubled, m);
+        let z = self.b.ins().fsub(m, one);
+        let z2 = self.b.ins().fmul(z, z);
+        let p = self.vector_horner(&math::LOG_POLY, z);
+        let zz2 = self.b.ins().fmul(z, z2);
+        let y = self.b.ins().fmul(zz2, p);
+        let lo = self.vconst(math::LOG_LN2_LO);
+        let y = self.b.ins().fma(e, lo, y);
+        let minus_half = self.vconst(-0.5);
+        let y = self.b.ins().fma(z2, minus_half, y);
+        let r = self.b.ins().fadd(z, y);
+        let hi = self.vconst(math::LOG_LN2_HI);
+        let r = self.b.ins().fma(e, hi, r);
+        let zero = self.vconst(0.0);
+        let minus_inf = self.vconst(f32::NEG_INFINITY);
+        let r = self.vselect(FloatCC::Equal, x, zero, minus_inf, r);
+        let nan = self.vconst(f32::NAN);
+        let r = self.vselect(FloatCC::LessThan, x, zero, nan, r);
+        let inf = self.vconst(f32::INFINITY);
+        let r = self.vselect(FloatCC::Equal, x, inf, x, r);
+        self.vselect(FloatCC::Unordered, x, x, x, r)
+    }
+
+    /// `math::tanh` in lanes.
+    fn vector_tanh(&mut self, x: Value) -> Value {
+        let a = self.b.ins().fabs(x);
+        let z = self.b.ins().fmul(x, x);
+        let p = self.vector_horner(&math::TANH_POLY, z);
+        let pz = self.b.ins().fmul(p, z);
+        let small = self.b.ins().fma(pz, x, x);
+        let two = self.vconst(2.0);
+        let twice = self.b.ins().fmul(a, two);
+        let e = self.vector_exp(twice);
+        let one = self.vconst(1.0);
+        let d = self.b.ins().fadd(e, one);
+        let q = self.b.ins().fdiv(two, d);
+        let large = self.b.ins().fsub(one, q);
+        let negated = self.b.ins().fneg(large);
+        let zero = self.vconst(0.0);
+        let signed = self.vselect(FloatCC::LessThan, x, zero, negated, large);
+        let near = self.vconst(math::TANH_SMALL);
+        self.vselect(FloatCC::LessThan, a, near, small, signed)
+    }
+
+    /// `math::sigmoid` in lanes.
+    fn vector_sigmoid(&mut self, x: Value) -> Value {
+        let a = self.b.ins().fabs(x);
+        let na = self.b.ins().fneg(a);
+        let e = self.vector_exp(na);
+        let one = self.vconst(1.0);
+        let d = self.b.ins().fadd(e, one);
+        let q = self.b.ins().fdiv(one, d);
+        let eq = self.b.ins().fmul(e, q);
+        let zero = self.vconst(0.0);
+        self.vselect(FloatCC::LessThan, x, zero, eq, q)
+    }
+
+    /// `math::softplus` in lanes.
+    fn vector_softplus(&mut self, x: Value) -> Value {
+        let a = self.b.ins().fabs(x);
+        let na = self.b.ins().fneg(a);
+        let y = self.vector_exp(na);
+        let one = self.vconst(1.0);
+        let u = self.b.ins().fadd(y, one);
+        let log_u = self.vector_log(u);
+        let u1 = self.b.ins().fsub(u, one);
+        let ratio = self.b.ins().fdiv(y, u1);
+        let corrected = self.b.ins().fmul(log_u, ratio);
+        let log1p = self.vselect(FloatCC::Equal, u, one, y, corrected);
+        let zero = self.vconst(0.0);
+        let part = self.vselect(FloatCC::GreaterThan, x, zero, x, zero);
+        let sum = self.b.ins().fadd(part, log1p);
+        self.vselect(FloatCC::Unordered, x, x, x, sum)
     }
 
     /// A scalar definedness (i8) as a lane mask.
@@ -776,21 +899,10 @@ impl Gen<'_, '_> {
                         self.b.ins().fmax(x, zero)
                     }
                     UnaryOp::Exp => self.vector_exp(x),
-                    _ => {
-                        let func = match op {
-                            UnaryOp::Log => self.helpers.log,
-                            UnaryOp::Tanh => self.helpers.tanh,
-                            UnaryOp::Sigmoid => self.helpers.sigmoid,
-                            _ => self.helpers.softplus,
-                        };
-                        let mut out = x;
-                        for lane in 0..LANES as u8 {
-                            let xi = self.b.ins().extractlane(x, lane);
-                            let yi = self.call(func, xi);
-                            out = self.b.ins().insertlane(out, yi, lane);
-                        }
-                        out
-                    }
+                    UnaryOp::Log => self.vector_log(x),
+                    UnaryOp::Tanh => self.vector_tanh(x),
+                    UnaryOp::Sigmoid => self.vector_sigmoid(x),
+                    UnaryOp::Softplus => self.vector_softplus(x),
                 };
                 (value, d)
             }

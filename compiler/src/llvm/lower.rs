@@ -26,6 +26,7 @@ use std::fmt::Write;
 
 use super::staging::StagedRead;
 use crate::ir::*;
+use crate::math;
 use crate::schedule::{LoopProgram, Node, Slot};
 
 /// The instruction set the module is for; it decides how `exp` and friends are computed.
@@ -1529,8 +1530,8 @@ impl<'a> Lowering<'a> {
     fn host_exp_lanes(&mut self, x: &str, lanes: usize) -> String {
         let t = Ty(lanes);
         let (f, i, b, s) = (t.float(), t.int(), t.bool(), t.suffix());
-        let lo = t.constant(-104.0);
-        let hi = t.constant(89.0);
+        let lo = t.constant(math::EXP_LO);
+        let hi = t.constant(math::EXP_HI);
         let below = self.ins(format!("fcmp olt {f} {x}, {lo}"));
         let x1 = self.ins(format!("select {b} {below}, {f} {lo}, {f} {x}"));
         let above = self.ins(format!("fcmp ogt {f} {x1}, {hi}"));
@@ -1540,11 +1541,11 @@ impl<'a> Lowering<'a> {
         };
         let t_ = fma(self, &x2, &t.constant(std::f32::consts::LOG2_E), &t.constant(0.5));
         let n = self.ins(format!("call {f} @llvm.floor.{s}({f} {t_})"));
-        let r = fma(self, &n, &t.constant(-0.693_359_4), &x2);
-        let r = fma(self, &n, &t.constant(2.121_944_4e-4), &r);
-        let mut p = t.constant(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
-            p = fma(self, &p, &r, &t.constant(c));
+        let r = fma(self, &n, &t.constant(math::EXP_LN2_HI), &x2);
+        let r = fma(self, &n, &t.constant(math::EXP_LN2_LO), &r);
+        let mut p = t.constant(math::EXP_POLY[0]);
+        for c in &math::EXP_POLY[1..] {
+            p = fma(self, &p, &r, &t.constant(*c));
         }
         let rr = self.ins(format!("fmul {f} {r}, {r}"));
         let y = fma(self, &p, &rr, &r);
@@ -1564,9 +1565,114 @@ impl<'a> Lowering<'a> {
         self.ins(format!("select {b} {nan}, {f} {x}, {f} {zeroed}"))
     }
 
+    /// `log`, `tanh`, `sigmoid` and `softplus` on the host in `lanes` lanes (1 for a scalar),
+    /// instruction for instruction as `crate::math` computes them, so a lane, a ragged tail and
+    /// the Cranelift tier give the same bits.
+    fn host_function_lanes(&mut self, op: UnaryOp, x: &str, lanes: usize) -> String {
+        let t = Ty(lanes);
+        let (f, b, s) = (t.float(), t.bool(), t.suffix());
+        let fabs = |g: &mut Self, v: &str| g.ins(format!("call {f} @llvm.fabs.{s}({f} {v})"));
+        match op {
+            UnaryOp::Log => self.host_log_lanes(x, lanes),
+            UnaryOp::Sigmoid => {
+                let a = fabs(self, x);
+                let na = self.ins(format!("fneg {f} {a}"));
+                let e = self.host_exp_lanes(&na, lanes);
+                let d = self.ins(format!("fadd {f} {e}, {}", t.constant(1.0)));
+                let q = self.ins(format!("fdiv {f} {}, {d}", t.constant(1.0)));
+                let eq = self.ins(format!("fmul {f} {e}, {q}"));
+                let negative = self.ins(format!("fcmp olt {f} {x}, {}", t.constant(0.0)));
+                self.ins(format!("select {b} {negative}, {f} {eq}, {f} {q}"))
+            }
+            UnaryOp::Tanh => {
+                let a = fabs(self, x);
+                let z = self.ins(format!("fmul {f} {x}, {x}"));
+                let mut p = t.constant(math::TANH_POLY[0]);
+                for c in &math::TANH_POLY[1..] {
+                    p = self.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {z}, {f} {})", t.constant(*c)));
+                }
+                let pz = self.ins(format!("fmul {f} {p}, {z}"));
+                let small = self.ins(format!("call {f} @llvm.fma.{s}({f} {pz}, {f} {x}, {f} {x})"));
+                let twice = self.ins(format!("fmul {f} {a}, {}", t.constant(2.0)));
+                let e = self.host_exp_lanes(&twice, lanes);
+                let d = self.ins(format!("fadd {f} {e}, {}", t.constant(1.0)));
+                let q = self.ins(format!("fdiv {f} {}, {d}", t.constant(2.0)));
+                let large = self.ins(format!("fsub {f} {}, {q}", t.constant(1.0)));
+                let negated = self.ins(format!("fneg {f} {large}"));
+                let negative = self.ins(format!("fcmp olt {f} {x}, {}", t.constant(0.0)));
+                let signed = self.ins(format!("select {b} {negative}, {f} {negated}, {f} {large}"));
+                let near = self.ins(format!("fcmp olt {f} {a}, {}", t.constant(math::TANH_SMALL)));
+                self.ins(format!("select {b} {near}, {f} {small}, {f} {signed}"))
+            }
+            UnaryOp::Softplus => {
+                let a = fabs(self, x);
+                let na = self.ins(format!("fneg {f} {a}"));
+                let y = self.host_exp_lanes(&na, lanes);
+                let u = self.ins(format!("fadd {f} {y}, {}", t.constant(1.0)));
+                let log_u = self.host_log_lanes(&u, lanes);
+                let u1 = self.ins(format!("fsub {f} {u}, {}", t.constant(1.0)));
+                let ratio = self.ins(format!("fdiv {f} {y}, {u1}"));
+                let corrected = self.ins(format!("fmul {f} {log_u}, {ratio}"));
+                let exact = self.ins(format!("fcmp oeq {f} {u}, {}", t.constant(1.0)));
+                let log1p = self.ins(format!("select {b} {exact}, {f} {y}, {f} {corrected}"));
+                let positive = self.ins(format!("fcmp ogt {f} {x}, {}", t.constant(0.0)));
+                let part = self.ins(format!("select {b} {positive}, {f} {x}, {f} {}", t.constant(0.0)));
+                let sum = self.ins(format!("fadd {f} {part}, {log1p}"));
+                let nan = self.ins(format!("fcmp uno {f} {x}, {x}"));
+                self.ins(format!("select {b} {nan}, {f} {x}, {f} {sum}"))
+            }
+            _ => unreachable!("only log, tanh, sigmoid and softplus"),
+        }
+    }
+
+    /// `math::log` in `lanes` lanes: `log(0) = -inf`, `log(x < 0) = NaN`, `log(inf) = inf`, NaN
+    /// stays NaN.
+    fn host_log_lanes(&mut self, x: &str, lanes: usize) -> String {
+        let t = Ty(lanes);
+        let (f, i, b, s) = (t.float(), t.int(), t.bool(), t.suffix());
+        let fma = |g: &mut Self, a: &str, m: &str, c: &str| {
+            g.ins(format!("call {f} @llvm.fma.{s}({f} {a}, {f} {m}, {f} {c})"))
+        };
+        let tiny = self.ins(format!("fcmp olt {f} {x}, {}", t.constant(f32::MIN_POSITIVE)));
+        let scaled = self.ins(format!("fmul {f} {x}, {}", t.constant(8_388_608.0)));
+        let xs = self.ins(format!("select {b} {tiny}, {f} {scaled}, {f} {x}"));
+        let bias = self.ins(format!("select {b} {tiny}, {i} {}, {i} {}", t.int_constant(-149), t.int_constant(-126)));
+        let bits = self.ins(format!("bitcast {f} {xs} to {i}"));
+        let shifted = self.ins(format!("lshr {i} {bits}, {}", t.int_constant(23)));
+        let biased = self.ins(format!("and {i} {shifted}, {}", t.int_constant(255)));
+        let exponent = self.ins(format!("add {i} {biased}, {bias}"));
+        let mantissa = self.ins(format!("and {i} {bits}, {}", t.int_constant(0x007f_ffff)));
+        let mantissa = self.ins(format!("or {i} {mantissa}, {}", t.int_constant(0x3f00_0000)));
+        let m = self.ins(format!("bitcast {i} {mantissa} to {f}"));
+        let e = self.ins(format!("sitofp {i} {exponent} to {f}"));
+        let low = self.ins(format!("fcmp olt {f} {m}, {}", t.constant(std::f32::consts::FRAC_1_SQRT_2)));
+        let doubled = self.ins(format!("fadd {f} {m}, {m}"));
+        let m = self.ins(format!("select {b} {low}, {f} {doubled}, {f} {m}"));
+        let e_less = self.ins(format!("fsub {f} {e}, {}", t.constant(1.0)));
+        let e = self.ins(format!("select {b} {low}, {f} {e_less}, {f} {e}"));
+        let z = self.ins(format!("fsub {f} {m}, {}", t.constant(1.0)));
+        let z2 = self.ins(format!("fmul {f} {z}, {z}"));
+        let mut p = t.constant(math::LOG_POLY[0]);
+        for c in &math::LOG_POLY[1..] {
+            p = fma(self, &p, &z, &t.constant(*c));
+        }
+        let zz2 = self.ins(format!("fmul {f} {z}, {z2}"));
+        let y = self.ins(format!("fmul {f} {zz2}, {p}"));
+        let y = fma(self, &e, &t.constant(math::LOG_LN2_LO), &y);
+        let y = fma(self, &z2, &t.constant(-0.5), &y);
+        let r = self.ins(format!("fadd {f} {z}, {y}"));
+        let r = fma(self, &e, &t.constant(math::LOG_LN2_HI), &r);
+        let zero = self.ins(format!("fcmp oeq {f} {x}, {}", t.constant(0.0)));
+        let r = self.ins(format!("select {b} {zero}, {f} {}, {f} {r}", t.constant(f32::NEG_INFINITY)));
+        let negative = self.ins(format!("fcmp olt {f} {x}, {}", t.constant(0.0)));
+        let r = self.ins(format!("select {b} {negative}, {f} {}, {f} {r}", t.constant(f32::NAN)));
+        let special = self.ins(format!("fcmp ueq {f} {x}, {}", t.constant(f32::INFINITY)));
+        self.ins(format!("select {b} {special}, {f} {x}, {f} {r}"))
+    }
+
     fn log(&mut self, x: &str) -> String {
         match self.flavor {
-            Flavor::Host => self.call("einfuse_logf", x),
+            Flavor::Host => self.host_log_lanes(x, 1),
             Flavor::Nvptx => {
                 let l = self.call("llvm.nvvm.lg2.approx.f", x);
                 self.ins(format!("fmul float {l}, {}", float(std::f32::consts::LN_2)))
@@ -1666,9 +1772,7 @@ impl<'a> Lowering<'a> {
                     UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus if self.flavor == Flavor::Nvptx => {
                         self.nvptx_function(*op, &x)
                     }
-                    UnaryOp::Tanh => self.call("einfuse_tanhf", &x),
-                    UnaryOp::Sigmoid => self.call("einfuse_sigmoidf", &x),
-                    UnaryOp::Softplus => self.call("einfuse_softplusf", &x),
+                    UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus => self.host_function_lanes(*op, &x, 1),
                 };
                 (v, d)
             }
@@ -2657,19 +2761,7 @@ impl<'a> Lowering<'a> {
                     UnaryOp::Relu => self.vextremum("ogt", &x, &t.constant(0.0)),
                     UnaryOp::Exp => self.host_exp_lanes(&x, w),
                     UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus => {
-                        let helper = match op {
-                            UnaryOp::Log => "einfuse_logf",
-                            UnaryOp::Tanh => "einfuse_tanhf",
-                            UnaryOp::Sigmoid => "einfuse_sigmoidf",
-                            _ => "einfuse_softplusf",
-                        };
-                        let mut out = "undef".to_string();
-                        for k in 0..w {
-                            let lane = self.ins(format!("extractelement {f} {x}, i32 {k}"));
-                            let y = self.call(helper, &lane);
-                            out = self.ins(format!("insertelement {f} {out}, float {y}, i32 {k}"));
-                        }
-                        out
+                        self.host_function_lanes(*op, &x, w)
                     }
                 };
                 (value, d)
