@@ -247,6 +247,12 @@ def cpu(threads, runs, only=None, layouts=True, variants=True):
             binds = [arg for r, n in extents.items() for arg in ("--bind", f"{r}={n}")]
             shapes = input_shapes(kernel, extents)
             x = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
+            if "Slope" in x:
+                # ALiBi's own slopes (Press et al.): 2^(-8 (h + 1) / H), so that distant keys
+                # weigh less; random slopes of either sign would make logits near 1e4, where
+                # f32 scores themselves are only good to about 1e-3.
+                heads = x["Slope"].shape[0]
+                x["Slope"] = np.array([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], dtype=np.float32)
             paths = {}
             for name, array in x.items():
                 paths[name] = os.path.join(work, f"{name}.npy")

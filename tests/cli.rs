@@ -142,6 +142,18 @@ fn explain_shows_the_derivation() {
     }
 }
 
+/// Where more than one pass remains, `explain` names the read that forces it: softmax's output
+/// is indexed by the keys and needs the denominator, so 2 passes remain.
+#[test]
+fn explain_says_what_forces_the_remaining_passes() {
+    let output = einfuse(&["explain", "examples/softmax.ein", "--kernel", "softmax"]);
+    assert_eq!(output.status.code(), Some(0));
+    let text = stdout(&output);
+    let forced = text.split("== what forces the passes that remain").nth(1).unwrap_or_else(|| panic!("{text}"));
+    assert!(forced.contains("pass 2 is needed because"), "{text}");
+    assert!(forced.contains("no rewrite removes pass 2"), "{text}");
+}
+
 /// The split-key form and the tile size from the command line: `--check` against the
 /// interpreter passes; a kernel that does not split, and a chunk that is not whole tiles, are
 /// usage errors that say why.
