@@ -200,3 +200,30 @@ fn the_scale_after_the_shift_is_one_pass() {
     assert!(!optimized.applied.iter().any(|(_, rule, _)| rule.starts_with("scale-after-shift")));
     agree(&negative, &optimized.cascade);
 }
+
+/// On every kernel of `examples/` and `benches/`, the passes the optimizer claims are the passes
+/// the analysis finds in its result.
+#[test]
+fn claims_equal_the_analysis_on_the_corpus() {
+    let mut kernels = Vec::new();
+    for dir in ["examples", "benches"] {
+        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        for path in files.into_iter().filter(|p| p.extension().is_some_and(|e| e == "ein")) {
+            kernels.extend(Program::from_file(&path).unwrap().kernels);
+        }
+    }
+    assert!(kernels.len() > 40);
+    for written in &kernels {
+        let optimized = optimize(written, &OptimizeOptions::default()).unwrap();
+        if !optimized.changed {
+            continue;
+        }
+        let found = analyze(&optimized.cascade);
+        for (rank, claimed) in &optimized.claimed_passes {
+            if let Some(n) = found.passes(rank) {
+                assert_eq!(n, *claimed as usize, "{}: claims {claimed} passes over {rank}", written.name);
+            }
+        }
+    }
+}
