@@ -734,12 +734,13 @@ struct BenchResult {
 
 /// Compiles a cascade as written on one CPU tier.
 fn compile_tier(cascade: &compiler::ir::Cascade, llvm: bool) -> Result<compiler::cpu::CpuKernel, Error> {
-    let target = if llvm { Target::CpuLlvm } else { Target::Cpu };
-    let mut built = einfuse::build(cascade, &BuildOptions { optimize: false, ..BuildOptions::new(target) })?;
-    match built.executables.remove(0) {
-        einfuse::Executable::Cpu(kernel) => Ok(kernel),
-        _ => unreachable!("a CPU target builds a CPU kernel"),
+    if !llvm {
+        return einfuse::compile_cpu(cascade);
     }
+    #[cfg(feature = "llvm")]
+    return einfuse::compile_cpu_llvm(cascade);
+    #[cfg(not(feature = "llvm"))]
+    Err(Error::Usage("the cpu-llvm tier needs LLVM, and this einfuse was built without the `llvm` feature".into()))
 }
 
 #[allow(clippy::too_many_arguments)]

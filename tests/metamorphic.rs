@@ -511,7 +511,7 @@ fn every_kind_applies() {
 }
 
 #[test]
-#[ignore]
+#[ignore = "a long campaign: EINFUSE_META_CASES=2000 cargo test --release --test metamorphic long -- --ignored"]
 fn long() {
     let cases: usize = std::env::var("EINFUSE_META_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(2000);
     let seed: u64 = std::env::var("EINFUSE_META_SEED").ok().and_then(|n| n.parse().ok()).unwrap_or(0xfeed);
