@@ -216,7 +216,7 @@ pub fn object(loops: &LoopProgram, llvm: bool) -> Result<(Vec<u8>, String), Erro
         return Ok((crate::compiler::cpu::compile_object(loops)?, header));
     }
     #[cfg(feature = "llvm")]
-    return Ok((crate::compiler::cpu::compile_object_llvm(loops)?, header));
+    return Ok((crate::compiler::llvm::compile_object(loops)?, header));
     #[cfg(not(feature = "llvm"))]
     Err(Error::Usage("the cpu-llvm target needs LLVM, and this einfuse was built without the `llvm` feature".into()))
 }
@@ -227,7 +227,7 @@ pub fn compile_loops(loops: &LoopProgram, target: Target) -> Result<Executable, 
         Target::Interp => Executable::Interp,
         Target::Cpu => Executable::Cpu(crate::compiler::cpu::compile(loops)?),
         #[cfg(feature = "llvm")]
-        Target::CpuLlvm => Executable::Cpu(crate::compiler::cpu::compile_llvm(loops)?),
+        Target::CpuLlvm => Executable::Cpu(crate::compiler::llvm::compile_host(loops)?),
         #[cfg(feature = "llvm")]
         Target::GpuEmulated => Executable::Emulated(crate::compiler::llvm::EmulatedKernel::new(loops)?),
         #[cfg(feature = "llvm")]

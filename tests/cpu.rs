@@ -143,7 +143,10 @@ fn threads_split_a_batch_rank_and_give_the_same_outputs() {
         let optimized = einfuse::optimize(&cascade).unwrap().cascade;
         let bindings: Vec<(String, u64)> = sizes.iter().map(|(r, n)| (r.to_string(), *n)).collect();
         let extents = bind_extents(&optimized, &bindings, &[]).unwrap();
-        assert!(einfuse::compiler::cpu::batch_rank(&optimized, &extents).is_some(), "{name} has no batch rank");
+        assert!(
+            einfuse::compiler::schedule::layout::batch_rank(&optimized, &extents).is_some(),
+            "{name} has no batch rank"
+        );
         let inputs: Vec<Tensor> = optimized
             .inputs()
             .iter()
@@ -225,7 +228,7 @@ fn skipped_steps_agree_with_the_interpreter() {
 }
 
 /// Steps that a shifted causal filter (`m <= p + shift`) admits whole run without the filter,
-/// and steps it empties are carried over before anything is computed (`cpu::full_steps`): every
+/// and steps it empties are carried over before anything is computed (`schedule::full_steps`): every
 /// shift that moves the diagonal across the tiles (so that some tile is one point short of full
 /// or of empty), against the interpreter.
 #[test]

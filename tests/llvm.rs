@@ -363,7 +363,7 @@ fn narrow_storage_in_the_gpu_kernels() {
     }
 }
 
-/// The `cpu-llvm` tier's full and empty steps (`cpu::full_steps`) at shifts of a causal filter
+/// The `cpu-llvm` tier's full and empty steps (`schedule::full_steps`) at shifts of a causal filter
 /// that leave some tile one point short of full or of empty, against the interpreter.
 #[test]
 fn cpu_llvm_full_and_empty_steps_at_the_edges_of_tiles() {

@@ -16,6 +16,8 @@ pub mod check;
 pub mod cpu;
 pub mod generate;
 pub mod graph;
+pub mod helpers;
+pub mod host;
 pub mod interp;
 pub mod ir;
 pub mod llvm;

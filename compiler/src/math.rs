@@ -1,7 +1,7 @@
 //! The element-wise functions of the CPU kernels in f32: one table of polynomial constants and
 //! one scalar version of each algorithm, which the lanes of both CPU tiers (`cpu::vector`,
 //! `llvm::lower`) compute instruction for instruction, so that a point gives the same bits in a
-//! lane, in a ragged tail and in the scalar helpers (`cpu::helpers`).
+//! lane, in a ragged tail and in the scalar helpers (`helpers`).
 //!
 //! - `exp`: Cephes' `expf`: `x = n ln 2 + r`, a degree-6 polynomial in `r`, `2^n` applied in two
 //!   halves (subnormal results come out right); below -104 it is 0, above 89 infinity.

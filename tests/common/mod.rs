@@ -23,7 +23,7 @@ pub fn kernels_in(dir: &str) -> Vec<Cascade> {
 }
 
 /// Attention under a causal filter shifted by the param `shift` (`m <= p + shift`): the tests of
-/// steps that the filter admits whole or empties (`cpu::full_steps`) on both CPU tiers.
+/// steps that the filter admits whole or empties (`schedule::full_steps`) on both CPU tiers.
 #[allow(dead_code)]
 pub const SHIFTED_CAUSAL: &str = "kernel shifted {
   rank E = 8, F = 8, M, P

@@ -79,7 +79,7 @@ pub struct Gen<'a, 'f> {
     /// The cell of a register block being generated (see `vector::each_cell`).
     pub cell: usize,
     /// The variant for steps that every filter admits whole (see `full_steps`).
-    pub full_steps: Option<&'a super::full_steps::FullSteps>,
+    pub full_steps: Option<&'a crate::schedule::full_steps::FullSteps>,
 }
 
 impl<'a, 'f> Gen<'a, 'f> {
@@ -119,7 +119,7 @@ impl<'a, 'f> Gen<'a, 'f> {
     /// has no mask there is treated as wholly defined.
     fn with_program(&mut self, variant: &'a LoopProgram, emit: &mut dyn FnMut(&mut Self)) {
         let (program, masks) = (self.program, self.masks.clone());
-        self.masks = super::full_steps::variant_masks(&masks, variant);
+        self.masks = crate::schedule::full_steps::variant_masks(&masks, variant);
         self.program = variant;
         emit(self);
         self.program = program;
@@ -251,7 +251,7 @@ impl<'a, 'f> Gen<'a, 'f> {
     fn affine(&mut self, affine: &Affine, global: bool) -> Value {
         match affine {
             Affine::Const(c) => self.b.ins().iconst(types::I64, *c),
-            Affine::Index(i) if global && super::is_batch_rank(self.cascade(), i.rank) => {
+            Affine::Index(i) if global && crate::schedule::layout::is_batch_rank(self.cascade(), i.rank) => {
                 let v = self.index(*i);
                 self.b.ins().iadd(v, self.bases[i.rank.index()])
             }
@@ -316,7 +316,7 @@ impl<'a, 'f> Gen<'a, 'f> {
     }
 
     pub(super) fn always_inside(&self, subscript: &Affine, rank: RankId) -> bool {
-        super::always_inside(self.cascade(), subscript, rank)
+        crate::schedule::layout::always_inside(self.cascade(), subscript, rank)
     }
 
     fn conds(&mut self, conds: &[Cond]) -> Def {
@@ -534,7 +534,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             return;
         };
         let extent = self.extents[first.rank.index()];
-        if rest.is_empty() && super::vector::reducible_in_lanes(self.program, body, filter, *first) {
+        if rest.is_empty() && crate::schedule::lanes::reducible_in_lanes(self.program, body, filter, *first) {
             if let Some(end) = self.valid_rows(*first) {
                 // Four points of the innermost reduced index at a time, partial results per
                 // lane folded together at the end, then the last points one by one.
@@ -583,8 +583,8 @@ impl<'a, 'f> Gen<'a, 'f> {
         let narrow = |v: Index| matches!(self.cascade().rank(v.rank).extent, Extent::Fixed(n) if (n as i64) < super::vector::LANES);
         if rest.len() == 1
             && !narrow(rest[0])
-            && super::vector::vectorizable(self.program, einsum, rest[0])
-            && super::vector::blockable_rows(self.program, einsum, *first, rest[0])
+            && crate::schedule::lanes::vectorizable(self.program, einsum, rest[0])
+            && crate::schedule::lanes::blockable_rows(self.program, einsum, *first, rest[0])
         {
             if let (Some(end), Some(vector_end)) = (self.valid_rows(*first), self.valid_rows(rest[0])) {
                 // Blocks of rows while whole blocks are valid, then row by row.
@@ -619,7 +619,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 return;
             }
         }
-        let vector_end = if rest.is_empty() && super::vector::vectorizable(self.program, einsum, *first) {
+        let vector_end = if rest.is_empty() && crate::schedule::lanes::vectorizable(self.program, einsum, *first) {
             self.valid_rows(*first)
         } else {
             None
@@ -627,7 +627,9 @@ impl<'a, 'f> Gen<'a, 'f> {
         if let Some(vector_end) = vector_end {
             let v = *first;
             let mut zero = self.b.ins().iconst(types::I64, 0);
-            if super::vector::blockable_reduction(einsum) && super::streams_input(self.program, einsum, None, v) {
+            if crate::schedule::lanes::blockable_reduction(einsum)
+                && crate::schedule::lanes::streams_input(self.program, einsum, None, v)
+            {
                 // A strided input streamed: blocks of vectors side by side, whole cache lines
                 // at each step of the reduction.
                 let columns = super::vector::WIDE_COLUMNS;
@@ -643,7 +645,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             self.for_loop_from(*first, done, extent, 1, &mut |g| g.compute_point(einsum));
             return;
         }
-        if rest.is_empty() && super::vector::lane_rows(self.program, einsum, *first) {
+        if rest.is_empty() && crate::schedule::lanes::lane_rows(self.program, einsum, *first) {
             if let Some(end) = self.valid_rows(*first) {
                 // Blocks of rows with the reduced index in lanes while whole blocks are valid,
                 // then row by row.

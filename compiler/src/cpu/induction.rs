@@ -101,7 +101,7 @@ impl Gen<'_, '_> {
                 let ok = subscripts.iter().zip(ranks).zip(slots).all(|((sub, rank), slot)| {
                     let mut moves = false;
                     sub.for_each_index(&mut |i| moves |= i == r || Some(i) == block.u || i == block.v);
-                    super::always_inside(c, sub, *rank) && !(moves && *slot == Slot::Alternate)
+                    crate::schedule::layout::always_inside(c, sub, *rank) && !(moves && *slot == Slot::Alternate)
                 });
                 if ok && !reads.iter().any(|x| std::ptr::eq(*x, e)) {
                     reads.push(e);

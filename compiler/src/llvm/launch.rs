@@ -3,7 +3,7 @@
 //! needs no LLVM.
 //!
 //! One thread computes one point of the *batch ranks* (every rank along which the cascade splits
-//! into independent parts, see `cpu::is_batch_rank`), the last batch rank fastest. The threads
+//! into independent parts, see `schedule::layout::is_batch_rank`), the last batch rank fastest. The threads
 //! of a block share the point of every batch rank but the last, the *lane rank*: a row of the
 //! lane rank takes `ceil(extent / block)` blocks, and the threads of the last one past the
 //! row's end are idle (in a kernel with staged reads, see `staging`, they compute the row's last
@@ -12,8 +12,8 @@
 //! buffers hold one copy per thread, interleaved (element `i` of thread `t` at `i * threads +
 //! t`), so that the threads of a warp touch neighbouring addresses.
 
-use crate::cpu::{is_batch_rank, stored_shape};
 use crate::ir::*;
+use crate::schedule::layout::{is_batch_rank, stored_shape};
 use crate::schedule::{BufferRole, LoopProgram};
 use crate::shapes::tensor_shape;
 

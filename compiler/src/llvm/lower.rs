@@ -68,7 +68,7 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
     module.push('\n');
     // Steps that every filter admits whole run a variant without filters (on the CPU; in a thread
     // kernel, the steps that keep register buffers).
-    let full_steps = crate::cpu::full_steps::plan(program);
+    let full_steps = crate::schedule::full_steps::plan(program);
     // The reads the threads of a block share through shared memory (thread kernels only).
     let staged = if abi == Abi::Thread { super::staging::staged_reads(program) } else { vec![] };
     let mut body = Lowering::new(program, flavor, abi, staged.clone());
@@ -427,11 +427,11 @@ struct Lowering<'a> {
     /// Reduced inner indices of split pairs whose loops stop at the last valid point, so that
     /// their pairs need no check (see `reduced_loop`).
     bounded: Vec<Index>,
-    /// The variant for steps that every filter admits whole (see `cpu::full_steps`).
-    full_steps: Option<&'a crate::cpu::full_steps::FullSteps>,
+    /// The variant for steps that every filter admits whole (see `schedule::full_steps`).
+    full_steps: Option<&'a crate::schedule::full_steps::FullSteps>,
     /// The same, for the steps of a thread kernel that keep register buffers (see
     /// `full_or_partial_step`).
-    thread_full_steps: Option<&'a crate::cpu::full_steps::FullSteps>,
+    thread_full_steps: Option<&'a crate::schedule::full_steps::FullSteps>,
     /// The reads the threads of a block share through shared memory (thread kernels only).
     staged: Vec<StagedRead>,
     /// The staged reads of the current step, and where each reads from.
@@ -726,7 +726,7 @@ impl<'a> Lowering<'a> {
 
     /// One step of the top-level loop over `index`, whose Einsums are `body`. Where the step
     /// keeps register buffers, a step whose split pairs are all valid (every step but a ragged
-    /// last one) and whose filters admit every point (see `cpu::full_steps`) runs with neither
+    /// last one) and whose filters admit every point (see `schedule::full_steps`) runs with neither
     /// checked, so that the unrolled points need no conditions and no masks; the other steps run
     /// with the step's register buffers in global scratch and nothing unrolled, as a kernel
     /// without register buffers (the same values).
@@ -1138,7 +1138,7 @@ impl<'a> Lowering<'a> {
     /// mask there is treated as wholly defined.
     fn with_program(&mut self, variant: &'a LoopProgram, emit: &mut dyn FnMut(&mut Self)) {
         let (program, masks) = (self.program, self.masks.clone());
-        self.masks = crate::cpu::full_steps::variant_masks(&masks, variant);
+        self.masks = crate::schedule::full_steps::variant_masks(&masks, variant);
         self.program = variant;
         emit(self);
         self.program = program;
@@ -1146,7 +1146,7 @@ impl<'a> Lowering<'a> {
     }
 
     /// Whether every filter of `margins` holds at every point of the current step.
-    fn step_is_full(&mut self, margins: &[crate::cpu::full_steps::Margin], index: Index) -> String {
+    fn step_is_full(&mut self, margins: &[crate::schedule::full_steps::Margin], index: Index) -> String {
         let mut all = "true".to_string();
         for m in margins {
             let Some(smallest) = self.extreme_margin(m, index, false) else { return "false".into() };
@@ -1157,7 +1157,7 @@ impl<'a> Lowering<'a> {
     }
 
     /// Whether some filter of `margins` holds at no point of the current step.
-    fn step_is_empty(&mut self, margins: &[crate::cpu::full_steps::Margin], index: Index) -> String {
+    fn step_is_empty(&mut self, margins: &[crate::schedule::full_steps::Margin], index: Index) -> String {
         let mut any = "false".to_string();
         for m in margins {
             let Some(largest) = self.extreme_margin(m, index, true) else { continue };
@@ -1168,9 +1168,14 @@ impl<'a> Lowering<'a> {
     }
 
     /// The smallest (or largest) margin over the step's box of points (see
-    /// `cpu::full_steps::Margin::extreme_terms`).
-    fn extreme_margin(&mut self, m: &crate::cpu::full_steps::Margin, index: Index, largest: bool) -> Option<String> {
-        use crate::cpu::full_steps::{At, MarginTerm};
+    /// `schedule::full_steps::Margin::extreme_terms`).
+    fn extreme_margin(
+        &mut self,
+        m: &crate::schedule::full_steps::Margin,
+        index: Index,
+        largest: bool,
+    ) -> Option<String> {
+        use crate::schedule::full_steps::{At, MarginTerm};
         let mut total = m.margin.constant.to_string();
         for term in m.extreme_terms(index, largest)? {
             let term = match term {
@@ -1310,7 +1315,7 @@ impl<'a> Lowering<'a> {
     fn affine(&mut self, affine: &Affine, global: bool) -> String {
         match affine {
             Affine::Const(c) => c.to_string(),
-            Affine::Index(i) if global && crate::cpu::is_batch_rank(self.cascade(), i.rank) => {
+            Affine::Index(i) if global && crate::schedule::layout::is_batch_rank(self.cascade(), i.rank) => {
                 let v = self.index(*i);
                 let base = self.bases[i.rank.index()].clone();
                 self.ins(format!("add i64 {v}, {base}"))
@@ -1372,7 +1377,7 @@ impl<'a> Lowering<'a> {
     }
 
     fn always_inside(&self, subscript: &Affine, rank: RankId) -> bool {
-        crate::cpu::always_inside(self.cascade(), subscript, rank)
+        crate::schedule::layout::always_inside(self.cascade(), subscript, rank)
     }
 
     fn conds(&mut self, conds: &[Cond]) -> Def {
@@ -2168,7 +2173,7 @@ impl<'a> Lowering<'a> {
             && einsum.lhs.last() == Some(&Lhs::Index(v))
             && !in_pair
             && matches!(einsum.body, Expr::Reduce { .. })
-            && crate::cpu::vectorizable(self.program, einsum, v)
+            && crate::schedule::lanes::vectorizable(self.program, einsum, v)
     }
 
     /// The coordinates of the target's current point.
@@ -2480,9 +2485,9 @@ impl<'a> Lowering<'a> {
         }
     }
 
-    /// See `cpu::streams_input`.
+    /// See `schedule::lanes::streams_input`.
     fn streams_input(&self, einsum: &Einsum, u: Option<Index>, v: Index) -> bool {
-        crate::cpu::streams_input(self.program, einsum, u, v)
+        crate::schedule::lanes::streams_input(self.program, einsum, u, v)
     }
 
     /// A reduction into one row along `v` that reads a strided input: blocks of several vectors

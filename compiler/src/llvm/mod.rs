@@ -37,6 +37,28 @@ pub fn host_ir(program: &LoopProgram, symbol: &str) -> String {
     lower::lower(program, Flavor::Host, Abi::Cpu, symbol)
 }
 
+/// Compiles a scheduled cascade through LLVM for this CPU (the `cpu-llvm` tier): the same
+/// calling convention and runtime as the Cranelift kernels (`host`), LLVM's O3 pipeline and vectorizer.
+#[cfg(feature = "llvm")]
+pub fn compile_host(program: &LoopProgram) -> Result<crate::host::CpuKernel, crate::host::CodegenError> {
+    let symbol = crate::host::object_symbol(&program.cascade);
+    let text = host_ir(program, &symbol);
+    let helpers: Vec<(&str, usize)> = crate::helpers::symbols().iter().map(|(n, p)| (*n, *p as usize)).collect();
+    let code = machine::HostCode::new(&text, &symbol, &helpers)
+        .map_err(|e| crate::host::CodegenError::Internal(e.to_string()))?;
+    // SAFETY: the symbol was defined with the kernel signature (six pointers, no result).
+    let function: crate::host::KernelFn =
+        unsafe { std::mem::transmute::<usize, crate::host::KernelFn>(code.address()) };
+    Ok(crate::host::CpuKernel::new(program, function, Box::new(code), text))
+}
+
+/// An object file of the `cpu-llvm` tier, exporting `host::object_symbol` like `cpu::compile_object`.
+#[cfg(feature = "llvm")]
+pub fn compile_object(program: &LoopProgram) -> Result<Vec<u8>, crate::host::CodegenError> {
+    let text = host_ir(program, &crate::host::object_symbol(&program.cascade));
+    machine::host_object(&text).map_err(|e| crate::host::CodegenError::Internal(e.to_string()))
+}
+
 /// The sidecar of a PTX file: what a launcher needs besides the PTX.
 #[derive(Debug, serde::Serialize)]
 pub struct LaunchDescription {
@@ -122,7 +144,7 @@ pub fn describe_launch(program: &LoopProgram, source_file: &str) -> LaunchDescri
 #[cfg(feature = "llvm")]
 mod compiled {
     use super::*;
-    use crate::cpu::helpers;
+    use crate::helpers;
 
     /// PTX of a cascade's thread kernel for `sm` (`sm_80` unless a test asks for another).
     pub fn compile_ptx(program: &LoopProgram, sm: &str) -> Result<String, LlvmError> {
@@ -239,7 +261,7 @@ mod compiled {
         /// another, or, where the kernel stages tiles in shared memory or a warp computes each
         /// point, side by side (an OS thread each), meeting at its barriers and shuffles.
         pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, LlvmError> {
-            let max = crate::cpu::MAX_CALL_BYTES;
+            let max = crate::host::MAX_CALL_BYTES;
             let layout = launch::ThreadLayout::with_warp(&self.program, extents, max, launch::EMULATED_WARP)
                 .map_err(LlvmError::Run)?;
             let (mut values, mut masks) = layout.host_buffers(&self.program, inputs).map_err(LlvmError::Run)?;

@@ -23,8 +23,8 @@
 //! (see `launch::lanes_per_point`), whose lanes split each reduction's outermost loop; an
 //! unrolled loop cannot be split, so those kernels keep every buffer in global scratch.
 
-use crate::cpu::is_batch_rank;
 use crate::ir::*;
+use crate::schedule::layout::is_batch_rank;
 use crate::schedule::{BufferRole, LoopProgram, Node, Slot};
 
 /// The largest buffer kept in registers, in floats (its mask, if any, is the bits of an `i64`).
@@ -102,7 +102,7 @@ fn settle(program: &LoopProgram, streamed: &[Index], chosen: &mut [bool]) {
                 constant(*t, &|d| {
                     let mut found = vec![];
                     subscripts[d].for_each_index(&mut |i| found.push(i));
-                    (found, crate::cpu::always_inside(c, &subscripts[d], c.tensor(*t).ranks[d]))
+                    (found, crate::schedule::layout::always_inside(c, &subscripts[d], c.tensor(*t).ranks[d]))
                 })
             });
             if points <= MAX_UNROLLED && !unrolled.iter().any(|i| streamed.contains(i)) && target_ok && reads_ok {

@@ -17,8 +17,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::cpu::is_batch_rank;
 use crate::ir::*;
+use crate::schedule::layout::is_batch_rank;
 use crate::schedule::{BufferRole, LoopProgram, Node};
 
 /// One staged read: an input read at these subscripts by the Einsums of a top-level streamed

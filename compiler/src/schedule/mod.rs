@@ -10,6 +10,10 @@
 //! This is the first schedule, the baseline that every faster one is tested against: it fuses
 //! nothing beyond what a recurrence forces, so buffers grow with the streamed rank.
 
+pub mod full_steps;
+pub mod lanes;
+pub mod layout;
+
 use std::fmt::Write;
 
 use crate::ir::*;
@@ -418,7 +422,7 @@ pub fn may_be_undefined(cascade: &Cascade) -> Vec<bool> {
                             Affine::Extent(r) => r == rank,
                             _ => false,
                         };
-                    next || crate::cpu::always_inside(cascade, sub, *rank)
+                    next || layout::always_inside(cascade, sub, *rank)
                 });
                 partial |= masked[read.index()] || !in_range;
             }

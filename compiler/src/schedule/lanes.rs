@@ -1,0 +1,188 @@
+//! Lanes and register blocks on the host: which index of an Einsum runs in vector lanes, which
+//! reductions run as register blocks and which inputs they stream. Both CPU tiers (Cranelift's
+//! `cpu::vector`, LLVM's `llvm::lower`) ask these questions and get one answer, here.
+//!
+//! Needs: a scheduled program. Guarantees: an index said to run in lanes is contiguous in the
+//! target and in every read that mentions it (a position kept for the current step counts as
+//! extent 1, since it stores one point), so that a vector of points is a vector of addresses.
+
+use crate::ir::*;
+use crate::schedule::{BufferRole, LoopProgram, Slot};
+
+/// Whether the body of `einsum` is one reduction with none inside, its left-hand side plain
+/// indices and any statement filter free of reductions: the shape a register block computes.
+pub fn blockable_reduction(einsum: &Einsum) -> bool {
+    let Expr::Reduce { filter, body, .. } = &einsum.body else { return false };
+    let nested = |e: &Expr| {
+        let mut found = false;
+        e.walk(&mut |x| found |= matches!(x, Expr::Reduce { .. }));
+        found
+    };
+    einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
+        && einsum.filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
+        && !nested(body)
+        && filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
+}
+
+/// Whether `einsum`, vectorizable along `v`, runs as register blocks of rows along `u`, the next
+/// index out: its body is one reduction over indices other than `u` and `v`, with no reduction
+/// inside and its left-hand side plain indices; a statement filter must hold no reduction. `u`
+/// must be in no split pair, or be the inner index of one (its block then stops at the last
+/// valid row).
+pub fn blockable_rows(program: &LoopProgram, einsum: &Einsum, u: Index, v: Index) -> bool {
+    let Expr::Reduce { indices, body, .. } = &einsum.body else { return false };
+    let pairs = program.cascade.split_pairs();
+    let pair_ok = pairs.iter().all(|(t, _, w)| u.rank != *t && u.rank != *w);
+    // Rows pay when they share a vector: some read in lanes that does not mention `u`.
+    blockable_reduction(einsum) && pair_ok && shares_a_read(body, v, u) && !indices.contains(&u)
+}
+
+/// Whether some read in `body` mentions `lanes` but not `rows`: one vector shared by the rows.
+fn shares_a_read(body: &Expr, lanes: Index, rows: Index) -> bool {
+    let mut shared = false;
+    body.walk(&mut |e| {
+        if let Expr::Access { subscripts, .. } = e {
+            let (mut in_lanes, mut in_rows) = (false, false);
+            for sub in subscripts {
+                sub.for_each_index(&mut |i| {
+                    in_lanes |= i == lanes;
+                    in_rows |= i == rows;
+                });
+            }
+            shared |= in_lanes && !in_rows;
+        }
+    });
+    shared
+}
+
+/// Whether `einsum`, not vectorizable along its last free index `u`, runs as blocks of rows of
+/// `u` with its one reduced index `r` in lanes (see `Gen::compute_lane_rows`): no statement
+/// filter, every read of `r` contiguous, and one of them shared by the rows (decode's value
+/// contraction `sum[m0] SLN[m0] * V[f, m0]` along `f`).
+pub fn lane_rows(program: &LoopProgram, einsum: &Einsum, u: Index) -> bool {
+    let Expr::Reduce { indices, filter, body, .. } = &einsum.body else { return false };
+    let [r] = indices.as_slice() else { return false };
+    let pairs = program.cascade.split_pairs();
+    blockable_reduction(einsum)
+        && einsum.filter.is_empty()
+        && shares_a_read(body, *r, u)
+        && !pairs.iter().any(|(t, _, w)| u.rank == *t || u.rank == *w)
+        && reducible_in_lanes(program, body, filter, *r)
+}
+
+/// Whether a register block along `u` and `v` would stream an input badly: the reduction
+/// reads an input in lanes along `v` whose position of a reduced index comes before a
+/// position of extent known only at the call, so that each step of the reduction jumps across
+/// it (as decode's `K[h, e, m]` does along `e`), and no read in lanes is shared by the rows
+/// along `u`. One vector per row would then visit each cache line once per vector, long after
+/// the hardware prefetched it; vectors side by side along `v` read whole lines at each step.
+/// Both CPU tiers ask this.
+pub fn streams_input(program: &LoopProgram, einsum: &Einsum, u: Option<Index>, v: Index) -> bool {
+    let Expr::Reduce { indices, body, .. } = &einsum.body else { return false };
+    let c = &program.cascade;
+    let (mut strided, mut shared) = (false, false);
+    body.walk(&mut |e| {
+        let Expr::Access { tensor, subscripts } = e else { return };
+        let (mut lanes, mut rows) = (false, false);
+        for sub in subscripts {
+            sub.for_each_index(&mut |i| {
+                lanes |= i == v;
+                rows |= Some(i) == u;
+            });
+        }
+        if !lanes {
+            return;
+        }
+        shared |= u.is_some() && !rows;
+        if !matches!(program.buffers[tensor.index()].role, BufferRole::Input(_)) {
+            return;
+        }
+        let ranks = &c.tensor(*tensor).ranks;
+        for (p, sub) in subscripts.iter().enumerate() {
+            let mut reduced = false;
+            sub.for_each_index(&mut |i| reduced |= indices.contains(&i));
+            strided |= reduced && ranks[p + 1..].iter().any(|r| !matches!(c.rank(*r).extent, Extent::Fixed(_)));
+        }
+    });
+    strided && !shared
+}
+
+/// Whether `einsum` can compute four points along `v` at once: `v` is at a position of the
+/// target followed only by ranks of extent 1 (so the four results are contiguous), and every
+/// read either does not mention `v` (one value, splatted) or has it, followed only by ranks of
+/// extent 1, as a bare index or as the inner index of a split pair (`t * M0 + v`), whose vectors
+/// then cover only valid points (see `Gen::valid_rows`).
+pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
+    let c = &program.cascade;
+    let target = c.tensor(einsum.target);
+    let Some(k) = einsum.lhs.iter().position(|l| *l == Lhs::Index(v)) else { return false };
+    program.buffers[einsum.target.index()].slots[k] == Slot::Full
+        && extent_one(program, &target.ranks[k + 1..])
+        && reads_in_lanes(
+            program,
+            std::iter::once(&einsum.body).chain(einsum.filter.iter().flat_map(|c| [&c.lhs, &c.rhs])),
+            v,
+        )
+}
+
+/// Whether every rank of `ranks` has the fixed extent 1.
+fn extent_one(program: &LoopProgram, ranks: &[RankId]) -> bool {
+    ranks.iter().all(|r| matches!(program.cascade.rank(*r).extent, Extent::Fixed(1)))
+}
+
+/// Whether every read in `exprs` that mentions `v` has it, followed only by ranks of extent 1, as
+/// a bare index or as the inner index of a split pair (`t * M0 + v`), so that four points from
+/// `v` are contiguous; `v` is not the tile or the whole rank of a split pair.
+pub fn reads_in_lanes<'e>(program: &LoopProgram, exprs: impl Iterator<Item = &'e Expr>, v: Index) -> bool {
+    let c = &program.cascade;
+    let pairs = c.split_pairs();
+    if pairs.iter().any(|(t, _, w)| v.rank == *t || v.rank == *w) {
+        return false;
+    }
+    let split_form = |sub: &Affine| match sub {
+        Affine::Add(a, b) => match (&**a, &**b) {
+            (Affine::Mul(t, e), Affine::Index(i)) => match (&**t, &**e) {
+                (Affine::Index(t), Affine::Extent(e)) => {
+                    *i == v
+                        && *e == v.rank
+                        && t.primes == v.primes
+                        && pairs.iter().any(|(tile, inner, _)| t.rank == *tile && *inner == v.rank)
+                }
+                _ => false,
+            },
+            _ => false,
+        },
+        _ => false,
+    };
+    let mut ok = true;
+    for expr in exprs {
+        expr.walk(&mut |e| {
+            if let Expr::Access { tensor, subscripts } = e {
+                let ranks = &c.tensor(*tensor).ranks;
+                for (p, sub) in subscripts.iter().enumerate() {
+                    let mut mentions = false;
+                    sub.for_each_index(&mut |i| mentions |= i == v);
+                    if mentions {
+                        ok &= (*sub == Affine::Index(v) || split_form(sub))
+                            && program.buffers[tensor.index()].slots[p] == Slot::Full
+                            && extent_one(program, &ranks[p + 1..]);
+                    }
+                }
+            }
+        });
+    }
+    ok
+}
+
+/// Whether a reduction can run its innermost reduced index `r` in lanes (partial results per
+/// lane, combined at the end): every read of `r` in its body and filter is contiguous (see
+/// `reads_in_lanes`), and nothing inside is another reduction.
+pub fn reducible_in_lanes(program: &LoopProgram, body: &Expr, filter: &[Cond], r: Index) -> bool {
+    let mut nested = false;
+    body.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
+    for c in filter {
+        c.lhs.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
+        c.rhs.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
+    }
+    !nested && reads_in_lanes(program, std::iter::once(body).chain(filter.iter().flat_map(|c| [&c.lhs, &c.rhs])), r)
+}

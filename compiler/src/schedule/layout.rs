@@ -1,0 +1,121 @@
+//! Where a buffer's points live and along which rank a kernel splits into independent calls:
+//! facts about a schedule that every back end and the runner read, decided here once.
+
+use crate::ir::*;
+use crate::schedule::Slot;
+
+/// A rank along which the kernel splits into independent calls (see `is_batch_rank`): of the
+/// candidates, the one with the largest extent, if above 1.
+pub fn batch_rank(cascade: &Cascade, extents: &[u64]) -> Option<RankId> {
+    let mut best: Option<RankId> = None;
+    for r in 0..cascade.ranks.len() {
+        let id = RankId::new(r);
+        if is_batch_rank(cascade, id) && best.is_none_or(|b| extents[r] > extents[b.index()]) {
+            best = Some(id);
+        }
+    }
+    best.filter(|b| extents[b.index()] > 1)
+}
+
+/// Whether the kernel splits into independent calls along `id`: every Einsum binds its plain
+/// index on the left, none reduces it or uses its extent, every output has it, and at a position
+/// of its own rank it is read as the bare index. Elsewhere in a subscript it is a number, the
+/// global coordinate (`K[e, c * MC + m]` reads the chunk `c` of keys: the split-key schedule).
+/// A split tile rank qualifies only when its within-tile rank indexes nothing, so that no split
+/// pair's validity depends on it.
+pub fn is_batch_rank(cascade: &Cascade, id: RankId) -> bool {
+    let rank = cascade.rank(id);
+    if let Extent::Split { tile, .. } = rank.extent {
+        if indexes_rank(cascade, tile) {
+            return false;
+        }
+    }
+    if cascade.split_pairs().iter().any(|(_, i, w)| *i == id || *w == id) {
+        return false;
+    }
+    let plain = Index { rank: id, primes: 0 };
+    let mut ok = cascade.outputs.iter().all(|o| cascade.tensor(o.tensor).ranks.contains(&id));
+    for einsum in &cascade.einsums {
+        ok &= einsum.lhs.contains(&Lhs::Index(plain));
+        ok &= einsum.lhs_indices().all(|i| i.rank != id || i == plain);
+        einsum.body.walk(&mut |e| match e {
+            Expr::Reduce { indices, .. } => ok &= indices.iter().all(|i| i.rank != id),
+            Expr::Access { tensor, subscripts } => {
+                for (position, sub) in subscripts.iter().enumerate() {
+                    let mut mentions = false;
+                    sub.for_each_index(&mut |i| mentions |= i.rank == id);
+                    if cascade.tensor(*tensor).ranks[position] == id {
+                        ok &= *sub == Affine::Index(plain);
+                    } else if mentions {
+                        sub.for_each_index(&mut |i| ok &= i.rank != id || i == plain);
+                    }
+                }
+            }
+            // An index used as a number is offset to its global coordinate by the call.
+            Expr::Index(i) => ok &= i.rank != id || *i == plain,
+            Expr::Extent(r) => ok &= *r != id,
+            _ => {}
+        });
+        for cond in &einsum.filter {
+            let mut uses_extent = false;
+            cond.lhs.walk(&mut |e| uses_extent |= matches!(e, Expr::Extent(r) if *r == id));
+            cond.rhs.walk(&mut |e| uses_extent |= matches!(e, Expr::Extent(r) if *r == id));
+            ok &= !uses_extent;
+        }
+    }
+    ok
+}
+
+/// Whether some index of the cascade ranges over `rank`.
+fn indexes_rank(cascade: &Cascade, rank: RankId) -> bool {
+    let mut found = false;
+    for einsum in &cascade.einsums {
+        found |= einsum.lhs_indices().any(|i| i.rank == rank);
+        let mut visit = |e: &Expr| match e {
+            Expr::Index(i) => found |= i.rank == rank,
+            Expr::Reduce { indices, .. } => found |= indices.iter().any(|i| i.rank == rank),
+            Expr::Access { subscripts, .. } => {
+                subscripts.iter().for_each(|s| s.for_each_index(&mut |i| found |= i.rank == rank))
+            }
+            _ => {}
+        };
+        einsum.body.walk(&mut visit);
+        for cond in &einsum.filter {
+            cond.lhs.walk(&mut visit);
+            cond.rhs.walk(&mut visit);
+        }
+    }
+    found
+}
+
+/// Whether a subscript can never leave its position: a bare index of the position's rank, or
+/// a split pair `m1 * M0 + m0` into its whole rank (whose validity is checked before any read).
+pub fn always_inside(cascade: &Cascade, subscript: &Affine, rank: RankId) -> bool {
+    match subscript {
+        Affine::Index(i) => i.rank == rank,
+        Affine::Add(a, b) => match (&**a, &**b) {
+            (Affine::Mul(t, e), Affine::Index(i)) => match (&**t, &**e) {
+                (Affine::Index(t), Affine::Extent(e)) => cascade.split_pairs().iter().any(|(tile, inner, whole)| {
+                    t.rank == *tile && i.rank == *inner && *e == *inner && *whole == rank && t.primes == i.primes
+                }),
+                _ => false,
+            },
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The extents a buffer stores: a position kept for the current step only holds one, a recurrence
+/// kept as two slots holds two.
+pub fn stored_shape(shape: &[u64], slots: &[Slot]) -> Vec<u64> {
+    shape
+        .iter()
+        .zip(slots)
+        .map(|(n, slot)| match slot {
+            Slot::Full => *n,
+            Slot::Current => (*n).min(1),
+            Slot::Alternate => (*n).min(2),
+        })
+        .collect()
+}
