@@ -354,8 +354,14 @@ fn execute(command: Command) -> Result<(), Error> {
                     let program = Program::from_file(&file)?;
                     let mut text = String::new();
                     for k in program.selected(kernel.as_deref())? {
-                        // The stages of the CPU kernel, as `--target cpu` builds it.
-                        let options = BuildOptions { tile: Some(64), ..BuildOptions::new(Target::Cpu) };
+                        // The stages of the kernel as its target builds it: the loops and CLIF as
+                        // `--target cpu`, LLVM IR as `cpu-llvm` or the GPU, PTX as the GPU.
+                        let built_for = match (stage, target) {
+                            (Stage::Ptx, _) | (Stage::Llvm | Stage::LlvmOpt, LlvmTarget::Nvptx) => Target::Gpu,
+                            (Stage::Llvm | Stage::LlvmOpt, LlvmTarget::CpuLlvm) => Target::CpuLlvm,
+                            _ => Target::Cpu,
+                        };
+                        let options = BuildOptions { tile: Some(64), ..BuildOptions::new(built_for) };
                         let scheduled = einfuse::pipeline::schedule_kernel(k, &options)?;
                         let loops = &scheduled.loops[0];
                         text.push_str(&match stage {

@@ -339,6 +339,26 @@ impl Expr {
         }
     }
 
+    /// Calls `visit` on this expression and every sub-expression, children first, mutably.
+    pub fn walk_mut(&mut self, visit: &mut impl FnMut(&mut Expr)) {
+        match self {
+            Expr::Unary(_, arg) => arg.walk_mut(visit),
+            Expr::Binary(_, a, b) => {
+                a.walk_mut(visit);
+                b.walk_mut(visit);
+            }
+            Expr::Reduce { filter, body, .. } => {
+                for cond in filter {
+                    cond.lhs.walk_mut(visit);
+                    cond.rhs.walk_mut(visit);
+                }
+                body.walk_mut(visit);
+            }
+            Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Index(_) | Expr::Access { .. } => {}
+        }
+        visit(self);
+    }
+
     /// The operands of a chain of `op` (`a * b * c` for `Mul`), left to right.
     pub fn operands<'e>(&'e self, op: BinaryOp, out: &mut Vec<&'e Expr>) {
         match self {

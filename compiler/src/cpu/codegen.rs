@@ -463,7 +463,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 // As in every path of this tier, so that a point gives the same bits in lanes,
                 // in a register block or alone: a constant factor applied after the loop, and
                 // a product folded by a fused multiply-add.
-                let factored = super::induction::invariant_factors(self.cascade(), *op, body);
+                let factored = crate::schedule::lanes::invariant_factors(self.cascade(), *op, body);
                 let body = factored.as_ref().map_or(&**body, |(b, _)| b);
                 self.reduce_loops(*op, indices, indices, filter, body, acc);
                 let value = self.b.use_var(acc);

@@ -11,7 +11,7 @@
 //! whose tile index is bound (the loop then stops at the last valid point); every row of the
 //! block is valid. Guarantees: the same loads, at the same addresses, as the generic path; a
 //! sum of a product folds with a fused multiply-add; factors of a sum that are finite constants
-//! are applied once, after the loop (`invariant_factors`).
+//! are applied once, after the loop (`schedule::lanes::invariant_factors`).
 
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::Variable;
@@ -43,32 +43,6 @@ pub enum CellOffset {
     /// An induction variable of its own: a loop-invariant delta added at each step would be
     /// folded back into the loop by Cranelift's rewrites, with its multiplications.
     Own(Variable),
-}
-
-/// Splits a sum's body into the factors that depend on the loop and the finite constants that
-/// do not (`Q * K * scale` into `Q * K` and `scale`), when there is at least one of each.
-pub fn invariant_factors(cascade: &Cascade, op: ReduceOp, body: &Expr) -> Option<(Expr, f32)> {
-    if op != ReduceOp::Sum {
-        return None;
-    }
-    let mut factors = Vec::new();
-    body.operands(BinaryOp::Mul, &mut factors);
-    let mut constant = 1.0f64;
-    let mut varying: Vec<&Expr> = Vec::new();
-    for factor in factors {
-        match factor {
-            Expr::Const(c) => constant *= c,
-            Expr::Param(p) => constant *= cascade.param(*p).value,
-            other => varying.push(other),
-        }
-    }
-    let constant = constant as f32;
-    if varying.is_empty() || constant == 1.0 || !constant.is_finite() {
-        return None;
-    }
-    let mut rest = varying.into_iter().cloned();
-    let first = rest.next().expect("one varying factor");
-    Some((rest.fold(first, |a, b| Expr::Binary(BinaryOp::Mul, Box::new(a), Box::new(b))), constant))
 }
 
 impl Gen<'_, '_> {

@@ -9,9 +9,9 @@ use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{types, Endianness, InstBuilder, MemFlagsData, Value};
 
 use super::codegen::{Def, Gen};
-use super::induction::invariant_factors;
 use crate::ir::*;
 use crate::math;
+use crate::schedule::lanes::invariant_factors;
 
 pub const LANES: i64 = 4;
 

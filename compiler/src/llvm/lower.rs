@@ -2312,10 +2312,9 @@ impl<'a> Lowering<'a> {
         if pairs.iter().any(|(_, i, _)| *i == v.rank) && partner.is_none() {
             return false;
         }
-        let ones = |ranks: &[RankId]| ranks.iter().all(|r| matches!(c.rank(*r).extent, Extent::Fixed(1)));
-        let target = c.tensor(einsum.target);
+        let ones = |tensor: TensorId, q: usize| crate::schedule::lanes::one_point_after(self.program, tensor, q);
         let Some(k) = einsum.lhs.iter().position(|l| *l == Lhs::Index(v)) else { return false };
-        if self.program.buffers[einsum.target.index()].slots[k] != Slot::Full || !ones(&target.ranks[k + 1..]) {
+        if self.program.buffers[einsum.target.index()].slots[k] != Slot::Full || !ones(einsum.target, k) {
             return false;
         }
         let mut ok = einsum.lhs.iter().filter(|l| matches!(l, Lhs::Index(i) | Lhs::Next(i) if *i == v)).count() == 1;
@@ -2342,7 +2341,7 @@ impl<'a> Lowering<'a> {
                                     )
                         });
                         ok &= (bare || split)
-                            && ones(&ranks[q + 1..])
+                            && ones(*tensor, q)
                             && self.program.buffers[tensor.index()].slots[q] == Slot::Full;
                     }
                 }
@@ -2525,6 +2524,12 @@ impl<'a> Lowering<'a> {
     /// valid: the accumulators in registers while the reduced indices run, then stored.
     fn vector_block(&mut self, einsum: &'a Einsum, u: Option<Index>, rows: usize, v: Index, columns: usize) {
         let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked") };
+        // Constant factors of a sum (`Q * K * scale`) multiply the accumulators once, at the end.
+        let factored = crate::schedule::lanes::invariant_factors(self.cascade(), *op, body);
+        let (body, factor) = match &factored {
+            Some((rest, k)) => (rest, Some(*k)),
+            None => (&**body, None),
+        };
         let t = Ty(self.lanes);
         let (f, w) = (t.float(), self.lanes);
         let valid = self.valid_pairs(&[]).unwrap_or_else(|| "true".into());
@@ -2541,6 +2546,7 @@ impl<'a> Lowering<'a> {
         }
         if einsum.filter.is_empty() {
             self.block_reduce(*op, indices, indices, filter, body, (u, rows, v, columns), &accumulators);
+            self.scale_accumulators(&accumulators, factor);
             self.each_vector(u, rows, v, columns, &mut |g, k| {
                 let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
                 g.store_row(einsum, &value, "1");
@@ -2574,6 +2580,7 @@ impl<'a> Lowering<'a> {
             self.when(Some(any), &mut |g| {
                 g.block_reduce(*op, indices, indices, filter, body, (u, rows, v, columns), &accumulators)
             });
+            self.scale_accumulators(&accumulators, factor);
             self.each_vector(u, rows, v, columns, &mut |g, k| {
                 if early_mask {
                     let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
@@ -2600,6 +2607,18 @@ impl<'a> Lowering<'a> {
         self.start_block(&after);
     }
 
+    /// Multiplies each accumulator of a block by a sum's constant factor, if it has one.
+    fn scale_accumulators(&mut self, accumulators: &[String], factor: Option<f32>) {
+        let Some(k) = factor else { return };
+        let t = Ty(self.lanes);
+        let (f, k) = (t.float(), t.constant(k));
+        for acc in accumulators {
+            let value = self.ins(format!("load {f}, {f}* {acc}"));
+            let scaled = self.ins(format!("fmul {f} {value}, {k}"));
+            self.emit(format!("store {f} {scaled}, {f}* {acc}"));
+        }
+    }
+
     /// Stores a vector at the target's current point and the lanes after it, with every lane's
     /// mask set to `defined`.
     fn store_row(&mut self, einsum: &Einsum, value: &str, defined: &str) {
@@ -2616,13 +2635,13 @@ impl<'a> Lowering<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn block_reduce(
+    fn block_reduce<'b>(
         &mut self,
         op: ReduceOp,
-        all: &'a [Index],
-        remaining: &'a [Index],
-        filter: &'a [Cond],
-        body: &'a Expr,
+        all: &'b [Index],
+        remaining: &'b [Index],
+        filter: &'b [Cond],
+        body: &'b Expr,
         (u, rows, v, columns): (Option<Index>, usize, Index, usize),
         accumulators: &[String],
     ) {

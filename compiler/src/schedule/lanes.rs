@@ -107,17 +107,15 @@ pub fn streams_input(program: &LoopProgram, einsum: &Einsum, u: Option<Index>, v
     strided && !shared
 }
 
-/// Whether `einsum` can compute four points along `v` at once: `v` is at a position of the
-/// target followed only by ranks of extent 1 (so the four results are contiguous), and every
-/// read either does not mention `v` (one value, splatted) or has it, followed only by ranks of
-/// extent 1, as a bare index or as the inner index of a split pair (`t * M0 + v`), whose vectors
+/// Whether `einsum` can compute a vector of points along `v` at once: `v` is at a position of
+/// the target followed only by positions that store one point (see `one_point_after`), so the
+/// results are contiguous, and every read either does not mention `v` (one value, splatted) or
+/// has it, followed only by such positions, as a bare index or as the inner index of a split pair (`t * M0 + v`), whose vectors
 /// then cover only valid points (see `Gen::valid_rows`).
 pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
-    let c = &program.cascade;
-    let target = c.tensor(einsum.target);
     let Some(k) = einsum.lhs.iter().position(|l| *l == Lhs::Index(v)) else { return false };
     program.buffers[einsum.target.index()].slots[k] == Slot::Full
-        && extent_one(program, &target.ranks[k + 1..])
+        && one_point_after(program, einsum.target, k)
         && reads_in_lanes(
             program,
             std::iter::once(&einsum.body).chain(einsum.filter.iter().flat_map(|c| [&c.lhs, &c.rhs])),
@@ -125,9 +123,14 @@ pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
         )
 }
 
-/// Whether every rank of `ranks` has the fixed extent 1.
-fn extent_one(program: &LoopProgram, ranks: &[RankId]) -> bool {
-    ranks.iter().all(|r| matches!(program.cascade.rank(*r).extent, Extent::Fixed(1)))
+/// Whether every position of `tensor`'s buffer after `position` stores one point: a rank of
+/// fixed extent 1, or a position kept for the current step only. Consecutive points along
+/// `position` then sit at consecutive addresses.
+pub fn one_point_after(program: &LoopProgram, tensor: TensorId, position: usize) -> bool {
+    let ranks = &program.cascade.tensor(tensor).ranks;
+    let slots = &program.buffers[tensor.index()].slots;
+    (position + 1..ranks.len())
+        .all(|q| slots[q] == Slot::Current || matches!(program.cascade.rank(ranks[q]).extent, Extent::Fixed(1)))
 }
 
 /// Whether every read in `exprs` that mentions `v` has it, followed only by ranks of extent 1, as
@@ -158,14 +161,13 @@ pub fn reads_in_lanes<'e>(program: &LoopProgram, exprs: impl Iterator<Item = &'e
     for expr in exprs {
         expr.walk(&mut |e| {
             if let Expr::Access { tensor, subscripts } = e {
-                let ranks = &c.tensor(*tensor).ranks;
                 for (p, sub) in subscripts.iter().enumerate() {
                     let mut mentions = false;
                     sub.for_each_index(&mut |i| mentions |= i == v);
                     if mentions {
                         ok &= (*sub == Affine::Index(v) || split_form(sub))
                             && program.buffers[tensor.index()].slots[p] == Slot::Full
-                            && extent_one(program, &ranks[p + 1..]);
+                            && one_point_after(program, *tensor, p);
                     }
                 }
             }
@@ -185,4 +187,30 @@ pub fn reducible_in_lanes(program: &LoopProgram, body: &Expr, filter: &[Cond], r
         c.rhs.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
     }
     !nested && reads_in_lanes(program, std::iter::once(body).chain(filter.iter().flat_map(|c| [&c.lhs, &c.rhs])), r)
+}
+
+/// Splits a sum's body into the factors that depend on the loop and the finite constants that
+/// do not (`Q * K * scale` into `Q * K` and `scale`), when there is at least one of each.
+pub fn invariant_factors(cascade: &Cascade, op: ReduceOp, body: &Expr) -> Option<(Expr, f32)> {
+    if op != ReduceOp::Sum {
+        return None;
+    }
+    let mut factors = Vec::new();
+    body.operands(BinaryOp::Mul, &mut factors);
+    let mut constant = 1.0f64;
+    let mut varying: Vec<&Expr> = Vec::new();
+    for factor in factors {
+        match factor {
+            Expr::Const(c) => constant *= c,
+            Expr::Param(p) => constant *= cascade.param(*p).value,
+            other => varying.push(other),
+        }
+    }
+    let constant = constant as f32;
+    if varying.is_empty() || constant == 1.0 || !constant.is_finite() {
+        return None;
+    }
+    let mut rest = varying.into_iter().cloned();
+    let first = rest.next().expect("one varying factor");
+    Some((rest.fold(first, |a, b| Expr::Binary(BinaryOp::Mul, Box::new(a), Box::new(b))), constant))
 }

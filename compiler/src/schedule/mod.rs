@@ -13,6 +13,7 @@
 pub mod full_steps;
 pub mod lanes;
 pub mod layout;
+pub mod pack;
 
 use std::fmt::Write;
 

@@ -1,0 +1,149 @@
+//! The same kernels in other layouts: every kernel of `examples/` and `benches/` with the
+//! positions of its inputs permuted (generated, seeded), built for both CPU tiers and run on
+//! ragged sizes against the interpreter. The host schedule packs inputs that a streamed
+//! contraction reads across its lanes (`schedule::pack`); this checks that the panels it makes
+//! compute what the kernel says, in layouts nobody wrote by hand, and that it makes them.
+
+use std::collections::BTreeMap;
+
+mod common;
+
+use einfuse::compiler::interp::{interpret, InterpLimits};
+use einfuse::compiler::ir::{Cascade, Expr, Extent, TensorKind};
+use einfuse::compiler::shapes::{bind_extents, tensor_shape};
+use einfuse::{BuildOptions, Target, Tensor};
+
+/// A small deterministic generator (xorshift), so that the layouts are the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// `cascade` with the positions of every input permuted at random (its reads follow).
+fn permuted_inputs(cascade: &Cascade, rng: &mut Rng) -> Cascade {
+    let mut c = cascade.clone();
+    let mut orders = BTreeMap::new();
+    for id in cascade.inputs() {
+        let n = cascade.tensor(id).ranks.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        for k in (1..n).rev() {
+            order.swap(k, rng.below(k + 1));
+        }
+        c.tensors[id.index()].ranks = order.iter().map(|q| cascade.tensor(id).ranks[*q]).collect();
+        orders.insert(id, order);
+    }
+    let permute = &mut |e: &mut Expr| {
+        if let Expr::Access { tensor, subscripts } = e {
+            if let Some(order) = orders.get(tensor) {
+                *subscripts = order.iter().map(|q| subscripts[*q].clone()).collect();
+            }
+        }
+    };
+    for einsum in &mut c.einsums {
+        einsum.body.walk_mut(permute);
+        for cond in &mut einsum.filter {
+            cond.lhs.walk_mut(permute);
+            cond.rhs.walk_mut(permute);
+        }
+    }
+    c
+}
+
+/// The largest relative difference between `target`'s outputs and the interpreter's.
+fn difference(cascade: &Cascade, target: Target, sizes: &BTreeMap<&str, u64>, seed: u64) -> f64 {
+    let bindings: Vec<(String, u64)> = cascade
+        .ranks
+        .iter()
+        .filter(|r| matches!(r.extent, Extent::Symbolic))
+        .map(|r| (r.name.clone(), sizes.get(r.name.as_str()).copied().unwrap_or(5)))
+        .collect();
+    let extents = bind_extents(cascade, &bindings, &[]).unwrap();
+    let inputs: Vec<Tensor> = cascade
+        .inputs()
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            let shape = tensor_shape(cascade, *id, &extents).iter().map(|s| *s as usize).collect();
+            let TensorKind::Input { elem } = cascade.tensor(*id).kind else { unreachable!() };
+            Tensor::random(einfuse::dtype_of(elem), shape, seed * 100 + n as u64).unwrap()
+        })
+        .collect();
+    let built = einfuse::build(cascade, &BuildOptions { tile: Some(16), ..BuildOptions::new(target) }).unwrap();
+    let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
+    let built_extents = bind_extents(&built.cascade, &bindings, &[]).unwrap();
+    let got = built.run(&built_extents, &slices, 2).unwrap();
+    let data: Vec<Vec<f64>> = inputs.iter().map(Tensor::to_f64).collect();
+    let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
+    let want = interpret(cascade, &extents, &slices, InterpLimits::default()).unwrap();
+    let mut worst = 0.0f64;
+    for (output, (g, w)) in cascade.outputs.iter().zip(got.iter().zip(&want)) {
+        let w: Vec<f32> = w.iter().map(|x| *x as f32).collect();
+        worst = worst.max(einfuse::output_difference(einfuse::dtype_of(output.elem), g, &w).1);
+    }
+    worst
+}
+
+/// Whether the host schedule of `cascade` (optimized) reads a packed panel.
+fn packs(cascade: &Cascade) -> bool {
+    let options = BuildOptions { tile: Some(16), ..BuildOptions::new(Target::Cpu) };
+    let scheduled = einfuse::pipeline::schedule_kernel(cascade, &options).unwrap();
+    scheduled.loops.iter().any(|l| l.cascade.tensors.len() > scheduled.cascade.tensors.len())
+}
+
+#[test]
+fn kernels_in_permuted_layouts_agree_with_the_interpreter() {
+    let mut kernels = common::kernels_in("examples");
+    kernels.extend(common::kernels_in("benches"));
+    let mut rng = Rng(0x5eed_1a70);
+    let sizes: BTreeMap<&str, u64> = [("M", 37), ("P", 19), ("K", 13), ("T", 11), ("N", 9)].into();
+    let (mut tried, mut packed) = (0, 0);
+    for kernel in &kernels {
+        // Large fixed ranks (the benchmark heads) make the interpreter slow; two layouts each.
+        let points: u64 = kernel
+            .ranks
+            .iter()
+            .map(|r| match r.extent {
+                Extent::Fixed(n) => n,
+                _ => 1,
+            })
+            .product();
+        if points > 1 << 16 {
+            continue;
+        }
+        for round in 0..2 {
+            let layout = permuted_inputs(kernel, &mut rng);
+            tried += 1;
+            packed += packs(&layout) as usize;
+            for target in [Target::Cpu, Target::CpuLlvm] {
+                let error = difference(&layout, target, &sizes, round);
+                assert!(error <= 1e-4, "{} (layout {round}) on {target:?}: relative error {error:.3e}", kernel.name);
+            }
+        }
+    }
+    eprintln!("{packed} of {tried} layouts read packed panels");
+    // The test means something only if layouts that need panels were tried.
+    assert!(packed >= 4, "only {packed} of {tried} layouts were packed");
+}
+
+/// The panels of the benchmark kernels in PyTorch's layout, as `einfuse emit --stage loops` prints
+/// them.
+#[test]
+fn pytorch_layout_loops() {
+    let mut text = String::new();
+    let program = einfuse::Program::from_file(&common::root().join("benches/pytorch.ein")).unwrap();
+    for kernel in
+        program.kernels.iter().filter(|k| ["prefill", "decode", "gqa", "prefill_phe"].contains(&k.name.as_str()))
+    {
+        let options = BuildOptions { tile: Some(64), ..BuildOptions::new(Target::Cpu) };
+        let scheduled = einfuse::pipeline::schedule_kernel(kernel, &options).unwrap();
+        text.push_str(&einfuse::compiler::schedule::print_program(&scheduled.loops[0]));
+        text.push('\n');
+    }
+    insta::assert_snapshot!(text);
+}
