@@ -2478,8 +2478,24 @@ impl<'a> Lowering<'a> {
                 let valid_rows = self.valid_points(u).unwrap_or_else(|| n.clone());
                 let rest = self.ins(format!("srem i64 {valid_rows}, {ROWS}"));
                 let main = self.ins(format!("sub i64 {valid_rows}, {rest}"));
-                self.for_loop_step(u, "0", &main, ROWS, &mut |g| g.block_rows(einsum, Some(u), ROWS, v));
-                self.for_loop_step(u, &main, &n, 1, &mut |g| g.block_rows(einsum, Some(u), 1, v));
+                // Columns outside, rows inside: the columns' part of the operand read in lanes
+                // stays in cache while every block of rows passes over it, and the rows' operand
+                // (a tile of keys or values) is read once per block of columns.
+                let (lanes, columns) = (self.lanes, BLOCK_COLUMNS);
+                let nv = self.extents[v.rank.index()].clone();
+                let vectors_end = self.lane_blocks_end(v);
+                let rest_v = self.ins(format!("srem i64 {vectors_end}, {}", lanes * columns));
+                let wide_end = self.ins(format!("sub i64 {vectors_end}, {rest_v}"));
+                let spans = [("0".to_string(), wide_end.clone(), columns), (wide_end, vectors_end.clone(), 1)];
+                for (start, end, width) in spans {
+                    self.for_loop_step(v, &start, &end, lanes * width, &mut |g| {
+                        g.for_loop_step(u, "0", &main, ROWS, &mut |g| g.vector_block(einsum, Some(u), ROWS, v, width));
+                        g.for_loop_step(u, &main, &n, 1, &mut |g| g.vector_block(einsum, Some(u), 1, v, width));
+                    });
+                }
+                self.for_loop_step(v, &vectors_end, &nv, 1, &mut |g| {
+                    g.for_loop(u, "0", &n, &mut |g| g.compute_point(einsum));
+                });
             }
         }
     }
