@@ -7,13 +7,15 @@
 //! other Einsum runs as its own loop nest. Every tensor has a buffer holding all its points, with
 //! a definedness mask when some point may be undefined.
 //!
-//! This is the first schedule, the baseline that every faster one is tested against: it fuses
-//! nothing beyond what a recurrence forces, so buffers grow with the streamed rank.
+//! This folder is the scheduling layer: what more than one emitter needs to know about a
+//! program is decided here once (`layout`, `lanes`, `full_steps`), the host tiers' packed panels
+//! are made here (`pack`), and every program is checked by `verify` before an emitter sees it.
 
 pub mod full_steps;
 pub mod lanes;
 pub mod layout;
 pub mod pack;
+pub mod verify;
 
 use std::fmt::Write;
 
@@ -74,6 +76,9 @@ pub struct LoopProgram {
 pub enum ScheduleError {
     #[error("cannot schedule `{0}`: it reads a value of its recurrence loop at a step that is not the current one")]
     Unschedulable(String),
+    /// An internal error: the scheduler made a program its verifier rejects.
+    #[error(transparent)]
+    Invalid(#[from] verify::LoopIrError),
 }
 
 /// Schedules a cascade.
@@ -114,7 +119,9 @@ pub fn schedule(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
         })
     };
     let body = order_units(cascade, &binds_streamed, &mut buffers)?;
-    Ok(LoopProgram { cascade: cascade.clone(), buffers, body })
+    let program = LoopProgram { cascade: cascade.clone(), buffers, body };
+    verify::verify(&program)?;
+    Ok(program)
 }
 
 /// Whether `einsum` reads `tensor` only at the current step of `index`: the bare index for a

@@ -1,0 +1,60 @@
+//! The Loop IR verifier (`schedule::verify`): every program the scheduler returns passes it, on
+//! every kernel of `examples/` and `benches/` as written, optimized and packed; and it rejects
+//! programs that break each of its invariants.
+
+mod common;
+
+use einfuse::compiler::schedule::pack::schedule_packed;
+use einfuse::compiler::schedule::verify::verify;
+use einfuse::compiler::schedule::{schedule, BufferRole, Node, Slot};
+
+#[test]
+fn every_scheduled_kernel_verifies() {
+    let mut kernels = common::kernels_in("examples");
+    kernels.extend(common::kernels_in("benches"));
+    assert!(kernels.len() > 30, "{} kernels", kernels.len());
+    for kernel in &kernels {
+        let optimized = einfuse::optimize(kernel).unwrap().cascade;
+        for cascade in [kernel, &optimized] {
+            for program in [schedule(cascade).unwrap(), schedule_packed(cascade).unwrap()] {
+                verify(&program).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn broken_programs_are_rejected() {
+    let kernel = common::kernels_in("benches").into_iter().find(|k| k.name == "prefill").unwrap();
+    let optimized = einfuse::optimize(&kernel).unwrap().cascade;
+    let program = schedule(&optimized).unwrap();
+    let expect = |program: &einfuse::compiler::schedule::LoopProgram, words: &str| {
+        let error = verify(program).expect_err(words).to_string();
+        assert!(error.contains(words), "{error}");
+    };
+    // An Einsum computed twice.
+    let mut twice = program.clone();
+    let first = twice.body.iter().find(|n| matches!(n, Node::Compute { .. })).unwrap().clone();
+    twice.body.push(first);
+    expect(&twice, "computed 2 times");
+    // The output written first, before what it reads.
+    let mut early = program.clone();
+    let last = early.body.pop().unwrap();
+    early.body.insert(0, last);
+    expect(&early, "before it is written");
+    // A loop's tensor kept for the current step, yet read after the loop.
+    let mut escaped = program.clone();
+    let output = escaped.buffers.iter().position(|b| matches!(b.role, BufferRole::Output(_))).unwrap();
+    let read = match escaped.body.last().unwrap() {
+        Node::Compute { einsum } => escaped.cascade.einsums[einsum.index()].reads()[0].0,
+        _ => unreachable!("the output is computed after the loop"),
+    };
+    let _ = output;
+    let position = escaped.buffers[read.index()].slots.iter().position(|s| *s == Slot::Alternate).unwrap();
+    escaped.buffers[read.index()].slots[position] = Slot::Current;
+    expect(&escaped, "used outside the loop");
+    // An input given the role of scratch.
+    let mut role = program.clone();
+    role.buffers[0].role = BufferRole::Temp;
+    expect(&role, "has the role");
+}
