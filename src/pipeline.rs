@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant};
 
 use crate::compiler::ir::Cascade;
-use crate::compiler::schedule::pack::schedule_packed;
 use crate::compiler::schedule::{schedule, LoopProgram};
 use crate::compiler::split::{split_keys, SplitKeys};
 use crate::{Error, Program, Target};
@@ -183,9 +182,9 @@ pub fn schedule_kernel(written: &Cascade, options: &BuildOptions) -> Result<Sche
     // The host tiers read packed panels (see `schedule::pack`); the thread kernels stage tiles.
     let loops = match options.target {
         Target::Interp => vec![],
-        Target::Cpu | Target::CpuLlvm => {
-            timings.time(Stage::Schedule, || parts.iter().map(|c| schedule_packed(c)).collect::<Result<Vec<_>, _>>())?
-        }
+        Target::Cpu | Target::CpuLlvm => timings.time(Stage::Schedule, || {
+            parts.iter().map(|c| crate::compiler::schedule::schedule_host(c)).collect::<Result<Vec<_>, _>>()
+        })?,
         Target::GpuEmulated | Target::Gpu => {
             timings.time(Stage::Schedule, || parts.iter().map(|c| schedule(c)).collect::<Result<Vec<_>, _>>())?
         }

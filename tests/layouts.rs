@@ -131,14 +131,14 @@ fn kernels_in_permuted_layouts_agree_with_the_interpreter() {
     assert!(packed >= 4, "only {packed} of {tried} layouts were packed");
 }
 
-/// The panels of the benchmark kernels in PyTorch's layout, as `einfuse emit --stage loops` prints
-/// them.
+/// The host schedules of the benchmark kernels in PyTorch's layout, as `einfuse emit --stage
+/// loops` prints them: packed panels, and sigmoid and softplus-l1 streamed over key tiles.
 #[test]
 fn pytorch_layout_loops() {
     let mut text = String::new();
     let program = einfuse::Program::from_file(&common::root().join("benches/pytorch.ein")).unwrap();
     for kernel in
-        program.kernels.iter().filter(|k| ["prefill", "decode", "gqa", "prefill_phe"].contains(&k.name.as_str()))
+        program.kernels.iter().filter(|k| ["prefill", "decode", "gqa", "prefill_phe", "sigmoid", "softplus_l1"].contains(&k.name.as_str()))
     {
         let options = BuildOptions { tile: Some(64), ..BuildOptions::new(Target::Cpu) };
         let scheduled = einfuse::pipeline::schedule_kernel(kernel, &options).unwrap();

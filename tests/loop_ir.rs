@@ -4,7 +4,6 @@
 
 mod common;
 
-use einfuse::compiler::schedule::pack::schedule_packed;
 use einfuse::compiler::schedule::verify::verify;
 use einfuse::compiler::schedule::{schedule, BufferRole, Node, Slot};
 
@@ -16,7 +15,7 @@ fn every_scheduled_kernel_verifies() {
     for kernel in &kernels {
         let optimized = einfuse::optimize(kernel).unwrap().cascade;
         for cascade in [kernel, &optimized] {
-            for program in [schedule(cascade).unwrap(), schedule_packed(cascade).unwrap()] {
+            for program in [schedule(cascade).unwrap(), einfuse::compiler::schedule::schedule_host(cascade).unwrap()] {
                 verify(&program).unwrap_or_else(|e| panic!("{e}"));
             }
         }

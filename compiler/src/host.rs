@@ -7,7 +7,7 @@
 //! calling, and return the outputs dense and row-major; neither back end knows of the other.
 
 use crate::ir::*;
-use crate::schedule::layout::{batch_rank, stored_shape};
+use crate::schedule::layout::{batch_rank, derived_extents, stored_shape};
 use crate::schedule::{BufferRole, LoopProgram};
 use crate::shapes::tensor_shape;
 
@@ -63,6 +63,7 @@ impl CpuKernel {
 
     /// The bytes of scratch memory (temporary buffers and masks) a call with `extents` allocates.
     pub fn scratch_bytes(&self, extents: &[u64]) -> u64 {
+        let extents = &derived_extents(&self.program.cascade, extents);
         let c = &self.program.cascade;
         self.program
             .buffers
@@ -81,6 +82,7 @@ impl CpuKernel {
 
     /// The most scratch memory `run_threads` holds at once: one chunk's scratch per thread at work.
     pub fn peak_scratch_bytes(&self, extents: &[u64], threads: usize) -> u64 {
+        let extents = &derived_extents(&self.program.cascade, extents);
         let c = &self.program.cascade;
         let Some(batch) = batch_rank(c, extents).filter(|_| threads > 0) else {
             return self.scratch_bytes(extents);
@@ -95,6 +97,7 @@ impl CpuKernel {
     /// Runs the kernel. `inputs` are dense row-major f32 arrays in the order of
     /// `Cascade::inputs`, already checked against `extents`; returns the outputs likewise.
     pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, CodegenError> {
+        let extents = &derived_extents(&self.program.cascade, extents);
         self.run_chunk(extents, inputs, &vec![0; extents.len()])
     }
 
@@ -204,6 +207,7 @@ impl CpuKernel {
         inputs: &[&[f32]],
         threads: usize,
     ) -> Result<Vec<Vec<f32>>, CodegenError> {
+        let extents = &derived_extents(&self.program.cascade, extents);
         let c = &self.program.cascade;
         let Some(batch) = batch_rank(c, extents).filter(|_| threads > 0) else {
             return self.run(extents, inputs);

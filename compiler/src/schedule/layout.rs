@@ -119,3 +119,23 @@ pub fn stored_shape(shape: &[u64], slots: &[Slot]) -> Vec<u64> {
         })
         .collect()
 }
+
+/// The extents of every rank of `cascade` from those of its first ranks: a schedule may add ranks
+/// after the ones a caller binds (`stream` adds a tile and a tile count), each fixed or a split of
+/// an earlier rank, so a caller passes the extents of the cascade it wrote.
+pub fn derived_extents(cascade: &Cascade, given: &[u64]) -> Vec<u64> {
+    let mut extents = given.to_vec();
+    for rank in &cascade.ranks[given.len().min(cascade.ranks.len())..] {
+        let n = match rank.extent {
+            Extent::Fixed(n) => n,
+            Extent::Split { whole, tile } => {
+                let (w, t) = (extents[whole.index()], extents[tile.index()]);
+                w.div_ceil(t.max(1))
+            }
+            // A symbolic rank is always the caller's to bind.
+            Extent::Symbolic => 0,
+        };
+        extents.push(n);
+    }
+    extents
+}

@@ -15,6 +15,7 @@ pub mod full_steps;
 pub mod lanes;
 pub mod layout;
 pub mod pack;
+pub mod stream;
 pub mod verify;
 
 use std::fmt::Write;
@@ -122,6 +123,17 @@ pub fn schedule(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
     let program = LoopProgram { cascade: cascade.clone(), buffers, body };
     verify::verify(&program)?;
     Ok(program)
+}
+
+/// Schedules `cascade` for the host tiers: streamed over tiles of keys where it is one pass
+/// without a recurrence (`stream`), then with packed panels (`pack`).
+pub fn schedule_host(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
+    let streamed = stream::stream(cascade).and_then(|c| schedule(&c).ok());
+    let program = match streamed {
+        Some(program) => program,
+        None => schedule(cascade)?,
+    };
+    pack::pack(program)
 }
 
 /// Whether `einsum` reads `tensor` only at the current step of `index`: the bare index for a

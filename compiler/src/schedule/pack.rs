@@ -35,16 +35,16 @@ pub struct Pack {
     pub readers: Vec<EinsumId>,
 }
 
-/// Schedules `cascade` for the host: the plain schedule, with the panels `plan` finds.
-pub fn schedule_packed(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
-    let program = schedule(cascade)?;
+/// `program` with the panels `plan` finds, scheduled again; `program` itself when there are none.
+pub fn pack(program: LoopProgram) -> Result<LoopProgram, ScheduleError> {
     let packs = plan(&program);
     if packs.is_empty() {
         return Ok(program);
     }
+    let cascade = &program.cascade;
     let packed = apply(cascade, &packs);
     // The panels must not cost the kernel a batch rank (every Einsum binds one, and an input
-    // without it would break that); should one, the plain schedule stands.
+    // without it would break that); should one, the program stands as it is.
     let batch = |c: &Cascade| (0..c.ranks.len()).filter(|r| is_batch_rank(c, RankId::new(*r))).collect::<Vec<_>>();
     if batch(&packed) != batch(cascade) {
         return Ok(program);
