@@ -280,10 +280,23 @@ impl Gen<'_, '_> {
                 Affine::Add(_, b) => matches!(&**b, Affine::Index(i) if *i == u) && !sub_mentions_twice(sub, u),
                 _ => false,
             };
-            if d != last || slots[d] != Slot::Full || !unit {
+            if slots[d] != Slot::Full || !unit {
                 return None;
             }
-            step = 1;
+            // The distance between neighbouring points of `u` is a constant when every later
+            // position stores a number of points known now (the last position: 1).
+            let ranks = &self.program.cascade.tensor(*tensor).ranks;
+            let mut stride = 1i64;
+            for q in d + 1..=last {
+                let points = match (slots[q], self.program.cascade.rank(ranks[q]).extent) {
+                    (Slot::Current, _) => 1,
+                    (Slot::Full, Extent::Fixed(n)) => n as i64,
+                    (Slot::Alternate, Extent::Fixed(n)) => (n as i64).min(2),
+                    _ => return None,
+                };
+                stride = stride.checked_mul(points)?;
+            }
+            step += stride;
         }
         Some(step)
     }
