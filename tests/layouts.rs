@@ -137,8 +137,10 @@ fn kernels_in_permuted_layouts_agree_with_the_interpreter() {
 fn pytorch_layout_loops() {
     let mut text = String::new();
     let program = einfuse::Program::from_file(&common::root().join("benches/pytorch.ein")).unwrap();
-    for kernel in
-        program.kernels.iter().filter(|k| ["prefill", "decode", "gqa", "prefill_phe", "sigmoid", "softplus_l1"].contains(&k.name.as_str()))
+    for kernel in program
+        .kernels
+        .iter()
+        .filter(|k| ["prefill", "decode", "gqa", "prefill_phe", "sigmoid", "softplus_l1"].contains(&k.name.as_str()))
     {
         let options = BuildOptions { tile: Some(64), ..BuildOptions::new(Target::Cpu) };
         let scheduled = einfuse::pipeline::schedule_kernel(kernel, &options).unwrap();

@@ -344,11 +344,7 @@ impl<'a> Emitter<'a> {
     /// Einsum being emitted iterates over: inline, it would be evaluated again for every value
     /// of the others (`softplus(S[m, p])` in `sum[m](softplus(S[m, p]) * V[f, m])`, once per `f`).
     fn computed_again(&self, id: Id, subst: &Subst) -> bool {
-        let expensive = matches!(
-            (self.best)(id),
-            Ein::Exp(_) | Ein::Log(_) | Ein::Tanh(_) | Ein::Sigmoid(_) | Ein::Softplus(_) | Ein::Sqrt(_)
-        );
-        if !expensive || self.iteration.is_empty() {
+        if !self.expensive(id) || self.iteration.is_empty() {
             return false;
         }
         let free = self.free(id);
@@ -358,6 +354,25 @@ impl<'a> Emitter<'a> {
         }
         let needs = self.lhs_of(&free, subst);
         self.iteration.iter().any(|i| !needs.contains(i))
+    }
+
+    /// Whether the best term of class `id` evaluates a transcendental function or a division
+    /// somewhere inside it (the rest of the term, inline, would be evaluated again beside it:
+    /// `max(S, 0) + 1 / (1 - min(S, 0))` is one tensor, not a quotient and two extrema per `f`).
+    fn expensive(&self, id: Id) -> bool {
+        let node = (self.best)(id);
+        match node {
+            Ein::Exp(_)
+            | Ein::Log(_)
+            | Ein::Tanh(_)
+            | Ein::Sigmoid(_)
+            | Ein::Softplus(_)
+            | Ein::Sqrt(_)
+            | Ein::Div(_) => true,
+            // Reductions and reads are their own tensors or loops already.
+            Ein::Sum(_) | Ein::RSum(_) | Ein::RMax(_) | Ein::RMin(_) | Ein::Filter(_) | Ein::In(_) => false,
+            _ => node.children().iter().any(|c| self.expensive(*c)),
+        }
     }
 
     /// The value of class `id` as an expression of the current Einsum.
