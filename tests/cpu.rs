@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 mod common;
 
 use einfuse::compiler::interp::{interpret, InterpLimits};
-use einfuse::compiler::ir::{Cascade, ElemType, Extent, TensorKind};
+use einfuse::compiler::ir::{Cascade, ElemType};
 use einfuse::compiler::shapes::{bind_extents, tensor_shape};
 use einfuse::{DType, Tensor};
 
@@ -24,23 +24,7 @@ fn compare(cascade: &Cascade, sizes: &BTreeMap<&str, u64>, seed: u64, params: &[
             p.value = *value;
         }
     }
-    let bindings: Vec<(String, u64)> = cascade
-        .ranks
-        .iter()
-        .filter(|r| matches!(r.extent, Extent::Symbolic))
-        .map(|r| (r.name.clone(), sizes.get(r.name.as_str()).copied().unwrap_or(5)))
-        .collect();
-    let extents = bind_extents(&cascade, &bindings, &[]).unwrap();
-    let inputs: Vec<Tensor> = cascade
-        .inputs()
-        .iter()
-        .enumerate()
-        .map(|(n, id)| {
-            let shape = tensor_shape(&cascade, *id, &extents).iter().map(|s| *s as usize).collect();
-            let TensorKind::Input { elem } = cascade.tensor(*id).kind else { unreachable!() };
-            Tensor::random(einfuse::dtype_of(elem), shape, seed * 100 + n as u64).unwrap()
-        })
-        .collect();
+    let (_, extents, inputs) = common::random_call(&cascade, sizes, seed);
     let kernel = einfuse::compile_cpu(&cascade).unwrap();
     let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
     let got = kernel.run(&extents, &slices).unwrap();

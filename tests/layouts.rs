@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 mod common;
 
 use einfuse::compiler::interp::{interpret, InterpLimits};
-use einfuse::compiler::ir::{Cascade, Expr, Extent, TensorKind};
-use einfuse::compiler::shapes::{bind_extents, tensor_shape};
+use einfuse::compiler::ir::{Cascade, Expr, Extent};
+use einfuse::compiler::shapes::bind_extents;
 use einfuse::{BuildOptions, Target, Tensor};
 
 /// A small deterministic generator (xorshift), so that the layouts are the same on every run.
@@ -57,23 +57,7 @@ fn permuted_inputs(cascade: &Cascade, rng: &mut Rng) -> Cascade {
 
 /// The largest relative difference between `target`'s outputs and the interpreter's.
 fn difference(cascade: &Cascade, target: Target, sizes: &BTreeMap<&str, u64>, seed: u64) -> f64 {
-    let bindings: Vec<(String, u64)> = cascade
-        .ranks
-        .iter()
-        .filter(|r| matches!(r.extent, Extent::Symbolic))
-        .map(|r| (r.name.clone(), sizes.get(r.name.as_str()).copied().unwrap_or(5)))
-        .collect();
-    let extents = bind_extents(cascade, &bindings, &[]).unwrap();
-    let inputs: Vec<Tensor> = cascade
-        .inputs()
-        .iter()
-        .enumerate()
-        .map(|(n, id)| {
-            let shape = tensor_shape(cascade, *id, &extents).iter().map(|s| *s as usize).collect();
-            let TensorKind::Input { elem } = cascade.tensor(*id).kind else { unreachable!() };
-            Tensor::random(einfuse::dtype_of(elem), shape, seed * 100 + n as u64).unwrap()
-        })
-        .collect();
+    let (bindings, extents, inputs) = common::random_call(cascade, sizes, seed);
     let built = einfuse::build(cascade, &BuildOptions { tile: Some(16), ..BuildOptions::new(target) }).unwrap();
     let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
     let built_extents = bind_extents(&built.cascade, &bindings, &[]).unwrap();

@@ -2,8 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use einfuse::compiler::ir::Cascade;
-use einfuse::Program;
+use std::collections::BTreeMap;
+
+use einfuse::compiler::ir::{Cascade, Extent, TensorKind};
+use einfuse::compiler::shapes::{bind_extents, tensor_shape};
+use einfuse::{Program, Tensor};
 
 /// The repository's root.
 pub fn root() -> PathBuf {
@@ -55,4 +58,32 @@ pub fn attention(name: &str, ranks: &str, inputs: &str, outputs: &str) -> String
       output {outputs}
     }}"
     )
+}
+
+/// The call every comparison with the interpreter makes: each symbolic rank bound from `sizes`
+/// (5 where it has none), the extents, and seeded random inputs of the cascade's storage types.
+#[allow(dead_code)]
+pub fn random_call(
+    cascade: &Cascade,
+    sizes: &BTreeMap<&str, u64>,
+    seed: u64,
+) -> (Vec<(String, u64)>, Vec<u64>, Vec<Tensor>) {
+    let bindings: Vec<(String, u64)> = cascade
+        .ranks
+        .iter()
+        .filter(|r| matches!(r.extent, Extent::Symbolic))
+        .map(|r| (r.name.clone(), sizes.get(r.name.as_str()).copied().unwrap_or(5)))
+        .collect();
+    let extents = bind_extents(cascade, &bindings, &[]).unwrap();
+    let inputs: Vec<Tensor> = cascade
+        .inputs()
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            let shape = tensor_shape(cascade, *id, &extents).iter().map(|s| *s as usize).collect();
+            let TensorKind::Input { elem } = cascade.tensor(*id).kind else { unreachable!("an input") };
+            Tensor::random(einfuse::dtype_of(elem), shape, seed * 100 + n as u64).unwrap()
+        })
+        .collect();
+    (bindings, extents, inputs)
 }
