@@ -7,7 +7,7 @@
 //! calling, and return the outputs dense and row-major; neither back end knows of the other.
 
 use crate::ir::*;
-use crate::schedule::layout::{batch_rank, derived_extents, stored_shape};
+use crate::schedule::layout::{batch_rank, derived_extents, is_batch_rank, stored_shape};
 use crate::schedule::{BufferRole, LoopProgram};
 use crate::shapes::tensor_shape;
 
@@ -91,7 +91,12 @@ impl CpuKernel {
         let rows = total.div_ceil(threads as u64).clamp(1, CHUNK_ROWS);
         let mut chunk = extents.to_vec();
         chunk[batch.index()] = rows;
-        self.scratch_bytes(&chunk) * (threads as u64).min(total.div_ceil(rows))
+        let mut calls = total.div_ceil(rows);
+        for r in split_points(c, extents, batch) {
+            chunk[r.index()] = 1;
+            calls *= extents[r.index()];
+        }
+        self.scratch_bytes(&chunk) * (threads as u64).min(calls)
     }
 
     /// Runs the kernel. `inputs` are dense row-major f32 arrays in the order of
@@ -199,8 +204,10 @@ impl CpuKernel {
 
 impl CpuKernel {
     /// Runs the kernel on `threads` threads: the calls on chunks of a batch rank (see
-    /// `batch_rank`) are independent, and run at once. With one thread, or no batch rank, this is
-    /// `run`.
+    /// `batch_rank`) are independent, and run at once; every other batch rank that leads each
+    /// tensor holding it (the heads of `Q[h, p, e]`, `K[h, m, e]`) is split too, one point a call,
+    /// so that a call's scratch (one head's tiles) stays in cache and its slices are borrowed.
+    /// With one thread, or no batch rank, this is `run`.
     pub fn run_threads(
         &self,
         extents: &[u64],
@@ -216,32 +223,54 @@ impl CpuKernel {
         // Query tiles: chunks small enough that a chunk's rows stay in cache while its keys
         // stream past, taken by the threads from a shared counter.
         let rows = total.div_ceil(threads as u64).clamp(1, CHUNK_ROWS);
-        let ranges: Vec<std::ops::Range<u64>> =
-            (0..total.div_ceil(rows)).map(|k| k * rows..((k + 1) * rows).min(total)).collect();
+        let others = split_points(c, extents, batch);
+        // Each call: a range of the batch rank and one point of each other split rank.
+        let mut calls: Vec<Vec<(RankId, std::ops::Range<u64>)>> = Vec::new();
+        for k in 0..total.div_ceil(rows) {
+            let mut partial = vec![vec![(batch, k * rows..((k + 1) * rows).min(total))]];
+            for r in &others {
+                partial = partial
+                    .into_iter()
+                    .flat_map(|call| {
+                        (0..extents[r.index()]).map(move |x| {
+                            let mut call = call.clone();
+                            call.push((*r, x..x + 1));
+                            call
+                        })
+                    })
+                    .collect();
+            }
+            calls.extend(partial);
+        }
+        let boxes = |tensor: TensorId, call: &[(RankId, std::ops::Range<u64>)]| -> Vec<std::ops::Range<u64>> {
+            let shape = tensor_shape(c, tensor, extents);
+            c.tensor(tensor)
+                .ranks
+                .iter()
+                .zip(&shape)
+                .map(|(r, n)| call.iter().find(|(s, _)| s == r).map(|(_, range)| range.clone()).unwrap_or(0..*n))
+                .collect()
+        };
         let input_ids = c.inputs();
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let run_range = |range: std::ops::Range<u64>| -> Result<Vec<Vec<f32>>, CodegenError> {
+        let run_call = |call: &[(RankId, std::ops::Range<u64>)]| -> Result<Vec<Vec<f32>>, CodegenError> {
             let mut sub_extents = extents.to_vec();
-            sub_extents[batch.index()] = range.end - range.start;
+            let mut bases = vec![0i64; extents.len()];
+            for (r, range) in call {
+                sub_extents[r.index()] = range.end - range.start;
+                bases[r.index()] = range.start as i64;
+            }
             let parts: Vec<std::borrow::Cow<[f32]>> = input_ids
                 .iter()
                 .zip(inputs)
-                .map(|(id, data)| {
-                    let shape = tensor_shape(c, *id, extents);
-                    match c.tensor(*id).ranks.iter().position(|r| *r == batch) {
-                        Some(position) => slice_along(data, &shape, position, range.clone()),
-                        None => std::borrow::Cow::Borrowed(*data),
-                    }
-                })
+                .map(|(id, data)| slice_box(data, &tensor_shape(c, *id, extents), &boxes(*id, call)))
                 .collect();
             let slices: Vec<&[f32]> = parts.iter().map(|p| p.as_ref()).collect();
-            let mut bases = vec![0i64; extents.len()];
-            bases[batch.index()] = range.start as i64;
             self.run_chunk(&sub_extents, &slices, &bases)
         };
         type Done = Vec<(usize, Result<Vec<Vec<f32>>, CodegenError>)>;
         let results: Vec<Done> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads.min(ranges.len()))
+            let handles: Vec<_> = (0..threads.min(calls.len()))
                 .map(|_| {
                     scope.spawn(|| {
                         let mut done = Vec::new();
@@ -250,9 +279,8 @@ impl CpuKernel {
                             // (they see the most keys), so they start early and the short ones
                             // fill in at the end.
                             let taken = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(k) = ranges.len().checked_sub(taken + 1) else { return done };
-                            let range = &ranges[k];
-                            done.push((k, run_range(range.clone())));
+                            let Some(k) = calls.len().checked_sub(taken + 1) else { return done };
+                            done.push((k, run_call(&calls[k])));
                         }
                     })
                 })
@@ -268,8 +296,7 @@ impl CpuKernel {
             let parts = result?;
             for ((output, data), part) in c.outputs.iter().zip(outputs.iter_mut()).zip(parts) {
                 let shape = tensor_shape(c, output.tensor, extents);
-                let position = c.tensor(output.tensor).ranks.iter().position(|r| *r == batch).expect("outputs have it");
-                place_along(data, &shape, position, ranges[k].clone(), &part);
+                place_box(data, &shape, &boxes(output.tensor, &calls[k]), &part);
             }
         }
         Ok(outputs)
@@ -279,37 +306,139 @@ impl CpuKernel {
 /// The most rows of a batch rank in one chunk of `run_threads`.
 pub const CHUNK_ROWS: u64 = 64;
 
-/// The rows `range` of position `position` of a row-major array of `shape`: borrowed when they
-/// are contiguous (every position before has extent 1), else copied.
-fn slice_along<'d>(
-    data: &'d [f32],
-    shape: &[u64],
-    position: usize,
-    range: std::ops::Range<u64>,
-) -> std::borrow::Cow<'d, [f32]> {
-    let outer: u64 = shape[..position].iter().product();
-    let inner: u64 = shape[position + 1..].iter().product();
-    if outer == 1 {
-        return std::borrow::Cow::Borrowed(&data[(range.start * inner) as usize..(range.end * inner) as usize]);
+/// The batch ranks besides `batch` that `run_threads` splits one point a call: those of more than
+/// one point that lead every input and output holding them (only positions of one point before
+/// them), so that a call's slice of each tensor is contiguous.
+fn split_points(c: &Cascade, extents: &[u64], batch: RankId) -> Vec<RankId> {
+    let tensors: Vec<TensorId> = c.inputs().into_iter().chain(c.outputs.iter().map(|o| o.tensor)).collect();
+    let leading = |r: RankId| {
+        tensors.iter().all(|t| {
+            let ranks = &c.tensor(*t).ranks;
+            match ranks.iter().position(|x| *x == r) {
+                Some(q) => ranks[..q].iter().all(|x| extents[x.index()] == 1),
+                None => true,
+            }
+        })
+    };
+    (0..c.ranks.len())
+        .map(RankId::new)
+        .filter(|r| *r != batch && extents[r.index()] > 1 && is_batch_rank(c, *r) && leading(*r))
+        .collect()
+}
+
+/// The points of a row-major array of `shape` in `boxes` (a range per position), row-major:
+/// borrowed when they are contiguous (every position before the last partial one holds one
+/// point of the box), else copied.
+fn slice_box<'d>(data: &'d [f32], shape: &[u64], boxes: &[std::ops::Range<u64>]) -> std::borrow::Cow<'d, [f32]> {
+    let runs = Runs::new(shape, boxes);
+    if runs.count == 1 {
+        return std::borrow::Cow::Borrowed(&data[runs.start(0)..runs.start(0) + runs.length]);
     }
-    let n = shape[position];
-    let mut out = Vec::with_capacity((outer * (range.end - range.start) * inner) as usize);
-    for o in 0..outer {
-        let start = ((o * n + range.start) * inner) as usize;
-        let end = ((o * n + range.end) * inner) as usize;
-        out.extend_from_slice(&data[start..end]);
+    let mut out = Vec::with_capacity(runs.count * runs.length);
+    for k in 0..runs.count {
+        out.extend_from_slice(&data[runs.start(k)..runs.start(k) + runs.length]);
     }
     std::borrow::Cow::Owned(out)
 }
 
-/// Writes `part` (rows `range` of `position`) into a row-major array of `shape`.
-fn place_along(data: &mut [f32], shape: &[u64], position: usize, range: std::ops::Range<u64>, part: &[f32]) {
-    let outer: u64 = shape[..position].iter().product();
-    let inner: u64 = shape[position + 1..].iter().product();
-    let n = shape[position];
-    let rows = ((range.end - range.start) * inner) as usize;
-    for o in 0..outer {
-        let start = ((o * n + range.start) * inner) as usize;
-        data[start..start + rows].copy_from_slice(&part[o as usize * rows..(o as usize + 1) * rows]);
+/// Writes `part` (the points of `boxes`, row-major) into a row-major array of `shape`.
+fn place_box(data: &mut [f32], shape: &[u64], boxes: &[std::ops::Range<u64>], part: &[f32]) {
+    let runs = Runs::new(shape, boxes);
+    for k in 0..runs.count {
+        let start = runs.start(k);
+        data[start..start + runs.length].copy_from_slice(&part[k * runs.length..(k + 1) * runs.length]);
+    }
+}
+
+/// A box of a row-major array as contiguous runs: the positions after `inner` are whole, so a
+/// run covers `inner`'s range and everything after it; the positions before it are walked.
+struct Runs<'a> {
+    shape: &'a [u64],
+    boxes: &'a [std::ops::Range<u64>],
+    inner: usize,
+    length: usize,
+    count: usize,
+}
+
+impl<'a> Runs<'a> {
+    fn new(shape: &'a [u64], boxes: &'a [std::ops::Range<u64>]) -> Runs<'a> {
+        let inner = (0..shape.len()).rev().find(|d| boxes[*d] != (0..shape[*d])).unwrap_or(0);
+        let after: u64 = shape[inner.min(shape.len())..].iter().skip(1).product();
+        let length = if shape.is_empty() { 1 } else { ((boxes[inner].end - boxes[inner].start) * after) as usize };
+        let count = boxes[..inner].iter().map(|b| (b.end - b.start) as usize).product();
+        Runs { shape, boxes, inner, length, count }
+    }
+
+    /// The offset of run `k`, the positions before `inner` counted row-major.
+    fn start(&self, mut k: usize) -> usize {
+        let mut offset = 0u64;
+        let mut stride: u64 = self.shape[self.inner..].iter().product();
+        let mut start = if self.shape.is_empty() {
+            0
+        } else {
+            self.boxes[self.inner].start * (stride / self.shape[self.inner].max(1))
+        };
+        for d in (0..self.inner).rev() {
+            let n = (self.boxes[d].end - self.boxes[d].start) as usize;
+            let x = self.boxes[d].start + (k % n) as u64;
+            k /= n;
+            offset += x * stride;
+            stride *= self.shape[d];
+        }
+        start += offset;
+        start as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{place_box, slice_box};
+
+    /// The points of a box, one by one, as the definition says.
+    fn naive(data: &[f32], shape: &[u64], boxes: &[std::ops::Range<u64>]) -> Vec<f32> {
+        let mut out = Vec::new();
+        let n: u64 = shape.iter().product();
+        for flat in 0..n {
+            let mut rest = flat;
+            let mut inside = true;
+            for d in (0..shape.len()).rev() {
+                let x = rest % shape[d];
+                rest /= shape[d];
+                inside &= boxes[d].contains(&x);
+            }
+            if inside {
+                out.push(data[flat as usize]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn boxes_slice_and_place_as_defined() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..500 {
+            let rank = next(4) as usize;
+            let shape: Vec<u64> = (0..rank).map(|_| 1 + next(5)).collect();
+            let boxes: Vec<std::ops::Range<u64>> = shape
+                .iter()
+                .map(|n| {
+                    let a = next(*n);
+                    a..a + 1 + next(*n - a)
+                })
+                .collect();
+            let data: Vec<f32> = (0..shape.iter().product::<u64>()).map(|x| x as f32).collect();
+            let want = naive(&data, &shape, &boxes);
+            assert_eq!(slice_box(&data, &shape, &boxes).as_ref(), want.as_slice(), "{shape:?} {boxes:?}");
+            let mut placed = vec![-1.0; data.len()];
+            place_box(&mut placed, &shape, &boxes, &want);
+            assert_eq!(naive(&placed, &shape, &boxes), want);
+            assert_eq!(placed.iter().filter(|x| **x >= 0.0).count(), want.len());
+        }
     }
 }
