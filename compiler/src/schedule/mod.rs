@@ -360,6 +360,12 @@ fn shrink_buffers(cascade: &Cascade, group: &[EinsumId], index: Index, buffers: 
                 };
             }
         }
+        // A slice kept for the current step only must be written inside the loop too: an initial
+        // value of a recurrence along another rank (`RM[a1, a0, 0]` before a loop over `a1`)
+        // would otherwise leave one slot for every step's initial value.
+        if !iterative {
+            fits &= cascade.definitions(*tensor).all(|(e, _)| group.contains(&e));
+        }
         if fits {
             buffer.slots[position] = if iterative { Slot::Alternate } else { Slot::Current };
         }
