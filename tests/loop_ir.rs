@@ -43,12 +43,10 @@ fn broken_programs_are_rejected() {
     expect(&early, "before it is written");
     // A loop's tensor kept for the current step, yet read after the loop.
     let mut escaped = program.clone();
-    let output = escaped.buffers.iter().position(|b| matches!(b.role, BufferRole::Output(_))).unwrap();
     let read = match escaped.body.last().unwrap() {
         Node::Compute { einsum } => escaped.cascade.einsums[einsum.index()].reads()[0].0,
         _ => unreachable!("the output is computed after the loop"),
     };
-    let _ = output;
     let position = escaped.buffers[read.index()].slots.iter().position(|s| *s == Slot::Alternate).unwrap();
     escaped.buffers[read.index()].slots[position] = Slot::Current;
     expect(&escaped, "used outside the loop");

@@ -132,10 +132,6 @@ fn stream_over(c: &Cascade, whole: RankId) -> Option<Cascade> {
                     }
                 }
                 ok &= !(*role != Role::Other && sums.contains(tensor));
-                // A sum over `m` reads per-key tensors and inputs only at the current key.
-                ok &= *role == Role::Other
-                    || !per_key.contains(tensor)
-                    || subscripts.iter().any(|s| *s == Affine::Index(m));
             }
             Expr::Reduce { indices, .. } if *role != Role::Sum => ok &= !indices.contains(&m),
             _ => {}
