@@ -30,9 +30,12 @@
 
 use std::path::Path;
 
-use crate::compiler::ir::{Cascade, TensorKind};
+use std::borrow::Cow;
+
+use crate::compiler::ir::{Cascade, Extent, RankId, TensorId, TensorKind};
+use crate::compiler::schedule::layout::is_batch_rank;
 use crate::compiler::shapes::{bind_extents, ShapeError};
-use crate::{dtype_of, BuildOptions, Built, Error, Program, Target, Tensor};
+use crate::{dtype_of, BuildOptions, Built, DType, Error, Program, Target, Tensor};
 
 /// How to compile.
 #[derive(Clone, Debug)]
@@ -87,6 +90,11 @@ pub struct Kernel {
 /// Compiles every kernel of `source`.
 pub fn compile(source: &str, options: &CompileOptions) -> Result<Compiled, Error> {
     compile_program(Program::from_source("<source>", source)?, options)
+}
+
+/// Compiles every kernel of `source`, its errors rendered with `path` as the file's name.
+pub fn compile_named(path: &str, source: &str, options: &CompileOptions) -> Result<Compiled, Error> {
+    compile_program(Program::from_source(path, source)?, options)
 }
 
 /// Compiles every kernel of a file.
@@ -147,6 +155,28 @@ impl Kernel {
 
     /// Calls the kernel with borrowed row-major f32 slices and their shapes.
     pub fn call_slices(&self, inputs: &[(&str, &[f32], &[usize])]) -> Result<Vec<(String, Tensor)>, Error> {
+        self.call_with(inputs, &CallOptions::default())
+    }
+
+    /// The kernel's inputs: names, ranks and storage types, in declaration order.
+    pub fn inputs(&self) -> Vec<Port> {
+        let c = &self.built.cascade;
+        c.inputs().into_iter().map(|id| Port::of(c, id, input_dtype(c, id))).collect()
+    }
+
+    /// The kernel's outputs, in declaration order.
+    pub fn outputs(&self) -> Vec<Port> {
+        let c = &self.built.cascade;
+        c.outputs.iter().map(|o| Port::of(c, o.tensor, dtype_of(o.elem))).collect()
+    }
+
+    /// `call_slices` with per-call settings. The slices are read in place: f32 inputs are not
+    /// copied (inputs of a 16-bit storage type are rounded to it first, a copy).
+    pub fn call_with(
+        &self,
+        inputs: &[(&str, &[f32], &[usize])],
+        options: &CallOptions,
+    ) -> Result<Vec<(String, Tensor)>, Error> {
         let c = &self.built.cascade;
         let ids = c.inputs();
         for (name, _, _) in inputs {
@@ -176,24 +206,97 @@ impl Kernel {
         let shapes: Vec<_> =
             ids.iter().zip(&ordered).map(|(id, (_, shape))| (*id, shape.iter().map(|n| *n as u64).collect())).collect();
         let extents = bind_extents(c, &[], &shapes)?;
+        let origins = self.origins(&options.offsets)?;
         // Narrow storage types hold only representable values.
-        let rounded: Vec<Vec<f32>> = ids
+        let slices: Vec<Cow<[f32]>> = ids
             .iter()
             .zip(&ordered)
-            .map(|(id, (data, _))| match c.tensor(*id).kind {
-                TensorKind::Input { elem } => {
-                    let dtype = dtype_of(elem);
-                    data.iter().map(|x| dtype.round(*x)).collect()
-                }
-                TensorKind::Defined { .. } => unreachable!("inputs"),
+            .map(|(id, (data, _))| match input_dtype(c, *id) {
+                DType::F32 => Cow::Borrowed(*data),
+                dtype => Cow::Owned(data.iter().map(|x| dtype.round(*x)).collect()),
             })
             .collect();
-        let slices: Vec<&[f32]> = rounded.iter().map(Vec::as_slice).collect();
-        let values = self.built.run(&extents, &slices, self.threads)?;
+        let slices: Vec<&[f32]> = slices.iter().map(AsRef::as_ref).collect();
+        let values = self.built.run_at(&extents, &slices, self.threads, &origins)?;
         let outputs = crate::output_tensors(c, &extents, values);
         if self.check_finite {
             crate::check_finite(&outputs)?;
         }
         Ok(outputs)
+    }
+
+    /// Each rank's global origin from offsets by rank name. Only a batch rank (never reduced, in
+    /// every output, read at its own position) may be offset: along it, the call is one piece
+    /// of a longer computation.
+    fn origins(&self, offsets: &[(String, i64)]) -> Result<Vec<i64>, Error> {
+        let c = &self.built.cascade;
+        let mut origins = vec![0i64; c.ranks.len()];
+        for (name, offset) in offsets {
+            let Some(r) = c.ranks.iter().position(|r| r.name == *name) else {
+                let names: Vec<&str> = c.ranks.iter().map(|r| r.name.as_str()).collect();
+                return Err(Error::Usage(format!(
+                    "kernel `{}` has no rank `{name}` to offset (its ranks: {})",
+                    c.name,
+                    names.join(", ")
+                )));
+            };
+            if !is_batch_rank(c, RankId::new(r)) {
+                return Err(Error::Usage(format!(
+                    "rank `{name}` of kernel `{}` cannot be offset: only a rank that every output holds and \
+                     nothing reduces (a batch rank) can",
+                    c.name
+                )));
+            }
+            origins[r] = *offset;
+        }
+        Ok(origins)
+    }
+}
+
+/// Settings of one call.
+#[derive(Clone, Debug, Default)]
+pub struct CallOptions {
+    /// The global position of the first point of each named rank: the call computes one shard
+    /// of a longer sequence, and index values and filters (a causal mask, ALiBi's distances) see
+    /// global positions while the arrays hold the shard. Only batch ranks may be offset.
+    pub offsets: Vec<(String, i64)>,
+}
+
+/// An input or output of a kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Port {
+    pub name: String,
+    /// The names of its ranks, in order.
+    pub ranks: Vec<String>,
+    /// The fixed extent of each rank, `None` where it is symbolic or derived.
+    pub extents: Vec<Option<u64>>,
+    /// The storage type.
+    pub dtype: DType,
+}
+
+impl Port {
+    fn of(c: &Cascade, id: TensorId, dtype: DType) -> Port {
+        let t = c.tensor(id);
+        Port {
+            name: t.name.clone(),
+            ranks: t.ranks.iter().map(|r| c.rank(*r).name.clone()).collect(),
+            extents: t
+                .ranks
+                .iter()
+                .map(|r| match c.rank(*r).extent {
+                    Extent::Fixed(n) => Some(n),
+                    _ => None,
+                })
+                .collect(),
+            dtype,
+        }
+    }
+}
+
+/// The storage type of an input.
+fn input_dtype(c: &Cascade, id: TensorId) -> DType {
+    match c.tensor(id).kind {
+        TensorKind::Input { elem } => dtype_of(elem),
+        TensorKind::Defined { .. } => DType::F32,
     }
 }

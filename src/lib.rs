@@ -32,8 +32,9 @@ pub mod gpu;
 pub mod gpu_check;
 mod jit;
 pub mod pipeline;
+pub mod text;
 
-pub use jit::{compile, compile_file, CompileOptions, Compiled, Kernel};
+pub use jit::{compile, compile_file, compile_named, CallOptions, CompileOptions, Compiled, Kernel, Port};
 pub use pipeline::{build, build_source, BuildOptions, Built, Executable, Stage, Timings};
 
 // The README's Rust example is compiled and run as a doc test.
@@ -79,6 +80,17 @@ pub enum Error {
          (an exponential may have overflowed)"
     )]
     NonFinite { tensor: String, coordinates: Vec<usize>, value: f32, count: usize },
+}
+
+impl Error {
+    /// The message the command line prints (and the Python package raises): rendered
+    /// diagnostics and their count for source errors, `error: ` and the message otherwise.
+    pub fn report(&self) -> String {
+        match self {
+            Error::Source { rendered, count } => format!("{rendered}error: {count} error(s) found"),
+            other => format!("error: {other}"),
+        }
+    }
 }
 
 /// Optimizes a kernel with the default options.
@@ -225,6 +237,23 @@ impl Target {
             Target::GpuEmulated => "gpu-emu",
             Target::Gpu => "gpu",
         }
+    }
+}
+
+impl Target {
+    /// Every target, in the order of `--target`'s help.
+    pub const ALL: [Target; 5] = [Target::Interp, Target::Cpu, Target::CpuLlvm, Target::GpuEmulated, Target::Gpu];
+}
+
+impl std::str::FromStr for Target {
+    type Err = Error;
+
+    /// A target by its command-line name.
+    fn from_str(name: &str) -> Result<Target, Error> {
+        Target::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = Target::ALL.iter().map(|t| t.name()).collect();
+            Error::Usage(format!("no target `{name}` (there are: {})", names.join(", ")))
+        })
     }
 }
 

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use einfuse::{compiler, dsl, median, output_difference, runtime, unit_in_last_place};
+use einfuse::{compiler, median, output_difference, runtime, unit_in_last_place};
+use einfuse::text::{self, emit, EmitOptions, EmitStage, LlvmTarget};
 use einfuse::{BuildOptions, Error, Program, RunOptions, Target};
 
 #[derive(Parser)]
@@ -31,7 +32,7 @@ enum Command {
         /// Which stage: `ast` (the syntax tree), `ir` (the checked Cascade IR, as `.ein`) or `opt`
         /// (the optimized cascade, as `.ein`).
         #[arg(long, value_enum)]
-        stage: Stage,
+        stage: EmitStage,
         file: PathBuf,
         /// Only this kernel (default: every kernel).
         #[arg(long)]
@@ -161,33 +162,6 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum Stage {
-    Ast,
-    Ir,
-    /// The cascade after the e-graph optimizer, as `.ein`.
-    Opt,
-    /// The split-key (Flash-Decoding) form of the optimized cascade: the chunk kernel and the
-    /// merge kernel, as `.ein` (see `--chunk`).
-    Split,
-    /// The Loop IR: buffers, loops and the Einsums in them (of the optimized cascade).
-    Loops,
-    /// The Cranelift IR of the CPU kernel (of the optimized cascade).
-    Clif,
-    /// The LLVM IR the LLVM back ends start from (see `--target`).
-    Llvm,
-    /// The LLVM IR after LLVM's O3 pipeline (see `--target`).
-    LlvmOpt,
-    /// The PTX of the GPU kernel (for sm_80, PTX ISA 7.5).
-    Ptx,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LlvmTarget {
-    Nvptx,
-    CpuLlvm,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 enum CompileTarget {
     /// An object file for this machine (Cranelift), and a C header.
     Cpu,
@@ -306,13 +280,7 @@ fn main() -> ExitCode {
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            match &err {
-                Error::Source { rendered, count } => {
-                    eprint!("{rendered}");
-                    eprintln!("error: {count} error(s) found");
-                }
-                other => eprintln!("error: {other}"),
-            }
+            eprintln!("{}", err.report());
             ExitCode::from(1)
         }
     }
@@ -322,65 +290,9 @@ fn execute(command: Command) -> Result<(), Error> {
     match command {
         Command::Check { files } => check(&files),
         Command::Emit { stage, file, kernel, target, chunk } => {
-            let text = match stage {
-                Stage::Ast => emit_ast(&file, kernel.as_deref())?,
-                Stage::Ir => {
-                    let program = Program::from_file(&file)?;
-                    let kernels: Vec<_> = program.selected(kernel.as_deref())?.into_iter().cloned().collect();
-                    compiler::print::print_cascades(&kernels)
-                }
-                Stage::Opt => {
-                    let program = Program::from_file(&file)?;
-                    let mut kernels = Vec::new();
-                    for k in program.selected(kernel.as_deref())? {
-                        kernels.push(einfuse::optimize(k)?.cascade);
-                    }
-                    compiler::print::print_cascades(&kernels)
-                }
-                Stage::Split => {
-                    let program = Program::from_file(&file)?;
-                    let mut kernels = Vec::new();
-                    for k in program.selected(kernel.as_deref())? {
-                        let optimized = einfuse::optimize(k)?.cascade;
-                        let split = compiler::split::split_keys(&optimized, chunk).map_err(|why| {
-                            Error::Usage(format!("kernel `{}` does not split into chunks: {why}", k.name))
-                        })?;
-                        kernels.push(split.chunks);
-                        kernels.push(split.merge);
-                    }
-                    compiler::print::print_cascades(&kernels)
-                }
-                Stage::Loops | Stage::Clif | Stage::Llvm | Stage::LlvmOpt | Stage::Ptx => {
-                    let program = Program::from_file(&file)?;
-                    let mut text = String::new();
-                    for k in program.selected(kernel.as_deref())? {
-                        // The stages of the kernel as its target builds it: the loops and CLIF as
-                        // `--target cpu`, LLVM IR as `cpu-llvm` or the GPU, PTX as the GPU.
-                        let built_for = match (stage, target) {
-                            (Stage::Ptx, _) | (Stage::Llvm | Stage::LlvmOpt, LlvmTarget::Nvptx) => Target::Gpu,
-                            (Stage::Llvm | Stage::LlvmOpt, LlvmTarget::CpuLlvm) => Target::CpuLlvm,
-                            _ => Target::Cpu,
-                        };
-                        let options = BuildOptions { tile: Some(64), ..BuildOptions::new(built_for) };
-                        let scheduled = einfuse::pipeline::schedule_kernel(k, &options)?;
-                        let loops = &scheduled.loops[0];
-                        text.push_str(&match stage {
-                            Stage::Loops => compiler::schedule::print_program(loops),
-                            Stage::Llvm => match target {
-                                LlvmTarget::Nvptx => compiler::llvm::nvptx_ir(loops),
-                                LlvmTarget::CpuLlvm => {
-                                    compiler::llvm::host_ir(loops, &compiler::cpu::object_symbol(&loops.cascade))
-                                }
-                            },
-                            Stage::LlvmOpt => optimized_llvm(loops, matches!(target, LlvmTarget::Nvptx))?,
-                            Stage::Ptx => einfuse::pipeline::ptx(loops, "sm_80")?,
-                            _ => compiler::cpu::compile(loops)?.clif.clone(),
-                        });
-                    }
-                    text
-                }
-            };
-            print!("{text}");
+            let source = einfuse::read_source(&file)?;
+            let options = EmitOptions { kernel: kernel.as_deref(), target, chunk };
+            print!("{}", emit(&file.display().to_string(), &source, stage, &options)?);
             Ok(())
         }
         Command::Graph { file, kernel, passes, optimized, rank } => {
@@ -388,8 +300,18 @@ fn execute(command: Command) -> Result<(), Error> {
             print!("{}", graph_dot(program.kernel(kernel.as_deref())?, passes, optimized, rank)?);
             Ok(())
         }
-        Command::Analyze { file, kernel, json } => analyze(&file, kernel.as_deref(), json),
-        Command::Explain { file, kernel } => explain(&file, kernel.as_deref()),
+        Command::Analyze { file, kernel, json } => {
+            let program = Program::from_file(&file)?;
+            match json {
+                true => println!("{}", text::analyze_json(&program, kernel.as_deref())?),
+                false => print!("{}", text::analyze_text(&program, kernel.as_deref())?),
+            }
+            Ok(())
+        }
+        Command::Explain { file, kernel } => {
+            print!("{}", text::explain(&Program::from_file(&file)?, kernel.as_deref())?);
+            Ok(())
+        }
         Command::Run(args) => run(args),
         Command::Compile { file, kernel, target, output, split_keys, tile, timings: show } => {
             let program = Program::from_file(&file)?;
@@ -486,106 +408,6 @@ fn graph_dot(
     })
 }
 
-fn analyze(file: &Path, kernel: Option<&str>, json: bool) -> Result<(), Error> {
-    let program = Program::from_file(file)?;
-    let kernels = program.selected(kernel)?;
-    let mut results = Vec::new();
-    for kernel in &kernels {
-        let written = compiler::passcount::analyze(kernel);
-        let optimized = einfuse::optimize(kernel)?;
-        let optimized_report = compiler::passcount::analyze(&optimized.cascade);
-        results.push((written, optimized, optimized_report));
-    }
-    if json {
-        let counts = |c: Vec<(String, usize)>| -> serde_json::Map<String, serde_json::Value> {
-            c.into_iter().map(|(rank, n)| (rank, n.into())).collect()
-        };
-        let entries: Vec<serde_json::Value> = results
-            .iter()
-            .map(|(written, _, optimized)| {
-                serde_json::json!({
-                    "name": written.kernel,
-                    "passes": counts(written.counts()),
-                    "optimized_passes": counts(optimized.counts()),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::json!({ "kernels": entries }));
-        return Ok(());
-    }
-    for (kernel, (written, optimized, optimized_report)) in kernels.iter().zip(&results) {
-        println!("kernel {}", kernel.name);
-        println!("  as written:");
-        for line in compiler::passcount::describe(kernel, written).lines() {
-            println!("  {line}");
-        }
-        match &optimized.note {
-            Some(note) => println!("  optimized: kept as written ({note})"),
-            None => {
-                println!(
-                    "  optimized ({} rewrite iterations, {} e-nodes, {}):",
-                    optimized.iterations, optimized.nodes, optimized.stop
-                );
-                for line in compiler::passcount::describe(&optimized.cascade, optimized_report).lines() {
-                    println!("  {line}");
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn explain(file: &Path, kernel: Option<&str>) -> Result<(), Error> {
-    let program = Program::from_file(file)?;
-    for kernel in program.selected(kernel)? {
-        let result = einfuse::optimize(kernel)?;
-        println!("kernel {}", kernel.name);
-        println!("== as written");
-        print!("{}", compiler::print::print_cascade(kernel));
-        println!("== rewrites ({} iterations, {} e-nodes, {})", result.iterations, result.nodes, result.stop);
-        for (iteration, rule, times) in &result.applied {
-            println!("  iteration {iteration}: {rule} x{times}: {}", compiler::optimize::rules::describe(rule));
-        }
-        let passes = |map: &std::collections::BTreeMap<String, u32>| {
-            map.iter().map(|(r, n)| format!("{r}: {n}")).collect::<Vec<_>>().join(", ")
-        };
-        println!(
-            "== passes: as written {{{}}}, chosen {{{}}}",
-            passes(&result.input_passes),
-            passes(&result.claimed_passes)
-        );
-        let steps = compiler::optimize::derivation(kernel, &compiler::optimize::OptimizeOptions::default());
-        if steps.len() > 1 {
-            println!(
-                "== derivation of the first output's term ({} rewrites; each line is the term after one)",
-                steps.len() - 1
-            );
-            for (n, step) in steps.iter().enumerate() {
-                println!("  {n:>2}: {step}");
-            }
-        }
-        // Where more than one pass remains, the reads that force each extra one.
-        let report = compiler::passcount::analyze(&result.cascade);
-        if report.ranks.iter().any(|r| r.passes > 1) {
-            println!("== what forces the passes that remain");
-            for line in compiler::passcount::describe(&result.cascade, &report).lines() {
-                if line.contains("needed because") || line.contains("no rewrite removes") {
-                    println!("  {}", line.trim_start());
-                }
-            }
-        }
-        match &result.note {
-            Some(note) => println!("== kept as written: {note}"),
-            None => {
-                println!("== optimized");
-                print!("{}", compiler::print::print_cascade(&result.cascade));
-            }
-        }
-        println!();
-    }
-    Ok(())
-}
-
 fn check(files: &[PathBuf]) -> Result<(), Error> {
     let mut failures = Vec::new();
     for file in files {
@@ -618,26 +440,6 @@ fn check(files: &[PathBuf]) -> Result<(), Error> {
             Err(Error::Source { rendered, count })
         }
     }
-}
-
-/// The syntax tree is printed even when checking would fail, but not when parsing fails.
-fn emit_ast(file: &Path, kernel: Option<&str>) -> Result<String, Error> {
-    let source = einfuse::read_source(file)?;
-    let (mut ast, diagnostics) = dsl::parse(&source);
-    if !diagnostics.is_empty() {
-        let path = file.display().to_string();
-        return Err(Error::Source {
-            rendered: dsl::diagnostic::render_all(&diagnostics, &path, &source),
-            count: diagnostics.len(),
-        });
-    }
-    if let Some(name) = kernel {
-        ast.kernels.retain(|k| k.name.text == name);
-        if ast.kernels.is_empty() {
-            return Err(Error::Usage(format!("{} has no kernel `{name}`", file.display())));
-        }
-    }
-    Ok(ast.to_string())
 }
 
 fn run(args: RunArgs) -> Result<(), Error> {
@@ -936,19 +738,4 @@ fn gpu_check(artifacts: &Path, out: &Path, emulate: bool) -> Result<(), Error> {
 #[cfg(not(feature = "cuda"))]
 fn gpu_check(_: &Path, _: &Path, _: bool) -> Result<(), Error> {
     Err(Error::Usage("gpu-check needs the `cuda` feature, and this einfuse was built without it".into()))
-}
-
-#[cfg(feature = "llvm")]
-fn optimized_llvm(program: &compiler::schedule::LoopProgram, nvptx: bool) -> Result<String, Error> {
-    let text = if nvptx {
-        compiler::llvm::nvptx_ir(program)
-    } else {
-        compiler::llvm::host_ir(program, &compiler::cpu::object_symbol(&program.cascade))
-    };
-    Ok(compiler::llvm::machine::optimized_ir(&text, nvptx)?)
-}
-
-#[cfg(not(feature = "llvm"))]
-fn optimized_llvm(_: &compiler::schedule::LoopProgram, _: bool) -> Result<String, Error> {
-    Err(Error::Usage("LLVM IR needs LLVM, and this einfuse was built without the `llvm` feature".into()))
 }

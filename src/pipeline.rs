@@ -257,15 +257,32 @@ impl Executable {
         inputs: &[&[f32]],
         threads: usize,
     ) -> Result<Vec<Vec<f32>>, Error> {
-        use crate::compiler::interp::{interpret, InterpLimits};
+        self.run_at(cascade, extents, inputs, threads, &[])
+    }
+
+    /// `run` where each rank's points start at a global position (`origins[r]`, 0 where short):
+    /// index values and filters see global positions (see `interp::interpret_at`). The GPU
+    /// kernels take none.
+    pub fn run_at(
+        &self,
+        cascade: &Cascade,
+        extents: &[u64],
+        inputs: &[&[f32]],
+        threads: usize,
+        origins: &[i64],
+    ) -> Result<Vec<Vec<f32>>, Error> {
+        use crate::compiler::interp::{interpret_at, InterpLimits};
+        if origins.iter().any(|o| *o != 0) && !matches!(self, Executable::Interp | Executable::Cpu(_)) {
+            return Err(Error::Usage("rank offsets are supported on the interp, cpu and cpu-llvm targets".into()));
+        }
         Ok(match self {
             Executable::Interp => {
                 let data: Vec<Vec<f64>> = inputs.iter().map(|s| s.iter().map(|x| *x as f64).collect()).collect();
                 let slices: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
-                let outputs = interpret(cascade, extents, &slices, InterpLimits::default())?;
+                let outputs = interpret_at(cascade, extents, origins, &slices, InterpLimits::default())?;
                 outputs.into_iter().map(|o| o.into_iter().map(|x| x as f32).collect()).collect()
             }
-            Executable::Cpu(kernel) => kernel.run_threads(extents, inputs, threads)?,
+            Executable::Cpu(kernel) => kernel.run_threads_at(extents, inputs, threads, origins)?,
             #[cfg(feature = "llvm")]
             Executable::Emulated(kernel) => kernel.run(extents, inputs)?,
             Executable::Gpu { loops, ptx } => run_gpu(loops, ptx, extents, inputs)?,
@@ -276,8 +293,22 @@ impl Executable {
 impl Built {
     /// Runs the kernel (the split-key form: its chunks, then the merge) on f32 data.
     pub fn run(&self, extents: &[u64], inputs: &[&[f32]], threads: usize) -> Result<Vec<Vec<f32>>, Error> {
+        self.run_at(extents, inputs, threads, &[])
+    }
+
+    /// `run` with each rank's global origin (see `Executable::run_at`); not for a split-key form.
+    pub fn run_at(
+        &self,
+        extents: &[u64],
+        inputs: &[&[f32]],
+        threads: usize,
+        origins: &[i64],
+    ) -> Result<Vec<Vec<f32>>, Error> {
         match &self.split {
-            None => self.executables[0].run(&self.cascade, extents, inputs, threads),
+            None => self.executables[0].run_at(&self.cascade, extents, inputs, threads, origins),
+            Some(_) if origins.iter().any(|o| *o != 0) => {
+                Err(Error::Usage("rank offsets are not supported with split keys".into()))
+            }
             Some(split) => crate::run_split_with(&self.cascade, split, extents, inputs, &mut |part, e, i| match part {
                 crate::SplitPart::Chunks => self.executables[0].run(&split.chunks, e, i, threads),
                 crate::SplitPart::Merge => self.executables[1].run(&split.merge, e, i, threads),

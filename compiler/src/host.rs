@@ -22,7 +22,9 @@ pub enum CodegenError {
 /// The most memory one call may use for its buffers (inputs, outputs, scratch and masks).
 pub const MAX_CALL_BYTES: u64 = 16 << 30;
 
-/// The signature of every host kernel: values, masks, extents, dimensions, strides, bases.
+/// The signature of every host kernel: values, masks, extents, dimensions, strides, bases (each
+/// rank's first coordinate within the arrays of the call, then each rank's first global position:
+/// what `Index` values and filters see).
 pub type KernelFn =
     unsafe extern "C" fn(*const *mut f32, *const *mut u8, *const i64, *const i64, *const i64, *const i64);
 
@@ -102,12 +104,26 @@ impl CpuKernel {
     /// Runs the kernel. `inputs` are dense row-major f32 arrays in the order of
     /// `Cascade::inputs`, already checked against `extents`; returns the outputs likewise.
     pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, CodegenError> {
-        let extents = &derived_extents(&self.program.cascade, extents);
-        self.run_chunk(extents, inputs, &vec![0; extents.len()])
+        self.run_at(extents, inputs, &vec![0; extents.len()])
     }
 
-    /// `run` for a chunk of a batch rank: `bases` holds each rank's first global coordinate.
-    fn run_chunk(&self, extents: &[u64], inputs: &[&[f32]], bases: &[i64]) -> Result<Vec<Vec<f32>>, CodegenError> {
+    /// `run` where each rank's points start at the global position `origins[r]` (a shard of a
+    /// longer sequence): `Index` values and filters see global positions, subscripts the arrays
+    /// given.
+    pub fn run_at(&self, extents: &[u64], inputs: &[&[f32]], origins: &[i64]) -> Result<Vec<Vec<f32>>, CodegenError> {
+        let extents = &derived_extents(&self.program.cascade, extents);
+        self.run_chunk(extents, inputs, &vec![0; extents.len()], &padded(origins, extents.len()))
+    }
+
+    /// `run` for a chunk of a batch rank: `bases` holds each rank's first coordinate in the
+    /// arrays, `origins` the global position of the arrays' first point.
+    fn run_chunk(
+        &self,
+        extents: &[u64],
+        inputs: &[&[f32]],
+        bases: &[i64],
+        origins: &[i64],
+    ) -> Result<Vec<Vec<f32>>, CodegenError> {
         let c = &self.program.cascade;
         // Refuse a call whose buffers would not fit, before allocating any.
         let total: u64 = self
@@ -177,6 +193,7 @@ impl CpuKernel {
         let mask_pointers: Vec<*mut u8> =
             masks.iter_mut().map(|m| if m.is_empty() { std::ptr::null_mut() } else { m.as_mut_ptr() }).collect();
         let extents_i64: Vec<i64> = extents.iter().map(|e| *e as i64).collect();
+        let bases: Vec<i64> = bases.iter().copied().chain(bases.iter().zip(origins).map(|(b, o)| b + o)).collect();
         // SAFETY: every pointer table has one entry per buffer (or rank), each buffer holds its
         // shape's elements (at least one), and the code only reads inputs and reads and writes
         // inside the other buffers.
@@ -214,10 +231,22 @@ impl CpuKernel {
         inputs: &[&[f32]],
         threads: usize,
     ) -> Result<Vec<Vec<f32>>, CodegenError> {
+        self.run_threads_at(extents, inputs, threads, &vec![0; extents.len()])
+    }
+
+    /// `run_threads` with each rank's global origin, as `run_at`.
+    pub fn run_threads_at(
+        &self,
+        extents: &[u64],
+        inputs: &[&[f32]],
+        threads: usize,
+        origins: &[i64],
+    ) -> Result<Vec<Vec<f32>>, CodegenError> {
         let extents = &derived_extents(&self.program.cascade, extents);
+        let origins = &padded(origins, extents.len());
         let c = &self.program.cascade;
         let Some(batch) = batch_rank(c, extents).filter(|_| threads > 0) else {
-            return self.run(extents, inputs);
+            return self.run_at(extents, inputs, origins);
         };
         let total = extents[batch.index()];
         // Query tiles: chunks small enough that a chunk's rows stay in cache while its keys
@@ -266,7 +295,7 @@ impl CpuKernel {
                 .map(|(id, data)| slice_box(data, &tensor_shape(c, *id, extents), &boxes(*id, call)))
                 .collect();
             let slices: Vec<&[f32]> = parts.iter().map(|p| p.as_ref()).collect();
-            self.run_chunk(&sub_extents, &slices, &bases)
+            self.run_chunk(&sub_extents, &slices, &bases, origins)
         };
         type Done = Vec<(usize, Result<Vec<Vec<f32>>, CodegenError>)>;
         let results: Vec<Done> = std::thread::scope(|scope| {
@@ -301,6 +330,11 @@ impl CpuKernel {
         }
         Ok(outputs)
     }
+}
+
+/// `origins` for every rank of `extents` (the ranks a schedule appended start at 0).
+fn padded(origins: &[i64], ranks: usize) -> Vec<i64> {
+    (0..ranks).map(|r| origins.get(r).copied().unwrap_or(0)).collect()
 }
 
 /// The most rows of a batch rank in one chunk of `run_threads`.

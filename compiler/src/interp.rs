@@ -50,12 +50,26 @@ pub fn interpret(
     inputs: &[&[f64]],
     limits: InterpLimits,
 ) -> Result<Vec<Vec<f64>>, InterpError> {
+    interpret_at(cascade, extents, &[], inputs, limits)
+}
+
+/// `interpret` where each rank's points start at the global position `origins[r]` (0 where
+/// `origins` is short): index values (`Index` in expressions and filters) see global positions,
+/// subscripts the arrays given. This is how a shard of a longer sequence runs.
+pub fn interpret_at(
+    cascade: &Cascade,
+    extents: &[u64],
+    origins: &[i64],
+    inputs: &[&[f64]],
+    limits: InterpLimits,
+) -> Result<Vec<Vec<f64>>, InterpError> {
+    let origins: Vec<i64> = (0..cascade.ranks.len()).map(|r| origins.get(r).copied().unwrap_or(0)).collect();
     // A deep recurrence recurses once per iterate in the worst case; give it room.
     std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("einfuse-interp".into())
             .stack_size(512 << 20)
-            .spawn_scoped(scope, || interpret_here(cascade, extents, inputs, limits))
+            .spawn_scoped(scope, || interpret_here(cascade, extents, &origins, inputs, limits))
             .expect("spawn the interpreter thread")
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
@@ -99,6 +113,8 @@ impl Store {
 struct Interp<'a> {
     cascade: &'a Cascade,
     extents: &'a [u64],
+    /// Each rank's first global position (see `interpret_at`).
+    origins: &'a [i64],
     stores: Vec<Store>,
     /// For each tensor: its plain or initial Einsum, and its recurrence.
     definitions: Vec<(Option<usize>, Option<usize>)>,
@@ -112,6 +128,7 @@ struct Interp<'a> {
 fn interpret_here(
     cascade: &Cascade,
     extents: &[u64],
+    origins: &[i64],
     inputs: &[&[f64]],
     limits: InterpLimits,
 ) -> Result<Vec<Vec<f64>>, InterpError> {
@@ -157,7 +174,7 @@ fn interpret_here(
         splits[pair.0.index()].push(pair);
         splits[pair.1.index()].push(pair);
     }
-    let mut interp = Interp { cascade, extents, stores, definitions, splits, steps: 0, max_steps: limits.max_steps };
+    let mut interp = Interp { cascade, extents, origins, stores, definitions, splits, steps: 0, max_steps: limits.max_steps };
     let mut defined: Vec<TensorId> = Vec::new();
     for einsum in &cascade.einsums {
         if !defined.contains(&einsum.target) {
@@ -323,7 +340,7 @@ impl Interp<'_> {
             Expr::Const(value) => Some(*value),
             Expr::Param(id) => Some(self.cascade.param(*id).value),
             Expr::Extent(rank) => Some(self.extents[rank.index()] as f64),
-            Expr::Index(index) => Some(lookup(env, *index) as f64),
+            Expr::Index(index) => Some((lookup(env, *index) + self.origins[index.rank.index()]) as f64),
             Expr::Access { tensor, subscripts } => {
                 let coords: Vec<i64> = subscripts.iter().map(|s| self.affine(s, env)).collect();
                 self.point(*tensor, &coords)?

@@ -88,6 +88,11 @@ impl Tensor {
         &self.data
     }
 
+    /// The elements, row-major, without a copy.
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+
     pub fn len(&self) -> usize {
         self.data.len()
     }

@@ -68,7 +68,11 @@ pub struct Gen<'a, 'f> {
     pub values: Vec<Value>,
     pub masks: Vec<Option<Value>>,
     pub extents: Vec<Value>,
+    /// Each rank's first global position in this call (what `Index` values and filters see).
     pub bases: Vec<Value>,
+    /// Each rank's first coordinate within the arrays of this call (what subscripts that read a
+    /// batch rank's coordinate off its own position see).
+    pub array_bases: Vec<Value>,
     pub dims: Vec<Vec<Value>>,
     pub strides: Vec<Vec<Value>>,
     pub env: Vec<(Index, Variable)>,
@@ -96,6 +100,8 @@ impl<'a, 'f> Gen<'a, 'f> {
             let e = self.b.ins().load(types::I64, flags, extents, (r * 8) as i32);
             self.extents.push(e);
             let base = self.b.ins().load(types::I64, flags, bases, (r * 8) as i32);
+            self.array_bases.push(base);
+            let base = self.b.ins().load(types::I64, flags, bases, ((c.ranks.len() + r) * 8) as i32);
             self.bases.push(base);
         }
         let offsets = table_offsets(self.program);
@@ -253,7 +259,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             Affine::Const(c) => self.b.ins().iconst(types::I64, *c),
             Affine::Index(i) if global && crate::schedule::layout::is_batch_rank(self.cascade(), i.rank) => {
                 let v = self.index(*i);
-                self.b.ins().iadd(v, self.bases[i.rank.index()])
+                self.b.ins().iadd(v, self.array_bases[i.rank.index()])
             }
             Affine::Index(i) => self.index(*i),
             Affine::Extent(r) => self.extents[r.index()],

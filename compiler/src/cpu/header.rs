@@ -28,7 +28,8 @@ pub fn c_header(program: &LoopProgram) -> String {
     writeln!(
         out,
         "/* The raw kernel: buffer values, buffer masks, rank extents, buffer dimensions, buffer strides,\n   \
-         rank bases (see the einfuse CPU back end). */\n\
+         rank bases: each rank's first coordinate within the arrays, then each rank's first global\n   \
+         position, what index values and filters see (see the einfuse CPU back end). */\n\
          void {raw}(float *const *values, uint8_t *const *masks, const int64_t *extents,\n    \
          const int64_t *dims, const int64_t *strides, const int64_t *bases);\n"
     )
@@ -61,7 +62,7 @@ pub fn c_header(program: &LoopProgram) -> String {
     let n_ranks = c.ranks.len().max(1);
     let n_buffers = program.buffers.len();
     let n_dims: usize = program.buffers.iter().map(|b| c.tensor(b.tensor).ranks.len()).sum::<usize>().max(1);
-    writeln!(out, "  int64_t ext[{n_ranks}] = {{0}}, base[{n_ranks}] = {{0}};").unwrap();
+    writeln!(out, "  int64_t ext[{n_ranks}] = {{0}}, base[{}] = {{0}};", 2 * n_ranks).unwrap();
     for (r, rank) in c.ranks.iter().enumerate() {
         let value = match rank.extent {
             Extent::Fixed(n) => n.to_string(),

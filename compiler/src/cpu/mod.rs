@@ -70,6 +70,7 @@ fn define<M: Module>(
             masks: vec![],
             extents: vec![],
             bases: vec![],
+            array_bases: vec![],
             dims: vec![],
             strides: vec![],
             env: vec![],

@@ -181,8 +181,10 @@ fn thread_entry(
         for r in 0..nr {
             writeln!(
                 s,
-                "  %bz{r} = getelementptr [{0} x i64], [{0} x i64]* %bt, i64 0, i64 {r}\n  store i64 0, i64* %bz{r}",
-                nr.max(1)
+                "  %bz{r} = getelementptr [{0} x i64], [{0} x i64]* %bt, i64 0, i64 {r}\n  store i64 0, i64* %bz{r}\n  \
+                 %bg{r} = getelementptr [{0} x i64], [{0} x i64]* %bt, i64 0, i64 {1}\n  store i64 0, i64* %bg{r}",
+                (2 * nr).max(1),
+                nr + r
             )
             .unwrap();
         }
@@ -192,10 +194,12 @@ fn thread_entry(
                 s,
                 "  %ep{j} = getelementptr i64, i64* %batch, i64 {j}\n  %e{j} = load i64, i64* %ep{j}\n  \
                  %b{j} = urem i64 %rest{0}, %e{j}\n  %rest{j} = udiv i64 %rest{0}, %e{j}\n  \
-                 %bp{j} = getelementptr [{1} x i64], [{1} x i64]* %bt, i64 0, i64 {2}\n  store i64 %b{j}, i64* %bp{j}",
+                 %bp{j} = getelementptr [{1} x i64], [{1} x i64]* %bt, i64 0, i64 {2}\n  store i64 %b{j}, i64* %bp{j}\n  \
+                 %bq{j} = getelementptr [{1} x i64], [{1} x i64]* %bt, i64 0, i64 {3}\n  store i64 %b{j}, i64* %bq{j}",
                 j + 1,
-                nr.max(1),
-                batch[j].index()
+                (2 * nr).max(1),
+                batch[j].index(),
+                nr + batch[j].index()
             )
             .unwrap();
         }
@@ -244,12 +248,12 @@ fn thread_entry(
              %btp = getelementptr [{0} x i64], [{0} x i64]* %bt, i64 0, i64 0\n  \
              call void @\"{symbol}.body\"(float** %vtp, i8** %mtp, i64* %extents, i64* %dims, i64* %strides, i64* %btp, \
              i64* %batch, i64 %threads, i64 %tid, i64 %ntid, float* %shared, {sync}, i64 %warp.lane, i64 %lanes)",
-            nr.max(1)
+            (2 * nr).max(1)
         )
         .unwrap();
     };
     let allocas =
-        format!("  %vt = alloca [{nb} x float*]\n  %mt = alloca [{nb} x i8*]\n  %bt = alloca [{} x i64]", nr.max(1));
+        format!("  %vt = alloca [{nb} x float*]\n  %mt = alloca [{nb} x i8*]\n  %bt = alloca [{} x i64]", (2 * nr).max(1));
     let staged = !staged_reads.is_empty();
     let lanes_at = k + nb * (k + 1) + staged_reads.iter().map(|r| 1 + r.subscripts.len()).sum::<usize>();
     let header = match flavor {
@@ -419,7 +423,10 @@ struct Lowering<'a> {
     values: Vec<String>,
     masks: Vec<Option<String>>,
     extents: Vec<String>,
+    /// Each rank's first global position in this call (what `Index` values and filters see).
     bases: Vec<String>,
+    /// Each rank's first coordinate within the arrays of this call.
+    array_bases: Vec<String>,
     /// Bound indices and the `i64` slot holding each.
     env: Vec<(Index, String)>,
     /// Float lanes of the register blocks (host only).
@@ -492,6 +499,7 @@ impl<'a> Lowering<'a> {
             masks: vec![],
             extents: vec![],
             bases: vec![],
+            array_bases: vec![],
             env: vec![],
             // The host emulation of a thread kernel runs the GPU's code, one point at a time.
             lanes: if flavor == Flavor::Host && abi == Abi::Cpu { host_lanes() } else { 1 },
@@ -569,6 +577,8 @@ impl<'a> Lowering<'a> {
             let e = if self.batch.contains(&RankId::new(r)) { "1".to_string() } else { self.load_i64("%extents", r) };
             self.extents.push(e);
             let b = self.load_i64("%bases", r);
+            self.array_bases.push(b);
+            let b = self.load_i64("%bases", c.ranks.len() + r);
             self.bases.push(b);
         }
         for (b, buffer) in self.program.buffers.iter().enumerate() {
@@ -1317,7 +1327,7 @@ impl<'a> Lowering<'a> {
             Affine::Const(c) => c.to_string(),
             Affine::Index(i) if global && crate::schedule::layout::is_batch_rank(self.cascade(), i.rank) => {
                 let v = self.index(*i);
-                let base = self.bases[i.rank.index()].clone();
+                let base = self.array_bases[i.rank.index()].clone();
                 self.ins(format!("add i64 {v}, {base}"))
             }
             Affine::Index(i) => self.index(*i),

@@ -1,0 +1,243 @@
+"""einfuse from Python: compile cascades of Einsums (attention and its variants) and call the
+kernels on NumPy arrays or torch tensors.
+
+    import numpy as np, einfuse
+    program = einfuse.compile_file("examples/attention.ein")
+    attention = program.kernel("attention")
+    out = attention(Q=q, K=k, V=v)          # {"AV": array}; numpy in, numpy out
+    einfuse.analyze(source)                 # the same object as `einfuse analyze --json`
+
+Every user error raises `einfuse.EinfuseError` (a `ValueError`) whose message is the diagnostic
+the command line prints. The kernels compute in float32: float32 inputs that are contiguous are
+read in place, without a copy; float16 and bfloat16 inputs are widened to float32 (a copy), and
+any other strides are copied once into row-major order. Outputs come back in their storage type
+(float16 as float16; bfloat16 as torch.bfloat16 for torch, float32 for NumPy, which has no
+bfloat16 of its own).
+"""
+
+import json
+import os
+import threading
+
+import numpy as np
+
+from . import _native
+from ._native import EinfuseError
+
+__all__ = [
+    "EinfuseError",
+    "Kernel",
+    "Port",
+    "Program",
+    "TARGETS",
+    "analyze",
+    "compile",
+    "compile_file",
+    "emit",
+    "explain",
+]
+
+#: The targets, as the command line names them.
+TARGETS = ("interp", "cpu", "cpu-llvm", "gpu-emu", "gpu")
+
+
+class Port:
+    """An input or output of a kernel: its name, the names of its ranks, the fixed extent of each
+    (None where the call binds it) and its storage type ("f32", "f16" or "bf16")."""
+
+    __slots__ = ("name", "ranks", "extents", "dtype")
+
+    def __init__(self, name, ranks, extents, dtype):
+        self.name, self.ranks, self.extents, self.dtype = name, tuple(ranks), tuple(extents), dtype
+
+    def __repr__(self):
+        return f"Port({self.name}[{', '.join(self.ranks)}]: {self.dtype})"
+
+
+def _error(message):
+    return EinfuseError(f"error: {message}")
+
+
+def _is_torch(x):
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def _as_array(name, x):
+    """The float32 NumPy array a kernel reads for input `name`, and whether it came from torch."""
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.float32:
+            return x, False
+        if x.dtype == np.float16 or x.dtype.name == "bfloat16":
+            return x.astype(np.float32), False
+        raise _error(
+            f"input `{name}` has dtype {x.dtype}; einfuse takes float32, float16 or bfloat16 "
+            f"(convert with .astype(np.float32))"
+        )
+    if _is_torch(x):
+        import torch
+
+        if x.device.type != "cpu":
+            raise _error(
+                f"input `{name}` is on {x.device}; this version runs torch tensors from the CPU only "
+                f"(move it with .cpu())"
+            )
+        if x.dtype == torch.float32:
+            return x.detach().numpy(), True
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return x.detach().float().numpy(), True
+        raise _error(f"input `{name}` has dtype {x.dtype}; einfuse takes float32, float16 or bfloat16")
+    raise _error(f"input `{name}` must be a NumPy array or a torch tensor, not {type(x).__name__}")
+
+
+def _to_numpy(array, dtype):
+    if dtype == "f16":
+        return array.astype(np.float16)
+    return array
+
+
+def _to_torch(array, dtype):
+    import torch
+
+    tensor = torch.from_numpy(array)
+    if dtype == "f16":
+        return tensor.to(torch.float16)
+    if dtype == "bf16":
+        return tensor.to(torch.bfloat16)
+    return tensor
+
+
+class Kernel:
+    """A compiled kernel. Call it with its inputs as keyword arguments, NumPy arrays or torch
+    tensors; it returns a dict from output name to an array of the kind it was given. Symbolic
+    ranks are bound from the shapes; a shape that disagrees names the tensor, the rank and both
+    sizes. Kernels release the interpreter lock while they run and may be called from several
+    threads at once."""
+
+    def __init__(self, native, program):
+        self._native = native
+        self._program = program
+        self.name = native.name
+        self.inputs = [Port(*p) for p in native.inputs]
+        self.outputs = [Port(*p) for p in native.outputs]
+        self._output_dtypes = {p.name: p.dtype for p in self.outputs}
+
+    def __repr__(self):
+        ins = ", ".join(repr(p) for p in self.inputs)
+        outs = ", ".join(repr(p) for p in self.outputs)
+        return f"<einfuse kernel {self.name}({ins}) -> {outs}>"
+
+    @property
+    def source(self):
+        """The cascade that runs (after optimization, when asked for), as `.ein`."""
+        return self._native.source
+
+    def __call__(self, **inputs):
+        return self.call(inputs)
+
+    def call(self, inputs, *, offsets=None, params=None):
+        """Calls the kernel on `inputs` (a dict by input name).
+
+        `offsets` ({rank: position}) says where along a batch rank (one that every output holds
+        and nothing reduces) these arrays sit in a longer sequence: index values and filters (a
+        causal mask, ALiBi's distances) see global positions. `params` ({name: value}) overrides
+        params for this call: each distinct set of values compiles its kernel once, and is kept.
+        """
+        if params:
+            return self._program._with_params(params).kernel(self.name).call(inputs, offsets=offsets)
+        arrays = {}
+        torch_in = False
+        for name, x in inputs.items():
+            arrays[name], from_torch = _as_array(name, x)
+            torch_in |= from_torch
+        offsets = list(offsets.items()) if offsets else None
+        outputs = self._native.call(arrays, offsets)
+        convert = _to_torch if torch_in else _to_numpy
+        return {name: convert(array, self._output_dtypes[name]) for name, array in outputs.items()}
+
+
+class Program:
+    """The compiled kernels of one source, in source order."""
+
+    def __init__(self, source, path, options):
+        self._source, self._path, self._options = source, path, options
+        natives = _native.compile(source, path, **options)
+        self.kernels = [Kernel(n, self) for n in natives]
+        self._variants = {}
+        self._lock = threading.Lock()
+
+    def kernel(self, name=None):
+        """The kernel named `name` (or the only one)."""
+        if name is None:
+            if len(self.kernels) == 1:
+                return self.kernels[0]
+            names = ", ".join(k.name for k in self.kernels)
+            raise _error(f"{self._path} has several kernels ({names}): choose one by name")
+        for k in self.kernels:
+            if k.name == name:
+                return k
+        names = ", ".join(k.name for k in self.kernels)
+        raise _error(f"no kernel `{name}` (there are: {names})")
+
+    __getitem__ = kernel
+
+    def _with_params(self, params):
+        key = tuple(sorted((str(k), float(v)) for k, v in params.items()))
+        with self._lock:
+            if key not in self._variants:
+                merged = dict(self._options["params"])
+                merged.update(dict(key))
+                options = dict(self._options, params=list(merged.items()))
+                self._variants[key] = Program(self._source, self._path, options)
+            return self._variants[key]
+
+
+def compile(
+    source,
+    target="cpu",
+    *,
+    optimize=True,
+    tile=None,
+    params=None,
+    check_finite=True,
+    threads=None,
+    split_keys=None,
+    path="<source>",
+):
+    """Compiles every kernel of `source` (`.ein` text) for `target` ("interp", "cpu", "cpu-llvm",
+    "gpu-emu" or "gpu"). Options as the Rust `CompileOptions`: `optimize` (the e-graph optimizer,
+    on by default), `tile` (split ranks' tile), `params` ({name: value}, compiled in), `check_finite`
+    (raise when an output holds an infinity or NaN), `threads` (default: every core) and
+    `split_keys` (the Flash-Decoding form with chunks of this many keys)."""
+    options = {
+        "target": target,
+        "optimize": bool(optimize),
+        "tile": tile,
+        "params": list((params or {}).items()),
+        "check_finite": bool(check_finite),
+        "threads": threads,
+        "split_keys": split_keys,
+    }
+    return Program(source, path, options)
+
+
+def compile_file(path, target="cpu", **options):
+    """`compile` on the text of a file; errors name the file."""
+    path = os.fspath(path)
+    return compile(_native.read_source(path), target, path=path, **options)
+
+
+def analyze(source, kernel=None, *, path="<source>"):
+    """Passes per rank, as written and optimized: the object `einfuse analyze --json` prints,
+    {"kernels": [{"name", "passes", "optimized_passes"}]}."""
+    return json.loads(_native.analyze(source, path, kernel))
+
+
+def emit(source, stage="opt", kernel=None, *, target="nvptx", chunk=1024, path="<source>"):
+    """The text `einfuse emit --stage STAGE` prints: "ast", "ir", "opt", "split", "loops", "clif",
+    "llvm", "llvm-opt" or "ptx" (`target` picks the LLVM module, `chunk` the split's keys)."""
+    return _native.emit(source, path, stage, kernel, target, chunk)
+
+
+def explain(source, kernel=None, *, path="<source>"):
+    """The optimizer's derivation, as `einfuse explain` prints it."""
+    return _native.explain(source, path, kernel)
