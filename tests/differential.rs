@@ -1,7 +1,9 @@
 //! Differential testing with generated cascades: the interpreter on the cascade as written, the
 //! interpreter on the optimized cascade, the Cranelift back end on both, the LLVM CPU tier on the
 //! cascade as written and the host emulation of the GPU kernel on the optimized one, and the
-//! split-key form of the optimized one (where it splits, chunks of two tiles) must agree. A
+//! split-key form of the optimized one (where it splits, chunks of two tiles) must agree; so must
+//! the optimized one run as a shard of a longer sequence (every batch rank offset) on the
+//! interpreter and both CPU tiers. A
 //! failure is shrunk (smaller extents, fewer lines, while it still fails), printed as `.ein` with
 //! its extents and, when `EINFUSE_SAVE_REGRESSIONS` is set, saved under `tests/regressions/`;
 //! every file there is run by `regressions_still_pass`.
@@ -142,12 +144,47 @@ fn check(generated: &Generated) -> Result<(), String> {
                 .map_err(|e| format!("split-key form on {}: {e}", target.name()))?;
         }
     }
+    let optimized_extents = bind_extents(&optimized, bindings, &[]).map_err(|e| e.to_string())?;
+    shifted(&optimized, &optimized_extents, &data)?;
     #[cfg(feature = "llvm")]
     {
         agree(cascade, &reference, &cpu_llvm(cascade, bindings, &data), 1e-4, Strictness::Exact)
             .map_err(|e| format!("cpu-llvm as written: {e}"))?;
         agree(cascade, &optimized_reference, &emulated(&optimized, bindings, &data), 1e-4, Strictness::Exact)
             .map_err(|e| format!("emulated GPU kernel, optimized: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The cascade run as a shard of a longer sequence: every batch rank offset (`origins`, as
+/// `CallOptions::offsets`), the interpreter against both CPU tiers on two threads, so that the
+/// calls' chunk bases and the caller's offsets add up.
+fn shifted(cascade: &Cascade, extents: &[u64], data: &[Tensor]) -> Result<(), String> {
+    use einfuse::compiler::schedule::layout::is_batch_rank;
+    let origins: Vec<i64> = (0..cascade.ranks.len())
+        .map(|r| match is_batch_rank(cascade, einfuse::compiler::ir::RankId::new(r)) {
+            true => 37 * r as i64 - 50,
+            false => 0,
+        })
+        .collect();
+    if origins.iter().all(|o| *o == 0) {
+        return Ok(());
+    }
+    SHIFTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let wide: Vec<Vec<f64>> = data.iter().map(Tensor::to_f64).collect();
+    let wide: Vec<&[f64]> = wide.iter().map(Vec::as_slice).collect();
+    let want = einfuse::compiler::interp::interpret_at(cascade, extents, &origins, &wide, InterpLimits::default())
+        .map_err(|e| e.to_string())?;
+    let slices: Vec<&[f32]> = data.iter().map(Tensor::data).collect();
+    let cpu = einfuse::compile_cpu(cascade).map_err(|e| e.to_string())?;
+    let got = cpu.run_threads_at(extents, &slices, 2, &origins).map_err(|e| e.to_string())?;
+    agree(cascade, &want, &to_f64(got), 1e-4, Strictness::Exact).map_err(|e| format!("cpu with offsets: {e}"))?;
+    #[cfg(feature = "llvm")]
+    {
+        let llvm = einfuse::compile_cpu_llvm(cascade).map_err(|e| e.to_string())?;
+        let got = llvm.run_threads_at(extents, &slices, 2, &origins).map_err(|e| e.to_string())?;
+        agree(cascade, &want, &to_f64(got), 1e-4, Strictness::Exact)
+            .map_err(|e| format!("cpu-llvm with offsets: {e}"))?;
     }
     Ok(())
 }
@@ -161,6 +198,9 @@ fn split_form(cascade: &Cascade) -> Option<einfuse::compiler::split::SplitKeys> 
     SPLIT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Some(split)
 }
+
+/// How many checked cascades ran as shards (had a batch rank to offset).
+static SHIFTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// How many checked cascades had a split-key form.
 static SPLIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -239,6 +279,7 @@ fn campaign(seeds: std::ops::Range<u64>) {
         }
     }
     println!("{} checks of a split-key form", SPLIT.load(std::sync::atomic::Ordering::Relaxed));
+    println!("{} checks as a shard with offsets", SHIFTED.load(std::sync::atomic::Ordering::Relaxed));
     assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
 }
 
