@@ -10,7 +10,8 @@ kernels on NumPy arrays or torch tensors.
 Every user error raises `einfuse.EinfuseError` (a `ValueError`) whose message is the diagnostic
 the command line prints. The kernels compute in float32: float32 inputs that are contiguous are
 read in place, without a copy; float16 and bfloat16 inputs are widened to float32 (a copy), and
-any other strides are copied once into row-major order. Outputs come back in their storage type
+any other strides are copied once into row-major order. Do not write an input
+from another thread while a call reads it. Outputs come back in their storage type
 (float16 as float16; bfloat16 as torch.bfloat16 for torch, float32 for NumPy, which has no
 bfloat16 of its own).
 """
@@ -76,15 +77,17 @@ def _as_array(name, x):
     if _is_torch(x):
         import torch
 
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             raise _error(
                 f"input `{name}` is on {x.device}; this version runs torch tensors from the CPU only "
                 f"(move it with .cpu())"
             )
+        if x.requires_grad:
+            x = x.detach()
         if x.dtype == torch.float32:
-            return x.detach().numpy(), True
+            return x.numpy(), True
         if x.dtype in (torch.float16, torch.bfloat16):
-            return x.detach().float().numpy(), True
+            return x.float().numpy(), True
         raise _error(f"input `{name}` has dtype {x.dtype}; einfuse takes float32, float16 or bfloat16")
     raise _error(f"input `{name}` must be a NumPy array or a torch tensor, not {type(x).__name__}")
 

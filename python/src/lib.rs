@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use numpy::ndarray::{ArrayD, IxDyn};
-use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -69,24 +69,30 @@ impl Kernel {
         offsets: Option<Vec<(String, i64)>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let mut names: Vec<String> = Vec::with_capacity(inputs.len());
-        let mut arrays: Vec<PyReadonlyArrayDyn<'py, f32>> = Vec::with_capacity(inputs.len());
+        let mut arrays: Vec<Bound<'py, PyArrayDyn<f32>>> = Vec::with_capacity(inputs.len());
         for (name, value) in inputs.iter() {
             let name: String = name.extract()?;
-            let array = value.cast::<PyArrayDyn<f32>>().map_err(|_| {
-                let found = value.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+            let array = value.cast_into::<PyArrayDyn<f32>>().map_err(|e| {
+                let found = e.into_inner().get_type().name().map(|n| n.to_string()).unwrap_or_default();
                 EinfuseError::new_err(format!("error: input `{name}` must be a float32 array, not {found}"))
             })?;
-            arrays.push(array.try_readonly()?);
+            arrays.push(array);
             names.push(name);
         }
         let shapes: Vec<Vec<usize>> = arrays.iter().map(|a| a.shape().to_vec()).collect();
-        // Strided or misaligned arrays are copied into row-major order once.
+        // SAFETY (both blocks): the kernel only reads its inputs, and `arrays` keeps them alive for
+        // the call. Without rust-numpy's borrow tracking (which costs microseconds for every
+        // fresh view, as `Tensor.numpy()` makes on every call; it guards only against other
+        // native extensions anyway), nothing stops another Python thread from writing an input
+        // while the call reads it: a data race, which the package's documentation forbids, as
+        // for NumPy's own loops that release the interpreter lock.
+        //
+        // Strided, Fortran-ordered or misaligned arrays are copied into row-major order once.
         let copies: Vec<Option<Vec<f32>>> = arrays
             .iter()
-            .map(|a| match a.is_c_contiguous() && a.as_slice().is_ok() {
+            .map(|a| match a.is_c_contiguous() && unsafe { a.as_slice() }.is_ok() {
                 true => None,
-                // `as_slice` also accepts Fortran order; the kernels read row-major.
-                false => Some(a.as_array().iter().copied().collect()),
+                false => Some(unsafe { a.as_array() }.iter().copied().collect()),
             })
             .collect();
         let slices: Vec<(&str, &[f32], &[usize])> = names
@@ -97,7 +103,7 @@ impl Kernel {
             .map(|(((name, array), copy), shape)| {
                 let data = match copy {
                     Some(copy) => copy.as_slice(),
-                    None => array.as_slice().expect("contiguous"),
+                    None => unsafe { array.as_slice() }.expect("contiguous"),
                 };
                 (name.as_str(), data, shape.as_slice())
             })
