@@ -59,12 +59,18 @@ def _error(message):
     return EinfuseError(f"error: {message}")
 
 
-def _is_torch(x):
-    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+def _torch_tensor_type(x):
+    """torch.Tensor, when `x` may be a torch tensor (torch is imported only if the caller uses it)."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return torch.Tensor
+    return None
 
 
-def _as_array(name, x):
-    """The float32 NumPy array a kernel reads for input `name`, and whether it came from torch."""
+def _as_input(name, x):
+    """What the extension reads for input `name` (a float32 NumPy array or CPU torch tensor, read
+    in place when row-major), and whether it came from torch."""
     if isinstance(x, np.ndarray):
         if x.dtype == np.float32:
             return x, False
@@ -74,20 +80,17 @@ def _as_array(name, x):
             f"input `{name}` has dtype {x.dtype}; einfuse takes float32, float16 or bfloat16 "
             f"(convert with .astype(np.float32))"
         )
-    if _is_torch(x):
+    tensor_type = _torch_tensor_type(x)
+    if tensor_type is not None and isinstance(x, tensor_type):
         import torch
 
-        if not x.is_cpu:
-            raise _error(
-                f"input `{name}` is on {x.device}; this version runs torch tensors from the CPU only "
-                f"(move it with .cpu())"
-            )
-        if x.requires_grad:
-            x = x.detach()
+        # The extension checks the device and reads float32 tensors in place.
         if x.dtype == torch.float32:
-            return x.numpy(), True
+            return x, True
         if x.dtype in (torch.float16, torch.bfloat16):
-            return x.float().numpy(), True
+            if not x.is_cpu:
+                raise _error(f"input `{name}` is on {x.device}, not the CPU (move it with .cpu())")
+            return x.detach().float(), True
         raise _error(f"input `{name}` has dtype {x.dtype}; einfuse takes float32, float16 or bfloat16")
     raise _error(f"input `{name}` must be a NumPy array or a torch tensor, not {type(x).__name__}")
 
@@ -98,10 +101,9 @@ def _to_numpy(array, dtype):
     return array
 
 
-def _to_torch(array, dtype):
+def _to_torch(tensor, dtype):
     import torch
 
-    tensor = torch.from_numpy(array)
     if dtype == "f16":
         return tensor.to(torch.float16)
     if dtype == "bf16":
@@ -123,6 +125,7 @@ class Kernel:
         self.inputs = [Port(*p) for p in native.inputs]
         self.outputs = [Port(*p) for p in native.outputs]
         self._output_dtypes = {p.name: p.dtype for p in self.outputs}
+        self._narrow_outputs = any(p.dtype != "f32" for p in self.outputs)
 
     def __repr__(self):
         ins = ", ".join(repr(p) for p in self.inputs)
@@ -150,12 +153,14 @@ class Kernel:
         arrays = {}
         torch_in = False
         for name, x in inputs.items():
-            arrays[name], from_torch = _as_array(name, x)
+            arrays[name], from_torch = _as_input(name, x)
             torch_in |= from_torch
         offsets = list(offsets.items()) if offsets else None
-        outputs = self._native.call(arrays, offsets)
-        convert = _to_torch if torch_in else _to_numpy
-        return {name: convert(array, self._output_dtypes[name]) for name, array in outputs.items()}
+        outputs = self._native.call(arrays, offsets, torch_in)
+        if self._narrow_outputs:
+            convert = _to_torch if torch_in else _to_numpy
+            return {name: convert(value, self._output_dtypes[name]) for name, value in outputs.items()}
+        return outputs
 
 
 class Program:

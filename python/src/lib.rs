@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::sync::PyOnceLock;
 use pyo3::create_exception;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -59,53 +60,36 @@ impl Kernel {
         einfuse::compiler::print::print_cascade(self.kernel.cascade())
     }
 
-    /// Calls the kernel on float32 NumPy arrays given by input name; returns the outputs by
-    /// name, float32 NumPy arrays. A contiguous array is read in place; any other is copied once.
-    #[pyo3(signature = (inputs, offsets = None))]
+    /// Calls the kernel on float32 NumPy arrays or CPU torch tensors given by input name;
+    /// returns the outputs by name, float32 NumPy arrays, or torch tensors with `torch_out`. A
+    /// row-major input is read in place; any other is copied once.
+    #[pyo3(signature = (inputs, offsets = None, torch_out = false))]
     fn call<'py>(
         &self,
         py: Python<'py>,
         inputs: &Bound<'py, PyDict>,
         offsets: Option<Vec<(String, i64)>>,
+        torch_out: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let mut names: Vec<String> = Vec::with_capacity(inputs.len());
-        let mut arrays: Vec<Bound<'py, PyArrayDyn<f32>>> = Vec::with_capacity(inputs.len());
+        let mut views: Vec<View<'py>> = Vec::with_capacity(inputs.len());
         for (name, value) in inputs.iter() {
             let name: String = name.extract()?;
-            let array = value.cast_into::<PyArrayDyn<f32>>().map_err(|e| {
-                let found = e.into_inner().get_type().name().map(|n| n.to_string()).unwrap_or_default();
-                EinfuseError::new_err(format!("error: input `{name}` must be a float32 array, not {found}"))
-            })?;
-            arrays.push(array);
+            views.push(View::of(py, &name, value)?);
             names.push(name);
         }
-        let shapes: Vec<Vec<usize>> = arrays.iter().map(|a| a.shape().to_vec()).collect();
-        // SAFETY (both blocks): the kernel only reads its inputs, and `arrays` keeps them alive for
-        // the call. Without rust-numpy's borrow tracking (which costs microseconds for every
-        // fresh view, as `Tensor.numpy()` makes on every call; it guards only against other
-        // native extensions anyway), nothing stops another Python thread from writing an input
-        // while the call reads it: a data race, which the package's documentation forbids, as
-        // for NumPy's own loops that release the interpreter lock.
-        //
-        // Strided, Fortran-ordered or misaligned arrays are copied into row-major order once.
-        let copies: Vec<Option<Vec<f32>>> = arrays
-            .iter()
-            .map(|a| match a.is_c_contiguous() && unsafe { a.as_slice() }.is_ok() {
-                true => None,
-                false => Some(unsafe { a.as_array() }.iter().copied().collect()),
-            })
-            .collect();
+        // Inputs that are not row-major (strided, Fortran order, misaligned) are copied once.
+        let copies: Vec<Option<Vec<f32>>> = views.iter().map(View::copy).collect();
         let slices: Vec<(&str, &[f32], &[usize])> = names
             .iter()
-            .zip(&arrays)
+            .zip(&views)
             .zip(&copies)
-            .zip(&shapes)
-            .map(|(((name, array), copy), shape)| {
+            .map(|((name, view), copy)| {
                 let data = match copy {
                     Some(copy) => copy.as_slice(),
-                    None => unsafe { array.as_slice() }.expect("contiguous"),
+                    None => view.slice(),
                 };
-                (name.as_str(), data, shape.as_slice())
+                (name.as_str(), data, view.shape.as_slice())
             })
             .collect();
         let options = einfuse::CallOptions { offsets: offsets.unwrap_or_default() };
@@ -118,10 +102,133 @@ impl Kernel {
                 Ok(array) => PyArrayDyn::from_owned_array(py, array),
                 Err(_) => unreachable!("an output holds its shape's elements"),
             };
-            result.set_item(name, array)?;
+            match torch_out {
+                true => result.set_item(name, torch(py)?.from_numpy.bind(py).call1((array,))?)?,
+                false => result.set_item(name, array)?,
+            }
         }
         Ok(result)
     }
+}
+
+/// What the package needs of torch, looked up once.
+struct Torch {
+    tensor: Py<PyAny>,
+    float32: Py<PyAny>,
+    from_numpy: Py<PyAny>,
+}
+
+static TORCH: PyOnceLock<Torch> = PyOnceLock::new();
+
+fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
+    TORCH.get_or_try_init(py, || {
+        let torch = py.import("torch")?;
+        Ok(Torch {
+            tensor: torch.getattr("Tensor")?.unbind(),
+            float32: torch.getattr("float32")?.unbind(),
+            from_numpy: torch.getattr("from_numpy")?.unbind(),
+        })
+    })
+}
+
+/// An input's float32 elements where they lie: a NumPy array or a CPU torch tensor, kept alive
+/// for the call, its shape, and its strides in elements.
+struct View<'py> {
+    _owner: Bound<'py, PyAny>,
+    data: *const f32,
+    shape: Vec<usize>,
+    strides: Vec<isize>,
+    /// Whether the elements are row-major, dense and aligned: readable in place.
+    row_major: bool,
+}
+
+impl<'py> View<'py> {
+    fn of(py: Python<'py>, name: &str, value: Bound<'py, PyAny>) -> PyResult<View<'py>> {
+        let refuse = |what: String| EinfuseError::new_err(format!("error: input `{name}` {what}"));
+        if let Ok(array) = value.cast::<PyArrayDyn<f32>>() {
+            let shape = array.shape().to_vec();
+            let bytes = array.strides().to_vec();
+            let aligned = (array.data() as usize) % 4 == 0 && bytes.iter().all(|b| b % 4 == 0);
+            let strides = bytes.iter().map(|b| b / 4).collect();
+            let row_major = aligned && array.is_c_contiguous();
+            let data = array.data() as *const f32;
+            if !aligned {
+                // Only a misaligned array lands here; copy it with NumPy into an aligned one.
+                let copy = array.call_method0("copy")?;
+                return View::of(py, name, copy);
+            }
+            return Ok(View { _owner: value, data, shape, strides, row_major });
+        }
+        let torch_module = value.get_type().module().map(|m| m.to_string()).unwrap_or_default();
+        if torch_module.starts_with("torch") && value.is_instance(torch(py)?.tensor.bind(py))? {
+            if !value.getattr("dtype")?.is(torch(py)?.float32.bind(py)) {
+                return Err(refuse(format!("has dtype {}; the kernels read float32", value.getattr("dtype")?)));
+            }
+            if !value.getattr("is_cpu")?.extract::<bool>()? {
+                let device = value.getattr("device")?;
+                return Err(refuse(format!("is on {device}, not the CPU (move it with .cpu())")));
+            }
+            let shape: Vec<usize> = value.getattr("shape")?.extract()?;
+            let strides: Vec<isize> = value.call_method0("stride")?.extract()?;
+            let data = value.call_method0("data_ptr")?.extract::<usize>()? as *const f32;
+            let row_major = row_major(&shape, &strides);
+            return Ok(View { _owner: value, data, shape, strides, row_major });
+        }
+        let found = value.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+        Err(refuse(format!("must be a float32 NumPy array or torch tensor, not {found}")))
+    }
+
+    /// The elements in place (row-major views only).
+    fn slice(&self) -> &[f32] {
+        let len = self.shape.iter().product::<usize>();
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: a row-major view holds `len` aligned f32 at `data`, owned by `_owner`, which
+        // lives as long as `self`. The kernel only reads them. Without rust-numpy's borrow
+        // tracking (which costs microseconds for every fresh view; it guards only against other
+        // native extensions anyway), nothing stops another Python thread from writing an input
+        // while the call reads it: a data race, which the package's documentation forbids, as
+        // for NumPy's own loops that release the interpreter lock.
+        unsafe { std::slice::from_raw_parts(self.data, len) }
+    }
+
+    /// A row-major copy of a view that is not row-major.
+    fn copy(&self) -> Option<Vec<f32>> {
+        if self.row_major {
+            return None;
+        }
+        let len = self.shape.iter().product::<usize>();
+        let mut out = Vec::with_capacity(len);
+        let mut index = vec![0usize; self.shape.len()];
+        for _ in 0..len {
+            let offset: isize = index.iter().zip(&self.strides).map(|(i, s)| *i as isize * s).sum();
+            // SAFETY: every index is inside the shape, so the element is inside the owner's
+            // memory, as NumPy and torch lay it out.
+            out.push(unsafe { *self.data.offset(offset) });
+            for d in (0..index.len()).rev() {
+                index[d] += 1;
+                if index[d] < self.shape[d] {
+                    break;
+                }
+                index[d] = 0;
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Whether `strides` (in elements) lay out `shape` row-major and dense (a position of one point
+/// may have any stride).
+fn row_major(shape: &[usize], strides: &[isize]) -> bool {
+    let mut expected = 1isize;
+    for (n, s) in shape.iter().zip(strides).rev() {
+        if *n != 1 && *s != expected {
+            return false;
+        }
+        expected *= *n as isize;
+    }
+    true
 }
 
 /// Compiles every kernel of `source` (errors name `path`); returns them in source order.

@@ -74,6 +74,12 @@ def test_strided_and_16_bit_inputs():
     q_view = np.ascontiguousarray(q.transpose(1, 0, 2)).transpose(1, 0, 2)
     assert not q_view.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(kernel(Q=q_view, K=np.asfortranarray(k), V=v)["AV"], want)
+    # Reversed and stepped views.
+    reversed_keys = kernel(Q=q, K=k[:, ::-1][:, ::-1], V=v[:, ::-1][:, ::-1])["AV"]
+    np.testing.assert_array_equal(reversed_keys, want)
+    wide = np.zeros((2, 6, 32), np.float32)
+    wide[:, :, ::2] = q
+    np.testing.assert_array_equal(kernel(Q=wide[:, :, ::2], K=k, V=v)["AV"], want)
     # float16 inputs are widened; the result is the attention of the rounded values.
     half = kernel(Q=q.astype(np.float16), K=k.astype(np.float16), V=v.astype(np.float16))["AV"]
     rounded = kernel(Q=q.astype(np.float16).astype(np.float32), K=k.astype(np.float16).astype(np.float32),
