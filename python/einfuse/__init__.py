@@ -9,8 +9,8 @@ kernels on NumPy arrays or torch tensors.
 
 Every user error raises `einfuse.EinfuseError` (a `ValueError`) whose message is the diagnostic
 the command line prints. The kernels compute in float32: float32 inputs that are contiguous are
-read in place, without a copy; float16 and bfloat16 inputs are widened to float32 (a copy), and
-any other strides are copied once into row-major order. Do not write an input
+read in place, without a copy; float16 and bfloat16 (torch) inputs are widened to float32 (a
+copy), and any other strides are copied once into row-major order. Do not write an input
 from another thread while a call reads it. Outputs come back in their storage type
 (float16 as float16; bfloat16 as torch.bfloat16 for torch, float32 for NumPy, which has no
 bfloat16 of its own).
@@ -57,42 +57,6 @@ class Port:
 
 def _error(message):
     return EinfuseError(f"error: {message}")
-
-
-def _torch_tensor_type(x):
-    """torch.Tensor, when `x` may be a torch tensor (torch is imported only if the caller uses it)."""
-    if type(x).__module__.startswith("torch"):
-        import torch
-
-        return torch.Tensor
-    return None
-
-
-def _as_input(name, x):
-    """What the extension reads for input `name` (a float32 NumPy array or CPU torch tensor, read
-    in place when row-major), and whether it came from torch."""
-    if isinstance(x, np.ndarray):
-        if x.dtype == np.float32:
-            return x, False
-        if x.dtype == np.float16 or x.dtype.name == "bfloat16":
-            return x.astype(np.float32), False
-        raise _error(
-            f"input `{name}` has dtype {x.dtype}; einfuse takes float32, float16 or bfloat16 "
-            f"(convert with .astype(np.float32))"
-        )
-    tensor_type = _torch_tensor_type(x)
-    if tensor_type is not None and isinstance(x, tensor_type):
-        import torch
-
-        # The extension checks the device and reads float32 tensors in place.
-        if x.dtype == torch.float32:
-            return x, True
-        if x.dtype in (torch.float16, torch.bfloat16):
-            if not x.is_cpu:
-                raise _error(f"input `{name}` is on {x.device}, not the CPU (move it with .cpu())")
-            return x.detach().float(), True
-        raise _error(f"input `{name}` has dtype {x.dtype}; einfuse takes float32, float16 or bfloat16")
-    raise _error(f"input `{name}` must be a NumPy array or a torch tensor, not {type(x).__name__}")
 
 
 def _to_numpy(array, dtype):
@@ -150,13 +114,8 @@ class Kernel:
         """
         if params:
             return self._program._with_params(params).kernel(self.name).call(inputs, offsets=offsets)
-        arrays = {}
-        torch_in = False
-        for name, x in inputs.items():
-            arrays[name], from_torch = _as_input(name, x)
-            torch_in |= from_torch
         offsets = list(offsets.items()) if offsets else None
-        outputs = self._native.call(arrays, offsets, torch_in)
+        outputs, torch_in = self._native.call(inputs, offsets)
         if self._narrow_outputs:
             convert = _to_torch if torch_in else _to_numpy
             return {name: convert(value, self._output_dtypes[name]) for name, value in outputs.items()}

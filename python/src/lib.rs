@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use numpy::ndarray::{ArrayD, IxDyn};
-use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
+use numpy::{PyArrayDescrMethods, PyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::sync::PyOnceLock;
 use pyo3::create_exception;
 use pyo3::prelude::*;
@@ -60,38 +60,29 @@ impl Kernel {
         einfuse::compiler::print::print_cascade(self.kernel.cascade())
     }
 
-    /// Calls the kernel on float32 NumPy arrays or CPU torch tensors given by input name;
-    /// returns the outputs by name, float32 NumPy arrays, or torch tensors with `torch_out`. A
-    /// row-major input is read in place; any other is copied once.
-    #[pyo3(signature = (inputs, offsets = None, torch_out = false))]
+    /// Calls the kernel on NumPy arrays or CPU torch tensors (float32, float16; bfloat16 from
+    /// torch) given by input name; returns the outputs by name as float32 arrays, torch tensors
+    /// where any input was one. A row-major float32 input is read in place; any other is copied
+    /// once into row-major float32.
+    #[pyo3(signature = (inputs, offsets = None))]
     fn call<'py>(
         &self,
         py: Python<'py>,
         inputs: &Bound<'py, PyDict>,
         offsets: Option<Vec<(String, i64)>>,
-        torch_out: bool,
-    ) -> PyResult<Bound<'py, PyDict>> {
+    ) -> PyResult<(Bound<'py, PyDict>, bool)> {
         let mut names: Vec<String> = Vec::with_capacity(inputs.len());
         let mut views: Vec<View<'py>> = Vec::with_capacity(inputs.len());
+        let mut torch_in = false;
         for (name, value) in inputs.iter() {
             let name: String = name.extract()?;
-            views.push(View::of(py, &name, value)?);
+            let (view, from_torch) = View::of(py, &name, value)?;
+            torch_in |= from_torch;
+            views.push(view);
             names.push(name);
         }
-        // Inputs that are not row-major (strided, Fortran order, misaligned) are copied once.
-        let copies: Vec<Option<Vec<f32>>> = views.iter().map(View::copy).collect();
-        let slices: Vec<(&str, &[f32], &[usize])> = names
-            .iter()
-            .zip(&views)
-            .zip(&copies)
-            .map(|((name, view), copy)| {
-                let data = match copy {
-                    Some(copy) => copy.as_slice(),
-                    None => view.slice(),
-                };
-                (name.as_str(), data, view.shape.as_slice())
-            })
-            .collect();
+        let slices: Vec<(&str, &[f32], &[usize])> =
+            names.iter().zip(&views).map(|(name, view)| (name.as_str(), view.slice(), view.shape.as_slice())).collect();
         let options = einfuse::CallOptions { offsets: offsets.unwrap_or_default() };
         let kernel = &self.kernel;
         let outputs = py.detach(|| kernel.call_with(&slices, &options)).map_err(error)?;
@@ -102,19 +93,19 @@ impl Kernel {
                 Ok(array) => PyArrayDyn::from_owned_array(py, array),
                 Err(_) => unreachable!("an output holds its shape's elements"),
             };
-            match torch_out {
+            match torch_in {
                 true => result.set_item(name, torch(py)?.from_numpy.bind(py).call1((array,))?)?,
                 false => result.set_item(name, array)?,
             }
         }
-        Ok(result)
+        Ok((result, torch_in))
     }
 }
 
 /// What the package needs of torch, looked up once.
 struct Torch {
     tensor: Py<PyAny>,
-    float32: Py<PyAny>,
+    to_dlpack: Py<PyAny>,
     from_numpy: Py<PyAny>,
 }
 
@@ -125,66 +116,163 @@ fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
         let torch = py.import("torch")?;
         Ok(Torch {
             tensor: torch.getattr("Tensor")?.unbind(),
-            float32: torch.getattr("float32")?.unbind(),
+            to_dlpack: torch.getattr("_C")?.getattr("_to_dlpack")?.unbind(),
             from_numpy: torch.getattr("from_numpy")?.unbind(),
         })
     })
 }
 
-/// An input's float32 elements where they lie: a NumPy array or a CPU torch tensor, kept alive
-/// for the call, its shape, and its strides in elements.
+/// The element types an input may have.
+#[derive(Clone, Copy, PartialEq)]
+enum Elem {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Elem {
+    fn bytes(self) -> isize {
+        match self {
+            Elem::F32 => 4,
+            Elem::F16 | Elem::Bf16 => 2,
+        }
+    }
+
+    /// The element at `at`, as f32.
+    ///
+    /// # Safety
+    /// `at` must point to an element of this type (any alignment).
+    unsafe fn read(self, at: *const u8) -> f32 {
+        match self {
+            Elem::F32 => unsafe { (at as *const f32).read_unaligned() },
+            Elem::F16 => half::f16::from_bits(unsafe { (at as *const u16).read_unaligned() }).to_f32(),
+            Elem::Bf16 => half::bf16::from_bits(unsafe { (at as *const u16).read_unaligned() }).to_f32(),
+        }
+    }
+}
+
+/// An input's elements: read in place where they are row-major, aligned float32, else copied
+/// once into row-major float32 (strided views, 16-bit types).
 struct View<'py> {
+    /// Keeps the memory alive: the array, or the tensor's DLPack capsule.
     _owner: Bound<'py, PyAny>,
-    data: *const f32,
     shape: Vec<usize>,
-    strides: Vec<isize>,
-    /// Whether the elements are row-major, dense and aligned: readable in place.
-    row_major: bool,
+    /// The first element, when read in place.
+    data: *const f32,
+    copy: Option<Vec<f32>>,
 }
 
 impl<'py> View<'py> {
-    fn of(py: Python<'py>, name: &str, value: Bound<'py, PyAny>) -> PyResult<View<'py>> {
+    /// The view of a NumPy array or a CPU torch tensor, and whether it is a torch tensor.
+    fn of(py: Python<'py>, name: &str, value: Bound<'py, PyAny>) -> PyResult<(View<'py>, bool)> {
         let refuse = |what: String| EinfuseError::new_err(format!("error: input `{name}` {what}"));
-        if let Ok(array) = value.cast::<PyArrayDyn<f32>>() {
+        if let Ok(array) = value.cast::<PyUntypedArray>() {
+            let dtype = array.dtype();
+            let elem = if dtype.is_equiv_to(&numpy::dtype::<f32>(py)) {
+                Elem::F32
+            } else if dtype.is_equiv_to(&numpy::dtype::<half::f16>(py)) {
+                Elem::F16
+            } else {
+                return Err(refuse(format!(
+                    "has dtype {dtype}; einfuse takes float32 or float16 arrays (convert with .astype(np.float32))"
+                )));
+            };
             let shape = array.shape().to_vec();
-            let bytes = array.strides().to_vec();
-            let aligned = (array.data() as usize) % 4 == 0 && bytes.iter().all(|b| b % 4 == 0);
-            let strides = bytes.iter().map(|b| b / 4).collect();
-            let row_major = aligned && array.is_c_contiguous();
-            let data = array.data() as *const f32;
-            if !aligned {
-                // Only a misaligned array lands here; copy it with NumPy into an aligned one.
-                let copy = array.call_method0("copy")?;
-                return View::of(py, name, copy);
-            }
-            return Ok(View { _owner: value, data, shape, strides, row_major });
+            let strides = array.strides().to_vec();
+            // SAFETY: a NumPy array's data pointer, shape and byte strides describe its memory.
+            let data = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
+            let view = View::strided(value, data, shape, &strides, elem);
+            return Ok((view, false));
         }
         let torch_module = value.get_type().module().map(|m| m.to_string()).unwrap_or_default();
         if torch_module.starts_with("torch") && value.is_instance(torch(py)?.tensor.bind(py))? {
-            if !value.getattr("dtype")?.is(torch(py)?.float32.bind(py)) {
-                return Err(refuse(format!("has dtype {}; the kernels read float32", value.getattr("dtype")?)));
-            }
-            if !value.getattr("is_cpu")?.extract::<bool>()? {
+            let device_error = || -> PyResult<PyErr> {
                 let device = value.getattr("device")?;
-                return Err(refuse(format!("is on {device}, not the CPU (move it with .cpu())")));
+                Ok(refuse(format!("is on {device}, not the CPU (move it with .cpu())")))
+            };
+            // One DLPack capsule describes the tensor (one C call, where reading its attributes
+            // one by one costs more and evicts the kernel's data from the caches); dropping the
+            // capsule unconsumed releases it.
+            let capsule = match torch(py)?.to_dlpack.bind(py).call1((&value,)) {
+                Ok(capsule) => capsule,
+                // A tensor without memory to describe (on the meta device, say).
+                Err(_) if !value.getattr("is_cpu")?.extract::<bool>()? => return Err(device_error()?),
+                Err(e) => return Err(refuse(format!("cannot be read: {e}"))),
+            };
+            // SAFETY: torch's `_to_dlpack` returns a capsule named "dltensor" holding a
+            // `DLManagedTensor`, valid while the capsule lives; the view keeps the capsule.
+            let managed = unsafe { pyo3::ffi::PyCapsule_GetPointer(capsule.as_ptr(), c"dltensor".as_ptr()) };
+            if managed.is_null() {
+                return Err(PyErr::fetch(py));
             }
-            let shape: Vec<usize> = value.getattr("shape")?.extract()?;
-            let strides: Vec<isize> = value.call_method0("stride")?.extract()?;
-            let data = value.call_method0("data_ptr")?.extract::<usize>()? as *const f32;
-            let row_major = row_major(&shape, &strides);
-            return Ok(View { _owner: value, data, shape, strides, row_major });
+            let tensor = unsafe { &*(managed as *const DlTensor) };
+            let elem = match (tensor.dtype_code, tensor.dtype_bits, tensor.dtype_lanes) {
+                (2, 32, 1) => Elem::F32,
+                (2, 16, 1) => Elem::F16,
+                (4, 16, 1) => Elem::Bf16,
+                _ => {
+                    let dtype = value.getattr("dtype")?;
+                    return Err(refuse(format!("has dtype {dtype}; einfuse takes float32, float16 or bfloat16")));
+                }
+            };
+            if tensor.device_type != 1 {
+                return Err(device_error()?);
+            }
+            let ndim = tensor.ndim.max(0) as usize;
+            // SAFETY: `shape` (and `strides`, when not null) hold `ndim` integers.
+            let shape: Vec<usize> =
+                unsafe { std::slice::from_raw_parts(tensor.shape, ndim) }.iter().map(|n| *n as usize).collect();
+            let strides: Vec<isize> = match tensor.strides.is_null() {
+                true => row_major_strides(&shape, elem.bytes()),
+                false => unsafe { std::slice::from_raw_parts(tensor.strides, ndim) }
+                    .iter()
+                    .map(|s| *s as isize * elem.bytes())
+                    .collect(),
+            };
+            let data = unsafe { (tensor.data as *const u8).add(tensor.byte_offset as usize) };
+            return Ok((View::strided(capsule, data, shape, &strides, elem), true));
         }
         let found = value.get_type().name().map(|n| n.to_string()).unwrap_or_default();
-        Err(refuse(format!("must be a float32 NumPy array or torch tensor, not {found}")))
+        Err(refuse(format!("must be a NumPy array or a torch tensor, not {found}")))
     }
 
-    /// The elements in place (row-major views only).
+    /// The view of `shape` elements of type `elem` at `data`, `strides` bytes apart, owned by
+    /// `owner`: in place when they are row-major aligned float32, copied otherwise.
+    fn strided(owner: Bound<'py, PyAny>, data: *const u8, shape: Vec<usize>, strides: &[isize], elem: Elem) -> View<'py> {
+        let dense = row_major_strides(&shape, elem.bytes());
+        let row_major = shape.iter().zip(strides).zip(&dense).all(|((n, s), d)| *n == 1 || s == d);
+        if elem == Elem::F32 && row_major && (data as usize) % 4 == 0 {
+            return View { _owner: owner, shape, data: data as *const f32, copy: None };
+        }
+        let len = shape.iter().product::<usize>();
+        let mut copy = Vec::with_capacity(len);
+        let mut index = vec![0usize; shape.len()];
+        for _ in 0..len {
+            let offset: isize = index.iter().zip(strides).map(|(i, s)| *i as isize * s).sum();
+            // SAFETY: every index lies inside the shape, so the element lies inside the owner's
+            // memory, as NumPy and torch lay it out.
+            copy.push(unsafe { elem.read(data.offset(offset)) });
+            for d in (0..index.len()).rev() {
+                index[d] += 1;
+                if index[d] < shape[d] {
+                    break;
+                }
+                index[d] = 0;
+            }
+        }
+        View { _owner: owner, shape, data: std::ptr::null(), copy: Some(copy) }
+    }
+
+    /// The elements, row-major.
     fn slice(&self) -> &[f32] {
+        if let Some(copy) = &self.copy {
+            return copy;
+        }
         let len = self.shape.iter().product::<usize>();
         if len == 0 {
             return &[];
         }
-        // SAFETY: a row-major view holds `len` aligned f32 at `data`, owned by `_owner`, which
+        // SAFETY: an in-place view holds `len` aligned f32 at `data`, owned by `_owner`, which
         // lives as long as `self`. The kernel only reads them. Without rust-numpy's borrow
         // tracking (which costs microseconds for every fresh view; it guards only against other
         // native extensions anyway), nothing stops another Python thread from writing an input
@@ -192,44 +280,33 @@ impl<'py> View<'py> {
         // for NumPy's own loops that release the interpreter lock.
         unsafe { std::slice::from_raw_parts(self.data, len) }
     }
-
-    /// A row-major copy of a view that is not row-major.
-    fn copy(&self) -> Option<Vec<f32>> {
-        if self.row_major {
-            return None;
-        }
-        let len = self.shape.iter().product::<usize>();
-        let mut out = Vec::with_capacity(len);
-        let mut index = vec![0usize; self.shape.len()];
-        for _ in 0..len {
-            let offset: isize = index.iter().zip(&self.strides).map(|(i, s)| *i as isize * s).sum();
-            // SAFETY: every index is inside the shape, so the element is inside the owner's
-            // memory, as NumPy and torch lay it out.
-            out.push(unsafe { *self.data.offset(offset) });
-            for d in (0..index.len()).rev() {
-                index[d] += 1;
-                if index[d] < self.shape[d] {
-                    break;
-                }
-                index[d] = 0;
-            }
-        }
-        Some(out)
-    }
 }
 
-/// Whether `strides` (in elements) lay out `shape` row-major and dense (a position of one point
-/// may have any stride).
-fn row_major(shape: &[usize], strides: &[isize]) -> bool {
-    let mut expected = 1isize;
-    for (n, s) in shape.iter().zip(strides).rev() {
-        if *n != 1 && *s != expected {
-            return false;
-        }
-        expected *= *n as isize;
-    }
-    true
+/// The head of DLPack's `DLTensor` (dlpack.h, stable since 0.2): what a `DLManagedTensor` starts
+/// with.
+#[repr(C)]
+struct DlTensor {
+    data: *mut std::ffi::c_void,
+    device_type: i32,
+    device_id: i32,
+    ndim: i32,
+    dtype_code: u8,
+    dtype_bits: u8,
+    dtype_lanes: u16,
+    shape: *const i64,
+    strides: *const i64,
+    byte_offset: u64,
 }
+
+/// The strides of a row-major array of `shape`, in bytes for elements of `bytes` bytes.
+fn row_major_strides(shape: &[usize], bytes: isize) -> Vec<isize> {
+    let mut strides = vec![bytes; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1] as isize;
+    }
+    strides
+}
+
 
 /// Compiles every kernel of `source` (errors name `path`); returns them in source order.
 #[pyfunction]

@@ -51,6 +51,13 @@ def test_tensors_that_need_grad_and_views():
     torch.testing.assert_close(got, sdpa(q.detach(), k, v, 0.25), atol=2e-5, rtol=0)
 
 
+def test_other_dtypes_are_refused_with_a_clear_message():
+    kernel = einfuse.compile(ATTENTION).kernel("attention")
+    q = torch.zeros(2, 5, 16, dtype=torch.int64)
+    with pytest.raises(einfuse.EinfuseError, match=r"input `Q` has dtype torch.int64"):
+        kernel(Q=q, K=q, V=q)
+
+
 def test_cuda_tensors_are_refused_with_a_clear_message():
     kernel = einfuse.compile(ATTENTION).kernel("attention")
     if not torch.cuda.is_available():
