@@ -103,8 +103,8 @@ pub enum Executable {
     /// The GPU kernel compiled for this CPU, its grid run as loops.
     #[cfg(feature = "llvm")]
     Emulated(crate::compiler::llvm::EmulatedKernel),
-    /// PTX for the GPU, loaded onto the device when it runs.
-    Gpu { loops: LoopProgram, ptx: String },
+    /// PTX for the GPU, loaded onto the device by the first call and kept for the next ones.
+    Gpu { loops: LoopProgram, ptx: String, loaded: std::sync::OnceLock<Result<Loaded, String>> },
 }
 
 /// A kernel scheduled: everything but machine code.
@@ -237,7 +237,9 @@ pub fn compile_loops(loops: &LoopProgram, target: Target) -> Result<Executable, 
         #[cfg(feature = "llvm")]
         Target::GpuEmulated => Executable::Emulated(crate::compiler::llvm::EmulatedKernel::new(loops)?),
         #[cfg(feature = "llvm")]
-        Target::Gpu => Executable::Gpu { loops: loops.clone(), ptx: ptx(loops, "sm_80")? },
+        Target::Gpu => {
+            Executable::Gpu { loops: loops.clone(), ptx: ptx(loops, "sm_80")?, loaded: std::sync::OnceLock::new() }
+        }
         #[cfg(not(feature = "llvm"))]
         other => {
             return Err(Error::Usage(format!(
@@ -285,7 +287,10 @@ impl Executable {
             Executable::Cpu(kernel) => kernel.run_threads_at(extents, inputs, threads, origins)?,
             #[cfg(feature = "llvm")]
             Executable::Emulated(kernel) => kernel.run(extents, inputs)?,
-            Executable::Gpu { loops, ptx } => run_gpu(loops, ptx, extents, inputs)?,
+            Executable::Gpu { loops, ptx, loaded } => {
+                let kernel = loaded.get_or_init(|| load_gpu(loops, ptx)).as_ref().map_err(|e| Error::Usage(e.clone()))?;
+                run_gpu(kernel, extents, inputs)?
+            }
         })
     }
 }
@@ -325,15 +330,29 @@ impl Built {
     }
 }
 
+/// A GPU kernel loaded onto GPU 0 (its module and function); nothing without `cuda`.
 #[cfg(feature = "cuda")]
-fn run_gpu(loops: &LoopProgram, ptx: &str, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
-    let usage = |e: crate::gpu::GpuError| Error::Usage(e.to_string());
-    let device = crate::gpu::GpuDevice::open().map_err(usage)?;
-    let kernel = crate::gpu::GpuKernel::load(&device, loops, ptx).map_err(usage)?;
-    kernel.run(extents, inputs).map_err(usage)
+pub type Loaded = crate::gpu::GpuKernel;
+#[cfg(not(feature = "cuda"))]
+pub type Loaded = ();
+
+#[cfg(feature = "cuda")]
+fn load_gpu(loops: &LoopProgram, ptx: &str) -> Result<Loaded, String> {
+    let device = crate::gpu::GpuDevice::open().map_err(|e| e.to_string())?;
+    crate::gpu::GpuKernel::load(&device, loops, ptx).map_err(|e| e.to_string())
+}
+
+#[cfg(feature = "cuda")]
+fn run_gpu(kernel: &Loaded, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
+    kernel.run(extents, inputs).map_err(|e| Error::Usage(e.to_string()))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_gpu(_: &LoopProgram, _: &str, _: &[u64], _: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
-    Err(Error::Usage("the GPU target needs the `cuda` feature, and this einfuse was built without it".into()))
+fn load_gpu(_: &LoopProgram, _: &str) -> Result<Loaded, String> {
+    Err("the GPU target needs the `cuda` feature, and this einfuse was built without it".into())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_gpu(_: &Loaded, _: &[u64], _: &[&[f32]]) -> Result<Vec<Vec<f32>>, Error> {
+    unreachable!("load_gpu fails first")
 }
