@@ -247,11 +247,19 @@ impl Kernel {
                     c.name
                 )));
             }
+            if offset.unsigned_abs() > MAX_OFFSET {
+                return Err(Error::Usage(format!(
+                    "the offset of rank `{name}` ({offset}) is beyond the largest allowed, {MAX_OFFSET}"
+                )));
+            }
             origins[r] = *offset;
         }
         Ok(origins)
     }
 }
+
+/// The largest offset of a rank, either way: positions stay exact in f64 and far from overflow.
+pub const MAX_OFFSET: u64 = 1 << 48;
 
 /// Settings of one call.
 #[derive(Clone, Debug, Default)]

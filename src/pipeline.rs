@@ -104,7 +104,7 @@ pub enum Executable {
     #[cfg(feature = "llvm")]
     Emulated(crate::compiler::llvm::EmulatedKernel),
     /// PTX for the GPU, loaded onto the device by the first call and kept for the next ones.
-    Gpu { loops: LoopProgram, ptx: String, loaded: std::sync::OnceLock<Result<Loaded, String>> },
+    Gpu { loops: LoopProgram, ptx: String, loaded: std::sync::OnceLock<Loaded> },
 }
 
 /// A kernel scheduled: everything but machine code.
@@ -288,7 +288,14 @@ impl Executable {
             #[cfg(feature = "llvm")]
             Executable::Emulated(kernel) => kernel.run(extents, inputs)?,
             Executable::Gpu { loops, ptx, loaded } => {
-                let kernel = loaded.get_or_init(|| load_gpu(loops, ptx)).as_ref().map_err(|e| Error::Usage(e.clone()))?;
+                // A failure to load is not kept: a later call tries again.
+                let kernel = match loaded.get() {
+                    Some(kernel) => kernel,
+                    None => {
+                        let _ = loaded.set(load_gpu(loops, ptx).map_err(Error::Usage)?);
+                        loaded.get().expect("set above")
+                    }
+                };
                 run_gpu(kernel, extents, inputs)?
             }
         })

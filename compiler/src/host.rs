@@ -193,7 +193,12 @@ impl CpuKernel {
         let mask_pointers: Vec<*mut u8> =
             masks.iter_mut().map(|m| if m.is_empty() { std::ptr::null_mut() } else { m.as_mut_ptr() }).collect();
         let extents_i64: Vec<i64> = extents.iter().map(|e| *e as i64).collect();
-        let bases: Vec<i64> = bases.iter().copied().chain(bases.iter().zip(origins).map(|(b, o)| b + o)).collect();
+        // Each rank's first coordinate in the arrays, then its first global position: one entry
+        // per rank of the kernel, whatever the caller passed.
+        let ranks = c.ranks.len();
+        let base = |r: usize| bases.get(r).copied().unwrap_or(0);
+        let origin = |r: usize| origins.get(r).copied().unwrap_or(0);
+        let bases: Vec<i64> = (0..ranks).map(base).chain((0..ranks).map(|r| base(r) + origin(r))).collect();
         // SAFETY: every pointer table has one entry per buffer (or rank), each buffer holds its
         // shape's elements (at least one), and the code only reads inputs and reads and writes
         // inside the other buffers.

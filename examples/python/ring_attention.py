@@ -118,6 +118,8 @@ def ring(cascade, inputs, rank, world, seq, causal):
     shared = {}
     for port in cascade.chunks.inputs:
         x = inputs[port.name]
+        if "P" in port.ranks and "M" in port.ranks:
+            sys.exit(f"input `{port.name}` runs along both the queries (P) and the keys (M): not sharded yet")
         if "P" in port.ranks:
             query_inputs[port.name] = (cascade.axis(port, "P"), x)
         elif "M" in port.ranks:
@@ -169,7 +171,7 @@ def ring(cascade, inputs, rank, world, seq, causal):
                 merged[port.name] = inputs[port.name].narrow(port.ranks.index("P"), q0, q1 - q0)
             else:
                 merged[port.name] = inputs[port.name]
-        outputs.append(cascade.merge.call(merged))
+        outputs.append(cascade.merge.call(merged, offsets={"P": q0}))
     seconds = time.perf_counter() - start
     return outputs, seconds
 

@@ -11,7 +11,7 @@ Every user error raises `einfuse.EinfuseError` (a `ValueError`) whose message is
 the command line prints. The kernels compute in float32: float32 inputs that are contiguous are
 read in place, without a copy; float16 and bfloat16 (torch) inputs are widened to float32 (a
 copy), and any other strides are copied once into row-major order. Do not write an input
-from another thread while a call reads it. Outputs come back in their storage type
+from another thread while a call reads it (nor resize a torch input). Outputs come back in their storage type
 (float16 as float16; bfloat16 as torch.bfloat16 for torch, float32 for NumPy, which has no
 bfloat16 of its own).
 """
@@ -57,6 +57,41 @@ class Port:
 
 def _error(message):
     return EinfuseError(f"error: {message}")
+
+
+def _count(what, value):
+    """`value` as a whole number of at least 1 (or None), else an EinfuseError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise _error(f"{what} must be a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
+def _params(params):
+    if params is None:
+        return []
+    if not isinstance(params, dict):
+        raise _error(f"params must be a dict from name to number, not {type(params).__name__}")
+    out = []
+    for name, value in params.items():
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise _error(f"param {name!r} must be a number, not {value!r}")
+        out.append((name, float(value)))
+    return out
+
+
+def _offsets(offsets):
+    if not offsets:
+        return None
+    if not isinstance(offsets, dict):
+        raise _error(f"offsets must be a dict from rank name to position, not {type(offsets).__name__}")
+    out = []
+    for name, value in offsets.items():
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise _error(f"the offset of rank {name!r} must be a whole number, not {value!r}")
+        out.append((name, int(value)))
+    return out
 
 
 def _to_numpy(array, dtype):
@@ -113,9 +148,9 @@ class Kernel:
         params for this call: each distinct set of values compiles its kernel once, and is kept.
         """
         if params:
+            _params(params)
             return self._program._with_params(params).kernel(self.name).call(inputs, offsets=offsets)
-        offsets = list(offsets.items()) if offsets else None
-        outputs, torch_in = self._native.call(inputs, offsets)
+        outputs, torch_in = self._native.call(inputs, _offsets(offsets))
         if self._narrow_outputs:
             convert = _to_torch if torch_in else _to_numpy
             return {name: convert(value, self._output_dtypes[name]) for name, value in outputs.items()}
@@ -178,11 +213,11 @@ def compile(
     options = {
         "target": target,
         "optimize": bool(optimize),
-        "tile": tile,
-        "params": list((params or {}).items()),
+        "tile": _count("tile", tile),
+        "params": _params(params),
         "check_finite": bool(check_finite),
-        "threads": threads,
-        "split_keys": split_keys,
+        "threads": _count("threads", threads),
+        "split_keys": _count("split_keys", split_keys),
     }
     return Program(source, path, options)
 
@@ -202,7 +237,7 @@ def analyze(source, kernel=None, *, path="<source>"):
 def emit(source, stage="opt", kernel=None, *, target="nvptx", chunk=1024, path="<source>"):
     """The text `einfuse emit --stage STAGE` prints: "ast", "ir", "opt", "split", "loops", "clif",
     "llvm", "llvm-opt" or "ptx" (`target` picks the LLVM module, `chunk` the split's keys)."""
-    return _native.emit(source, path, stage, kernel, target, chunk)
+    return _native.emit(source, path, stage, kernel, target, _count("chunk", chunk))
 
 
 def explain(source, kernel=None, *, path="<source>"):

@@ -220,9 +220,11 @@ impl<'py> View<'py> {
             }
             let ndim = tensor.ndim.max(0) as usize;
             // SAFETY: `shape` (and `strides`, when not null) hold `ndim` integers.
-            let shape: Vec<usize> =
-                unsafe { std::slice::from_raw_parts(tensor.shape, ndim) }.iter().map(|n| *n as usize).collect();
-            let strides: Vec<isize> = match tensor.strides.is_null() {
+            let shape: Vec<usize> = match ndim {
+                0 => vec![],
+                _ => unsafe { std::slice::from_raw_parts(tensor.shape, ndim) }.iter().map(|n| *n as usize).collect(),
+            };
+            let strides: Vec<isize> = match ndim == 0 || tensor.strides.is_null() {
                 true => row_major_strides(&shape, elem.bytes()),
                 false => unsafe { std::slice::from_raw_parts(tensor.strides, ndim) }
                     .iter()

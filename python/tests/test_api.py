@@ -117,6 +117,25 @@ def test_offsets_place_a_shard_in_a_longer_sequence(programs, target):
     assert not np.allclose(kernel(Q=q[:, 30:], K=k, V=v)["AV"], whole[:, 30:], atol=1e-3)
 
 
+@pytest.mark.parametrize("target", CPU_TARGETS + ["interp"])
+@pytest.mark.parametrize("offset", [-37, 0, 5, 1 << 40])
+def test_offsets_reach_index_values_in_lanes(target, offset):
+    """Positions as values, in lanes along the offset rank, negative or large."""
+    source = """
+    kernel positions {
+      rank A, B
+      input X[A, B]
+      Y[a, b] = X[a, b] * b where a <= b + 3
+      output Y
+    }"""
+    x = random((5, 70), 3)
+    y = einfuse.compile(source, target).kernel().call({"X": x}, offsets={"B": offset})["Y"]
+    b = np.arange(70)[None, :] + offset
+    a = np.arange(5)[:, None]
+    want = np.where(a <= b + 3, x * b.astype(np.float32), 0)
+    np.testing.assert_array_equal(y, want.astype(np.float32))
+
+
 def test_offsets_only_along_batch_ranks(programs):
     kernel = programs["cpu"].kernel("causal")
     q, k, v = random((1, 4, 16), 1), random((1, 4, 16), 2), random((1, 4, 16), 3)

@@ -88,3 +88,17 @@ def test_non_finite_output_names_the_tensor():
         kernel(A=np.array([1.0, 1000.0], dtype=np.float32))
     relaxed = einfuse.compile(source, check_finite=False).kernel()
     assert np.isinf(relaxed(A=np.array([1000.0], dtype=np.float32))["B"][0])
+
+
+def test_bad_options_are_einfuse_errors():
+    for options in [{"tile": -1}, {"tile": 0}, {"threads": "2"}, {"split_keys": 1.5}, {"params": {"scale": "x"}},
+                    {"params": [1]}]:
+        with pytest.raises(einfuse.EinfuseError):
+            einfuse.compile(ATTENTION, **options)
+    with pytest.raises(einfuse.EinfuseError, match="chunk"):
+        einfuse.emit(ATTENTION, "split", "attention", chunk=-64)
+    kernel = einfuse.compile(ATTENTION).kernel("causal")
+    q = random((1, 4, 16), 1)
+    for offsets in [{"P": 1.5}, [("P", 1)], {"P": 1 << 60}]:
+        with pytest.raises(einfuse.EinfuseError):
+            kernel.call({"Q": q, "K": q, "V": q}, offsets=offsets)

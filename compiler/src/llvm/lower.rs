@@ -2775,14 +2775,16 @@ impl<'a> Lowering<'a> {
                 let x = self.splat("i64", &x);
                 let steps: Vec<String> = (0..w).map(|k| format!("i64 {k}")).collect();
                 let x = self.ins(format!("add <{w} x i64> {x}, <{}>", steps.join(", ")));
-                // A coordinate is at least 0 and below 2^52: put it in the mantissa of 2^52 and
-                // subtract 2^52 (exact in f64), then round once to f32, the bits `sitofp` gives;
-                // AVX2 has no vector conversion from i64, which LLVM would do lane by lane.
-                let magic = t.splat_literal("i64", "4841369599423283200");
-                let bits = self.ins(format!("or <{w} x i64> {x}, {magic}"));
+                // A position lies in (-2^51, 2^51) (a call's offsets are bounded, see
+                // `jit::MAX_OFFSET`): added to the bits of 2^52 + 2^51 it is that number plus the
+                // position, exactly; subtracting 2^52 + 2^51 in f64 leaves the position, rounded
+                // once to f32, the bits `sitofp` gives. AVX2 has no vector conversion from i64,
+                // which LLVM would do lane by lane.
+                let magic = t.splat_literal("i64", "4843621399236968448");
+                let bits = self.ins(format!("add <{w} x i64> {x}, {magic}"));
                 let wide = self.ins(format!("bitcast <{w} x i64> {bits} to <{w} x double>"));
-                let two52 = t.splat_literal("double", "0x4330000000000000");
-                let exact = self.ins(format!("fsub <{w} x double> {wide}, {two52}"));
+                let bias = t.splat_literal("double", "0x4338000000000000");
+                let exact = self.ins(format!("fsub <{w} x double> {wide}, {bias}"));
                 (self.ins(format!("fptrunc <{w} x double> {exact} to {f}")), None)
             }
             Expr::Access { tensor, subscripts } => {
