@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use einfuse::{compiler, median, output_difference, runtime, unit_in_last_place};
 use einfuse::text::{self, emit, EmitOptions, EmitStage, LlvmTarget};
+use einfuse::{compiler, median, output_difference, runtime, unit_in_last_place};
 use einfuse::{BuildOptions, Error, Program, RunOptions, Target};
 
 #[derive(Parser)]

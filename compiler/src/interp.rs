@@ -174,7 +174,8 @@ fn interpret_here(
         splits[pair.0.index()].push(pair);
         splits[pair.1.index()].push(pair);
     }
-    let mut interp = Interp { cascade, extents, origins, stores, definitions, splits, steps: 0, max_steps: limits.max_steps };
+    let mut interp =
+        Interp { cascade, extents, origins, stores, definitions, splits, steps: 0, max_steps: limits.max_steps };
     let mut defined: Vec<TensorId> = Vec::new();
     for einsum in &cascade.einsums {
         if !defined.contains(&einsum.target) {

@@ -10,12 +10,17 @@ use std::sync::Arc;
 
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{PyArrayDescrMethods, PyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::sync::PyOnceLock;
 use pyo3::create_exception;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
-create_exception!(_native, EinfuseError, pyo3::exceptions::PyValueError, "A user error: its message is the diagnostic the command line prints.");
+create_exception!(
+    _native,
+    EinfuseError,
+    pyo3::exceptions::PyValueError,
+    "A user error: its message is the diagnostic the command line prints."
+);
 
 fn error(e: einfuse::Error) -> PyErr {
     EinfuseError::new_err(e.report())
@@ -240,7 +245,13 @@ impl<'py> View<'py> {
 
     /// The view of `shape` elements of type `elem` at `data`, `strides` bytes apart, owned by
     /// `owner`: in place when they are row-major aligned float32, copied otherwise.
-    fn strided(owner: Bound<'py, PyAny>, data: *const u8, shape: Vec<usize>, strides: &[isize], elem: Elem) -> View<'py> {
+    fn strided(
+        owner: Bound<'py, PyAny>,
+        data: *const u8,
+        shape: Vec<usize>,
+        strides: &[isize],
+        elem: Elem,
+    ) -> View<'py> {
         let dense = row_major_strides(&shape, elem.bytes());
         let row_major = shape.iter().zip(strides).zip(&dense).all(|((n, s), d)| *n == 1 || s == d);
         if elem == Elem::F32 && row_major && (data as usize) % 4 == 0 {
@@ -308,7 +319,6 @@ fn row_major_strides(shape: &[usize], bytes: isize) -> Vec<isize> {
     }
     strides
 }
-
 
 /// Compiles every kernel of `source` (errors name `path`); returns them in source order.
 #[pyfunction]

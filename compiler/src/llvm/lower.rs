@@ -252,8 +252,10 @@ fn thread_entry(
         )
         .unwrap();
     };
-    let allocas =
-        format!("  %vt = alloca [{nb} x float*]\n  %mt = alloca [{nb} x i8*]\n  %bt = alloca [{} x i64]", (2 * nr).max(1));
+    let allocas = format!(
+        "  %vt = alloca [{nb} x float*]\n  %mt = alloca [{nb} x i8*]\n  %bt = alloca [{} x i64]",
+        (2 * nr).max(1)
+    );
     let staged = !staged_reads.is_empty();
     let lanes_at = k + nb * (k + 1) + staged_reads.iter().map(|r| 1 + r.subscripts.len()).sum::<usize>();
     let header = match flavor {
