@@ -81,9 +81,6 @@ class Cascade:
         self.merge = program.kernel(f"{name}_merge")
         self.partials = {p.name for p in self.chunks.outputs}
 
-    def axis(self, port, rank):
-        return port.ranks.index(rank) if rank in port.ranks else None
-
 
 def blocks_of(rank, world, seq, causal):
     """The global [start, end) of each block of the sequence that process `rank` holds."""
@@ -121,7 +118,7 @@ def ring(cascade, inputs, rank, world, seq, causal):
         if "P" in port.ranks and "M" in port.ranks:
             sys.exit(f"input `{port.name}` runs along both the queries (P) and the keys (M): not sharded yet")
         if "P" in port.ranks:
-            query_inputs[port.name] = (cascade.axis(port, "P"), x)
+            query_inputs[port.name] = (port.ranks.index("P"), x)
         elif "M" in port.ranks:
             key_inputs[port.name] = take(x, port.ranks.index("M"), mine)
         else:

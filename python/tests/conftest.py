@@ -1,10 +1,9 @@
-"""Shared fixtures: the repository's paths, seeded inputs, and a causal attention kernel in
+"""Shared helpers: the repository's paths, seeded inputs, and a causal attention kernel in
 PyTorch's layout written here (so that the tests do not depend on a file's kernel order)."""
 
 import os
 
 import numpy as np
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,7 +55,3 @@ def reference_attention(q, k, v, scale, causal=False):
     w /= w.sum(axis=2, keepdims=True)
     return np.einsum("hpm,hmf->hpf", w, v.astype(np.float64))
 
-
-@pytest.fixture(scope="session")
-def torch():
-    return pytest.importorskip("torch")
