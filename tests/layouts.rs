@@ -133,3 +133,31 @@ fn pytorch_layout_loops() {
     }
     insta::assert_snapshot!(text);
 }
+
+/// A transpose the source writes itself walks in the layer's blocks on both tiers, and the
+/// blocks' edges (sizes that are not multiples of the block, a block of rows cut by the extent)
+/// copy every point once.
+#[test]
+fn transposing_copies_walk_in_blocks() {
+    let source = "
+kernel transpose {
+  rank H = 3, M, P
+  input X[P, M], Y[H, P, M]
+  T[m, p] = X[p, m]
+  U[h, m, p] = Y[h, p, m]
+  output T, U
+}";
+    let program = einfuse::Program::from_source("transpose.ein", source).unwrap();
+    let kernel = &program.kernels[0];
+    let options = BuildOptions::new(Target::Cpu);
+    let scheduled = einfuse::pipeline::schedule_kernel(kernel, &options).unwrap();
+    let text = einfuse::compiler::schedule::print_program(&scheduled.loops[0]);
+    assert_eq!(text.matches("# in blocks of 8 along m").count(), 2, "{text}");
+    for (m, p) in [(1, 1), (7, 9), (8, 8), (17, 3), (37, 19), (64, 65)] {
+        let sizes: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
+        for target in [Target::Cpu, Target::CpuLlvm] {
+            let error = difference(kernel, target, &sizes, m);
+            assert!(error == 0.0, "M = {m}, P = {p} on {target:?}: relative error {error:.3e}");
+        }
+    }
+}

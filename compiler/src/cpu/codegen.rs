@@ -15,6 +15,7 @@ use cranelift_module::{Linkage, Module};
 
 use super::vector::Block;
 use crate::ir::*;
+use crate::schedule::walk::Walker;
 use crate::schedule::{LoopProgram, Node, Slot};
 
 /// Definedness: `None` when a value is defined wherever it is computed, else an `i8` (or, in
@@ -569,6 +570,10 @@ impl<'a, 'f> Gen<'a, 'f> {
     }
 
     fn compute_loops(&mut self, einsum: &'a Einsum, free: &[Index]) {
+        if let Some(order) = crate::schedule::pack::copy_order(self.program, einsum, free) {
+            crate::schedule::walk::copy(self, einsum, free, order);
+            return;
+        }
         // Indices of fixed extent 1 at the end (decode's single query) are bound first, so that
         // lanes run along the last index with more than one point.
         let c = self.cascade();
@@ -778,5 +783,42 @@ impl<'a, 'f> Gen<'a, 'f> {
         let passes = self.conds(&einsum.filter);
         let (value, defined) = self.expr(&einsum.body);
         (value, self.and_def(passes, defined))
+    }
+}
+
+impl<'a, 'f> Walker<'a> for Gen<'a, 'f> {
+    type Int = Value;
+
+    fn constant(&mut self, n: i64) -> Value {
+        self.b.ins().iconst(types::I64, n)
+    }
+
+    fn extent(&mut self, rank: RankId) -> Value {
+        self.extents[rank.index()]
+    }
+
+    fn for_range(
+        &mut self,
+        index: Index,
+        start: Value,
+        end: Value,
+        step: i64,
+        body: &mut dyn FnMut(&mut Self),
+    ) -> Value {
+        self.for_loop_from(index, start, end, step, body)
+    }
+
+    fn with_offset(&mut self, index: Index, k: i64, body: &mut dyn FnMut(&mut Self)) {
+        let first = self.index(index);
+        let var = self.b.declare_var(types::I64);
+        let moved = self.b.ins().iadd_imm_s(first, k);
+        self.b.def_var(var, moved);
+        self.env.push((index, var));
+        body(self);
+        self.env.pop();
+    }
+
+    fn compute_point(&mut self, einsum: &'a Einsum) {
+        Gen::compute_point(self, einsum)
     }
 }

@@ -27,6 +27,7 @@ use std::fmt::Write;
 use super::staging::StagedRead;
 use crate::ir::*;
 use crate::math;
+use crate::schedule::walk::Walker;
 use crate::schedule::{LoopProgram, Node, Slot};
 
 /// The instruction set the module is for; it decides how `exp` and friends are computed.
@@ -2137,6 +2138,12 @@ impl<'a> Lowering<'a> {
     }
 
     fn compute_loops(&mut self, einsum: &'a Einsum, free: &[Index]) {
+        if self.lanes > 1 {
+            if let Some(order) = crate::schedule::pack::copy_order(self.program, einsum, free) {
+                crate::schedule::walk::copy(self, einsum, free, order);
+                return;
+            }
+        }
         // Indices of fixed extent 1 at the end (decode's single query) are bound first, so that
         // lanes run along the last index with more than one point.
         let c = self.cascade();
@@ -2899,5 +2906,50 @@ impl<'a> Lowering<'a> {
         let passes = self.conds(&einsum.filter);
         let (value, defined) = self.expr(&einsum.body);
         (value, self.and_def(passes, defined))
+    }
+}
+
+impl<'a> Walker<'a> for Lowering<'a> {
+    type Int = String;
+
+    fn constant(&mut self, n: i64) -> String {
+        n.to_string()
+    }
+
+    fn extent(&mut self, rank: RankId) -> String {
+        self.extents[rank.index()].clone()
+    }
+
+    fn for_range(
+        &mut self,
+        index: Index,
+        start: String,
+        end: String,
+        step: i64,
+        body: &mut dyn FnMut(&mut Self),
+    ) -> String {
+        let whole = if step == 1 {
+            end
+        } else {
+            let span = self.ins(format!("sub i64 {end}, {start}"));
+            let rest = self.ins(format!("srem i64 {span}, {step}"));
+            self.ins(format!("sub i64 {end}, {rest}"))
+        };
+        self.for_loop_step(index, &start, &whole, step as usize, body);
+        whole
+    }
+
+    fn with_offset(&mut self, index: Index, k: i64, body: &mut dyn FnMut(&mut Self)) {
+        let first = self.index(index);
+        let moved = self.ins(format!("add i64 {first}, {k}"));
+        let var = self.slot("i64");
+        self.emit(format!("store i64 {moved}, i64* {var}"));
+        self.env.push((index, var));
+        body(self);
+        self.env.pop();
+    }
+
+    fn compute_point(&mut self, einsum: &'a Einsum) {
+        Lowering::compute_point(self, einsum)
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! This folder is the scheduling layer: what more than one emitter needs to know about a
 //! program is decided here once (`layout`, `lanes`, `full_steps`), the host tiers' packed panels
-//! are made here (`pack`), and every program is checked by `verify` before an emitter sees it.
+//! are made here (`pack`), the walks both host emitters share are written here once over their
+//! loop primitives (`walk`), and every program is checked by `verify` before an emitter sees it.
 
 pub mod full_steps;
 pub mod lanes;
@@ -17,6 +18,7 @@ pub mod layout;
 pub mod pack;
 pub mod stream;
 pub mod verify;
+pub mod walk;
 
 use std::fmt::Write;
 
@@ -518,9 +520,10 @@ pub fn print_program(program: &LoopProgram) -> String {
         let mask = if buffer.masked { ", masked" } else { "" };
         writeln!(out, "  buffer {}[{}]: {role}{mask}", tensor.name, dims.join(", ")).unwrap();
     }
-    fn nodes(c: &Cascade, body: &[Node], depth: usize, out: &mut String) {
+    fn nodes(program: &LoopProgram, body: &[Node], bound: &mut Vec<Index>, out: &mut String) {
+        let c = &program.cascade;
         for node in body {
-            let pad = "  ".repeat(depth);
+            let pad = "  ".repeat(bound.len() + 1);
             match node {
                 Node::Loop { index, body, skip } => {
                     let skip = match skip {
@@ -529,16 +532,25 @@ pub fn print_program(program: &LoopProgram) -> String {
                     };
                     let (name, rank) = (c.index_name(*index), &c.rank(index.rank).name);
                     writeln!(out, "{pad}loop {name} < {rank}{skip} {{").unwrap();
-                    nodes(c, body, depth + 1, out);
+                    bound.push(*index);
+                    nodes(program, body, bound, out);
+                    bound.pop();
                     writeln!(out, "{pad}}}").unwrap();
                 }
                 Node::Compute { einsum } => {
-                    writeln!(out, "{pad}{}", crate::print::print_einsum(c, &c.einsums[einsum.index()])).unwrap();
+                    let einsum = &c.einsums[einsum.index()];
+                    let free: Vec<Index> = einsum.lhs_indices().filter(|i| !bound.contains(i)).collect();
+                    // The host tiers' walk of a transposing copy, decided here for both.
+                    let order = match pack::copy_order(program, einsum, &free) {
+                        Some(o) => format!("  # in blocks of {} along {}", pack::COPY_BLOCK, c.index_name(o.rows)),
+                        None => String::new(),
+                    };
+                    writeln!(out, "{pad}{}{order}", crate::print::print_einsum(c, einsum)).unwrap();
                 }
             }
         }
     }
-    nodes(c, &program.body, 1, &mut out);
+    nodes(program, &program.body, &mut Vec::new(), &mut out);
     writeln!(out, "}}").unwrap();
     out
 }

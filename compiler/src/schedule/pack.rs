@@ -212,3 +212,47 @@ pub fn apply(cascade: &Cascade, packs: &[Pack]) -> Cascade {
     c.einsums.splice(0..0, copies.collect::<Vec<_>>());
     c
 }
+
+/// The edge of the blocks in which a transposing copy is walked: rows of the source's
+/// contiguous index taken together. Eight rows of a panel are eight cache lines written a float
+/// at a time while eight consecutive floats of each source row are read, so that both sides stay
+/// in the first-level cache even where power-of-two strides map every row to one set (measured
+/// on a 2048 x 2048 transpose: 43 ms point by point, 11-12 ms in blocks of 4 to 16 rows).
+pub const COPY_BLOCK: i64 = 8;
+
+/// How a host tier walks a transposing copy: `rows`, the index contiguous in the source, in
+/// blocks of `COPY_BLOCK`, outside `columns`, the index contiguous in the target, with the rows
+/// of a block innermost. The other free indices stay outside both.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CopyOrder {
+    pub rows: Index,
+    pub columns: Index,
+}
+
+/// The blocked walk for `einsum` over its `free` indices, when it copies a tensor element by
+/// element with its positions reordered (a packed panel, or a transpose the source writes) so
+/// that the source's contiguous index is not the target's. `None` for any other Einsum: a
+/// filter, a computed value, a compound subscript, or a copy whose order already matches.
+pub fn copy_order(program: &LoopProgram, einsum: &Einsum, free: &[Index]) -> Option<CopyOrder> {
+    let c = &program.cascade;
+    let Expr::Access { tensor, subscripts } = &einsum.body else { return None };
+    if !einsum.filter.is_empty() || einsum.lhs.iter().any(|l| !matches!(l, Lhs::Index(_))) {
+        return None;
+    }
+    let contiguous =
+        |t: TensorId, q: usize| program.buffers[t.index()].slots[q] == Slot::Full && one_point_after(program, t, q);
+    let source = (0..subscripts.len()).rev().find(|q| contiguous(*tensor, *q))?;
+    let rows = subscripts[source].as_index()?;
+    let target = (0..einsum.lhs.len()).rev().find(|q| contiguous(einsum.target, *q))?;
+    let Lhs::Index(columns) = einsum.lhs[target] else { return None };
+    let wide = |i: Index| !matches!(c.rank(i.rank).extent, Extent::Fixed(n) if (n as i64) < COPY_BLOCK);
+    let split = c.split_pairs().iter().any(|(t, i, _)| [*t, *i].iter().any(|r| *r == rows.rank || *r == columns.rank));
+    let ok = rows != columns
+        && free.contains(&rows)
+        && free.contains(&columns)
+        && wide(rows)
+        && wide(columns)
+        && !split
+        && subscripts.iter().all(|s| s.as_index().is_some());
+    ok.then_some(CopyOrder { rows, columns })
+}
