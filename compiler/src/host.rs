@@ -8,7 +8,7 @@
 
 use crate::ir::*;
 use crate::schedule::layout::{batch_rank, derived_extents, is_batch_rank, stored_shape};
-use crate::schedule::{BufferRole, LoopProgram};
+use crate::schedule::{BufferRole, LoopProgram, Slot};
 use crate::shapes::tensor_shape;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -112,15 +112,19 @@ impl CpuKernel {
     /// given.
     pub fn run_at(&self, extents: &[u64], inputs: &[&[f32]], origins: &[i64]) -> Result<Vec<Vec<f32>>, CodegenError> {
         let extents = &derived_extents(&self.program.cascade, extents);
-        self.run_chunk(extents, inputs, &vec![0; extents.len()], &padded(origins, extents.len()))
+        let operands: Vec<Operand> = inputs.iter().map(|data| Operand { data, strides: None }).collect();
+        let outputs = vec![None; self.program.cascade.outputs.len()];
+        self.run_chunk(extents, &operands, &outputs, &vec![0; extents.len()], &padded(origins, extents.len()))
     }
 
     /// `run` for a chunk of a batch rank: `bases` holds each rank's first coordinate in the
-    /// arrays, `origins` the global position of the arrays' first point.
+    /// arrays, `origins` the global position of the arrays' first point. An output with a window
+    /// is written in place into the caller's array (and returned empty); the others are returned.
     fn run_chunk(
         &self,
         extents: &[u64],
-        inputs: &[&[f32]],
+        inputs: &[Operand],
+        outputs: &[Option<Window>],
         bases: &[i64],
         origins: &[i64],
     ) -> Result<Vec<Vec<f32>>, CodegenError> {
@@ -160,12 +164,21 @@ impl CpuKernel {
                 stride[d] = stride[d + 1] * stored[d + 1] as i64;
             }
             dims.extend(shape.iter().map(|n| *n as i64));
-            strides.extend(stride);
             // At least one element, so that a clamped read of an empty buffer stays in memory.
             let storage = (len as usize).max(1);
             let data = match buffer.role {
                 BufferRole::Input(i) => {
-                    let given = inputs.get(i).ok_or_else(|| CodegenError::Run(format!("input {i} is missing")))?;
+                    let operand = inputs.get(i).ok_or_else(|| CodegenError::Run(format!("input {i} is missing")))?;
+                    if let Some(window) = &operand.strides {
+                        // A box of a larger array, read in place through the array's strides.
+                        strides.extend(window);
+                        value_pointers.push(operand.data.as_ptr() as *mut f32);
+                        values.push(Vec::new());
+                        masks.push(Vec::new());
+                        continue;
+                    }
+                    strides.extend(stride);
+                    let given = operand.data;
                     if given.len() as u64 != len {
                         return Err(CodegenError::Run(format!(
                             "input `{}` has {} elements, its shape needs {len}",
@@ -183,7 +196,22 @@ impl CpuKernel {
                         continue;
                     }
                 }
-                _ => vec![0.0; storage],
+                BufferRole::Output(o)
+                    if outputs.get(o).is_some_and(Option::is_some)
+                        && !buffer.masked
+                        && buffer.slots.iter().all(|s| *s == Slot::Full) =>
+                {
+                    let window = outputs[o].as_ref().expect("checked");
+                    strides.extend(&window.strides);
+                    value_pointers.push(window.data as *mut f32);
+                    values.push(Vec::new());
+                    masks.push(Vec::new());
+                    continue;
+                }
+                _ => {
+                    strides.extend(stride);
+                    vec![0.0; storage]
+                }
             };
             values.push(data);
             let last = values.last_mut().expect("pushed");
@@ -286,6 +314,17 @@ impl CpuKernel {
                 .collect()
         };
         let input_ids = c.inputs();
+        let repeated: Vec<bool> =
+            (0..c.tensors.len()).map(|t| crate::schedule::layout::read_repeatedly(c, TensorId::new(t))).collect();
+        // The outputs, written in place by the calls (each its own box); an output the kernel
+        // masks is returned by each call and placed after.
+        let mut outputs: Vec<Vec<f32>> = c
+            .outputs
+            .iter()
+            .map(|o| vec![0.0; tensor_shape(c, o.tensor, extents).iter().product::<u64>() as usize])
+            .collect();
+        let destinations: Vec<(usize, usize)> =
+            outputs.iter_mut().map(|o| (o.as_mut_ptr() as usize, o.len())).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let run_call = |call: &[(RankId, std::ops::Range<u64>)]| -> Result<Vec<Vec<f32>>, CodegenError> {
             let mut sub_extents = extents.to_vec();
@@ -294,13 +333,52 @@ impl CpuKernel {
                 sub_extents[r.index()] = range.end - range.start;
                 bases[r.index()] = range.start as i64;
             }
-            let parts: Vec<std::borrow::Cow<[f32]>> = input_ids
+            // An input is read in place, a box of a row-major array through its strides (the
+            // last position, the only one the kernel takes as contiguous, stays so), unless the
+            // layer says the kernel reads it again and again: then its box is copied dense.
+            let parts: Vec<Option<Vec<f32>>> = input_ids
                 .iter()
                 .zip(inputs)
-                .map(|(id, data)| slice_box(data, &tensor_shape(c, *id, extents), &boxes(*id, call)))
+                .map(|(id, data)| {
+                    let (shape, b) = (tensor_shape(c, *id, extents), boxes(*id, call));
+                    let runs = Runs::new(&shape, &b);
+                    (runs.count > 1 && repeated[id.index()]).then(|| {
+                        (0..runs.count)
+                            .flat_map(|k| &data[runs.start(k)..runs.start(k) + runs.length])
+                            .copied()
+                            .collect()
+                    })
+                })
                 .collect();
-            let slices: Vec<&[f32]> = parts.iter().map(|p| p.as_ref()).collect();
-            self.run_chunk(&sub_extents, &slices, &bases, origins)
+            let operands: Vec<Operand> = input_ids
+                .iter()
+                .zip(inputs)
+                .zip(&parts)
+                .map(|((id, data), part)| {
+                    if let Some(part) = part {
+                        return Operand { data: part, strides: None };
+                    }
+                    if data.is_empty() {
+                        return Operand { data, strides: None };
+                    }
+                    let shape = tensor_shape(c, *id, extents);
+                    let (strides, offset) = strides_and_offset(&shape, boxes(*id, call).iter().map(|b| b.start));
+                    Operand { data: &data[offset..], strides: Some(strides) }
+                })
+                .collect();
+            let windows: Vec<Option<Window>> = c
+                .outputs
+                .iter()
+                .zip(&destinations)
+                .map(|(o, (address, len))| {
+                    let shape = tensor_shape(c, o.tensor, extents);
+                    let (strides, offset) = strides_and_offset(&shape, boxes(o.tensor, call).iter().map(|b| b.start));
+                    // SAFETY (of the pointer's use): the calls' boxes of an output are disjoint,
+                    // and the kernel writes only inside its box.
+                    (*len > 0).then(|| Window { data: (*address as *mut f32).wrapping_add(offset), strides })
+                })
+                .collect();
+            self.run_chunk(&sub_extents, &operands, &windows, &bases, origins)
         };
         type Done = Vec<(usize, Result<Vec<Vec<f32>>, CodegenError>)>;
         let results: Vec<Done> = std::thread::scope(|scope| {
@@ -321,20 +399,43 @@ impl CpuKernel {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
         });
-        let mut outputs: Vec<Vec<f32>> = c
-            .outputs
-            .iter()
-            .map(|o| vec![0.0; tensor_shape(c, o.tensor, extents).iter().product::<u64>() as usize])
-            .collect();
         for (k, result) in results.into_iter().flatten() {
             let parts = result?;
             for ((output, data), part) in c.outputs.iter().zip(outputs.iter_mut()).zip(parts) {
-                let shape = tensor_shape(c, output.tensor, extents);
-                place_box(data, &shape, &boxes(output.tensor, &calls[k]), &part);
+                if !part.is_empty() {
+                    let shape = tensor_shape(c, output.tensor, extents);
+                    place_box(data, &shape, &boxes(output.tensor, &calls[k]), &part);
+                }
             }
         }
         Ok(outputs)
     }
+}
+
+/// An input as one call reads it: `data` starts at the call's first point; `strides` are those
+/// of the caller's array when the call reads a box of it in place, `None` when `data` is the
+/// call's own dense row-major array.
+struct Operand<'d> {
+    data: &'d [f32],
+    strides: Option<Vec<i64>>,
+}
+
+/// An output box written in place: the address of its first point in the caller's array, and the
+/// array's strides.
+#[derive(Clone)]
+struct Window {
+    data: *mut f32,
+    strides: Vec<i64>,
+}
+
+/// The row-major strides of `shape`, and the offset of the point `starts` in it.
+fn strides_and_offset(shape: &[u64], starts: impl Iterator<Item = u64>) -> (Vec<i64>, usize) {
+    let mut strides = vec![1i64; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1] as i64;
+    }
+    let offset = starts.zip(&strides).map(|(x, s)| x as i64 * s).sum::<i64>();
+    (strides, offset as usize)
 }
 
 /// `origins` for every rank of `extents` (the ranks a schedule appended start at 0).
@@ -363,21 +464,6 @@ fn split_points(c: &Cascade, extents: &[u64], batch: RankId) -> Vec<RankId> {
         .map(RankId::new)
         .filter(|r| *r != batch && extents[r.index()] > 1 && is_batch_rank(c, *r) && leading(*r))
         .collect()
-}
-
-/// The points of a row-major array of `shape` in `boxes` (a range per position), row-major:
-/// borrowed when they are contiguous (every position before the last partial one holds one
-/// point of the box), else copied.
-fn slice_box<'d>(data: &'d [f32], shape: &[u64], boxes: &[std::ops::Range<u64>]) -> std::borrow::Cow<'d, [f32]> {
-    let runs = Runs::new(shape, boxes);
-    if runs.count == 1 {
-        return std::borrow::Cow::Borrowed(&data[runs.start(0)..runs.start(0) + runs.length]);
-    }
-    let mut out = Vec::with_capacity(runs.count * runs.length);
-    for k in 0..runs.count {
-        out.extend_from_slice(&data[runs.start(k)..runs.start(k) + runs.length]);
-    }
-    std::borrow::Cow::Owned(out)
 }
 
 /// Writes `part` (the points of `boxes`, row-major) into a row-major array of `shape`.
@@ -431,7 +517,7 @@ impl<'a> Runs<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::{place_box, slice_box};
+    use super::{place_box, strides_and_offset};
 
     /// The points of a box, one by one, as the definition says.
     fn naive(data: &[f32], shape: &[u64], boxes: &[std::ops::Range<u64>]) -> Vec<f32> {
@@ -453,7 +539,7 @@ mod tests {
     }
 
     #[test]
-    fn boxes_slice_and_place_as_defined() {
+    fn boxes_read_in_place_and_placed_as_defined() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = |n: u64| {
             seed ^= seed << 13;
@@ -473,7 +559,20 @@ mod tests {
                 .collect();
             let data: Vec<f32> = (0..shape.iter().product::<u64>()).map(|x| x as f32).collect();
             let want = naive(&data, &shape, &boxes);
-            assert_eq!(slice_box(&data, &shape, &boxes).as_ref(), want.as_slice(), "{shape:?} {boxes:?}");
+            // The box read in place, through the array's strides from its first point.
+            let (strides, offset) = strides_and_offset(&shape, boxes.iter().map(|b| b.start));
+            let mut read = Vec::new();
+            let points: u64 = boxes.iter().map(|b| b.end - b.start).product();
+            for flat in 0..points {
+                let (mut rest, mut at) = (flat, offset as i64);
+                for d in (0..shape.len()).rev() {
+                    let n = boxes[d].end - boxes[d].start;
+                    at += (rest % n) as i64 * strides[d];
+                    rest /= n;
+                }
+                read.push(data[at as usize]);
+            }
+            assert_eq!(read, want, "{shape:?} {boxes:?}");
             let mut placed = vec![-1.0; data.len()];
             place_box(&mut placed, &shape, &boxes, &want);
             assert_eq!(naive(&placed, &shape, &boxes), want);

@@ -51,17 +51,6 @@ pub fn declare_helpers<M: Module>(
     })
 }
 
-/// Where each buffer's dimensions and strides start in the tables.
-pub fn table_offsets(program: &LoopProgram) -> Vec<usize> {
-    let mut offsets = Vec::new();
-    let mut at = 0;
-    for buffer in &program.buffers {
-        offsets.push(at);
-        at += program.cascade.tensor(buffer.tensor).ranks.len();
-    }
-    offsets
-}
-
 pub struct Gen<'a, 'f> {
     pub b: FunctionBuilder<'f>,
     pub program: &'a LoopProgram,
@@ -105,7 +94,7 @@ impl<'a, 'f> Gen<'a, 'f> {
             let base = self.b.ins().load(types::I64, flags, bases, ((c.ranks.len() + r) * 8) as i32);
             self.bases.push(base);
         }
-        let offsets = table_offsets(self.program);
+        let offsets = crate::schedule::layout::table_offsets(self.program);
         for (b, buffer) in self.program.buffers.iter().enumerate() {
             let v = self.b.ins().load(types::I64, flags, values, (b * 8) as i32);
             self.values.push(v);

@@ -8,9 +8,8 @@
 mod codegen;
 mod empty_steps;
 pub mod full_steps;
-mod induction;
-pub use codegen::table_offsets;
 pub mod header;
+mod induction;
 mod vector;
 
 pub use crate::host::{object_symbol, CodegenError, CpuKernel, KernelFn, MAX_CALL_BYTES};

@@ -105,6 +105,7 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
         (Abi::Thread, _) => module.push_str(&thread_entry(program, flavor, symbol, &staged, &body.storage)),
     }
     module.push_str(&declarations(flavor));
+    module.push_str(&body.constant_globals());
     if flavor == Flavor::Nvptx && !staged.is_empty() {
         // The staged tiles, in dynamic shared memory sized at launch.
         module.push_str("@einfuse_shared = external addrspace(3) global [0 x float], align 16\n");
@@ -421,6 +422,9 @@ struct Lowering<'a> {
     /// The batch ranks (thread kernels only).
     batch: Vec<RankId>,
     allocas: String,
+    /// The vector constants of the math functions, by lanes and bits, each loaded once in the
+    /// entry block (see `vector_constant`), and the scalar globals they load.
+    vector_constants: std::collections::BTreeMap<(usize, u32), String>,
     out: String,
     next: usize,
     values: Vec<String>,
@@ -496,6 +500,7 @@ impl<'a> Lowering<'a> {
             abi,
             batch: if abi == Abi::Thread { super::launch::batch_ranks(&program.cascade) } else { vec![] },
             allocas: String::new(),
+            vector_constants: Default::default(),
             out: String::new(),
             next: 0,
             values: vec![],
@@ -566,6 +571,41 @@ impl<'a> Lowering<'a> {
         let v = self.fresh();
         writeln!(self.allocas, "  {v} = alloca {ty}").unwrap();
         v
+    }
+
+    /// `x` in every lane of `t`. In a host kernel's vectors, a value loaded once in the entry
+    /// block from a global that LLVM may not fold (`externally_initialized`): a literal vector
+    /// constant would be rematerialized in every loop that uses it (two instructions each time
+    /// in the JIT's large code model, a quarter of an exponential's), where a value stays in a
+    /// register or is read from the stack as an operand of the arithmetic.
+    fn vector_constant(&mut self, t: Ty, x: f32) -> String {
+        if t.0 == 1 || self.flavor != Flavor::Host || self.abi != Abi::Cpu {
+            return t.constant(x);
+        }
+        if let Some(v) = self.vector_constants.get(&(t.0, x.to_bits())) {
+            return v.clone();
+        }
+        let (scalar, one, splat) = (self.fresh(), self.fresh(), self.fresh());
+        let f = t.float();
+        writeln!(self.allocas, "  {scalar} = load float, float* @einfuse.k.{:08X}", x.to_bits()).unwrap();
+        writeln!(self.allocas, "  {one} = insertelement {f} undef, float {scalar}, i32 0").unwrap();
+        writeln!(self.allocas, "  {splat} = shufflevector {f} {one}, {f} undef, <{} x i32> zeroinitializer", t.0)
+            .unwrap();
+        self.vector_constants.insert((t.0, x.to_bits()), splat.clone());
+        splat
+    }
+
+    /// The globals `vector_constant` loads.
+    fn constant_globals(&self) -> String {
+        let bits: std::collections::BTreeSet<u32> = self.vector_constants.keys().map(|(_, b)| *b).collect();
+        bits.iter()
+            .map(|b| {
+                format!(
+                    "@einfuse.k.{b:08X} = internal externally_initialized global float {}\n",
+                    float(f32::from_bits(*b))
+                )
+            })
+            .collect()
     }
 
     fn load_i64(&mut self, table: &str, at: usize) -> String {
@@ -651,6 +691,16 @@ impl<'a> Lowering<'a> {
         let buffer = &self.program.buffers[b];
         let tensor = self.cascade().tensor(buffer.tensor);
         let scratch = buffer.role == crate::schedule::BufferRole::Temp;
+        if self.abi == Abi::Cpu && !scratch && d + 1 < tensor.ranks.len() {
+            // A host call may read and write a box of a larger array in place: the caller's
+            // strides, from the table (the last position is contiguous in every array).
+            // Loaded in the entry block, so that the value dominates every use.
+            let at = crate::schedule::layout::table_offsets(self.program)[b] + d;
+            let (p, v) = (self.fresh(), self.fresh());
+            writeln!(self.allocas, "  {p} = getelementptr i64, i64* %strides, i64 {at}").unwrap();
+            writeln!(self.allocas, "  {v} = load i64, i64* {p}").unwrap();
+            return v;
+        }
         let mut factors: Vec<String> = Vec::new();
         for later in d + 1..tensor.ranks.len() {
             let rank = tensor.ranks[later];
@@ -1548,8 +1598,9 @@ impl<'a> Lowering<'a> {
     fn host_exp_lanes(&mut self, x: &str, lanes: usize) -> String {
         let t = Ty(lanes);
         let (f, i, b, s) = (t.float(), t.int(), t.bool(), t.suffix());
-        let lo = t.constant(math::EXP_LO);
-        let hi = t.constant(math::EXP_HI);
+        let [lo, hi, log2e, a_half, ln2_hi, ln2_lo, one] =
+            [math::EXP_LO, math::EXP_HI, std::f32::consts::LOG2_E, 0.5, math::EXP_LN2_HI, math::EXP_LN2_LO, 1.0]
+                .map(|k| self.vector_constant(t, k));
         let below = self.ins(format!("fcmp olt {f} {x}, {lo}"));
         let x1 = self.ins(format!("select {b} {below}, {f} {lo}, {f} {x}"));
         let above = self.ins(format!("fcmp ogt {f} {x1}, {hi}"));
@@ -1557,17 +1608,18 @@ impl<'a> Lowering<'a> {
         let fma = |g: &mut Self, a: &str, m: &str, c: &str| {
             g.ins(format!("call {f} @llvm.fma.{s}({f} {a}, {f} {m}, {f} {c})"))
         };
-        let t_ = fma(self, &x2, &t.constant(std::f32::consts::LOG2_E), &t.constant(0.5));
+        let t_ = fma(self, &x2, &log2e, &a_half);
         let n = self.ins(format!("call {f} @llvm.floor.{s}({f} {t_})"));
-        let r = fma(self, &n, &t.constant(math::EXP_LN2_HI), &x2);
-        let r = fma(self, &n, &t.constant(math::EXP_LN2_LO), &r);
-        let mut p = t.constant(math::EXP_POLY[0]);
+        let r = fma(self, &n, &ln2_hi, &x2);
+        let r = fma(self, &n, &ln2_lo, &r);
+        let mut p = self.vector_constant(t, math::EXP_POLY[0]);
         for c in &math::EXP_POLY[1..] {
-            p = fma(self, &p, &r, &t.constant(*c));
+            let c = self.vector_constant(t, *c);
+            p = fma(self, &p, &r, &c);
         }
         let rr = self.ins(format!("fmul {f} {r}, {r}"));
         let y = fma(self, &p, &rr, &r);
-        let y = self.ins(format!("fadd {f} {y}, {}", t.constant(1.0)));
+        let y = self.ins(format!("fadd {f} {y}, {one}"));
         let ni = self.ins(format!("fptosi {f} {n} to {i}"));
         let half = self.ins(format!("ashr {i} {ni}, {}", t.int_constant(1)));
         let other = self.ins(format!("sub {i} {ni}, {half}"));
@@ -1590,51 +1642,54 @@ impl<'a> Lowering<'a> {
         let t = Ty(lanes);
         let (f, b, s) = (t.float(), t.bool(), t.suffix());
         let fabs = |g: &mut Self, v: &str| g.ins(format!("call {f} @llvm.fabs.{s}({f} {v})"));
+        let (zero, one, two) = (t.constant(0.0), self.vector_constant(t, 1.0), self.vector_constant(t, 2.0));
         match op {
             UnaryOp::Log => self.host_log_lanes(x, lanes),
             UnaryOp::Sigmoid => {
                 let a = fabs(self, x);
                 let na = self.ins(format!("fneg {f} {a}"));
                 let e = self.host_exp_lanes(&na, lanes);
-                let d = self.ins(format!("fadd {f} {e}, {}", t.constant(1.0)));
-                let q = self.ins(format!("fdiv {f} {}, {d}", t.constant(1.0)));
+                let d = self.ins(format!("fadd {f} {e}, {one}"));
+                let q = self.ins(format!("fdiv {f} {one}, {d}"));
                 let eq = self.ins(format!("fmul {f} {e}, {q}"));
-                let negative = self.ins(format!("fcmp olt {f} {x}, {}", t.constant(0.0)));
+                let negative = self.ins(format!("fcmp olt {f} {x}, {zero}"));
                 self.ins(format!("select {b} {negative}, {f} {eq}, {f} {q}"))
             }
             UnaryOp::Tanh => {
                 let a = fabs(self, x);
                 let z = self.ins(format!("fmul {f} {x}, {x}"));
-                let mut p = t.constant(math::TANH_POLY[0]);
+                let mut p = self.vector_constant(t, math::TANH_POLY[0]);
                 for c in &math::TANH_POLY[1..] {
-                    p = self.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {z}, {f} {})", t.constant(*c)));
+                    let c = self.vector_constant(t, *c);
+                    p = self.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {z}, {f} {c})"));
                 }
                 let pz = self.ins(format!("fmul {f} {p}, {z}"));
                 let small = self.ins(format!("call {f} @llvm.fma.{s}({f} {pz}, {f} {x}, {f} {x})"));
-                let twice = self.ins(format!("fmul {f} {a}, {}", t.constant(2.0)));
+                let twice = self.ins(format!("fmul {f} {a}, {two}"));
                 let e = self.host_exp_lanes(&twice, lanes);
-                let d = self.ins(format!("fadd {f} {e}, {}", t.constant(1.0)));
-                let q = self.ins(format!("fdiv {f} {}, {d}", t.constant(2.0)));
-                let large = self.ins(format!("fsub {f} {}, {q}", t.constant(1.0)));
+                let d = self.ins(format!("fadd {f} {e}, {one}"));
+                let q = self.ins(format!("fdiv {f} {two}, {d}"));
+                let large = self.ins(format!("fsub {f} {one}, {q}"));
                 let negated = self.ins(format!("fneg {f} {large}"));
-                let negative = self.ins(format!("fcmp olt {f} {x}, {}", t.constant(0.0)));
+                let negative = self.ins(format!("fcmp olt {f} {x}, {zero}"));
                 let signed = self.ins(format!("select {b} {negative}, {f} {negated}, {f} {large}"));
-                let near = self.ins(format!("fcmp olt {f} {a}, {}", t.constant(math::TANH_SMALL)));
+                let small_limit = self.vector_constant(t, math::TANH_SMALL);
+                let near = self.ins(format!("fcmp olt {f} {a}, {small_limit}"));
                 self.ins(format!("select {b} {near}, {f} {small}, {f} {signed}"))
             }
             UnaryOp::Softplus => {
                 let a = fabs(self, x);
                 let na = self.ins(format!("fneg {f} {a}"));
                 let y = self.host_exp_lanes(&na, lanes);
-                let u = self.ins(format!("fadd {f} {y}, {}", t.constant(1.0)));
+                let u = self.ins(format!("fadd {f} {y}, {one}"));
                 let log_u = self.host_log_lanes(&u, lanes);
-                let u1 = self.ins(format!("fsub {f} {u}, {}", t.constant(1.0)));
+                let u1 = self.ins(format!("fsub {f} {u}, {one}"));
                 let ratio = self.ins(format!("fdiv {f} {y}, {u1}"));
                 let corrected = self.ins(format!("fmul {f} {log_u}, {ratio}"));
-                let exact = self.ins(format!("fcmp oeq {f} {u}, {}", t.constant(1.0)));
+                let exact = self.ins(format!("fcmp oeq {f} {u}, {one}"));
                 let log1p = self.ins(format!("select {b} {exact}, {f} {y}, {f} {corrected}"));
-                let positive = self.ins(format!("fcmp ogt {f} {x}, {}", t.constant(0.0)));
-                let part = self.ins(format!("select {b} {positive}, {f} {x}, {f} {}", t.constant(0.0)));
+                let positive = self.ins(format!("fcmp ogt {f} {x}, {zero}"));
+                let part = self.ins(format!("select {b} {positive}, {f} {x}, {f} {zero}"));
                 let sum = self.ins(format!("fadd {f} {part}, {log1p}"));
                 let nan = self.ins(format!("fcmp uno {f} {x}, {x}"));
                 self.ins(format!("select {b} {nan}, {f} {x}, {f} {sum}"))
@@ -1651,8 +1706,18 @@ impl<'a> Lowering<'a> {
         let fma = |g: &mut Self, a: &str, m: &str, c: &str| {
             g.ins(format!("call {f} @llvm.fma.{s}({f} {a}, {f} {m}, {f} {c})"))
         };
-        let tiny = self.ins(format!("fcmp olt {f} {x}, {}", t.constant(f32::MIN_POSITIVE)));
-        let scaled = self.ins(format!("fmul {f} {x}, {}", t.constant(8_388_608.0)));
+        let [tiny_limit, two_23, sqrt_half, one, ln2_lo, minus_half, ln2_hi] = [
+            f32::MIN_POSITIVE,
+            8_388_608.0,
+            std::f32::consts::FRAC_1_SQRT_2,
+            1.0,
+            math::LOG_LN2_LO,
+            -0.5,
+            math::LOG_LN2_HI,
+        ]
+        .map(|k| self.vector_constant(t, k));
+        let tiny = self.ins(format!("fcmp olt {f} {x}, {tiny_limit}"));
+        let scaled = self.ins(format!("fmul {f} {x}, {two_23}"));
         let xs = self.ins(format!("select {b} {tiny}, {f} {scaled}, {f} {x}"));
         let bias = self.ins(format!("select {b} {tiny}, {i} {}, {i} {}", t.int_constant(-149), t.int_constant(-126)));
         let bits = self.ins(format!("bitcast {f} {xs} to {i}"));
@@ -1663,23 +1728,24 @@ impl<'a> Lowering<'a> {
         let mantissa = self.ins(format!("or {i} {mantissa}, {}", t.int_constant(0x3f00_0000)));
         let m = self.ins(format!("bitcast {i} {mantissa} to {f}"));
         let e = self.ins(format!("sitofp {i} {exponent} to {f}"));
-        let low = self.ins(format!("fcmp olt {f} {m}, {}", t.constant(std::f32::consts::FRAC_1_SQRT_2)));
+        let low = self.ins(format!("fcmp olt {f} {m}, {sqrt_half}"));
         let doubled = self.ins(format!("fadd {f} {m}, {m}"));
         let m = self.ins(format!("select {b} {low}, {f} {doubled}, {f} {m}"));
-        let e_less = self.ins(format!("fsub {f} {e}, {}", t.constant(1.0)));
+        let e_less = self.ins(format!("fsub {f} {e}, {one}"));
         let e = self.ins(format!("select {b} {low}, {f} {e_less}, {f} {e}"));
-        let z = self.ins(format!("fsub {f} {m}, {}", t.constant(1.0)));
+        let z = self.ins(format!("fsub {f} {m}, {one}"));
         let z2 = self.ins(format!("fmul {f} {z}, {z}"));
-        let mut p = t.constant(math::LOG_POLY[0]);
+        let mut p = self.vector_constant(t, math::LOG_POLY[0]);
         for c in &math::LOG_POLY[1..] {
-            p = fma(self, &p, &z, &t.constant(*c));
+            let c = self.vector_constant(t, *c);
+            p = fma(self, &p, &z, &c);
         }
         let zz2 = self.ins(format!("fmul {f} {z}, {z2}"));
         let y = self.ins(format!("fmul {f} {zz2}, {p}"));
-        let y = fma(self, &e, &t.constant(math::LOG_LN2_LO), &y);
-        let y = fma(self, &z2, &t.constant(-0.5), &y);
+        let y = fma(self, &e, &ln2_lo, &y);
+        let y = fma(self, &z2, &minus_half, &y);
         let r = self.ins(format!("fadd {f} {z}, {y}"));
-        let r = fma(self, &e, &t.constant(math::LOG_LN2_HI), &r);
+        let r = fma(self, &e, &ln2_hi, &r);
         let zero = self.ins(format!("fcmp oeq {f} {x}, {}", t.constant(0.0)));
         let r = self.ins(format!("select {b} {zero}, {f} {}, {f} {r}", t.constant(f32::NEG_INFINITY)));
         let negative = self.ins(format!("fcmp olt {f} {x}, {}", t.constant(0.0)));

@@ -2,7 +2,7 @@
 //! facts about a schedule that every back end and the runner read, decided here once.
 
 use crate::ir::*;
-use crate::schedule::Slot;
+use crate::schedule::{LoopProgram, Slot};
 
 /// A rank along which the kernel splits into independent calls (see `is_batch_rank`): of the
 /// candidates, the one with the largest extent, if above 1.
@@ -138,4 +138,36 @@ pub fn derived_extents(cascade: &Cascade, given: &[u64]) -> Vec<u64> {
         extents.push(n);
     }
     extents
+}
+
+/// Where each buffer's dimensions and strides start in the tables a host kernel is called with:
+/// one entry per position of each buffer's tensor, in buffer order.
+pub fn table_offsets(program: &LoopProgram) -> Vec<usize> {
+    let mut offsets = Vec::new();
+    let mut at = 0;
+    for buffer in &program.buffers {
+        offsets.push(at);
+        at += program.cascade.tensor(buffer.tensor).ranks.len();
+    }
+    offsets
+}
+
+/// Whether some Einsum reads `tensor` again and again: it iterates over a rank that the tensor
+/// does not have, whole or as a part of a split (queries read once for every key). A call that
+/// reads a box of such an input, strided in the caller's array, is given a dense copy of the box
+/// (which stays in cache while it is read again); any other input is read in place.
+pub fn read_repeatedly(cascade: &Cascade, tensor: TensorId) -> bool {
+    let ranks = &cascade.tensor(tensor).ranks;
+    let pairs = cascade.split_pairs();
+    let whole = |r: RankId| pairs.iter().find(|(t, i, _)| *t == r || *i == r).map_or(r, |(_, _, w)| *w);
+    cascade.einsums.iter().any(|einsum| {
+        let mut indices: Vec<Index> = einsum.lhs_indices().collect();
+        einsum.body.walk(&mut |e| {
+            if let Expr::Reduce { indices: reduced, .. } = e {
+                indices.extend(reduced.iter().copied());
+            }
+        });
+        let reads = einsum.reads().iter().any(|(t, _)| *t == tensor);
+        reads && indices.iter().any(|i| !ranks.contains(&whole(i.rank)) && !ranks.contains(&i.rank))
+    })
 }
