@@ -231,6 +231,45 @@ fn the_two_pass_form_becomes_one_pass_over_its_own_tiles() {
     assert_eq!(optimized.cascade.split_pairs().len(), 1);
 }
 
+/// Attention over a hand-split key rank with the global maximum over the pair, as one would
+/// write it without FuseMax's per-tile maxima: the shift by the maximum over the pair is the
+/// shift by each tile's, rescaled, and the form becomes the 1-pass one over the same tiles.
+#[test]
+fn a_maximum_over_the_pair_becomes_one_pass_over_its_own_tiles() {
+    let pair = kernel(
+        "kernel pair_max {
+           rank E = 8, F = 8, M, P
+           rank M0 = 16, M1 = M / M0
+           input Q[E, P], K[E, M], V[F, M]
+           S[m1, m0, p]  = Q[e, p] * K[e, m1 * M0 + m0]
+           GM[p]         = max[m1, m0](S[m1, m0, p])
+           SD[p]         = sum[m1, m0](exp(S[m1, m0, p] - GM[p]))
+           AV[f, p]      = sum[m1, m0](exp(S[m1, m0, p] - GM[p]) * V[f, m1 * M0 + m0]) / SD[p]
+           output AV
+         }",
+    );
+    assert_eq!(passes(&pair, "M"), (3, 1));
+    let optimized = optimize(&pair, &OptimizeOptions::default()).unwrap();
+    assert!(optimized.applied.iter().any(|(_, rule, _)| rule == "shift-by-nested-max"));
+    assert_eq!(optimized.cascade.split_pairs().len(), 1);
+    // Softmax alone over the same tiles: its output is indexed by the keys, so it needs the
+    // denominator complete first, as `softmax` in the corpus does (3 passes to 2).
+    let softmax = kernel(
+        "kernel softmax_tiles {
+           rank M, P
+           rank M0 = 16, M1 = M / M0
+           input S[M, P]
+           GM[p]         = max[m1, m0](S[m1 * M0 + m0, p])
+           SD[p]         = sum[m1, m0](exp(S[m1 * M0 + m0, p] - GM[p]))
+           Y[m1, m0, p]  = exp(S[m1 * M0 + m0, p] - GM[p]) / SD[p]
+           output Y
+         }",
+    );
+    assert_eq!(passes(&softmax, "M1"), (3, 2));
+    let optimized = optimize(&softmax, &OptimizeOptions::default()).unwrap();
+    assert_eq!(analyze(&optimized.cascade).passes("M"), Some(2));
+}
+
 /// The same form under a causal mask: a tile may hold no score, whose maximum is -inf, so the
 /// rescale `exp(LM - GM)` is not known to be finite and is not deferred past the tile sums. The
 /// values stay those of the kernel as written.

@@ -209,6 +209,8 @@ fn rules_do_not_fire_outside_their_conditions() {
         ("max-positive-factor", "Y[p] = max[m](A[m, p] * B[p])\n output Y"),
         // The bias depends on the reduced index.
         ("max-bias", "Y[p] = max[m](A[m, p] + C[m, p])\n output Y"),
+        // The inner maximum may be over an empty set (no split pair): it may be -inf.
+        ("shift-by-nested-max", "G[] = max[m, p](A[m, p])\n Y[m, p] = exp(A[m, p] - G[])\n output Y"),
         // The maximum is of other scores than those shifted.
         ("shift-by-larger-max-left", "G[p] = max(max[m](C[m, p]), B[p])\n Y[m, p] = exp(A[m, p] - G[p])\n output Y"),
         // A negative scale turns the maximum into a minimum.

@@ -33,8 +33,20 @@ impl PassCost {
         self.passes.values().map(|(p, _)| *p).max().unwrap_or(0)
     }
 
-    fn key(&self) -> (u32, u32, u32) {
-        (self.unstable, self.max_passes(), self.size)
+    /// The passes over every rank together: between terms with as many passes over their
+    /// busiest rank, the one that traverses the others less (a hand-split rank's tiles once
+    /// rather than twice, its points twice either way).
+    pub fn total_passes(&self) -> u32 {
+        self.passes.values().map(|(p, _)| *p).sum()
+    }
+
+    /// Numerical safety, then the passes over the busiest rank, then over all ranks.
+    pub fn rank(&self) -> (u32, u32, u32) {
+        (self.unstable, self.max_passes(), self.total_passes())
+    }
+
+    fn key(&self) -> (u32, u32, u32, u32) {
+        (self.unstable, self.max_passes(), self.total_passes(), self.size)
     }
 }
 

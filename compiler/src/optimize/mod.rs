@@ -209,14 +209,8 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
         applied: applied.clone(),
         note,
     };
-    let better = output_costs
-        .iter()
-        .zip(&input_costs)
-        .any(|(out, input)| (out.unstable, out.max_passes()) < (input.unstable, input.max_passes()))
-        && output_costs
-            .iter()
-            .zip(&input_costs)
-            .all(|(out, input)| (out.unstable, out.max_passes()) <= (input.unstable, input.max_passes()));
+    let better = output_costs.iter().zip(&input_costs).any(|(out, input)| out.rank() < input.rank())
+        && output_costs.iter().zip(&input_costs).all(|(out, input)| out.rank() <= input.rank());
     if !better {
         return Ok(report(cascade.clone(), false, Some("no cascade with fewer passes was found".into())));
     }

@@ -80,6 +80,15 @@ fn lowerable(k: &str, a: &str, x: Option<&str>) -> impl Fn(&mut Graph, Id, &Subs
     }
 }
 
+/// The maximum `(rmax ?k ?a)` is finite (a maximum over a set that is never empty, such as a
+/// hand-made tile, of finite values). The class exists: the pattern holds it.
+fn inner_max_finite(k: &str, a: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
+    let (k, a) = (var(k), var(a));
+    move |egraph, _, subst| {
+        egraph.lookup(Ein::RMax([subst[k], subst[a]])).is_some_and(|class| egraph[class].data.finite)
+    }
+}
+
 /// `?c` is > 0 wherever it is defined.
 fn positive(c: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
     let c = var(c);
@@ -116,6 +125,13 @@ pub fn rules() -> Vec<Rule> {
             => "(* (exp (- ?a (rmax ?k ?a))) (exp (- (rmax ?k ?a) (max2 (rmax ?k ?a) ?c))))" if depends("?k", "?a")),
         rw!("shift-by-larger-max-right"; "(exp (- ?a (max2 ?c (rmax ?k ?a))))"
             => "(* (exp (- ?a (rmax ?k ?a))) (exp (- (rmax ?k ?a) (max2 ?c (rmax ?k ?a)))))" if depends("?k", "?a")),
+        // A shift by the maximum over two indices (a hand-split rank's tiles, then the points of
+        // each) is the shift by the inner maximum, rescaled by that maximum's shift by the outer
+        // one: exp(a - G) = exp(a - L) * exp(L - G) with L = max[k](a), exact where L is finite;
+        // both exponents stay <= 0 (L >= a, G >= L).
+        rw!("shift-by-nested-max"; "(exp (- ?a (rmax ?j (rmax ?k ?a))))"
+            => "(* (exp (- ?a (rmax ?k ?a))) (exp (- (rmax ?k ?a) (rmax ?j (rmax ?k ?a)))))"
+            if depends("?k", "?a") if inner_max_finite("?k", "?a")),
         // A factor indexed by fewer indices than its neighbours moves outward in a product, so
         // that the factor rules above see it (`(x * e) * v` with `e` per row: `(x * v) * e`).
         // Only towards fewer indices, which bounds the orders a product takes.
@@ -188,6 +204,9 @@ pub fn describe(rule: &str) -> &'static str {
         }
         "reciprocal-right" | "reciprocal-left" => "a * (1 / b)  =>  a / b",
         "mul-assoc" => "a * (b * c)  =>  (a * b) * c",
+        "shift-by-nested-max" => {
+            "exp(a - max[j](max[k](a)))  =>  exp(a - max[k](a)) * exp(max[k](a) - max[j](max[k](a)))   (max[k](a) finite)"
+        }
         "scale-after-shift-right" | "scale-after-shift-left" => {
             "exp((a - max[k](a)) * c)  =>  exp(a c - max[k](a c))   (c > 0, independent of k)"
         }
