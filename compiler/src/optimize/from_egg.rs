@@ -13,9 +13,9 @@
 //! own, computed once (`computed_again`). Where the source split a rank by hand
 //! (`M1 = M / M0`), no rank is tiled again: an online sum over its tile index `m1` is a recurrence
 //! along `M1` itself, one tile per step, and one over its within-tile index `m0` is the tile's
-//! maximum, then the tile's shifted sum (FuseMax's Cascade 5 over the source's own tiles). The running maximum starts at the lowest
-//! finite f32 rather than `-inf`, so that a row with no score so far corrects by `exp(0) = 1`
-//! instead of `exp(-inf - -inf) = NaN`.
+//! maximum, then the tile's shifted sum (FuseMax's Cascade 5 over the source's own tiles). The
+//! running maximum starts at the lowest finite f32 rather than `-inf`, so that a row with no score
+//! so far corrects by `exp(0) = 1` instead of `exp(-inf - -inf) = NaN`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
