@@ -76,7 +76,7 @@ fn lowerable(k: &str, a: &str, x: Option<&str>) -> impl Fn(&mut Graph, Id, &Subs
     let (k, a, x) = (var(k), var(a), x.map(var));
     move |egraph, _, subst| {
         let along_tiles = egraph[subst[k]].data.free.iter().any(|i| egraph.analysis.is_tile_index(*i));
-        !along_tiles || (egraph[subst[a]].data.total && x.map_or(true, |x| egraph[subst[x]].data.total))
+        !along_tiles || (egraph[subst[a]].data.total && x.is_none_or(|x| egraph[subst[x]].data.total))
     }
 }
 
