@@ -201,6 +201,100 @@ fn the_scale_after_the_shift_is_one_pass() {
     agree(&negative, &optimized.cascade);
 }
 
+/// FuseMax's 2-pass form, split by hand into tiles of 16 (ragged for M = 70), with the factors of
+/// the rescaled denominator and of the attention in other orders: the global maximum becomes a
+/// running one along the source's own tile rank, and one pass over M suffices.
+#[test]
+fn the_two_pass_form_becomes_one_pass_over_its_own_tiles() {
+    let two_pass = kernel(
+        "kernel two_pass {
+           rank E = 8, F = 8, M, P
+           rank M0 = 16, M1 = M / M0
+           input Q[E, P], K[E, M], V[F, M]
+           param scale = 0.5
+           S[m1, m0, p]  = Q[e, p] * K[e, m1 * M0 + m0] * scale
+           LM[m1, p]     = max[m0](S[m1, m0, p])
+           GM[p]         = max[m1](LM[m1, p])
+           PRM[m1, p]    = exp(LM[m1, p] - GM[p])
+           SLD[m1, p]    = sum[m0](exp(S[m1, m0, p] - LM[m1, p]))
+           SD[p]         = sum[m1](PRM[m1, p] * SLD[m1, p])
+           A[m1, m0, p]  = PRM[m1, p] * exp(S[m1, m0, p] - LM[m1, p]) / SD[p]
+           AV[f, p]      = sum[m1, m0](V[f, m1 * M0 + m0] * A[m1, m0, p])
+           output AV
+         }",
+    );
+    assert_eq!(passes(&two_pass, "M"), (2, 1));
+    let optimized = optimize(&two_pass, &OptimizeOptions::default()).unwrap();
+    let report = analyze(&optimized.cascade);
+    assert_eq!((report.passes("M1"), report.passes("M0")), (Some(1), Some(2)), "{report:?}");
+    // No rank was tiled again.
+    assert_eq!(optimized.cascade.split_pairs().len(), 1);
+}
+
+/// Attention over a hand-split key rank with the global maximum over the pair, as one would
+/// write it without FuseMax's per-tile maxima: the shift by the maximum over the pair is the
+/// shift by each tile's, rescaled, and the form becomes the 1-pass one over the same tiles.
+#[test]
+fn a_maximum_over_the_pair_becomes_one_pass_over_its_own_tiles() {
+    let pair = kernel(
+        "kernel pair_max {
+           rank E = 8, F = 8, M, P
+           rank M0 = 16, M1 = M / M0
+           input Q[E, P], K[E, M], V[F, M]
+           S[m1, m0, p]  = Q[e, p] * K[e, m1 * M0 + m0]
+           GM[p]         = max[m1, m0](S[m1, m0, p])
+           SD[p]         = sum[m1, m0](exp(S[m1, m0, p] - GM[p]))
+           AV[f, p]      = sum[m1, m0](exp(S[m1, m0, p] - GM[p]) * V[f, m1 * M0 + m0]) / SD[p]
+           output AV
+         }",
+    );
+    assert_eq!(passes(&pair, "M"), (3, 1));
+    let optimized = optimize(&pair, &OptimizeOptions::default()).unwrap();
+    assert!(optimized.applied.iter().any(|(_, rule, _)| rule == "shift-by-nested-max"));
+    assert_eq!(optimized.cascade.split_pairs().len(), 1);
+    // Softmax alone over the same tiles: its output is indexed by the keys, so it needs the
+    // denominator complete first, as `softmax` in the corpus does (3 passes to 2).
+    let softmax = kernel(
+        "kernel softmax_tiles {
+           rank M, P
+           rank M0 = 16, M1 = M / M0
+           input S[M, P]
+           GM[p]         = max[m1, m0](S[m1 * M0 + m0, p])
+           SD[p]         = sum[m1, m0](exp(S[m1 * M0 + m0, p] - GM[p]))
+           Y[m1, m0, p]  = exp(S[m1 * M0 + m0, p] - GM[p]) / SD[p]
+           output Y
+         }",
+    );
+    assert_eq!(passes(&softmax, "M1"), (3, 2));
+    let optimized = optimize(&softmax, &OptimizeOptions::default()).unwrap();
+    assert_eq!(analyze(&optimized.cascade).passes("M"), Some(2));
+}
+
+/// The same form under a causal mask: a tile may hold no score, whose maximum is -inf, so the
+/// rescale `exp(LM - GM)` is not known to be finite and is not deferred past the tile sums. The
+/// values stay those of the kernel as written.
+#[test]
+fn the_two_pass_form_under_a_mask_keeps_its_values() {
+    let masked = kernel(
+        "kernel two_pass_masked {
+           rank E = 8, F = 8, M, P
+           rank M0 = 16, M1 = M / M0
+           input Q[E, P], K[E, M], V[F, M]
+           S[m1, m0, p]  = Q[e, p] * K[e, m1 * M0 + m0] where m1 * M0 + m0 <= p * 20
+           LM[m1, p]     = max[m0](S[m1, m0, p])
+           GM[p]         = max[m1](LM[m1, p])
+           PRM[m1, p]    = exp(LM[m1, p] - GM[p])
+           SLD[m1, p]    = sum[m0](exp(S[m1, m0, p] - LM[m1, p]))
+           SD[p]         = sum[m1](SLD[m1, p] * PRM[m1, p])
+           A[m1, m0, p]  = exp(S[m1, m0, p] - LM[m1, p]) * PRM[m1, p] / SD[p]
+           AV[f, p]      = A[m1, m0, p] * V[f, m1 * M0 + m0]
+           output AV
+         }",
+    );
+    let (written, _) = passes(&masked, "M");
+    assert_eq!(written, 2);
+}
+
 /// On every kernel of `examples/` and `benches/`, the passes the optimizer claims are the passes
 /// the analysis finds in its result.
 #[test]

@@ -42,7 +42,7 @@ const EXPECTED: &[(&str, &str, usize, usize)] = &[
     ("cascade1", "K", 2, 1),
     ("cascade2", "K", 1, 1),
     ("cascade3", "K", 1, 1),
-    ("attention_2pass", "M", 2, 2),
+    ("attention_2pass", "M", 2, 1),
     ("scaled", "M", 3, 1),
     ("causal", "M", 3, 1),
     ("sliding_window", "M", 3, 1),

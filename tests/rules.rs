@@ -89,6 +89,27 @@ const RULES: &[(&str, &str, &str)] = &[
         "T[m, p] = A[m, p] where C[m, p] > 0\n Y[m, p] = T[m, p] * B[p]\n output Y",
     ),
     (
+        "filter-out-of-mul-left",
+        "T[m, p] = A[m, p] where C[m, p] > 0\n Y[m, p] = T[m, p] * B[p]\n output Y",
+        "Y[m, p] = A[m, p] * B[p] where C[m, p] > 0\n output Y",
+    ),
+    (
+        "filter-out-of-mul-right",
+        "T[m, p] = A[m, p] where C[m, p] > 0\n Y[m, p] = B[p] * T[m, p]\n output Y",
+        "Y[m, p] = B[p] * A[m, p] where C[m, p] > 0\n output Y",
+    ),
+    (
+        "filter-into-div",
+        "D[p] = exp(B[p])\n Y[m, p] = A[m, p] / D[p] where C[m, p] > 0\n output Y",
+        "T[m, p] = A[m, p] where C[m, p] > 0\n D[p] = exp(B[p])\n Y[m, p] = T[m, p] / D[p]\n output Y",
+    ),
+    (
+        "filter-twice",
+        "T[m, p] = A[m, p] where C[m, p] > 0\n Y[m, p] = T[m, p] where C[m, p] > 0\n output Y",
+        "Y[m, p] = A[m, p] where C[m, p] > 0\n output Y",
+    ),
+    ("max-twice", "Y[m, p] = max(max(A[m, p], B[p]), B[p])\n output Y", "Y[m, p] = max(A[m, p], B[p])\n output Y"),
+    (
         "max-positive-factor",
         "D[p] = exp(B[p])\n Y[p] = max[m](A[m, p] * D[p])\n output Y",
         "D[p] = exp(B[p])\n Y[p] = max[m](A[m, p]) * D[p]\n output Y",
@@ -188,6 +209,8 @@ fn rules_do_not_fire_outside_their_conditions() {
         ("max-positive-factor", "Y[p] = max[m](A[m, p] * B[p])\n output Y"),
         // The bias depends on the reduced index.
         ("max-bias", "Y[p] = max[m](A[m, p] + C[m, p])\n output Y"),
+        // The inner maximum may be over an empty set (no split pair): it may be -inf.
+        ("shift-by-nested-max", "G[] = max[m, p](A[m, p])\n Y[m, p] = exp(A[m, p] - G[])\n output Y"),
         // The maximum is of other scores than those shifted.
         ("shift-by-larger-max-left", "G[p] = max(max[m](C[m, p]), B[p])\n Y[m, p] = exp(A[m, p] - G[p])\n output Y"),
         // A negative scale turns the maximum into a minimum.

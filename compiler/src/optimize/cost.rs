@@ -33,8 +33,20 @@ impl PassCost {
         self.passes.values().map(|(p, _)| *p).max().unwrap_or(0)
     }
 
-    fn key(&self) -> (u32, u32, u32) {
-        (self.unstable, self.max_passes(), self.size)
+    /// The passes over every rank together: between terms with as many passes over their
+    /// busiest rank, the one that traverses the others less (a hand-split rank's tiles once
+    /// rather than twice, its points twice either way).
+    pub fn total_passes(&self) -> u32 {
+        self.passes.values().map(|(p, _)| *p).sum()
+    }
+
+    /// Numerical safety, then the passes over the busiest rank, then over all ranks.
+    pub fn rank(&self) -> (u32, u32, u32) {
+        (self.unstable, self.max_passes(), self.total_passes())
+    }
+
+    fn key(&self) -> (u32, u32, u32, u32) {
+        (self.unstable, self.max_passes(), self.total_passes(), self.size)
     }
 }
 
@@ -50,9 +62,13 @@ impl PartialOrd for PassCost {
     }
 }
 
-/// The cost function; it knows which rank each index ranges over.
+/// The cost function; it knows which rank each index ranges over, and which indices are the
+/// within-tile indices of splits the source made by hand.
 pub struct PassCostFunction {
     pub rank_of: HashMap<Symbol, Symbol>,
+    /// Within-tile indices of the source's splits (`m0`): an online sum over one is lowered as the
+    /// tile's maximum, then the tile's sum (`from_egg`), two passes over the tile.
+    pub within_tile: BTreeSet<Symbol>,
 }
 
 impl PassCostFunction {
@@ -105,9 +121,16 @@ impl CostFunction<Ein> for PassCostFunction {
             Ein::Sum(_) | Ein::RMax(_) | Ein::RMin(_) | Ein::RSum(_) => &children[1..],
             _ => &children[..],
         };
+        // An online sum within a hand-made tile reads its scores' maximum, a complete value.
+        let within_tile =
+            matches!(enode, Ein::RSum(_)) && children[0].free.iter().any(|i| self.within_tile.contains(i));
         let mut passes = BTreeMap::new();
         for rank in ranks {
-            let inner = body.iter().map(|c| self.contribution(c, rank)).max().unwrap_or(0);
+            let inner = if within_tile && reduced == Some(rank) {
+                (self.contribution(&children[1], rank) + 1).max(self.contribution(&children[2], rank))
+            } else {
+                body.iter().map(|c| self.contribution(c, rank)).max().unwrap_or(0)
+            };
             let count = if reduced == Some(rank) {
                 1 + inner
             } else {

@@ -10,9 +10,12 @@
 //! tile sum and a running sum read at its final iterate; a maximum of the same (total) scores
 //! elsewhere reads the running maximum's final iterate instead of a second pass over the keys. A
 //! transcendental function of fewer indices than its Einsum iterates over becomes a tensor of its
-//! own, computed once (`computed_again`). The running maximum starts at the lowest
-//! finite f32 rather than `-inf`, so that a row with no score so far corrects by `exp(0) = 1`
-//! instead of `exp(-inf - -inf) = NaN`.
+//! own, computed once (`computed_again`). Where the source split a rank by hand
+//! (`M1 = M / M0`), no rank is tiled again: an online sum over its tile index `m1` is a recurrence
+//! along `M1` itself, one tile per step, and one over its within-tile index `m0` is the tile's
+//! maximum, then the tile's shifted sum (FuseMax's Cascade 5 over the source's own tiles). The
+//! running maximum starts at the lowest finite f32 rather than `-inf`, so that a row with no score
+//! so far corrects by `exp(0) = 1` instead of `exp(-inf - -inf) = NaN`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -35,6 +38,8 @@ pub struct Emitter<'a> {
     /// Online-sum groups already emitted: (index, score class, substitution) -> state.
     groups: HashMap<(Symbol, Id, String), OnlineGroup>,
     online: HashMap<(Id, String), Expr>,
+    /// Scores shifted by their tile's maximum, by (score class, substitution).
+    tile_shifted: HashMap<(Id, String), TensorId>,
     tile: u64,
     counter: usize,
     /// Names kept for the outputs until they are emitted.
@@ -55,7 +60,9 @@ struct OnlineGroup {
     correction_lhs: Vec<Index>,
     running_max: TensorId,
     tile_index: Index,
-    inner_index: Index,
+    /// The within-tile index; none where the recurrence runs along the sum's own index (a tile
+    /// rank the source split by hand: each step is one tile).
+    inner_index: Option<Index>,
     tile_rank: RankId,
     suffix: String,
 }
@@ -86,8 +93,13 @@ impl<'a> Emitter<'a> {
             }
             let node = best(id);
             if let Ein::RSum([k, a, _]) = &node {
+                // Only the sums lowered to tiles of their own keep a running maximum that a
+                // maximum of the same scores may read.
                 if let Some(symbol) = egraph[*k].data.free.iter().next() {
-                    online_scores.insert((*symbol, egraph.find(*a)));
+                    let analysis = &egraph.analysis;
+                    if analysis.tile_of_inner(*symbol).is_none() && !analysis.is_tile_index(*symbol) {
+                        online_scores.insert((*symbol, egraph.find(*a)));
+                    }
                 }
             }
             stack.extend(node.children().iter().map(|c| egraph.find(*c)));
@@ -105,6 +117,7 @@ impl<'a> Emitter<'a> {
             memo: HashMap::new(),
             groups: HashMap::new(),
             online: HashMap::new(),
+            tile_shifted: HashMap::new(),
             tile,
             counter: 0,
             reserved,
@@ -419,6 +432,7 @@ impl<'a> Emitter<'a> {
             Ein::Div([a, b]) => binary(BinaryOp::Div, self, a, b),
             Ein::Max2([a, b]) => binary(BinaryOp::Max, self, a, b),
             Ein::Min2([a, b]) => binary(BinaryOp::Min, self, a, b),
+            Ein::RSum([k, a, x]) if self.is_within_tile(k) => self.tile_local_sum(id, k, a, x, subst),
             Ein::RSum([k, a, x]) => self.online_sum(id, k, a, x, subst),
             Ein::RMax([k, a]) if self.is_running_max(k, a) => self.running_max(k, a, subst),
             Ein::Sum(_) | Ein::RMax(_) | Ein::RMin(_) | Ein::Filter(_) => {
@@ -450,10 +464,13 @@ impl<'a> Emitter<'a> {
             (None, None) if input_name.is_some() => format!("B{}", input_name.unwrap_or_default()),
             (None, Some(n)) if blocked => format!("B{n}"),
             (None, Some(n)) => n.clone(),
-            (None, None) => {
-                self.counter += 1;
-                format!("T{}", self.counter)
-            }
+            (None, None) => match self.filtered_name(id) {
+                Some(n) => n,
+                None => {
+                    self.counter += 1;
+                    format!("T{}", self.counter)
+                }
+            },
         };
         let outer = std::mem::replace(&mut self.iteration, lhs.clone());
         let (body, filter) = self.definition(id, subst, &lhs);
@@ -462,6 +479,20 @@ impl<'a> Emitter<'a> {
         self.push(target, lhs.iter().map(|i| Lhs::Index(*i)).collect(), body, filter);
         self.memo.insert(key, target);
         (target, lhs)
+    }
+
+    /// The name of a source tensor whose term is class `id` under a filter (`BQK` where a
+    /// reduction took the filter as its own), the first by name if several are.
+    fn filtered_name(&self, id: Id) -> Option<String> {
+        let class = self.egraph.find(id);
+        self.names
+            .iter()
+            .filter(|(named, _)| match (self.best)(**named) {
+                Ein::Filter([_, body]) => self.egraph.find(body) == class,
+                _ => false,
+            })
+            .map(|(_, name)| name.clone())
+            .min()
     }
 
     /// The split of `rank` into tiles, created on first use: (tile rank, within-tile rank).
@@ -539,16 +570,14 @@ impl<'a> Emitter<'a> {
         }
         let group = self.group(k_symbol, a, subst);
         let mut blocked = subst.clone();
-        blocked.insert(
-            k_symbol,
-            Affine::Add(
-                Box::new(Affine::Mul(
-                    Box::new(Affine::Index(group.tile_index)),
-                    Box::new(Affine::Extent(group.inner_index.rank)),
-                )),
-                Box::new(Affine::Index(group.inner_index)),
+        let position = match group.inner_index {
+            Some(inner) => Affine::Add(
+                Box::new(Affine::Mul(Box::new(Affine::Index(group.tile_index)), Box::new(Affine::Extent(inner.rank)))),
+                Box::new(Affine::Index(inner)),
             ),
-        );
+            None => Affine::Index(group.tile_index),
+        };
+        blocked.insert(k_symbol, position);
         // The tile sum: sum over m0 of SLN * x, indexed by the sum's free indices and m1.
         let x_is_one = matches!((self.best)(x), Ein::Num(c) if c.value() == 1.0);
         let shifted_read = Expr::Access {
@@ -564,25 +593,27 @@ impl<'a> Emitter<'a> {
         let mut lhs = self.lhs_of(&sum_free, subst);
         lhs.push(group.tile_index);
         self.sort_indices(&mut lhs);
-        let x_name = if x_is_one {
-            "D".to_string()
-        } else {
-            match self.names.get(&self.egraph.find(x)) {
-                Some(n) => format!("N{n}"),
-                None => match (self.best)(x) {
-                    Ein::In(children) => match (self.best)(children[0]) {
-                        Ein::Tensor(t) => format!("N{}", t.0),
-                        _ => "X".into(),
-                    },
-                    _ => "X".into(),
-                },
+        let mut x_name = self.summand_name(x);
+        // Along a tile rank, each step adds a tile's sum: `RNV` runs over `SLNV`.
+        if let (None, Expr::Binary(BinaryOp::Mul, _, summand)) = (group.inner_index, &term) {
+            if let Expr::Access { tensor, .. } = &**summand {
+                if let Some(rest) = self.cascade.tensor(*tensor).name.strip_prefix("SL") {
+                    x_name = rest.to_string();
+                }
             }
-        };
+        }
         let suffix = group.suffix.clone();
-        let local = self.add_tensor(&format!("SL{x_name}{suffix}"), lhs.iter().map(|i| i.rank).collect(), None);
-        let reduce =
-            Expr::Reduce { op: ReduceOp::Sum, indices: vec![group.inner_index], filter: vec![], body: Box::new(term) };
-        self.push(local, lhs.iter().map(|i| Lhs::Index(*i)).collect(), reduce, vec![]);
+        // Each step adds a tile's sum, or (a recurrence along a tile rank itself) its one term.
+        let local_read = match group.inner_index {
+            Some(inner) => {
+                let local = self.add_tensor(&format!("SL{x_name}{suffix}"), lhs.iter().map(|i| i.rank).collect(), None);
+                let reduce =
+                    Expr::Reduce { op: ReduceOp::Sum, indices: vec![inner], filter: vec![], body: Box::new(term) };
+                self.push(local, lhs.iter().map(|i| Lhs::Index(*i)).collect(), reduce, vec![]);
+                Expr::Access { tensor: local, subscripts: lhs.iter().map(|i| Affine::Index(*i)).collect() }
+            }
+            None => term,
+        };
         // The running sum, iterative along m1.
         let position = lhs.iter().position(|i| *i == group.tile_index).expect("the tile index");
         let running =
@@ -592,7 +623,6 @@ impl<'a> Emitter<'a> {
         self.push(running, initial, Expr::Const(0.0), vec![]);
         let next: Vec<Lhs> =
             lhs.iter().map(|i| if *i == group.tile_index { Lhs::Next(*i) } else { Lhs::Index(*i) }).collect();
-        let local_read = Expr::Access { tensor: local, subscripts: lhs.iter().map(|i| Affine::Index(*i)).collect() };
         let previous = Expr::Access { tensor: running, subscripts: lhs.iter().map(|i| Affine::Index(*i)).collect() };
         let correction = Expr::Access {
             tensor: group.correction,
@@ -615,7 +645,180 @@ impl<'a> Emitter<'a> {
         read
     }
 
+    /// The name part of a summand: `D` for 1, `N` and the tensor's name otherwise.
+    fn summand_name(&self, x: Id) -> String {
+        if matches!((self.best)(x), Ein::Num(c) if c.value() == 1.0) {
+            return "D".to_string();
+        }
+        match self.names.get(&self.egraph.find(x)) {
+            Some(n) => format!("N{n}"),
+            None => match (self.best)(x) {
+                Ein::In(children) => match (self.best)(children[0]) {
+                    Ein::Tensor(t) => format!("N{}", t.0),
+                    _ => "X".into(),
+                },
+                _ => "X".into(),
+            },
+        }
+    }
+
+    /// Whether the index class `k` is the within-tile index of a split the source made by hand.
+    fn is_within_tile(&self, k: Id) -> bool {
+        let free = self.free(k);
+        free.len() == 1 && free.iter().all(|i| self.egraph.analysis.tile_of_inner(*i).is_some())
+    }
+
+    /// `(rsum k a x)` over the within-tile index of a split the source made by hand (`m0`): tiling
+    /// that rank again would make tiles of tiles, and a recurrence along it would meet the last,
+    /// ragged tile's invalid points, which a recurrence cannot skip. So it is the tile's maximum,
+    /// then the tile's sum shifted by it: two passes over the tile, as the cost counts them.
+    fn tile_local_sum(&mut self, id: Id, k: Id, a: Id, x: Id, subst: &Subst) -> Expr {
+        let sum_free = self.free(id);
+        let memo_key = (self.egraph.find(id), subst_key(subst, &sum_free));
+        if let Some(read) = self.online.get(&memo_key) {
+            return read.clone();
+        }
+        let lhs = self.lhs_of(&sum_free, subst);
+        let mut inner = subst.clone();
+        let mut indices = Vec::new();
+        for symbol in self.free(k) {
+            let mut index = self.index(symbol);
+            while lhs.contains(&index) {
+                index.primes += 1;
+            }
+            indices.push(index);
+            inner.insert(symbol, Affine::Index(index));
+        }
+        // The filters on the scores are the reducer's filter too.
+        let mut filter = Vec::new();
+        let mut scores = a;
+        while let Ein::Filter([cond, rest]) = (self.best)(scores) {
+            self.conds(cond, &inner, &mut filter);
+            scores = rest;
+        }
+        let shifted = self.tile_shifted(k, a, subst, &inner);
+        let outer = std::mem::replace(&mut self.iteration, lhs.iter().chain(&indices).copied().collect());
+        let body = if matches!((self.best)(x), Ein::Num(c) if c.value() == 1.0) {
+            shifted
+        } else {
+            let xv = self.value(x, &inner);
+            Expr::Binary(BinaryOp::Mul, Box::new(shifted), Box::new(xv))
+        };
+        self.iteration = outer;
+        let name = format!("SL{}", self.summand_name(x));
+        let tensor = self.add_tensor(&name, lhs.iter().map(|i| i.rank).collect(), None);
+        let reduce = Expr::Reduce { op: ReduceOp::Sum, indices, filter, body: Box::new(body) };
+        self.push(tensor, lhs.iter().map(|i| Lhs::Index(*i)).collect(), reduce, vec![]);
+        let read = Expr::Access { tensor, subscripts: lhs.into_iter().map(Affine::Index).collect() };
+        self.online.insert(memo_key, read.clone());
+        read
+    }
+
+    /// The scores of a sum within a hand-made tile shifted by the tile's maximum,
+    /// `SLN = exp(a - max[k](a))`, a tensor shared by every such sum over the same scores (so that
+    /// `exp` runs once per score, not once per score and value column). `inner` maps the summed
+    /// index to the reducer's.
+    fn tile_shifted(&mut self, k: Id, a: Id, subst: &Subst, inner: &Subst) -> Expr {
+        let a_free = self.free(a);
+        let lhs = self.lhs_of(&a_free, inner);
+        let key = (self.egraph.find(a), subst_key(inner, &a_free));
+        if let Some(tensor) = self.tile_shifted.get(&key) {
+            return Expr::Access { tensor: *tensor, subscripts: lhs.into_iter().map(Affine::Index).collect() };
+        }
+        // The tile maximum: the class of `(rmax k a)` where the e-graph holds one (other readers
+        // share its tensor), else a tensor of its own.
+        let max = match self.egraph.lookup(Ein::RMax([k, a])) {
+            Some(class) => {
+                let (tensor, max_lhs) = self.tensor(class, subst, None);
+                Expr::Access { tensor, subscripts: max_lhs.into_iter().map(Affine::Index).collect() }
+            }
+            None => {
+                let mut max_free = a_free.clone();
+                for index in self.free(k) {
+                    max_free.remove(&index);
+                }
+                let max_lhs = self.lhs_of(&max_free, subst);
+                let outer = std::mem::replace(&mut self.iteration, max_lhs.clone());
+                let reduce = self.reduction(ReduceOp::Max, k, a, subst, &max_lhs);
+                self.iteration = outer;
+                let tensor = self.add_tensor("LM", max_lhs.iter().map(|i| i.rank).collect(), None);
+                self.push(tensor, max_lhs.iter().map(|i| Lhs::Index(*i)).collect(), reduce, vec![]);
+                Expr::Access { tensor, subscripts: max_lhs.into_iter().map(Affine::Index).collect() }
+            }
+        };
+        let mut filter = Vec::new();
+        let mut scores = a;
+        while let Ein::Filter([cond, rest]) = (self.best)(scores) {
+            self.conds(cond, inner, &mut filter);
+            scores = rest;
+        }
+        let outer = std::mem::replace(&mut self.iteration, lhs.clone());
+        let score = self.value(scores, inner);
+        self.iteration = outer;
+        let body = Expr::Unary(UnaryOp::Exp, Box::new(Expr::Binary(BinaryOp::Sub, Box::new(score), Box::new(max))));
+        let tensor = self.add_tensor("SLN", lhs.iter().map(|i| i.rank).collect(), None);
+        self.push(tensor, lhs.iter().map(|i| Lhs::Index(*i)).collect(), body, filter);
+        self.tile_shifted.insert(key, tensor);
+        Expr::Access { tensor, subscripts: lhs.into_iter().map(Affine::Index).collect() }
+    }
+
+    /// The recurrence of an online sum along a tile rank the source split by hand (`m1`), one
+    /// tile per step: the running maximum of the scores, its correction and the shifted scores.
+    /// The rules build such a sum only over total scores and summands, so every step is defined.
+    fn direct_group(&mut self, k_symbol: Symbol, a: Id, subst: &Subst) -> OnlineGroup {
+        let tile_index = self.index(k_symbol);
+        let suffix = if self.groups.is_empty() { String::new() } else { (self.groups.len() + 1).to_string() };
+        let mut own = subst.clone();
+        own.insert(k_symbol, Affine::Index(tile_index));
+        let (scores, lhs) = self.tensor(a, &own, None);
+        let at = |m1: Affine| -> Vec<Affine> {
+            lhs.iter().map(|i| if *i == tile_index { m1.clone() } else { Affine::Index(*i) }).collect()
+        };
+        let ranks: Vec<RankId> = lhs.iter().map(|i| i.rank).collect();
+        let here = Affine::Index(tile_index);
+        let after = Affine::Add(Box::new(Affine::Index(tile_index)), Box::new(Affine::Const(1)));
+        let score_read = Expr::Access { tensor: scores, subscripts: at(here.clone()) };
+        let position = lhs.iter().position(|i| *i == tile_index).expect("the scores depend on the summed index");
+        let rm = self.add_tensor(&format!("RM{suffix}"), ranks.clone(), Some(position));
+        let initial: Vec<Lhs> =
+            lhs.iter().map(|i| if *i == tile_index { Lhs::Initial } else { Lhs::Index(*i) }).collect();
+        self.push(rm, initial, Expr::Const(NO_MAX_YET), vec![]);
+        let next: Vec<Lhs> =
+            lhs.iter().map(|i| if *i == tile_index { Lhs::Next(*i) } else { Lhs::Index(*i) }).collect();
+        let rm_here = Expr::Access { tensor: rm, subscripts: at(here) };
+        let rm_after = Expr::Access { tensor: rm, subscripts: at(after) };
+        self.push(
+            rm,
+            next,
+            Expr::Binary(BinaryOp::Max, Box::new(rm_here.clone()), Box::new(score_read.clone())),
+            vec![],
+        );
+        let own_lhs: Vec<Lhs> = lhs.iter().map(|i| Lhs::Index(*i)).collect();
+        let prm = self.add_tensor(&format!("PRM{suffix}"), ranks.clone(), None);
+        let shift = Expr::Binary(BinaryOp::Sub, Box::new(rm_here), Box::new(rm_after.clone()));
+        self.push(prm, own_lhs.clone(), Expr::Unary(UnaryOp::Exp, Box::new(shift)), vec![]);
+        // Each tile's scale: its maximum shifted by the running one.
+        let sln = self.add_tensor(&format!("SLM{suffix}"), ranks, None);
+        let shifted = Expr::Binary(BinaryOp::Sub, Box::new(score_read), Box::new(rm_after));
+        self.push(sln, own_lhs, Expr::Unary(UnaryOp::Exp, Box::new(shifted)), vec![]);
+        let tile_rank = tile_index.rank;
+        OnlineGroup {
+            shifted: sln,
+            shifted_lhs: lhs.clone(),
+            correction: prm,
+            correction_lhs: lhs,
+            running_max: rm,
+            tile_index,
+            inner_index: None,
+            tile_rank,
+            suffix,
+        }
+    }
+
     fn online_group(&mut self, k_symbol: Symbol, a: Id, subst: &Subst) -> OnlineGroup {
+        if self.egraph.analysis.is_tile_index(k_symbol) {
+            return self.direct_group(k_symbol, a, subst);
+        }
         let k_index = self.index(k_symbol);
         let (tile_rank, inner_rank) = self.split(k_index.rank);
         let tile_index = Index { rank: tile_rank, primes: k_index.primes };
@@ -686,7 +889,7 @@ impl<'a> Emitter<'a> {
             correction_lhs: row_lhs,
             running_max: rm,
             tile_index,
-            inner_index,
+            inner_index: Some(inner_index),
             tile_rank,
             suffix,
         }

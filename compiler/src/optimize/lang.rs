@@ -5,7 +5,7 @@
 //! online (max-shifted) sum `sum_m exp(a - max_m a) * x`, which one streaming pass computes.
 //! Subscripts use their own operators (`a+`, `a*`, ...), so value rewrites never touch them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
@@ -154,24 +154,138 @@ pub struct Facts {
     /// Defined at every point of its indices (no filter, no read that can fall outside).
     pub total: bool,
     /// Never infinite or NaN for finite inputs: a maximum or minimum is not (over an empty set it
-    /// is infinite), nor is an infinite constant.
+    /// is infinite) unless its set is provably not empty, nor is an infinite constant.
     pub finite: bool,
+    /// Defined wherever the validity of every split pair whose both indices are free in it holds
+    /// (`m1 * M0 + m0 < M`): its only filters are such validities and its reads fall inside their
+    /// tensors at those points. Implied by `total`.
+    pub valid_total: bool,
+    /// A condition that is a conjunction of split pairs' validities (`m1 * M0 + m0 < M`).
+    pub pair_validity: bool,
 }
 
 /// The e-class analysis; it knows which params are positive (params are fixed when a kernel is
-/// compiled, so `exp((s - max s) * scale)` may use the sign of `scale`).
+/// compiled, so `exp((s - max s) * scale)` may use the sign of `scale`), the cascade's split
+/// pairs and the ranks of its inputs.
 #[derive(Default)]
 pub struct EinAnalysis {
     pub positive_params: BTreeSet<Symbol>,
+    /// The split pairs, by rank name: (tile rank `M1`, within-tile rank `M0`, whole rank `M`).
+    pub splits: Vec<(Symbol, Symbol, Symbol)>,
+    /// The rank names of each input, by the input's name.
+    pub input_ranks: HashMap<Symbol, Vec<Symbol>>,
 }
 
 impl EinAnalysis {
-    /// The analysis of a cascade's terms: its positive params.
+    /// The analysis of a cascade's terms: its positive params, split pairs and input ranks.
     pub fn of(cascade: &crate::ir::Cascade) -> EinAnalysis {
         let positive_params =
             cascade.params.iter().filter(|p| p.value > 0.0).map(|p| Symbol::from(p.name.as_str())).collect();
-        EinAnalysis { positive_params }
+        let name = |r: crate::ir::RankId| Symbol::from(cascade.rank(r).name.as_str());
+        let splits = cascade
+            .split_pairs()
+            .into_iter()
+            .map(|(tile, inner, whole)| (name(tile), name(inner), name(whole)))
+            .collect();
+        let input_ranks = cascade
+            .tensors
+            .iter()
+            .filter(|t| matches!(t.kind, crate::ir::TensorKind::Input { .. }))
+            .map(|t| (Symbol::from(t.name.as_str()), t.ranks.iter().map(|r| name(*r)).collect()))
+            .collect();
+        EinAnalysis { positive_params, splits, input_ranks }
     }
+
+    /// The split pair an index belongs to, with its primes: (tile index, within-tile index, whole
+    /// rank's name). Index names are their rank's name in lower case, then primes.
+    pub fn pair_of_index(&self, index: Symbol) -> Option<(Symbol, Symbol, Symbol)> {
+        let text = index.as_str();
+        let base = text.trim_end_matches('\'');
+        let primes = &text[base.len()..];
+        self.splits.iter().find_map(|(tile, inner, whole)| {
+            let (t, i) = (tile.as_str().to_lowercase(), inner.as_str().to_lowercase());
+            (base == t || base == i)
+                .then(|| (Symbol::from(format!("{t}{primes}")), Symbol::from(format!("{i}{primes}")), *whole))
+        })
+    }
+
+    /// Whether `index` is the within-tile index of a split pair (`m0`), and its tile index.
+    pub fn tile_of_inner(&self, index: Symbol) -> Option<Symbol> {
+        self.pair_of_index(index).and_then(|(tile, inner, _)| (inner == index).then_some(tile))
+    }
+
+    /// Whether `index` is the tile index of a split pair (`m1`).
+    pub fn is_tile_index(&self, index: Symbol) -> bool {
+        self.pair_of_index(index).is_some_and(|(tile, _, _)| tile == index)
+    }
+
+    /// The pairs whose both indices are in `free`: (tile index, within-tile index).
+    fn pairs_in(&self, free: &BTreeSet<Symbol>) -> Vec<(Symbol, Symbol)> {
+        free.iter()
+            .filter_map(|i| self.pair_of_index(*i))
+            .filter(|(tile, inner, _)| free.contains(tile) && free.contains(inner))
+            .map(|(tile, inner, _)| (tile, inner))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+}
+
+/// The pair a subscript class addresses as `t * Inner + i` (a node `(a+ (a* t #Inner) i)`):
+/// (tile index, within-tile index, whole rank), when `t` and `i` form a split pair.
+fn pair_position(egraph: &EGraph<Ein, EinAnalysis>, id: Id) -> Option<(Symbol, Symbol, Symbol)> {
+    let index_of = |id: Id| {
+        egraph[id].nodes.iter().find_map(|n| match n {
+            Ein::Index(name) => Some(name.0),
+            _ => None,
+        })
+    };
+    egraph[id].nodes.iter().find_map(|node| {
+        let Ein::AffAdd([scaled, inner]) = node else { return None };
+        let inner = index_of(*inner)?;
+        egraph[*scaled].nodes.iter().find_map(|n| {
+            let Ein::AffMul([tile, extent]) = n else { return None };
+            let tile = index_of(*tile)?;
+            let pair = egraph.analysis.pair_of_index(tile)?;
+            let extent_is_inner = egraph[*extent].nodes.iter().any(|e| match e {
+                Ein::Extent(name) => name.0.as_str().to_lowercase() == pair.1.as_str().trim_end_matches('\''),
+                _ => false,
+            });
+            (pair.0 == tile && pair.1 == inner && extent_is_inner).then_some(pair)
+        })
+    })
+}
+
+/// Whether the reduction `(rmax k body)` (or any reduction over `k` of `body`) is over a set
+/// that is never empty: `k` is the within-tile index of a split pair whose tile index is free in
+/// `body`, the body is defined wherever that pair is valid, and no other pair constrains it. Every
+/// tile `m1 < M1` keeps its first point, `m1 * M0 + 0 < M`.
+pub fn never_empty(egraph: &EGraph<Ein, EinAnalysis>, k: Id, body: Id) -> bool {
+    let indices = &egraph[k].data.free;
+    let facts = &egraph[body].data;
+    let Some(index) = indices.iter().next() else { return false };
+    let Some(tile) = egraph.analysis.tile_of_inner(*index) else { return false };
+    indices.len() == 1
+        && facts.free.contains(&tile)
+        && facts.valid_total
+        && egraph.analysis.pairs_in(&facts.free) == vec![(tile, *index)]
+}
+
+/// Whether class `id` holds `a - max[k](a)` for a finite `a` that depends on `k`: where it is
+/// defined, `a` is one of the values the maximum is over, so the difference is finite and <= 0.
+fn shift_by_own_max(egraph: &EGraph<Ein, EinAnalysis>, id: Id) -> bool {
+    egraph[id].nodes.iter().any(|node| {
+        let Ein::Sub([a, max]) = node else { return false };
+        egraph[*a].data.finite
+            && egraph[*max].nodes.iter().any(|m| match m {
+                Ein::RMax([k, b]) => {
+                    egraph.find(*b) == egraph.find(*a)
+                        && egraph[*k].data.free.iter().all(|i| egraph[*a].data.free.contains(i))
+                        && !egraph[*k].data.free.is_empty()
+                }
+                _ => false,
+            })
+    })
 }
 
 /// Whether class `id` holds `m - max(m, c)` (or `m - max(c, m)`) for a finite `c`.
@@ -206,7 +320,12 @@ impl Analysis<Ein> for EinAnalysis {
             constant: None,
             positive_unless_empty: false,
             finite: match enode {
-                Ein::RMax(_) | Ein::RMin(_) => false,
+                // A maximum over a set that is never empty is one of its finite values.
+                Ein::RMax([k, body]) | Ein::RMin([k, body]) => {
+                    egraph[*body].data.finite && never_empty(egraph, *k, *body)
+                }
+                // `exp(a - max[k](a))` is in (0, 1].
+                Ein::Exp(a) if shift_by_own_max(egraph, *a) => true,
                 // `exp(m - max(m, c))` with `c` finite is in [0, 1], also where `m` is the maximum
                 // of an empty set (-inf).
                 Ein::Exp(a) if shift_by_larger(egraph, *a) => true,
@@ -224,6 +343,38 @@ impl Analysis<Ein> for EinAnalysis {
                 }
                 other => other.children().iter().all(|c| egraph[*c].data.total),
             },
+            valid_total: false,
+            pair_validity: false,
+        };
+        out.valid_total = out.total
+            || match enode {
+                Ein::Filter([cond, body]) => egraph[*cond].data.pair_validity && egraph[*body].data.valid_total,
+                // A read at bare indices or at a valid pair's position of the whole rank.
+                Ein::In(children) => {
+                    let ranks = egraph[children[0]].nodes.iter().find_map(|n| match n {
+                        Ein::Tensor(t) => egraph.analysis.input_ranks.get(&t.0),
+                        _ => None,
+                    });
+                    ranks.is_some_and(|ranks| {
+                        ranks.len() + 1 == children.len()
+                            && children[1..].iter().zip(ranks).all(|(c, rank)| {
+                                egraph[*c].nodes.iter().any(|n| matches!(n, Ein::Index(_)))
+                                    || pair_position(egraph, *c).is_some_and(|(_, _, whole)| whole == *rank)
+                            })
+                    })
+                }
+                Ein::Sum(_) | Ein::RMax(_) | Ein::RMin(_) | Ein::RSum(_) => true,
+                other => other.children().iter().all(|c| egraph[*c].data.valid_total),
+            };
+        out.pair_validity = match enode {
+            Ein::And([a, b]) => egraph[*a].data.pair_validity && egraph[*b].data.pair_validity,
+            Ein::Lt([at, extent]) => egraph[*at].nodes.iter().any(|n| match n {
+                Ein::IndexValue(position) => pair_position(egraph, *position).is_some_and(|(_, _, whole)| {
+                    egraph[*extent].nodes.iter().any(|e| matches!(e, Ein::Extent(name) if name.0 == whole))
+                }),
+                _ => false,
+            }),
+            _ => false,
         };
         match enode {
             Ein::Num(c) => {
@@ -254,8 +405,10 @@ impl Analysis<Ein> for EinAnalysis {
                     out.free.remove(index);
                 }
                 if let Ein::Sum(_) = enode {
-                    out.nonnegative = f(body).nonnegative;
-                    out.positive_unless_empty = f(body).positive;
+                    out.nonnegative = f(body).nonnegative || f(body).positive_unless_empty;
+                    // A sum of terms that are each > 0 unless their own set is empty is > 0 unless
+                    // the union of those sets (its own set) is empty.
+                    out.positive_unless_empty = f(body).positive || f(body).positive_unless_empty;
                 } else {
                     out.positive = f(body).positive;
                     out.nonnegative = f(body).nonnegative;
@@ -266,8 +419,8 @@ impl Analysis<Ein> for EinAnalysis {
                 for index in &f(k).free {
                     out.free.remove(index);
                 }
-                out.nonnegative = f(x).nonnegative;
-                out.positive_unless_empty = f(x).positive;
+                out.nonnegative = f(x).nonnegative || f(x).positive_unless_empty;
+                out.positive_unless_empty = f(x).positive || f(x).positive_unless_empty;
             }
             Ein::Exp(a) => {
                 out.free = f(a).free.clone();
@@ -287,11 +440,21 @@ impl Analysis<Ein> for EinAnalysis {
                 out.free = union(&[*cond, *body]);
                 out.positive = f(body).positive;
                 out.nonnegative = f(body).nonnegative;
+                out.positive_unless_empty = f(body).positive_unless_empty;
             }
             Ein::Mul([a, b]) | Ein::Div([a, b]) => {
                 out.free = union(&[*a, *b]);
                 out.positive = f(a).positive && f(b).positive;
                 out.nonnegative = f(a).nonnegative && f(b).nonnegative;
+                // A per-tile sum scaled by a positive factor (`SLD[m1, p] * PRM[m1, p]`) is > 0
+                // unless the tile is empty, and >= 0.
+                let pue_or_positive = |x: &Facts| x.positive || x.positive_unless_empty;
+                if let Ein::Mul(_) = enode {
+                    out.positive_unless_empty = !out.positive
+                        && ((f(a).positive_unless_empty && f(b).positive)
+                            || (f(a).positive && f(b).positive_unless_empty));
+                    out.nonnegative |= pue_or_positive(f(a)) && pue_or_positive(f(b));
+                }
             }
             Ein::Add([a, b]) => {
                 out.free = union(&[*a, *b]);
@@ -338,6 +501,8 @@ impl Analysis<Ein> for EinAnalysis {
         to.positive_unless_empty |= from.positive_unless_empty;
         to.total |= from.total;
         to.finite |= from.finite;
+        to.valid_total |= from.valid_total;
+        to.pair_validity |= from.pair_validity;
         if to.constant.is_none() {
             to.constant = from.constant;
         }

@@ -76,6 +76,19 @@ pub enum OptimizeError {
     Internal(String),
 }
 
+/// The cost function of a cascade's terms: the role of every index, and the within-tile indices
+/// of its splits.
+fn cost_function(cascade: &Cascade) -> PassCostFunction {
+    let inner_ranks: Vec<RankId> = cascade.split_pairs().iter().map(|(_, inner, _)| *inner).collect();
+    let mut within_tile = std::collections::BTreeSet::new();
+    for rank in inner_ranks {
+        for primes in 0..4u8 {
+            within_tile.insert(Symbol::from(cascade.index_name(Index { rank, primes })));
+        }
+    }
+    PassCostFunction { rank_of: index_roles(cascade), within_tile }
+}
+
 /// The role of each index name for the pass count, as the analysis sees it
 /// (`passcount::Roles`): its rank, with the primes of its role (`m'` counts passes over `M'`,
 /// apart from `m`, only where both walk different fibers).
@@ -124,7 +137,7 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
         }
     }
     let rank_of = index_roles(cascade);
-    let mut cost_function = PassCostFunction { rank_of: rank_of.clone() };
+    let mut cost_function = cost_function(cascade);
     let input_costs: Vec<PassCost> =
         terms[..cascade.outputs.len()].iter().map(|(_, expr)| cost_function.cost_rec(expr)).collect();
 
@@ -162,7 +175,7 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
         .collect();
     let egraph = &runner.egraph;
     let rank_of_index = rank_of.clone();
-    let extractor = Extractor::new(egraph, PassCostFunction { rank_of });
+    let extractor = Extractor::new(egraph, cost_function);
     let roots: Vec<Id> = runner.roots.iter().map(|r| egraph.find(*r)).collect();
     let output_costs: Vec<PassCost> =
         roots[..cascade.outputs.len()].iter().map(|r| extractor.find_best_cost(*r)).collect();
@@ -196,14 +209,8 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
         applied: applied.clone(),
         note,
     };
-    let better = output_costs
-        .iter()
-        .zip(&input_costs)
-        .any(|(out, input)| (out.unstable, out.max_passes()) < (input.unstable, input.max_passes()))
-        && output_costs
-            .iter()
-            .zip(&input_costs)
-            .all(|(out, input)| (out.unstable, out.max_passes()) <= (input.unstable, input.max_passes()));
+    let better = output_costs.iter().zip(&input_costs).any(|(out, input)| out.rank() < input.rank())
+        && output_costs.iter().zip(&input_costs).all(|(out, input)| out.rank() <= input.rank());
     if !better {
         return Ok(report(cascade.clone(), false, Some("no cascade with fewer passes was found".into())));
     }
@@ -250,7 +257,6 @@ pub fn derivation(cascade: &Cascade, options: &OptimizeOptions) -> Vec<String> {
     let Ok(translator) = to_egg::Translator::new(cascade) else { return vec![] };
     let Some(output) = cascade.outputs.first() else { return vec![] };
     let start = translator.tensor_term(output.tensor);
-    let rank_of = index_roles(cascade);
     let mut runner: Runner<Ein, EinAnalysis> = Runner::new(EinAnalysis::of(cascade))
         .with_explanations_enabled()
         .with_scheduler(SimpleScheduler)
@@ -260,6 +266,6 @@ pub fn derivation(cascade: &Cascade, options: &OptimizeOptions) -> Vec<String> {
         .with_expr(&start)
         .run(&rules::rules());
     let root = runner.egraph.find(runner.roots[0]);
-    let best = Extractor::new(&runner.egraph, PassCostFunction { rank_of }).find_best(root).1;
+    let best = Extractor::new(&runner.egraph, cost_function(cascade)).find_best(root).1;
     runner.explain_equivalence(&start, &best).get_flat_strings()
 }

@@ -68,6 +68,27 @@ fn fewer_indices(b: &str, a: &str, c: &str) -> impl Fn(&mut Graph, Id, &Subst) -
     }
 }
 
+/// Where `?k` is the tile index of a split the source made by hand (`m1`), the online sum is
+/// lowered as a recurrence along that rank itself (tiling it again would make tiles of tiles), and
+/// every step of a recurrence must be defined: the scores `?a` and the summand `?x` are total.
+/// Not a condition of soundness, but of the lowering: the rules build only sums it can emit.
+fn lowerable(k: &str, a: &str, x: Option<&str>) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
+    let (k, a, x) = (var(k), var(a), x.map(var));
+    move |egraph, _, subst| {
+        let along_tiles = egraph[subst[k]].data.free.iter().any(|i| egraph.analysis.is_tile_index(*i));
+        !along_tiles || (egraph[subst[a]].data.total && x.is_none_or(|x| egraph[subst[x]].data.total))
+    }
+}
+
+/// The maximum `(rmax ?k ?a)` is finite (a maximum over a set that is never empty, such as a
+/// hand-made tile, of finite values). The class exists: the pattern holds it.
+fn inner_max_finite(k: &str, a: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
+    let (k, a) = (var(k), var(a));
+    move |egraph, _, subst| {
+        egraph.lookup(Ein::RMax([subst[k], subst[a]])).is_some_and(|class| egraph[class].data.finite)
+    }
+}
+
 /// `?c` is > 0 wherever it is defined.
 fn positive(c: &str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
     let c = var(c);
@@ -91,9 +112,12 @@ pub fn rules() -> Vec<Rule> {
         rw!("defer-factor-right"; "(sum ?k (* ?b ?a))" => "(* (sum ?k ?b) ?a)" if independent("?k", "?a") if total("?a") if finite("?a")),
         // The online (running-max) sum: one streaming pass computes sum_k exp(a - max_k a) * x.
         // (Scores that do not vary along k need no running maximum.)
-        rw!("online-sum-right"; "(sum ?k (* (exp (- ?a (rmax ?k ?a))) ?x))" => "(rsum ?k ?a ?x)" if depends("?k", "?a")),
-        rw!("online-sum-left";  "(sum ?k (* ?x (exp (- ?a (rmax ?k ?a)))))" => "(rsum ?k ?a ?x)" if depends("?k", "?a")),
-        rw!("online-sum-one";   "(sum ?k (exp (- ?a (rmax ?k ?a))))" => "(rsum ?k ?a 1)" if depends("?k", "?a")),
+        rw!("online-sum-right"; "(sum ?k (* (exp (- ?a (rmax ?k ?a))) ?x))" => "(rsum ?k ?a ?x)"
+            if depends("?k", "?a") if lowerable("?k", "?a", Some("?x"))),
+        rw!("online-sum-left";  "(sum ?k (* ?x (exp (- ?a (rmax ?k ?a)))))" => "(rsum ?k ?a ?x)"
+            if depends("?k", "?a") if lowerable("?k", "?a", Some("?x"))),
+        rw!("online-sum-one";   "(sum ?k (exp (- ?a (rmax ?k ?a))))" => "(rsum ?k ?a 1)"
+            if depends("?k", "?a") if lowerable("?k", "?a", None)),
         // A shift by a maximum with extra terms (a sink, a bias: `max(max[k](a), c)`) is the
         // shift by the maximum alone, rescaled once per row by a factor of at most 1, which
         // leaves the sum; both exponents stay <= 0.
@@ -101,6 +125,13 @@ pub fn rules() -> Vec<Rule> {
             => "(* (exp (- ?a (rmax ?k ?a))) (exp (- (rmax ?k ?a) (max2 (rmax ?k ?a) ?c))))" if depends("?k", "?a")),
         rw!("shift-by-larger-max-right"; "(exp (- ?a (max2 ?c (rmax ?k ?a))))"
             => "(* (exp (- ?a (rmax ?k ?a))) (exp (- (rmax ?k ?a) (max2 ?c (rmax ?k ?a)))))" if depends("?k", "?a")),
+        // A shift by the maximum over two indices (a hand-split rank's tiles, then the points of
+        // each) is the shift by the inner maximum, rescaled by that maximum's shift by the outer
+        // one: exp(a - G) = exp(a - L) * exp(L - G) with L = max[k](a), exact where L is finite;
+        // both exponents stay <= 0 (L >= a, G >= L).
+        rw!("shift-by-nested-max"; "(exp (- ?a (rmax ?j (rmax ?k ?a))))"
+            => "(* (exp (- ?a (rmax ?k ?a))) (exp (- (rmax ?k ?a) (rmax ?j (rmax ?k ?a)))))"
+            if depends("?k", "?a") if inner_max_finite("?k", "?a")),
         // A factor indexed by fewer indices than its neighbours moves outward in a product, so
         // that the factor rules above see it (`(x * e) * v` with `e` per row: `(x * v) * e`).
         // Only towards fewer indices, which bounds the orders a product takes.
@@ -125,6 +156,18 @@ pub fn rules() -> Vec<Rule> {
         rw!("filter-into-exp"; "(filt ?c (exp ?x))" => "(exp (filt ?c ?x))"),
         rw!("filter-into-sub"; "(filt ?c (- ?a ?b))" => "(- (filt ?c ?a) ?b)"),
         rw!("filter-into-mul"; "(filt ?c (* ?a ?b))" => "(* (filt ?c ?a) ?b)"),
+        // And out of products, so that the filters of both factors meet: a product is undefined
+        // wherever either factor is, so filtering a factor or the product is the same.
+        rw!("filter-out-of-mul-left";  "(* (filt ?c ?a) ?b)" => "(filt ?c (* ?a ?b))"),
+        rw!("filter-out-of-mul-right"; "(* ?a (filt ?c ?b))" => "(filt ?c (* ?a ?b))"),
+        // A quotient is undefined wherever its numerator is: the filter may move into it.
+        rw!("filter-into-div"; "(filt ?c (/ ?a ?b))" => "(/ (filt ?c ?a) ?b)"),
+        // A filter applied twice is applied once (every read through a hand-split pair carries
+        // the pair's validity, so an Einsum that reads another meets it twice).
+        rw!("filter-twice"; "(filt ?c (filt ?c ?x))" => "(filt ?c ?x)"),
+        // The larger of a value and a bound, bounded again by the same, is bounded once (a
+        // division deferred past two sums in turn bounds its divisor twice).
+        rw!("max-twice"; "(max2 (max2 ?a ?b) ?b)" => "(max2 ?a ?b)"),
         // A positive invariant factor or an invariant bias leaves a maximum.
         rw!("max-positive-factor"; "(rmax ?k (* ?a ?c))" => "(* (rmax ?k ?a) ?c)"
             if independent("?k", "?c") if positive("?c") if total("?c") if finite("?c")),
@@ -161,6 +204,9 @@ pub fn describe(rule: &str) -> &'static str {
         }
         "reciprocal-right" | "reciprocal-left" => "a * (1 / b)  =>  a / b",
         "mul-assoc" => "a * (b * c)  =>  (a * b) * c",
+        "shift-by-nested-max" => {
+            "exp(a - max[j](max[k](a)))  =>  exp(a - max[k](a)) * exp(max[k](a) - max[j](max[k](a)))   (max[k](a) finite)"
+        }
         "scale-after-shift-right" | "scale-after-shift-left" => {
             "exp((a - max[k](a)) * c)  =>  exp(a c - max[k](a c))   (c > 0, independent of k)"
         }
@@ -168,6 +214,11 @@ pub fn describe(rule: &str) -> &'static str {
         "filter-into-exp" => "exp(x) where c  =>  exp(x where c)",
         "filter-into-sub" => "(a - b) where c  =>  (a where c) - b",
         "filter-into-mul" => "(a * b) where c  =>  (a where c) * b",
+        "filter-out-of-mul-left" => "(a where c) * b  =>  (a * b) where c",
+        "filter-out-of-mul-right" => "a * (b where c)  =>  (a * b) where c",
+        "filter-into-div" => "(a / b) where c  =>  (a where c) / b",
+        "filter-twice" => "(x where c) where c  =>  x where c",
+        "max-twice" => "max(max(a, b), b)  =>  max(a, b)",
         "max-positive-factor" => "max[k](a * c)  =>  max[k](a) * c   (c > 0, independent of k)",
         "max-bias" => "max[k](a + b)  =>  max[k](a) + b   (b independent of k)",
         "exp-split" => "exp(a - b)  =>  exp(a) / exp(b)   (unsafe: exp(a) can overflow)",
