@@ -132,7 +132,7 @@ pub fn optimize_for_gpu(cascade: &Cascade) -> Result<compiler::optimize::Optimiz
 }
 
 /// Optimizes a kernel to run on `target`, the split ranks the optimizer creates in tiles of
-/// `tile` points; without one, 64, or on the GPU targets what `optimize_for_gpu` chooses.
+/// `tile` points; without one, what `optimize_for_host` or `optimize_for_gpu` chooses.
 pub fn optimize_for_target(
     cascade: &Cascade,
     target: Target,
@@ -140,7 +140,19 @@ pub fn optimize_for_target(
 ) -> Result<compiler::optimize::Optimized, Error> {
     match tile {
         None if matches!(target, Target::Gpu | Target::GpuEmulated) => optimize_for_gpu(cascade),
+        None if matches!(target, Target::Cpu | Target::CpuLlvm) => optimize_for_host(cascade),
         tile => optimize_tiled(cascade, tile.unwrap_or(64)),
+    }
+}
+
+/// Optimizes a kernel for a host tier: key tiles of 64, or the longer tile the scheduling layer
+/// asks for where a step's runs of keys are too short to stream (`layout::longer_host_tile`).
+pub fn optimize_for_host(cascade: &Cascade) -> Result<compiler::optimize::Optimized, Error> {
+    let optimized = optimize_tiled(cascade, 64)?;
+    let program = compiler::schedule::schedule(&optimized.cascade)?;
+    match compiler::schedule::layout::longer_host_tile(&program) {
+        Some(tile) => optimize_tiled(cascade, tile),
+        None => Ok(optimized),
     }
 }
 

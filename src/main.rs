@@ -132,9 +132,10 @@ enum Command {
         #[arg(long, value_name = "KEYS")]
         split_keys: Option<u64>,
         /// Tiles of this many points for the split ranks the optimizer creates (the streamed
-        /// keys).
-        #[arg(long, default_value_t = 64)]
-        tile: u64,
+        /// keys); by default the host tiers' own choice (64, or 256 where a step's runs of keys
+        /// are too short to stream).
+        #[arg(long)]
+        tile: Option<u64>,
     },
     /// On a GPU machine: run the PTX kernels of a folder made by `scripts/gpu-build.sh` against
     /// the interpreter and time the attention kernels; needs no LLVM.
@@ -561,7 +562,7 @@ fn bench(
     threads: usize,
     target: BenchTarget,
     split_keys: Option<u64>,
-    tile: u64,
+    tile: Option<u64>,
 ) -> Result<(), Error> {
     use std::time::Instant;
     let runs = runs.max(1);
@@ -600,7 +601,7 @@ fn bench(
     let mut results = Vec::new();
     for (tier, llvm) in tiers {
         let target = if llvm { Target::CpuLlvm } else { Target::Cpu };
-        let options = BuildOptions { tile: Some(tile), ..BuildOptions::new(target) };
+        let options = BuildOptions { tile, ..BuildOptions::new(target) };
         // Source to a callable kernel: parse, check, optimize, schedule, compile.
         let mut compile_times = Vec::new();
         let mut built = None;

@@ -93,7 +93,7 @@ pub fn emit(path: &str, source: &str, stage: EmitStage, options: &EmitOptions) -
                     (EmitStage::Llvm | EmitStage::LlvmOpt, LlvmTarget::CpuLlvm) => Target::CpuLlvm,
                     _ => Target::Cpu,
                 };
-                let build = BuildOptions { tile: Some(64), ..BuildOptions::new(built_for) };
+                let build = BuildOptions { tile: None, ..BuildOptions::new(built_for) };
                 let scheduled = crate::pipeline::schedule_kernel(k, &build)?;
                 let loops = &scheduled.loops[0];
                 let nvptx = options.target == LlvmTarget::Nvptx;

@@ -171,3 +171,60 @@ pub fn read_repeatedly(cascade: &Cascade, tensor: TensorId) -> bool {
         reads && indices.iter().any(|i| !ranks.contains(&whole(i.rank)) && !ranks.contains(&i.rank))
     })
 }
+
+/// The longer key tile a host kernel asks for, when the one it was scheduled with is too short
+/// to stream: a streamed contraction reads an input whose tile of keys is its contiguous last
+/// position, cut into runs of one tile per row of another rank (decode's `K[h, e, m]`: each step
+/// reads 64 floats from each of 128 rows of `E`, one stream per row, more than the prefetchers
+/// follow), and nothing in the call reads a tile twice (the contraction's other indices are batch
+/// ranks or fixed at fewer than 8 points, such as decode's single query). Measured on
+/// `examples/variants.ein` decode at M = 16384 (`einfuse bench --tile`): 13.7 ms with tiles of
+/// 64 on `cpu`, 9.5 with 256 (`cpu-llvm` 10.5 to 7.5); prefill in `[H, E, P]`, whose tiles are
+/// reused by 64 queries, gains nothing and keeps 64.
+pub fn longer_host_tile(program: &LoopProgram) -> Option<u64> {
+    const LONGER: u64 = 256;
+    let c = &program.cascade;
+    let pairs = c.split_pairs();
+    let streamed_runs = |einsum: &Einsum| {
+        if !matches!(einsum.body, Expr::Reduce { .. }) {
+            return false;
+        }
+        einsum.reads().iter().any(|(t, subscripts)| {
+            let tensor = c.tensor(*t);
+            let last = subscripts.len().saturating_sub(1);
+            let rows = tensor.ranks[..last]
+                .iter()
+                .any(|r| !is_batch_rank(c, *r) && !matches!(c.rank(*r).extent, Extent::Fixed(n) if n < 8));
+            // The points of the Einsum that read the same element of the tile: its indices
+            // outside the split pair whose ranks the input does not have.
+            let readers = einsum
+                .lhs_indices()
+                .filter(|i| !pairs.iter().any(|(t, inner, _)| i.rank == *t || i.rank == *inner))
+                .filter(|i| !tensor.ranks.contains(&i.rank))
+                .map(|i| match c.rank(i.rank).extent {
+                    Extent::Fixed(n) => n,
+                    _ => u64::MAX,
+                })
+                .fold(1u64, |a, n| a.saturating_mul(n));
+            matches!(tensor.kind, TensorKind::Input { .. })
+                && subscripts.last().is_some_and(|s| is_split_inner(&pairs, s))
+                && rows
+                && readers < 8
+        })
+    };
+    let wants = program.body.iter().any(|node| match node {
+        crate::schedule::Node::Loop { body, .. } => body.iter().any(
+            |n| matches!(n, crate::schedule::Node::Compute { einsum } if streamed_runs(&c.einsums[einsum.index()])),
+        ),
+        crate::schedule::Node::Compute { .. } => false,
+    });
+    wants.then_some(LONGER)
+}
+
+/// Whether `sub` is `t * M0 + v` for a split pair `(T, M0)`: a point of a tile.
+fn is_split_inner(pairs: &[(RankId, RankId, RankId)], sub: &Affine) -> bool {
+    let Affine::Add(a, b) = sub else { return false };
+    let (Affine::Mul(t, e), Affine::Index(v)) = (&**a, &**b) else { return false };
+    let (Affine::Index(t), Affine::Extent(e)) = (&**t, &**e) else { return false };
+    *e == v.rank && pairs.iter().any(|(tile, inner, _)| t.rank == *tile && *inner == v.rank)
+}
