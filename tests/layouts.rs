@@ -161,3 +161,30 @@ kernel transpose {
         }
     }
 }
+
+/// The host tiers take longer key tiles only where a step's runs of keys are too short to stream:
+/// decode reading `K[h, e, m]` (one query, 128 rows of keys), not decode in PyTorch's layout (a
+/// tile is one block) nor prefill in `[H, E, P]` (64 queries read each tile).
+#[test]
+fn longer_key_tiles_only_for_short_runs() {
+    let tile = |file: &str, name: &str, target: Target| {
+        let program = einfuse::Program::from_file(&common::root().join(file)).unwrap();
+        let kernel = program.kernel(Some(name)).unwrap();
+        let scheduled = einfuse::pipeline::schedule_kernel(kernel, &BuildOptions::new(target)).unwrap();
+        let c = &scheduled.loops[0].cascade;
+        c.ranks.iter().find(|r| r.name == "M0").map(|r| r.extent.clone())
+    };
+    for target in [Target::Cpu, Target::CpuLlvm] {
+        assert_eq!(tile("examples/variants.ein", "decode", target), Some(Extent::Fixed(256)));
+        assert_eq!(tile("examples/heads.ein", "gqa_decode", target), Some(Extent::Fixed(256)));
+        assert_eq!(tile("benches/pytorch.ein", "decode", target), Some(Extent::Fixed(64)));
+        assert_eq!(tile("benches/pytorch.ein", "prefill_hep", target), Some(Extent::Fixed(64)));
+        assert_eq!(tile("examples/attention.ein", "attention", target), Some(Extent::Fixed(64)));
+    }
+    // An explicit tile is kept.
+    let program = einfuse::Program::from_file(&common::root().join("examples/variants.ein")).unwrap();
+    let options = BuildOptions { tile: Some(64), ..BuildOptions::new(Target::Cpu) };
+    let scheduled = einfuse::pipeline::schedule_kernel(program.kernel(Some("decode")).unwrap(), &options).unwrap();
+    let m0 = scheduled.loops[0].cascade.ranks.iter().find(|r| r.name == "M0").map(|r| r.extent.clone());
+    assert_eq!(m0, Some(Extent::Fixed(64)));
+}
