@@ -605,13 +605,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                         g.for_loop_from(v, done, vector_end, lanes, &mut |g| g.compute_vector_rows(einsum, block));
                     g.for_loop_from(v, done, extent_v, 1, &mut |g| {
                         for k in 0..rows {
-                            let first = g.index(u);
-                            let var = g.b.declare_var(types::I64);
-                            let row = g.b.ins().iadd_imm_s(first, k);
-                            g.b.def_var(var, row);
-                            g.env.push((u, var));
-                            g.compute_point(einsum);
-                            g.env.pop();
+                            g.with_offset(u, k, &mut |g| g.compute_point(einsum));
                         }
                     });
                 });
