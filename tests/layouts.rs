@@ -175,8 +175,8 @@ fn longer_key_tiles_only_for_short_runs() {
         c.ranks.iter().find(|r| r.name == "M0").map(|r| r.extent.clone())
     };
     for target in [Target::Cpu, Target::CpuLlvm] {
-        assert_eq!(tile("examples/variants.ein", "decode", target), Some(Extent::Fixed(256)));
-        assert_eq!(tile("examples/heads.ein", "gqa_decode", target), Some(Extent::Fixed(256)));
+        assert_eq!(tile("examples/variants.ein", "decode", target), Some(Extent::Fixed(1024)));
+        assert_eq!(tile("examples/heads.ein", "gqa_decode", target), Some(Extent::Fixed(1024)));
         assert_eq!(tile("benches/pytorch.ein", "decode", target), Some(Extent::Fixed(64)));
         assert_eq!(tile("benches/pytorch.ein", "prefill_hep", target), Some(Extent::Fixed(64)));
         assert_eq!(tile("examples/attention.ein", "attention", target), Some(Extent::Fixed(64)));

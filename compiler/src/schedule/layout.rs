@@ -178,11 +178,12 @@ pub fn read_repeatedly(cascade: &Cascade, tensor: TensorId) -> bool {
 /// reads 64 floats from each of 128 rows of `E`, one stream per row, more than the prefetchers
 /// follow), and nothing in the call reads a tile twice (the contraction's other indices are batch
 /// ranks or fixed at fewer than 8 points, such as decode's single query). Measured on
-/// `examples/variants.ein` decode at M = 16384 (`einfuse bench --tile`): 13.7 ms with tiles of
-/// 64 on `cpu`, 9.5 with 256 (`cpu-llvm` 10.5 to 7.5); prefill in `[H, E, P]`, whose tiles are
-/// reused by 64 queries, gains nothing and keeps 64.
+/// `examples/variants.ein` decode at M = 16384 (`einfuse bench --tile`, 9 runs): on `cpu` 13.7 ms
+/// with tiles of 64, 11.8 with 256, 9.0 with 1024 (unfused 8.7); `gqa_decode` 30.4, 17.2, 13.8
+/// (unfused 15.4). Prefill in `[H, E, P]`, whose tiles are reused by 64 queries, gains nothing
+/// and keeps 64.
 pub fn longer_host_tile(program: &LoopProgram) -> Option<u64> {
-    const LONGER: u64 = 256;
+    const LONGER: u64 = 1024;
     let c = &program.cascade;
     let pairs = c.split_pairs();
     let streamed_runs = |einsum: &Einsum| {
