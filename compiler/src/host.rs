@@ -314,8 +314,7 @@ impl CpuKernel {
                 .collect()
         };
         let input_ids = c.inputs();
-        let repeated: Vec<bool> =
-            (0..c.tensors.len()).map(|t| crate::schedule::layout::read_repeatedly(c, TensorId::new(t))).collect();
+        let repeated: Vec<bool> = input_ids.iter().map(|id| crate::schedule::layout::read_repeatedly(c, *id)).collect();
         // The outputs, written in place by the calls (each its own box); an output the kernel
         // masks is returned by each call and placed after.
         let mut outputs: Vec<Vec<f32>> = c
@@ -335,19 +334,13 @@ impl CpuKernel {
             }
             // An input is read in place, a box of a row-major array through its strides (the
             // last position, the only one the kernel takes as contiguous, stays so), unless the
-            // layer says the kernel reads it again and again: then its box is copied dense.
-            let parts: Vec<Option<Vec<f32>>> = input_ids
+            // layer says the kernel reads it again and again: then its box is made dense.
+            let parts: Vec<Option<std::borrow::Cow<[f32]>>> = input_ids
                 .iter()
                 .zip(inputs)
-                .map(|(id, data)| {
-                    let (shape, b) = (tensor_shape(c, *id, extents), boxes(*id, call));
-                    let runs = Runs::new(&shape, &b);
-                    (runs.count > 1 && repeated[id.index()]).then(|| {
-                        (0..runs.count)
-                            .flat_map(|k| &data[runs.start(k)..runs.start(k) + runs.length])
-                            .copied()
-                            .collect()
-                    })
+                .zip(&repeated)
+                .map(|((id, data), again)| {
+                    again.then(|| slice_box(data, &tensor_shape(c, *id, extents), &boxes(*id, call)))
                 })
                 .collect();
             let operands: Vec<Operand> = input_ids
@@ -466,6 +459,21 @@ fn split_points(c: &Cascade, extents: &[u64], batch: RankId) -> Vec<RankId> {
         .collect()
 }
 
+/// The points of a row-major array of `shape` in `boxes` (a range per position), row-major:
+/// borrowed when they are contiguous (every position before the last partial one holds one
+/// point of the box), else copied.
+fn slice_box<'d>(data: &'d [f32], shape: &[u64], boxes: &[std::ops::Range<u64>]) -> std::borrow::Cow<'d, [f32]> {
+    let runs = Runs::new(shape, boxes);
+    if runs.count == 1 {
+        return std::borrow::Cow::Borrowed(&data[runs.start(0)..runs.start(0) + runs.length]);
+    }
+    let mut out = Vec::with_capacity(runs.count * runs.length);
+    for k in 0..runs.count {
+        out.extend_from_slice(&data[runs.start(k)..runs.start(k) + runs.length]);
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Writes `part` (the points of `boxes`, row-major) into a row-major array of `shape`.
 fn place_box(data: &mut [f32], shape: &[u64], boxes: &[std::ops::Range<u64>], part: &[f32]) {
     let runs = Runs::new(shape, boxes);
@@ -517,7 +525,7 @@ impl<'a> Runs<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::{place_box, strides_and_offset};
+    use super::{place_box, slice_box, strides_and_offset};
 
     /// The points of a box, one by one, as the definition says.
     fn naive(data: &[f32], shape: &[u64], boxes: &[std::ops::Range<u64>]) -> Vec<f32> {
@@ -573,6 +581,7 @@ mod tests {
                 read.push(data[at as usize]);
             }
             assert_eq!(read, want, "{shape:?} {boxes:?}");
+            assert_eq!(slice_box(&data, &shape, &boxes).as_ref(), want.as_slice(), "{shape:?} {boxes:?}");
             let mut placed = vec![-1.0; data.len()];
             place_box(&mut placed, &shape, &boxes, &want);
             assert_eq!(naive(&placed, &shape, &boxes), want);

@@ -425,6 +425,9 @@ struct Lowering<'a> {
     /// The vector constants of the math functions, by lanes and bits, each loaded once in the
     /// entry block (see `vector_constant`), and the scalar globals they load.
     vector_constants: std::collections::BTreeMap<(usize, u32), String>,
+    /// The strides of inputs and outputs read from a host kernel's table, by buffer and
+    /// position, each loaded once in the entry block.
+    table_strides: std::collections::BTreeMap<(usize, usize), String>,
     out: String,
     next: usize,
     values: Vec<String>,
@@ -501,6 +504,7 @@ impl<'a> Lowering<'a> {
             batch: if abi == Abi::Thread { super::launch::batch_ranks(&program.cascade) } else { vec![] },
             allocas: String::new(),
             vector_constants: Default::default(),
+            table_strides: Default::default(),
             out: String::new(),
             next: 0,
             values: vec![],
@@ -694,11 +698,15 @@ impl<'a> Lowering<'a> {
         if self.abi == Abi::Cpu && !scratch && d + 1 < tensor.ranks.len() {
             // A host call may read and write a box of a larger array in place: the caller's
             // strides, from the table (the last position is contiguous in every array).
-            // Loaded in the entry block, so that the value dominates every use.
+            // Loaded once, in the entry block, so that the value dominates every use.
+            if let Some(v) = self.table_strides.get(&(b, d)) {
+                return v.clone();
+            }
             let at = crate::schedule::layout::table_offsets(self.program)[b] + d;
             let (p, v) = (self.fresh(), self.fresh());
             writeln!(self.allocas, "  {p} = getelementptr i64, i64* %strides, i64 {at}").unwrap();
             writeln!(self.allocas, "  {v} = load i64, i64* {p}").unwrap();
+            self.table_strides.insert((b, d), v.clone());
             return v;
         }
         let mut factors: Vec<String> = Vec::new();

@@ -7,6 +7,7 @@
 //! extent 1, since it stores one point), so that a vector of points is a vector of addresses.
 
 use crate::ir::*;
+use crate::schedule::layout::split_point;
 use crate::schedule::{BufferRole, LoopProgram, Slot};
 
 /// Whether the body of `einsum` is one reduction with none inside, its left-hand side plain
@@ -142,21 +143,6 @@ pub fn reads_in_lanes<'e>(program: &LoopProgram, exprs: impl Iterator<Item = &'e
     if pairs.iter().any(|(t, _, w)| v.rank == *t || v.rank == *w) {
         return false;
     }
-    let split_form = |sub: &Affine| match sub {
-        Affine::Add(a, b) => match (&**a, &**b) {
-            (Affine::Mul(t, e), Affine::Index(i)) => match (&**t, &**e) {
-                (Affine::Index(t), Affine::Extent(e)) => {
-                    *i == v
-                        && *e == v.rank
-                        && t.primes == v.primes
-                        && pairs.iter().any(|(tile, inner, _)| t.rank == *tile && *inner == v.rank)
-                }
-                _ => false,
-            },
-            _ => false,
-        },
-        _ => false,
-    };
     let mut ok = true;
     for expr in exprs {
         expr.walk(&mut |e| {
@@ -165,7 +151,7 @@ pub fn reads_in_lanes<'e>(program: &LoopProgram, exprs: impl Iterator<Item = &'e
                     let mut mentions = false;
                     sub.for_each_index(&mut |i| mentions |= i == v);
                     if mentions {
-                        ok &= (*sub == Affine::Index(v) || split_form(sub))
+                        ok &= (*sub == Affine::Index(v) || split_point(c, sub) == Some(v))
                             && program.buffers[tensor.index()].slots[p] == Slot::Full
                             && one_point_after(program, *tensor, p);
                     }

@@ -208,7 +208,7 @@ pub fn longer_host_tile(program: &LoopProgram) -> Option<u64> {
                 })
                 .fold(1u64, |a, n| a.saturating_mul(n));
             matches!(tensor.kind, TensorKind::Input { .. })
-                && subscripts.last().is_some_and(|s| is_split_inner(&pairs, s))
+                && subscripts.last().is_some_and(|s| split_point(c, s).is_some())
                 && rows
                 && readers < 8
         })
@@ -222,10 +222,12 @@ pub fn longer_host_tile(program: &LoopProgram) -> Option<u64> {
     wants.then_some(LONGER)
 }
 
-/// Whether `sub` is `t * M0 + v` for a split pair `(T, M0)`: a point of a tile.
-fn is_split_inner(pairs: &[(RankId, RankId, RankId)], sub: &Affine) -> bool {
-    let Affine::Add(a, b) = sub else { return false };
-    let (Affine::Mul(t, e), Affine::Index(v)) = (&**a, &**b) else { return false };
-    let (Affine::Index(t), Affine::Extent(e)) = (&**t, &**e) else { return false };
-    *e == v.rank && pairs.iter().any(|(tile, inner, _)| t.rank == *tile && *inner == v.rank)
+/// The inner index `v` of `sub` when it is `t * M0 + v`, a point of a tile of a split pair whose
+/// tile rank is `t`'s and inner rank `v`'s, both with the same primes.
+pub fn split_point(cascade: &Cascade, sub: &Affine) -> Option<Index> {
+    let Affine::Add(a, b) = sub else { return None };
+    let (Affine::Mul(t, e), Affine::Index(v)) = (&**a, &**b) else { return None };
+    let (Affine::Index(t), Affine::Extent(e)) = (&**t, &**e) else { return None };
+    let paired = cascade.split_pairs().iter().any(|(tile, inner, _)| t.rank == *tile && *inner == v.rank);
+    (*e == v.rank && t.primes == v.primes && paired).then_some(*v)
 }

@@ -24,7 +24,7 @@
 
 use crate::ir::*;
 use crate::schedule::lanes::{blockable_reduction, one_point_after, vectorizable};
-use crate::schedule::layout::is_batch_rank;
+use crate::schedule::layout::{is_batch_rank, split_point};
 use crate::schedule::{schedule, LoopProgram, Node, ScheduleError, Slot};
 
 /// One panel: `tensor`'s position `position` moved last, read by the Einsums `readers`.
@@ -125,7 +125,7 @@ fn panels_for(program: &LoopProgram, einsum: &Einsum, v: Index) -> Option<Vec<(T
             return;
         }
         let input = matches!(c.tensor(*tensor).kind, TensorKind::Input { .. });
-        let bare = subscripts[*q] == Affine::Index(v) || inner_of_split(c, &subscripts[*q], v);
+        let bare = subscripts[*q] == Affine::Index(v) || split_point(c, &subscripts[*q]) == Some(v);
         let mut mentioned = Vec::new();
         for sub in subscripts {
             sub.for_each_index(&mut |i| mentioned.push(i));
@@ -144,17 +144,6 @@ fn panels_for(program: &LoopProgram, einsum: &Einsum, v: Index) -> Option<Vec<(T
         cond.rhs.walk(&mut visit);
     }
     (ok && !wanted.is_empty()).then_some(wanted)
-}
-
-/// Whether `sub` is `t * V + v`, `v` the inner index of a split pair whose tile index is `t`.
-fn inner_of_split(c: &Cascade, sub: &Affine, v: Index) -> bool {
-    let Affine::Add(a, b) = sub else { return false };
-    let (Affine::Mul(t, e), Affine::Index(i)) = (&**a, &**b) else { return false };
-    let (Affine::Index(t), Affine::Extent(e)) = (&**t, &**e) else { return false };
-    *i == v
-        && *e == v.rank
-        && t.primes == v.primes
-        && c.split_pairs().iter().any(|(tile, inner, _)| t.rank == *tile && *inner == v.rank)
 }
 
 /// `cascade` with the panels of `packs`: a tensor and an element-wise Einsum each (before every
