@@ -51,7 +51,7 @@ pub enum Abi {
 }
 
 /// One f32 constant in LLVM's text form (the double with the same value, in hex).
-fn float(x: f32) -> String {
+pub(super) fn float(x: f32) -> String {
     format!("0x{:016X}", (x as f64).to_bits())
 }
 
@@ -122,7 +122,7 @@ pub fn lower(program: &LoopProgram, flavor: Flavor, abi: Abi, symbol: &str) -> S
 }
 
 /// The declarations of the intrinsics and helpers a flavor's modules may call.
-fn declarations(flavor: Flavor) -> String {
+pub(super) fn declarations(flavor: Flavor) -> String {
     let mut out = String::from(
         "declare float @llvm.sqrt.f32(float)\ndeclare float @llvm.fabs.f32(float)\n\
          declare float @llvm.floor.f32(float)\ndeclare float @llvm.fma.f32(float, float, float)\n",
@@ -413,7 +413,7 @@ pub fn host_lanes() -> usize {
     4
 }
 
-struct Lowering<'a> {
+pub(super) struct Lowering<'a> {
     program: &'a LoopProgram,
     flavor: Flavor,
     /// The entry: thread kernels address their inputs and outputs with global strides and
@@ -496,7 +496,7 @@ struct View {
 }
 
 impl<'a> Lowering<'a> {
-    fn new(program: &'a LoopProgram, flavor: Flavor, abi: Abi, staged: Vec<StagedRead>) -> Self {
+    pub(super) fn new(program: &'a LoopProgram, flavor: Flavor, abi: Abi, staged: Vec<StagedRead>) -> Self {
         Lowering {
             program,
             flavor,
@@ -544,34 +544,34 @@ impl<'a> Lowering<'a> {
     }
 
     /// A fresh value name.
-    fn fresh(&mut self) -> String {
+    pub(super) fn fresh(&mut self) -> String {
         self.next += 1;
         format!("%v{}", self.next)
     }
 
     /// A fresh block label (without the `%`).
-    fn label(&mut self, what: &str) -> String {
+    pub(super) fn label(&mut self, what: &str) -> String {
         self.next += 1;
         format!("{what}{}", self.next)
     }
 
     /// Emits `%x = <text>` and returns `%x`.
-    fn ins(&mut self, text: impl AsRef<str>) -> String {
+    pub(super) fn ins(&mut self, text: impl AsRef<str>) -> String {
         let v = self.fresh();
         writeln!(self.out, "  {v} = {}", text.as_ref()).unwrap();
         v
     }
 
-    fn emit(&mut self, text: impl AsRef<str>) {
+    pub(super) fn emit(&mut self, text: impl AsRef<str>) {
         writeln!(self.out, "  {}", text.as_ref()).unwrap();
     }
 
-    fn start_block(&mut self, label: &str) {
+    pub(super) fn start_block(&mut self, label: &str) {
         writeln!(self.out, "{label}:").unwrap();
     }
 
     /// A stack slot of `ty`, in the entry block (so that it becomes a register).
-    fn slot(&mut self, ty: &str) -> String {
+    pub(super) fn slot(&mut self, ty: &str) -> String {
         let v = self.fresh();
         writeln!(self.allocas, "  {v} = alloca {ty}").unwrap();
         v
@@ -600,7 +600,7 @@ impl<'a> Lowering<'a> {
     }
 
     /// The globals `vector_constant` loads.
-    fn constant_globals(&self) -> String {
+    pub(super) fn constant_globals(&self) -> String {
         let bits: std::collections::BTreeSet<u32> = self.vector_constants.keys().map(|(_, b)| *b).collect();
         bits.iter()
             .map(|b| {
@@ -1107,11 +1107,17 @@ impl<'a> Lowering<'a> {
     /// Stores the f32 `value` at `address` in buffer `buffer`, rounded to nearest even where the
     /// buffer holds f16 or bf16.
     fn store_element(&mut self, buffer: usize, value: &str, address: &str) {
-        let bits = match self.storage[buffer] {
-            ElemType::F32 => {
-                self.emit(format!("store float {value}, float* {address}"));
-                return;
-            }
+        match self.narrow(self.storage[buffer], value) {
+            None => self.emit(format!("store float {value}, float* {address}")),
+            Some(bits) => self.emit(format!("store i16 {bits}, i16* {address}")),
+        }
+    }
+
+    /// The f32 `value` rounded to nearest even as the bits of an f16 or bf16 (an `i16`); `None`
+    /// for f32.
+    pub(super) fn narrow(&mut self, elem: ElemType, value: &str) -> Option<String> {
+        Some(match elem {
+            ElemType::F32 => return None,
             ElemType::Bf16 => {
                 // Round the low 16 bits away, ties to even; a NaN stays a (quiet) NaN.
                 let x = self.ins(format!("bitcast float {value} to i32"));
@@ -1132,8 +1138,7 @@ impl<'a> Lowering<'a> {
                 }
                 Flavor::Host => self.ins(format!("call i16 @einfuse_f32_to_f16(float {value})")),
             },
-        };
-        self.emit(format!("store i16 {bits}, i16* {address}"));
+        })
     }
 
     /// One step of the loop over `index` that may be empty (see `crate::skip`): the body up to
@@ -1412,7 +1417,7 @@ impl<'a> Lowering<'a> {
         }
     }
 
-    fn and_def(&mut self, a: Def, b: Def) -> Def {
+    pub(super) fn and_def(&mut self, a: Def, b: Def) -> Def {
         match (a, b) {
             (None, x) | (x, None) => x,
             (Some(x), Some(y)) => Some(self.ins(format!("and i1 {x}, {y}"))),
@@ -1456,14 +1461,7 @@ impl<'a> Lowering<'a> {
         for cond in conds {
             let (a, da) = self.expr(&cond.lhs);
             let (b, db) = self.expr(&cond.rhs);
-            let cc = match cond.op {
-                CmpOp::Lt => "olt",
-                CmpOp::Le => "ole",
-                CmpOp::Gt => "ogt",
-                CmpOp::Ge => "oge",
-                CmpOp::Eq => "oeq",
-                CmpOp::Ne => "une",
-            };
+            let cc = Self::condition_code(cond.op);
             let holds = self.ins(format!("fcmp {cc} float {a}, {b}"));
             let holds = self.and_def(Some(holds), da);
             let holds = self.and_def(holds, db);
@@ -1579,7 +1577,7 @@ impl<'a> Lowering<'a> {
     }
 
     /// `max` or `min` with NaN propagating from either side.
-    fn extremum(&mut self, op: &str, x: &str, y: &str) -> String {
+    pub(super) fn extremum(&mut self, op: &str, x: &str, y: &str) -> String {
         let better = self.ins(format!("fcmp {op} float {x}, {y}"));
         let pick = self.ins(format!("select i1 {better}, float {x}, float {y}"));
         let nan = self.ins(format!("fcmp uno float {x}, 0.0"));
@@ -1854,19 +1852,7 @@ impl<'a> Lowering<'a> {
             }
             Expr::Unary(op, arg) => {
                 let (x, d) = self.expr(arg);
-                let v = match op {
-                    UnaryOp::Neg => self.ins(format!("fneg float {x}")),
-                    UnaryOp::Abs => self.call("llvm.fabs.f32", &x),
-                    UnaryOp::Sqrt => self.call("llvm.sqrt.f32", &x),
-                    UnaryOp::Relu => self.extremum("ogt", &x, "0.0"),
-                    UnaryOp::Exp => self.exp(&x),
-                    UnaryOp::Log => self.log(&x),
-                    UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus if self.flavor == Flavor::Nvptx => {
-                        self.nvptx_function(*op, &x)
-                    }
-                    UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus => self.host_function_lanes(*op, &x, 1),
-                };
-                (v, d)
+                (self.unary(*op, &x), d)
             }
             Expr::Binary(BinaryOp::Mul, ..) if self.hoistable_factors(expr) => {
                 // The factors that do not change across the unrolled points first (`Q * scale`
@@ -1890,15 +1876,7 @@ impl<'a> Lowering<'a> {
             Expr::Binary(op, a, b) => {
                 let (x, dx) = self.expr(a);
                 let (y, dy) = self.expr(b);
-                let v = match op {
-                    // `contract` lets LLVM fuse a product into the sum that uses it (FMA).
-                    BinaryOp::Add => self.ins(format!("fadd contract float {x}, {y}")),
-                    BinaryOp::Sub => self.ins(format!("fsub contract float {x}, {y}")),
-                    BinaryOp::Mul => self.ins(format!("fmul contract float {x}, {y}")),
-                    BinaryOp::Div => self.ins(format!("fdiv float {x}, {y}")),
-                    BinaryOp::Max => self.extremum("ogt", &x, &y),
-                    BinaryOp::Min => self.extremum("olt", &x, &y),
-                };
+                let v = self.binary(*op, &x, &y);
                 (v, self.and_def(dx, dy))
             }
             Expr::Reduce { op, indices, filter, body } => {
@@ -1918,6 +1896,52 @@ impl<'a> Lowering<'a> {
                 (self.combine_lanes(*op, &partial), None)
             }
         }
+    }
+
+    /// A function of the language applied to the scalar `x`.
+    pub(super) fn unary(&mut self, op: UnaryOp, x: &str) -> String {
+        match op {
+            UnaryOp::Neg => self.ins(format!("fneg float {x}")),
+            UnaryOp::Abs => self.call("llvm.fabs.f32", x),
+            UnaryOp::Sqrt => self.call("llvm.sqrt.f32", x),
+            UnaryOp::Relu => self.extremum("ogt", x, "0.0"),
+            UnaryOp::Exp => self.exp(x),
+            UnaryOp::Log => self.log(x),
+            UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus if self.flavor == Flavor::Nvptx => {
+                self.nvptx_function(op, x)
+            }
+            UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus => self.host_function_lanes(op, x, 1),
+        }
+    }
+
+    /// An arithmetic operator of the language on the scalars `x` and `y`.
+    pub(super) fn binary(&mut self, op: BinaryOp, x: &str, y: &str) -> String {
+        match op {
+            // `contract` lets LLVM fuse a product into the sum that uses it (FMA).
+            BinaryOp::Add => self.ins(format!("fadd contract float {x}, {y}")),
+            BinaryOp::Sub => self.ins(format!("fsub contract float {x}, {y}")),
+            BinaryOp::Mul => self.ins(format!("fmul contract float {x}, {y}")),
+            BinaryOp::Div => self.ins(format!("fdiv float {x}, {y}")),
+            BinaryOp::Max => self.extremum("ogt", x, y),
+            BinaryOp::Min => self.extremum("olt", x, y),
+        }
+    }
+
+    /// The comparison of a filter, as an `fcmp` condition code.
+    pub(super) fn condition_code(op: CmpOp) -> &'static str {
+        match op {
+            CmpOp::Lt => "olt",
+            CmpOp::Le => "ole",
+            CmpOp::Gt => "ogt",
+            CmpOp::Ge => "oge",
+            CmpOp::Eq => "oeq",
+            CmpOp::Ne => "une",
+        }
+    }
+
+    /// The module text around a body this lowering wrote: its entry-block slots and its code.
+    pub(super) fn take_code(&mut self) -> (String, String) {
+        (std::mem::take(&mut self.allocas), std::mem::take(&mut self.out))
     }
 
     /// Whether `expr` is a product with a factor that varies across the unrolled points after one
@@ -2814,14 +2838,7 @@ impl<'a> Lowering<'a> {
         for cond in conds {
             let (a, da) = self.vexpr(&cond.lhs, v);
             let (b, db) = self.vexpr(&cond.rhs, v);
-            let cc = match cond.op {
-                CmpOp::Lt => "olt",
-                CmpOp::Le => "ole",
-                CmpOp::Gt => "ogt",
-                CmpOp::Ge => "oge",
-                CmpOp::Eq => "oeq",
-                CmpOp::Ne => "une",
-            };
+            let cc = Self::condition_code(cond.op);
             let holds = self.ins(format!("fcmp {cc} {} {a}, {b}", t.float()));
             let holds = self.vand(Some(holds), da);
             let holds = self.vand(holds, db);

@@ -11,6 +11,9 @@ pub mod machine;
 pub mod registers;
 pub mod staging;
 pub mod storage;
+pub mod tensor_cores;
+#[cfg(feature = "llvm")]
+pub mod warp_emulator;
 
 use crate::ir::Expr;
 use crate::schedule::LoopProgram;
@@ -170,7 +173,7 @@ mod compiled {
 
     /// The barrier of an emulated block, which the kernels call as `einfuse_barrier`, and the
     /// slots through which its threads exchange values in `einfuse_shuffle_xor`.
-    struct BlockBarrier {
+    pub(crate) struct BlockBarrier {
         /// Threads still to arrive, and the generation (how many times the barrier opened).
         state: std::sync::Mutex<(u64, u64)>,
         opened: std::sync::Condvar,
@@ -179,7 +182,7 @@ mod compiled {
     }
 
     impl BlockBarrier {
-        fn new(threads: u64) -> BlockBarrier {
+        pub(crate) fn new(threads: u64) -> BlockBarrier {
             BlockBarrier {
                 state: std::sync::Mutex::new((threads, 0)),
                 opened: std::sync::Condvar::new(),
@@ -199,7 +202,7 @@ mod compiled {
             other
         }
 
-        fn wait(&self) {
+        pub(crate) fn wait(&self) {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let generation = state.1;
             state.0 -= 1;

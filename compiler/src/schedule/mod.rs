@@ -17,6 +17,7 @@ pub mod lanes;
 pub mod layout;
 pub mod pack;
 pub mod stream;
+pub mod tensor_cores;
 pub mod verify;
 pub mod walk;
 
@@ -130,12 +131,16 @@ pub fn schedule(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
 /// Schedules `cascade` for the host tiers: streamed over tiles of keys where it is one pass
 /// without a recurrence (`stream`), then with packed panels (`pack`).
 pub fn schedule_host(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
-    let streamed = stream::stream(cascade).and_then(|c| schedule(&c).ok());
-    let program = match streamed {
-        Some(program) => program,
-        None => schedule(cascade)?,
-    };
-    pack::pack(program)
+    pack::pack(schedule_streamed(cascade)?)
+}
+
+/// Schedules `cascade` streamed over tiles of keys where it is one pass without a recurrence
+/// (`stream`), else as `schedule` does.
+pub fn schedule_streamed(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
+    match stream::stream(cascade).and_then(|c| schedule(&c).ok()) {
+        Some(program) => Ok(program),
+        None => schedule(cascade),
+    }
 }
 
 /// Whether `einsum` reads `tensor` only at the current step of `index`: the bare index for a
