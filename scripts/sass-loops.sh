@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The machine code of a GPU kernel without a GPU: compiles a kernel to PTX, assembles it with
 # ptxas for an architecture, disassembles it with nvdisasm, and prints every loop body (a
-# backward branch's target up to the branch) with its instruction mix, largest first.
+# backward branch's target up to the branch) with its instruction mix, largest first (for a
+# tensor-core kernel, `-- --tensor-cores`, also its HMMA, LDSM, LDGSTS, SHFL and MUFU).
 #
 #   bash scripts/sass-loops.sh FILE KERNEL [ARCH] [-- extra `einfuse compile` options]
 #
@@ -42,14 +43,22 @@ awk '
   END {
     for (l in last) {
       total = 0; ffma = 0; fmul = 0; loads = 0; shared = 0; stores = 0; other = 0
+      hmma = 0; ldsm = 0; copies = 0; shuffles = 0; mufu = 0
       for (i = start[l]; i <= last[l]; i++) {
         total++
-        if (text[i] ~ /FFMA/) ffma++
+        if (text[i] ~ /HMMA/) hmma++
+        else if (text[i] ~ /LDSM/) ldsm++
+        else if (text[i] ~ /LDGSTS/) copies++
+        else if (text[i] ~ /SHFL/) shuffles++
+        else if (text[i] ~ /MUFU/) mufu++
+        else if (text[i] ~ /FFMA/) ffma++
         else if (text[i] ~ /FMUL/) fmul++
         else if (text[i] ~ /[ \t]LDS/) shared++
         else if (text[i] ~ /[ \t](LD|LDG)[. ]/) loads++
         else if (text[i] ~ /[ \t](ST|STG|STS)[. ]/) stores++
       }
-      printf "%6d instructions  %4d FFMA  %4d FMUL  %4d LD  %4d LDS  %4d stores   loop %s\n", total, ffma, fmul, loads, shared, stores, l
+      printf "%6d instructions  %4d FFMA  %4d FMUL  %4d LD  %4d LDS  %4d stores", total, ffma, fmul, loads, shared, stores
+      if (hmma + ldsm + copies > 0) printf "  %4d HMMA  %4d LDSM  %4d LDGSTS  %4d SHFL  %4d MUFU", hmma, ldsm, copies, shuffles, mufu
+      printf "   loop %s\n", l
     }
   }' "$work/k.sass" | sort -rn | head -n 12

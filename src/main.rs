@@ -103,6 +103,11 @@ enum Command {
         /// dimension of 128), which the register code needs.
         #[arg(long)]
         tile: Option<u64>,
+        /// For `nvptx`: the tensor-core kernel (`mma.sync` on 16-bit queries, keys and values,
+        /// FlashAttention-2's schedule) where the kernel has one; else the thread kernel, with a
+        /// note saying why.
+        #[arg(long)]
+        tensor_cores: bool,
         /// Print how long each stage of the pipeline took (to standard error).
         #[arg(long)]
         timings: bool,
@@ -314,7 +319,7 @@ fn execute(command: Command) -> Result<(), Error> {
             Ok(())
         }
         Command::Run(args) => run(args),
-        Command::Compile { file, kernel, target, output, split_keys, tile, timings: show } => {
+        Command::Compile { file, kernel, target, output, split_keys, tile, tensor_cores, timings: show } => {
             let program = Program::from_file(&file)?;
             let written = program.kernel(kernel.as_deref())?;
             if split_keys.is_some() && !matches!(target, CompileTarget::Nvptx) {
@@ -327,6 +332,27 @@ fn execute(command: Command) -> Result<(), Error> {
             let start = std::time::Instant::now();
             let mut written_files = Vec::new();
             match target {
+                CompileTarget::Nvptx if tensor_cores && scheduled.split.is_none() => {
+                    let streamed = compiler::schedule::schedule_streamed(&scheduled.loops[0].cascade)?;
+                    match tensor_core_ptx(&streamed, &file.display().to_string()) {
+                        Ok((ptx, description)) => {
+                            std::fs::write(&output, ptx).map_err(|e| io(&output, e))?;
+                            let sidecar = output.with_extension("json");
+                            std::fs::write(&sidecar, description).map_err(|e| io(&sidecar, e))?;
+                            written_files.push((output.clone(), sidecar));
+                        }
+                        Err(why) => {
+                            eprintln!("note: `{}` keeps the thread kernel (no tensor cores): {why}", written.name);
+                            let loops = &scheduled.loops[0];
+                            std::fs::write(&output, einfuse::pipeline::ptx(loops, "sm_80")?)
+                                .map_err(|e| io(&output, e))?;
+                            let sidecar = output.with_extension("json");
+                            let description = compiler::llvm::launch_description(loops, &file.display().to_string());
+                            std::fs::write(&sidecar, description).map_err(|e| io(&sidecar, e))?;
+                            written_files.push((output.clone(), sidecar));
+                        }
+                    }
+                }
                 CompileTarget::Nvptx => {
                     let names: Vec<PathBuf> = match scheduled.split {
                         None => vec![output.clone()],
@@ -739,4 +765,18 @@ fn gpu_check(artifacts: &Path, out: &Path, emulate: bool) -> Result<(), Error> {
 #[cfg(not(feature = "cuda"))]
 fn gpu_check(_: &Path, _: &Path, _: bool) -> Result<(), Error> {
     Err(Error::Usage("gpu-check needs the `cuda` feature, and this einfuse was built without it".into()))
+}
+
+/// The PTX of a program's tensor-core kernel and its launch description, or why it has none.
+#[cfg(feature = "llvm")]
+fn tensor_core_ptx(program: &compiler::schedule::LoopProgram, source: &str) -> Result<(String, String), String> {
+    let ptx = compiler::llvm::tensor_core_ptx(program, "sm_80")?;
+    let plan = compiler::schedule::tensor_cores::plan(program)?;
+    let description = compiler::llvm::tensor_cores::launch_description(program, &plan, source);
+    Ok((ptx, description))
+}
+
+#[cfg(not(feature = "llvm"))]
+fn tensor_core_ptx(_: &compiler::schedule::LoopProgram, _: &str) -> Result<(String, String), String> {
+    Err("PTX needs LLVM, and this einfuse was built without the `llvm` feature".into())
 }

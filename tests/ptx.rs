@@ -166,3 +166,28 @@ fn narrow_storage_assembles() {
         assert_eq!(assembled.spill_bytes, 0, "narrow_storage spills on {arch}");
     }
 }
+
+/// The tensor-core kernels (`tests/tensor_cores/`) assemble for sm_80 and sm_90 without spills,
+/// and their PTX has the warp-level instructions, none of them after a branch on the thread.
+#[test]
+fn tensor_core_kernels_assemble_without_spills() {
+    let Some(ptxas) = ptxas_or_skip() else { return };
+    for cascade in common::kernels_in("tests/tensor_cores") {
+        let optimized = einfuse::optimize_for_gpu(&cascade).unwrap().cascade;
+        let program = einfuse::compiler::schedule::schedule_streamed(&optimized).unwrap();
+        let ptx = einfuse::compiler::llvm::tensor_core_ptx(&program, "sm_80").unwrap();
+        for arch in einfuse::compiler::llvm::CHECKED_ARCHITECTURES {
+            for instruction in
+                ["mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned.m8n8.x4", "cp.async.cg.shared.global"]
+            {
+                assert!(ptx.contains(instruction), "{}: no {instruction}", cascade.name);
+            }
+            let assembled = assemble(&ptxas, &ptx, arch, &format!("tc-{}", cascade.name)).unwrap();
+            eprintln!(
+                "{} {arch}: {} registers, {} spill bytes",
+                cascade.name, assembled.registers, assembled.spill_bytes
+            );
+            assert_eq!(assembled.spill_bytes, 0, "{} spills on {arch}", cascade.name);
+        }
+    }
+}

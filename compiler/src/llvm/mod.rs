@@ -154,6 +154,13 @@ mod compiled {
         machine::ptx(&nvptx_ir(program), sm)
     }
 
+    /// PTX of a program's tensor-core kernel (see `tensor_cores`) for `sm`, or why it has none.
+    pub fn tensor_core_ptx(program: &LoopProgram, sm: &str) -> Result<String, String> {
+        let plan = crate::schedule::tensor_cores::plan(program)?;
+        let text = tensor_cores::lower(program, &plan, Flavor::Nvptx, &program.cascade.name)?;
+        machine::ptx(&text, sm).map_err(|e| e.to_string())
+    }
+
     /// One thread of the emulated grid: the tables, the thread count, then the block, the
     /// thread in it, the block size, the block's shared memory and its barrier.
     type ThreadFn = unsafe extern "C" fn(

@@ -42,6 +42,56 @@ pub fn stride_slots(cascade: &Cascade) -> Vec<usize> {
         .collect()
 }
 
+/// What a launcher needs to know of a tensor-core kernel besides its PTX.
+#[derive(Debug, serde::Serialize)]
+pub struct TensorCoreLaunch {
+    pub kernel: String,
+    pub source: String,
+    pub entry: String,
+    pub block: String,
+    pub grid: String,
+    pub shared_memory_bytes: u64,
+    pub arguments: Vec<&'static str>,
+    pub batch_ranks: Vec<String>,
+    pub query_rank: String,
+    pub key_tile: u64,
+    pub operands: String,
+}
+
+/// The launch description of a tensor-core kernel, as JSON (`einfuse compile --target nvptx
+/// --tensor-cores`).
+pub fn launch_description(program: &LoopProgram, plan: &TensorCorePlan, source: &str) -> String {
+    let c = &program.cascade;
+    let name = |r: RankId| c.rank(r).name.clone();
+    let description = TensorCoreLaunch {
+        kernel: c.name.clone(),
+        source: source.to_string(),
+        entry: c.name.clone(),
+        block: format!("{THREADS} threads (4 warps of 16 query rows each)"),
+        grid: format!(
+            "(the product of the batch ranks' extents) * ceil({} / {BLOCK_ROWS}) blocks in x, the query blocks fastest",
+            name(plan.query.rank)
+        ),
+        shared_memory_bytes: plan.shared_bytes,
+        arguments: vec![
+            "i8** values: one pointer per tensor of the cascade, in order (inputs and outputs as stored, 16-byte aligned)",
+            "i64* extents: every rank's extent, in order",
+            "i64* strides: every tensor's element strides, one per position, tensor after tensor",
+        ],
+        batch_ranks: plan.batch.iter().map(|r| name(*r)).collect(),
+        query_rank: name(plan.query.rank),
+        key_tile: plan.key_tile,
+        operands: format!(
+            "{}, {} and {}: {:?}, rows 16-byte aligned",
+            c.tensor(plan.q).name,
+            c.tensor(plan.k).name,
+            c.tensor(plan.v).name,
+            plan.elem
+        ),
+    };
+    serde_json::to_string_pretty(&description).expect("plain data serializes") + "\n"
+}
+
 /// The module text of the tensor-core kernel of `program`, named `symbol`.
 pub fn lower(program: &LoopProgram, plan: &TensorCorePlan, flavor: Flavor, symbol: &str) -> Result<String, String> {
     let mut g = Gen::new(program, plan, flavor);
@@ -52,7 +102,8 @@ pub fn lower(program: &LoopProgram, plan: &TensorCorePlan, flavor: Flavor, symbo
     match flavor {
         Flavor::Nvptx => {
             module.push_str("target triple = \"nvptx64-nvidia-cuda\"\n\n");
-            writeln!(module, "define void @\"{symbol}\"(i8** %values, i64* %extents, i64* %strides) nounwind {{").unwrap();
+            writeln!(module, "define void @\"{symbol}\"(i8** %values, i64* %extents, i64* %strides) nounwind {{")
+                .unwrap();
         }
         Flavor::Host => writeln!(
             module,
@@ -349,7 +400,9 @@ impl<'a> Gen<'a> {
             )),
             Flavor::Host => {
                 let tid = self.tid.clone();
-                self.ins(format!("call float @einfuse_tc_shuffle_xor(i8* %sync, i64 {tid}, float {value}, i32 {distance})"))
+                self.ins(format!(
+                    "call float @einfuse_tc_shuffle_xor(i8* %sync, i64 {tid}, float {value}, i32 {distance})"
+                ))
             }
         }
     }
@@ -486,9 +539,15 @@ impl<'a> Gen<'a> {
         for store in self.stores.clone().into_iter().flatten().filter(|s| s.running) {
             for k in 0..store.length {
                 for (ty, pair) in [("float", &store.values), ("i1", &store.defined)] {
-                    let from = self.ins(format!("getelementptr [{0} x {ty}], [{0} x {ty}]* {1}, i64 0, i64 {k}", store.length, pair[1]));
+                    let from = self.ins(format!(
+                        "getelementptr [{0} x {ty}], [{0} x {ty}]* {1}, i64 0, i64 {k}",
+                        store.length, pair[1]
+                    ));
                     let v = self.ins(format!("load {ty}, {ty}* {from}"));
-                    let to = self.ins(format!("getelementptr [{0} x {ty}], [{0} x {ty}]* {1}, i64 0, i64 {k}", store.length, pair[0]));
+                    let to = self.ins(format!(
+                        "getelementptr [{0} x {ty}], [{0} x {ty}]* {1}, i64 0, i64 {k}",
+                        store.length, pair[0]
+                    ));
                     self.emit(format!("store {ty} {v}, {ty}* {to}"));
                 }
             }
@@ -515,12 +574,8 @@ impl<'a> Gen<'a> {
     fn operand_rows(&mut self, operand: TensorId, first: &str) -> Result<(String, String, String), String> {
         let c = self.cascade();
         let plan = self.plan;
-        let Some((_, subscripts)) = c
-            .einsums
-            .iter()
-            .flat_map(|e| e.body.accesses())
-            .find(|(t, _)| *t == operand)
-            .map(|(t, s)| (t, s.to_vec()))
+        let Some((_, subscripts)) =
+            c.einsums.iter().flat_map(|e| e.body.accesses()).find(|(t, _)| *t == operand).map(|(t, s)| (t, s.to_vec()))
         else {
             return Err("an operand is not read".into());
         };
@@ -536,7 +591,10 @@ impl<'a> Gen<'a> {
                 Some(i) if i == plan.head || i == plan.column => continue,
                 Some(i) => {
                     let Some(k) = plan.batch.iter().position(|r| *r == i.rank) else {
-                        return Err(format!("`{}` is read at a coordinate that is not a batch rank's", c.tensor(operand).name));
+                        return Err(format!(
+                            "`{}` is read at a coordinate that is not a batch rank's",
+                            c.tensor(operand).name
+                        ));
                     };
                     let b = self.batch[k].clone();
                     let m = self.ins(format!("mul i64 {b}, {stride}"));
@@ -548,7 +606,6 @@ impl<'a> Gen<'a> {
         let row_stride = row_stride.ok_or("an operand has no row")?;
         Ok((first.to_string(), offset, row_stride))
     }
-
 
     /// Starts copying rows `first..first + tile.rows` of `operand` into the tile at byte
     /// `tile_base` with `tile`'s geometry (rows past `extent` read as zeros): each thread copies
@@ -648,7 +705,15 @@ impl<'a> Gen<'a> {
         [(a_row, sixteenth), (b_row, odd)]
     }
 
-    fn ldmatrix_at(&mut self, tile: SharedTile, base: &str, lane: &(String, String), row: u64, chunk: u64, trans: bool) -> [String; 4] {
+    fn ldmatrix_at(
+        &mut self,
+        tile: SharedTile,
+        base: &str,
+        lane: &(String, String),
+        row: u64,
+        chunk: u64,
+        trans: bool,
+    ) -> [String; 4] {
         let r = self.ins(format!("add i64 {}, {row}", lane.0));
         let c = self.ins(format!("add i64 {}, {chunk}", lane.1));
         let offset = self.tile_offset(tile, base, &r, &c);
@@ -692,7 +757,8 @@ impl Gen<'_> {
 
     fn store_element(&self, tensor: TensorId, at: At) -> Result<(Store, u64), String> {
         let c = self.cascade();
-        let store = self.stores[tensor.index()].clone().ok_or_else(|| format!("`{}` has no storage", c.tensor(tensor).name))?;
+        let store =
+            self.stores[tensor.index()].clone().ok_or_else(|| format!("`{}` has no storage", c.tensor(tensor).name))?;
         let slot = match (store.class, at) {
             (Class::Row, _) => at.row(),
             (Class::Score, At::Score { .. }) | (Class::Out, At::Out { .. }) => Self::slot_of(at),
@@ -880,7 +946,12 @@ impl Gen<'_> {
 
     /// An f32 input's element, read from global memory; undefined (and read at its first
     /// element) where a coordinate is out of range.
-    fn load_input(&mut self, tensor: TensorId, subscripts: &[Affine], at: At) -> Result<(String, Option<String>), String> {
+    fn load_input(
+        &mut self,
+        tensor: TensorId,
+        subscripts: &[Affine],
+        at: At,
+    ) -> Result<(String, Option<String>), String> {
         let c = self.cascade();
         let ranks = c.tensor(tensor).ranks.clone();
         let mut offset = "0".to_string();
@@ -912,6 +983,10 @@ impl Gen<'_> {
         }
         if e == self.plan.product {
             return self.product();
+        }
+        if self.plan.accumulate.as_ref().is_some_and(|a| a.einsum == e) {
+            // Run by the product's multiply-accumulates.
+            return Ok(());
         }
         let c = self.cascade();
         let einsum = &c.einsums[e.index()];
@@ -1015,8 +1090,30 @@ impl Gen<'_> {
         }
         let base = self.parity_base(&self.step.clone(), plan.v_tiles);
         let lanes = self.a_lanes.clone();
+        // The accumulators start at zero, or at the running output's previous iterate (scaled).
         let zero = float(0.0);
         let mut acc: Vec<[String; 4]> = (0..plan.columns / 8).map(|_| std::array::from_fn(|_| zero.clone())).collect();
+        let mut target = einsum;
+        if let Some(accumulate) = &plan.accumulate {
+            target = &c.einsums[accumulate.einsum.index()];
+            let previous: Vec<Affine> = target
+                .lhs
+                .iter()
+                .map(|l| match l {
+                    Lhs::Next(i) | Lhs::Index(i) => Affine::Index(*i),
+                    Lhs::Initial => Affine::Const(0),
+                })
+                .collect();
+            for at in self.places(Class::Out) {
+                let At::Out { j, i } = at else { unreachable!() };
+                let (mut v, _) = self.read(target.target, &previous, at)?;
+                if let Some(scale) = &accumulate.scale {
+                    let (x, _) = self.eval(scale, at)?;
+                    v = self.l.binary(BinaryOp::Mul, &v, &x);
+                }
+                acc[j as usize][i as usize] = v;
+            }
+        }
         for n in 0..plan.columns / 16 {
             for (kk, a) in a_fragments.iter().enumerate() {
                 let b = self.ldmatrix_at(plan.v_tiles[0], &base, &lanes, 16 * kk as u64, 2 * n, true);
@@ -1028,7 +1125,7 @@ impl Gen<'_> {
         for at in self.places(Class::Out) {
             let At::Out { j, i } = at else { unreachable!() };
             let v = acc[j as usize][i as usize].clone();
-            self.write(einsum, at, &v, None)?;
+            self.write(target, at, &v, None)?;
         }
         Ok(())
     }

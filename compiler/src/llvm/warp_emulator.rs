@@ -233,7 +233,14 @@ extern "C" fn einfuse_tc_mma(
     }
 }
 
-extern "C" fn einfuse_tc_ldmatrix(sync: *const u8, tid: i64, _shared: *const u8, offset: i32, trans: i32, out: *mut u32) {
+extern "C" fn einfuse_tc_ldmatrix(
+    sync: *const u8,
+    tid: i64,
+    _shared: *const u8,
+    offset: i32,
+    trans: i32,
+    out: *mut u32,
+) {
     // SAFETY: see `block`; `out` is the kernel's slot of four words.
     unsafe {
         let d = block(sync).ldmatrix(tid as usize, offset as usize, trans != 0);
@@ -241,7 +248,14 @@ extern "C" fn einfuse_tc_ldmatrix(sync: *const u8, tid: i64, _shared: *const u8,
     }
 }
 
-extern "C" fn einfuse_tc_cp_async(sync: *const u8, tid: i64, _shared: *const u8, offset: i32, source: *const u8, bytes: i32) {
+extern "C" fn einfuse_tc_cp_async(
+    sync: *const u8,
+    tid: i64,
+    _shared: *const u8,
+    offset: i32,
+    source: *const u8,
+    bytes: i32,
+) {
     // SAFETY: see `block`.
     unsafe { block(sync).cp_async(tid as usize, offset as usize, source, bytes as usize) }
 }
@@ -360,7 +374,11 @@ impl EmulatedTensorCoreKernel {
                 let given = inputs.get(input).ok_or_else(|| format!("input {input} is missing"))?;
                 input += 1;
                 if given.len() != count {
-                    return Err(format!("input `{}` has {} elements, its shape needs {count}", tensor.name, given.len()));
+                    return Err(format!(
+                        "input `{}` has {} elements, its shape needs {count}",
+                        tensor.name,
+                        given.len()
+                    ));
                 }
                 let bytes = data.as_mut_ptr() as *mut u8;
                 for (k, x) in given.iter().enumerate() {
@@ -428,5 +446,106 @@ impl EmulatedTensorCoreKernel {
             );
         }
         Ok(outputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `each(lane)` on the 32 lanes of one warp, side by side.
+    fn warp<T: Send>(each: impl Fn(usize) -> T + Sync) -> Vec<T> {
+        let each = &each;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..32).map(|lane| scope.spawn(move || each(lane))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn bf16(x: f32) -> u32 {
+        u32::from(half::bf16::from_f32(x).to_bits())
+    }
+
+    /// The fragments written out as the PTX ISA's tables give them ("Matrix Fragments for
+    /// mma.m16n8k16 with floating point type"), element by element, against a product in f64.
+    #[test]
+    fn mma_follows_the_isa_fragment_layouts() {
+        let a = |r: usize, k: usize| ((r * 16 + k) % 7) as f32 - 3.0;
+        let b = |k: usize, n: usize| ((k * 8 + n) % 5) as f32 * 0.5 - 1.0;
+        let c = |r: usize, n: usize| (r + n) as f32 * 0.25;
+        let mut shared = [0u128; 1];
+        let block = Block::new(32, shared.as_mut_ptr() as *mut u8, 16);
+        let pair = |x: f32, y: f32| bf16(x) | (bf16(y) << 16);
+        let results = warp(|lane| {
+            let (g, t) = (lane / 4, lane % 4);
+            let fa = [
+                pair(a(g, 2 * t), a(g, 2 * t + 1)),
+                pair(a(g + 8, 2 * t), a(g + 8, 2 * t + 1)),
+                pair(a(g, 2 * t + 8), a(g, 2 * t + 9)),
+                pair(a(g + 8, 2 * t + 8), a(g + 8, 2 * t + 9)),
+            ];
+            let fb = [pair(b(2 * t, g), b(2 * t + 1, g)), pair(b(2 * t + 8, g), b(2 * t + 9, g))];
+            let fc = [c(g, 2 * t), c(g, 2 * t + 1), c(g + 8, 2 * t), c(g + 8, 2 * t + 1)];
+            block.mma(lane, 1, fa, fb, fc)
+        });
+        for (lane, d) in results.iter().enumerate() {
+            let (g, t) = (lane / 4, lane % 4);
+            for (i, (r, n)) in [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)].into_iter().enumerate() {
+                let want: f64 = c(r, n) as f64 + (0..16).map(|k| a(r, k) as f64 * b(k, n) as f64).sum::<f64>();
+                assert_eq!(d[i] as f64, want, "lane {lane} element {i}");
+            }
+        }
+    }
+
+    /// `ldmatrix.x4`: lane `l` gets row `l / 4`, columns `2 (l % 4)` and the next, of each matrix;
+    /// with `.trans`, column `l / 4` of rows `2 (l % 4)` and the next.
+    #[test]
+    fn ldmatrix_follows_the_isa() {
+        // Four 8 x 8 matrices of 16-bit values `matrix * 64 + row * 8 + column`, rows 16 bytes apart.
+        let mut shared = vec![0u128; 32];
+        let bytes = shared.as_mut_ptr() as *mut u16;
+        for k in 0..256 {
+            unsafe { bytes.add(k).write(k as u16) };
+        }
+        let block = Block::new(32, shared.as_mut_ptr() as *mut u8, 512);
+        for transposed in [false, true] {
+            let got = warp(|lane| block.ldmatrix(lane, 16 * lane, transposed));
+            for (lane, regs) in got.iter().enumerate() {
+                let (g, t) = (lane / 4, lane % 4);
+                for (m, reg) in regs.iter().enumerate() {
+                    let at = |row: usize, col: usize| (m * 64 + row * 8 + col) as u32;
+                    let want = if transposed {
+                        at(2 * t, g) | (at(2 * t + 1, g) << 16)
+                    } else {
+                        at(g, 2 * t) | (at(g, 2 * t + 1) << 16)
+                    };
+                    assert_eq!(*reg, want, "lane {lane} matrix {m} transposed {transposed}");
+                }
+            }
+        }
+        assert!(block.error().is_none());
+        // A misaligned row address is an error.
+        let _ = warp(|lane| block.ldmatrix(lane, 16 * lane + 2, false));
+        assert!(block.error().is_some());
+    }
+
+    /// A `cp.async` destination is NaN until its group's wait, then the copied bytes with the
+    /// rest zero.
+    #[test]
+    fn cp_async_is_poisoned_until_its_wait() {
+        let mut shared = vec![0u128; 2];
+        let block = Block::new(1, shared.as_mut_ptr() as *mut u8, 32);
+        let source = [0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10u128];
+        block.cp_async(0, 0, source.as_ptr() as *const u8, 6);
+        block.commit(0);
+        block.cp_async(0, 16, source.as_ptr() as *const u8, 16);
+        block.commit(0);
+        assert_eq!(block.shared_u16(0), 0xffff);
+        block.wait(0, 1);
+        assert_eq!(block.shared_u16(0), 0x0f10);
+        assert_eq!(block.shared_u16(6), 0, "past the copied bytes: zeros");
+        assert_eq!(block.shared_u16(16), 0xffff, "the newer group is still in flight");
+        block.wait(0, 0);
+        assert_eq!(block.shared_u16(16), 0x0f10);
     }
 }

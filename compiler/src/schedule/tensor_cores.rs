@@ -87,6 +87,14 @@ impl SharedTile {
     }
 }
 
+/// A running output that the value product accumulates into.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Accumulate {
+    pub einsum: EinsumId,
+    /// The factor of the running output's previous iterate, if any.
+    pub scale: Option<Expr>,
+}
+
 /// The tensor-core schedule of one kernel.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorCorePlan {
@@ -118,6 +126,10 @@ pub struct TensorCorePlan {
     /// The Einsum of the value product and its factors besides `V` (evaluated per score).
     pub product: EinsumId,
     pub probability_factors: Vec<Expr>,
+    /// Where the value product adds itself to a running output (`R[m1 + 1] = P + R[m1] * c`):
+    /// that Einsum, run by the product's multiply-accumulates from `R[m1] * c`, so that the
+    /// product's own tile is never held apart.
+    pub accumulate: Option<Accumulate>,
     /// Per tensor, its class (`None` for a tensor no Einsum reads or writes).
     pub classes: Vec<Option<Class>>,
     /// The Einsums before, inside and after the streamed loop, in order.
@@ -212,7 +224,16 @@ pub fn plan(program: &LoopProgram) -> Result<TensorCorePlan, String> {
             Some((t, subs)) if last_is(&subs, head) => {
                 q.get_or_insert(t);
             }
-            _ if mentions(f, head) => return Err("a factor of its scores other than Q and K varies along the head dimension".into()),
+            Some((t, _)) if mentions(f, head) => {
+                return Err(format!(
+                    "`{}` does not have the head dimension `{}` last (its rows are copied whole into shared memory)",
+                    c.tensor(t).name,
+                    c.index_name(head)
+                ))
+            }
+            _ if mentions(f, head) => {
+                return Err("a factor of its scores other than Q and K varies along the head dimension".into())
+            }
             _ => score_factors.push(f.clone()),
         }
     }
@@ -287,6 +308,8 @@ pub fn plan(program: &LoopProgram) -> Result<TensorCorePlan, String> {
         }
     }
 
+    let accumulate = accumulation(c, &inside, product);
+
     let q_tile = SharedTile::new(0, BLOCK_ROWS, head_dim);
     let k0 = SharedTile::new(q_tile.bytes(), key_tile, head_dim);
     let k1 = SharedTile::new(k0.offset + k0.bytes(), key_tile, head_dim);
@@ -315,6 +338,7 @@ pub fn plan(program: &LoopProgram) -> Result<TensorCorePlan, String> {
         score_factors,
         product,
         probability_factors,
+        accumulate,
         classes,
         before,
         inside,
@@ -372,4 +396,50 @@ fn classify(
         classes.push(Some(class));
     }
     Ok(classes)
+}
+
+/// The Einsum that adds the value product to a running output, where it is the product's only
+/// reader and has the form `R[.., t + 1, ..] = P + R[.., t, ..] * c` (either order, `c`
+/// optional).
+fn accumulation(c: &Cascade, inside: &[EinsumId], product: EinsumId) -> Option<Accumulate> {
+    let tile_product = c.einsums[product.index()].target;
+    let readers: Vec<EinsumId> = c
+        .einsums
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.reads().iter().any(|(t, _)| *t == tile_product))
+        .map(|(e, _)| EinsumId::new(e))
+        .collect();
+    let [reader] = readers.as_slice() else { return None };
+    let einsum = &c.einsums[reader.index()];
+    let tile = einsum.recurrence_index()?;
+    if !inside.contains(reader) || !einsum.filter.is_empty() {
+        return None;
+    }
+    let Expr::Binary(BinaryOp::Add, a, b) = &einsum.body else { return None };
+    let is_product = |e: &Expr| matches!(e, Expr::Access { tensor, .. } if *tensor == tile_product);
+    let running = if is_product(a) {
+        &**b
+    } else if is_product(b) {
+        &**a
+    } else {
+        return None;
+    };
+    let previous = |e: &Expr| match e {
+        Expr::Access { tensor, subscripts } => {
+            *tensor == einsum.target && subscripts.iter().any(|s| s.as_index() == Some(tile))
+        }
+        _ => false,
+    };
+    let reads = |e: &Expr, t: TensorId| e.accesses().iter().any(|(x, _)| *x == t);
+    let scale = match running {
+        e if previous(e) => None,
+        Expr::Binary(BinaryOp::Mul, x, y) if previous(x) && !reads(y, einsum.target) => Some((**y).clone()),
+        Expr::Binary(BinaryOp::Mul, x, y) if previous(y) && !reads(x, einsum.target) => Some((**x).clone()),
+        _ => return None,
+    };
+    if scale.as_ref().is_some_and(|s| reads(s, tile_product)) {
+        return None;
+    }
+    Some(Accumulate { einsum: *reader, scale })
 }
