@@ -15,7 +15,10 @@
         outside the clone, not part of CI.
 
     python3 benches/compare_torch.py gpu OUT
-        On a GPU machine, after `einfuse gpu-check` wrote OUT/gpu_prefill.*.npy and its time:
+        On a GPU machine, after `einfuse gpu-check` wrote its inputs, outputs and times: first the
+        kernels of benches/gpu.ein in PyTorch's layout (16-bit on tensor cores against PyTorch's
+        flash backend, pinned, and its default dispatch; fp32 against its fp32 SDPA), timed with
+        CUDA events on both sides; then, after OUT/gpu_prefill.*.npy and its time:
         PyTorch on the same inputs on the GPU, the agreement, both times and their ratio; the
         same for the bf16 form (gpu_prefill_bf16, against PyTorch in bf16), head dimension 128
         (gpu_prefill_d128) and decode (H=32,
@@ -124,11 +127,70 @@ def gpu_compare(torch, out_dir, name, scale, variants, dtype="fp32"):
     return lines, ok
 
 
+# The kernels of benches/gpu.ein, in PyTorch's layout: the kernel, its scale, dtype and mask.
+PYTORCH_LAYOUT_GPU = (
+    ("tc_prefill_bf16", 0.125, "bf16", False),
+    ("tc_prefill_f16", 0.125, "f16", False),
+    ("tc_causal_bf16", 0.125, "bf16", True),
+    ("tc_prefill_d128_bf16", 0.08838834764831845, "bf16", False),
+    ("tc_causal_d128_bf16", 0.08838834764831845, "bf16", True),
+    ("prefill_f32", 0.125, "fp32", False),
+)
+
+
+def gpu_compare_pytorch_layout(torch, out_dir, name, scale, dtype, causal):
+    """einfuse's time for `name` (benches/gpu.ein, inputs saved in PyTorch's [H, P, E]) against
+    SDPA on the same data as contiguous [1, H, P, E]: PyTorch's default dispatch, and for 16-bit
+    inputs its flash backend pinned with `sdpa_kernel`; returns the report's lines and whether
+    they agree."""
+    import numpy as np
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = (np.load(os.path.join(out_dir, f"{name}.{t}.npy")) for t in ("Q", "K", "V"))
+    dev = torch.device("cuda")
+    kind = {"bf16": torch.bfloat16, "f16": torch.float16, "fp32": torch.float32}[dtype]
+    tq, tk, tv = (torch.from_numpy(x).to(dev).to(kind).unsqueeze(0).contiguous() for x in (q, k, v))
+    call = lambda: sdpa(torch, tq, tk, tv, scale, causal)
+    ref = call().squeeze(0).float()
+    torch.cuda.synchronize()
+    h, p, e = q.shape
+    m = k.shape[1]
+    flops = 4 * h * p * m * e / (2 if causal else 1)
+    peers = [("pytorch (default dispatch)", gpu_time(torch, call))]
+    if dtype != "fp32":
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            peers.append(("pytorch (flash, pinned)", gpu_time(torch, call)))
+    lines = [f"{name} H={h} P={p} M={m} D={e} {dtype}{' causal' if causal else ''} (PyTorch's layout)"]
+    for label, seconds in peers:
+        lines.append(f"  {label}: {seconds * 1e3:.3f} ms  {flops / seconds / 1e12:.3f} TFLOP/s")
+    timing = os.path.join(out_dir, f"{name}.time.txt")
+    if not os.path.exists(timing):
+        lines.append(f"  einfuse: no time (einfuse did not run it)")
+        return lines, True
+    with open(timing) as f:
+        einfuse_s = float(f.read())
+    av = np.load(os.path.join(out_dir, f"{name}.AV.npy"))
+    err = float((ref.cpu() - torch.from_numpy(av)).abs().max())
+    # 16-bit probabilities and outputs on both sides: a few units in the last place of values
+    # below 4 in size.
+    tolerance = 1e-3 if dtype == "fp32" else 3e-2
+    ratios = "; ".join(f"vs {label} {seconds / einfuse_s:.3f}x" for label, seconds in peers)
+    lines.append(f"  einfuse: {einfuse_s * 1e3:.3f} ms  {flops / einfuse_s / 1e12:.3f} TFLOP/s; {ratios}; "
+                 f"largest absolute difference {err:.3e}")
+    return lines, err <= tolerance
+
+
 def gpu(out_dir):
     import torch
     torch.backends.cuda.matmul.allow_tf32 = False
     lines = [f"device: {torch.cuda.get_device_name(0)}"]
     ok = True
+    for name, scale, dtype, causal in PYTORCH_LAYOUT_GPU:
+        if not os.path.exists(os.path.join(out_dir, f"{name}.Q.npy")):
+            lines.append(f"{name}: no inputs (einfuse did not run it)")
+            continue
+        more, agree = gpu_compare_pytorch_layout(torch, out_dir, name, scale, dtype, causal)
+        lines += more
+        ok &= agree
     for name, scale, variants, dtype in (
         ("gpu_prefill", 0.125, [], "fp32"),
         ("gpu_prefill_bf16", 0.125, [], "bf16"),

@@ -40,6 +40,25 @@ for file in examples/*.ein benches/attention.ein tests/filetests/features.ein; d
   done
 done
 # Decode (one query, 16384 keys) split into chunks computed at once, then merged.
+# PyTorch's layout (benches/gpu.ein): the 16-bit kernels on tensor cores, timed; fp32 on the
+# thread kernel. The tensor-core kernels of tests/tensor_cores/ are checked at small shapes.
+mkdir -p "$art/tests/tensor_cores"
+cp benches/gpu.ein "$art/benches/gpu.ein"
+cp tests/tensor_cores/kernels.ein "$art/tests/tensor_cores/kernels.ein"
+for kernel in $(grep -o '^kernel [A-Za-z_0-9]*' benches/gpu.ein | cut -d' ' -f2); do
+  case "$kernel" in
+    tc_*) form=tensor-cores-bench; flags=(--tensor-cores) ;;
+    *) form=bench; flags=() ;;
+  esac
+  target/release/einfuse compile --target nvptx benches/gpu.ein --kernel "$kernel" ${flags[@]+"${flags[@]}"} \
+    -o "$art/gpu.$kernel.ptx" >/dev/null
+  echo "benches/gpu.ein $kernel $form gpu.$kernel.ptx" >> "$art/kernels.txt"
+done
+for kernel in $(grep -o '^kernel [A-Za-z_0-9]*' tests/tensor_cores/kernels.ein | cut -d' ' -f2); do
+  target/release/einfuse compile --target nvptx tests/tensor_cores/kernels.ein --kernel "$kernel" --tensor-cores \
+    -o "$art/tensor_cores.$kernel.ptx" >/dev/null
+  echo "tests/tensor_cores/kernels.ein $kernel tensor-cores tensor_cores.$kernel.ptx" >> "$art/kernels.txt"
+done
 for keys in 256 1024; do
   base="attention.decode.split$keys"
   target/release/einfuse compile --target nvptx benches/attention.ein --kernel decode --split-keys "$keys" \

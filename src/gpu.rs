@@ -194,3 +194,136 @@ impl GpuKernel {
         Ok((self.download(&call)?, times))
     }
 }
+
+/// A tensor-core kernel (`compiler::llvm::tensor_cores`) loaded on the GPU.
+pub struct TensorCoreGpuKernel {
+    program: LoopProgram,
+    plan: crate::compiler::schedule::tensor_cores::TensorCorePlan,
+    _module: Arc<CudaModule>,
+    function: CudaFunction,
+    stream: Arc<CudaStream>,
+    context: Arc<CudaContext>,
+}
+
+/// The buffers and tables of one tensor-core call, on the device.
+struct TensorCoreDeviceCall {
+    call: crate::compiler::llvm::tensor_cores::TensorCoreCall,
+    values: Vec<Option<DeviceValues>>,
+    tables: [CudaSlice<i64>; 3],
+}
+
+impl TensorCoreGpuKernel {
+    /// Loads `ptx` (from `compiler::llvm::tensor_core_ptx` for `program`) on `device`.
+    pub fn load(device: &GpuDevice, program: &LoopProgram, ptx: &str) -> Result<TensorCoreGpuKernel, GpuError> {
+        let plan = crate::compiler::schedule::tensor_cores::plan(program).map_err(GpuError::Run)?;
+        let module = device.context.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(driver)?;
+        let function = module.load_function(&program.cascade.name).map_err(driver)?;
+        Ok(TensorCoreGpuKernel {
+            program: program.clone(),
+            plan,
+            _module: module,
+            function,
+            stream: device.stream.clone(),
+            context: device.context.clone(),
+        })
+    }
+
+    /// Registers per thread and local (spilled) bytes per thread, as the driver compiled them.
+    pub fn resources(&self) -> Result<(i32, i32), GpuError> {
+        Ok((self.function.num_regs().map_err(driver)?, self.function.local_size_bytes().map_err(driver)?))
+    }
+
+    fn upload(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<TensorCoreDeviceCall, GpuError> {
+        use crate::compiler::llvm::tensor_cores::TensorCoreCall;
+        let call = TensorCoreCall::new(&self.program, &self.plan, extents);
+        let host = call.host_buffers(&self.program, inputs).map_err(GpuError::Run)?;
+        let s = &self.stream;
+        let values: Vec<Option<DeviceValues>> = host
+            .iter()
+            .map(|v| match v {
+                Some(HostValues::F32(v)) => s.clone_htod(v).map(|d| Some(DeviceValues::F32(d))),
+                Some(HostValues::Narrow(v)) => s.clone_htod(v).map(|d| Some(DeviceValues::Narrow(d))),
+                None => Ok(None),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(driver)?;
+        let pointers: Vec<i64> = values
+            .iter()
+            .map(|v| match v {
+                Some(DeviceValues::F32(v)) => v.device_ptr(s).0 as i64,
+                Some(DeviceValues::Narrow(v)) => v.device_ptr(s).0 as i64,
+                None => 0,
+            })
+            .collect();
+        let table = |data: &[i64]| -> Result<CudaSlice<i64>, GpuError> {
+            let data = if data.is_empty() { &[0i64][..] } else { data };
+            s.clone_htod(data).map_err(driver)
+        };
+        let tables = [table(&pointers)?, table(&call.extents)?, table(&call.strides)?];
+        Ok(TensorCoreDeviceCall { call, values, tables })
+    }
+
+    fn launch(&self, call: &TensorCoreDeviceCall) -> Result<(), GpuError> {
+        if call.call.grid == 0 {
+            return Ok(());
+        }
+        let grid = u32::try_from(call.call.grid).map_err(|_| GpuError::Run("too many blocks for one grid".into()))?;
+        let config = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (crate::compiler::schedule::tensor_cores::THREADS as u32, 1, 1),
+            shared_mem_bytes: call.call.shared_bytes as u32,
+        };
+        let mut builder = self.stream.launch_builder(&self.function);
+        for table in &call.tables {
+            builder.arg(table);
+        }
+        // SAFETY: the arguments match the kernel's parameters (three tables), and every buffer
+        // holds what `TensorCoreCall` says the kernel addresses.
+        unsafe { builder.launch(config) }.map_err(driver)?;
+        Ok(())
+    }
+
+    fn download(&self, call: &TensorCoreDeviceCall) -> Result<Vec<Vec<f32>>, GpuError> {
+        self.stream.synchronize().map_err(driver)?;
+        let mut host = Vec::new();
+        for (t, slice) in call.values.iter().enumerate() {
+            let output = self.program.cascade.outputs.iter().any(|o| o.tensor.index() == t);
+            host.push(match slice {
+                Some(DeviceValues::F32(v)) if output => {
+                    Some(HostValues::F32(self.stream.clone_dtoh(v).map_err(driver)?))
+                }
+                Some(DeviceValues::Narrow(v)) if output => {
+                    Some(HostValues::Narrow(self.stream.clone_dtoh(v).map_err(driver)?))
+                }
+                _ => None,
+            });
+        }
+        Ok(call.call.outputs(&self.program, &host))
+    }
+
+    /// Runs the kernel once; inputs and outputs as for `CpuKernel::run`.
+    pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, GpuError> {
+        let call = self.upload(extents, inputs)?;
+        self.launch(&call)?;
+        self.download(&call)
+    }
+
+    /// Runs the kernel `runs` times on the same device buffers after one warm-up; the outputs and
+    /// the time of each launch, between two CUDA events around it.
+    pub fn time(&self, extents: &[u64], inputs: &[&[f32]], runs: usize) -> Result<(Vec<Vec<f32>>, Vec<f64>), GpuError> {
+        let call = self.upload(extents, inputs)?;
+        self.launch(&call)?;
+        self.stream.synchronize().map_err(driver)?;
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::new();
+        for _ in 0..runs.max(1) {
+            let start = self.context.new_event(timed).map_err(driver)?;
+            let end = self.context.new_event(timed).map_err(driver)?;
+            start.record(&self.stream).map_err(driver)?;
+            self.launch(&call)?;
+            end.record(&self.stream).map_err(driver)?;
+            times.push(start.elapsed_ms(&end).map_err(driver)? as f64 / 1e3);
+        }
+        Ok((self.download(&call)?, times))
+    }
+}

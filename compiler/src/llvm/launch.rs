@@ -107,7 +107,8 @@ pub struct ThreadLayout {
     pub global_lengths: Vec<u64>,
 }
 
-fn row_major(shape: &[u64]) -> Vec<u64> {
+/// The element strides of a dense row-major array of `shape`.
+pub fn row_major(shape: &[u64]) -> Vec<u64> {
     let mut strides = vec![1u64; shape.len()];
     for d in (0..shape.len().saturating_sub(1)).rev() {
         strides[d] = strides[d + 1].saturating_mul(shape[d + 1]);

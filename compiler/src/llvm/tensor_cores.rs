@@ -23,6 +23,7 @@
 
 use std::fmt::Write;
 
+use super::launch::HostValues;
 use super::lower::{declarations, float, Abi, Flavor, Lowering};
 use crate::ir::*;
 use crate::schedule::tensor_cores::{Class, SharedTile, TensorCorePlan, BLOCK_ROWS, THREADS, WARP_ROWS};
@@ -40,6 +41,107 @@ pub fn stride_slots(cascade: &Cascade) -> Vec<usize> {
             here
         })
         .collect()
+}
+
+/// Everything one call of a tensor-core kernel passes, for one set of extents: shared by the
+/// host emulation and the CUDA launcher.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorCoreCall {
+    /// Blocks in x (of `THREADS` threads, `shared_bytes` of dynamic shared memory each).
+    pub grid: u64,
+    pub shared_bytes: u64,
+    /// The `extents` and `strides` tables.
+    pub extents: Vec<i64>,
+    pub strides: Vec<i64>,
+    /// Per tensor: its storage type and element count where the caller passes it (an input or
+    /// an output), else `None` (a null pointer in `values`).
+    pub buffers: Vec<Option<(ElemType, usize)>>,
+}
+
+impl TensorCoreCall {
+    /// The call of `program` for `extents` (every rank's), its inputs and outputs dense and
+    /// row-major.
+    pub fn new(program: &LoopProgram, plan: &TensorCorePlan, extents: &[u64]) -> TensorCoreCall {
+        let c = &program.cascade;
+        let mut strides = Vec::new();
+        let mut buffers = Vec::new();
+        for (t, tensor) in c.tensors.iter().enumerate() {
+            let dims: Vec<u64> = tensor.ranks.iter().map(|r| extents[r.index()]).collect();
+            strides.extend(super::launch::row_major(&dims).iter().map(|s| *s as i64));
+            let count = dims.iter().product::<u64>() as usize;
+            let output = c.outputs.iter().find(|o| o.tensor.index() == t);
+            buffers.push(match (tensor.kind, output) {
+                (TensorKind::Input { elem }, _) => Some((elem, count)),
+                (_, Some(o)) => Some((o.elem, count)),
+                _ => None,
+            });
+        }
+        let points: u64 = plan.batch.iter().map(|r| extents[r.index()]).product();
+        TensorCoreCall {
+            grid: points * extents[plan.query.rank.index()].div_ceil(BLOCK_ROWS),
+            shared_bytes: plan.shared_bytes,
+            extents: extents.iter().map(|e| *e as i64).collect(),
+            strides,
+            buffers,
+        }
+    }
+
+    /// The buffers of a call in their storage types, from f32 inputs (rounded to nearest even)
+    /// and zeroed outputs; `None` where the kernel takes no buffer.
+    pub fn host_buffers(&self, program: &LoopProgram, inputs: &[&[f32]]) -> Result<Vec<Option<HostValues>>, String> {
+        let c = &program.cascade;
+        let mut given = inputs.iter();
+        let mut out = Vec::new();
+        for (tensor, buffer) in c.tensors.iter().zip(&self.buffers) {
+            let Some((elem, count)) = *buffer else {
+                out.push(None);
+                continue;
+            };
+            let data: &[f32] = match tensor.kind {
+                TensorKind::Input { .. } => {
+                    let data = given.next().ok_or_else(|| format!("input `{}` is missing", tensor.name))?;
+                    if data.len() != count {
+                        return Err(format!(
+                            "input `{}` has {} elements, its shape needs {count}",
+                            tensor.name,
+                            data.len()
+                        ));
+                    }
+                    data
+                }
+                TensorKind::Defined { .. } => &[],
+            };
+            out.push(Some(match elem {
+                ElemType::F32 => {
+                    let mut v = vec![0f32; count];
+                    v[..data.len()].copy_from_slice(data);
+                    HostValues::F32(v)
+                }
+                _ => {
+                    let mut v = vec![0u16; count];
+                    v.iter_mut().zip(data).for_each(|(to, x)| *to = super::storage::narrow_bits(elem, *x));
+                    HostValues::Narrow(v)
+                }
+            }));
+        }
+        Ok(out)
+    }
+
+    /// The outputs, widened to f32, from the buffers of a call.
+    pub fn outputs(&self, program: &LoopProgram, buffers: &[Option<HostValues>]) -> Vec<Vec<f32>> {
+        program
+            .cascade
+            .outputs
+            .iter()
+            .map(|o| match (&buffers[o.tensor.index()], self.buffers[o.tensor.index()]) {
+                (Some(HostValues::F32(v)), _) => v.clone(),
+                (Some(HostValues::Narrow(v)), Some((elem, _))) => {
+                    v.iter().map(|b| super::storage::widen_bits(elem, *b)).collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect()
+    }
 }
 
 /// What a launcher needs to know of a tensor-core kernel besides its PTX.

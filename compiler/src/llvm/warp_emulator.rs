@@ -339,75 +339,35 @@ impl EmulatedTensorCoreKernel {
     /// Runs the kernel on dense row-major inputs (f32 values, rounded to the inputs' storage
     /// types): its outputs, dense, widened to f32.
     pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, String> {
-        use crate::ir::{ElemType, TensorKind};
-        let c = &self.program.cascade;
-        let shape = |t: &crate::ir::Tensor| t.ranks.iter().map(|r| extents[r.index()]).collect::<Vec<u64>>();
-        let mut storage: Vec<(Vec<u128>, ElemType, usize)> = Vec::new();
-        let mut strides: Vec<i64> = Vec::new();
-        let mut input = 0;
-        for (t, tensor) in c.tensors.iter().enumerate() {
-            let dims = shape(tensor);
-            let mut stride = 1i64;
-            let mut own: Vec<i64> = dims
-                .iter()
-                .rev()
-                .map(|d| {
-                    let s = stride;
-                    stride *= *d as i64;
-                    s
-                })
-                .collect();
-            own.reverse();
-            strides.extend(own);
-            let count = dims.iter().product::<u64>() as usize;
-            let output = c.outputs.iter().find(|o| o.tensor.index() == t);
-            let elem = match (tensor.kind, output) {
-                (TensorKind::Input { elem }, _) => elem,
-                (_, Some(o)) => o.elem,
-                _ => {
-                    storage.push((Vec::new(), ElemType::F32, 0));
-                    continue;
-                }
-            };
-            let mut data = aligned(count * super::storage::element_bytes(elem) as usize);
-            if let TensorKind::Input { .. } = tensor.kind {
-                let given = inputs.get(input).ok_or_else(|| format!("input {input} is missing"))?;
-                input += 1;
-                if given.len() != count {
-                    return Err(format!(
-                        "input `{}` has {} elements, its shape needs {count}",
-                        tensor.name,
-                        given.len()
-                    ));
-                }
-                let bytes = data.as_mut_ptr() as *mut u8;
-                for (k, x) in given.iter().enumerate() {
-                    // SAFETY: `data` holds `count` elements of the storage type.
-                    unsafe {
-                        match elem {
-                            ElemType::F32 => (bytes as *mut f32).add(k).write(*x),
-                            ElemType::F16 => (bytes as *mut u16).add(k).write(half::f16::from_f32(*x).to_bits()),
-                            ElemType::Bf16 => (bytes as *mut u16).add(k).write(half::bf16::from_f32(*x).to_bits()),
-                        }
-                    }
-                }
-            }
-            storage.push((data, elem, count));
-        }
-        let pointers: Vec<*mut u8> = storage.iter_mut().map(|(d, _, _)| d.as_mut_ptr() as *mut u8).collect();
-        let extents_table: Vec<i64> = extents.iter().map(|e| *e as i64).collect();
-        let plan = &self.plan;
-        let points: u64 = plan.batch.iter().map(|r| extents[r.index()]).product();
-        let query_blocks = extents[plan.query.rank.index()].div_ceil(crate::schedule::tensor_cores::BLOCK_ROWS);
+        use super::launch::HostValues;
+        let call = super::tensor_cores::TensorCoreCall::new(&self.program, &self.plan, extents);
+        let mut buffers = call.host_buffers(&self.program, inputs)?;
+        // Copies 16-byte aligned, as `cudaMalloc` gives them (the emulator checks `cp.async`'s
+        // alignment).
+        let mut storage: Vec<Vec<u128>> = buffers
+            .iter()
+            .map(|b| {
+                let (bytes, source) = match b {
+                    Some(HostValues::F32(v)) => (v.len() * 4, v.as_ptr() as *const u8),
+                    Some(HostValues::Narrow(v)) => (v.len() * 2, v.as_ptr() as *const u8),
+                    None => return aligned(0),
+                };
+                let mut copy = aligned(bytes);
+                // SAFETY: `copy` holds at least `bytes` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(source, copy.as_mut_ptr() as *mut u8, bytes) };
+                copy
+            })
+            .collect();
+        let pointers: Vec<*mut u8> = storage.iter_mut().map(|d| d.as_mut_ptr() as *mut u8).collect();
         let threads = crate::schedule::tensor_cores::THREADS as usize;
-        let shared_bytes = plan.shared_bytes as usize;
-        for block_id in 0..points * query_blocks {
+        let shared_bytes = call.shared_bytes as usize;
+        for block_id in 0..call.grid {
             let mut shared = aligned(shared_bytes);
             let block = Block::new(threads, shared.as_mut_ptr() as *mut u8, shared_bytes);
             struct Args(*const *mut u8, *const i64, *const i64);
             // SAFETY: the tables are read only and outlive the scoped threads.
             unsafe impl Sync for Args {}
-            let args = Args(pointers.as_ptr(), extents_table.as_ptr(), strides.as_ptr());
+            let args = Args(pointers.as_ptr(), call.extents.as_ptr(), call.strides.as_ptr());
             std::thread::scope(|scope| {
                 for tid in 0..threads {
                     let (block, args, function) = (&block, &args, self.function);
@@ -426,26 +386,20 @@ impl EmulatedTensorCoreKernel {
                 return Err(why);
             }
         }
-        let mut outputs = Vec::new();
-        for o in &c.outputs {
-            let (data, elem, count) = &storage[o.tensor.index()];
-            let bytes = data.as_ptr() as *const u8;
-            outputs.push(
-                (0..*count)
-                    .map(|k| {
-                        // SAFETY: `data` holds `count` elements of the storage type.
-                        unsafe {
-                            match elem {
-                                ElemType::F32 => (bytes as *const f32).add(k).read(),
-                                ElemType::F16 => half::f16::from_bits((bytes as *const u16).add(k).read()).to_f32(),
-                                ElemType::Bf16 => half::bf16::from_bits((bytes as *const u16).add(k).read()).to_f32(),
-                            }
-                        }
-                    })
-                    .collect(),
-            );
+        for (buffer, copy) in buffers.iter_mut().zip(&storage) {
+            let bytes = copy.as_ptr() as *const u8;
+            // SAFETY: each copy holds its buffer's bytes.
+            match buffer {
+                Some(HostValues::F32(v)) => unsafe {
+                    std::ptr::copy_nonoverlapping(bytes, v.as_mut_ptr() as *mut u8, v.len() * 4)
+                },
+                Some(HostValues::Narrow(v)) => unsafe {
+                    std::ptr::copy_nonoverlapping(bytes, v.as_mut_ptr() as *mut u8, v.len() * 2)
+                },
+                None => {}
+            }
         }
-        Ok(outputs)
+        Ok(call.outputs(&self.program, &buffers))
     }
 }
 
@@ -490,7 +444,8 @@ mod tests {
         });
         for (lane, d) in results.iter().enumerate() {
             let (g, t) = (lane / 4, lane % 4);
-            for (i, (r, n)) in [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)].into_iter().enumerate() {
+            for (i, (r, n)) in [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)].into_iter().enumerate()
+            {
                 let want: f64 = c(r, n) as f64 + (0..16).map(|k| a(r, k) as f64 * b(k, n) as f64).sum::<f64>();
                 assert_eq!(d[i] as f64, want, "lane {lane} element {i}");
             }
