@@ -298,6 +298,8 @@ struct Gen<'a> {
     /// loop's step.
     rows: [String; 2],
     two_t: String,
+    /// The first query row of the thread's warp.
+    warp_first: String,
     step: String,
     tid: String,
     lane: String,
@@ -323,6 +325,7 @@ impl<'a> Gen<'a> {
             batch: vec![],
             rows: [String::new(), String::new()],
             two_t: String::new(),
+            warp_first: String::new(),
             step: String::new(),
             tid: String::new(),
             lane: String::new(),
@@ -567,6 +570,7 @@ impl<'a> Gen<'a> {
         let first_row = self.ins(format!("mul i64 {query_block}, {BLOCK_ROWS}"));
         let warp_row = self.ins(format!("mul i64 {}, {WARP_ROWS}", self.warp));
         let warp_first = self.ins(format!("add i64 {first_row}, {warp_row}"));
+        self.warp_first = warp_first.clone();
         let row0 = self.ins(format!("add i64 {warp_first}, {g}"));
         let row1 = self.ins(format!("add i64 {row0}, 8"));
         self.rows = [row0, row1];
@@ -634,6 +638,15 @@ impl<'a> Gen<'a> {
         self.commit();
         self.wait(1);
         self.barrier();
+        // A step whose skippable tensor is empty for the warp's rows changes nothing: the warp
+        // (every lane alike) goes straight to the step's end.
+        let skip = self.step_empty();
+        let joined = self.l.label("tc.joined");
+        if let Some(empty) = &skip {
+            let compute = self.l.label("tc.compute");
+            self.emit(format!("br i1 {empty}, label %{joined}, label %{compute}"));
+            self.l.start_block(&compute);
+        }
         for e in plan.inside.clone() {
             self.einsum(e)?;
         }
@@ -654,6 +667,8 @@ impl<'a> Gen<'a> {
                 }
             }
         }
+        self.emit(format!("br label %{joined}"));
+        self.l.start_block(&joined);
         self.barrier();
         self.emit(format!("store i64 {next}, i64* {counter}"));
         self.emit(format!("br label %{head}"));
@@ -707,6 +722,46 @@ impl<'a> Gen<'a> {
         }
         let row_stride = row_stride.ok_or("an operand has no row")?;
         Ok((first.to_string(), offset, row_stride))
+    }
+
+    /// Whether the warp's part of the current step is empty (an i1, the same in every lane), where
+    /// the plan can tell: the largest margin of a filter of the skippable tensor over the step's
+    /// keys and the warp's rows is below its least.
+    fn step_empty(&mut self) -> Option<String> {
+        use crate::schedule::full_steps::{At as Place, MarginTerm};
+        let plan = self.plan;
+        let mut empty: Option<String> = None;
+        for margin in &plan.skip {
+            let terms = margin.extreme_terms(plan.tile, true)?;
+            let mut value = margin.margin.constant.to_string();
+            for term in terms {
+                let (x, k) = match term {
+                    MarginTerm::Extent { rank, k } => (self.extents[rank.index()].clone(), k),
+                    MarginTerm::Coordinate { index, at, k } => {
+                        let x = if index == plan.tile {
+                            self.step.clone()
+                        } else if index == plan.key {
+                            if at == Place::Last { (plan.key_tile - 1).to_string() } else { "0".into() }
+                        } else if index == plan.query {
+                            let first = self.warp_first.clone();
+                            if at == Place::Last { self.ins(format!("add i64 {first}, {}", WARP_ROWS - 1)) } else { first }
+                        } else {
+                            let k = plan.batch.iter().position(|r| *r == index.rank && index.primes == 0)?;
+                            self.batch[k].clone()
+                        };
+                        (x, k)
+                    }
+                };
+                let part = self.ins(format!("mul i64 {x}, {k}"));
+                value = self.ins(format!("add i64 {value}, {part}"));
+            }
+            let below = self.ins(format!("icmp slt i64 {value}, {}", margin.least));
+            empty = Some(match empty {
+                None => below,
+                Some(e) => self.ins(format!("or i1 {e}, {below}")),
+            });
+        }
+        empty
     }
 
     /// Starts copying rows `first..first + tile.rows` of `operand` into the tile at byte

@@ -90,7 +90,7 @@ pub fn variant_masks<T: Clone>(masks: &[Option<T>], variant: &LoopProgram) -> Ve
 }
 
 /// A margin that must be at least `least` at every point of an Einsum for its filter to hold.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Margin {
     pub margin: Linear,
     pub least: i64,
@@ -143,6 +143,26 @@ impl Margin {
     }
 }
 
+/// The margins of an Einsum's filter, one per comparison; `None` where a comparison is not of
+/// integer affine expressions (or is `==` or `!=`).
+pub fn margins_of(c: &Cascade, e: &Einsum) -> Option<Vec<Margin>> {
+    let mut margins = Vec::new();
+    for cond in &e.filter {
+        let (lhs, rhs) = (linear(c, &cond.lhs)?, linear(c, &cond.rhs)?);
+        // `rhs - lhs >= least` for `lhs <= rhs` and the like.
+        let difference = |a: Linear, b: Linear| a.plus(b.scaled(-1)?);
+        let (margin, least) = match cond.op {
+            CmpOp::Le => (difference(rhs, lhs), 0),
+            CmpOp::Lt => (difference(rhs, lhs), 1),
+            CmpOp::Ge => (difference(lhs, rhs), 0),
+            CmpOp::Gt => (difference(lhs, rhs), 1),
+            CmpOp::Eq | CmpOp::Ne => (None, 0),
+        };
+        margins.push(Margin { margin: margin?, least, indices: e.lhs_indices().collect(), tensor: e.target });
+    }
+    Some(margins)
+}
+
 /// The variant of a program whose streamed steps may run without filters, and the margins each
 /// loop (by its index) must meet.
 pub struct FullSteps {
@@ -168,30 +188,9 @@ pub fn plan(program: &LoopProgram) -> Option<FullSteps> {
             let mut reduce_filtered = false;
             e.body.walk(&mut |x| reduce_filtered |= matches!(x, Expr::Reduce { filter, .. } if !filter.is_empty()));
             usable &= !reduce_filtered;
-            for cond in &e.filter {
-                let (lhs, rhs) = (linear(c, &cond.lhs), linear(c, &cond.rhs));
-                let (Some(lhs), Some(rhs)) = (lhs, rhs) else {
-                    usable = false;
-                    continue;
-                };
-                // `rhs - lhs >= least` for `lhs <= rhs` and the like.
-                let difference = |a: Linear, b: Linear| a.plus(b.scaled(-1)?);
-                let (margin, least) = match cond.op {
-                    CmpOp::Le => (difference(rhs, lhs), 0),
-                    CmpOp::Lt => (difference(rhs, lhs), 1),
-                    CmpOp::Ge => (difference(lhs, rhs), 0),
-                    CmpOp::Gt => (difference(lhs, rhs), 1),
-                    CmpOp::Eq | CmpOp::Ne => (None, 0),
-                };
-                match margin {
-                    Some(margin) => loop_margins.push(Margin {
-                        margin,
-                        least,
-                        indices: e.lhs_indices().collect(),
-                        tensor: e.target,
-                    }),
-                    None => usable = false,
-                }
+            match margins_of(c, e) {
+                Some(found) => loop_margins.extend(found),
+                None => usable = false,
             }
         }
         if usable && !loop_margins.is_empty() {

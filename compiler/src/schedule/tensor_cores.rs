@@ -130,6 +130,10 @@ pub struct TensorCorePlan {
     /// that Einsum, run by the product's multiply-accumulates from `R[m1] * c`, so that the
     /// product's own tile is never held apart.
     pub accumulate: Option<Accumulate>,
+    /// The margins of the filter of the Einsum whose emptiness makes a step skippable (see
+    /// `skip`): a warp skips a step where one of them is below its least over the warp's keys
+    /// and rows.
+    pub skip: Vec<crate::schedule::full_steps::Margin>,
     /// Per tensor, its class (`None` for a tensor no Einsum reads or writes).
     pub classes: Vec<Option<Class>>,
     /// The Einsums before, inside and after the streamed loop, in order.
@@ -150,11 +154,13 @@ pub fn plan(program: &LoopProgram) -> Result<TensorCorePlan, String> {
     let mut before = Vec::new();
     let mut after = Vec::new();
     let mut found: Option<(Index, Vec<EinsumId>)> = None;
+    let mut skipped = None;
     for node in &program.body {
         match node {
             Node::Compute { einsum } if found.is_none() => before.push(*einsum),
             Node::Compute { einsum } => after.push(*einsum),
-            Node::Loop { index, body, .. } if found.is_none() => {
+            Node::Loop { index, body, skip } if found.is_none() => {
+                skipped = *skip;
                 let mut inside = Vec::new();
                 for node in body {
                     match node {
@@ -309,6 +315,10 @@ pub fn plan(program: &LoopProgram) -> Result<TensorCorePlan, String> {
     }
 
     let accumulate = accumulation(c, &inside, product);
+    let skip = skipped
+        .and_then(|t| inside.iter().find(|e| c.einsums[e.index()].target == t))
+        .and_then(|e| crate::schedule::full_steps::margins_of(c, &c.einsums[e.index()]))
+        .unwrap_or_default();
 
     let q_tile = SharedTile::new(0, BLOCK_ROWS, head_dim);
     let k0 = SharedTile::new(q_tile.bytes(), key_tile, head_dim);
@@ -339,6 +349,7 @@ pub fn plan(program: &LoopProgram) -> Result<TensorCorePlan, String> {
         product,
         probability_factors,
         accumulate,
+        skip,
         classes,
         before,
         inside,
