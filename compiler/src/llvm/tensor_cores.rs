@@ -300,6 +300,9 @@ struct Gen<'a> {
     two_t: String,
     /// The first query row of the thread's warp.
     warp_first: String,
+    /// Whether the code being generated is a full step's: every key inside its rank, every
+    /// filter of the loop's Einsums holding.
+    full: bool,
     step: String,
     tid: String,
     lane: String,
@@ -326,6 +329,7 @@ impl<'a> Gen<'a> {
             rows: [String::new(), String::new()],
             two_t: String::new(),
             warp_first: String::new(),
+            full: false,
             step: String::new(),
             tid: String::new(),
             lane: String::new(),
@@ -647,25 +651,19 @@ impl<'a> Gen<'a> {
             self.emit(format!("br i1 {empty}, label %{joined}, label %{compute}"));
             self.l.start_block(&compute);
         }
-        for e in plan.inside.clone() {
-            self.einsum(e)?;
-        }
-        // The running tensors' new iterates become the old ones.
-        for store in self.stores.clone().into_iter().flatten().filter(|s| s.running) {
-            for k in 0..store.length {
-                for (ty, pair) in [("float", &store.values), ("i1", &store.defined)] {
-                    let from = self.ins(format!(
-                        "getelementptr [{0} x {ty}], [{0} x {ty}]* {1}, i64 0, i64 {k}",
-                        store.length, pair[1]
-                    ));
-                    let v = self.ins(format!("load {ty}, {ty}* {from}"));
-                    let to = self.ins(format!(
-                        "getelementptr [{0} x {ty}], [{0} x {ty}]* {1}, i64 0, i64 {k}",
-                        store.length, pair[0]
-                    ));
-                    self.emit(format!("store {ty} {v}, {ty}* {to}"));
-                }
+        match self.step_full() {
+            Some(full) => {
+                let (whole, partial) = (self.l.label("tc.full"), self.l.label("tc.partial"));
+                self.emit(format!("br i1 {full}, label %{whole}, label %{partial}"));
+                self.l.start_block(&whole);
+                self.full = true;
+                self.step_body()?;
+                self.full = false;
+                self.emit(format!("br label %{joined}"));
+                self.l.start_block(&partial);
+                self.step_body()?;
             }
+            None => self.step_body()?,
         }
         self.emit(format!("br label %{joined}"));
         self.l.start_block(&joined);
@@ -724,37 +722,38 @@ impl<'a> Gen<'a> {
         Ok((first.to_string(), offset, row_stride))
     }
 
+    /// The Einsums of one step, then the running tensors' new iterates copied into the old.
+    fn step_body(&mut self) -> Result<(), String> {
+        for e in self.plan.inside.clone() {
+            self.einsum(e)?;
+        }
+        // The running tensors' new iterates become the old ones.
+        for store in self.stores.clone().into_iter().flatten().filter(|s| s.running) {
+            for k in 0..store.length {
+                for (ty, pair) in [("float", &store.values), ("i1", &store.defined)] {
+                    let from = self.ins(format!(
+                        "getelementptr [{0} x {ty}], [{0} x {ty}]* {1}, i64 0, i64 {k}",
+                        store.length, pair[1]
+                    ));
+                    let v = self.ins(format!("load {ty}, {ty}* {from}"));
+                    let to = self.ins(format!(
+                        "getelementptr [{0} x {ty}], [{0} x {ty}]* {1}, i64 0, i64 {k}",
+                        store.length, pair[0]
+                    ));
+                    self.emit(format!("store {ty} {v}, {ty}* {to}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the warp's part of the current step is empty (an i1, the same in every lane), where
     /// the plan can tell: the largest margin of a filter of the skippable tensor over the step's
     /// keys and the warp's rows is below its least.
     fn step_empty(&mut self) -> Option<String> {
-        use crate::schedule::full_steps::{At as Place, MarginTerm};
-        let plan = self.plan;
         let mut empty: Option<String> = None;
-        for margin in &plan.skip {
-            let terms = margin.extreme_terms(plan.tile, true)?;
-            let mut value = margin.margin.constant.to_string();
-            for term in terms {
-                let (x, k) = match term {
-                    MarginTerm::Extent { rank, k } => (self.extents[rank.index()].clone(), k),
-                    MarginTerm::Coordinate { index, at, k } => {
-                        let x = if index == plan.tile {
-                            self.step.clone()
-                        } else if index == plan.key {
-                            if at == Place::Last { (plan.key_tile - 1).to_string() } else { "0".into() }
-                        } else if index == plan.query {
-                            let first = self.warp_first.clone();
-                            if at == Place::Last { self.ins(format!("add i64 {first}, {}", WARP_ROWS - 1)) } else { first }
-                        } else {
-                            let k = plan.batch.iter().position(|r| *r == index.rank && index.primes == 0)?;
-                            self.batch[k].clone()
-                        };
-                        (x, k)
-                    }
-                };
-                let part = self.ins(format!("mul i64 {x}, {k}"));
-                value = self.ins(format!("add i64 {value}, {part}"));
-            }
+        for margin in &self.plan.skip {
+            let value = self.margin_extreme(margin, true)?;
             let below = self.ins(format!("icmp slt i64 {value}, {}", margin.least));
             empty = Some(match empty {
                 None => below,
@@ -762,6 +761,63 @@ impl<'a> Gen<'a> {
             });
         }
         empty
+    }
+
+    /// Whether the warp's part of the current step is full (an i1, the same in every lane): its
+    /// keys all inside their rank and every filter's smallest margin over the step's keys and
+    /// the warp's rows at least its least.
+    fn step_full(&mut self) -> Option<String> {
+        let plan = self.plan;
+        let margins = plan.full.as_ref()?;
+        let next = self.ins(format!("add i64 {}, 1", self.step));
+        let end = self.ins(format!("mul i64 {next}, {}", plan.key_tile));
+        let keys = self.extents[plan.keys.index()].clone();
+        let mut full = self.ins(format!("icmp sle i64 {end}, {keys}"));
+        for margin in margins {
+            let value = self.margin_extreme(margin, false)?;
+            let holds = self.ins(format!("icmp sge i64 {value}, {}", margin.least));
+            full = self.ins(format!("and i1 {full}, {holds}"));
+        }
+        Some(full)
+    }
+
+    /// The largest (or smallest) value of a margin over the current step's keys and the warp's
+    /// rows (an i64), where its indices are the step's, the keys', the rows' or batch ranks'.
+    fn margin_extreme(&mut self, margin: &crate::schedule::full_steps::Margin, largest: bool) -> Option<String> {
+        use crate::schedule::full_steps::{At as Place, MarginTerm};
+        let plan = self.plan;
+        let terms = margin.extreme_terms(plan.tile, largest)?;
+        let mut value = margin.margin.constant.to_string();
+        for term in terms {
+            let (x, k) = match term {
+                MarginTerm::Extent { rank, k } => (self.extents[rank.index()].clone(), k),
+                MarginTerm::Coordinate { index, at, k } => {
+                    let x = if index == plan.tile {
+                        self.step.clone()
+                    } else if index == plan.key {
+                        if at == Place::Last {
+                            (plan.key_tile - 1).to_string()
+                        } else {
+                            "0".into()
+                        }
+                    } else if index == plan.query {
+                        let first = self.warp_first.clone();
+                        if at == Place::Last {
+                            self.ins(format!("add i64 {first}, {}", WARP_ROWS - 1))
+                        } else {
+                            first
+                        }
+                    } else {
+                        let k = plan.batch.iter().position(|r| *r == index.rank && index.primes == 0)?;
+                        self.batch[k].clone()
+                    };
+                    (x, k)
+                }
+            };
+            let part = self.ins(format!("mul i64 {x}, {k}"));
+            value = self.ins(format!("add i64 {value}, {part}"));
+        }
+        Some(value)
     }
 
     /// Starts copying rows `first..first + tile.rows` of `operand` into the tile at byte
@@ -1009,6 +1065,9 @@ impl Gen<'_> {
     /// Whether the score element at `at` is a key of the rank (its tile may be ragged).
     fn key_inside(&mut self, at: At) -> Option<String> {
         let At::Score { .. } = at else { return None };
+        if self.full {
+            return None;
+        }
         let plan = self.plan;
         let key = self.coordinate(plan.key, at).ok()?;
         let first = self.ins(format!("mul i64 {}, {}", self.step, plan.key_tile));
@@ -1019,6 +1078,14 @@ impl Gen<'_> {
 
     fn and(&mut self, a: Option<String>, b: Option<String>) -> Option<String> {
         self.l.and_def(a, b)
+    }
+
+    /// Whether an Einsum's filter holds at `at` (always, in a full step).
+    fn filter(&mut self, einsum: &Einsum, at: At) -> Result<Option<String>, String> {
+        if self.full {
+            return Ok(None);
+        }
+        self.conditions(&einsum.filter, at)
     }
 
     fn conditions(&mut self, conds: &[Cond], at: At) -> Result<Option<String>, String> {
@@ -1151,7 +1218,7 @@ impl Gen<'_> {
         for at in self.places(class) {
             let (v, d) = self.eval(&einsum.body, at)?;
             let inside = self.key_inside(at);
-            let kept = self.conditions(&einsum.filter, at)?;
+            let kept = self.filter(einsum, at)?;
             let d = self.and(d, inside);
             let d = self.and(d, kept);
             self.write(einsum, at, &v, d)?;
@@ -1193,7 +1260,7 @@ impl Gen<'_> {
                 d = self.and(d, dx);
             }
             let inside = self.key_inside(at);
-            let kept = self.conditions(&einsum.filter, at)?;
+            let kept = self.filter(einsum, at)?;
             let d = self.and(d, inside);
             let d = self.and(d, kept);
             self.write(einsum, at, &v, d)?;

@@ -134,6 +134,10 @@ pub struct TensorCorePlan {
     /// `skip`): a warp skips a step where one of them is below its least over the warp's keys
     /// and rows.
     pub skip: Vec<crate::schedule::full_steps::Margin>,
+    /// The margins of every filter of the loop's Einsums, where all are affine: a warp runs a
+    /// step whose keys are all inside their rank and where every margin is at least its least
+    /// over the warp's box as a variant without the filters (`schedule::full_steps`).
+    pub full: Option<Vec<crate::schedule::full_steps::Margin>>,
     /// Per tensor, its class (`None` for a tensor no Einsum reads or writes).
     pub classes: Vec<Option<Class>>,
     /// The Einsums before, inside and after the streamed loop, in order.
@@ -319,6 +323,10 @@ pub fn plan(program: &LoopProgram) -> Result<TensorCorePlan, String> {
         .and_then(|t| inside.iter().find(|e| c.einsums[e.index()].target == t))
         .and_then(|e| crate::schedule::full_steps::margins_of(c, &c.einsums[e.index()]))
         .unwrap_or_default();
+    let full = inside.iter().try_fold(Vec::new(), |mut all, e| {
+        all.extend(crate::schedule::full_steps::margins_of(c, &c.einsums[e.index()])?);
+        Some(all)
+    });
 
     let q_tile = SharedTile::new(0, BLOCK_ROWS, head_dim);
     let k0 = SharedTile::new(q_tile.bytes(), key_tile, head_dim);
@@ -350,6 +358,7 @@ pub fn plan(program: &LoopProgram) -> Result<TensorCorePlan, String> {
         probability_factors,
         accumulate,
         skip,
+        full,
         classes,
         before,
         inside,
