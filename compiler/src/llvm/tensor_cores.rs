@@ -518,9 +518,11 @@ impl<'a> Gen<'a> {
 
     // Tables.
 
+    /// An entry of a table, loaded where it is used (hoisting every entry to the kernel's start
+    /// would hold them all in registers for the whole kernel: the causal kernels then spill).
     fn load_i64(&mut self, table: &str, at: usize) -> String {
         let p = self.ins(format!("getelementptr i64, i64* {table}, i64 {at}"));
-        self.ins(format!("load i64, i64* {p}"))
+        self.ins(format!("load i64, i64* {p}, align 8"))
     }
 
     fn stride(&mut self, tensor: TensorId, position: usize) -> String {
@@ -530,7 +532,7 @@ impl<'a> Gen<'a> {
 
     fn base(&mut self, tensor: TensorId) -> String {
         let p = self.ins(format!("getelementptr i8*, i8** %values, i64 {}", tensor.index()));
-        self.ins(format!("load i8*, i8** {p}"))
+        self.ins(format!("load i8*, i8** {p}, align 8"))
     }
 
     // The kernel.
