@@ -174,7 +174,7 @@ pub fn gpu_check(artifacts: &Path, out: &Path, emulate: bool) -> Result<(), Erro
         let tolerance = if tensor_cores { TENSOR_CORE_TOLERANCE } else { TOLERANCE };
         let streamed;
         let (cascade, loops) = if tensor_cores {
-            streamed = compiler::schedule::schedule_streamed(&scheduled.loops[0].cascade)?;
+            streamed = crate::optimize_for_tensor_cores(written)?;
             (&scheduled.cascade, &streamed)
         } else {
             (&scheduled.cascade, &scheduled.loops[0])

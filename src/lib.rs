@@ -131,6 +131,24 @@ pub fn optimize_for_gpu(cascade: &Cascade) -> Result<compiler::optimize::Optimiz
     Ok(optimized)
 }
 
+/// Optimizes a kernel for its tensor-core kernel (`compiler::schedule::tensor_cores`): key tiles
+/// of 64, or the largest of `SMALLER_GPU_TILES` at which the plan's tiles fit in shared memory (a
+/// head dimension of 128 needs 32); with none, 64 (the plan then says why it has none).
+pub fn optimize_for_tensor_cores(cascade: &Cascade) -> Result<compiler::schedule::LoopProgram, Error> {
+    use compiler::schedule::{schedule_streamed, tensor_cores::plan};
+    let first = schedule_streamed(&optimize_tiled(cascade, 64)?.cascade)?;
+    if plan(&first).is_ok() {
+        return Ok(first);
+    }
+    for tile in SMALLER_GPU_TILES {
+        let smaller = schedule_streamed(&optimize_tiled(cascade, tile)?.cascade)?;
+        if plan(&smaller).is_ok() {
+            return Ok(smaller);
+        }
+    }
+    Ok(first)
+}
+
 /// Optimizes a kernel to run on `target`, the split ranks the optimizer creates in tiles of
 /// `tile` points; without one, what `optimize_for_host` or `optimize_for_gpu` chooses.
 pub fn optimize_for_target(

@@ -333,7 +333,7 @@ fn execute(command: Command) -> Result<(), Error> {
             let mut written_files = Vec::new();
             match target {
                 CompileTarget::Nvptx if tensor_cores && scheduled.split.is_none() => {
-                    let streamed = compiler::schedule::schedule_streamed(&scheduled.loops[0].cascade)?;
+                    let streamed = einfuse::optimize_for_tensor_cores(written)?;
                     match tensor_core_ptx(&streamed, &file.display().to_string()) {
                         Ok((ptx, description)) => {
                             std::fs::write(&output, ptx).map_err(|e| io(&output, e))?;

@@ -173,8 +173,7 @@ fn narrow_storage_assembles() {
 fn tensor_core_kernels_assemble_without_spills() {
     let Some(ptxas) = ptxas_or_skip() else { return };
     for cascade in common::kernels_in("tests/tensor_cores") {
-        let optimized = einfuse::optimize_for_gpu(&cascade).unwrap().cascade;
-        let program = einfuse::compiler::schedule::schedule_streamed(&optimized).unwrap();
+        let program = einfuse::optimize_for_tensor_cores(&cascade).unwrap();
         // LLVM 14 does not know the warp-level intrinsics are convergent: every one is inline
         // PTX with side effects, which it cannot sink into a branch that only some lanes take.
         let plan = einfuse::compiler::schedule::tensor_cores::plan(&program).unwrap();
