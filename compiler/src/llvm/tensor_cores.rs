@@ -298,8 +298,9 @@ struct Gen<'a> {
     /// loop's step.
     rows: [String; 2],
     two_t: String,
-    /// The first query row of the thread's warp.
+    /// The first query row of the thread's warp, and of its block.
     warp_first: String,
+    block_first: String,
     /// Whether the code being generated is a full step's: every key inside its rank, every
     /// filter of the loop's Einsums holding.
     full: bool,
@@ -329,6 +330,7 @@ impl<'a> Gen<'a> {
             rows: [String::new(), String::new()],
             two_t: String::new(),
             warp_first: String::new(),
+            block_first: String::new(),
             full: false,
             step: String::new(),
             tid: String::new(),
@@ -564,7 +566,10 @@ impl<'a> Gen<'a> {
         let more = self.ins(format!("add i64 {queries}, {}", BLOCK_ROWS - 1));
         let query_blocks = self.ins(format!("udiv i64 {more}, {BLOCK_ROWS}"));
         let point = self.ins(format!("udiv i64 {ctaid}, {query_blocks}"));
-        let query_block = self.ins(format!("urem i64 {ctaid}, {query_blocks}"));
+        // The last query blocks first: under a causal mask they have the most keys.
+        let backwards = self.ins(format!("urem i64 {ctaid}, {query_blocks}"));
+        let last = self.ins(format!("sub i64 {query_blocks}, 1"));
+        let query_block = self.ins(format!("sub i64 {last}, {backwards}"));
         let mut rest = point;
         let mut batch = vec![String::new(); plan.batch.len()];
         for (k, r) in plan.batch.iter().enumerate().rev() {
@@ -574,6 +579,7 @@ impl<'a> Gen<'a> {
         }
         self.batch = batch;
         let first_row = self.ins(format!("mul i64 {query_block}, {BLOCK_ROWS}"));
+        self.block_first = first_row.clone();
         let warp_row = self.ins(format!("mul i64 {}, {WARP_ROWS}", self.warp));
         let warp_first = self.ins(format!("add i64 {first_row}, {warp_row}"));
         self.warp_first = warp_first.clone();
@@ -635,7 +641,12 @@ impl<'a> Gen<'a> {
         self.emit(format!("br label %{head}"));
         self.l.start_block(&head);
         let step = self.ins(format!("load i64, i64* {counter}"));
-        let more = self.ins(format!("icmp slt i64 {step}, {steps}"));
+        self.step = step.clone();
+        let mut more = self.ins(format!("icmp slt i64 {step}, {steps}"));
+        if let Some(done) = self.block_done() {
+            let going = self.ins(format!("xor i1 {done}, true"));
+            more = self.ins(format!("and i1 {more}, {going}"));
+        }
         self.emit(format!("br i1 {more}, label %{body}, label %{exit}"));
         self.l.start_block(&body);
         self.step = step.clone();
@@ -765,6 +776,28 @@ impl<'a> Gen<'a> {
         empty
     }
 
+    /// Whether the block is done with the keys at the current step (an i1, the same in every
+    /// thread): a margin of the skippable tensor's filter that only falls as the step grows (the
+    /// causal mask's `p - m`) is below its least for every key of the step and row of the block,
+    /// so this step and every later one are empty.
+    fn block_done(&mut self) -> Option<String> {
+        let plan = self.plan;
+        let mut done: Option<String> = None;
+        for margin in &plan.skip {
+            if margin.margin.indices.get(&plan.tile).is_none_or(|k| *k >= 0) {
+                continue;
+            }
+            let rows = (self.block_first.clone(), BLOCK_ROWS);
+            let Some(value) = self.margin_extreme_over(margin, true, rows) else { continue };
+            let below = self.ins(format!("icmp slt i64 {value}, {}", margin.least));
+            done = Some(match done {
+                None => below,
+                Some(d) => self.ins(format!("or i1 {d}, {below}")),
+            });
+        }
+        done
+    }
+
     /// Whether the warp's part of the current step is full (an i1, the same in every lane): its
     /// keys all inside their rank and every filter's smallest margin over the step's keys and
     /// the warp's rows at least its least.
@@ -786,6 +819,17 @@ impl<'a> Gen<'a> {
     /// The largest (or smallest) value of a margin over the current step's keys and the warp's
     /// rows (an i64), where its indices are the step's, the keys', the rows' or batch ranks'.
     fn margin_extreme(&mut self, margin: &crate::schedule::full_steps::Margin, largest: bool) -> Option<String> {
+        let rows = (self.warp_first.clone(), WARP_ROWS);
+        self.margin_extreme_over(margin, largest, rows)
+    }
+
+    /// The same over `rows.1` query rows from `rows.0`.
+    fn margin_extreme_over(
+        &mut self,
+        margin: &crate::schedule::full_steps::Margin,
+        largest: bool,
+        rows: (String, u64),
+    ) -> Option<String> {
         use crate::schedule::full_steps::{At as Place, MarginTerm};
         let plan = self.plan;
         let terms = margin.extreme_terms(plan.tile, largest)?;
@@ -803,9 +847,9 @@ impl<'a> Gen<'a> {
                             "0".into()
                         }
                     } else if index == plan.query {
-                        let first = self.warp_first.clone();
+                        let first = rows.0.clone();
                         if at == Place::Last {
-                            self.ins(format!("add i64 {first}, {}", WARP_ROWS - 1))
+                            self.ins(format!("add i64 {first}, {}", rows.1 - 1))
                         } else {
                             first
                         }
