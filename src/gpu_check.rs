@@ -174,8 +174,9 @@ pub fn gpu_check(artifacts: &Path, out: &Path, emulate: bool) -> Result<(), Erro
         let tolerance = if tensor_cores { TENSOR_CORE_TOLERANCE } else { TOLERANCE };
         let streamed;
         let (cascade, loops) = if tensor_cores {
+            // Its cascade (streamed, other tiles) is the one its extents are for.
             streamed = crate::optimize_for_tensor_cores(written)?;
-            (&scheduled.cascade, &streamed)
+            (&streamed.cascade, &streamed)
         } else {
             (&scheduled.cascade, &scheduled.loops[0])
         };
