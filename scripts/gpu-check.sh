@@ -26,7 +26,7 @@ mkdir -p "$out"
 status=0
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true) > "$out/nvidia-smi.txt" 2>&1
 echo "== einfuse gpu-check (every kernel against the interpreter, then the benchmark)"
-if [ ${#emulate[@]} -eq 0 ]; then limit=200; else limit=900; fi
+if [ ${#emulate[@]} -eq 0 ]; then limit=200; else limit=1800; fi
 timeout "$limit" "$einfuse" gpu-check ${emulate[@]+"${emulate[@]}"} "$art" "$work" 2>&1 | tee "$out/gpu-check.log" || status=1
 echo "== PyTorch on the same inputs"
 PYTHONUNBUFFERED=1 timeout 90 python3 benches/compare_torch.py "$torch_mode" "$work" 2>&1 | tee "$out/torch.log" || status=1
