@@ -184,23 +184,20 @@ def gpu(out_dir):
     torch.backends.cuda.matmul.allow_tf32 = False
     lines = [f"device: {torch.cuda.get_device_name(0)}"]
     ok = True
-    for name, scale, dtype, causal in PYTORCH_LAYOUT_GPU:
-        if not os.path.exists(os.path.join(out_dir, f"{name}.Q.npy")):
-            lines.append(f"{name}: no inputs (einfuse did not run it)")
-            continue
-        more, agree = gpu_compare_pytorch_layout(torch, out_dir, name, scale, dtype, causal)
-        lines += more
-        ok &= agree
-    for name, scale, variants, dtype in (
+    # PyTorch's layout first (benches/gpu.ein), then einfuse's earlier [H, E, P] kernels.
+    cases = [(name, gpu_compare_pytorch_layout, (scale, dtype, causal))
+             for name, scale, dtype, causal in PYTORCH_LAYOUT_GPU]
+    cases += [(name, gpu_compare, (scale, variants, dtype)) for name, scale, variants, dtype in (
         ("gpu_prefill", 0.125, [], "fp32"),
         ("gpu_prefill_bf16", 0.125, [], "bf16"),
         ("gpu_prefill_d128", 0.08838834764831845, [], "fp32"),
         ("decode", 0.08838834764831845, ["decode_split256", "decode_split1024"], "fp32"),
-    ):
+    )]
+    for name, compare, args in cases:
         if not os.path.exists(os.path.join(out_dir, f"{name}.Q.npy")):
             lines.append(f"{name}: no inputs (einfuse did not run it)")
             continue
-        more, agree = gpu_compare(torch, out_dir, name, scale, variants, dtype)
+        more, agree = compare(torch, out_dir, name, *args)
         lines += more
         ok &= agree
     print("\n".join(lines))

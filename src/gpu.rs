@@ -5,7 +5,6 @@
 //! machine, so that a binary built without the `llvm` feature can run it on a GPU machine.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
@@ -91,6 +90,14 @@ impl GpuKernel {
     pub fn resources(&self) -> Result<(i32, i32), GpuError> {
         Ok((self.function.num_regs().map_err(driver)?, self.function.local_size_bytes().map_err(driver)?))
     }
+}
+
+impl Launched for GpuKernel {
+    type Call = DeviceCall;
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
 
     fn upload(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<DeviceCall, GpuError> {
         let layout = ThreadLayout::new(&self.program, extents, MAX_DEVICE_BYTES).map_err(GpuError::Run)?;
@@ -170,29 +177,6 @@ impl GpuKernel {
         }
         Ok(call.layout.outputs(&self.program, values))
     }
-
-    /// Runs the kernel once; inputs and outputs as for `CpuKernel::run`.
-    pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, GpuError> {
-        let call = self.upload(extents, inputs)?;
-        self.launch(&call)?;
-        self.download(&call)
-    }
-
-    /// Runs the kernel `runs` times on the same device buffers after one warm-up; the outputs and
-    /// the time of each launch (launch to completion, transfers excluded).
-    pub fn time(&self, extents: &[u64], inputs: &[&[f32]], runs: usize) -> Result<(Vec<Vec<f32>>, Vec<f64>), GpuError> {
-        let call = self.upload(extents, inputs)?;
-        self.launch(&call)?;
-        self.stream.synchronize().map_err(driver)?;
-        let mut times = Vec::new();
-        for _ in 0..runs.max(1) {
-            let start = Instant::now();
-            self.launch(&call)?;
-            self.stream.synchronize().map_err(driver)?;
-            times.push(start.elapsed().as_secs_f64());
-        }
-        Ok((self.download(&call)?, times))
-    }
 }
 
 /// A tensor-core kernel (`compiler::llvm::tensor_cores`) loaded on the GPU.
@@ -202,7 +186,6 @@ pub struct TensorCoreGpuKernel {
     _module: Arc<CudaModule>,
     function: CudaFunction,
     stream: Arc<CudaStream>,
-    context: Arc<CudaContext>,
 }
 
 /// The buffers and tables of one tensor-core call, on the device.
@@ -224,13 +207,20 @@ impl TensorCoreGpuKernel {
             _module: module,
             function,
             stream: device.stream.clone(),
-            context: device.context.clone(),
         })
     }
 
     /// Registers per thread and local (spilled) bytes per thread, as the driver compiled them.
     pub fn resources(&self) -> Result<(i32, i32), GpuError> {
         Ok((self.function.num_regs().map_err(driver)?, self.function.local_size_bytes().map_err(driver)?))
+    }
+}
+
+impl Launched for TensorCoreGpuKernel {
+    type Call = TensorCoreDeviceCall;
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 
     fn upload(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<TensorCoreDeviceCall, GpuError> {
@@ -300,30 +290,70 @@ impl TensorCoreGpuKernel {
         }
         Ok(call.call.outputs(&self.program, &host))
     }
+}
 
+/// What both kinds of GPU kernel do: upload a call's buffers and tables once, launch, download
+/// the outputs.
+trait Launched {
+    type Call;
+    fn stream(&self) -> &Arc<CudaStream>;
+    fn upload(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Self::Call, GpuError>;
+    fn launch(&self, call: &Self::Call) -> Result<(), GpuError>;
+    fn download(&self, call: &Self::Call) -> Result<Vec<Vec<f32>>, GpuError>;
+}
+
+/// Runs a kernel once; inputs and outputs as for `CpuKernel::run`.
+fn run_once<K: Launched>(kernel: &K, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, GpuError> {
+    let call = kernel.upload(extents, inputs)?;
+    kernel.launch(&call)?;
+    kernel.download(&call)
+}
+
+/// Runs a kernel `runs` times on the same device buffers after one warm-up; the outputs and the
+/// time of each launch, between two CUDA events around it (transfers excluded).
+fn time_runs<K: Launched>(
+    kernel: &K,
+    extents: &[u64],
+    inputs: &[&[f32]],
+    runs: usize,
+) -> Result<(Vec<Vec<f32>>, Vec<f64>), GpuError> {
+    let call = kernel.upload(extents, inputs)?;
+    kernel.launch(&call)?;
+    let stream = kernel.stream();
+    stream.synchronize().map_err(driver)?;
+    let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut times = Vec::new();
+    for _ in 0..runs.max(1) {
+        let start = stream.context().new_event(timed).map_err(driver)?;
+        let end = stream.context().new_event(timed).map_err(driver)?;
+        start.record(stream).map_err(driver)?;
+        kernel.launch(&call)?;
+        end.record(stream).map_err(driver)?;
+        times.push(start.elapsed_ms(&end).map_err(driver)? as f64 / 1e3);
+    }
+    Ok((kernel.download(&call)?, times))
+}
+
+impl GpuKernel {
     /// Runs the kernel once; inputs and outputs as for `CpuKernel::run`.
     pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, GpuError> {
-        let call = self.upload(extents, inputs)?;
-        self.launch(&call)?;
-        self.download(&call)
+        run_once(self, extents, inputs)
     }
 
-    /// Runs the kernel `runs` times on the same device buffers after one warm-up; the outputs and
-    /// the time of each launch, between two CUDA events around it.
+    /// See `time_runs`.
     pub fn time(&self, extents: &[u64], inputs: &[&[f32]], runs: usize) -> Result<(Vec<Vec<f32>>, Vec<f64>), GpuError> {
-        let call = self.upload(extents, inputs)?;
-        self.launch(&call)?;
-        self.stream.synchronize().map_err(driver)?;
-        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let mut times = Vec::new();
-        for _ in 0..runs.max(1) {
-            let start = self.context.new_event(timed).map_err(driver)?;
-            let end = self.context.new_event(timed).map_err(driver)?;
-            start.record(&self.stream).map_err(driver)?;
-            self.launch(&call)?;
-            end.record(&self.stream).map_err(driver)?;
-            times.push(start.elapsed_ms(&end).map_err(driver)? as f64 / 1e3);
-        }
-        Ok((self.download(&call)?, times))
+        time_runs(self, extents, inputs, runs)
+    }
+}
+
+impl TensorCoreGpuKernel {
+    /// Runs the kernel once; inputs and outputs as for `CpuKernel::run`.
+    pub fn run(&self, extents: &[u64], inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, GpuError> {
+        run_once(self, extents, inputs)
+    }
+
+    /// See `time_runs`.
+    pub fn time(&self, extents: &[u64], inputs: &[&[f32]], runs: usize) -> Result<(Vec<Vec<f32>>, Vec<f64>), GpuError> {
+        time_runs(self, extents, inputs, runs)
     }
 }

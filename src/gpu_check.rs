@@ -74,7 +74,7 @@ impl CheckedKernel {
         }
     }
 
-    /// The outputs and the time of each of `runs` calls after a warm-up (launch to completion
+    /// The outputs and the time of each of `runs` calls after a warm-up (between two CUDA events
     /// on the GPU).
     fn time(&self, extents: &[u64], inputs: &[&[f32]], runs: usize) -> Result<(Vec<Vec<f32>>, Vec<f64>), Error> {
         match self {

@@ -764,16 +764,8 @@ impl<'a> Gen<'a> {
     /// the plan can tell: the largest margin of a filter of the skippable tensor over the step's
     /// keys and the warp's rows is below its least.
     fn step_empty(&mut self) -> Option<String> {
-        let mut empty: Option<String> = None;
-        for margin in &self.plan.skip {
-            let value = self.margin_extreme(margin, true)?;
-            let below = self.ins(format!("icmp slt i64 {value}, {}", margin.least));
-            empty = Some(match empty {
-                None => below,
-                Some(e) => self.ins(format!("or i1 {e}, {below}")),
-            });
-        }
-        empty
+        let rows = (self.warp_first.clone(), WARP_ROWS);
+        self.some_margin_below(rows, false)
     }
 
     /// Whether the block is done with the keys at the current step (an i1, the same in every
@@ -781,21 +773,28 @@ impl<'a> Gen<'a> {
     /// causal mask's `p - m`) is below its least for every key of the step and row of the block,
     /// so this step and every later one are empty.
     fn block_done(&mut self) -> Option<String> {
+        let rows = (self.block_first.clone(), BLOCK_ROWS);
+        self.some_margin_below(rows, true)
+    }
+
+    /// Whether some margin of the skippable tensor's filter (with `falling`, only those that fall
+    /// as the step grows) is below its least over the step's keys and `rows.1` rows from `rows.0`;
+    /// `None` where no margin can tell.
+    fn some_margin_below(&mut self, rows: (String, u64), falling: bool) -> Option<String> {
         let plan = self.plan;
-        let mut done: Option<String> = None;
+        let mut below: Option<String> = None;
         for margin in &plan.skip {
-            if margin.margin.indices.get(&plan.tile).is_none_or(|k| *k >= 0) {
+            if falling && margin.margin.indices.get(&plan.tile).is_none_or(|k| *k >= 0) {
                 continue;
             }
-            let rows = (self.block_first.clone(), BLOCK_ROWS);
-            let Some(value) = self.margin_extreme_over(margin, true, rows) else { continue };
-            let below = self.ins(format!("icmp slt i64 {value}, {}", margin.least));
-            done = Some(match done {
-                None => below,
-                Some(d) => self.ins(format!("or i1 {d}, {below}")),
+            let Some(value) = self.margin_extreme_over(margin, true, rows.clone()) else { continue };
+            let under = self.ins(format!("icmp slt i64 {value}, {}", margin.least));
+            below = Some(match below {
+                None => under,
+                Some(b) => self.ins(format!("or i1 {b}, {under}")),
             });
         }
-        done
+        below
     }
 
     /// Whether the warp's part of the current step is full (an i1, the same in every lane): its
@@ -1056,6 +1055,16 @@ impl Gen<'_> {
         Ok(())
     }
 
+    /// Writes an Einsum's value at `at`: defined where its operands are, its key is inside its
+    /// rank and its filter holds.
+    fn write_where(&mut self, einsum: &Einsum, at: At, value: &str, defined: Option<String>) -> Result<(), String> {
+        let inside = self.key_inside(at);
+        let kept = self.filter(einsum, at)?;
+        let d = self.and(defined, inside);
+        let d = self.and(d, kept);
+        self.write(einsum, at, value, d)
+    }
+
     /// The coordinate (i64) of `index` at `at`.
     fn coordinate(&mut self, index: Index, at: At) -> Result<String, String> {
         let plan = self.plan;
@@ -1263,11 +1272,7 @@ impl Gen<'_> {
         let class = self.stores[einsum.target.index()].as_ref().map(|s| s.class).ok_or("an Einsum writes an input")?;
         for at in self.places(class) {
             let (v, d) = self.eval(&einsum.body, at)?;
-            let inside = self.key_inside(at);
-            let kept = self.filter(einsum, at)?;
-            let d = self.and(d, inside);
-            let d = self.and(d, kept);
-            self.write(einsum, at, &v, d)?;
+            self.write_where(einsum, at, &v, d)?;
         }
         Ok(())
     }
@@ -1305,11 +1310,7 @@ impl Gen<'_> {
                 v = self.l.binary(BinaryOp::Mul, &v, &x);
                 d = self.and(d, dx);
             }
-            let inside = self.key_inside(at);
-            let kept = self.filter(einsum, at)?;
-            let d = self.and(d, inside);
-            let d = self.and(d, kept);
-            self.write(einsum, at, &v, d)?;
+            self.write_where(einsum, at, &v, d)?;
         }
         Ok(())
     }
