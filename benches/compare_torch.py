@@ -135,10 +135,24 @@ PYTORCH_LAYOUT_GPU = (
     ("tc_prefill_d128_bf16", 0.08838834764831845, "bf16", False),
     ("tc_causal_d128_bf16", 0.08838834764831845, "bf16", True),
     ("prefill_f32", 0.125, "fp32", False),
+    ("decode_bf16", 0.08838834764831845, "bf16", False),
 )
 
+# The split-key forms `gpu-check` times beside a kernel, by kernel.
+SPLIT_FORMS = {"decode_bf16": ["decode_bf16_split256", "decode_bf16_split1024"]}
 
-def gpu_compare_pytorch_layout(torch, out_dir, name, scale, dtype, causal):
+
+def copy_bandwidth(torch):
+    """The device's copy bandwidth in bytes per second (bytes read plus bytes written), from the
+    median time of copying 1 GiB, in the same run as the kernels."""
+    dev = torch.device("cuda")
+    src = torch.empty(1 << 28, dtype=torch.float32, device=dev)
+    dst = torch.empty_like(src)
+    seconds = gpu_time(torch, lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / seconds
+
+
+def gpu_compare_pytorch_layout(torch, out_dir, name, scale, dtype, causal, bandwidth=None):
     """einfuse's time for `name` (benches/gpu.ein, inputs saved in PyTorch's [H, P, E]) against
     SDPA on the same data as contiguous [1, H, P, E]: PyTorch's default dispatch, and for 16-bit
     inputs its flash backend pinned with `sdpa_kernel`; returns the report's lines and whether
@@ -162,30 +176,40 @@ def gpu_compare_pytorch_layout(torch, out_dir, name, scale, dtype, causal):
     lines = [f"{name} H={h} P={p} M={m} D={e} {dtype}{' causal' if causal else ''} (PyTorch's layout)"]
     for label, seconds in peers:
         lines.append(f"  {label}: {seconds * 1e3:.3f} ms  {flops / seconds / 1e12:.3f} TFLOP/s")
-    timing = os.path.join(out_dir, f"{name}.time.txt")
-    if not os.path.exists(timing):
-        lines.append(f"  einfuse: no time (einfuse did not run it)")
-        return lines, True
-    with open(timing) as f:
-        einfuse_s = float(f.read())
-    av = np.load(os.path.join(out_dir, f"{name}.AV.npy"))
-    err = float((ref.cpu() - torch.from_numpy(av)).abs().max())
-    # 16-bit probabilities and outputs on both sides: a few units in the last place of values
-    # below 4 in size.
-    tolerance = 1e-3 if dtype == "fp32" else 3e-2
-    ratios = "; ".join(f"vs {label} {seconds / einfuse_s:.3f}x" for label, seconds in peers)
-    lines.append(f"  einfuse: {einfuse_s * 1e3:.3f} ms  {flops / einfuse_s / 1e12:.3f} TFLOP/s; {ratios}; "
-                 f"largest absolute difference {err:.3e}")
-    return lines, err <= tolerance
+    # The bytes of K and V, and what reading them once at the copy bandwidth would take.
+    kv_bytes = k.size * 2 * (2 if dtype != "fp32" else 4)
+    ok = True
+    for variant in [name] + SPLIT_FORMS.get(name, []):
+        timing = os.path.join(out_dir, f"{variant}.time.txt")
+        if not os.path.exists(timing):
+            lines.append(f"  einfuse {variant}: no time (einfuse did not run it)")
+            continue
+        with open(timing) as f:
+            einfuse_s = float(f.read())
+        av = np.load(os.path.join(out_dir, f"{variant}.AV.npy"))
+        err = float((ref.cpu() - torch.from_numpy(av)).abs().max())
+        # 16-bit probabilities and outputs on both sides: a few units in the last place of values
+        # below 4 in size.
+        tolerance = 1e-3 if dtype == "fp32" else 3e-2
+        ok &= err <= tolerance
+        ratios = "; ".join(f"vs {label} {seconds / einfuse_s:.3f}x" for label, seconds in peers)
+        memory = f"{kv_bytes / einfuse_s / 1e9:.1f} GB/s of K and V"
+        if bandwidth:
+            memory += f" ({kv_bytes / einfuse_s / bandwidth:.0%} of the copy bandwidth)"
+        lines.append(f"  einfuse {variant}: {einfuse_s * 1e3:.3f} ms  {flops / einfuse_s / 1e12:.3f} TFLOP/s  {memory}; "
+                     f"{ratios}; largest absolute difference {err:.3e}")
+    return lines, ok
 
 
 def gpu(out_dir):
     import torch
     torch.backends.cuda.matmul.allow_tf32 = False
     lines = [f"device: {torch.cuda.get_device_name(0)}"]
+    bandwidth = copy_bandwidth(torch)
+    lines.append(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read and written, 1 GiB, median of 10)")
     ok = True
     # PyTorch's layout first (benches/gpu.ein), then einfuse's earlier [H, E, P] kernels.
-    cases = [(name, gpu_compare_pytorch_layout, (scale, dtype, causal))
+    cases = [(name, gpu_compare_pytorch_layout, (scale, dtype, causal, bandwidth))
              for name, scale, dtype, causal in PYTORCH_LAYOUT_GPU]
     cases += [(name, gpu_compare, (scale, variants, dtype)) for name, scale, variants, dtype in (
         ("gpu_prefill", 0.125, [], "fp32"),

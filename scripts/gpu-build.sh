@@ -60,6 +60,12 @@ for kernel in $(grep -o '^kernel [A-Za-z_0-9]*' tests/tensor_cores/kernels.ein |
   echo "tests/tensor_cores/kernels.ein $kernel tensor-cores tensor_cores.$kernel.ptx" >> "$art/kernels.txt"
 done
 for keys in 256 1024; do
+  base="gpu.decode_bf16.split$keys"
+  target/release/einfuse compile --target nvptx benches/gpu.ein --kernel decode_bf16 --split-keys "$keys" \
+    -o "$art/$base.ptx" >/dev/null
+  echo "benches/gpu.ein decode_bf16 split$keys $base.chunks.ptx,$base.merge.ptx" >> "$art/kernels.txt"
+done
+for keys in 256 1024; do
   base="attention.decode.split$keys"
   target/release/einfuse compile --target nvptx benches/attention.ein --kernel decode --split-keys "$keys" \
     -o "$art/$base.ptx" >/dev/null
