@@ -224,13 +224,8 @@ impl Gen<'_, '_> {
         let a = self.b.ins().fabs(x);
         let na = self.b.ins().fneg(a);
         let y = self.vector_exp(na);
-        let one = self.vconst(1.0);
-        let u = self.b.ins().fadd(y, one);
-        let log_u = self.vector_log(u);
-        let u1 = self.b.ins().fsub(u, one);
-        let ratio = self.b.ins().fdiv(y, u1);
-        let corrected = self.b.ins().fmul(log_u, ratio);
-        let log1p = self.vselect(FloatCC::Equal, u, one, y, corrected);
+        let p = self.vector_horner(&math::LOG1P_POLY, y);
+        let log1p = self.b.ins().fmul(y, p);
         let zero = self.vconst(0.0);
         let part = self.vselect(FloatCC::GreaterThan, x, zero, x, zero);
         let sum = self.b.ins().fadd(part, log1p);

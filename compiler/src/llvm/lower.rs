@@ -1687,13 +1687,12 @@ impl<'a> Lowering<'a> {
                 let a = fabs(self, x);
                 let na = self.ins(format!("fneg {f} {a}"));
                 let y = self.host_exp_lanes(&na, lanes);
-                let u = self.ins(format!("fadd {f} {y}, {one}"));
-                let log_u = self.host_log_lanes(&u, lanes);
-                let u1 = self.ins(format!("fsub {f} {u}, {one}"));
-                let ratio = self.ins(format!("fdiv {f} {y}, {u1}"));
-                let corrected = self.ins(format!("fmul {f} {log_u}, {ratio}"));
-                let exact = self.ins(format!("fcmp oeq {f} {u}, {one}"));
-                let log1p = self.ins(format!("select {b} {exact}, {f} {y}, {f} {corrected}"));
+                let mut p = self.vector_constant(t, math::LOG1P_POLY[0]);
+                for c in &math::LOG1P_POLY[1..] {
+                    let c = self.vector_constant(t, *c);
+                    p = self.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {y}, {f} {c})"));
+                }
+                let log1p = self.ins(format!("fmul {f} {y}, {p}"));
                 let positive = self.ins(format!("fcmp ogt {f} {x}, {zero}"));
                 let part = self.ins(format!("select {b} {positive}, {f} {x}, {f} {zero}"));
                 let sum = self.ins(format!("fadd {f} {part}, {log1p}"));
