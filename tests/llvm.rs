@@ -174,9 +174,10 @@ fn host_exp_is_accurate_over_the_float_range() {
 fn host_functions_are_accurate_and_the_same_in_lanes_and_tails() {
     type Case = (&'static str, fn(f64) -> f64, f32, f32, f64);
     let cases: [Case; 4] = [
-        // Measured: 7.7e-8, 1.25e-7, 1.73e-7, 1.41e-7.
+        // Measured on these points: 7.7e-8, 2.56e-7, 1.73e-7, 1.41e-7; over every float of the
+        // range, `tanh` 3.18e-7 (at 6.99: 5 units in the last place) and `softplus` 1.98e-7.
         ("log", f64::ln, -30.0, 30.0, 1.5e-7),
-        ("tanh", f64::tanh, -12.0, 12.0, 2.5e-7),
+        ("tanh", f64::tanh, -12.0, 12.0, 3.5e-7),
         ("sigmoid", |x| 1.0 / (1.0 + (-x).exp()), -87.0, 40.0, 2.5e-7),
         ("softplus", |x| x.max(0.0) + (-x.abs()).exp().ln_1p(), -87.0, 60.0, 3e-7),
     ];

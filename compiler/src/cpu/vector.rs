@@ -187,23 +187,19 @@ impl Gen<'_, '_> {
 
     /// `math::tanh` in lanes.
     fn vector_tanh(&mut self, x: Value) -> Value {
-        let a = self.b.ins().fabs(x);
-        let z = self.b.ins().fmul(x, x);
-        let p = self.vector_horner(&math::TANH_POLY, z);
-        let pz = self.b.ins().fmul(p, z);
-        let small = self.b.ins().fma(pz, x, x);
-        let two = self.vconst(2.0);
-        let twice = self.b.ins().fmul(a, two);
-        let e = self.vector_exp(twice);
+        let hi = self.vconst(math::TANH_CLAMP);
+        let lo = self.vconst(-math::TANH_CLAMP);
+        let x1 = self.vselect(FloatCC::GreaterThan, x, hi, hi, x);
+        let x2 = self.vselect(FloatCC::LessThan, x1, lo, lo, x1);
+        let z = self.b.ins().fmul(x2, x2);
+        let n = self.vector_horner(&math::TANH_NUM, z);
+        let d = self.vector_horner(&math::TANH_DEN, z);
+        let xn = self.b.ins().fmul(x2, n);
+        let r = self.b.ins().fdiv(xn, d);
         let one = self.vconst(1.0);
-        let d = self.b.ins().fadd(e, one);
-        let q = self.b.ins().fdiv(two, d);
-        let large = self.b.ins().fsub(one, q);
-        let negated = self.b.ins().fneg(large);
-        let zero = self.vconst(0.0);
-        let signed = self.vselect(FloatCC::LessThan, x, zero, negated, large);
-        let near = self.vconst(math::TANH_SMALL);
-        self.vselect(FloatCC::LessThan, a, near, small, signed)
+        let minus_one = self.vconst(-1.0);
+        let r = self.vselect(FloatCC::GreaterThan, r, one, one, r);
+        self.vselect(FloatCC::LessThan, r, minus_one, minus_one, r)
     }
 
     /// `math::sigmoid` in lanes.

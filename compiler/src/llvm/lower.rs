@@ -1648,7 +1648,7 @@ impl<'a> Lowering<'a> {
         let t = Ty(lanes);
         let (f, b, s) = (t.float(), t.bool(), t.suffix());
         let fabs = |g: &mut Self, v: &str| g.ins(format!("call {f} @llvm.fabs.{s}({f} {v})"));
-        let (zero, one, two) = (t.constant(0.0), self.vector_constant(t, 1.0), self.vector_constant(t, 2.0));
+        let (zero, one) = (t.constant(0.0), self.vector_constant(t, 1.0));
         match op {
             UnaryOp::Log => self.host_log_lanes(x, lanes),
             UnaryOp::Sigmoid => {
@@ -1662,26 +1662,29 @@ impl<'a> Lowering<'a> {
                 self.ins(format!("select {b} {negative}, {f} {eq}, {f} {q}"))
             }
             UnaryOp::Tanh => {
-                let a = fabs(self, x);
-                let z = self.ins(format!("fmul {f} {x}, {x}"));
-                let mut p = self.vector_constant(t, math::TANH_POLY[0]);
-                for c in &math::TANH_POLY[1..] {
-                    let c = self.vector_constant(t, *c);
-                    p = self.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {z}, {f} {c})"));
-                }
-                let pz = self.ins(format!("fmul {f} {p}, {z}"));
-                let small = self.ins(format!("call {f} @llvm.fma.{s}({f} {pz}, {f} {x}, {f} {x})"));
-                let twice = self.ins(format!("fmul {f} {a}, {two}"));
-                let e = self.host_exp_lanes(&twice, lanes);
-                let d = self.ins(format!("fadd {f} {e}, {one}"));
-                let q = self.ins(format!("fdiv {f} {two}, {d}"));
-                let large = self.ins(format!("fsub {f} {one}, {q}"));
-                let negated = self.ins(format!("fneg {f} {large}"));
-                let negative = self.ins(format!("fcmp olt {f} {x}, {zero}"));
-                let signed = self.ins(format!("select {b} {negative}, {f} {negated}, {f} {large}"));
-                let small_limit = self.vector_constant(t, math::TANH_SMALL);
-                let near = self.ins(format!("fcmp olt {f} {a}, {small_limit}"));
-                self.ins(format!("select {b} {near}, {f} {small}, {f} {signed}"))
+                let (hi, lo) = (self.vector_constant(t, math::TANH_CLAMP), self.vector_constant(t, -math::TANH_CLAMP));
+                let minus_one = self.vector_constant(t, -1.0);
+                let horner = |g: &mut Self, coefficients: &[f32], z: &str| {
+                    let mut p = g.vector_constant(t, coefficients[0]);
+                    for c in &coefficients[1..] {
+                        let c = g.vector_constant(t, *c);
+                        p = g.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {z}, {f} {c})"));
+                    }
+                    p
+                };
+                let above = self.ins(format!("fcmp ogt {f} {x}, {hi}"));
+                let x1 = self.ins(format!("select {b} {above}, {f} {hi}, {f} {x}"));
+                let below = self.ins(format!("fcmp olt {f} {x1}, {lo}"));
+                let x2 = self.ins(format!("select {b} {below}, {f} {lo}, {f} {x1}"));
+                let z = self.ins(format!("fmul {f} {x2}, {x2}"));
+                let n = horner(self, &math::TANH_NUM, &z);
+                let d = horner(self, &math::TANH_DEN, &z);
+                let xn = self.ins(format!("fmul {f} {x2}, {n}"));
+                let r = self.ins(format!("fdiv {f} {xn}, {d}"));
+                let above = self.ins(format!("fcmp ogt {f} {r}, {one}"));
+                let r = self.ins(format!("select {b} {above}, {f} {one}, {f} {r}"));
+                let below = self.ins(format!("fcmp olt {f} {r}, {minus_one}"));
+                self.ins(format!("select {b} {below}, {f} {minus_one}, {f} {r}"))
             }
             UnaryOp::Softplus => {
                 let a = fabs(self, x);
