@@ -62,7 +62,7 @@ impl Gen<'_, '_> {
     }
 
     /// `exp` in lanes, as Cephes' `expf`: `x = n ln 2 + r`, a degree-6 polynomial in `r`, and
-    /// `2^n` applied in two halves so that subnormal results come out right; below -104 it is 0,
+    /// `2^n` applied in two halves; 0 where the result would be subnormal (below `EXP_LO`),
     /// above 89 infinity, and NaN stays NaN (the same code as the LLVM tier's).
     fn vector_exp(&mut self, x: Value) -> Value {
         let constant = |g: &mut Self, c: f32| {

@@ -1595,7 +1595,7 @@ impl<'a> Lowering<'a> {
     }
 
     /// `exp` as Cephes' `expf`: `x = n ln 2 + r`, a degree-6 polynomial in `r`, and `2^n` applied
-    /// in two halves so that results down to the smallest subnormal come out right. `lanes` is 1
+    /// in two halves; 0 where the result would be subnormal (see `math`). `lanes` is 1
     /// for a scalar, else the vector width.
     fn host_exp(&mut self, x: &str) -> String {
         self.host_exp_lanes(x, 1)
