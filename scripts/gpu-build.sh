@@ -59,17 +59,15 @@ for kernel in $(grep -o '^kernel [A-Za-z_0-9]*' tests/tensor_cores/kernels.ein |
     -o "$art/tensor_cores.$kernel.ptx" >/dev/null
   echo "tests/tensor_cores/kernels.ein $kernel tensor-cores tensor_cores.$kernel.ptx" >> "$art/kernels.txt"
 done
-for keys in 256 1024; do
-  base="gpu.decode_bf16.split$keys"
-  target/release/einfuse compile --target nvptx benches/gpu.ein --kernel decode_bf16 --split-keys "$keys" \
-    -o "$art/$base.ptx" >/dev/null
-  echo "benches/gpu.ein decode_bf16 split$keys $base.chunks.ptx,$base.merge.ptx" >> "$art/kernels.txt"
-done
-for keys in 256 1024; do
-  base="attention.decode.split$keys"
-  target/release/einfuse compile --target nvptx benches/attention.ein --kernel decode --split-keys "$keys" \
-    -o "$art/$base.ptx" >/dev/null
-  echo "benches/attention.ein decode split$keys $base.chunks.ptx,$base.merge.ptx" >> "$art/kernels.txt"
+# The split-key forms of both decode kernels: `file kernel` pairs.
+for pair in "benches/gpu.ein decode_bf16" "benches/attention.ein decode"; do
+  read -r file kernel <<< "$pair"
+  for keys in 256 1024; do
+    base="$(basename "$file" .ein).$kernel.split$keys"
+    target/release/einfuse compile --target nvptx "$file" --kernel "$kernel" --split-keys "$keys" \
+      -o "$art/$base.ptx" >/dev/null
+    echo "$file $kernel split$keys $base.chunks.ptx,$base.merge.ptx" >> "$art/kernels.txt"
+  done
 done
 du -sh "$art"
 echo "$(wc -l < "$art/kernels.txt") kernels in $art"

@@ -312,6 +312,8 @@ struct Gen<'a> {
     q_fragments: Vec<[String; 4]>,
     /// A scratch slot for the emulator's results.
     scratch: Option<String>,
+    /// Where each tensor's strides start in the strides table (`stride_slots`).
+    stride_slots: Vec<usize>,
     /// This lane's `ldmatrix` row and chunk (see `lane_rows`).
     a_lanes: (String, String),
     b_lanes: (String, String),
@@ -338,6 +340,7 @@ impl<'a> Gen<'a> {
             warp: String::new(),
             q_fragments: vec![],
             scratch: None,
+            stride_slots: stride_slots(&program.cascade),
             a_lanes: Default::default(),
             b_lanes: Default::default(),
         }
@@ -528,7 +531,7 @@ impl<'a> Gen<'a> {
     }
 
     fn stride(&mut self, tensor: TensorId, position: usize) -> String {
-        let at = stride_slots(self.cascade())[tensor.index()] + position;
+        let at = self.stride_slots[tensor.index()] + position;
         self.load_i64("%strides", at)
     }
 
