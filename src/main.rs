@@ -37,7 +37,8 @@ enum Command {
         /// Only this kernel (default: every kernel).
         #[arg(long)]
         kernel: Option<String>,
-        /// For `--stage llvm`: the module for the GPU (`nvptx`) or for this CPU (`cpu-llvm`).
+        /// For `--stage llvm`: the module for the GPU (`nvptx`) or for this CPU (`cpu-llvm`); for
+        /// `--stage loops`, `cpu-llvm` prints that tier's schedule (otherwise the `cpu` tier's).
         #[arg(long, value_enum, default_value = "nvptx")]
         target: LlvmTarget,
         /// For `--stage split`: keys per chunk (a whole number of the streamed loop's tiles).
@@ -325,7 +326,11 @@ fn execute(command: Command) -> Result<(), Error> {
             if split_keys.is_some() && !matches!(target, CompileTarget::Nvptx) {
                 return Err(Error::Usage("--split-keys is for `--target nvptx`".into()));
             }
-            let runs_on = if matches!(target, CompileTarget::Nvptx) { Target::Gpu } else { Target::Cpu };
+            let runs_on = match target {
+                CompileTarget::Nvptx => Target::Gpu,
+                CompileTarget::Cpu => Target::Cpu,
+                CompileTarget::CpuLlvm => Target::CpuLlvm,
+            };
             let options = BuildOptions { tile, split_keys, ..BuildOptions::new(runs_on) };
             let mut scheduled = einfuse::pipeline::schedule_kernel(written, &options)?;
             let io = |path: &Path, source| Error::Io { path: path.display().to_string(), source };

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use crate::compiler::ir::Cascade;
-use crate::compiler::schedule::{schedule, LoopProgram};
+use crate::compiler::schedule::{schedule_host, schedule_threads, HostTier, LoopProgram};
 use crate::compiler::split::{split_keys, SplitKeys};
 use crate::{Error, Program, Target};
 
@@ -179,17 +179,29 @@ pub fn schedule_kernel(written: &Cascade, options: &BuildOptions) -> Result<Sche
         None => vec![&cascade],
         Some(split) => vec![&split.chunks, &split.merge],
     };
-    // The host tiers read packed panels (see `schedule::pack`); the thread kernels stage tiles.
+    // The host tiers read packed panels and staged tiles (see `schedule::pack`); the thread
+    // kernels stage tiles of inputs in shared memory.
     let loops = match options.target {
         Target::Interp => vec![],
-        Target::Cpu | Target::CpuLlvm => timings.time(Stage::Schedule, || {
-            parts.iter().map(|c| crate::compiler::schedule::schedule_host(c)).collect::<Result<Vec<_>, _>>()
-        })?,
-        Target::GpuEmulated | Target::Gpu => {
-            timings.time(Stage::Schedule, || parts.iter().map(|c| schedule(c)).collect::<Result<Vec<_>, _>>())?
+        Target::Cpu | Target::CpuLlvm => {
+            let tier = host_tier(options.target);
+            timings
+                .time(Stage::Schedule, || parts.iter().map(|c| schedule_host(c, tier)).collect::<Result<Vec<_>, _>>())?
         }
+        Target::GpuEmulated | Target::Gpu => timings
+            .time(Stage::Schedule, || parts.iter().map(|c| schedule_threads(c)).collect::<Result<Vec<_>, _>>())?,
     };
     Ok(Scheduled { cascade, optimized, split, loops, timings })
+}
+
+/// The host tier that runs `target`'s code, as the schedule needs to know it.
+pub fn host_tier(target: Target) -> HostTier {
+    #[cfg(feature = "llvm")]
+    if target == Target::CpuLlvm {
+        return HostTier { lanes: crate::compiler::llvm::lower::host_lanes() };
+    }
+    let _ = target;
+    HostTier { lanes: crate::compiler::cpu::LANES as usize }
 }
 
 /// `cascade` with its params overridden.

@@ -43,7 +43,8 @@ pub enum LlvmTarget {
 pub struct EmitOptions<'a> {
     /// Only this kernel (default: every kernel).
     pub kernel: Option<&'a str>,
-    /// For the LLVM stages: the module for the GPU or for this CPU.
+    /// For the LLVM stages: the module for the GPU or for this CPU; for the loops, `CpuLlvm`
+    /// prints the `cpu-llvm` tier's schedule (else the `cpu` tier's).
     pub target: LlvmTarget,
     /// For the split stage: keys per chunk.
     pub chunk: u64,
@@ -86,11 +87,12 @@ pub fn emit(path: &str, source: &str, stage: EmitStage, options: &EmitOptions) -
         EmitStage::Loops | EmitStage::Clif | EmitStage::Llvm | EmitStage::LlvmOpt | EmitStage::Ptx => {
             let mut text = String::new();
             for k in selected {
-                // The stages of the kernel as its target builds it: the loops and CLIF as
-                // `--target cpu`, LLVM IR as `cpu-llvm` or the GPU, PTX as the GPU.
+                // The stages of the kernel as its target builds it: the loops as `cpu-llvm`
+                // builds them with `--target cpu-llvm`, else as `cpu`; CLIF as `cpu`; LLVM IR as
+                // `cpu-llvm` or the GPU; PTX as the GPU.
                 let built_for = match (stage, options.target) {
                     (EmitStage::Ptx, _) | (EmitStage::Llvm | EmitStage::LlvmOpt, LlvmTarget::Nvptx) => Target::Gpu,
-                    (EmitStage::Llvm | EmitStage::LlvmOpt, LlvmTarget::CpuLlvm) => Target::CpuLlvm,
+                    (EmitStage::Loops | EmitStage::Llvm | EmitStage::LlvmOpt, LlvmTarget::CpuLlvm) => Target::CpuLlvm,
                     _ => Target::Cpu,
                 };
                 let build = BuildOptions { tile: None, ..BuildOptions::new(built_for) };

@@ -4,8 +4,12 @@
 
 mod common;
 
+use einfuse::compiler::ir::RankId;
+use einfuse::compiler::schedule::layout::is_batch_rank;
 use einfuse::compiler::schedule::verify::verify;
-use einfuse::compiler::schedule::{schedule, BufferRole, Node, Slot};
+use einfuse::compiler::schedule::{
+    print_program, schedule, schedule_host, schedule_threads, BufferRole, HostTier, Node, Slot,
+};
 
 #[test]
 fn every_scheduled_kernel_verifies() {
@@ -15,7 +19,9 @@ fn every_scheduled_kernel_verifies() {
     for kernel in &kernels {
         let optimized = einfuse::optimize(kernel).unwrap().cascade;
         for cascade in [kernel, &optimized] {
-            for program in [schedule(cascade).unwrap(), einfuse::compiler::schedule::schedule_host(cascade).unwrap()] {
+            // Both host tiers: Cranelift's 4 lanes (no staged tiles) and 8 (staged tiles).
+            let host = |lanes| schedule_host(cascade, HostTier { lanes }).unwrap();
+            for program in [schedule(cascade).unwrap(), host(4), host(8)] {
                 verify(&program).unwrap_or_else(|e| panic!("{e}"));
             }
         }
@@ -54,4 +60,24 @@ fn broken_programs_are_rejected() {
     let mut role = program.clone();
     role.buffers[0].role = BufferRole::Temp;
     expect(&role, "has the role");
+}
+
+/// Tiles staged by hand (FuseMax's `BK[e, m1, m0] = K[e, m1 * M0 + m0]`) keep the queries a batch
+/// rank, so that the host tiers run the kernel a chunk of queries at a time and the thread kernels
+/// a thread per query; the thread kernels read the inputs in place instead (they stage tiles in
+/// shared memory themselves), the host tiers keep the copies.
+#[test]
+fn hand_staged_tiles_keep_the_batch_rank() {
+    let kernel = common::kernels_in("examples").into_iter().find(|k| k.name == "attention_1pass").unwrap();
+    let p = (0..kernel.ranks.len()).map(RankId::new).find(|r| kernel.rank(*r).name == "P").unwrap();
+    assert!(is_batch_rank(&kernel, p));
+    let host = print_program(&schedule_host(&kernel, HostTier { lanes: 4 }).unwrap());
+    assert!(host.contains("BK[e, m1, m0] = K[e, m1 * M0 + m0]"), "{host}");
+    let threads = schedule_threads(&kernel).unwrap();
+    verify(&threads).unwrap();
+    assert!(is_batch_rank(&threads.cascade, p));
+    let text = print_program(&threads);
+    assert!(!text.contains("BK") && !text.contains("BV"), "{text}");
+    assert!(text.contains("sum[e](Q[e, p] * K[e, m1 * M0 + m0] * scale)"), "{text}");
+    assert!(text.contains("sum[m0](SLN[m1, m0, p] * V[f, m1 * M0 + m0])"), "{text}");
 }

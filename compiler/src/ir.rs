@@ -443,6 +443,28 @@ impl Affine {
         self.for_each_index(&mut |_| any = true);
         any
     }
+
+    /// This subscript with each index for which `to` gives a subscript replaced by it.
+    pub fn substitute(&self, to: &impl Fn(Index) -> Option<Affine>) -> Affine {
+        let both = |a: &Affine, b: &Affine| (Box::new(a.substitute(to)), Box::new(b.substitute(to)));
+        match self {
+            Affine::Index(i) => to(*i).unwrap_or(Affine::Index(*i)),
+            Affine::Const(_) | Affine::Extent(_) => self.clone(),
+            Affine::Add(a, b) => {
+                let (a, b) = both(a, b);
+                Affine::Add(a, b)
+            }
+            Affine::Sub(a, b) => {
+                let (a, b) = both(a, b);
+                Affine::Sub(a, b)
+            }
+            Affine::Mul(a, b) => {
+                let (a, b) = both(a, b);
+                Affine::Mul(a, b)
+            }
+            Affine::Neg(a) => Affine::Neg(Box::new(a.substitute(to))),
+        }
+    }
 }
 
 impl Cascade {

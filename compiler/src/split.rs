@@ -819,16 +819,6 @@ impl Analysis<'_> {
             Box::new(Affine::Mul(Box::new(Affine::Index(chunk)), Box::new(Affine::Extent(m1.rank)))),
             Box::new(Affine::Index(m1)),
         );
-        fn substitute(a: &Affine, from: Index, to: &Affine) -> Affine {
-            match a {
-                Affine::Index(i) if *i == from => to.clone(),
-                Affine::Add(x, y) => Affine::Add(Box::new(substitute(x, from, to)), Box::new(substitute(y, from, to))),
-                Affine::Sub(x, y) => Affine::Sub(Box::new(substitute(x, from, to)), Box::new(substitute(y, from, to))),
-                Affine::Mul(x, y) => Affine::Mul(Box::new(substitute(x, from, to)), Box::new(substitute(y, from, to))),
-                Affine::Neg(x) => Affine::Neg(Box::new(substitute(x, from, to))),
-                other => other.clone(),
-            }
-        }
         fn global_index(e: &Expr, m1: Index, chunk: Index) -> Expr {
             let global = Expr::Binary(
                 BinaryOp::Add,
@@ -883,7 +873,13 @@ impl Analysis<'_> {
                 let mut subs: Vec<Affine> = subscripts
                     .iter()
                     .zip(&t.ranks)
-                    .map(|(s, r)| if *r == self.m1.rank { s.clone() } else { substitute(s, m1, &global_tile) })
+                    .map(|(s, r)| {
+                        if *r == self.m1.rank {
+                            s.clone()
+                        } else {
+                            s.substitute(&|i| (i == m1).then(|| global_tile.clone()))
+                        }
+                    })
                     .collect();
                 if matches!(t.kind, TensorKind::Defined { .. }) {
                     subs.insert(0, Affine::Index(chunk));

@@ -287,13 +287,19 @@ impl<'a, 'f> Gen<'a, 'f> {
     /// Whether every split pair bound in the environment, with one of `new` in it, is inside its
     /// whole rank (all pairs when `new` is empty); `None` when no pair applies.
     pub(super) fn valid_pairs(&mut self, new: &[Index]) -> Def {
+        self.valid_pairs_but(new, None)
+    }
+
+    /// `valid_pairs`, leaving out the pair whose inner index is `known` (valid by the caller's
+    /// loop bound).
+    pub(super) fn valid_pairs_but(&mut self, new: &[Index], known: Option<Index>) -> Def {
         let mut ok: Def = None;
         let pairs = self.cascade().split_pairs();
         let bound: Vec<Index> = self.env.iter().map(|(i, _)| *i).collect();
         for (tile, inner, whole) in pairs {
             for outer in bound.iter().filter(|i| i.rank == tile) {
                 let partner = Index { rank: inner, primes: outer.primes };
-                if !bound.contains(&partner) {
+                if !bound.contains(&partner) || Some(partner) == known {
                     continue;
                 }
                 if !new.is_empty() && !new.contains(outer) && !new.contains(&partner) {

@@ -518,7 +518,7 @@ impl Gen<'_, '_> {
         // One answer for the four lanes: a split pair of `v` is valid at all four (the caller's
         // vectors cover valid points only), and the others do not involve `v`. Where they are
         // not valid, the lanes are undefined and nothing is read.
-        let valid = self.valid_pairs(&[]);
+        let valid = self.valid_pairs_but(&[], Some(v));
         let (value, defined) = match valid {
             None => self.vector_value(einsum, v),
             Some(valid) => {

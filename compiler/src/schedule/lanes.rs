@@ -98,14 +98,19 @@ pub fn streams_input(program: &LoopProgram, einsum: &Einsum, u: Option<Index>, v
         if !matches!(program.buffers[tensor.index()].role, BufferRole::Input(_)) {
             return;
         }
-        let ranks = &c.tensor(*tensor).ranks;
         for (p, sub) in subscripts.iter().enumerate() {
             let mut reduced = false;
             sub.for_each_index(&mut |i| reduced |= indices.contains(&i));
-            strided |= reduced && ranks[p + 1..].iter().any(|r| !matches!(c.rank(*r).extent, Extent::Fixed(_)));
+            strided |= reduced && strided_after(c, *tensor, p);
         }
     });
     strided && !shared
+}
+
+/// Whether a position of `tensor` after `position` has an extent known only at the call, so that
+/// consecutive points along `position` lie that far apart in the caller's array.
+pub fn strided_after(c: &Cascade, tensor: TensorId, position: usize) -> bool {
+    c.tensor(tensor).ranks[position + 1..].iter().any(|r| !matches!(c.rank(*r).extent, Extent::Fixed(_)))
 }
 
 /// Whether `einsum` can compute a vector of points along `v` at once: `v` is at a position of

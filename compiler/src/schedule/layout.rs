@@ -36,6 +36,9 @@ pub fn is_batch_rank(cascade: &Cascade, id: RankId) -> bool {
     let plain = Index { rank: id, primes: 0 };
     let mut ok = cascade.outputs.iter().all(|o| cascade.tensor(o.tensor).ranks.contains(&id));
     for einsum in &cascade.einsums {
+        if is_staged_tile(cascade, einsum) && !mentions_rank(einsum, id) {
+            continue;
+        }
         ok &= einsum.lhs.contains(&Lhs::Index(plain));
         ok &= einsum.lhs_indices().all(|i| i.rank != id || i == plain);
         einsum.body.walk(&mut |e| match e {
@@ -64,6 +67,35 @@ pub fn is_batch_rank(cascade: &Cascade, id: RankId) -> bool {
         }
     }
     ok
+}
+
+/// Whether `einsum` stages one step of an input for a streamed loop (see `pack::Staging::Tile`):
+/// an element-wise copy of an input, without a filter, whose target holds a split pair's tile
+/// and inner ranks. A call on a chunk of a batch rank that the copy does not mention computes it
+/// alike, as every call streams every step, so such a copy does not keep a rank from batching.
+pub fn is_staged_tile(cascade: &Cascade, einsum: &Einsum) -> bool {
+    let Expr::Access { tensor, .. } = &einsum.body else { return false };
+    let ranks: Vec<RankId> = einsum.lhs_indices().map(|i| i.rank).collect();
+    matches!(cascade.tensor(*tensor).kind, TensorKind::Input { .. })
+        && einsum.filter.is_empty()
+        && einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
+        && cascade.split_pairs().iter().any(|(t, i, _)| ranks.contains(t) && ranks.contains(i))
+}
+
+/// Whether `einsum` names an index of `rank` anywhere, or its extent.
+fn mentions_rank(einsum: &Einsum, rank: RankId) -> bool {
+    let mut found = einsum.lhs_indices().any(|i| i.rank == rank);
+    einsum.body.walk(&mut |e| match e {
+        Expr::Access { subscripts, .. } => {
+            for sub in subscripts {
+                sub.for_each_index(&mut |i| found |= i.rank == rank);
+            }
+        }
+        Expr::Index(i) => found |= i.rank == rank,
+        Expr::Extent(r) => found |= *r == rank,
+        _ => {}
+    });
+    found
 }
 
 /// Whether some index of the cascade ranges over `rank`.

@@ -128,10 +128,23 @@ pub fn schedule(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
     Ok(program)
 }
 
-/// Schedules `cascade` for the host tiers: streamed over tiles of keys where it is one pass
-/// without a recurrence (`stream`), then with packed panels (`pack`).
-pub fn schedule_host(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
-    pack::pack(schedule_streamed(cascade)?)
+/// Schedules `cascade` for the thread kernels: staged tiles read in place (`pack::unstage`; the
+/// kernels stage the tiles of inputs in shared memory themselves), then as `schedule` does.
+pub fn schedule_threads(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
+    schedule(&pack::unstage(cascade))
+}
+
+/// What the host schedule knows of the tier that runs it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HostTier {
+    /// The floats in one of its vectors: 4 for Cranelift's 128-bit code, 8 or 16 for LLVM's.
+    pub lanes: usize,
+}
+
+/// Schedules `cascade` for a host tier: streamed over tiles of keys where it is one pass without
+/// a recurrence (`stream`), then with packed panels and staged tiles (`pack`).
+pub fn schedule_host(cascade: &Cascade, tier: HostTier) -> Result<LoopProgram, ScheduleError> {
+    pack::pack(schedule_streamed(cascade)?, tier)
 }
 
 /// Schedules `cascade` streamed over tiles of keys where it is one pass without a recurrence

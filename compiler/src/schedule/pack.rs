@@ -10,34 +10,55 @@
 //! it in lanes, as register blocks (rows of keys by vectors of queries). The layer decides this
 //! once for both CPU tiers; the thread kernels stage their tiles instead and are never packed.
 //!
+//! The host's own staged tiles (`Staging::Tile`) serve the other operand of such a block: the keys
+//! `K[h, e, m]` of einfuse's own layout, broadcast across the lanes and read along `e` a whole
+//! rank `M` apart, are copied at each step of the streamed loop into `staged_K[h, e, m1, m0]`,
+//! whose rows lie a tile apart (for tiers of `TILE_LANES` lanes or more).
+//!
 //! The pass works on the cascade and the program is scheduled again, so that a panel is an
 //! ordinary Einsum (printed in `einfuse emit --stage loops`, run by every back end) and every
 //! later plan (full steps, batch ranks) sees it.
 //!
-//! Needs: a scheduled program. Guarantees: the cascade computes the same values (a panel is an
-//! element-wise copy of an input, and only the reads named in the plan are redirected to it,
-//! with their subscripts permuted as its positions are); an input is packed only where the
+//! Needs: a scheduled program. Guarantees: the cascade computes the same values (a panel or a
+//! tile is an element-wise copy of an input, and only the reads named in the plan are redirected
+//! to it, with their subscripts permuted or unfolded as its positions are); a tile is staged only
+//! for a read of one step of the streamed loop whose other subscripts are plain indices; an input is packed only where the
 //! contraction's target is contiguous along the lanes, the read names the lane index bare (or as
 //! the inner index of a split pair) at one position, the read is reused across an index it does
 //! not mention (so that the copy is a small part of the work), and the kernel keeps every batch
 //! rank it had.
 
 use crate::ir::*;
-use crate::schedule::lanes::{blockable_reduction, one_point_after, vectorizable};
-use crate::schedule::layout::{is_batch_rank, split_point};
-use crate::schedule::{schedule, LoopProgram, Node, ScheduleError, Slot};
+use crate::schedule::lanes::{blockable_reduction, one_point_after, strided_after, vectorizable};
+use crate::schedule::layout::{is_batch_rank, is_staged_tile, split_point};
+use crate::schedule::{schedule, HostTier, LoopProgram, Node, ScheduleError, Slot};
 
-/// One panel: `tensor`'s position `position` moved last, read by the Einsums `readers`.
+/// One copy of an input, read by the Einsums `readers` in place of `tensor`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Pack {
     pub tensor: TensorId,
     pub position: usize,
     pub readers: Vec<EinsumId>,
+    pub staging: Staging,
 }
 
-/// `program` with the panels `plan` finds, scheduled again; `program` itself when there are none.
-pub fn pack(program: LoopProgram) -> Result<LoopProgram, ScheduleError> {
-    let packs = plan(&program);
+/// When a copy is made and what it reorders.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Staging {
+    /// Once per call, before the loops: `position` moved last (`packed_Q[h, e, p] = Q[h, p, e]`).
+    Panel,
+    /// At each step of the streamed loop: the step's tile of the split subscript at `position`,
+    /// in a contiguous buffer with the positions' order kept (`staged_K[h, e, m1, m0] = K[h, e,
+    /// m1 * M0 + m0]`). The register block reads the tile's rows a tile apart instead of a whole
+    /// rank apart: where that rank is a large power of two, every row fell in one set of the
+    /// first-level cache and the block re-read its rows from the second.
+    Tile,
+}
+
+/// `program` with the copies `plan` finds for `tier`, scheduled again; `program` itself when
+/// there are none.
+pub fn pack(program: LoopProgram, tier: HostTier) -> Result<LoopProgram, ScheduleError> {
+    let packs = plan(&program, tier);
     if packs.is_empty() {
         return Ok(program);
     }
@@ -53,7 +74,7 @@ pub fn pack(program: LoopProgram) -> Result<LoopProgram, ScheduleError> {
 }
 
 /// The panels worth making for `program`'s streamed contractions.
-pub fn plan(program: &LoopProgram) -> Vec<Pack> {
+pub fn plan(program: &LoopProgram, tier: HostTier) -> Vec<Pack> {
     let c = &program.cascade;
     let mut packs: Vec<Pack> = Vec::new();
     for node in &program.body {
@@ -65,20 +86,24 @@ pub fn plan(program: &LoopProgram) -> Vec<Pack> {
                 continue;
             }
             let Some(v) = lane_index(c, einsum, *streamed) else { continue };
-            if vectorizable(program, einsum, v) {
-                continue;
+            let mut wanted = Vec::new();
+            if !vectorizable(program, einsum, v) {
+                let Some(k) = einsum.lhs.iter().position(|l| *l == Lhs::Index(v)) else { continue };
+                if program.buffers[einsum.target.index()].slots[k] != Slot::Full
+                    || !one_point_after(program, einsum.target, k)
+                {
+                    continue;
+                }
+                let Some(panels) = panels_for(program, einsum, v) else { continue };
+                wanted.extend(panels.into_iter().map(|(t, q)| (t, q, Staging::Panel)));
             }
-            let Some(k) = einsum.lhs.iter().position(|l| *l == Lhs::Index(v)) else { continue };
-            if program.buffers[einsum.target.index()].slots[k] != Slot::Full
-                || !one_point_after(program, einsum.target, k)
-            {
-                continue;
+            if tier.lanes >= TILE_LANES {
+                wanted.extend(strided_tiles(c, einsum, v, *streamed).into_iter().map(|(t, q)| (t, q, Staging::Tile)));
             }
-            let Some(wanted) = panels_for(program, einsum, v) else { continue };
-            for (tensor, position) in wanted {
-                match packs.iter_mut().find(|p| p.tensor == tensor && p.position == position) {
+            for (tensor, position, staging) in wanted {
+                match packs.iter_mut().find(|p| p.tensor == tensor && p.position == position && p.staging == staging) {
                     Some(pack) => pack.readers.push(*id),
-                    None => packs.push(Pack { tensor, position, readers: vec![*id] }),
+                    None => packs.push(Pack { tensor, position, readers: vec![*id], staging }),
                 }
             }
         }
@@ -146,37 +171,183 @@ fn panels_for(program: &LoopProgram, einsum: &Einsum, v: Index) -> Option<Vec<(T
     (ok && !wanted.is_empty()).then_some(wanted)
 }
 
-/// `cascade` with the panels of `packs`: a tensor and an element-wise Einsum each (before every
+/// `cascade` with every staged tile (`layout::is_staged_tile`: an element-wise copy of one step
+/// of an input, such as FuseMax's `BK[e, m1, m0] = K[e, m1 * M0 + m0]`, whether a person wrote it
+/// or `apply` did) read in place: its readers read the input at the copy's subscripts, and the
+/// copy and its tensor are gone. For the thread kernels, which stage the tiles of inputs in
+/// shared memory themselves (`llvm::staging`) and would otherwise copy a tile per thread. A copy
+/// that is an output, or whose tensor something else defines, stays.
+pub fn unstage(cascade: &Cascade) -> Cascade {
+    let outputs: Vec<TensorId> = cascade.outputs.iter().map(|o| o.tensor).collect();
+    let defines = |t: TensorId| cascade.einsums.iter().filter(|e| e.target == t).count();
+    let copies: Vec<&Einsum> = cascade
+        .einsums
+        .iter()
+        .filter(|e| {
+            is_staged_tile(cascade, e)
+                && !outputs.contains(&e.target)
+                && defines(e.target) == 1
+                && cascade.tensor(e.target).kind == TensorKind::Defined { iterative: None }
+        })
+        .collect();
+    if copies.is_empty() {
+        return cascade.clone();
+    }
+    let mut c = cascade.clone();
+    for copy in &copies {
+        let Expr::Access { tensor: source, subscripts: at } = &copy.body else { continue };
+        let lhs: Vec<Index> = copy.lhs_indices().collect();
+        let read_in_place = &mut |e: &mut Expr| {
+            if let Expr::Access { tensor, subscripts } = e {
+                if *tensor == copy.target {
+                    let read = subscripts.clone();
+                    let to = |i: Index| lhs.iter().position(|l| *l == i).map(|q| read[q].clone());
+                    *subscripts = at.iter().map(|a| a.substitute(&to)).collect();
+                    *tensor = *source;
+                }
+            }
+        };
+        for einsum in &mut c.einsums {
+            einsum.body.walk_mut(read_in_place);
+            for cond in &mut einsum.filter {
+                cond.lhs.walk_mut(read_in_place);
+                cond.rhs.walk_mut(read_in_place);
+            }
+        }
+    }
+    // Drop the copies and their tensors; the other tensors keep their order.
+    let gone: Vec<TensorId> = copies.iter().map(|e| e.target).collect();
+    let mut renumber = vec![None; c.tensors.len()];
+    let mut kept = Vec::new();
+    for (k, tensor) in c.tensors.iter().enumerate() {
+        if !gone.contains(&TensorId::new(k)) {
+            renumber[k] = Some(TensorId::new(kept.len()));
+            kept.push(tensor.clone());
+        }
+    }
+    let new = |t: TensorId| renumber[t.index()].expect("a tensor that stays");
+    c.tensors = kept;
+    c.einsums.retain(|e| !gone.contains(&e.target));
+    let remap = &mut |e: &mut Expr| {
+        if let Expr::Access { tensor, .. } = e {
+            *tensor = new(*tensor);
+        }
+    };
+    for einsum in &mut c.einsums {
+        einsum.target = new(einsum.target);
+        einsum.body.walk_mut(remap);
+        for cond in &mut einsum.filter {
+            cond.lhs.walk_mut(remap);
+            cond.rhs.walk_mut(remap);
+        }
+    }
+    for output in &mut c.outputs {
+        output.tensor = new(output.tensor);
+    }
+    c
+}
+
+/// The narrowest vectors for which tiles are staged. A register block of 128-bit vectors takes
+/// twice as long per row of a tile as one of 256-bit vectors, so that the second-level cache
+/// keeps up with the rows it re-reads, and the copy costs more than it saves (measured on
+/// `benches/pytorch.ein`'s `prefill_hep` at P = M = 2048: Cranelift 297 ms without the tile and
+/// 307 ms with it; `cpu-llvm` 92 ms and 85 ms).
+pub const TILE_LANES: usize = 8;
+
+/// The reads of `einsum` worth a staged tile (`Staging::Tile`): reads of an input shared by the
+/// lanes along `v` (they do not mention it), whose one split subscript is the step of the
+/// streamed loop `streamed`, whose rows along a reduced index lie an extent known only at the
+/// call apart (`K[h, e, m1 * M0 + m0]` along `e`), and whose other subscripts are plain indices.
+fn strided_tiles(c: &Cascade, einsum: &Einsum, v: Index, streamed: Index) -> Vec<(TensorId, usize)> {
+    let Expr::Reduce { indices, .. } = &einsum.body else { return vec![] };
+    let mut wanted = Vec::new();
+    einsum.body.walk(&mut |e| {
+        let Expr::Access { tensor, subscripts } = e else { return };
+        if !matches!(c.tensor(*tensor).kind, TensorKind::Input { .. }) {
+            return;
+        }
+        let mut mentions_lanes = false;
+        for sub in subscripts {
+            sub.for_each_index(&mut |i| mentions_lanes |= i == v);
+        }
+        let step = |sub: &Affine| {
+            split_point(c, sub).is_some_and(|_| {
+                let mut tile = false;
+                sub.for_each_index(&mut |i| tile |= i == streamed);
+                tile
+            })
+        };
+        let steps: Vec<usize> = (0..subscripts.len()).filter(|q| step(&subscripts[*q])).collect();
+        let [q] = steps.as_slice() else { return };
+        let plain = subscripts.iter().enumerate().all(|(p, sub)| p == *q || sub.as_index().is_some());
+        let strided = subscripts
+            .iter()
+            .enumerate()
+            .any(|(p, sub)| sub.as_index().is_some_and(|i| indices.contains(&i)) && strided_after(c, *tensor, p));
+        if !mentions_lanes && plain && strided && !wanted.contains(&(*tensor, *q)) {
+            wanted.push((*tensor, *q));
+        }
+    });
+    wanted
+}
+
+/// `cascade` with the copies of `packs`: a tensor and an element-wise Einsum each (before every
 /// other Einsum), and the planned reads redirected to it.
 pub fn apply(cascade: &Cascade, packs: &[Pack]) -> Cascade {
     let mut c = cascade.clone();
-    let mut panels: Vec<(TensorId, &Pack, Vec<usize>)> = Vec::new();
+    let mut copies = Vec::new();
     for pack in packs {
         let source = cascade.tensor(pack.tensor);
-        let n = source.ranks.len();
-        // The new order of positions: every other one as it was, then the lane position.
-        let order: Vec<usize> = (0..n).filter(|q| *q != pack.position).chain([pack.position]).collect();
-        let mut name = format!("packed_{}", source.name);
+        let q = pack.position;
+        let plain = |r: RankId| Index { rank: r, primes: 0 };
+        // How the copy's positions stand for the source's, and how a read is rewritten.
+        let (ranks, reorder): (Vec<RankId>, Box<dyn Fn(&[Affine]) -> Vec<Affine>>) = match pack.staging {
+            Staging::Panel => {
+                let order: Vec<usize> = (0..source.ranks.len()).filter(|p| *p != q).chain([q]).collect();
+                let ranks = order.iter().map(|p| source.ranks[*p]).collect();
+                (ranks, Box::new(move |subs: &[Affine]| order.iter().map(|p| subs[*p].clone()).collect()))
+            }
+            Staging::Tile => {
+                let (tile, inner, _) = *cascade
+                    .split_pairs()
+                    .iter()
+                    .find(|(_, _, whole)| *whole == source.ranks[q])
+                    .expect("a staged tile reads a split pair's whole rank");
+                let mut ranks = source.ranks.clone();
+                ranks.splice(q..=q, [tile, inner]);
+                let unfold = move |subs: &[Affine]| {
+                    let mut out = subs.to_vec();
+                    let mut point = plain(inner);
+                    subs[q].for_each_index(&mut |i| {
+                        if i.rank == inner {
+                            point = i;
+                        }
+                    });
+                    let step = Index { rank: tile, primes: point.primes };
+                    out.splice(q..=q, [Affine::Index(step), Affine::Index(point)]);
+                    out
+                };
+                (ranks, Box::new(unfold))
+            }
+        };
+        let prefix = match pack.staging {
+            Staging::Panel => "packed",
+            Staging::Tile => "staged",
+        };
+        let mut name = format!("{prefix}_{}", source.name);
         while c.tensor_by_name(&name).is_some() {
             name.push('_');
         }
         let id = TensorId::new(c.tensors.len());
-        c.tensors.push(Tensor {
-            name,
-            ranks: order.iter().map(|q| source.ranks[*q]).collect(),
-            kind: TensorKind::Defined { iterative: None },
-        });
-        panels.push((id, pack, order));
-    }
-    // Redirect the planned reads (by the ids of `cascade`, before any Einsum is inserted).
-    for (panel, pack, order) in &panels {
+        c.tensors.push(Tensor { name, ranks: ranks.clone(), kind: TensorKind::Defined { iterative: None } });
+        // Redirect the planned reads (by the ids of `cascade`, before any Einsum is inserted).
         for reader in &pack.readers {
             let einsum = &mut c.einsums[reader.index()];
             let redirect = &mut |e: &mut Expr| {
                 if let Expr::Access { tensor, subscripts } = e {
                     if *tensor == pack.tensor {
-                        *tensor = *panel;
-                        *subscripts = order.iter().map(|q| subscripts[*q].clone()).collect();
+                        *tensor = id;
+                        *subscripts = reorder(subscripts);
                     }
                 }
             };
@@ -186,19 +357,23 @@ pub fn apply(cascade: &Cascade, packs: &[Pack]) -> Cascade {
                 cond.rhs.walk_mut(redirect);
             }
         }
+        // The copy reads the source at plain indices, its split subscript as the tile's step and point.
+        let mut subscripts: Vec<Affine> = source.ranks.iter().map(|r| Affine::Index(plain(*r))).collect();
+        if pack.staging == Staging::Tile {
+            let (tile, inner) = (ranks[q], ranks[q + 1]);
+            subscripts[q] = Affine::Add(
+                Box::new(Affine::Mul(Box::new(Affine::Index(plain(tile))), Box::new(Affine::Extent(inner)))),
+                Box::new(Affine::Index(plain(inner))),
+            );
+        }
+        let lhs = match pack.staging {
+            Staging::Panel => reorder(&subscripts).iter().map(|a| Lhs::Index(a.as_index().expect("plain"))).collect(),
+            Staging::Tile => ranks.iter().map(|r| Lhs::Index(plain(*r))).collect(),
+        };
+        copies.push(Einsum { target: id, lhs, body: Expr::Access { tensor: pack.tensor, subscripts }, filter: vec![] });
     }
     // The copies first, in the order of `packs`: they read only inputs.
-    let copies = panels.iter().map(|(panel, pack, order)| {
-        let source = cascade.tensor(pack.tensor);
-        let plain: Vec<Index> = source.ranks.iter().map(|r| Index { rank: *r, primes: 0 }).collect();
-        Einsum {
-            target: *panel,
-            lhs: order.iter().map(|q| Lhs::Index(plain[*q])).collect(),
-            body: Expr::Access { tensor: pack.tensor, subscripts: plain.iter().map(|i| Affine::Index(*i)).collect() },
-            filter: vec![],
-        }
-    });
-    c.einsums.splice(0..0, copies.collect::<Vec<_>>());
+    c.einsums.splice(0..0, copies);
     c
 }
 
