@@ -64,15 +64,21 @@ fn broken_programs_are_rejected() {
 
 /// Tiles staged by hand (FuseMax's `BK[e, m1, m0] = K[e, m1 * M0 + m0]`) keep the queries a batch
 /// rank, so that the host tiers run the kernel a chunk of queries at a time and the thread kernels
-/// a thread per query; the thread kernels read the inputs in place instead (they stage tiles in
-/// shared memory themselves), the host tiers keep the copies.
+/// a thread per query. Every schedule reads the inputs in place and stages what the layer
+/// chooses instead: the thread kernels stage tiles in shared memory, a host tier of 8 lanes
+/// stages the keys (read along `e` a whole rank apart) and not the values, one of 4 lanes neither.
 #[test]
 fn hand_staged_tiles_keep_the_batch_rank() {
     let kernel = common::kernels_in("examples").into_iter().find(|k| k.name == "attention_1pass").unwrap();
     let p = (0..kernel.ranks.len()).map(RankId::new).find(|r| kernel.rank(*r).name == "P").unwrap();
     assert!(is_batch_rank(&kernel, p));
-    let host = print_program(&schedule_host(&kernel, HostTier { lanes: 4 }).unwrap());
-    assert!(host.contains("BK[e, m1, m0] = K[e, m1 * M0 + m0]"), "{host}");
+    let narrow = schedule_host(&kernel, HostTier { lanes: 4 }).unwrap();
+    let text = print_program(&narrow);
+    assert!(!text.contains("BK") && !text.contains("BV") && !text.contains("staged"), "{text}");
+    assert!(is_batch_rank(&narrow.cascade, p));
+    let wide = print_program(&schedule_host(&kernel, HostTier { lanes: 8 }).unwrap());
+    assert!(wide.contains("staged_K[e, m1, m0] = K[e, m1 * M0 + m0]"), "{wide}");
+    assert!(wide.contains("V[f, m1 * M0 + m0]") && !wide.contains("staged_V"), "{wide}");
     let threads = schedule_threads(&kernel).unwrap();
     verify(&threads).unwrap();
     assert!(is_batch_rank(&threads.cascade, p));

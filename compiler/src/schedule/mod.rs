@@ -141,10 +141,11 @@ pub struct HostTier {
     pub lanes: usize,
 }
 
-/// Schedules `cascade` for a host tier: streamed over tiles of keys where it is one pass without
-/// a recurrence (`stream`), then with packed panels and staged tiles (`pack`).
+/// Schedules `cascade` for a host tier: tiles staged as written read in place (`pack::unstage`),
+/// streamed over tiles of keys where it is one pass without a recurrence (`stream`), then with
+/// the packed panels and staged tiles the layer chooses for the tier (`pack`).
 pub fn schedule_host(cascade: &Cascade, tier: HostTier) -> Result<LoopProgram, ScheduleError> {
-    pack::pack(schedule_streamed(cascade)?, tier)
+    pack::pack(schedule_streamed(&pack::unstage(cascade))?, tier)
 }
 
 /// Schedules `cascade` streamed over tiles of keys where it is one pass without a recurrence
