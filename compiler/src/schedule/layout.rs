@@ -70,16 +70,33 @@ pub fn is_batch_rank(cascade: &Cascade, id: RankId) -> bool {
 }
 
 /// Whether `einsum` stages one step of an input for a streamed loop (see `pack::Staging::Tile`):
-/// an element-wise copy of an input, without a filter, whose target holds a split pair's tile
-/// and inner ranks. A call on a chunk of a batch rank that the copy does not mention computes it
-/// alike, as every call streams every step, so such a copy does not keep a rank from batching.
+/// an element-wise copy of an input, filtered by nothing but its split pairs' validity, whose
+/// target holds a split pair's tile and inner ranks. A call on a chunk of a batch rank that the
+/// copy does not mention computes it alike, as every call streams every step, so such a copy
+/// does not keep a rank from batching.
 pub fn is_staged_tile(cascade: &Cascade, einsum: &Einsum) -> bool {
     let Expr::Access { tensor, .. } = &einsum.body else { return false };
     let ranks: Vec<RankId> = einsum.lhs_indices().map(|i| i.rank).collect();
     matches!(cascade.tensor(*tensor).kind, TensorKind::Input { .. })
-        && einsum.filter.is_empty()
+        && einsum.filter.iter().all(|c| is_split_validity(cascade, c))
         && einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
         && cascade.split_pairs().iter().any(|(t, i, _)| ranks.contains(t) && ranks.contains(i))
+}
+
+/// Whether `cond` says only that a split pair's point lies inside its whole rank (`m1 * M0 + m0
+/// < M`, as the optimizer writes it): what every back end already takes a point outside to mean
+/// (its reads there are undefined), so that a read in place needs no filter.
+pub fn is_split_validity(cascade: &Cascade, cond: &Cond) -> bool {
+    let Expr::Binary(BinaryOp::Add, step, point) = &cond.lhs else { return false };
+    let Expr::Binary(BinaryOp::Mul, tile, size) = &**step else { return false };
+    let (Expr::Index(t), Expr::Extent(e), Expr::Index(i), Expr::Extent(w)) = (&**tile, &**size, &**point, &cond.rhs)
+    else {
+        return false;
+    };
+    cond.op == CmpOp::Lt
+        && t.primes == i.primes
+        && *e == i.rank
+        && cascade.split_pairs().contains(&(t.rank, i.rank, *w))
 }
 
 /// Whether `einsum` names an index of `rank` anywhere, or its extent.

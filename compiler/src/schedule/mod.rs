@@ -9,7 +9,8 @@
 //!
 //! This folder is the scheduling layer: what more than one emitter needs to know about a
 //! program is decided here once (`layout`, `lanes`, `full_steps`), the host tiers' packed panels
-//! are made here (`pack`), divisions by constants become multiplications (`reciprocal`), the walks both host emitters share are written here once over their
+//! are made here (`pack`), divisions by constants become multiplications (`reciprocal`), filters that restate a split
+//! pair's validity are dropped (`validity`), the walks both host emitters share are written here once over their
 //! loop primitives (`walk`), and every program is checked by `verify` before an emitter sees it.
 
 pub mod full_steps;
@@ -19,6 +20,7 @@ pub mod pack;
 pub mod reciprocal;
 pub mod stream;
 pub mod tensor_cores;
+pub mod validity;
 pub mod verify;
 pub mod walk;
 
@@ -88,7 +90,7 @@ pub enum ScheduleError {
 
 /// Schedules a cascade.
 pub fn schedule(cascade: &Cascade) -> Result<LoopProgram, ScheduleError> {
-    let cascade = &reciprocal::constant_divisions(cascade);
+    let cascade = &validity::drop_split_validity(&reciprocal::constant_divisions(cascade));
     let masked = may_be_undefined(cascade);
     let buffers = cascade
         .tensors
