@@ -158,15 +158,21 @@ pub fn optimize_for_target(
 ) -> Result<compiler::optimize::Optimized, Error> {
     match tile {
         None if matches!(target, Target::Gpu | Target::GpuEmulated) => optimize_for_gpu(cascade),
-        None if matches!(target, Target::Cpu | Target::CpuLlvm) => optimize_for_host(cascade),
+        None if matches!(target, Target::Cpu | Target::CpuLlvm) => {
+            optimize_for_host(cascade, pipeline::host_tier(target))
+        }
         tile => optimize_tiled(cascade, tile.unwrap_or(64)),
     }
 }
 
-/// Optimizes a kernel for a host tier: key tiles of 64, or the longer tile the scheduling layer
-/// asks for where a step's runs of keys are too short to stream (`layout::longer_host_tile`).
-pub fn optimize_for_host(cascade: &Cascade) -> Result<compiler::optimize::Optimized, Error> {
-    let optimized = optimize_tiled(cascade, 64)?;
+/// Optimizes a kernel for a host tier: key tiles of the tier's size (`layout::host_tile`), or the
+/// longer tile the scheduling layer asks for where a step's runs of keys are too short to stream
+/// (`layout::longer_host_tile`).
+pub fn optimize_for_host(
+    cascade: &Cascade,
+    tier: compiler::schedule::HostTier,
+) -> Result<compiler::optimize::Optimized, Error> {
+    let optimized = optimize_tiled(cascade, compiler::schedule::layout::host_tile(tier))?;
     let program = compiler::schedule::schedule(&optimized.cascade)?;
     match compiler::schedule::layout::longer_host_tile(&program) {
         Some(tile) => optimize_tiled(cascade, tile),

@@ -2,7 +2,7 @@
 //! facts about a schedule that every back end and the runner read, decided here once.
 
 use crate::ir::*;
-use crate::schedule::{LoopProgram, Slot};
+use crate::schedule::{HostTier, LoopProgram, Slot};
 
 /// A rank along which the kernel splits into independent calls (see `is_batch_rank`): of the
 /// candidates, the one with the largest extent, if above 1.
@@ -219,6 +219,20 @@ pub fn read_repeatedly(cascade: &Cascade, tensor: TensorId) -> bool {
         let reads = einsum.reads().iter().any(|(t, _)| *t == tensor);
         reads && indices.iter().any(|i| !ranks.contains(&whole(i.rank)) && !ranks.contains(&i.rank))
     })
+}
+
+/// The key tile of a host tier's streamed loops: 64 keys for vectors of 8 lanes or more, 128 for
+/// Cranelift's 4, whose per-step work (rescaling the running output, storing and reading back a
+/// step's partial sums) costs more beside its slower contractions. Measured with `einfuse bench
+/// benches/pytorch.ein --bind P=2048 --bind M=2048 --target cpu --tile T`: 128 against 64 is 2-4%
+/// faster for prefill in each layout, GQA, sinks and decode, and the same for the causal,
+/// ALiBi, sigmoid and softplus kernels; `cpu-llvm` gains nothing from 128.
+pub fn host_tile(tier: HostTier) -> u64 {
+    if tier.lanes >= 8 {
+        64
+    } else {
+        128
+    }
 }
 
 /// The longer key tile a host kernel asks for, when the one it was scheduled with is too short
