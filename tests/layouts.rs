@@ -222,3 +222,40 @@ fn strided_shared_reads_are_staged_per_step() {
         }
     }
 }
+
+/// A tile staged by hand and read at a shifted subscript keeps its copy (the copy's last point is
+/// absent where the input's next point is not), and both host tiers agree with the interpreter;
+/// read at bare indices, the copy is read in place.
+#[test]
+fn hand_staged_tiles_read_off_their_edge_stay() {
+    let source = "
+kernel shifted {
+  rank E = 4, M, P
+  rank M0 = 4, M1 = M / M0
+  input K[E, M], Q[E, P]
+  BK[e, m1, m0] = K[e, m1 * M0 + m0]
+  S[m1, m0, p] = Q[e, p] * BK[e, m1, m0 + 1]
+  output S
+}
+kernel plain {
+  rank E = 4, M, P
+  rank M0 = 4, M1 = M / M0
+  input K[E, M], Q[E, P]
+  BK[e, m1, m0] = K[e, m1 * M0 + m0]
+  S[m1, m0, p] = Q[e, p] * BK[e, m1, m0]
+  output S
+}";
+    let program = einfuse::Program::from_source("staged.ein", source).unwrap();
+    for (name, stays) in [("shifted", true), ("plain", false)] {
+        let kernel = program.kernel(Some(name)).unwrap();
+        let unstaged = einfuse::compiler::schedule::pack::unstage(kernel);
+        assert_eq!(unstaged.tensor_by_name("BK").is_some(), stays, "{name}");
+        for (m, p) in [(7, 3), (8, 5), (13, 9)] {
+            let sizes: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
+            for target in [Target::Cpu, Target::CpuLlvm] {
+                let error = difference(kernel, target, &sizes, m);
+                assert!(error <= 1e-5, "{name}, M = {m}, P = {p} on {target:?}: relative error {error:.3e}");
+            }
+        }
+    }
+}

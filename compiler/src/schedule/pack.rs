@@ -22,11 +22,11 @@
 //! Needs: a scheduled program. Guarantees: the cascade computes the same values (a panel or a
 //! tile is an element-wise copy of an input, and only the reads named in the plan are redirected
 //! to it, with their subscripts permuted or unfolded as its positions are); a tile is staged only
-//! for a read of one step of the streamed loop whose other subscripts are plain indices; an input is packed only where the
-//! contraction's target is contiguous along the lanes, the read names the lane index bare (or as
-//! the inner index of a split pair) at one position, the read is reused across an index it does
-//! not mention (so that the copy is a small part of the work), and the kernel keeps every batch
-//! rank it had.
+//! for a read of one step of the streamed loop whose other subscripts are plain indices; an input
+//! is packed only where the contraction's target is contiguous along the lanes, the read names
+//! the lane index bare (or as the inner index of a split pair) at one position, the read is
+//! reused across an index it does not mention (so that the copy is a small part of the work), and
+//! the kernel keeps every batch rank it had.
 
 use crate::ir::*;
 use crate::schedule::lanes::{blockable_reduction, one_point_after, strided_after, vectorizable};
@@ -172,14 +172,32 @@ fn panels_for(program: &LoopProgram, einsum: &Einsum, v: Index) -> Option<Vec<(T
 }
 
 /// `cascade` with every staged tile (`layout::is_staged_tile`: an element-wise copy of one step
-/// of an input, such as FuseMax's `BK[e, m1, m0] = K[e, m1 * M0 + m0]`, whether a person wrote it
-/// or `apply` did) read in place: its readers read the input at the copy's subscripts, and the
-/// copy and its tensor are gone. For the thread kernels, which stage the tiles of inputs in
-/// shared memory themselves (`llvm::staging`) and would otherwise copy a tile per thread. A copy
-/// that is an output, or whose tensor something else defines, stays.
+/// of an input, such as FuseMax's `BK[e, m1, m0] = K[e, m1 * M0 + m0]`) read in place: its readers
+/// read the input at the copy's subscripts, and the copy and its tensor are gone. Every schedule
+/// starts from it, so that how a person staged a cascade does not decide how it runs: the thread
+/// kernels stage the tiles of inputs in shared memory themselves (`llvm::staging`; a copy would
+/// cost each thread a tile), the host tiers stage what `plan` chooses for the tier. A copy that is
+/// an output, whose tensor something else defines, or that some Einsum reads at a subscript other
+/// than a bare index (where the copy's edge would differ from the input's next point) stays.
 pub fn unstage(cascade: &Cascade) -> Cascade {
     let outputs: Vec<TensorId> = cascade.outputs.iter().map(|o| o.tensor).collect();
     let defines = |t: TensorId| cascade.einsums.iter().filter(|e| e.target == t).count();
+    let read_plainly = |t: TensorId| {
+        let mut plain = true;
+        let mut visit = |e: &Expr| {
+            if let Expr::Access { tensor, subscripts } = e {
+                plain &= *tensor != t || subscripts.iter().all(|s| s.as_index().is_some());
+            }
+        };
+        for einsum in &cascade.einsums {
+            einsum.body.walk(&mut visit);
+            for cond in &einsum.filter {
+                cond.lhs.walk(&mut visit);
+                cond.rhs.walk(&mut visit);
+            }
+        }
+        plain
+    };
     let copies: Vec<&Einsum> = cascade
         .einsums
         .iter()
@@ -188,6 +206,7 @@ pub fn unstage(cascade: &Cascade) -> Cascade {
                 && !outputs.contains(&e.target)
                 && defines(e.target) == 1
                 && cascade.tensor(e.target).kind == TensorKind::Defined { iterative: None }
+                && read_plainly(e.target)
         })
         .collect();
     if copies.is_empty() {
