@@ -158,10 +158,17 @@ pub fn build(written: &Cascade, options: &BuildOptions) -> Result<Built, Error> 
 pub fn schedule_kernel(written: &Cascade, options: &BuildOptions) -> Result<Scheduled, Error> {
     let mut timings = Timings::default();
     let mut cascade = with_params(written, &options.params)?;
-    let optimized = match options.optimize {
-        true => {
-            Some(timings.time(Stage::Optimize, || crate::optimize_for_target(&cascade, options.target, options.tile))?)
+    // A split-key chunk is a whole number of tiles: where a host tier's own tile does not divide
+    // the chunk asked for, tiles of 64 (every tier's before Cranelift took 128) where they do.
+    let tile = options.tile.or(match (options.split_keys, options.target) {
+        (Some(chunk), Target::Cpu | Target::CpuLlvm) => {
+            let own = crate::compiler::schedule::layout::host_tile(host_tier(options.target));
+            (chunk % own != 0 && chunk % 64 == 0).then_some(64)
         }
+        _ => None,
+    });
+    let optimized = match options.optimize {
+        true => Some(timings.time(Stage::Optimize, || crate::optimize_for_target(&cascade, options.target, tile))?),
         false => None,
     };
     if let Some(optimized) = &optimized {

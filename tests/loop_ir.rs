@@ -87,3 +87,29 @@ fn hand_staged_tiles_keep_the_batch_rank() {
     assert!(text.contains("sum[e](Q[e, p] * K[e, m1 * M0 + m0] * scale)"), "{text}");
     assert!(text.contains("sum[m0](SLN[m1, m0, p] * V[f, m1 * M0 + m0])"), "{text}");
 }
+
+/// A staged tile serves only the reads that step through its split pair: another read of the
+/// same input in the same Einsum (`K[e, 0]`) still reads the input.
+#[test]
+fn a_staged_tile_serves_only_reads_of_its_steps() {
+    use einfuse::compiler::ir::{EinsumId, TensorId};
+    use einfuse::compiler::schedule::pack::{apply, Pack, Staging};
+    let source = "
+kernel two_reads {
+  rank E = 4, M, P
+  rank M0 = 4, M1 = M / M0
+  input K[E, M], Q[E, P]
+  S[m1, m0, p] = Q[e, p] * (K[e, m1 * M0 + m0] - K[e, 0])
+  output S
+}";
+    let program = einfuse::Program::from_source("two.ein", source).unwrap();
+    let c = &program.kernels[0];
+    let rank = |name: &str| (0..c.ranks.len()).map(RankId::new).find(|r| c.rank(*r).name == name).unwrap();
+    let k = (0..c.tensors.len()).map(TensorId::new).find(|t| c.tensor(*t).name == "K").unwrap();
+    let reader = (0..c.einsums.len()).map(EinsumId::new).find(|e| c.einsums[e.index()].target != k).unwrap();
+    let staging = Staging::Tile { tile: rank("M1"), inner: rank("M0") };
+    let packed = apply(c, &[Pack { tensor: k, position: 1, readers: vec![reader], staging }]);
+    let text = einfuse::compiler::print::print_cascades(&[packed]);
+    assert!(text.contains("staged_K[e, m1, m0] = K[e, m1 * M0 + m0]"), "{text}");
+    assert!(text.contains("staged_K[e, m1, m0] - K[e, 0]"), "{text}");
+}

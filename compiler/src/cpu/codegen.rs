@@ -290,16 +290,17 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.valid_pairs_but(new, None)
     }
 
-    /// `valid_pairs`, leaving out the pair whose inner index is `known` (valid by the caller's
-    /// loop bound).
+    /// `valid_pairs`, leaving out the pair `valid_rows` bounds for `known`: the first whose inner
+    /// index is `known` (valid by the caller's loop bound).
     pub(super) fn valid_pairs_but(&mut self, new: &[Index], known: Option<Index>) -> Def {
         let mut ok: Def = None;
         let pairs = self.cascade().split_pairs();
+        let bounded = known.and_then(|k| pairs.iter().find(|(_, i, _)| *i == k.rank).map(|(t, _, _)| *t));
         let bound: Vec<Index> = self.env.iter().map(|(i, _)| *i).collect();
         for (tile, inner, whole) in pairs {
             for outer in bound.iter().filter(|i| i.rank == tile) {
                 let partner = Index { rank: inner, primes: outer.primes };
-                if !bound.contains(&partner) || Some(partner) == known {
+                if !bound.contains(&partner) || (Some(partner) == known && Some(tile) == bounded) {
                     continue;
                 }
                 if !new.is_empty() && !new.contains(outer) && !new.contains(&partner) {

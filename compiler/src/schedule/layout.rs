@@ -36,7 +36,7 @@ pub fn is_batch_rank(cascade: &Cascade, id: RankId) -> bool {
     let plain = Index { rank: id, primes: 0 };
     let mut ok = cascade.outputs.iter().all(|o| cascade.tensor(o.tensor).ranks.contains(&id));
     for einsum in &cascade.einsums {
-        if is_staged_tile(cascade, einsum) && !mentions_rank(einsum, id) {
+        if is_staged_tile(cascade, einsum) && !mentions_rank(cascade, einsum, id) {
             continue;
         }
         ok &= einsum.lhs.contains(&Lhs::Index(plain));
@@ -75,12 +75,24 @@ pub fn is_batch_rank(cascade: &Cascade, id: RankId) -> bool {
 /// copy does not mention computes it alike, as every call streams every step, so such a copy
 /// does not keep a rank from batching.
 pub fn is_staged_tile(cascade: &Cascade, einsum: &Einsum) -> bool {
-    let Expr::Access { tensor, .. } = &einsum.body else { return false };
-    let ranks: Vec<RankId> = einsum.lhs_indices().map(|i| i.rank).collect();
+    let Expr::Access { tensor, subscripts } = &einsum.body else { return false };
+    let lhs: Vec<Index> = einsum.lhs_indices().collect();
+    // The copy reads the pair's whole rank at `t * T0 + i`, with both indices on its left, so
+    // that its points outside the whole rank are absent as the input's would be.
+    let steps = subscripts.iter().zip(&cascade.tensor(*tensor).ranks).any(|(sub, rank)| {
+        split_point(cascade, sub).is_some_and(|i| {
+            cascade.split_pairs().iter().any(|(t, inner, whole)| {
+                *inner == i.rank
+                    && whole == rank
+                    && lhs.contains(&i)
+                    && lhs.contains(&Index { rank: *t, primes: i.primes })
+            })
+        })
+    });
     matches!(cascade.tensor(*tensor).kind, TensorKind::Input { .. })
         && einsum.filter.iter().all(|c| is_split_validity(cascade, c))
         && einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
-        && cascade.split_pairs().iter().any(|(t, i, _)| ranks.contains(t) && ranks.contains(i))
+        && steps
 }
 
 /// Whether `cond` says only that a split pair's point lies inside its whole rank (`m1 * M0 + m0
@@ -99,11 +111,13 @@ pub fn is_split_validity(cascade: &Cascade, cond: &Cond) -> bool {
         && cascade.split_pairs().contains(&(t.rank, i.rank, *w))
 }
 
-/// Whether `einsum` names an index of `rank` anywhere, or its extent.
-fn mentions_rank(einsum: &Einsum, rank: RankId) -> bool {
+/// Whether `einsum` names an index of `rank` anywhere or its extent, or reads a tensor that has
+/// the rank (at whatever subscript: a call on a chunk of the rank sees only its chunk of it).
+fn mentions_rank(cascade: &Cascade, einsum: &Einsum, rank: RankId) -> bool {
     let mut found = einsum.lhs_indices().any(|i| i.rank == rank);
     einsum.body.walk(&mut |e| match e {
-        Expr::Access { subscripts, .. } => {
+        Expr::Access { tensor, subscripts } => {
+            found |= cascade.tensor(*tensor).ranks.contains(&rank);
             for sub in subscripts {
                 sub.for_each_index(&mut |i| found |= i.rank == rank);
             }

@@ -51,8 +51,9 @@ pub enum Staging {
     /// in a contiguous buffer with the positions' order kept (`staged_K[h, e, m1, m0] = K[h, e,
     /// m1 * M0 + m0]`). The register block reads the tile's rows a tile apart instead of a whole
     /// rank apart: where that rank is a large power of two, every row fell in one set of the
-    /// first-level cache and the block re-read its rows from the second.
-    Tile,
+    /// first-level cache and the block re-read its rows from the second. `tile` and `inner` are
+    /// the split pair the subscript steps through.
+    Tile { tile: RankId, inner: RankId },
 }
 
 /// `program` with the copies `plan` finds for `tier`, scheduled again; `program` itself when
@@ -98,7 +99,7 @@ pub fn plan(program: &LoopProgram, tier: HostTier) -> Vec<Pack> {
                 wanted.extend(panels.into_iter().map(|(t, q)| (t, q, Staging::Panel)));
             }
             if tier.lanes >= TILE_LANES {
-                wanted.extend(strided_tiles(c, einsum, v, *streamed).into_iter().map(|(t, q)| (t, q, Staging::Tile)));
+                wanted.extend(strided_tiles(c, einsum, v, *streamed));
             }
             for (tensor, position, staging) in wanted {
                 match packs.iter_mut().find(|p| p.tensor == tensor && p.position == position && p.staging == staging) {
@@ -277,7 +278,7 @@ pub const TILE_LANES: usize = 8;
 /// lanes along `v` (they do not mention it), whose one split subscript is the step of the
 /// streamed loop `streamed`, whose rows along a reduced index lie an extent known only at the
 /// call apart (`K[h, e, m1 * M0 + m0]` along `e`), and whose other subscripts are plain indices.
-fn strided_tiles(c: &Cascade, einsum: &Einsum, v: Index, streamed: Index) -> Vec<(TensorId, usize)> {
+fn strided_tiles(c: &Cascade, einsum: &Einsum, v: Index, streamed: Index) -> Vec<(TensorId, usize, Staging)> {
     let Expr::Reduce { indices, .. } = &einsum.body else { return vec![] };
     let mut wanted = Vec::new();
     einsum.body.walk(&mut |e| {
@@ -289,22 +290,24 @@ fn strided_tiles(c: &Cascade, einsum: &Einsum, v: Index, streamed: Index) -> Vec
         for sub in subscripts {
             sub.for_each_index(&mut |i| mentions_lanes |= i == v);
         }
-        let step = |sub: &Affine| {
-            split_point(c, sub).is_some_and(|_| {
-                let mut tile = false;
-                sub.for_each_index(&mut |i| tile |= i == streamed);
-                tile
-            })
+        // A subscript `t * T0 + i` whose tile index is the streamed one, at a position of the
+        // pair's whole rank: the split pair it steps through.
+        let step = |q: usize| {
+            let point = split_point(c, &subscripts[q])?;
+            let mut tile = false;
+            subscripts[q].for_each_index(&mut |i| tile |= i == streamed);
+            let pair = c.split_pairs().into_iter().find(|(t, i, _)| *t == streamed.rank && *i == point.rank)?;
+            (tile && pair.2 == c.tensor(*tensor).ranks[q]).then_some(Staging::Tile { tile: pair.0, inner: pair.1 })
         };
-        let steps: Vec<usize> = (0..subscripts.len()).filter(|q| step(&subscripts[*q])).collect();
-        let [q] = steps.as_slice() else { return };
+        let steps: Vec<(usize, Staging)> = (0..subscripts.len()).filter_map(|q| Some((q, step(q)?))).collect();
+        let [(q, staging)] = steps.as_slice() else { return };
         let plain = subscripts.iter().enumerate().all(|(p, sub)| p == *q || sub.as_index().is_some());
         let strided = subscripts
             .iter()
             .enumerate()
             .any(|(p, sub)| sub.as_index().is_some_and(|i| indices.contains(&i)) && strided_after(c, *tensor, p));
-        if !mentions_lanes && plain && strided && !wanted.contains(&(*tensor, *q)) {
-            wanted.push((*tensor, *q));
+        if !mentions_lanes && plain && strided && !wanted.contains(&(*tensor, *q, *staging)) {
+            wanted.push((*tensor, *q, *staging));
         }
     });
     wanted
@@ -320,38 +323,33 @@ pub fn apply(cascade: &Cascade, packs: &[Pack]) -> Cascade {
         let q = pack.position;
         let plain = |r: RankId| Index { rank: r, primes: 0 };
         // How the copy's positions stand for the source's, and how a read is rewritten.
-        let (ranks, reorder): (Vec<RankId>, Box<dyn Fn(&[Affine]) -> Vec<Affine>>) = match pack.staging {
+        // A read of the source rewritten to read the copy; `None` where it reads the source
+        // still (a tile serves only the reads that step through its pair).
+        type Reorder<'a> = Box<dyn Fn(&[Affine]) -> Option<Vec<Affine>> + 'a>;
+        let (ranks, reorder): (Vec<RankId>, Reorder) = match pack.staging {
             Staging::Panel => {
                 let order: Vec<usize> = (0..source.ranks.len()).filter(|p| *p != q).chain([q]).collect();
                 let ranks = order.iter().map(|p| source.ranks[*p]).collect();
-                (ranks, Box::new(move |subs: &[Affine]| order.iter().map(|p| subs[*p].clone()).collect()))
+                (ranks, Box::new(move |subs: &[Affine]| Some(order.iter().map(|p| subs[*p].clone()).collect())))
             }
-            Staging::Tile => {
-                let (tile, inner, _) = *cascade
-                    .split_pairs()
-                    .iter()
-                    .find(|(_, _, whole)| *whole == source.ranks[q])
-                    .expect("a staged tile reads a split pair's whole rank");
+            Staging::Tile { tile, inner } => {
                 let mut ranks = source.ranks.clone();
                 ranks.splice(q..=q, [tile, inner]);
                 let unfold = move |subs: &[Affine]| {
-                    let mut out = subs.to_vec();
-                    let mut point = plain(inner);
-                    subs[q].for_each_index(&mut |i| {
-                        if i.rank == inner {
-                            point = i;
-                        }
-                    });
+                    let point = split_point(cascade, &subs[q]).filter(|i| i.rank == inner)?;
                     let step = Index { rank: tile, primes: point.primes };
+                    let mut stepping = false;
+                    subs[q].for_each_index(&mut |i| stepping |= i == step);
+                    let mut out = subs.to_vec();
                     out.splice(q..=q, [Affine::Index(step), Affine::Index(point)]);
-                    out
+                    stepping.then_some(out)
                 };
                 (ranks, Box::new(unfold))
             }
         };
         let prefix = match pack.staging {
             Staging::Panel => "packed",
-            Staging::Tile => "staged",
+            Staging::Tile { .. } => "staged",
         };
         let mut name = format!("{prefix}_{}", source.name);
         while c.tensor_by_name(&name).is_some() {
@@ -365,8 +363,10 @@ pub fn apply(cascade: &Cascade, packs: &[Pack]) -> Cascade {
             let redirect = &mut |e: &mut Expr| {
                 if let Expr::Access { tensor, subscripts } = e {
                     if *tensor == pack.tensor {
-                        *tensor = id;
-                        *subscripts = reorder(subscripts);
+                        if let Some(moved) = reorder(subscripts) {
+                            *tensor = id;
+                            *subscripts = moved;
+                        }
                     }
                 }
             };
@@ -378,7 +378,7 @@ pub fn apply(cascade: &Cascade, packs: &[Pack]) -> Cascade {
         }
         // The copy reads the source at plain indices, its split subscript as the tile's step and point.
         let mut subscripts: Vec<Affine> = source.ranks.iter().map(|r| Affine::Index(plain(*r))).collect();
-        if pack.staging == Staging::Tile {
+        if matches!(pack.staging, Staging::Tile { .. }) {
             let (tile, inner) = (ranks[q], ranks[q + 1]);
             subscripts[q] = Affine::Add(
                 Box::new(Affine::Mul(Box::new(Affine::Index(plain(tile))), Box::new(Affine::Extent(inner)))),
@@ -386,8 +386,11 @@ pub fn apply(cascade: &Cascade, packs: &[Pack]) -> Cascade {
             );
         }
         let lhs = match pack.staging {
-            Staging::Panel => reorder(&subscripts).iter().map(|a| Lhs::Index(a.as_index().expect("plain"))).collect(),
-            Staging::Tile => ranks.iter().map(|r| Lhs::Index(plain(*r))).collect(),
+            Staging::Panel => {
+                let order = reorder(&subscripts).expect("a panel reorders every read");
+                order.iter().map(|a| Lhs::Index(a.as_index().expect("plain"))).collect()
+            }
+            Staging::Tile { .. } => ranks.iter().map(|r| Lhs::Index(plain(*r))).collect(),
         };
         copies.push(Einsum { target: id, lhs, body: Expr::Access { tensor: pack.tensor, subscripts }, filter: vec![] });
     }
