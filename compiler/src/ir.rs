@@ -160,6 +160,16 @@ impl Einsum {
         found
     }
 
+    /// Visits every expression of the Einsum, mutably: its value and both sides of each
+    /// statement filter (see `Expr::walk_mut`).
+    pub fn walk_exprs_mut(&mut self, visit: &mut impl FnMut(&mut Expr)) {
+        self.body.walk_mut(visit);
+        for cond in &mut self.filter {
+            cond.lhs.walk_mut(visit);
+            cond.rhs.walk_mut(visit);
+        }
+    }
+
     pub fn recurrence_index(&self) -> Option<Index> {
         self.lhs.iter().find_map(|lhs| match lhs {
             Lhs::Next(index) => Some(*index),

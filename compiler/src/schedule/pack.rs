@@ -184,20 +184,11 @@ pub fn unstage(cascade: &Cascade) -> Cascade {
     let outputs: Vec<TensorId> = cascade.outputs.iter().map(|o| o.tensor).collect();
     let defines = |t: TensorId| cascade.einsums.iter().filter(|e| e.target == t).count();
     let read_plainly = |t: TensorId| {
-        let mut plain = true;
-        let mut visit = |e: &Expr| {
-            if let Expr::Access { tensor, subscripts } = e {
-                plain &= *tensor != t || subscripts.iter().all(|s| s.as_index().is_some());
-            }
-        };
-        for einsum in &cascade.einsums {
-            einsum.body.walk(&mut visit);
-            for cond in &einsum.filter {
-                cond.lhs.walk(&mut visit);
-                cond.rhs.walk(&mut visit);
-            }
-        }
-        plain
+        cascade
+            .einsums
+            .iter()
+            .flat_map(|e| e.reads())
+            .all(|(tensor, subscripts)| tensor != t || subscripts.iter().all(|s| s.as_index().is_some()))
     };
     let copies: Vec<&Einsum> = cascade
         .einsums
@@ -228,11 +219,7 @@ pub fn unstage(cascade: &Cascade) -> Cascade {
             }
         };
         for einsum in &mut c.einsums {
-            einsum.body.walk_mut(read_in_place);
-            for cond in &mut einsum.filter {
-                cond.lhs.walk_mut(read_in_place);
-                cond.rhs.walk_mut(read_in_place);
-            }
+            einsum.walk_exprs_mut(read_in_place);
         }
     }
     // Drop the copies and their tensors; the other tensors keep their order.
@@ -255,11 +242,7 @@ pub fn unstage(cascade: &Cascade) -> Cascade {
     };
     for einsum in &mut c.einsums {
         einsum.target = new(einsum.target);
-        einsum.body.walk_mut(remap);
-        for cond in &mut einsum.filter {
-            cond.lhs.walk_mut(remap);
-            cond.rhs.walk_mut(remap);
-        }
+        einsum.walk_exprs_mut(remap);
     }
     for output in &mut c.outputs {
         output.tensor = new(output.tensor);
@@ -370,11 +353,7 @@ pub fn apply(cascade: &Cascade, packs: &[Pack]) -> Cascade {
                     }
                 }
             };
-            einsum.body.walk_mut(redirect);
-            for cond in &mut einsum.filter {
-                cond.lhs.walk_mut(redirect);
-                cond.rhs.walk_mut(redirect);
-            }
+            einsum.walk_exprs_mut(redirect);
         }
         // The copy reads the source at plain indices, its split subscript as the tile's step and point.
         let mut subscripts: Vec<Affine> = source.ranks.iter().map(|r| Affine::Index(plain(*r))).collect();
