@@ -11,6 +11,7 @@ mod common;
 use einfuse::compiler::interp::{interpret, InterpLimits};
 use einfuse::compiler::ir::{Cascade, Expr, Extent};
 use einfuse::compiler::shapes::bind_extents;
+use einfuse::compiler::schedule::print_program;
 use einfuse::{BuildOptions, Target, Tensor};
 
 /// A small deterministic generator (xorshift), so that the layouts are the same on every run.
@@ -251,6 +252,87 @@ kernel plain {
         let unstaged = einfuse::compiler::schedule::pack::unstage(kernel);
         assert_eq!(unstaged.tensor_by_name("BK").is_some(), stays, "{name}");
         for (m, p) in [(7, 3), (8, 5), (13, 9)] {
+            let sizes: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
+            for target in [Target::Cpu, Target::CpuLlvm] {
+                let error = difference(kernel, target, &sizes, m);
+                assert!(error <= 1e-5, "{name}, M = {m}, P = {p} on {target:?}: relative error {error:.3e}");
+            }
+        }
+    }
+}
+
+/// A sum that one Einsum adds to something at the same point is computed by that Einsum
+/// (`schedule::accumulate`): FlashAttention's partial products `SLNV` and `SLD` disappear into the
+/// running output and denominator, which their register blocks update as they store them. Sums
+/// read twice, read in another order, or filtered stay. Written by hand (`X[f, p] = sum[m](...) +
+/// C[f, p]`, with `C` undefined at some points), the same form runs on both tiers as the
+/// interpreter says, on ragged sizes, in blocks and in the points left over.
+#[test]
+fn sums_fold_into_the_running_outputs_they_update() {
+    let program = einfuse::Program::from_file(&common::root().join("examples/attention.ein")).unwrap();
+    let kernel = program.kernel(Some("attention_deferred")).unwrap();
+    let options = BuildOptions { tile: Some(16), ..BuildOptions::new(Target::Cpu) };
+    let text = print_program(&einfuse::pipeline::schedule_kernel(kernel, &options).unwrap().loops[0]);
+    assert!(!text.contains("SLNV") && !text.contains("SLD"), "{text}");
+    assert!(
+        text.contains("RNV[f, m1 + 1, p] = sum[m0](SLN[m1, m0, p] * V[f, m1 * M0 + m0]) + RNV[f, m1, p] * PRM[m1, p]"),
+        "{text}"
+    );
+    let source = "
+kernel folded {
+  rank F = 5, M, P
+  input A[M, P], B[F, M], C[F, P]
+  S[f, p] = sum[m](A[m, p] * B[f, m])
+  D[f, p] = C[f, p] where C[f, p] > -0.5
+  X[f, p] = D[f, p] * 2 + S[f, p]
+  output X
+}
+kernel read_twice {
+  rank F = 5, M, P
+  input A[M, P], B[F, M], C[F, P]
+  S[f, p] = sum[m](A[m, p] * B[f, m])
+  X[f, p] = S[f, p] + C[f, p]
+  Y[f, p] = S[f, p] * 3
+  output X, Y
+}
+kernel transposed {
+  rank F = 5, M, P
+  input A[M, P], B[F, M], C[P, F]
+  S[f, p] = sum[m](A[m, p] * B[f, m])
+  X[p, f] = S[f, p] + C[p, f]
+  output X
+}
+kernel filtered {
+  rank F = 5, M, P
+  input A[M, P], B[F, M], C[F, P]
+  S[f, p] = sum[m](A[m, p] * B[f, m]) where p > 1
+  X[f, p] = S[f, p] + C[f, p]
+  output X
+}
+kernel written {
+  rank F = 5, M, P
+  input A[M, P], B[F, M], C[F, P]
+  D[f, p] = C[f, p] where C[f, p] > -0.5
+  X[f, p] = sum[m](A[m, p] * B[f, m]) + D[f, p]
+  output X
+}
+kernel written_in_lanes {
+  rank F = 5, M, P
+  input A[P, M], B[F, M], C[P, F]
+  X[p, f] = sum[m](A[p, m] * B[f, m]) + C[p, f]
+  output X
+}";
+    let program = einfuse::Program::from_source("folds.ein", source).unwrap();
+    for (name, folds) in [("folded", true), ("read_twice", false), ("transposed", false), ("filtered", false)] {
+        let kernel = program.kernel(Some(name)).unwrap();
+        let program = einfuse::compiler::schedule::schedule(kernel).unwrap();
+        let planned = einfuse::compiler::schedule::accumulate::plan(&program);
+        assert_eq!(!planned.is_empty(), folds, "{name}: {planned:?}");
+    }
+    for name in ["folded", "read_twice", "transposed", "filtered", "written", "written_in_lanes"] {
+        let kernel = program.kernel(Some(name)).unwrap();
+        // Each call takes a share of the queries `P`: enough of them for whole blocks per call.
+        for (m, p) in [(1, 3), (7, 9), (16, 16), (13, 33), (9, 64), (5, 130)] {
             let sizes: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
             for target in [Target::Cpu, Target::CpuLlvm] {
                 let error = difference(kernel, target, &sizes, m);

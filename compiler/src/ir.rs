@@ -512,6 +512,34 @@ impl Cascade {
         self.einsums.iter().enumerate().filter(move |(_, e)| e.target == tensor).map(|(i, e)| (EinsumId::new(i), e))
     }
 
+    /// Removes the tensors `gone` and the Einsums that define them; the other tensors keep their
+    /// order and every reference is renumbered. No Einsum that stays may read a removed tensor.
+    pub fn remove_tensors(&mut self, gone: &[TensorId]) {
+        let mut renumber = vec![None; self.tensors.len()];
+        let mut kept = Vec::new();
+        for (k, tensor) in self.tensors.iter().enumerate() {
+            if !gone.contains(&TensorId::new(k)) {
+                renumber[k] = Some(TensorId::new(kept.len()));
+                kept.push(tensor.clone());
+            }
+        }
+        let new = |t: TensorId| renumber[t.index()].expect("a tensor that stays");
+        self.tensors = kept;
+        self.einsums.retain(|e| !gone.contains(&e.target));
+        let remap = &mut |e: &mut Expr| {
+            if let Expr::Access { tensor, .. } = e {
+                *tensor = new(*tensor);
+            }
+        };
+        for einsum in &mut self.einsums {
+            einsum.target = new(einsum.target);
+            einsum.walk_exprs_mut(remap);
+        }
+        for output in &mut self.outputs {
+            output.tensor = new(output.tensor);
+        }
+    }
+
     /// The split pairs `(tile rank, within-tile rank, whole rank)` of the cascade.
     pub fn split_pairs(&self) -> Vec<(RankId, RankId, RankId)> {
         self.ranks

@@ -11,7 +11,7 @@ use cranelift_codegen::ir::{types, Endianness, InstBuilder, MemFlagsData, Value}
 use super::codegen::{Def, Gen};
 use crate::ir::*;
 use crate::math;
-use crate::schedule::lanes::invariant_factors;
+use crate::schedule::lanes::{invariant_factors, reduction, Reduction};
 
 pub const LANES: i64 = 4;
 
@@ -286,7 +286,9 @@ impl Gen<'_, '_> {
     /// skipped (an empty tile of a causal mask), the others computed whole and stored masked.
     pub fn compute_vector_rows(&mut self, einsum: &Einsum, block: Block) {
         let (rows, v) = (block.cells() as i64, block.v);
-        let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked") };
+        let Some(Reduction { op, indices, filter, body, epilogue }) = reduction(&einsum.body) else {
+            unreachable!("checked")
+        };
         let zero = self.b.ins().f32const(0.0);
         let zeros = self.splat(zero);
         let none = self.b.ins().iconst(types::I32, 0);
@@ -335,7 +337,7 @@ impl Gen<'_, '_> {
             self.b.ins().brif(any, compute, &[], empty, &[]);
             self.b.switch_to_block(compute);
         }
-        let identity = self.b.ins().f32const(reduce_identity(*op) as f32);
+        let identity = self.b.ins().f32const(reduce_identity(op) as f32);
         let identity = self.splat(identity);
         let accumulators: Vec<cranelift_frontend::Variable> = (0..rows)
             .map(|_| {
@@ -344,10 +346,11 @@ impl Gen<'_, '_> {
                 acc
             })
             .collect();
-        let factored = invariant_factors(&self.program.cascade, *op, body);
-        let body = factored.as_ref().map_or(&**body, |(b, _)| b);
-        self.vreduce_rows(*op, indices, indices, filter, body, &accumulators, block);
+        let factored = invariant_factors(&self.program.cascade, op, body);
+        let body = factored.as_ref().map_or(body, |(b, _)| b);
+        self.vreduce_rows(op, indices, indices, filter, body, &accumulators, block);
         let scale = factored.map(|(_, s)| s);
+        // `blockable_reduction` admits a term added after the reduction only without a filter.
         let values_only = early_mask && !einsum.filter.is_empty();
         self.each_cell(block, &mut |g, k| {
             let value = g.b.use_var(accumulators[k]);
@@ -356,7 +359,14 @@ impl Gen<'_, '_> {
                 let offset = g.target_offset(einsum);
                 g.store_values(buffer, offset, value, None);
             } else {
-                g.store_vector(einsum, value, passes[k]);
+                let (value, defined) = match epilogue {
+                    Some(term) => {
+                        let (y, dy) = g.vexpr(term, v);
+                        (g.b.ins().fadd(value, y), g.and_def(passes[k], dy))
+                    }
+                    None => (value, passes[k]),
+                };
+                g.store_vector(einsum, value, defined);
             }
         });
         self.b.ins().jump(join, &[]);
@@ -368,10 +378,12 @@ impl Gen<'_, '_> {
     /// the lanes folded together, then the last points of `r` one by one, in the order of the
     /// scalar path, so that a row gives the same bits in a block or alone.
     pub fn compute_lane_rows(&mut self, einsum: &Einsum, u: Index, rows: i64) {
-        let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked") };
+        let Some(Reduction { op, indices, filter, body, epilogue }) = reduction(&einsum.body) else {
+            unreachable!("checked")
+        };
         let r = indices[0];
-        let factored = invariant_factors(&self.program.cascade, *op, body);
-        let body = factored.as_ref().map_or(&**body, |(b, _)| b);
+        let factored = invariant_factors(&self.program.cascade, op, body);
+        let body = factored.as_ref().map_or(body, |(b, _)| b);
         let block = Block { u: Some(u), rows, v: r, columns: 1 };
         let bound = self.valid_pairs(&[]);
         let end = if bound.is_none() { self.planned_end(r, body, filter) } else { None };
@@ -379,7 +391,7 @@ impl Gen<'_, '_> {
             self.each_cell(block, &mut |g, _| g.compute_point(einsum));
             return;
         };
-        let identity = reduce_identity(*op) as f32;
+        let identity = reduce_identity(op) as f32;
         let lanes: Vec<cranelift_frontend::Variable> = (0..rows)
             .map(|_| {
                 let acc = self.b.declare_var(types::F32X4);
@@ -397,12 +409,12 @@ impl Gen<'_, '_> {
                 acc
             })
             .collect();
-        let done = self.planned_reduce(*op, r, (end, LANES), filter, body, &lanes, block);
+        let done = self.planned_reduce(op, r, (end, LANES), filter, body, &lanes, block);
         for (lane, total) in lanes.iter().zip(&totals) {
-            self.fold_across(*op, *lane, *total);
+            self.fold_across(op, *lane, *total);
         }
         self.for_loop_from(r, done, end, 1, &mut |g| {
-            g.each_cell(block, &mut |g, k| g.fold_scalar(*op, totals[k], filter, body));
+            g.each_cell(block, &mut |g, k| g.fold_scalar(op, totals[k], filter, body));
         });
         let scale = factored.map(|(_, s)| s);
         self.each_cell(block, &mut |g, k| {
@@ -411,7 +423,13 @@ impl Gen<'_, '_> {
                 let s = g.b.ins().f32const(scale);
                 value = g.b.ins().fmul(value, s);
             }
-            g.store_point(einsum, value, None);
+            let mut defined = None;
+            if let Some(term) = epilogue {
+                let (y, dy) = g.expr_scalar(term);
+                value = g.b.ins().fadd(value, y);
+                defined = dy;
+            }
+            g.store_point(einsum, value, defined);
         });
     }
 

@@ -28,6 +28,7 @@ use super::staging::StagedRead;
 use crate::ir::*;
 use crate::math;
 use crate::schedule::walk::Walker;
+use crate::schedule::lanes::{reduction, Reduction};
 use crate::schedule::{LoopProgram, Node, Slot};
 
 /// The instruction set the module is for; it decides how `exp` and friends are computed.
@@ -2385,18 +2386,15 @@ impl<'a> Lowering<'a> {
     /// accumulators in registers while the reduced indices run. Its body must hold no other
     /// reduction, read `v` only at positions of `v`'s rank, and `u` must not be in a split pair.
     fn blockable(&self, einsum: &Einsum, u: Option<Index>, v: Index) -> bool {
-        let plain = self.abi == Abi::Cpu
-            && einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
-            && matches!(einsum.body, Expr::Reduce { .. });
+        let plain = self.abi == Abi::Cpu && crate::schedule::lanes::blockable_reduction(einsum);
         if self.flavor != Flavor::Host || self.lanes < 2 || !plain || !self.lanes_along(einsum, v) {
             return false;
         }
         // A statement filter is evaluated in lanes when the block is stored; `lanes_along` has
         // checked how every read and write meets `v`.
-        let Expr::Reduce { body, filter, .. } = &einsum.body else { return false };
-        let mut ok = no_reduction(body)
-            && einsum.filter.iter().chain(filter).all(|c| no_reduction(&c.lhs) && no_reduction(&c.rhs));
+        let mut ok = true;
         if let Some(u) = u {
+            ok &= einsum.lhs.contains(&Lhs::Index(u));
             // `u` may be the inner index of a split pair whose tile index is bound: the blocks
             // then stop at the last valid row (see `compute_blocked`).
             let pairs = self.cascade().split_pairs();
@@ -2658,12 +2656,14 @@ impl<'a> Lowering<'a> {
     /// A block of `rows` rows along `u` by `columns` vectors side by side along `v`, every point
     /// valid: the accumulators in registers while the reduced indices run, then stored.
     fn vector_block(&mut self, einsum: &'a Einsum, u: Option<Index>, rows: usize, v: Index, columns: usize) {
-        let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked") };
+        let Some(Reduction { op, indices, filter, body, epilogue }) = reduction(&einsum.body) else {
+            unreachable!("checked")
+        };
         // Constant factors of a sum (`Q * K * scale`) multiply the accumulators once, at the end.
-        let factored = crate::schedule::lanes::invariant_factors(self.cascade(), *op, body);
+        let factored = crate::schedule::lanes::invariant_factors(self.cascade(), op, body);
         let (body, factor) = match &factored {
             Some((rest, k)) => (rest, Some(*k)),
-            None => (&**body, None),
+            None => (body, None),
         };
         let t = Ty(self.lanes);
         let (f, w) = (t.float(), self.lanes);
@@ -2675,16 +2675,28 @@ impl<'a> Lowering<'a> {
         self.emit(format!("br label %{after}"));
         self.start_block(&inside);
         let accumulators: Vec<String> = (0..rows * columns).map(|_| self.slot(&f)).collect();
-        let identity = t.constant(reduce_identity(*op) as f32);
+        let identity = t.constant(reduce_identity(op) as f32);
         for acc in &accumulators {
             self.emit(format!("store {f} {identity}, {f}* {acc}"));
         }
         if einsum.filter.is_empty() {
-            self.block_reduce(*op, indices, indices, filter, body, (u, rows, v, columns), &accumulators);
+            self.block_reduce(op, indices, indices, filter, body, (u, rows, v, columns), &accumulators);
             self.scale_accumulators(&accumulators, factor);
             self.each_vector(u, rows, v, columns, &mut |g, k| {
                 let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
-                g.store_row(einsum, &value, "1");
+                match epilogue {
+                    // The term added after the reduction (`blockable_reduction` admits one only
+                    // without a statement filter): its lanes' definedness is the points'.
+                    Some(term) => {
+                        let (y, defined) = g.vexpr(term, v);
+                        let value = g.ins(format!("fadd contract {f} {value}, {y}"));
+                        match defined {
+                            Some(holds) => g.store_masked_row(einsum, &value, &holds),
+                            None => g.store_row(einsum, &value, "1"),
+                        }
+                    }
+                    None => g.store_row(einsum, &value, "1"),
+                }
             });
         } else {
             // The statement filter decides which points exist: a block where no point does is
@@ -2713,7 +2725,7 @@ impl<'a> Lowering<'a> {
                 any = g.ins(format!("or i1 {any}, {some}"));
             });
             self.when(Some(any), &mut |g| {
-                g.block_reduce(*op, indices, indices, filter, body, (u, rows, v, columns), &accumulators)
+                g.block_reduce(op, indices, indices, filter, body, (u, rows, v, columns), &accumulators)
             });
             self.scale_accumulators(&accumulators, factor);
             self.each_vector(u, rows, v, columns, &mut |g, k| {
@@ -2726,20 +2738,28 @@ impl<'a> Lowering<'a> {
                 }
                 let holds = g.ins(format!("load {b}, {b}* {}", passes[k]));
                 let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
-                let value = g.ins(format!("select {b} {holds}, {f} {value}, {f} {}", t.constant(0.0)));
-                let (address, mask) = g.target_address(einsum);
-                let vector = g.ins(format!("bitcast float* {address} to {f}*"));
-                g.emit(format!("store {f} {value}, {f}* {vector}, align 4"));
-                if let Some(mask) = mask {
-                    let bytes = t.wrap("i8");
-                    let flags = g.ins(format!("zext {b} {holds} to {bytes}"));
-                    let vector = g.ins(format!("bitcast i8* {mask} to {bytes}*"));
-                    g.emit(format!("store {bytes} {flags}, {bytes}* {vector}, align 1"));
-                }
+                g.store_masked_row(einsum, &value, &holds);
             });
         }
         self.emit(format!("br label %{after}"));
         self.start_block(&after);
+    }
+
+    /// Stores a vector at the target's current point and the lanes after it: zero where `holds`
+    /// is false, and each lane's mask set to `holds`.
+    fn store_masked_row(&mut self, einsum: &Einsum, value: &str, holds: &str) {
+        let t = Ty(self.lanes);
+        let (f, b) = (t.float(), t.bool());
+        let value = self.ins(format!("select {b} {holds}, {f} {value}, {f} {}", t.constant(0.0)));
+        let (address, mask) = self.target_address(einsum);
+        let vector = self.ins(format!("bitcast float* {address} to {f}*"));
+        self.emit(format!("store {f} {value}, {f}* {vector}, align 4"));
+        if let Some(mask) = mask {
+            let bytes = t.wrap("i8");
+            let flags = self.ins(format!("zext {b} {holds} to {bytes}"));
+            let vector = self.ins(format!("bitcast i8* {mask} to {bytes}*"));
+            self.emit(format!("store {bytes} {flags}, {bytes}* {vector}, align 1"));
+        }
     }
 
     /// Multiplies each accumulator of a block by a sum's constant factor, if it has one.

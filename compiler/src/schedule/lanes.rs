@@ -10,19 +10,48 @@ use crate::ir::*;
 use crate::schedule::layout::split_point;
 use crate::schedule::{BufferRole, LoopProgram, Slot};
 
-/// Whether the body of `einsum` is one reduction with none inside, its left-hand side plain
-/// indices and any statement filter free of reductions: the shape a register block computes.
-pub fn blockable_reduction(einsum: &Einsum) -> bool {
-    let Expr::Reduce { filter, body, .. } = &einsum.body else { return false };
-    let nested = |e: &Expr| {
-        let mut found = false;
-        e.walk(&mut |x| found |= matches!(x, Expr::Reduce { .. }));
-        found
+/// A reduction as a register block computes it: `op` over `indices` of `body` where `filter`
+/// holds, then `epilogue`, if any, added to the result.
+#[derive(Clone, Copy, Debug)]
+pub struct Reduction<'e> {
+    pub op: ReduceOp,
+    pub indices: &'e [Index],
+    pub filter: &'e [Cond],
+    pub body: &'e Expr,
+    pub epilogue: Option<&'e Expr>,
+}
+
+/// The reduction of an Einsum's value: one reduction (`sum[m0](...)`), or one plus a term free of
+/// reductions (`sum[m0](...) + RNV[f, m1, p] * PRM[m1, p]`: a running output's update folded
+/// into the contraction that feeds it, see `accumulate`). The term is added after the reduction,
+/// as the interpreter and the scalar paths evaluate the sum.
+pub fn reduction(value: &Expr) -> Option<Reduction<'_>> {
+    let (reduce, epilogue) = match value {
+        Expr::Binary(BinaryOp::Add, reduce, term) if !nested(term) => (&**reduce, Some(&**term)),
+        other => (other, None),
     };
-    einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
+    let Expr::Reduce { op, indices, filter, body } = reduce else { return None };
+    Some(Reduction { op: *op, indices, filter, body, epilogue })
+}
+
+/// Whether `expr` holds a reduction.
+fn nested(expr: &Expr) -> bool {
+    let mut found = false;
+    expr.walk(&mut |x| found |= matches!(x, Expr::Reduce { .. }));
+    found
+}
+
+/// Whether the value of `einsum` is a reduction with none inside (see `reduction`), its
+/// left-hand side indices (a recurrence's next step among them) and any statement filter free of
+/// reductions: the shape a register block computes. A term added after the reduction comes
+/// without a statement filter, so that a block's points are defined where the term is.
+pub fn blockable_reduction(einsum: &Einsum) -> bool {
+    let Some(r) = reduction(&einsum.body) else { return false };
+    einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_) | Lhs::Next(_)))
         && einsum.filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
-        && !nested(body)
-        && filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
+        && !nested(r.body)
+        && r.filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
+        && (r.epilogue.is_none() || einsum.filter.is_empty())
 }
 
 /// Whether `einsum`, vectorizable along `v`, runs as register blocks of rows along `u`, the next
@@ -31,11 +60,15 @@ pub fn blockable_reduction(einsum: &Einsum) -> bool {
 /// must be in no split pair, or be the inner index of one (its block then stops at the last
 /// valid row).
 pub fn blockable_rows(program: &LoopProgram, einsum: &Einsum, u: Index, v: Index) -> bool {
-    let Expr::Reduce { indices, body, .. } = &einsum.body else { return false };
+    let Some(Reduction { indices, body, .. }) = reduction(&einsum.body) else { return false };
     let pairs = program.cascade.split_pairs();
     let pair_ok = pairs.iter().all(|(t, _, w)| u.rank != *t && u.rank != *w);
     // Rows pay when they share a vector: some read in lanes that does not mention `u`.
-    blockable_reduction(einsum) && pair_ok && shares_a_read(body, v, u) && !indices.contains(&u)
+    blockable_reduction(einsum)
+        && pair_ok
+        && shares_a_read(body, v, u)
+        && !indices.contains(&u)
+        && einsum.lhs.contains(&Lhs::Index(u))
 }
 
 /// Whether some read in `body` mentions `lanes` but not `rows`: one vector shared by the rows.
@@ -61,8 +94,8 @@ fn shares_a_read(body: &Expr, lanes: Index, rows: Index) -> bool {
 /// filter, every read of `r` contiguous, and one of them shared by the rows (decode's value
 /// contraction `sum[m0] SLN[m0] * V[f, m0]` along `f`).
 pub fn lane_rows(program: &LoopProgram, einsum: &Einsum, u: Index) -> bool {
-    let Expr::Reduce { indices, filter, body, .. } = &einsum.body else { return false };
-    let [r] = indices.as_slice() else { return false };
+    let Some(Reduction { indices, filter, body, .. }) = reduction(&einsum.body) else { return false };
+    let [r] = indices else { return false };
     let pairs = program.cascade.split_pairs();
     blockable_reduction(einsum)
         && einsum.filter.is_empty()
@@ -79,7 +112,7 @@ pub fn lane_rows(program: &LoopProgram, einsum: &Einsum, u: Index) -> bool {
 /// the hardware prefetched it; vectors side by side along `v` read whole lines at each step.
 /// Both CPU tiers ask this.
 pub fn streams_input(program: &LoopProgram, einsum: &Einsum, u: Option<Index>, v: Index) -> bool {
-    let Expr::Reduce { indices, body, .. } = &einsum.body else { return false };
+    let Some(Reduction { indices, body, .. }) = reduction(&einsum.body) else { return false };
     let c = &program.cascade;
     let (mut strided, mut shared) = (false, false);
     body.walk(&mut |e| {
@@ -171,13 +204,8 @@ pub fn reads_in_lanes<'e>(program: &LoopProgram, exprs: impl Iterator<Item = &'e
 /// lane, combined at the end): every read of `r` in its body and filter is contiguous (see
 /// `reads_in_lanes`), and nothing inside is another reduction.
 pub fn reducible_in_lanes(program: &LoopProgram, body: &Expr, filter: &[Cond], r: Index) -> bool {
-    let mut nested = false;
-    body.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
-    for c in filter {
-        c.lhs.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
-        c.rhs.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
-    }
-    !nested && reads_in_lanes(program, std::iter::once(body).chain(filter.iter().flat_map(|c| [&c.lhs, &c.rhs])), r)
+    let inside = nested(body) || filter.iter().any(|c| nested(&c.lhs) || nested(&c.rhs));
+    !inside && reads_in_lanes(program, std::iter::once(body).chain(filter.iter().flat_map(|c| [&c.lhs, &c.rhs])), r)
 }
 
 /// Splits a sum's body into the factors that depend on the loop and the finite constants that

@@ -264,7 +264,7 @@ pub fn longer_host_tile(program: &LoopProgram) -> Option<u64> {
     let c = &program.cascade;
     let pairs = c.split_pairs();
     let streamed_runs = |einsum: &Einsum| {
-        if !matches!(einsum.body, Expr::Reduce { .. }) {
+        if crate::schedule::lanes::reduction(&einsum.body).is_none() {
             return false;
         }
         einsum.reads().iter().any(|(t, subscripts)| {

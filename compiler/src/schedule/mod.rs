@@ -9,10 +9,11 @@
 //!
 //! This folder is the scheduling layer: what more than one emitter needs to know about a
 //! program is decided here once (`layout`, `lanes`, `full_steps`), the host tiers' packed panels
-//! are made here (`pack`), divisions by constants become multiplications (`reciprocal`), filters that restate a split
+//! are made here (`pack`), sums are folded into the running outputs they update (`accumulate`), divisions by constants become multiplications (`reciprocal`), filters that restate a split
 //! pair's validity are dropped (`validity`), the walks both host emitters share are written here once over their
 //! loop primitives (`walk`), and every program is checked by `verify` before an emitter sees it.
 
+pub mod accumulate;
 pub mod full_steps;
 pub mod lanes;
 pub mod layout;
@@ -146,10 +147,12 @@ pub struct HostTier {
 }
 
 /// Schedules `cascade` for a host tier: tiles staged as written read in place (`pack::unstage`),
-/// streamed over tiles of keys where it is one pass without a recurrence (`stream`), then with
-/// the packed panels and staged tiles the layer chooses for the tier (`pack`).
+/// streamed over tiles of keys where it is one pass without a recurrence (`stream`), sums folded
+/// into the running outputs they update (`accumulate`), then with the packed panels and staged
+/// tiles the layer chooses for the tier (`pack`).
 pub fn schedule_host(cascade: &Cascade, tier: HostTier) -> Result<LoopProgram, ScheduleError> {
-    pack::pack(schedule_streamed(&pack::unstage(cascade))?, tier)
+    let streamed = schedule_streamed(&pack::unstage(cascade))?;
+    pack::pack(accumulate::accumulate(streamed)?, tier)
 }
 
 /// Schedules `cascade` streamed over tiles of keys where it is one pass without a recurrence

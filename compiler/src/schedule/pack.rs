@@ -29,7 +29,7 @@
 //! the kernel keeps every batch rank it had.
 
 use crate::ir::*;
-use crate::schedule::lanes::{blockable_reduction, one_point_after, strided_after, vectorizable};
+use crate::schedule::lanes::{blockable_reduction, one_point_after, reduction, strided_after, vectorizable, Reduction};
 use crate::schedule::layout::{is_batch_rank, is_staged_tile, split_point};
 use crate::schedule::{schedule, HostTier, LoopProgram, Node, ScheduleError, Slot};
 
@@ -128,7 +128,7 @@ fn lane_index(c: &Cascade, einsum: &Einsum, streamed: Index) -> Option<Index> {
 /// a read cannot be packed so (a scratch tensor, `v` in a compound subscript, no reuse).
 fn panels_for(program: &LoopProgram, einsum: &Einsum, v: Index) -> Option<Vec<(TensorId, usize)>> {
     let c = &program.cascade;
-    let Expr::Reduce { indices, .. } = &einsum.body else { return None };
+    let Some(Reduction { indices, .. }) = reduction(&einsum.body) else { return None };
     let all: Vec<Index> = einsum.lhs_indices().chain(indices.iter().copied()).collect();
     let mut wanted = Vec::new();
     let mut ok = true;
@@ -224,29 +224,7 @@ pub fn unstage(cascade: &Cascade) -> Cascade {
     }
     // Drop the copies and their tensors; the other tensors keep their order.
     let gone: Vec<TensorId> = copies.iter().map(|e| e.target).collect();
-    let mut renumber = vec![None; c.tensors.len()];
-    let mut kept = Vec::new();
-    for (k, tensor) in c.tensors.iter().enumerate() {
-        if !gone.contains(&TensorId::new(k)) {
-            renumber[k] = Some(TensorId::new(kept.len()));
-            kept.push(tensor.clone());
-        }
-    }
-    let new = |t: TensorId| renumber[t.index()].expect("a tensor that stays");
-    c.tensors = kept;
-    c.einsums.retain(|e| !gone.contains(&e.target));
-    let remap = &mut |e: &mut Expr| {
-        if let Expr::Access { tensor, .. } = e {
-            *tensor = new(*tensor);
-        }
-    };
-    for einsum in &mut c.einsums {
-        einsum.target = new(einsum.target);
-        einsum.walk_exprs_mut(remap);
-    }
-    for output in &mut c.outputs {
-        output.tensor = new(output.tensor);
-    }
+    c.remove_tensors(&gone);
     c
 }
 
@@ -262,7 +240,7 @@ pub const TILE_LANES: usize = 8;
 /// streamed loop `streamed`, whose rows along a reduced index lie an extent known only at the
 /// call apart (`K[h, e, m1 * M0 + m0]` along `e`), and whose other subscripts are plain indices.
 fn strided_tiles(c: &Cascade, einsum: &Einsum, v: Index, streamed: Index) -> Vec<(TensorId, usize, Staging)> {
-    let Expr::Reduce { indices, .. } = &einsum.body else { return vec![] };
+    let Some(Reduction { indices, .. }) = reduction(&einsum.body) else { return vec![] };
     let mut wanted = Vec::new();
     einsum.body.walk(&mut |e| {
         let Expr::Access { tensor, subscripts } = e else { return };
