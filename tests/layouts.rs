@@ -10,8 +10,8 @@ mod common;
 
 use einfuse::compiler::interp::{interpret, InterpLimits};
 use einfuse::compiler::ir::{Cascade, Expr, Extent};
-use einfuse::compiler::shapes::bind_extents;
 use einfuse::compiler::schedule::print_program;
+use einfuse::compiler::shapes::bind_extents;
 use einfuse::{BuildOptions, Target, Tensor};
 
 /// A small deterministic generator (xorshift), so that the layouts are the same on every run.

@@ -380,6 +380,21 @@ impl Expr {
         }
     }
 
+    /// Whether `index` appears anywhere in this expression, as a value or in a subscript.
+    pub fn mentions(&self, index: Index) -> bool {
+        let mut found = false;
+        self.walk(&mut |e| match e {
+            Expr::Index(i) => found |= *i == index,
+            Expr::Access { subscripts, .. } => {
+                for sub in subscripts {
+                    sub.for_each_index(&mut |i| found |= i == index);
+                }
+            }
+            _ => {}
+        });
+        found
+    }
+
     /// The tensors this expression reads, with their subscripts, in order of appearance.
     pub fn accesses(&self) -> Vec<(TensorId, &[Affine])> {
         let mut found = Vec::new();

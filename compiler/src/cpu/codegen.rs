@@ -15,7 +15,7 @@ use cranelift_module::{Linkage, Module};
 
 use super::vector::Block;
 use crate::ir::*;
-use crate::schedule::walk::Walker;
+use crate::schedule::walk::{IntOp, Walker};
 use crate::schedule::{LoopProgram, Node, Slot};
 
 /// Definedness: `None` when a value is defined wherever it is computed, else an `i8` (or, in
@@ -228,48 +228,9 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.b.use_var(var)
     }
 
-    /// The coordinates of an access. A bare index at a position of its own rank is local to the
-    /// call (the buffer is offset along a batch rank); any other subscript is evaluated at
-    /// global coordinates, a batch rank's index plus the call's base.
+    /// The coordinates of an access (see `walk::coordinates`).
     pub(super) fn coordinates(&mut self, tensor: TensorId, subscripts: &[Affine]) -> Vec<Value> {
-        let ranks = self.cascade().tensor(tensor).ranks.clone();
-        subscripts
-            .iter()
-            .zip(ranks)
-            .map(|(s, rank)| match s {
-                Affine::Index(i) if i.rank == rank => self.index(*i),
-                _ => self.affine(s, true),
-            })
-            .collect()
-    }
-
-    /// A subscript's value; with `global`, a batch rank's index is offset by the call's base.
-    fn affine(&mut self, affine: &Affine, global: bool) -> Value {
-        match affine {
-            Affine::Const(c) => self.b.ins().iconst(types::I64, *c),
-            Affine::Index(i) if global && crate::schedule::layout::is_batch_rank(self.cascade(), i.rank) => {
-                let v = self.index(*i);
-                self.b.ins().iadd(v, self.array_bases[i.rank.index()])
-            }
-            Affine::Index(i) => self.index(*i),
-            Affine::Extent(r) => self.extents[r.index()],
-            Affine::Add(a, b) => {
-                let (a, b) = (self.affine(a, global), self.affine(b, global));
-                self.b.ins().iadd(a, b)
-            }
-            Affine::Sub(a, b) => {
-                let (a, b) = (self.affine(a, global), self.affine(b, global));
-                self.b.ins().isub(a, b)
-            }
-            Affine::Mul(a, b) => {
-                let (a, b) = (self.affine(a, global), self.affine(b, global));
-                self.b.ins().imul(a, b)
-            }
-            Affine::Neg(a) => {
-                let a = self.affine(a, global);
-                self.b.ins().ineg(a)
-            }
-        }
+        crate::schedule::walk::coordinates(self, tensor, subscripts)
     }
 
     pub(super) fn one(&mut self) -> Value {
@@ -293,29 +254,11 @@ impl<'a, 'f> Gen<'a, 'f> {
     /// `valid_pairs`, leaving out the pair `valid_rows` bounds for `known`: the first whose inner
     /// index is `known` (valid by the caller's loop bound).
     pub(super) fn valid_pairs_but(&mut self, new: &[Index], known: Option<Index>) -> Def {
-        let mut ok: Def = None;
         let pairs = self.cascade().split_pairs();
         let bounded = known.and_then(|k| pairs.iter().find(|(_, i, _)| *i == k.rank).map(|(t, _, _)| *t));
         let bound: Vec<Index> = self.env.iter().map(|(i, _)| *i).collect();
-        for (tile, inner, whole) in pairs {
-            for outer in bound.iter().filter(|i| i.rank == tile) {
-                let partner = Index { rank: inner, primes: outer.primes };
-                if !bound.contains(&partner) || (Some(partner) == known && Some(tile) == bounded) {
-                    continue;
-                }
-                if !new.is_empty() && !new.contains(outer) && !new.contains(&partner) {
-                    continue;
-                }
-                let t = self.index(*outer);
-                let m = self.index(partner);
-                let size = self.extents[inner.index()];
-                let at = self.b.ins().imul(t, size);
-                let at = self.b.ins().iadd(at, m);
-                let inside = self.b.ins().icmp(IntCC::SignedLessThan, at, self.extents[whole.index()]);
-                ok = self.and_def(ok, Some(inside));
-            }
-        }
-        ok
+        let skip = |partner: Index, tile: RankId| Some(partner) == known && Some(tile) == bounded;
+        crate::schedule::walk::valid_pairs(self, &bound, new, &skip)
     }
 
     pub(super) fn always_inside(&self, subscript: &Affine, rank: RankId) -> bool {
@@ -323,24 +266,7 @@ impl<'a, 'f> Gen<'a, 'f> {
     }
 
     fn conds(&mut self, conds: &[Cond]) -> Def {
-        let mut ok: Def = None;
-        for cond in conds {
-            let (a, da) = self.expr(&cond.lhs);
-            let (b, db) = self.expr(&cond.rhs);
-            let cc = match cond.op {
-                CmpOp::Lt => FloatCC::LessThan,
-                CmpOp::Le => FloatCC::LessThanOrEqual,
-                CmpOp::Gt => FloatCC::GreaterThan,
-                CmpOp::Ge => FloatCC::GreaterThanOrEqual,
-                CmpOp::Eq => FloatCC::Equal,
-                CmpOp::Ne => FloatCC::NotEqual,
-            };
-            let holds = self.b.ins().fcmp(cc, a, b);
-            let holds = self.and_def(Some(holds), da);
-            let holds = self.and_def(holds, db);
-            ok = self.and_def(ok, holds);
-        }
-        ok
+        crate::schedule::walk::conjunction(self, conds, None)
     }
 
     /// The element offset of `coords` in buffer `b`, clamped to 0 when out of range, and whether
@@ -747,7 +673,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         let valid = self.valid_pairs(&[]);
         let offset = self.target_offset(einsum);
         let (value, defined) = match valid {
-            None => self.point_value(einsum),
+            None => crate::schedule::walk::point_value(self, einsum),
             Some(valid) => {
                 // Evaluate only where the point exists: a body may read where it should not.
                 let then = self.b.create_block();
@@ -758,7 +684,7 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let no = self.b.ins().iconst(types::I8, 0);
                 self.b.ins().brif(valid, then, &[], join, &[zero.into(), no.into()]);
                 self.b.switch_to_block(then);
-                let (value, defined) = self.point_value(einsum);
+                let (value, defined) = crate::schedule::walk::point_value(self, einsum);
                 let defined = defined.unwrap_or_else(|| self.one());
                 self.b.ins().jump(join, &[value.into(), defined.into()]);
                 self.b.switch_to_block(join);
@@ -767,17 +693,16 @@ impl<'a, 'f> Gen<'a, 'f> {
         };
         self.store_scalar(einsum.target.index(), offset, value, defined);
     }
-
-    /// The value at the current point, where its split pairs are valid: the filter, then the body.
-    fn point_value(&mut self, einsum: &Einsum) -> (Value, Def) {
-        let passes = self.conds(&einsum.filter);
-        let (value, defined) = self.expr(&einsum.body);
-        (value, self.and_def(passes, defined))
-    }
 }
 
 impl<'a, 'f> Walker<'a> for Gen<'a, 'f> {
     type Int = Value;
+    type Flag = Value;
+    type Value = Value;
+
+    fn cascade(&self) -> &'a Cascade {
+        Gen::cascade(self)
+    }
 
     fn constant(&mut self, n: i64) -> Value {
         self.b.ins().iconst(types::I64, n)
@@ -785,6 +710,51 @@ impl<'a, 'f> Walker<'a> for Gen<'a, 'f> {
 
     fn extent(&mut self, rank: RankId) -> Value {
         self.extents[rank.index()]
+    }
+
+    fn index(&mut self, index: Index) -> Value {
+        Gen::index(self, index)
+    }
+
+    fn base(&mut self, rank: RankId) -> Value {
+        self.array_bases[rank.index()]
+    }
+
+    fn int(&mut self, op: IntOp, a: Value, b: Value) -> Value {
+        match op {
+            IntOp::Add => self.b.ins().iadd(a, b),
+            IntOp::Sub => self.b.ins().isub(a, b),
+            IntOp::Mul => self.b.ins().imul(a, b),
+        }
+    }
+
+    fn less(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().icmp(IntCC::SignedLessThan, a, b)
+    }
+
+    /// One instruction for flags and for lanes (masks of all ones or zeros per lane).
+    fn and(&mut self, a: Value, b: Value, _: Option<Index>) -> Value {
+        self.b.ins().band(a, b)
+    }
+
+    fn value(&mut self, expr: &Expr) -> (Value, Def) {
+        self.expr(expr)
+    }
+
+    fn compare(&mut self, op: CmpOp, a: Value, b: Value, _: Option<Index>) -> Value {
+        let cc = match op {
+            CmpOp::Lt => FloatCC::LessThan,
+            CmpOp::Le => FloatCC::LessThanOrEqual,
+            CmpOp::Gt => FloatCC::GreaterThan,
+            CmpOp::Ge => FloatCC::GreaterThanOrEqual,
+            CmpOp::Eq => FloatCC::Equal,
+            CmpOp::Ne => FloatCC::NotEqual,
+        };
+        self.b.ins().fcmp(cc, a, b)
+    }
+
+    fn value_in_lanes(&mut self, expr: &Expr, v: Index) -> (Value, Def) {
+        self.vexpr(expr, v)
     }
 
     fn for_range(

@@ -143,7 +143,7 @@ impl Gen<'_, '_> {
         for (k, read) in reads.iter().enumerate() {
             let offset = self.b.declare_var(types::I64);
             self.b.def_var(offset, first[k][0]);
-            let moves = |i: Option<Index>| i.is_some_and(|i| Self::mentions(read, i));
+            let moves = |i: Option<Index>| i.is_some_and(|i| read.mentions(i));
             let (along_u, along_v) = (moves(block.u), block.columns > 1 && moves(Some(block.v)));
             let cells = if !along_u && !along_v {
                 Vec::new()
@@ -214,7 +214,7 @@ impl Gen<'_, '_> {
                     let offset = g.b.use_var(plans[*k].offset);
                     let mask = g.masks[tensor.index()].expect("masked");
                     let address = g.b.ins().iadd(mask, offset);
-                    let defined = if Self::mentions(reads[*k], block.v) {
+                    let defined = if reads[*k].mentions(block.v) {
                         let lanes = g.mask_word(address);
                         g.b.ins().vall_true(lanes)
                     } else {

@@ -638,50 +638,19 @@ impl Gen<'_, '_> {
     }
 
     pub(super) fn vconds(&mut self, conds: &[Cond], v: Index) -> Def {
-        let mut ok: Def = None;
-        for cond in conds {
-            let (a, da) = self.vexpr(&cond.lhs, v);
-            let (b, db) = self.vexpr(&cond.rhs, v);
-            let cc = match cond.op {
-                CmpOp::Lt => FloatCC::LessThan,
-                CmpOp::Le => FloatCC::LessThanOrEqual,
-                CmpOp::Gt => FloatCC::GreaterThan,
-                CmpOp::Ge => FloatCC::GreaterThanOrEqual,
-                CmpOp::Eq => FloatCC::Equal,
-                CmpOp::Ne => FloatCC::NotEqual,
-            };
-            let holds = self.b.ins().fcmp(cc, a, b);
-            let holds = self.and_def(Some(holds), da);
-            let holds = self.and_def(holds, db);
-            ok = self.and_def(ok, holds);
-        }
-        ok
-    }
-
-    pub(super) fn mentions(expr: &Expr, v: Index) -> bool {
-        let mut found = false;
-        expr.walk(&mut |e| match e {
-            Expr::Index(i) => found |= *i == v,
-            Expr::Access { subscripts, .. } => {
-                for s in subscripts {
-                    s.for_each_index(&mut |i| found |= i == v);
-                }
-            }
-            _ => {}
-        });
-        found
+        crate::schedule::walk::conjunction(self, conds, Some(v))
     }
 
     /// Four lanes of an expression and their definedness.
     pub(super) fn vexpr(&mut self, expr: &Expr, v: Index) -> (Value, Def) {
         if let Expr::Access { tensor, .. } = expr {
             if let Some(offset) = self.planned_offset(expr) {
-                let in_lanes = Self::mentions(expr, v);
+                let in_lanes = expr.mentions(v);
                 let known = self.planned_defined(expr);
                 return self.planned_load(tensor.index(), offset, in_lanes, known);
             }
         }
-        if !Self::mentions(expr, v) && !matches!(expr, Expr::Reduce { .. }) {
+        if !expr.mentions(v) && !matches!(expr, Expr::Reduce { .. }) {
             let (x, d) = self.expr_scalar(expr);
             let x = self.splat(x);
             let d = self.lanes(d);

@@ -27,8 +27,8 @@ use std::fmt::Write;
 use super::staging::StagedRead;
 use crate::ir::*;
 use crate::math;
-use crate::schedule::walk::Walker;
 use crate::schedule::lanes::{reduction, Reduction};
+use crate::schedule::walk::{IntOp, Walker};
 use crate::schedule::{LoopProgram, Node, Slot};
 
 /// The instruction set the module is for; it decides how `exp` and friends are computed.
@@ -1374,48 +1374,9 @@ impl<'a> Lowering<'a> {
         self.ins(format!("load i64, i64* {var}"))
     }
 
-    /// The coordinates of an access: local for a bare index at a position of its own rank,
-    /// global (a batch rank's index plus the base) in any other subscript, as on the CPU.
+    /// The coordinates of an access (see `walk::coordinates`).
     fn coordinates(&mut self, tensor: TensorId, subscripts: &[Affine]) -> Vec<String> {
-        let ranks = self.cascade().tensor(tensor).ranks.clone();
-        subscripts
-            .iter()
-            .zip(ranks)
-            .map(|(s, rank)| match s {
-                Affine::Index(i) if i.rank == rank => self.index(*i),
-                _ => self.affine(s, true),
-            })
-            .collect()
-    }
-
-    /// A subscript's value; with `global`, a batch rank's index is offset by the call's base.
-    fn affine(&mut self, affine: &Affine, global: bool) -> String {
-        match affine {
-            Affine::Const(c) => c.to_string(),
-            Affine::Index(i) if global && crate::schedule::layout::is_batch_rank(self.cascade(), i.rank) => {
-                let v = self.index(*i);
-                let base = self.array_bases[i.rank.index()].clone();
-                self.ins(format!("add i64 {v}, {base}"))
-            }
-            Affine::Index(i) => self.index(*i),
-            Affine::Extent(r) => self.extents[r.index()].clone(),
-            Affine::Add(a, b) => {
-                let (a, b) = (self.affine(a, global), self.affine(b, global));
-                self.ins(format!("add i64 {a}, {b}"))
-            }
-            Affine::Sub(a, b) => {
-                let (a, b) = (self.affine(a, global), self.affine(b, global));
-                self.ins(format!("sub i64 {a}, {b}"))
-            }
-            Affine::Mul(a, b) => {
-                let (a, b) = (self.affine(a, global), self.affine(b, global));
-                self.ins(format!("mul i64 {a}, {b}"))
-            }
-            Affine::Neg(a) => {
-                let a = self.affine(a, global);
-                self.ins(format!("sub i64 0, {a}"))
-            }
-        }
+        crate::schedule::walk::coordinates(self, tensor, subscripts)
     }
 
     pub(super) fn and_def(&mut self, a: Def, b: Def) -> Def {
@@ -1428,29 +1389,9 @@ impl<'a> Lowering<'a> {
     /// As `cpu::codegen`: whether every split pair bound in the environment, with one of `new` in
     /// it, is inside its whole rank.
     fn valid_pairs(&mut self, new: &[Index]) -> Def {
-        let mut ok: Def = None;
-        let pairs = self.cascade().split_pairs();
         let bound: Vec<Index> = self.env.iter().map(|(i, _)| *i).collect();
-        for (tile, inner, whole) in pairs {
-            for outer in bound.iter().filter(|i| i.rank == tile) {
-                let partner = Index { rank: inner, primes: outer.primes };
-                if !bound.contains(&partner) || self.bounded.contains(&partner) {
-                    continue;
-                }
-                if !new.is_empty() && !new.contains(outer) && !new.contains(&partner) {
-                    continue;
-                }
-                let t = self.index(*outer);
-                let m = self.index(partner);
-                let size = self.extents[inner.index()].clone();
-                let at = self.ins(format!("mul i64 {t}, {size}"));
-                let at = self.ins(format!("add i64 {at}, {m}"));
-                let whole = self.extents[whole.index()].clone();
-                let inside = self.ins(format!("icmp slt i64 {at}, {whole}"));
-                ok = self.and_def(ok, Some(inside));
-            }
-        }
-        ok
+        let bounded = self.bounded.clone();
+        crate::schedule::walk::valid_pairs(self, &bound, new, &|partner, _| bounded.contains(&partner))
     }
 
     fn always_inside(&self, subscript: &Affine, rank: RankId) -> bool {
@@ -1458,17 +1399,7 @@ impl<'a> Lowering<'a> {
     }
 
     fn conds(&mut self, conds: &[Cond]) -> Def {
-        let mut ok: Def = None;
-        for cond in conds {
-            let (a, da) = self.expr(&cond.lhs);
-            let (b, db) = self.expr(&cond.rhs);
-            let cc = Self::condition_code(cond.op);
-            let holds = self.ins(format!("fcmp {cc} float {a}, {b}"));
-            let holds = self.and_def(Some(holds), da);
-            let holds = self.and_def(holds, db);
-            ok = self.and_def(ok, holds);
-        }
-        ok
+        crate::schedule::walk::conjunction(self, conds, None)
     }
 
     /// Whether coordinate `c` lies inside position `d` of buffer `buffer`.
@@ -2855,35 +2786,14 @@ impl<'a> Lowering<'a> {
     }
 
     fn vconds(&mut self, conds: &[Cond], v: Index) -> Def {
-        let t = Ty(self.lanes);
-        let mut ok: Def = None;
-        for cond in conds {
-            let (a, da) = self.vexpr(&cond.lhs, v);
-            let (b, db) = self.vexpr(&cond.rhs, v);
-            let cc = Self::condition_code(cond.op);
-            let holds = self.ins(format!("fcmp {cc} {} {a}, {b}", t.float()));
-            let holds = self.vand(Some(holds), da);
-            let holds = self.vand(holds, db);
-            ok = self.vand(ok, holds);
-        }
-        ok
+        crate::schedule::walk::conjunction(self, conds, Some(v))
     }
 
     /// An expression at the lanes `v`, `v + 1`, ...: a vector and its definedness lanes.
     fn vexpr(&mut self, expr: &Expr, v: Index) -> (String, Def) {
         let t = Ty(self.lanes);
         let (f, w) = (t.float(), self.lanes);
-        let mut mentions = false;
-        expr.walk(&mut |e| match e {
-            Expr::Index(i) => mentions |= *i == v,
-            Expr::Access { subscripts, .. } => {
-                for sub in subscripts {
-                    sub.for_each_index(&mut |i| mentions |= i == v);
-                }
-            }
-            _ => {}
-        });
-        if !mentions {
+        if !expr.mentions(v) {
             let (x, d) = self.expr(expr);
             let x = self.splat("float", &x);
             let d = d.map(|d| self.splat("i1", &d));
@@ -2972,9 +2882,9 @@ impl<'a> Lowering<'a> {
         let speculate =
             self.abi == Abi::Thread && self.speculatable(&einsum.body) && self.filter_speculatable(&einsum.filter);
         let (value, defined) = match valid {
-            None => self.point_value(einsum),
+            None => crate::schedule::walk::point_value(self, einsum),
             Some(valid) if speculate => {
-                let (value, defined) = self.point_value(einsum);
+                let (value, defined) = crate::schedule::walk::point_value(self, einsum);
                 (value, self.and_def(Some(valid), defined))
             }
             Some(valid) => {
@@ -2984,7 +2894,7 @@ impl<'a> Lowering<'a> {
                 self.emit(format!("store float 0.0, float* {value_slot}"));
                 self.emit(format!("store i1 false, i1* {defined_slot}"));
                 self.when(Some(valid), &mut |g| {
-                    let (value, defined) = g.point_value(einsum);
+                    let (value, defined) = crate::schedule::walk::point_value(g, einsum);
                     g.emit(format!("store float {value}, float* {value_slot}"));
                     g.emit(format!("store i1 {}, i1* {defined_slot}", defined.unwrap_or_else(|| "true".into())));
                 });
@@ -3014,16 +2924,16 @@ impl<'a> Lowering<'a> {
             self.write_mask(buffer, &offset, &d);
         }
     }
-
-    fn point_value(&mut self, einsum: &Einsum) -> (String, Def) {
-        let passes = self.conds(&einsum.filter);
-        let (value, defined) = self.expr(&einsum.body);
-        (value, self.and_def(passes, defined))
-    }
 }
 
 impl<'a> Walker<'a> for Lowering<'a> {
     type Int = String;
+    type Flag = String;
+    type Value = String;
+
+    fn cascade(&self) -> &'a Cascade {
+        Lowering::cascade(self)
+    }
 
     fn constant(&mut self, n: i64) -> String {
         n.to_string()
@@ -3031,6 +2941,46 @@ impl<'a> Walker<'a> for Lowering<'a> {
 
     fn extent(&mut self, rank: RankId) -> String {
         self.extents[rank.index()].clone()
+    }
+
+    fn index(&mut self, index: Index) -> String {
+        Lowering::index(self, index)
+    }
+
+    fn base(&mut self, rank: RankId) -> String {
+        self.array_bases[rank.index()].clone()
+    }
+
+    fn int(&mut self, op: IntOp, a: String, b: String) -> String {
+        let op = match op {
+            IntOp::Add => "add",
+            IntOp::Sub => "sub",
+            IntOp::Mul => "mul",
+        };
+        self.ins(format!("{op} i64 {a}, {b}"))
+    }
+
+    fn less(&mut self, a: String, b: String) -> String {
+        self.ins(format!("icmp slt i64 {a}, {b}"))
+    }
+
+    fn and(&mut self, a: String, b: String, lanes: Option<Index>) -> String {
+        let bools = if lanes.is_some() { Ty(self.lanes).bool() } else { "i1".to_string() };
+        self.ins(format!("and {bools} {a}, {b}"))
+    }
+
+    fn value(&mut self, expr: &Expr) -> (String, Def) {
+        self.expr(expr)
+    }
+
+    fn compare(&mut self, op: CmpOp, a: String, b: String, lanes: Option<Index>) -> String {
+        let cc = Self::condition_code(op);
+        let f = if lanes.is_some() { Ty(self.lanes).float() } else { "float".to_string() };
+        self.ins(format!("fcmp {cc} {f} {a}, {b}"))
+    }
+
+    fn value_in_lanes(&mut self, expr: &Expr, v: Index) -> (String, Def) {
+        self.vexpr(expr, v)
     }
 
     fn for_range(

@@ -77,7 +77,8 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>) -> O
     let r = reduction(&s.body)?;
     let tensor = s.target;
     let buffer = &program.buffers[tensor.index()];
-    let plain: Vec<Index> = s.lhs.iter().map(|l| if let Lhs::Index(i) = l { Some(*i) } else { None }).collect::<Option<_>>()?;
+    let plain: Vec<Index> =
+        s.lhs.iter().map(|l| if let Lhs::Index(i) = l { Some(*i) } else { None }).collect::<Option<_>>()?;
     let distinct = plain.iter().enumerate().all(|(k, i)| !plain[..k].contains(i));
     let ok = r.op == ReduceOp::Sum
         && r.epilogue.is_none()
@@ -101,9 +102,7 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>) -> O
         return None;
     }
     // Both in lanes along the same index: the last the loop does not bind, with more than a point.
-    let lane = plain
-        .iter()
-        .rposition(|i| Some(*i) != bound && !matches!(c.rank(i.rank).extent, Extent::Fixed(1)))?;
+    let lane = plain.iter().rposition(|i| Some(*i) != bound && !matches!(c.rank(i.rank).extent, Extent::Fixed(1)))?;
     let pays = vectorizable(program, s, plain[lane]) && vectorizable(program, u, renamed[lane]);
     pays.then_some(EinsumId::new(*update))
 }
