@@ -1,5 +1,6 @@
-//! `einfuse compile --target cpu` writes an object file and a C header that a small C program
-//! links and calls correctly (built with the system C compiler).
+//! `einfuse compile --target cpu` and `--target cpu-llvm` write an object file and a C header that
+//! a small C program links and calls correctly (built with the system C compiler, as the position-
+//! independent executable it makes by default).
 
 use std::process::Command;
 
@@ -44,12 +45,18 @@ fn a_c_program_links_and_calls_the_kernel() {
         eprintln!("skipped: no C compiler `{cc}`");
         return;
     }
+    for target in ["cpu", "cpu-llvm"] {
+        links_and_calls(&cc, target);
+    }
+}
+
+fn links_and_calls(cc: &str, target: &str) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("einfuse-c-abi-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("einfuse-c-abi-{}-{target}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let object = dir.join("attention.o");
     let status = Command::new(env!("CARGO_BIN_EXE_einfuse"))
-        .args(["compile", "--target", "cpu", "--kernel", "attention"])
+        .args(["compile", "--target", target, "--kernel", "attention"])
         .arg(root.join("examples/attention.ein"))
         .arg("-o")
         .arg(&object)
@@ -59,7 +66,7 @@ fn a_c_program_links_and_calls_the_kernel() {
     assert!(dir.join("attention.h").exists());
     std::fs::write(dir.join("main.c"), MAIN_C).unwrap();
     let program = dir.join("main");
-    let output = Command::new(&cc)
+    let output = Command::new(cc)
         .current_dir(&dir)
         .args(["-O1", "-o"])
         .arg(&program)
@@ -81,7 +88,7 @@ fn a_c_program_links_and_calls_the_kernel() {
         .arg(dir.join("av.bin"))
         .status()
         .unwrap();
-    assert!(status.success(), "{status}");
+    assert!(status.success(), "{target}: {status}");
     let bytes = std::fs::read(dir.join("av.bin")).unwrap();
     let got: Vec<f32> = bytes.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
 
@@ -90,7 +97,7 @@ fn a_c_program_links_and_calls_the_kernel() {
     let want = einfuse::run(kernels.kernel(Some("attention")).unwrap(), Target::Interp, &options).unwrap();
     assert_eq!(got.len(), want[0].1.len());
     for (a, b) in got.iter().zip(want[0].1.data()) {
-        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{target}: {a} vs {b}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

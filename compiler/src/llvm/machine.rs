@@ -70,7 +70,9 @@ fn nvptx_machine(sm: &str) -> Result<TargetMachine, LlvmError> {
         .ok_or_else(|| LlvmError::Internal(format!("LLVM cannot target NVPTX {sm}")))
 }
 
-/// The host's target machine: its own CPU name and features (AVX-512 where present).
+/// The host's target machine: its own CPU name and features (AVX-512 where present), code
+/// independent of its position and reaching its constants relative to the instruction (the small
+/// code model, as a C compiler's objects do). The JIT makes its own machine (see `HostCode`).
 fn host_machine() -> Result<TargetMachine, LlvmError> {
     initialize()?;
     let triple = TargetMachine::get_default_triple();
@@ -83,8 +85,8 @@ fn host_machine() -> Result<TargetMachine, LlvmError> {
             &cpu,
             &features,
             OptimizationLevel::Aggressive,
-            RelocMode::Default,
-            CodeModel::JITDefault,
+            RelocMode::PIC,
+            CodeModel::Small,
         )
         .ok_or_else(|| LlvmError::Internal("LLVM cannot target this CPU".into()))
 }
@@ -152,6 +154,12 @@ impl HostCode {
     /// Compiles `text` for the host and finds `symbol`; `helpers` binds the functions the module
     /// imports.
     pub fn new(text: &str, symbol: &str, helpers: &[(&str, usize)]) -> Result<HostCode, LlvmError> {
+        // The small code model in one arena (see `arena`); should a module not fit, MCJIT's own
+        // memory manager and the large code model.
+        HostCode::compile(text, symbol, helpers, true).or_else(|_| HostCode::compile(text, symbol, helpers, false))
+    }
+
+    fn compile(text: &str, symbol: &str, helpers: &[(&str, usize)], arena: bool) -> Result<HostCode, LlvmError> {
         let context = Box::new(Context::create());
         // SAFETY: the context is boxed (it does not move) and `HostCode` drops the engine, which
         // owns everything made in the context, before the context.
@@ -160,9 +168,14 @@ impl HostCode {
         let machine = host_machine()?;
         set_host_attributes(&module);
         optimize(&module, &machine)?;
-        let engine = module
-            .create_jit_execution_engine(OptimizationLevel::Aggressive)
-            .map_err(|e| LlvmError::Internal(format!("the LLVM JIT failed to start: {}", e.to_string())))?;
+        let level = OptimizationLevel::Aggressive;
+        let engine = if arena {
+            let arena = super::arena::Arena::new().map_err(LlvmError::Internal)?;
+            module.create_mcjit_execution_engine_with_memory_manager(arena, level, CodeModel::Small, false, false)
+        } else {
+            module.create_jit_execution_engine(level)
+        }
+        .map_err(|e| LlvmError::Internal(format!("the LLVM JIT failed to start: {}", e.to_string())))?;
         for (name, address) in helpers {
             if let Some(function) = module.get_function(name) {
                 engine.add_global_mapping(&function, *address);

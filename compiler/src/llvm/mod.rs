@@ -4,6 +4,7 @@
 //! `lower` and `launch` need no LLVM, so that the CUDA launcher builds without it; everything that
 //! calls LLVM is behind the `llvm` cargo feature.
 
+pub mod arena;
 pub mod launch;
 pub mod lower;
 #[cfg(feature = "llvm")]
