@@ -15,6 +15,7 @@ use cranelift_module::{Linkage, Module};
 
 use super::vector::Block;
 use crate::ir::*;
+use crate::schedule::lanes::Reduction;
 use crate::schedule::walk::{IntOp, Walker};
 use crate::schedule::{LoopProgram, Node, Slot};
 
@@ -394,7 +395,8 @@ impl<'a, 'f> Gen<'a, 'f> {
                 // a product folded by a fused multiply-add.
                 let factored = crate::schedule::lanes::invariant_factors(self.cascade(), *op, body);
                 let body = factored.as_ref().map_or(&**body, |(b, _)| b);
-                self.reduce_loops(*op, indices, indices, filter, body, acc);
+                let r = Reduction { op: *op, indices, filter, body, epilogue: None };
+                self.reduce_loops(r, indices, acc);
                 let value = self.b.use_var(acc);
                 match factored {
                     Some((_, scale)) => {
@@ -447,18 +449,11 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     /// Loops over the `remaining` reduced indices, then folds the body into `acc` where the point
     /// exists (valid split pairs, filter, defined body).
-    fn reduce_loops(
-        &mut self,
-        op: ReduceOp,
-        all: &[Index],
-        remaining: &[Index],
-        filter: &[Cond],
-        body: &Expr,
-        acc: Variable,
-    ) {
+    fn reduce_loops(&mut self, red: Reduction<'_>, remaining: &[Index], acc: Variable) {
+        let Reduction { op, filter, body, .. } = red;
         let Some((first, rest)) = remaining.split_first() else {
             // Reads may rely on valid split pairs: evaluate nothing outside them.
-            let valid = self.valid_pairs(all);
+            let valid = self.valid_pairs(red.indices);
             self.when(valid, &mut |g| g.fold_scalar(op, acc, filter, body));
             return;
         };
@@ -474,14 +469,14 @@ impl<'a, 'f> Gen<'a, 'f> {
                 self.b.def_var(lanes, identity);
                 let zero = self.b.ins().iconst(types::I64, 0);
                 let done = self.for_loop_from(r, zero, end, super::vector::LANES, &mut |g| {
-                    g.fold_lanes(op, all, filter, body, lanes, r)
+                    g.vreduce_rows(red, &[], &[lanes], super::vector::Block::single(r))
                 });
                 self.fold_across(op, lanes, acc);
-                self.for_loop_from(r, done, extent, 1, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
+                self.for_loop_from(r, done, extent, 1, &mut |g| g.reduce_loops(red, rest, acc));
                 return;
             }
         }
-        self.for_loop(*first, extent, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
+        self.for_loop(*first, extent, &mut |g| g.reduce_loops(red, rest, acc));
     }
 
     /// Evaluates an Einsum at every point of its left-hand side not bound by an enclosing loop.

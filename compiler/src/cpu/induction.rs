@@ -19,6 +19,7 @@ use cranelift_frontend::Variable;
 use super::codegen::{Def, Gen};
 use super::vector::{Block, LANES};
 use crate::ir::*;
+use crate::schedule::lanes::Reduction;
 use crate::schedule::Slot;
 
 /// A read of the loop's body addressed by an induction variable.
@@ -93,21 +94,19 @@ impl Gen<'_, '_> {
         self.offset(tensor.index(), &coords, &always).0
     }
 
-    /// The loop of a reduction over `r` alone, from 0 while `step` more points fit before `end`
-    /// (see `planned_end`), folding into one accumulator per cell of `block`; returns where it
-    /// stopped. With `step == LANES` and `block.v == r`, each step folds four points of `r` in
-    /// lanes.
-    #[allow(clippy::too_many_arguments)]
+    /// The loop of a reduction over its one index `r` alone, from 0 while `step` more points fit
+    /// before `end` (see `planned_end`), folding into one accumulator per cell of `block`; returns
+    /// where it stopped. With `step == LANES` and `block.v == r`, each step folds four points of
+    /// `r` in lanes.
     pub(super) fn planned_reduce(
         &mut self,
-        op: ReduceOp,
-        r: Index,
+        red: Reduction<'_>,
         (end, step): (Value, i64),
-        filter: &[Cond],
-        body: &Expr,
         accumulators: &[Variable],
         block: Block,
     ) -> Value {
+        let Reduction { op, indices, filter, body, .. } = red;
+        let r = indices[0];
         let mut exprs = vec![body];
         for c in filter {
             exprs.push(&c.lhs);

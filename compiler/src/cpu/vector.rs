@@ -243,8 +243,10 @@ impl Gen<'_, '_> {
 
     /// Runs `each` once per cell of a block, column after column: `v` bound to the first vector
     /// of each column, `u` to each row (`LANES` apart when `u == v`: vectors side by side).
-    /// `self.cell` is the cell's number (`column * rows + row`) while `each` runs.
+    /// `self.cell` is the cell's number (`column * rows + row`) while `each` runs, and the
+    /// enclosing block's again after.
     pub(super) fn each_cell(&mut self, block: Block, each: &mut dyn FnMut(&mut Self, usize)) {
+        let outer = self.cell;
         // `v` need not be bound for a block of one column (the lanes of a reduced index).
         let first_v = if block.columns > 1 { Some(self.index(block.v)) } else { None };
         for column in 0..block.columns {
@@ -274,7 +276,7 @@ impl Gen<'_, '_> {
                 self.env.pop();
             }
         }
-        self.cell = 0;
+        self.cell = outer;
     }
 
     /// A register block of a reduction (see `blockable_rows`): rows `u .. u + rows` by
@@ -286,9 +288,8 @@ impl Gen<'_, '_> {
     /// skipped (an empty tile of a causal mask), the others computed whole and stored masked.
     pub fn compute_vector_rows(&mut self, einsum: &Einsum, block: Block) {
         let (rows, v) = (block.cells() as i64, block.v);
-        let Some(Reduction { op, indices, filter, body, epilogue }) = reduction(&einsum.body) else {
-            unreachable!("checked")
-        };
+        let Some(red) = reduction(&einsum.body) else { unreachable!("checked") };
+        let Reduction { op, indices, body, epilogue, .. } = red;
         let zero = self.b.ins().f32const(0.0);
         let zeros = self.splat(zero);
         let none = self.b.ins().iconst(types::I32, 0);
@@ -348,7 +349,8 @@ impl Gen<'_, '_> {
             .collect();
         let factored = invariant_factors(&self.program.cascade, op, body);
         let body = factored.as_ref().map_or(body, |(b, _)| b);
-        self.vreduce_rows(op, indices, indices, filter, body, &accumulators, block);
+        let red = Reduction { body, epilogue: None, ..red };
+        self.vreduce_rows(red, indices, &accumulators, block);
         let scale = factored.map(|(_, s)| s);
         // `blockable_reduction` admits a term added after the reduction only without a filter.
         let values_only = early_mask && !einsum.filter.is_empty();
@@ -378,9 +380,8 @@ impl Gen<'_, '_> {
     /// the lanes folded together, then the last points of `r` one by one, in the order of the
     /// scalar path, so that a row gives the same bits in a block or alone.
     pub fn compute_lane_rows(&mut self, einsum: &Einsum, u: Index, rows: i64) {
-        let Some(Reduction { op, indices, filter, body, epilogue }) = reduction(&einsum.body) else {
-            unreachable!("checked")
-        };
+        let Some(red) = reduction(&einsum.body) else { unreachable!("checked") };
+        let Reduction { op, indices, filter, body, epilogue } = red;
         let r = indices[0];
         let factored = invariant_factors(&self.program.cascade, op, body);
         let body = factored.as_ref().map_or(body, |(b, _)| b);
@@ -409,7 +410,7 @@ impl Gen<'_, '_> {
                 acc
             })
             .collect();
-        let done = self.planned_reduce(op, r, (end, LANES), filter, body, &lanes, block);
+        let done = self.planned_reduce(Reduction { body, ..red }, (end, LANES), &lanes, block);
         for (lane, total) in lanes.iter().zip(&totals) {
             self.fold_across(op, *lane, *total);
         }
@@ -433,17 +434,17 @@ impl Gen<'_, '_> {
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn vreduce_rows(
+    /// The loops over the `remaining` reduced indices of `red`, folding its body into one
+    /// accumulator per cell of `block` (lanes along `block.v`) where the point exists (valid split
+    /// pairs, filter, defined body).
+    pub(super) fn vreduce_rows(
         &mut self,
-        op: ReduceOp,
-        all: &[Index],
+        red: Reduction<'_>,
         remaining: &[Index],
-        filter: &[Cond],
-        body: &Expr,
         accumulators: &[cranelift_frontend::Variable],
         block: Block,
     ) {
+        let Reduction { op, indices: all, filter, body, .. } = red;
         let Some((first, rest)) = remaining.split_first() else {
             let valid = self.valid_pairs(all);
             self.when(valid, &mut |g| {
@@ -456,34 +457,14 @@ impl Gen<'_, '_> {
         };
         if rest.is_empty() && all.len() == 1 {
             if let Some(end) = self.planned_end(*first, body, filter) {
-                self.planned_reduce(op, *first, (end, 1), filter, body, accumulators, block);
+                self.planned_reduce(red, (end, 1), accumulators, block);
                 return;
             }
         }
         let extent = self.extents[first.rank.index()];
         let first = *first;
         let zero = self.b.ins().iconst(types::I64, 0);
-        self.for_loop_from(first, zero, extent, 1, &mut |g| {
-            g.vreduce_rows(op, all, rest, filter, body, accumulators, block)
-        });
-    }
-
-    /// One step of a reduction in lanes along the reduced index `r` (see `reducible_in_lanes`):
-    /// the four points from `r`, where valid, folded into the lanes of `acc`.
-    pub fn fold_lanes(
-        &mut self,
-        op: ReduceOp,
-        all: &[Index],
-        filter: &[Cond],
-        body: &Expr,
-        acc: cranelift_frontend::Variable,
-        r: Index,
-    ) {
-        let valid = self.valid_pairs(all);
-        self.when(valid, &mut |g| {
-            let passes = g.vconds(filter, r);
-            g.fold_term(op, acc, body, passes, r);
-        });
+        self.for_loop_from(first, zero, extent, 1, &mut |g| g.vreduce_rows(red, rest, accumulators, block));
     }
 
     /// `value` times the constant factored out of a sum, if any.
@@ -725,42 +706,12 @@ impl Gen<'_, '_> {
                 self.b.def_var(acc, identity);
                 let factored = invariant_factors(&self.program.cascade, *op, body);
                 let body = factored.as_ref().map_or(&**body, |(b, _)| b);
-                self.vreduce(*op, indices, indices, filter, body, acc, v);
+                let red = Reduction { op: *op, indices, filter, body, epilogue: None };
+                self.vreduce_rows(red, indices, &[acc], Block::single(v));
                 let value = self.b.use_var(acc);
                 (self.scaled(value, factored.map(|(_, s)| s)), None)
             }
             Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) => unreachable!("handled as scalars"),
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn vreduce(
-        &mut self,
-        op: ReduceOp,
-        all: &[Index],
-        remaining: &[Index],
-        filter: &[Cond],
-        body: &Expr,
-        acc: cranelift_frontend::Variable,
-        v: Index,
-    ) {
-        let Some((first, rest)) = remaining.split_first() else {
-            let valid = self.valid_pairs(all);
-            self.when(valid, &mut |g| {
-                let passes = g.vconds(filter, v);
-                g.fold_term(op, acc, body, passes, v);
-            });
-            return;
-        };
-        if rest.is_empty() && all.len() == 1 {
-            if let Some(end) = self.planned_end(*first, body, filter) {
-                self.planned_reduce(op, *first, (end, 1), filter, body, &[acc], Block::single(v));
-                return;
-            }
-        }
-        let extent = self.extents[first.rank.index()];
-        let first = *first;
-        let zero = self.b.ins().iconst(types::I64, 0);
-        self.for_loop_from(first, zero, extent, 1, &mut |g| g.vreduce(op, all, rest, filter, body, acc, v));
     }
 }

@@ -1820,7 +1820,7 @@ impl<'a> Lowering<'a> {
                 let split = self.splits(indices);
                 self.in_split |= split;
                 self.split_next = split;
-                self.reduce_loops(*op, indices, indices, filter, body, &acc);
+                self.reduce_loops(Reduction { op: *op, indices, filter, body, epilogue: None }, indices, &acc);
                 self.split_next = false;
                 let partial = self.ins(format!("load float, float* {acc}"));
                 if !split {
@@ -1923,21 +1923,15 @@ impl<'a> Lowering<'a> {
         self.start_block(&after);
     }
 
-    fn reduce_loops(
-        &mut self,
-        op: ReduceOp,
-        all: &[Index],
-        remaining: &[Index],
-        filter: &[Cond],
-        body: &Expr,
-        acc: &str,
-    ) {
+    /// The loops over the `remaining` reduced indices of `red`, folding its body into the float
+    /// at `acc` where the point exists.
+    fn reduce_loops(&mut self, red: Reduction<'_>, remaining: &[Index], acc: &str) {
         let Some((first, rest)) = remaining.split_first() else {
-            let valid = self.valid_pairs(all);
-            self.when(valid, &mut |g| g.fold_into(op, filter, body, acc));
+            let valid = self.valid_pairs(red.indices);
+            self.when(valid, &mut |g| g.fold_into(red.op, red.filter, red.body, acc));
             return;
         };
-        self.reduced_loop(*first, &mut |g| g.reduce_loops(op, all, rest, filter, body, acc));
+        self.reduced_loop(*first, &mut |g| g.reduce_loops(red, rest, acc));
     }
 
     /// Whether `expr` can be evaluated at a point whose split pairs are not valid: every read's
@@ -2258,7 +2252,7 @@ impl<'a> Lowering<'a> {
     /// A reduction computed for every `v` at once: the target row holds the accumulators, the
     /// reduced indices run outside, and the loop over `v` innermost, which LLVM vectorizes.
     fn compute_interchanged(&mut self, einsum: &'a Einsum, v: Index) {
-        let Expr::Reduce { op, indices, filter, body } = &einsum.body else { unreachable!("checked") };
+        let Some(red) = reduction(&einsum.body) else { unreachable!("checked") };
         let extent = self.extents[v.rank.index()].clone();
         let valid = self.valid_pairs(&[]);
         let valid_flag = valid.clone().unwrap_or_else(|| "true".into());
@@ -2274,7 +2268,7 @@ impl<'a> Lowering<'a> {
         });
         self.emit(format!("br label %{after}"));
         self.start_block(&inside);
-        let identity = float(reduce_identity(*op) as f32);
+        let identity = float(reduce_identity(red.op) as f32);
         self.for_loop(v, "0", &extent, &mut |g| {
             let (value, mask) = g.target_address(einsum);
             g.emit(format!("store float {identity}, float* {value}"));
@@ -2282,34 +2276,25 @@ impl<'a> Lowering<'a> {
                 g.emit(format!("store i8 1, i8* {mask}"));
             }
         });
-        self.interchanged_loops(einsum, *op, indices, indices, filter, body, v, &extent);
+        self.interchanged_loops(einsum, red, red.indices, v, &extent);
         self.emit(format!("br label %{after}"));
         self.start_block(&after);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn interchanged_loops(
-        &mut self,
-        einsum: &'a Einsum,
-        op: ReduceOp,
-        all: &'a [Index],
-        remaining: &'a [Index],
-        filter: &'a [Cond],
-        body: &'a Expr,
-        v: Index,
-        extent: &str,
-    ) {
+    /// The loops over the `remaining` reduced indices of `red`, then over `v`, folding its body
+    /// into the target row.
+    fn interchanged_loops(&mut self, einsum: &Einsum, red: Reduction<'_>, remaining: &[Index], v: Index, extent: &str) {
         let Some((first, rest)) = remaining.split_first() else {
-            let valid = self.valid_pairs(all);
+            let valid = self.valid_pairs(red.indices);
             self.when(valid, &mut |g| {
                 g.for_loop(v, "0", extent, &mut |g| {
                     let (address, _) = g.target_address(einsum);
-                    g.fold_into(op, filter, body, &address);
+                    g.fold_into(red.op, red.filter, red.body, &address);
                 });
             });
             return;
         };
-        self.reduced_loop(*first, &mut |g| g.interchanged_loops(einsum, op, all, rest, filter, body, v, extent));
+        self.reduced_loop(*first, &mut |g| g.interchanged_loops(einsum, red, rest, v, extent));
     }
 
     /// Whether an interchangeable reduction runs as register blocks on the host: `ROWS` points
@@ -2587,15 +2572,15 @@ impl<'a> Lowering<'a> {
     /// A block of `rows` rows along `u` by `columns` vectors side by side along `v`, every point
     /// valid: the accumulators in registers while the reduced indices run, then stored.
     fn vector_block(&mut self, einsum: &'a Einsum, u: Option<Index>, rows: usize, v: Index, columns: usize) {
-        let Some(Reduction { op, indices, filter, body, epilogue }) = reduction(&einsum.body) else {
-            unreachable!("checked")
-        };
+        let Some(red) = reduction(&einsum.body) else { unreachable!("checked") };
+        let Reduction { op, indices, body, epilogue, .. } = red;
         // Constant factors of a sum (`Q * K * scale`) multiply the accumulators once, at the end.
         let factored = crate::schedule::lanes::invariant_factors(self.cascade(), op, body);
         let (body, factor) = match &factored {
             Some((rest, k)) => (rest, Some(*k)),
             None => (body, None),
         };
+        let red = Reduction { body, ..red };
         let t = Ty(self.lanes);
         let (f, w) = (t.float(), self.lanes);
         let valid = self.valid_pairs(&[]).unwrap_or_else(|| "true".into());
@@ -2611,7 +2596,7 @@ impl<'a> Lowering<'a> {
             self.emit(format!("store {f} {identity}, {f}* {acc}"));
         }
         if einsum.filter.is_empty() {
-            self.block_reduce(op, indices, indices, filter, body, (u, rows, v, columns), &accumulators);
+            self.block_reduce(red, indices, (u, rows, v, columns), &accumulators);
             self.scale_accumulators(&accumulators, factor);
             self.each_vector(u, rows, v, columns, &mut |g, k| {
                 let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
@@ -2655,9 +2640,7 @@ impl<'a> Lowering<'a> {
                 let some = g.ins(format!("call i1 @llvm.vector.reduce.or.v{w}i1({b} {holds})"));
                 any = g.ins(format!("or i1 {any}, {some}"));
             });
-            self.when(Some(any), &mut |g| {
-                g.block_reduce(op, indices, indices, filter, body, (u, rows, v, columns), &accumulators)
-            });
+            self.when(Some(any), &mut |g| g.block_reduce(red, indices, (u, rows, v, columns), &accumulators));
             self.scale_accumulators(&accumulators, factor);
             self.each_vector(u, rows, v, columns, &mut |g, k| {
                 if early_mask {
@@ -2720,19 +2703,18 @@ impl<'a> Lowering<'a> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn block_reduce<'b>(
+    /// The loops over the `remaining` reduced indices of `red`, folding its body into one
+    /// accumulator per vector of the block (`rows` along `u` by `columns` vectors along `v`).
+    fn block_reduce(
         &mut self,
-        op: ReduceOp,
-        all: &'b [Index],
-        remaining: &'b [Index],
-        filter: &'b [Cond],
-        body: &'b Expr,
+        red: Reduction<'_>,
+        remaining: &[Index],
         (u, rows, v, columns): (Option<Index>, usize, Index, usize),
         accumulators: &[String],
     ) {
+        let Reduction { op, filter, body, .. } = red;
         let Some((first, rest)) = remaining.split_first() else {
-            let valid = self.valid_pairs(all);
+            let valid = self.valid_pairs(red.indices);
             let t = Ty(self.lanes);
             let (f, b) = (t.float(), t.bool());
             self.when(valid, &mut |g| {
@@ -2755,9 +2737,7 @@ impl<'a> Lowering<'a> {
             });
             return;
         };
-        self.reduced_loop(*first, &mut |g| {
-            g.block_reduce(op, all, rest, filter, body, (u, rows, v, columns), accumulators)
-        });
+        self.reduced_loop(*first, &mut |g| g.block_reduce(red, rest, (u, rows, v, columns), accumulators));
     }
 
     fn vand(&mut self, a: Def, b: Def) -> Def {
