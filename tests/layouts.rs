@@ -264,7 +264,8 @@ kernel plain {
 /// A sum that one Einsum adds to something at the same point is computed by that Einsum
 /// (`schedule::accumulate`): FlashAttention's partial products `SLNV` and `SLD` disappear into the
 /// running output and denominator, which their register blocks update as they store them. Sums
-/// read twice, read in another order, or filtered stay. Written by hand (`X[f, p] = sum[m](...) +
+/// read twice, read in another order, filtered, or holding a reduction stay; of two sums added
+/// together, one is folded. Written by hand (`X[f, p] = sum[m](...) +
 /// C[f, p]`, with `C` undefined at some points), the same form runs on both tiers as the
 /// interpreter says, on ragged sizes, in blocks and in the points left over.
 #[test]
@@ -309,6 +310,21 @@ kernel filtered {
   X[f, p] = S[f, p] + C[f, p]
   output X
 }
+kernel two_sums {
+  rank F = 5, M, P
+  input A[M, P], B[F, M], C[M, P], D[F, M]
+  S1[f, p] = sum[m](A[m, p] * B[f, m])
+  S2[f, p] = sum[m](C[m, p] * D[f, m])
+  X[f, p] = S1[f, p] + S2[f, p]
+  output X
+}
+kernel nested {
+  rank F = 5, M, P
+  input A[M, P], B[F, M], C[F, P], Y[P]
+  S[p] = sum[m](A[m, p] * sum[f](B[f, m] * C[f, p]))
+  X[p] = S[p] + Y[p]
+  output X
+}
 kernel written {
   rank F = 5, M, P
   input A[M, P], B[F, M], C[F, P]
@@ -323,13 +339,15 @@ kernel written_in_lanes {
   output X
 }";
     let program = einfuse::Program::from_source("folds.ein", source).unwrap();
-    for (name, folds) in [("folded", true), ("read_twice", false), ("transposed", false), ("filtered", false)] {
+    let expected = [("folded", 1), ("read_twice", 0), ("transposed", 0), ("filtered", 0), ("two_sums", 1), ("nested", 0)];
+    for (name, folds) in expected {
         let kernel = program.kernel(Some(name)).unwrap();
         let program = einfuse::compiler::schedule::schedule(kernel).unwrap();
         let planned = einfuse::compiler::schedule::accumulate::plan(&program);
-        assert_eq!(!planned.is_empty(), folds, "{name}: {planned:?}");
+        assert_eq!(planned.len(), folds, "{name}: {planned:?}");
     }
-    for name in ["folded", "read_twice", "transposed", "filtered", "written", "written_in_lanes"] {
+    let all = ["folded", "read_twice", "transposed", "filtered", "two_sums", "nested", "written", "written_in_lanes"];
+    for name in all {
         let kernel = program.kernel(Some(name)).unwrap();
         // Each call takes a share of the queries `P`: enough of them for whole blocks per call.
         for (m, p) in [(1, 3), (7, 9), (16, 16), (13, 33), (9, 64), (5, 130)] {

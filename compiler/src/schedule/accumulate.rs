@@ -19,8 +19,9 @@
 //! Needs: a scheduled program. Guarantees: the cascade computes the same values in the same
 //! order of operations (the sum is complete before the term is added, as before); a sum is
 //! folded only where its reader names it at plain indices in the order of its own left-hand
-//! side, both run in lanes along the same index in the same loop, and the sum is a scratch
-//! tensor with no filter, no undefined point and no other reader.
+//! side, both run in lanes along the same index in the same loop, the sum is a scratch tensor
+//! with no filter, no undefined point, no reduction inside and no other reader, and a reader
+//! takes one sum at most.
 
 use crate::ir::*;
 use crate::schedule::lanes::{reduction, vectorizable};
@@ -60,8 +61,9 @@ pub fn plan(program: &LoopProgram) -> Vec<Fold> {
             })
             .collect();
         for partial in &computed {
+            // One sum per reader: `W x + U h` keeps its second product apart.
             if let Some(update) = foldable(program, *partial, bound) {
-                if computed.contains(&update) {
+                if computed.contains(&update) && !folds.iter().any(|f: &Fold| f.update == update) {
                     folds.push(Fold { partial: *partial, update });
                 }
             }
@@ -80,8 +82,17 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>) -> O
     let plain: Vec<Index> =
         s.lhs.iter().map(|l| if let Lhs::Index(i) = l { Some(*i) } else { None }).collect::<Option<_>>()?;
     let distinct = plain.iter().enumerate().all(|(k, i)| !plain[..k].contains(i));
+    // No reduction inside: renaming the sum's indices to the reader's could let an inner
+    // reduction capture one (`sum[n'](... C[n', n])` read at `n'`).
+    let nested = |e: &Expr| {
+        let mut found = false;
+        e.walk(&mut |x| found |= matches!(x, Expr::Reduce { .. }));
+        found
+    };
     let ok = r.op == ReduceOp::Sum
         && r.epilogue.is_none()
+        && !nested(r.body)
+        && r.filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
         && s.filter.is_empty()
         && distinct
         && buffer.role == BufferRole::Temp
