@@ -339,7 +339,8 @@ kernel written_in_lanes {
   output X
 }";
     let program = einfuse::Program::from_source("folds.ein", source).unwrap();
-    let expected = [("folded", 1), ("read_twice", 0), ("transposed", 0), ("filtered", 0), ("two_sums", 1), ("nested", 0)];
+    let expected =
+        [("folded", 1), ("read_twice", 0), ("transposed", 0), ("filtered", 0), ("two_sums", 1), ("nested", 0)];
     for (name, folds) in expected {
         let kernel = program.kernel(Some(name)).unwrap();
         let program = einfuse::compiler::schedule::schedule(kernel).unwrap();

@@ -5,7 +5,8 @@
 //! compiles forward for newer GPUs), or a callable host function that lives as long as its
 //! `HostCode`.
 
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
 
 use inkwell::attributes::AttributeLoc;
 use inkwell::context::Context;
@@ -154,12 +155,6 @@ impl HostCode {
     /// Compiles `text` for the host and finds `symbol`; `helpers` binds the functions the module
     /// imports.
     pub fn new(text: &str, symbol: &str, helpers: &[(&str, usize)]) -> Result<HostCode, LlvmError> {
-        // The small code model in one arena (see `arena`); should a module not fit, MCJIT's own
-        // memory manager and the large code model.
-        HostCode::compile(text, symbol, helpers, true).or_else(|_| HostCode::compile(text, symbol, helpers, false))
-    }
-
-    fn compile(text: &str, symbol: &str, helpers: &[(&str, usize)], arena: bool) -> Result<HostCode, LlvmError> {
         let context = Box::new(Context::create());
         // SAFETY: the context is boxed (it does not move) and `HostCode` drops the engine, which
         // owns everything made in the context, before the context.
@@ -169,11 +164,17 @@ impl HostCode {
         set_host_attributes(&module);
         optimize(&module, &machine)?;
         let level = OptimizationLevel::Aggressive;
-        let engine = if arena {
-            let arena = super::arena::Arena::new().map_err(LlvmError::Internal)?;
-            module.create_mcjit_execution_engine_with_memory_manager(arena, level, CodeModel::Small, false, false)
-        } else {
-            module.create_jit_execution_engine(level)
+        // The small code model in one arena below 2 GB (see `arena`); where the module is too
+        // large to be sure of its arena, or the system has no room below 2 GB, MCJIT's own
+        // memory manager and the large code model.
+        let failed = Arc::new(AtomicBool::new(false));
+        let arena =
+            super::arena::reservation(text.len()).and_then(|size| super::arena::Arena::new(size, failed.clone()));
+        let engine = match arena {
+            Some(arena) => {
+                module.create_mcjit_execution_engine_with_memory_manager(arena, level, CodeModel::Small, false, false)
+            }
+            None => module.create_jit_execution_engine(level),
         }
         .map_err(|e| LlvmError::Internal(format!("the LLVM JIT failed to start: {}", e.to_string())))?;
         for (name, address) in helpers {
@@ -184,6 +185,9 @@ impl HostCode {
         let address = engine
             .get_function_address(symbol)
             .map_err(|e| LlvmError::Internal(format!("the JIT has no `{symbol}`: {e}")))?;
+        if failed.load(Ordering::Relaxed) {
+            return Err(LlvmError::Internal("the JIT could not place or protect its code".into()));
+        }
         Ok(HostCode { _engine: engine, _context: context, address })
     }
 
