@@ -138,7 +138,7 @@ enum Command {
         #[arg(long, value_name = "KEYS")]
         split_keys: Option<u64>,
         /// Tiles of this many points for the split ranks the optimizer creates (the streamed
-        /// keys); by default the host tiers' own choice (64 on `cpu-llvm`, 128 on `cpu`, or 1024
+        /// keys); by default the host tiers' own choice (64 on `cpu-llvm`, 128 on `cpu`, or 4096
         /// where a step's runs of keys are too short to stream).
         #[arg(long)]
         tile: Option<u64>,

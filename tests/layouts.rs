@@ -179,8 +179,8 @@ fn longer_key_tiles_only_for_short_runs() {
         // The tier's own tile: 128 keys for Cranelift's 4 lanes, 64 for LLVM's 8 (`host_tile`).
         let own = einfuse::compiler::schedule::layout::host_tile(einfuse::pipeline::host_tier(target));
         assert_eq!(own, if einfuse::pipeline::host_tier(target).lanes >= 8 { 64 } else { 128 });
-        assert_eq!(tile("examples/variants.ein", "decode", target), Some(Extent::Fixed(1024)));
-        assert_eq!(tile("examples/heads.ein", "gqa_decode", target), Some(Extent::Fixed(1024)));
+        assert_eq!(tile("examples/variants.ein", "decode", target), Some(Extent::Fixed(4096)));
+        assert_eq!(tile("examples/heads.ein", "gqa_decode", target), Some(Extent::Fixed(4096)));
         assert_eq!(tile("benches/pytorch.ein", "decode", target), Some(Extent::Fixed(own)));
         assert_eq!(tile("benches/pytorch.ein", "prefill_hep", target), Some(Extent::Fixed(own)));
         assert_eq!(tile("examples/attention.ein", "attention", target), Some(Extent::Fixed(own)));

@@ -257,10 +257,13 @@ pub fn host_tile(tier: HostTier) -> u64 {
 /// ranks or fixed at fewer than 8 points, such as decode's single query). Measured on
 /// `examples/variants.ein` decode at M = 16384 (`einfuse bench --tile`, 9 runs): on `cpu` 13.7 ms
 /// with tiles of 64, 11.8 with 256, 9.0 with 1024 (unfused 8.7); `gqa_decode` 30.4, 17.2, 13.8
-/// (unfused 15.4). Prefill in `[H, E, P]`, whose tiles are reused by 64 queries, gains nothing
-/// and keeps 64.
+/// (unfused 15.4). With 32 heads (session 15, fused against unfused, `cpu` / `cpu-llvm`): tiles
+/// of 1024 0.83x / 0.77x, 4096 0.99x / 0.97x, 16384 1.01x / 1.02x; at M = 65536, 4096 0.97x /
+/// 0.98x; at M = 2048, 1024 0.88x / 0.85x and 4096 (one partial tile) 0.93x / 0.95x; `gqa_decode`
+/// 1.02-1.11x with either. Prefill in `[H, E, P]`, whose tiles are reused by 64 queries, gains
+/// nothing and keeps 64.
 pub fn longer_host_tile(program: &LoopProgram) -> Option<u64> {
-    const LONGER: u64 = 1024;
+    const LONGER: u64 = 4096;
     let c = &program.cascade;
     let pairs = c.split_pairs();
     let streamed_runs = |einsum: &Einsum| {
