@@ -2428,16 +2428,7 @@ impl<'a> Lowering<'a> {
             });
             let value = g.ins(format!("load {f}, {f}* {value_slot}"));
             let defined = g.ins(format!("load {b}, {b}* {defined_slot}"));
-            let stored = g.ins(format!("select {b} {defined}, {f} {value}, {f} {}", t.constant(0.0)));
-            let (address, mask) = g.target_address(einsum);
-            let vector = g.ins(format!("bitcast float* {address} to {f}*"));
-            g.emit(format!("store {f} {stored}, {f}* {vector}, align 4"));
-            if let Some(mask) = mask {
-                let bytes = t.wrap("i8");
-                let flags = g.ins(format!("zext {b} {defined} to {bytes}"));
-                let vector = g.ins(format!("bitcast i8* {mask} to {bytes}*"));
-                g.emit(format!("store {bytes} {flags}, {bytes}* {vector}, align 1"));
-            }
+            g.store_masked_row(einsum, &value, &defined);
         });
         self.for_loop_step(v, &main, &n, 1, &mut |g| g.compute_point(einsum));
     }
