@@ -2332,60 +2332,12 @@ impl<'a> Lowering<'a> {
     }
 
     /// Whether consecutive points along `v` sit at consecutive addresses in the target and in
-    /// every read that mentions `v`: `v` (a bare index, or the inner index of a split pair whose
-    /// tile index is bound, read as `t * M0 + v`) at a full position followed only by positions
-    /// of fixed extent 1, and nowhere else.
+    /// every read that mentions `v` (`schedule::lanes::vectorizable`), and, where `v` is the inner
+    /// index of a split pair, its tile index is bound here, so that whole vectors stop at the
+    /// pair's last valid point (`lane_blocks_end`).
     fn lanes_along(&self, einsum: &Einsum, v: Index) -> bool {
-        let c = self.cascade();
-        let pairs = c.split_pairs();
-        if pairs.iter().any(|(t, _, w)| v.rank == *t || v.rank == *w) {
-            return false;
-        }
-        let partner = self.split_partner(v);
-        if pairs.iter().any(|(_, i, _)| *i == v.rank) && partner.is_none() {
-            return false;
-        }
-        let ones = |tensor: TensorId, q: usize| crate::schedule::lanes::one_point_after(self.program, tensor, q);
-        let Some(k) = einsum.lhs.iter().position(|l| *l == Lhs::Index(v)) else { return false };
-        if self.program.buffers[einsum.target.index()].slots[k] != Slot::Full || !ones(einsum.target, k) {
-            return false;
-        }
-        let mut ok = einsum.lhs.iter().filter(|l| matches!(l, Lhs::Index(i) | Lhs::Next(i) if *i == v)).count() == 1;
-        let mut check = |e: &Expr| {
-            e.walk(&mut |x| {
-                if let Expr::Access { tensor, subscripts } = x {
-                    let ranks = &c.tensor(*tensor).ranks;
-                    for (q, sub) in subscripts.iter().enumerate() {
-                        let mut mentions = false;
-                        sub.for_each_index(&mut |i| mentions |= i == v);
-                        if !mentions {
-                            continue;
-                        }
-                        let bare = *sub == Affine::Index(v) && ranks[q] == v.rank;
-                        let split = partner.is_some_and(|(tile, whole)| {
-                            ranks[q] == whole
-                                && *sub
-                                    == Affine::Add(
-                                        Box::new(Affine::Mul(
-                                            Box::new(Affine::Index(tile)),
-                                            Box::new(Affine::Extent(v.rank)),
-                                        )),
-                                        Box::new(Affine::Index(v)),
-                                    )
-                        });
-                        ok &= (bare || split)
-                            && ones(*tensor, q)
-                            && self.program.buffers[tensor.index()].slots[q] == Slot::Full;
-                    }
-                }
-            })
-        };
-        check(&einsum.body);
-        for cond in &einsum.filter {
-            check(&cond.lhs);
-            check(&cond.rhs);
-        }
-        ok
+        let inner = self.cascade().split_pairs().iter().any(|(_, i, _)| *i == v.rank);
+        crate::schedule::lanes::vectorizable(self.program, einsum, v) && (!inner || self.split_partner(v).is_some())
     }
 
     /// The end of whole vectors along `v`: the points before it are all valid (for a split

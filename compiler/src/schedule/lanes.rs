@@ -153,7 +153,8 @@ pub fn strided_after(c: &Cascade, tensor: TensorId, position: usize) -> bool {
 /// then cover only valid points (see `Gen::valid_rows`).
 pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
     let Some(k) = einsum.lhs.iter().position(|l| *l == Lhs::Index(v)) else { return false };
-    program.buffers[einsum.target.index()].slots[k] == Slot::Full
+    let once = einsum.lhs.iter().filter(|l| l.index() == Some(v)).count() == 1;
+    once && program.buffers[einsum.target.index()].slots[k] == Slot::Full
         && one_point_after(program, einsum.target, k)
         && reads_in_lanes(
             program,
@@ -173,8 +174,9 @@ pub fn one_point_after(program: &LoopProgram, tensor: TensorId, position: usize)
 }
 
 /// Whether every read in `exprs` that mentions `v` has it, followed only by ranks of extent 1, as
-/// a bare index or as the inner index of a split pair (`t * M0 + v`), so that four points from
-/// `v` are contiguous; `v` is not the tile or the whole rank of a split pair.
+/// a bare index at a position of its own rank or as the inner index of a split pair (`t * M0 +
+/// v`) at a position of the pair's whole rank, so that four points from `v` are contiguous; `v`
+/// is not the tile or the whole rank of a split pair.
 pub fn reads_in_lanes<'e>(program: &LoopProgram, exprs: impl Iterator<Item = &'e Expr>, v: Index) -> bool {
     let c = &program.cascade;
     let pairs = c.split_pairs();
@@ -189,7 +191,10 @@ pub fn reads_in_lanes<'e>(program: &LoopProgram, exprs: impl Iterator<Item = &'e
                     let mut mentions = false;
                     sub.for_each_index(&mut |i| mentions |= i == v);
                     if mentions {
-                        ok &= (*sub == Affine::Index(v) || split_point(c, sub) == Some(v))
+                        let rank = c.tensor(*tensor).ranks[p];
+                        let bare = *sub == Affine::Index(v) && rank == v.rank;
+                        let whole = pairs.iter().any(|(_, inner, w)| *inner == v.rank && *w == rank);
+                        ok &= (bare || (split_point(c, sub) == Some(v) && whole))
                             && program.buffers[tensor.index()].slots[p] == Slot::Full
                             && one_point_after(program, *tensor, p);
                     }
