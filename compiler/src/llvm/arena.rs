@@ -156,9 +156,9 @@ mod tests {
     fn modules_run_from_the_arena() {
         let text = "
 define void @scale(<8 x float>* %p) {
-  %x = load <8 x float>, <8 x float>* %p
+  %x = load <8 x float>, <8 x float>* %p, align 4
   %y = fmul <8 x float> %x, <float 1.0, float 2.0, float 3.0, float 4.0, float 5.0, float 6.0, float 7.0, float 8.0>
-  store <8 x float> %y, <8 x float>* %p
+  store <8 x float> %y, <8 x float>* %p, align 4
   ret void
 }";
         let code = HostCode::new(text, "scale", &[]).unwrap();
