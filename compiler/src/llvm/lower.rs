@@ -2608,15 +2608,7 @@ impl<'a> Lowering<'a> {
         let t = Ty(self.lanes);
         let (f, b) = (t.float(), t.bool());
         let value = self.ins(format!("select {b} {holds}, {f} {value}, {f} {}", t.constant(0.0)));
-        let (address, mask) = self.target_address(einsum);
-        let vector = self.ins(format!("bitcast float* {address} to {f}*"));
-        self.emit(format!("store {f} {value}, {f}* {vector}, align 4"));
-        if let Some(mask) = mask {
-            let bytes = t.wrap("i8");
-            let flags = self.ins(format!("zext {b} {holds} to {bytes}"));
-            let vector = self.ins(format!("bitcast i8* {mask} to {bytes}*"));
-            self.emit(format!("store {bytes} {flags}, {bytes}* {vector}, align 1"));
-        }
+        self.store_lanes(einsum, &value, &|g| g.ins(format!("zext {b} {holds} to {}", t.wrap("i8"))));
     }
 
     /// Multiplies each accumulator of a block by a sum's constant factor, if it has one.
@@ -2635,14 +2627,22 @@ impl<'a> Lowering<'a> {
     /// mask set to `defined`.
     fn store_row(&mut self, einsum: &Einsum, value: &str, defined: &str) {
         let t = Ty(self.lanes);
+        self.store_lanes(einsum, value, &|_| t.splat_literal("i8", defined));
+    }
+
+    /// Stores a vector at the target's current point and the lanes after it, and, where the
+    /// target has a mask, the vector of `i8` flags that `flags` makes for them.
+    fn store_lanes(&mut self, einsum: &Einsum, value: &str, flags: &dyn Fn(&mut Self) -> String) {
+        let t = Ty(self.lanes);
         let f = t.float();
         let (address, mask) = self.target_address(einsum);
         let vector = self.ins(format!("bitcast float* {address} to {f}*"));
         self.emit(format!("store {f} {value}, {f}* {vector}, align 4"));
         if let Some(mask) = mask {
             let bytes = t.wrap("i8");
+            let flags = flags(self);
             let vector = self.ins(format!("bitcast i8* {mask} to {bytes}*"));
-            self.emit(format!("store {bytes} {}, {bytes}* {vector}, align 1", t.splat_literal("i8", defined)));
+            self.emit(format!("store {bytes} {flags}, {bytes}* {vector}, align 1"));
         }
     }
 
