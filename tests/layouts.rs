@@ -74,6 +74,17 @@ fn difference(cascade: &Cascade, target: Target, sizes: &BTreeMap<&str, u64>, se
     worst
 }
 
+/// Both host tiers compute what the interpreter does, within a relative 1e-5, at each `(M, P)`.
+fn agrees_on_both_tiers(cascade: &Cascade, name: &str, sizes: &[(u64, u64)]) {
+    for &(m, p) in sizes {
+        let bound: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
+        for target in [Target::Cpu, Target::CpuLlvm] {
+            let error = difference(cascade, target, &bound, m);
+            assert!(error <= 1e-5, "{name}, M = {m}, P = {p} on {target:?}: relative error {error:.3e}");
+        }
+    }
+}
+
 /// Whether the host schedule of `cascade` (optimized) reads a packed panel.
 fn packs(cascade: &Cascade) -> bool {
     let options = BuildOptions { tile: Some(16), ..BuildOptions::new(Target::Cpu) };
@@ -215,13 +226,7 @@ fn strided_shared_reads_are_staged_per_step() {
         assert!(text.contains("staged_K[e, m1, m0] = K[e, m1 * M0 + m0]"), "{text}");
         assert!(text.contains("Q[e, p] * staged_K[e, m1, m0]"), "{text}");
     }
-    for (m, p) in [(1, 3), (15, 19), (16, 16), (17, 5), (37, 19), (70, 9)] {
-        let sizes: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
-        for target in [Target::Cpu, Target::CpuLlvm] {
-            let error = difference(kernel, target, &sizes, m);
-            assert!(error <= 1e-5, "M = {m}, P = {p} on {target:?}: relative error {error:.3e}");
-        }
-    }
+    agrees_on_both_tiers(kernel, "attention", &[(1, 3), (15, 19), (16, 16), (17, 5), (37, 19), (70, 9)]);
 }
 
 /// A tile staged by hand and read at a shifted subscript keeps its copy (the copy's last point is
@@ -251,13 +256,7 @@ kernel plain {
         let kernel = program.kernel(Some(name)).unwrap();
         let unstaged = einfuse::compiler::schedule::pack::unstage(kernel);
         assert_eq!(unstaged.tensor_by_name("BK").is_some(), stays, "{name}");
-        for (m, p) in [(7, 3), (8, 5), (13, 9)] {
-            let sizes: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
-            for target in [Target::Cpu, Target::CpuLlvm] {
-                let error = difference(kernel, target, &sizes, m);
-                assert!(error <= 1e-5, "{name}, M = {m}, P = {p} on {target:?}: relative error {error:.3e}");
-            }
-        }
+        agrees_on_both_tiers(kernel, name, &[(7, 3), (8, 5), (13, 9)]);
     }
 }
 
@@ -351,12 +350,6 @@ kernel written_in_lanes {
     for name in all {
         let kernel = program.kernel(Some(name)).unwrap();
         // Each call takes a share of the queries `P`: enough of them for whole blocks per call.
-        for (m, p) in [(1, 3), (7, 9), (16, 16), (13, 33), (9, 64), (5, 130)] {
-            let sizes: BTreeMap<&str, u64> = [("M", m), ("P", p)].into();
-            for target in [Target::Cpu, Target::CpuLlvm] {
-                let error = difference(kernel, target, &sizes, m);
-                assert!(error <= 1e-5, "{name}, M = {m}, P = {p} on {target:?}: relative error {error:.3e}");
-            }
-        }
+        agrees_on_both_tiers(kernel, name, &[(1, 3), (7, 9), (16, 16), (13, 33), (9, 64), (5, 130)]);
     }
 }
