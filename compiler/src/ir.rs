@@ -380,6 +380,13 @@ impl Expr {
         }
     }
 
+    /// Whether this expression holds a reduction, at any depth.
+    pub fn holds_reduction(&self) -> bool {
+        let mut found = false;
+        self.walk(&mut |e| found |= matches!(e, Expr::Reduce { .. }));
+        found
+    }
+
     /// Whether `index` appears anywhere in this expression, as a value or in a subscript.
     pub fn mentions(&self, index: Index) -> bool {
         let mut found = false;

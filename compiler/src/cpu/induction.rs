@@ -50,12 +50,7 @@ impl Gen<'_, '_> {
     /// Whether `r` can run as the loop of `planned_reduce`: in no split pair, or the inner index
     /// of one whose tile is bound; returns the end of its valid points.
     pub(super) fn planned_end(&mut self, r: Index, body: &Expr, filter: &[Cond]) -> Option<Value> {
-        let mut nested = false;
-        body.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
-        for c in filter {
-            c.lhs.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
-            c.rhs.walk(&mut |x| nested |= matches!(x, Expr::Reduce { .. }));
-        }
+        let nested = !crate::schedule::lanes::without_reductions(body, filter);
         let pairs = self.program.cascade.split_pairs();
         if nested || pairs.iter().any(|(t, _, w)| r.rank == *t || r.rank == *w) {
             return None;

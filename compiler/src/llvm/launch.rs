@@ -62,10 +62,7 @@ pub fn batch_ranks(cascade: &Cascade) -> Vec<RankId> {
 /// that the lanes split the points of each outermost reduction and combine their partial
 /// results with butterfly shuffles (`shfl.sync.bfly`).
 pub fn lanes_per_point(program: &LoopProgram, lane_extent: u64, warp: u64) -> u64 {
-    let mut reduces = false;
-    for einsum in &program.cascade.einsums {
-        einsum.body.walk(&mut |e| reduces |= matches!(e, Expr::Reduce { .. }));
-    }
+    let reduces = program.cascade.einsums.iter().any(|e| e.body.holds_reduction());
     if reduces && lane_extent <= WARP / 4 {
         warp
     } else {

@@ -383,13 +383,6 @@ impl Ty {
     }
 }
 
-/// Whether an expression holds no reduction (what lanes can evaluate).
-fn no_reduction(expr: &Expr) -> bool {
-    let mut none = true;
-    expr.walk(&mut |e| none &= !matches!(e, Expr::Reduce { .. }));
-    none
-}
-
 /// The vector widths the host flavour may use, for its intrinsic declarations.
 const HOST_WIDTHS: [usize; 3] = [4, 8, 16];
 
@@ -2355,7 +2348,7 @@ impl<'a> Lowering<'a> {
         if self.flavor != Flavor::Host || self.abi != Abi::Cpu || self.lanes < 2 || !self.lanes_along(einsum, v) {
             return false;
         }
-        no_reduction(&einsum.body) && einsum.filter.iter().all(|c| no_reduction(&c.lhs) && no_reduction(&c.rhs))
+        crate::schedule::lanes::without_reductions(&einsum.body, &einsum.filter)
     }
 
     /// An element-wise Einsum a vector of points at a time along `v`, the last points one by one.

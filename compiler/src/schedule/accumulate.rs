@@ -24,7 +24,7 @@
 //! takes one sum at most.
 
 use crate::ir::*;
-use crate::schedule::lanes::{reduction, vectorizable};
+use crate::schedule::lanes::{reduction, vectorizable, without_reductions};
 use crate::schedule::{schedule, BufferRole, LoopProgram, Node, ScheduleError};
 
 /// A sum (`partial`) folded into the one Einsum that reads it (`update`).
@@ -84,15 +84,9 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>) -> O
     let distinct = plain.iter().enumerate().all(|(k, i)| !plain[..k].contains(i));
     // No reduction inside: renaming the sum's indices to the reader's could let an inner
     // reduction capture one (`sum[n'](... C[n', n])` read at `n'`).
-    let nested = |e: &Expr| {
-        let mut found = false;
-        e.walk(&mut |x| found |= matches!(x, Expr::Reduce { .. }));
-        found
-    };
     let ok = r.op == ReduceOp::Sum
         && r.epilogue.is_none()
-        && !nested(r.body)
-        && r.filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
+        && without_reductions(r.body, r.filter)
         && s.filter.is_empty()
         && distinct
         && buffer.role == BufferRole::Temp

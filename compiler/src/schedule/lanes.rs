@@ -27,18 +27,16 @@ pub struct Reduction<'e> {
 /// as the interpreter and the scalar paths evaluate the sum.
 pub fn reduction(value: &Expr) -> Option<Reduction<'_>> {
     let (reduce, epilogue) = match value {
-        Expr::Binary(BinaryOp::Add, reduce, term) if !nested(term) => (&**reduce, Some(&**term)),
+        Expr::Binary(BinaryOp::Add, reduce, term) if !term.holds_reduction() => (&**reduce, Some(&**term)),
         other => (other, None),
     };
     let Expr::Reduce { op, indices, filter, body } = reduce else { return None };
     Some(Reduction { op: *op, indices, filter, body, epilogue })
 }
 
-/// Whether `expr` holds a reduction.
-fn nested(expr: &Expr) -> bool {
-    let mut found = false;
-    expr.walk(&mut |x| found |= matches!(x, Expr::Reduce { .. }));
-    found
+/// Whether neither `value` nor any comparison of `filter` holds a reduction.
+pub fn without_reductions(value: &Expr, filter: &[Cond]) -> bool {
+    !value.holds_reduction() && filter.iter().all(|c| !c.lhs.holds_reduction() && !c.rhs.holds_reduction())
 }
 
 /// Whether the value of `einsum` is a reduction with none inside (see `reduction`), its
@@ -48,9 +46,8 @@ fn nested(expr: &Expr) -> bool {
 pub fn blockable_reduction(einsum: &Einsum) -> bool {
     let Some(r) = reduction(&einsum.body) else { return false };
     einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_) | Lhs::Next(_)))
-        && einsum.filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
-        && !nested(r.body)
-        && r.filter.iter().all(|c| !nested(&c.lhs) && !nested(&c.rhs))
+        && einsum.filter.iter().all(|c| !c.lhs.holds_reduction() && !c.rhs.holds_reduction())
+        && without_reductions(r.body, r.filter)
         && (r.epilogue.is_none() || einsum.filter.is_empty())
 }
 
@@ -209,8 +206,8 @@ pub fn reads_in_lanes<'e>(program: &LoopProgram, exprs: impl Iterator<Item = &'e
 /// lane, combined at the end): every read of `r` in its body and filter is contiguous (see
 /// `reads_in_lanes`), and nothing inside is another reduction.
 pub fn reducible_in_lanes(program: &LoopProgram, body: &Expr, filter: &[Cond], r: Index) -> bool {
-    let inside = nested(body) || filter.iter().any(|c| nested(&c.lhs) || nested(&c.rhs));
-    !inside && reads_in_lanes(program, std::iter::once(body).chain(filter.iter().flat_map(|c| [&c.lhs, &c.rhs])), r)
+    without_reductions(body, filter)
+        && reads_in_lanes(program, std::iter::once(body).chain(filter.iter().flat_map(|c| [&c.lhs, &c.rhs])), r)
 }
 
 /// Splits a sum's body into the factors that depend on the loop and the finite constants that
