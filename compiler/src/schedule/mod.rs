@@ -9,9 +9,11 @@
 //!
 //! This folder is the scheduling layer: what more than one emitter needs to know about a
 //! program is decided here once (`layout`, `lanes`, `full_steps`), the host tiers' packed panels
-//! are made here (`pack`), sums are folded into the running outputs they update (`accumulate`), divisions by constants become multiplications (`reciprocal`), filters that restate a split
-//! pair's validity are dropped (`validity`), the walks both host emitters share are written here once over their
-//! loop primitives (`walk`), and every program is checked by `verify` before an emitter sees it.
+//! are made here (`pack`), sums are folded into the running outputs they update (`accumulate`),
+//! divisions by constants become multiplications (`reciprocal`), filters that restate a split
+//! pair's validity are dropped (`validity`), what both host emitters compute the same way is
+//! written here once over their primitives (`walk`), and every program is checked by `verify`
+//! before an emitter sees it.
 
 pub mod accumulate;
 pub mod full_steps;
