@@ -353,3 +353,52 @@ kernel written_in_lanes {
         agrees_on_both_tiers(kernel, name, &[(1, 3), (7, 9), (16, 16), (13, 33), (9, 64), (5, 130)]);
     }
 }
+
+#[test]
+fn a_ragged_tile_writes_its_invalid_points_only_where_they_are_read() {
+    use einfuse::compiler::schedule::layout::unread_past_valid;
+    // Decode takes tiles of 4096 keys: at M = 2048 its one tile is half outside the keys, and
+    // the score tile and its exponentials are read only where their pair is valid.
+    let variants = einfuse::Program::from_file(&common::root().join("examples/variants.ein")).unwrap();
+    let decode = einfuse::compiler::schedule::schedule(
+        &einfuse::optimize_for_target(variants.kernel(Some("decode")).unwrap(), Target::CpuLlvm, None).unwrap().cascade,
+    )
+    .unwrap();
+    let c = &decode.cascade;
+    let inner = c.split_pairs()[0].1;
+    let along = |name: &str| {
+        let einsum = c.einsums.iter().find(|e| c.tensor(e.target).name == name).unwrap();
+        let v = einsum.lhs_indices().find(|i| i.rank == inner).unwrap();
+        unread_past_valid(c, einsum, v)
+    };
+    assert!(along("BQK") && along("SLN"), "{}", print_program(&decode));
+    // A tile read one point ahead (`S[m1, m0 + 1, p]`) is read past the valid points: there it
+    // must hold nothing, not the previous tile's values (the loop over tiles keeps one tile).
+    let source = "
+kernel shifted {
+  rank M, P, M0 = 4, M1 = M / M0
+  input A[M, P]
+  R[0, p] = 0
+  S[m1, m0, p] = exp(A[m1 * M0 + m0, p])
+  T[m1, m0, p] = S[m1, m0 + 1, p] + S[m1, m0, p]
+  R[m1 + 1, p] = R[m1, p] * 0.5 + sum[m0](T[m1, m0, p])
+  output R
+}
+kernel bare {
+  rank M, P, M0 = 4, M1 = M / M0
+  input A[M, P]
+  R[0, p] = 0
+  S[m1, m0, p] = exp(A[m1 * M0 + m0, p])
+  T[m1, m0, p] = S[m1, m0, p] * 2
+  R[m1 + 1, p] = R[m1, p] * 0.5 + sum[m0](T[m1, m0, p])
+  output R
+}";
+    let program = einfuse::Program::from_source("ragged.ein", source).unwrap();
+    for (name, unread) in [("shifted", false), ("bare", true)] {
+        let kernel = program.kernel(Some(name)).unwrap();
+        let s = kernel.einsums.iter().find(|e| kernel.tensor(e.target).name == "S").unwrap();
+        let v = s.lhs_indices().find(|i| kernel.rank(i.rank).name == "M0").unwrap();
+        assert_eq!(unread_past_valid(kernel, s, v), unread, "{name}");
+        agrees_on_both_tiers(kernel, name, &[(1, 3), (6, 9), (7, 16), (13, 33), (9, 64), (5, 130)]);
+    }
+}

@@ -472,11 +472,14 @@ impl<'a, 'f> Gen<'a, 'f> {
                     g.vreduce_rows(red, &[], &[lanes], super::vector::Block::single(r))
                 });
                 self.fold_across(op, lanes, acc);
-                self.for_loop_from(r, done, extent, 1, &mut |g| g.reduce_loops(red, rest, acc));
+                self.for_loop_from(r, done, end, 1, &mut |g| g.reduce_loops(red, rest, acc));
                 return;
             }
         }
-        self.for_loop(*first, extent, &mut |g| g.reduce_loops(red, rest, acc));
+        // Points past a split pair's valid ones add nothing.
+        let end = self.valid_rows(*first).unwrap_or(extent);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.for_loop_from(*first, zero, end, 1, &mut |g| g.reduce_loops(red, rest, acc));
     }
 
     /// Evaluates an Einsum at every point of its left-hand side not bound by an enclosing loop.
@@ -507,7 +510,6 @@ impl<'a, 'f> Gen<'a, 'f> {
             self.compute_point(einsum);
             return;
         };
-        let extent = self.extents[first.rank.index()];
         let narrow = |v: Index| matches!(self.cascade().rank(v.rank).extent, Extent::Fixed(n) if (n as i64) < super::vector::LANES);
         if rest.len() == 1
             && !narrow(rest[0])
@@ -520,7 +522,6 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let rows = super::vector::BLOCK_ROWS;
                 let zero = self.b.ins().iconst(types::I64, 0);
                 let done = self.for_loop_from(u, zero, end, rows, &mut |g| {
-                    let extent_v = g.extents[v.rank.index()];
                     let zero = g.b.ins().iconst(types::I64, 0);
                     let lanes = super::vector::LANES;
                     let columns = super::vector::BLOCK_COLUMNS;
@@ -531,13 +532,15 @@ impl<'a, 'f> Gen<'a, 'f> {
                     let block = Block { columns: 1, ..block };
                     let done =
                         g.for_loop_from(v, done, vector_end, lanes, &mut |g| g.compute_vector_rows(einsum, block));
-                    g.for_loop_from(v, done, extent_v, 1, &mut |g| {
+                    let written_v = g.written_end(einsum, v);
+                    g.for_loop_from(v, done, written_v, 1, &mut |g| {
                         for k in 0..rows {
                             g.with_offset(u, k, &mut |g| g.compute_point(einsum));
                         }
                     });
                 });
-                self.for_loop_from(u, done, extent, 1, &mut |g| g.compute_loops(einsum, rest));
+                let written = self.written_end(einsum, u);
+                self.for_loop_from(u, done, written, 1, &mut |g| g.compute_loops(einsum, rest));
                 return;
             }
         }
@@ -564,7 +567,8 @@ impl<'a, 'f> Gen<'a, 'f> {
             let done = self.for_loop_from(*first, zero, vector_end, super::vector::LANES, &mut |g| {
                 g.compute_vector(einsum, *first)
             });
-            self.for_loop_from(*first, done, extent, 1, &mut |g| g.compute_point(einsum));
+            let written = self.written_end(einsum, *first);
+            self.for_loop_from(*first, done, written, 1, &mut |g| g.compute_point(einsum));
             return;
         }
         if rest.is_empty() && crate::schedule::lanes::lane_rows(self.program, einsum, *first) {
@@ -574,11 +578,25 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let (u, rows) = (*first, super::vector::BLOCK_ROWS);
                 let zero = self.b.ins().iconst(types::I64, 0);
                 let done = self.for_loop_from(u, zero, end, rows, &mut |g| g.compute_lane_rows(einsum, u, rows));
-                self.for_loop_from(u, done, extent, 1, &mut |g| g.compute_point(einsum));
+                let written = self.written_end(einsum, u);
+                self.for_loop_from(u, done, written, 1, &mut |g| g.compute_point(einsum));
                 return;
             }
         }
-        self.for_loop(*first, extent, &mut |g| g.compute_loops(einsum, rest));
+        let written = self.written_end(einsum, *first);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.for_loop_from(*first, zero, written, 1, &mut |g| g.compute_loops(einsum, rest));
+    }
+
+    /// The end of the points of `u` at which `einsum` is computed: for the inner index of a split
+    /// pair whose points past the valid ones nobody reads (`layout::unread_past_valid`), the
+    /// valid ones; otherwise the whole extent.
+    pub(super) fn written_end(&mut self, einsum: &Einsum, u: Index) -> Value {
+        let extent = self.extents[u.rank.index()];
+        if !crate::schedule::layout::unread_past_valid(self.cascade(), einsum, u) {
+            return extent;
+        }
+        self.valid_rows(u).unwrap_or(extent)
     }
 
     /// The end of `u`'s rows that are all valid: its extent, or for the inner index of a split

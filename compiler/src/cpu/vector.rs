@@ -461,10 +461,11 @@ impl Gen<'_, '_> {
                 return;
             }
         }
-        let extent = self.extents[first.rank.index()];
+        // Points past a split pair's valid ones add nothing.
+        let end = self.valid_rows(*first).unwrap_or(self.extents[first.rank.index()]);
         let first = *first;
         let zero = self.b.ins().iconst(types::I64, 0);
-        self.for_loop_from(first, zero, extent, 1, &mut |g| g.vreduce_rows(red, rest, accumulators, block));
+        self.for_loop_from(first, zero, end, 1, &mut |g| g.vreduce_rows(red, rest, accumulators, block));
     }
 
     /// `value` times the constant factored out of a sum, if any.

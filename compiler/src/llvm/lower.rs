@@ -2060,6 +2060,20 @@ impl<'a> Lowering<'a> {
         Some(self.ins(format!("select i1 {negative}, i64 0, i64 {limit}")))
     }
 
+    /// The end of the points of `index` at which `einsum` is computed: on the host, for the inner
+    /// index of a split pair whose points past the valid ones nobody reads
+    /// (`layout::unread_past_valid`), the valid ones; otherwise the whole extent.
+    fn written_end(&mut self, einsum: &Einsum, index: Index) -> String {
+        let extent = self.extents[index.rank.index()].clone();
+        if self.flavor != Flavor::Host
+            || self.unroll.contains(&index)
+            || !crate::schedule::layout::unread_past_valid(self.cascade(), einsum, index)
+        {
+            return extent;
+        }
+        self.valid_points(index).unwrap_or(extent)
+    }
+
     fn compute(&mut self, id: EinsumId) {
         let einsum = &self.cascade().einsums[id.index()];
         let free: Vec<Index> = einsum.lhs_indices().filter(|i| !self.env.iter().any(|(bound, _)| bound == i)).collect();
@@ -2194,8 +2208,8 @@ impl<'a> Lowering<'a> {
             self.compute_map(einsum, *first);
             return;
         }
-        let extent = self.extents[first.rank.index()].clone();
-        self.for_loop(*first, "0", &extent, &mut |g| g.compute_loops(einsum, rest));
+        let end = self.written_end(einsum, *first);
+        self.for_loop(*first, "0", &end, &mut |g| g.compute_loops(einsum, rest));
     }
 
     /// Whether a reduction can run with the innermost left-hand index `v` inside it (CPU only: on
@@ -2354,7 +2368,7 @@ impl<'a> Lowering<'a> {
     /// An element-wise Einsum a vector of points at a time along `v`, the last points one by one.
     fn compute_map(&mut self, einsum: &'a Einsum, v: Index) {
         let lanes = self.lanes;
-        let n = self.extents[v.rank.index()].clone();
+        let n = self.written_end(einsum, v);
         let main = self.lane_blocks_end(v);
         self.for_loop_step(v, "0", &main, lanes, &mut |g| {
             let t = Ty(g.lanes);
@@ -2432,7 +2446,7 @@ impl<'a> Lowering<'a> {
         if self.streams_input(einsum, u, v) {
             match u {
                 Some(u) => {
-                    let n = self.extents[u.rank.index()].clone();
+                    let n = self.written_end(einsum, u);
                     self.for_loop(u, "0", &n, &mut |g| g.wide_row_blocks(einsum, v));
                 }
                 None => self.wide_row_blocks(einsum, v),
@@ -2442,7 +2456,7 @@ impl<'a> Lowering<'a> {
         match u {
             None => self.block_rows(einsum, None, 1, v),
             Some(u) => {
-                let n = self.extents[u.rank.index()].clone();
+                let n = self.written_end(einsum, u);
                 // Whole blocks only over valid rows: for a split pair, those inside the whole rank.
                 let valid_rows = self.valid_points(u).unwrap_or_else(|| n.clone());
                 let rest = self.ins(format!("srem i64 {valid_rows}, {ROWS}"));
@@ -2451,7 +2465,7 @@ impl<'a> Lowering<'a> {
                 // stays in cache while every block of rows passes over it, and the rows' operand
                 // (a tile of keys or values) is read once per block of columns.
                 let (lanes, columns) = (self.lanes, BLOCK_COLUMNS);
-                let nv = self.extents[v.rank.index()].clone();
+                let nv = self.written_end(einsum, v);
                 let vectors_end = self.lane_blocks_end(v);
                 let rest_v = self.ins(format!("srem i64 {vectors_end}, {}", lanes * columns));
                 let wide_end = self.ins(format!("sub i64 {vectors_end}, {rest_v}"));
@@ -2480,7 +2494,7 @@ impl<'a> Lowering<'a> {
     fn wide_row_blocks(&mut self, einsum: &'a Einsum, v: Index) {
         let lanes = self.lanes;
         let columns = (64 / lanes).clamp(1, 8);
-        let n = self.extents[v.rank.index()].clone();
+        let n = self.written_end(einsum, v);
         let valid = self.valid_points(v).unwrap_or_else(|| n.clone());
         let rest = self.ins(format!("srem i64 {valid}, {}", lanes * columns));
         let wide_end = self.ins(format!("sub i64 {valid}, {rest}"));
@@ -2496,7 +2510,7 @@ impl<'a> Lowering<'a> {
     fn block_rows(&mut self, einsum: &'a Einsum, u: Option<Index>, rows: usize, v: Index) {
         let lanes = self.lanes;
         let columns = BLOCK_COLUMNS;
-        let n = self.extents[v.rank.index()].clone();
+        let n = self.written_end(einsum, v);
         let main = self.lane_blocks_end(v);
         let rest = self.ins(format!("srem i64 {main}, {}", lanes * columns));
         let wide_end = self.ins(format!("sub i64 {main}, {rest}"));

@@ -169,6 +169,38 @@ pub fn always_inside(cascade: &Cascade, subscript: &Affine, rank: RankId) -> boo
     }
 }
 
+/// Whether the points of `einsum`'s target past the last valid point of the split pair whose
+/// inner index is `v` are never read, so that a step need not write them: the target is a
+/// temporary, neither an output nor an iterate, and every read of it anywhere names the pair's
+/// tile and inner positions by bare indices of those ranks with the same primes, which the
+/// reader binds and whose validity it checks before reading (`walk::valid_pairs`). A ragged last
+/// tile then costs only its valid points, and a tile longer than the call's keys (decode's 4096)
+/// costs nothing past them.
+pub fn unread_past_valid(cascade: &Cascade, einsum: &Einsum, v: Index) -> bool {
+    let Some((tile, _, _)) = cascade.split_pairs().into_iter().find(|(_, inner, _)| *inner == v.rank) else {
+        return false;
+    };
+    let target = einsum.target;
+    let temporary = matches!(cascade.tensor(target).kind, TensorKind::Defined { iterative: None })
+        && !cascade.outputs.iter().any(|o| o.tensor == target);
+    let ranks = &cascade.tensor(target).ranks;
+    let once = |rank: RankId| ranks.iter().filter(|r| **r == rank).count() == 1;
+    temporary
+        && once(tile)
+        && once(v.rank)
+        && cascade.einsums.iter().all(|reader| {
+            reader.reads().iter().filter(|(t, _)| *t == target).all(|(_, subscripts)| {
+                let at = |rank: RankId| {
+                    ranks.iter().position(|r| *r == rank).and_then(|p| match &subscripts[p] {
+                        Affine::Index(i) if i.rank == rank => Some(i.primes),
+                        _ => None,
+                    })
+                };
+                matches!((at(tile), at(v.rank)), (Some(a), Some(b)) if a == b)
+            })
+        })
+}
+
 /// The extents a buffer stores: a position kept for the current step only holds one, a recurrence
 /// kept as two slots holds two.
 pub fn stored_shape(shape: &[u64], slots: &[Slot]) -> Vec<u64> {
