@@ -8,6 +8,8 @@
 //!   (below `EXP_LO`, as the GPU's `ex2.approx.ftz`), above 89 infinity. A subnormal float costs
 //!   the CPU a microcode assist in every instruction that makes or reads one, and attention makes
 //!   many (keys far below a row's maximum); the difference from the exact result is below 1.2e-38.
+//!   Where the argument cannot be positive (`sigmoid`, `softplus`), the same bits in fewer steps:
+//!   no upper clamp and `2^n` applied at once (`Range::NonPositive`).
 //! - `log`: Cephes' `logf`: `x = m 2^e` with `m` in `[sqrt(1/2), sqrt(2))`, a degree-8
 //!   polynomial in `m - 1`; subnormals scaled by 2^23 first.
 //! - `tanh`: a rational function, `x N(x^2) / D(x^2)` of degrees 11 and 8, with `x` clamped to
@@ -80,21 +82,41 @@ fn horner(coefficients: &[f32], x: f32) -> f32 {
 }
 
 pub fn exp(x: f32) -> f32 {
+    exp_in(x, Range::Any)
+}
+
+/// `exp` of an argument known not to be positive (`exp(-|x|)` in `sigmoid` and `softplus`), with
+/// the same bits as `exp` there: no upper clamp, and `2^n` (`n >= -126`) applied at once.
+pub fn exp_nonpositive(x: f32) -> f32 {
+    exp_in(x, Range::NonPositive)
+}
+
+/// Which arguments an exponential takes: any float, or those at most 0 (or NaN).
+#[derive(Clone, Copy, PartialEq)]
+pub enum Range {
+    Any,
+    NonPositive,
+}
+
+fn exp_in(x: f32, range: Range) -> f32 {
     if x.is_nan() {
         return x;
     }
     let below = x < EXP_LO;
-    let x2 = x.clamp(EXP_LO, EXP_HI);
+    let x2 = if below { EXP_LO } else { x };
+    let x2 = if range == Range::Any && x2 > EXP_HI { EXP_HI } else { x2 };
     let n = x2.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
     let r = n.mul_add(EXP_LN2_HI, x2);
     let r = n.mul_add(EXP_LN2_LO, r);
     let p = horner(&EXP_POLY, r);
-    let mut y = p.mul_add(r * r, r) + 1.0;
+    let y = p.mul_add(r * r, r) + 1.0;
     let n = n as i32;
-    let first = n >> 1;
-    for k in [first, n - first] {
-        y *= f32::from_bits(((k + 127) as u32) << 23);
-    }
+    let power = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    let y = match range {
+        // Up to 2^128, past the largest power of two a float holds: two factors.
+        Range::Any => y * power(n >> 1) * power(n - (n >> 1)),
+        Range::NonPositive => y * power(n),
+    };
     if below {
         0.0
     } else {
@@ -144,7 +166,7 @@ pub fn tanh(x: f32) -> f32 {
 }
 
 pub fn sigmoid(x: f32) -> f32 {
-    let e = exp(-x.abs());
+    let e = exp_nonpositive(-x.abs());
     let q = 1.0 / (e + 1.0);
     if x < 0.0 {
         e * q
@@ -157,8 +179,33 @@ pub fn softplus(x: f32) -> f32 {
     if x.is_nan() {
         return x;
     }
-    let y = exp(-x.abs());
+    let y = exp_nonpositive(-x.abs());
     let log1p = y * horner(&LOG1P_POLY, y);
     let part = if x > 0.0 { x } else { 0.0 };
     part + log1p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `exp_nonpositive` is `exp` where it applies, bit for bit: every 61st float from -0 down to
+    /// past `EXP_LO`, the ends and NaN.
+    #[test]
+    fn the_nonpositive_exponential_is_the_exponential() {
+        let mut bits = (-0.0f32).to_bits();
+        let last = (EXP_LO * 1.5).to_bits();
+        let mut checked = 0;
+        while bits <= last {
+            let x = f32::from_bits(bits);
+            assert_eq!(exp_nonpositive(x).to_bits(), exp(x).to_bits(), "at {x:e}");
+            bits += 61;
+            checked += 1;
+        }
+        assert!(checked > 10_000_000, "{checked}");
+        for x in [0.0, -0.0, EXP_LO, -f32::MIN_POSITIVE, f32::NEG_INFINITY, -f32::MAX] {
+            assert_eq!(exp_nonpositive(x).to_bits(), exp(x).to_bits(), "at {x:e}");
+        }
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+    }
 }

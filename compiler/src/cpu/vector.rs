@@ -62,9 +62,10 @@ impl Gen<'_, '_> {
     }
 
     /// `exp` in lanes, as Cephes' `expf`: `x = n ln 2 + r`, a degree-6 polynomial in `r`, and
-    /// `2^n` applied in two halves; 0 where the result would be subnormal (below `EXP_LO`),
-    /// above 89 infinity, and NaN stays NaN (the same code as the LLVM tier's).
-    fn vector_exp(&mut self, x: Value) -> Value {
+    /// `2^n` applied in two halves (at once for `Range::NonPositive`); 0 where the result would be
+    /// subnormal (below `EXP_LO`), above 89 infinity, and NaN stays NaN (the same code as the LLVM
+    /// tier's and `math::exp`).
+    fn vector_exp(&mut self, x: Value, range: math::Range) -> Value {
         let constant = |g: &mut Self, c: f32| {
             let s = g.b.ins().f32const(c);
             g.splat(s)
@@ -74,13 +75,18 @@ impl Gen<'_, '_> {
             g.b.ins().splat(types::I32X4, s)
         };
         let lo = constant(self, math::EXP_LO);
-        let hi = constant(self, math::EXP_HI);
         let below = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let below = self.as_floats(below);
         let x1 = self.b.ins().bitselect(below, lo, x);
-        let above = self.b.ins().fcmp(FloatCC::GreaterThan, x1, hi);
-        let above = self.as_floats(above);
-        let x2 = self.b.ins().bitselect(above, hi, x1);
+        let x2 = match range {
+            math::Range::Any => {
+                let hi = constant(self, math::EXP_HI);
+                let above = self.b.ins().fcmp(FloatCC::GreaterThan, x1, hi);
+                let above = self.as_floats(above);
+                self.b.ins().bitselect(above, hi, x1)
+            }
+            math::Range::NonPositive => x1,
+        };
         let log2e = constant(self, std::f32::consts::LOG2_E);
         let half = constant(self, 0.5);
         let t = self.b.ins().fma(x2, log2e, half);
@@ -95,9 +101,14 @@ impl Gen<'_, '_> {
         let one = constant(self, 1.0);
         let mut y = self.b.ins().fadd(y, one);
         let ni = self.b.ins().fcvt_to_sint_sat(types::I32X4, n);
-        let first = self.b.ins().sshr_imm_s(ni, 1);
-        let second = self.b.ins().isub(ni, first);
-        for k in [first, second] {
+        let factors = match range {
+            math::Range::Any => {
+                let first = self.b.ins().sshr_imm_s(ni, 1);
+                vec![first, self.b.ins().isub(ni, first)]
+            }
+            math::Range::NonPositive => vec![ni],
+        };
+        for k in factors {
             let bias = integer(self, 127);
             let biased = self.b.ins().iadd(k, bias);
             let bits = self.b.ins().ishl_imm_s(biased, 23);
@@ -206,7 +217,7 @@ impl Gen<'_, '_> {
     fn vector_sigmoid(&mut self, x: Value) -> Value {
         let a = self.b.ins().fabs(x);
         let na = self.b.ins().fneg(a);
-        let e = self.vector_exp(na);
+        let e = self.vector_exp(na, math::Range::NonPositive);
         let one = self.vconst(1.0);
         let d = self.b.ins().fadd(e, one);
         let q = self.b.ins().fdiv(one, d);
@@ -219,7 +230,7 @@ impl Gen<'_, '_> {
     fn vector_softplus(&mut self, x: Value) -> Value {
         let a = self.b.ins().fabs(x);
         let na = self.b.ins().fneg(a);
-        let y = self.vector_exp(na);
+        let y = self.vector_exp(na, math::Range::NonPositive);
         let p = self.vector_horner(&math::LOG1P_POLY, y);
         let log1p = self.b.ins().fmul(y, p);
         let zero = self.vconst(0.0);
@@ -679,7 +690,7 @@ impl Gen<'_, '_> {
                         let zero = self.splat(zero);
                         self.b.ins().fmax(x, zero)
                     }
-                    UnaryOp::Exp => self.vector_exp(x),
+                    UnaryOp::Exp => self.vector_exp(x, math::Range::Any),
                     UnaryOp::Log => self.vector_log(x),
                     UnaryOp::Tanh => self.vector_tanh(x),
                     UnaryOp::Sigmoid => self.vector_sigmoid(x),

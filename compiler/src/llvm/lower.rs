@@ -1523,10 +1523,10 @@ impl<'a> Lowering<'a> {
     /// in two halves; 0 where the result would be subnormal (see `math`). `lanes` is 1
     /// for a scalar, else the vector width.
     fn host_exp(&mut self, x: &str) -> String {
-        self.host_exp_lanes(x, 1)
+        self.host_exp_lanes(x, 1, math::Range::Any)
     }
 
-    fn host_exp_lanes(&mut self, x: &str, lanes: usize) -> String {
+    fn host_exp_lanes(&mut self, x: &str, lanes: usize, range: math::Range) -> String {
         let t = Ty(lanes);
         let (f, i, b, s) = (t.float(), t.int(), t.bool(), t.suffix());
         let [lo, hi, log2e, a_half, ln2_hi, ln2_lo, one] =
@@ -1534,8 +1534,13 @@ impl<'a> Lowering<'a> {
                 .map(|k| self.vector_constant(t, k));
         let below = self.ins(format!("fcmp olt {f} {x}, {lo}"));
         let x1 = self.ins(format!("select {b} {below}, {f} {lo}, {f} {x}"));
-        let above = self.ins(format!("fcmp ogt {f} {x1}, {hi}"));
-        let x2 = self.ins(format!("select {b} {above}, {f} {hi}, {f} {x1}"));
+        let x2 = match range {
+            math::Range::Any => {
+                let above = self.ins(format!("fcmp ogt {f} {x1}, {hi}"));
+                self.ins(format!("select {b} {above}, {f} {hi}, {f} {x1}"))
+            }
+            math::Range::NonPositive => x1,
+        };
         let fma = |g: &mut Self, a: &str, m: &str, c: &str| {
             g.ins(format!("call {f} @llvm.fma.{s}({f} {a}, {f} {m}, {f} {c})"))
         };
@@ -1552,10 +1557,15 @@ impl<'a> Lowering<'a> {
         let y = fma(self, &p, &rr, &r);
         let y = self.ins(format!("fadd {f} {y}, {one}"));
         let ni = self.ins(format!("fptosi {f} {n} to {i}"));
-        let half = self.ins(format!("ashr {i} {ni}, {}", t.int_constant(1)));
-        let other = self.ins(format!("sub {i} {ni}, {half}"));
+        let factors = match range {
+            math::Range::Any => {
+                let half = self.ins(format!("ashr {i} {ni}, {}", t.int_constant(1)));
+                vec![half.clone(), self.ins(format!("sub {i} {ni}, {half}"))]
+            }
+            math::Range::NonPositive => vec![ni],
+        };
         let mut scaled = y;
-        for k in [half, other] {
+        for k in factors {
             let biased = self.ins(format!("add {i} {k}, {}", t.int_constant(127)));
             let bits = self.ins(format!("shl {i} {biased}, {}", t.int_constant(23)));
             let factor = self.ins(format!("bitcast {i} {bits} to {f}"));
@@ -1579,7 +1589,7 @@ impl<'a> Lowering<'a> {
             UnaryOp::Sigmoid => {
                 let a = fabs(self, x);
                 let na = self.ins(format!("fneg {f} {a}"));
-                let e = self.host_exp_lanes(&na, lanes);
+                let e = self.host_exp_lanes(&na, lanes, math::Range::NonPositive);
                 let d = self.ins(format!("fadd {f} {e}, {one}"));
                 let q = self.ins(format!("fdiv {f} {one}, {d}"));
                 let eq = self.ins(format!("fmul {f} {e}, {q}"));
@@ -1614,7 +1624,7 @@ impl<'a> Lowering<'a> {
             UnaryOp::Softplus => {
                 let a = fabs(self, x);
                 let na = self.ins(format!("fneg {f} {a}"));
-                let y = self.host_exp_lanes(&na, lanes);
+                let y = self.host_exp_lanes(&na, lanes, math::Range::NonPositive);
                 let mut p = self.vector_constant(t, math::LOG1P_POLY[0]);
                 for c in &math::LOG1P_POLY[1..] {
                     let c = self.vector_constant(t, *c);
@@ -2781,7 +2791,7 @@ impl<'a> Lowering<'a> {
                     UnaryOp::Abs => self.ins(format!("call {f} @llvm.fabs.{s}({f} {x})")),
                     UnaryOp::Sqrt => self.ins(format!("call {f} @llvm.sqrt.{s}({f} {x})")),
                     UnaryOp::Relu => self.vextremum("ogt", &x, &t.constant(0.0)),
-                    UnaryOp::Exp => self.host_exp_lanes(&x, w),
+                    UnaryOp::Exp => self.host_exp_lanes(&x, w, math::Range::Any),
                     UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus => {
                         self.host_function_lanes(*op, &x, w)
                     }
