@@ -613,16 +613,23 @@ fn bench(
             .collect();
         Ok(compiler::shapes::bind_extents(k.cascade(), &options.bindings, &shapes)?)
     };
-    let time = |k: &compiler::cpu::CpuKernel| -> Result<f64, Error> {
-        let extents = extents_of(k)?;
-        k.run_threads(&extents, &slices, threads)?;
-        let mut samples = Vec::new();
-        for _ in 0..runs {
-            let start = Instant::now();
-            std::hint::black_box(k.run_threads(&extents, &slices, threads)?);
-            samples.push(start.elapsed().as_secs_f64());
+    // The fused and the unfused kernel run by turns, so that a burst of load elsewhere on the
+    // machine slows both alike rather than one of them: the medians of each.
+    let time = |kernels: [&compiler::cpu::CpuKernel; 2]| -> Result<[f64; 2], Error> {
+        let extents = [extents_of(kernels[0])?, extents_of(kernels[1])?];
+        let mut samples = [Vec::new(), Vec::new()];
+        for (k, e) in kernels.iter().zip(&extents) {
+            k.run_threads(e, &slices, threads)?;
         }
-        Ok(median(samples))
+        for _ in 0..runs {
+            for ((k, e), samples) in kernels.iter().zip(&extents).zip(&mut samples) {
+                let start = Instant::now();
+                std::hint::black_box(k.run_threads(e, &slices, threads)?);
+                samples.push(start.elapsed().as_secs_f64());
+            }
+        }
+        let [fused, unfused] = samples;
+        Ok([median(fused), median(unfused)])
     };
     let tiers: Vec<(&'static str, bool)> = match target {
         BenchTarget::Cpu => vec![("cpu", false)],
@@ -658,11 +665,12 @@ fn bench(
                 Some(median(samples))
             }
         };
+        let [median_s, unfused_median_s] = time([fused, &unfused])?;
         results.push(BenchResult {
             tier,
             split_median_s,
-            median_s: time(fused)?,
-            unfused_median_s: time(&unfused)?,
+            median_s,
+            unfused_median_s,
             compile_s: median(compile_times),
             peak_extra_bytes: fused.peak_scratch_bytes(&extents_of(fused)?, threads),
             unfused_extra_bytes: unfused.peak_scratch_bytes(&extents, threads),
