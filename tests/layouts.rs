@@ -195,6 +195,9 @@ fn longer_key_tiles_only_for_short_runs() {
         assert_eq!(tile("benches/pytorch.ein", "decode", target), Some(Extent::Fixed(own)));
         assert_eq!(tile("benches/pytorch.ein", "prefill_hep", target), Some(Extent::Fixed(own)));
         assert_eq!(tile("examples/attention.ein", "attention", target), Some(Extent::Fixed(own)));
+        // Every query `m'` of a self-attention reads the step's tile of `K[e, m]`, though `K` has
+        // the queries' rank.
+        assert_eq!(tile("examples/masks.ein", "document_mask", target), Some(Extent::Fixed(own)));
     }
     // An explicit tile is kept.
     let program = einfuse::Program::from_file(&common::root().join("examples/variants.ein")).unwrap();

@@ -309,11 +309,14 @@ pub fn longer_host_tile(program: &LoopProgram) -> Option<u64> {
                 .iter()
                 .any(|r| !is_batch_rank(c, *r) && !matches!(c.rank(*r).extent, Extent::Fixed(n) if n < 8));
             // The points of the Einsum that read the same element of the tile: its indices
-            // outside the split pair whose ranks the input does not have.
+            // outside the split pair that no subscript of the read names (the queries `m'` of a
+            // self-attention read `K[e, m1 * M0 + m0]`, though `K` has their rank).
+            let mut named = Vec::new();
+            subscripts.iter().for_each(|s| s.for_each_index(&mut |i| named.push(i)));
             let readers = einsum
                 .lhs_indices()
                 .filter(|i| !pairs.iter().any(|(t, inner, _)| i.rank == *t || i.rank == *inner))
-                .filter(|i| !tensor.ranks.contains(&i.rank))
+                .filter(|i| !named.contains(i))
                 .map(|i| match c.rank(i.rank).extent {
                     Extent::Fixed(n) => n,
                     _ => u64::MAX,
