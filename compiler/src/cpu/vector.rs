@@ -690,7 +690,10 @@ impl Gen<'_, '_> {
                         let zero = self.splat(zero);
                         self.b.ins().fmax(x, zero)
                     }
-                    UnaryOp::Exp => self.vector_exp(x, math::Range::Any),
+                    UnaryOp::Exp => {
+                        let range = crate::schedule::sign::exp_range(&self.program.cascade, arg);
+                        self.vector_exp(x, range)
+                    }
                     UnaryOp::Log => self.vector_log(x),
                     UnaryOp::Tanh => self.vector_tanh(x),
                     UnaryOp::Sigmoid => self.vector_sigmoid(x),

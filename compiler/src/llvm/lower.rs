@@ -2791,7 +2791,10 @@ impl<'a> Lowering<'a> {
                     UnaryOp::Abs => self.ins(format!("call {f} @llvm.fabs.{s}({f} {x})")),
                     UnaryOp::Sqrt => self.ins(format!("call {f} @llvm.sqrt.{s}({f} {x})")),
                     UnaryOp::Relu => self.vextremum("ogt", &x, &t.constant(0.0)),
-                    UnaryOp::Exp => self.host_exp_lanes(&x, w, math::Range::Any),
+                    UnaryOp::Exp => {
+                        let range = crate::schedule::sign::exp_range(self.cascade(), arg);
+                        self.host_exp_lanes(&x, w, range)
+                    }
                     UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus => {
                         self.host_function_lanes(*op, &x, w)
                     }

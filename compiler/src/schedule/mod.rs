@@ -10,7 +10,8 @@
 //! This folder is the scheduling layer: what more than one emitter needs to know about a
 //! program is decided here once (`layout`, `lanes`, `full_steps`), the host tiers' packed panels
 //! are made here (`pack`), sums are folded into the running outputs they update (`accumulate`),
-//! divisions by constants become multiplications (`reciprocal`), filters that restate a split
+//! divisions by constants become multiplications (`reciprocal`), exponentials that never see a
+//! positive argument are found (`sign`), filters that restate a split
 //! pair's validity are dropped (`validity`), what both host emitters compute the same way is
 //! written here once over their primitives (`walk`), and every program is checked by `verify`
 //! before an emitter sees it.
@@ -21,6 +22,7 @@ pub mod lanes;
 pub mod layout;
 pub mod pack;
 pub mod reciprocal;
+pub mod sign;
 pub mod stream;
 pub mod tensor_cores;
 pub mod validity;
