@@ -205,10 +205,10 @@ pub fn schedule_kernel(written: &Cascade, options: &BuildOptions) -> Result<Sche
 pub fn host_tier(target: Target) -> HostTier {
     #[cfg(feature = "llvm")]
     if target == Target::CpuLlvm {
-        return HostTier { lanes: crate::compiler::llvm::lower::host_lanes() };
+        return crate::compiler::llvm::lower::host_tier();
     }
     let _ = target;
-    HostTier { lanes: crate::compiler::cpu::LANES as usize }
+    crate::compiler::cpu::TIER
 }
 
 /// `cascade` with its params overridden.

@@ -20,7 +20,7 @@ fn every_scheduled_kernel_verifies() {
         let optimized = einfuse::optimize(kernel).unwrap().cascade;
         for cascade in [kernel, &optimized] {
             // Both host tiers: Cranelift's 4 lanes (no staged tiles) and 8 (staged tiles).
-            let host = |lanes| schedule_host(cascade, HostTier { lanes }).unwrap();
+            let host = |lanes| schedule_host(cascade, HostTier { lanes, registers: 16 }).unwrap();
             for program in [schedule(cascade).unwrap(), host(4), host(8)] {
                 verify(&program).unwrap_or_else(|e| panic!("{e}"));
             }
@@ -72,11 +72,11 @@ fn hand_staged_tiles_keep_the_batch_rank() {
     let kernel = common::kernels_in("examples").into_iter().find(|k| k.name == "attention_1pass").unwrap();
     let p = (0..kernel.ranks.len()).map(RankId::new).find(|r| kernel.rank(*r).name == "P").unwrap();
     assert!(is_batch_rank(&kernel, p));
-    let narrow = schedule_host(&kernel, HostTier { lanes: 4 }).unwrap();
+    let narrow = schedule_host(&kernel, HostTier { lanes: 4, registers: 16 }).unwrap();
     let text = print_program(&narrow);
     assert!(!text.contains("BK") && !text.contains("BV") && !text.contains("staged"), "{text}");
     assert!(is_batch_rank(&narrow.cascade, p));
-    let wide = print_program(&schedule_host(&kernel, HostTier { lanes: 8 }).unwrap());
+    let wide = print_program(&schedule_host(&kernel, HostTier { lanes: 8, registers: 16 }).unwrap());
     assert!(wide.contains("staged_K[e, m1, m0] = K[e, m1 * M0 + m0]"), "{wide}");
     assert!(wide.contains("V[f, m1 * M0 + m0]") && !wide.contains("staged_V"), "{wide}");
     let threads = schedule_threads(&kernel).unwrap();

@@ -13,7 +13,7 @@ mod induction;
 mod vector;
 
 pub use crate::host::{object_symbol, CodegenError, CpuKernel, KernelFn, MAX_CALL_BYTES};
-pub use vector::LANES;
+pub use vector::{LANES, TIER};
 
 use cranelift_codegen::ir::{types, AbiParam, InstBuilder, UserFuncName};
 use cranelift_codegen::settings::{self, Configurable};

@@ -15,12 +15,14 @@ use crate::schedule::lanes::{invariant_factors, reduction, Reduction};
 
 pub const LANES: i64 = 4;
 
-/// Rows of a register block (see `Gen::compute_vector_rows`).
-pub const BLOCK_ROWS: i64 = 4;
+/// The tier Cranelift's code runs on: vectors of four floats in x86-64's sixteen registers.
+pub const TIER: crate::schedule::HostTier = crate::schedule::HostTier { lanes: LANES as usize, registers: 16 };
 
-/// Vectors side by side in a register block: with `BLOCK_ROWS`, eight accumulators, a broadcast
-/// per row and a vector per column leave room in x86-64's sixteen vector registers.
-pub const BLOCK_COLUMNS: i64 = 2;
+/// Rows of a register block (see `Gen::compute_vector_rows`), from the layer's shape for the tier.
+pub const BLOCK_ROWS: i64 = crate::schedule::lanes::register_block(TIER).rows as i64;
+
+/// Vectors side by side in a register block.
+pub const BLOCK_COLUMNS: i64 = crate::schedule::lanes::register_block(TIER).columns as i64;
 
 /// Vectors side by side in a block along a streamed input (see `streams_input`): 32 points, two
 /// cache lines per step of the reduction, eight accumulators.

@@ -386,14 +386,16 @@ impl Ty {
 /// The vector widths the host flavour may use, for its intrinsic declarations.
 const HOST_WIDTHS: [usize; 3] = [4, 8, 16];
 
-/// The lanes of the host's widest float vectors: 16 with AVX-512, 8 with AVX, else 4.
-/// A register block on the host: rows along `u` by vectors side by side along `v`. Eight
-/// accumulators, a vector shared by the rows and a broadcast per row fit AVX2's sixteen registers;
-/// measured on prefill (P = M = 1024, AVX2): 4 x 2 at 53-59 GFLOP/s against 44 for 4 x 1, 36-43
-/// for 6 x 2, 4 x 3 and 3 x 3 (which spill), and 46-53 for 2 x 4 and 8 x 1.
-const BLOCK_ROWS: usize = 4;
-const BLOCK_COLUMNS: usize = 2;
+/// The host's tier: its widest float vectors and its vector registers.
+pub fn host_tier() -> crate::schedule::HostTier {
+    #[cfg(target_arch = "x86_64")]
+    let registers = if std::is_x86_feature_detected!("avx512f") { 32 } else { 16 };
+    #[cfg(not(target_arch = "x86_64"))]
+    let registers = 32;
+    crate::schedule::HostTier { lanes: host_lanes(), registers }
+}
 
+/// The lanes of the host's widest float vectors: 16 with AVX-512, 8 with AVX, else 4.
 pub fn host_lanes() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
@@ -435,6 +437,8 @@ pub(super) struct Lowering<'a> {
     env: Vec<(Index, String)>,
     /// Float lanes of the register blocks (host only).
     lanes: usize,
+    /// The register blocks' shape for the host's tier (`lanes::register_block`).
+    block: crate::schedule::lanes::RegisterShape,
     /// Reduced inner indices of split pairs whose loops stop at the last valid point, so that
     /// their pairs need no check (see `reduced_loop`).
     bounded: Vec<Index>,
@@ -509,6 +513,7 @@ impl<'a> Lowering<'a> {
             env: vec![],
             // The host emulation of a thread kernel runs the GPU's code, one point at a time.
             lanes: if flavor == Flavor::Host && abi == Abi::Cpu { host_lanes() } else { 1 },
+            block: crate::schedule::lanes::register_block(host_tier()),
             bounded: vec![],
             full_steps: None,
             thread_full_steps: None,
@@ -2314,7 +2319,7 @@ impl<'a> Lowering<'a> {
         self.reduced_loop(*first, &mut |g| g.interchanged_loops(einsum, red, rest, v, extent));
     }
 
-    /// Whether an interchangeable reduction runs as register blocks on the host: `ROWS` points
+    /// Whether an interchangeable reduction runs as register blocks on the host: `lanes::register_block` rows
     /// along `u` (the next free index out, if any) by one vector of points along `v`, the
     /// accumulators in registers while the reduced indices run. Its body must hold no other
     /// reduction, read `v` only at positions of `v`'s rank, and `u` must not be in a split pair.
@@ -2452,7 +2457,7 @@ impl<'a> Lowering<'a> {
     }
 
     fn compute_blocked(&mut self, einsum: &'a Einsum, u: Option<Index>, v: Index) {
-        const ROWS: usize = BLOCK_ROWS;
+        let rows = self.block.rows;
         if self.streams_input(einsum, u, v) {
             match u {
                 Some(u) => {
@@ -2469,12 +2474,12 @@ impl<'a> Lowering<'a> {
                 let n = self.written_end(einsum, u);
                 // Whole blocks only over valid rows: for a split pair, those inside the whole rank.
                 let valid_rows = self.valid_points(u).unwrap_or_else(|| n.clone());
-                let rest = self.ins(format!("srem i64 {valid_rows}, {ROWS}"));
+                let rest = self.ins(format!("srem i64 {valid_rows}, {rows}"));
                 let main = self.ins(format!("sub i64 {valid_rows}, {rest}"));
                 // Columns outside, rows inside: the columns' part of the operand read in lanes
                 // stays in cache while every block of rows passes over it, and the rows' operand
                 // (a tile of keys or values) is read once per block of columns.
-                let (lanes, columns) = (self.lanes, BLOCK_COLUMNS);
+                let (lanes, columns) = (self.lanes, self.block.columns);
                 let nv = self.written_end(einsum, v);
                 let vectors_end = self.lane_blocks_end(v);
                 let rest_v = self.ins(format!("srem i64 {vectors_end}, {}", lanes * columns));
@@ -2482,7 +2487,7 @@ impl<'a> Lowering<'a> {
                 let spans = [("0".to_string(), wide_end.clone(), columns), (wide_end, vectors_end.clone(), 1)];
                 for (start, end, width) in spans {
                     self.for_loop_step(v, &start, &end, lanes * width, &mut |g| {
-                        g.for_loop_step(u, "0", &main, ROWS, &mut |g| g.vector_block(einsum, Some(u), ROWS, v, width));
+                        g.for_loop_step(u, "0", &main, rows, &mut |g| g.vector_block(einsum, Some(u), rows, v, width));
                         g.for_loop_step(u, &main, &n, 1, &mut |g| g.vector_block(einsum, Some(u), 1, v, width));
                     });
                 }
@@ -2519,7 +2524,7 @@ impl<'a> Lowering<'a> {
     /// `rows` rows: whole vectors along `v`, then the last points one by one.
     fn block_rows(&mut self, einsum: &'a Einsum, u: Option<Index>, rows: usize, v: Index) {
         let lanes = self.lanes;
-        let columns = BLOCK_COLUMNS;
+        let columns = self.block.columns;
         let n = self.written_end(einsum, v);
         let main = self.lane_blocks_end(v);
         let rest = self.ins(format!("srem i64 {main}, {}", lanes * columns));

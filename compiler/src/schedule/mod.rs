@@ -148,6 +148,8 @@ pub fn schedule_threads(cascade: &Cascade) -> Result<LoopProgram, ScheduleError>
 pub struct HostTier {
     /// The floats in one of its vectors: 4 for Cranelift's 128-bit code, 8 or 16 for LLVM's.
     pub lanes: usize,
+    /// Its vector registers: 16 on x86-64 (SSE, AVX2), 32 with AVX-512.
+    pub registers: usize,
 }
 
 /// Schedules `cascade` for a host tier: tiles staged as written read in place (`pack::unstage`),
