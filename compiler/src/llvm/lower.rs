@@ -2075,12 +2075,14 @@ impl<'a> Lowering<'a> {
         Some(self.ins(format!("select i1 {negative}, i64 0, i64 {limit}")))
     }
 
-    /// The end of the points of `index` at which `einsum` is computed: on the host, for the inner
+    /// The end of the points of `index` at which `einsum` is computed: on the CPU, for the inner
     /// index of a split pair whose points past the valid ones nobody reads
     /// (`layout::unread_past_valid`), the valid ones; otherwise the whole extent.
     fn written_end(&mut self, einsum: &Einsum, index: Index) -> String {
         let extent = self.extents[index.rank.index()].clone();
+        // The host emulation of a thread kernel keeps the GPU kernel's bounds.
         if self.flavor != Flavor::Host
+            || self.abi != Abi::Cpu
             || self.unroll.contains(&index)
             || !crate::schedule::layout::unread_past_valid(self.cascade(), einsum, index)
         {

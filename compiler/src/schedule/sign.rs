@@ -23,8 +23,9 @@ const DEPTH: usize = 6;
 /// The arguments `exp(arg)` can see: `NonPositive` where `arg` is `a - b` with `b` bounding `a`
 /// from above, or `-|x|`.
 pub fn exp_range(cascade: &Cascade, arg: &Expr) -> Range {
+    let outer = Frame { pairs: cascade.split_pairs(), ..Frame::default() };
     let nonpositive = match arg {
-        Expr::Binary(BinaryOp::Sub, a, b) => at_least(cascade, b, &Frame::default(), a, DEPTH),
+        Expr::Binary(BinaryOp::Sub, a, b) => at_least(cascade, b, &outer, a, DEPTH),
         Expr::Unary(UnaryOp::Neg, x) => matches!(**x, Expr::Unary(UnaryOp::Abs, _)),
         _ => false,
     };
@@ -43,9 +44,34 @@ struct Frame {
     mapped: Vec<(Index, Affine)>,
     free: Vec<Index>,
     bound: Vec<(Index, Index)>,
+    /// The split pairs: a reduction over a pair's inner index covers only the points valid
+    /// with its tile index.
+    pairs: Vec<(RankId, RankId, RankId)>,
 }
 
 impl Frame {
+    /// Whether the free index `i` may stand for the argument's index `j` (the same rank): the
+    /// reduction over `i` reaches every point `j` takes. For the inner index of a split pair it
+    /// reaches only those valid with the frame's tile index, so that index must be `j`'s own
+    /// tile index (`LM[m1, p] = max[m0](...)` read at `LM[m1, p]` bounds a score at `m1, m0`,
+    /// not one at another tile or one not in a pair at all).
+    fn may_stand_for(&self, i: Index, j: Index) -> bool {
+        if i.rank != j.rank {
+            return false;
+        }
+        match self.pairs.iter().find(|(t, inner, _)| *inner == i.rank || *t == i.rank) {
+            None => true,
+            Some((tile, inner, _)) if *inner == i.rank => {
+                let own = Index { rank: *tile, primes: i.primes };
+                let theirs = Affine::Index(Index { rank: *tile, primes: j.primes });
+                self.mapped.iter().any(|(m, sub)| *m == own && *sub == theirs)
+                    || (self.mapped.is_empty() && !self.free.contains(&own) && i.primes == j.primes)
+            }
+            // A tile index reduced freely: its inner index's range depends on it.
+            Some(_) => false,
+        }
+    }
+
     /// Whether subscript `b` (in this frame) is subscript `a` (in the argument's), binding free
     /// indices on the way.
     fn same_affine(&mut self, b: &Affine, a: &Affine) -> bool {
@@ -54,7 +80,7 @@ impl Frame {
                 let Affine::Index(j) = a else { return false };
                 match self.bound.iter().find(|(f, _)| f == i) {
                     Some((_, k)) => k == j,
-                    None if i.rank == j.rank => {
+                    None if self.may_stand_for(*i, *j) => {
                         self.bound.push((*i, *j));
                         true
                     }
@@ -132,11 +158,16 @@ fn at_least(cascade: &Cascade, b: &Expr, frame: &Frame, a: &Expr, depth: usize) 
             for (lhs, sub) in definition.lhs.iter().zip(at) {
                 match (lhs, sub) {
                     (Lhs::Index(i), sub) => mapped.push((*i, sub)),
-                    (Lhs::Next(i), Affine::Add(x, one)) if *one == Affine::Const(1) => mapped.push((*i, *x)),
+                    // `R[j + 1]` for an index `j` (never -1) is the recurrence at `j`.
+                    (Lhs::Next(i), Affine::Add(x, one))
+                        if *one == Affine::Const(1) && matches!(*x, Affine::Index(_)) =>
+                    {
+                        mapped.push((*i, *x))
+                    }
                     _ => return false,
                 }
             }
-            let inner = Frame { mapped, free: Vec::new(), bound: Vec::new() };
+            let inner = Frame { mapped, pairs: frame.pairs.clone(), ..Frame::default() };
             at_least(cascade, &definition.body, &inner, a, depth - 1)
         }
         _ => false,
