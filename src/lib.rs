@@ -553,12 +553,13 @@ pub fn compile_ptx(cascade: &Cascade, sm: &str) -> Result<String, Error> {
 
 /// The largest absolute and relative (`|a - b| / (1 + |b|)`) differences between one output of
 /// a run and the interpreter's, both rounded to the output's storage type. NaN against NaN
-/// agrees; NaN against a number (or infinities of opposite signs) is as far off as can be.
+/// agrees, and so do equal infinities; NaN against a number, or an infinity against anything
+/// else, is as far off as can be.
 pub fn output_difference(dtype: DType, got: &[f32], want: &[f32]) -> (f64, f64) {
     let (mut worst_abs, mut worst_rel) = (0.0f64, 0.0f64);
     for (a, b) in got.iter().zip(want) {
         let (a, b) = (dtype.round(*a) as f64, dtype.round(*b) as f64);
-        if a.is_nan() && b.is_nan() {
+        if (a.is_nan() && b.is_nan()) || a == b {
             continue;
         }
         let abs = match (a - b).abs() {
@@ -566,7 +567,9 @@ pub fn output_difference(dtype: DType, got: &[f32], want: &[f32]) -> (f64, f64) 
             d => d,
         };
         worst_abs = worst_abs.max(abs);
-        worst_rel = worst_rel.max(abs / (1.0 + b.abs()));
+        // An infinity against any other value differs by everything (`inf / inf` would be NaN,
+        // which `max` passes over).
+        worst_rel = worst_rel.max(if b.is_infinite() { f64::INFINITY } else { abs / (1.0 + b.abs()) });
     }
     (worst_abs, worst_rel)
 }
@@ -584,4 +587,18 @@ pub fn unit_in_last_place(dtype: DType) -> f64 {
 pub fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(|a, b| a.total_cmp(b));
     samples[samples.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_infinity_against_a_number_is_as_far_off_as_can_be() {
+        let inf = f32::INFINITY;
+        assert_eq!(output_difference(DType::F32, &[1.0, inf, f32::NAN], &[1.0, inf, f32::NAN]), (0.0, 0.0));
+        assert_eq!(output_difference(DType::F32, &[-1.0e30], &[inf]).1, f64::INFINITY);
+        assert_eq!(output_difference(DType::F32, &[inf], &[3.0]).1, f64::INFINITY);
+        assert_eq!(output_difference(DType::F32, &[-inf], &[inf]).1, f64::INFINITY);
+    }
 }
