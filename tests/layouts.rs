@@ -405,3 +405,25 @@ kernel bare {
         agrees_on_both_tiers(kernel, name, &[(1, 3), (6, 9), (7, 16), (13, 33), (9, 64), (5, 130)]);
     }
 }
+
+/// A recurrence that is itself the output is kept whole, not in two alternating slots: a step that
+/// its causal mask empties carries it to its next point (Cranelift panicked there).
+#[test]
+fn an_output_recurrence_is_carried_over_empty_steps() {
+    let source = "
+kernel causal {
+  rank M, P, M0 = 8, M1 = M / M0
+  input A[M, P], B[M, P]
+  RM[0, p] = -inf
+  RD[0, p] = 0
+  S[m1, m0, p] = A[m1 * M0 + m0, p] where m1 * M0 + m0 <= p
+  LM[m1, p] = max[m0](S[m1, m0, p])
+  RM[m1 + 1, p] = max(RM[m1, p], LM[m1, p])
+  E[m1, m0, p] = exp(S[m1, m0, p] - RM[m1 + 1, p])
+  RD[m1 + 1, p] = RD[m1, p] * exp(RM[m1, p] - RM[m1 + 1, p]) + sum[m0](E[m1, m0, p] * B[m1 * M0 + m0, p])
+  output RD
+}";
+    let program = einfuse::Program::from_source("carried.ein", source).unwrap();
+    let kernel = program.kernel(Some("causal")).unwrap();
+    agrees_on_both_tiers(kernel, "causal", &[(5, 3), (20, 3), (37, 9), (16, 16), (41, 64)]);
+}

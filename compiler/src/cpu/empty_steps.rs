@@ -10,7 +10,7 @@ use cranelift_codegen::ir::{types, InstBuilder, Value};
 
 use super::codegen::Gen;
 use crate::ir::*;
-use crate::schedule::{Node, Slot};
+use crate::schedule::{BufferRole, Node, Slot};
 
 impl Gen<'_, '_> {
     /// One step of the loop over `index`: the body up to the Einsum writing `skip`, then the
@@ -40,8 +40,8 @@ impl Gen<'_, '_> {
         for node in body {
             let Node::Compute { einsum } = node else { continue };
             let einsum = &c.einsums[einsum.index()];
-            if einsum.recurrence_index() == Some(index) {
-                self.carry_over(einsum.target.index(), index);
+            if let Some(position) = einsum.lhs.iter().position(|l| *l == Lhs::Next(index)) {
+                self.carry_over(einsum.target.index(), index, position);
             }
         }
     }
@@ -91,23 +91,33 @@ impl Gen<'_, '_> {
         self.b.ins().icmp_imm_s(IntCC::NotEqual, seen, 0)
     }
 
-    /// Copies the current iterate of recurrence buffer `b` (values and mask) into its next slot.
-    fn carry_over(&mut self, b: usize, index: Index) {
-        let d = self.program.buffers[b].slots.iter().position(|s| *s == Slot::Alternate).expect("two slots");
+    /// Copies the current iterate of recurrence buffer `b` (values and mask), which iterates at
+    /// position `d`, into its next slot: the other of two alternating slots of a scratch buffer,
+    /// or the next point of a recurrence kept whole (an output, which may be a window of the
+    /// caller's array, so copied point by point through its strides).
+    fn carry_over(&mut self, b: usize, index: Index, d: usize) {
+        let step = self.index(index);
+        let following = self.b.ins().iadd_imm_s(step, 1);
+        let (current, following) = match self.program.buffers[b].slots[d] {
+            Slot::Alternate => (self.b.ins().band_imm_s(step, 1), self.b.ins().band_imm_s(following, 1)),
+            _ => (step, following),
+        };
+        let inner = self.strides[b][d];
+        let from = self.b.ins().imul(current, inner);
+        let to = self.b.ins().imul(following, inner);
+        if self.program.buffers[b].role != BufferRole::Temp {
+            let others: Vec<usize> = (0..self.strides[b].len()).filter(|k| *k != d).collect();
+            let zero = self.b.ins().iconst(types::I64, 0);
+            self.copy_points(b, &others, zero, (from, to));
+            return;
+        }
         let mut outer = self.b.ins().iconst(types::I64, 1);
         for k in 0..d {
             let n = self.stored_dim(b, k);
             outer = self.b.ins().imul(outer, n);
         }
-        let inner = self.strides[b][d];
         let slots = self.stored_dim(b, d);
         let block = self.b.ins().imul(slots, inner);
-        let step = self.index(index);
-        let current = self.b.ins().band_imm_s(step, 1);
-        let following = self.b.ins().iadd_imm_s(step, 1);
-        let following = self.b.ins().band_imm_s(following, 1);
-        let from = self.b.ins().imul(current, inner);
-        let to = self.b.ins().imul(following, inner);
         let (values, mask) = (self.values[b], self.masks[b]);
         let zero = self.b.ins().iconst(types::I64, 0);
         let value_bytes = self.b.ins().ishl_imm_s(inner, 2);
@@ -123,6 +133,34 @@ impl Gen<'_, '_> {
                 let (sa, ta) = (g.b.ins().iadd(mask, source), g.b.ins().iadd(mask, target));
                 g.copy_bytes(ta, sa, inner);
             }
+        });
+    }
+
+    /// Copies every point of buffer `b` over `positions` (at `offset` so far) from the slot at
+    /// `slots.0` to the one at `slots.1`, values and mask.
+    fn copy_points(&mut self, b: usize, positions: &[usize], offset: Value, slots: (Value, Value)) {
+        let Some((&k, rest)) = positions.split_first() else {
+            let flags = cranelift_codegen::ir::MemFlagsData::new().with_notrap();
+            let (source, target) = (self.b.ins().iadd(offset, slots.0), self.b.ins().iadd(offset, slots.1));
+            let (sb, tb) = (self.b.ins().ishl_imm_s(source, 2), self.b.ins().ishl_imm_s(target, 2));
+            let (sa, ta) = (self.b.ins().iadd(self.values[b], sb), self.b.ins().iadd(self.values[b], tb));
+            let x = self.b.ins().load(types::F32, flags, sa, 0);
+            self.b.ins().store(flags, x, ta, 0);
+            if let Some(mask) = self.masks[b] {
+                let (sa, ta) = (self.b.ins().iadd(mask, source), self.b.ins().iadd(mask, target));
+                let m = self.b.ins().load(types::I8, flags, sa, 0);
+                self.b.ins().store(flags, m, ta, 0);
+            }
+            return;
+        };
+        let n = self.stored_dim(b, k);
+        let stride = self.strides[b][k];
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.counted_loop(zero, n, 1, &mut |g, counter| {
+            let i = g.b.use_var(counter);
+            let at = g.b.ins().imul(i, stride);
+            let at = g.b.ins().iadd(offset, at);
+            g.copy_points(b, rest, at, slots);
         });
     }
 
