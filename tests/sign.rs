@@ -145,6 +145,28 @@ fn exponentials_below_their_maximum_are_found_however_written() {
     assert!(written.iter().all(|(_, r)| *r == Range::NonPositive) && !written.is_empty());
 }
 
+/// Runs `kernel` on both CPU tiers and the interpreter and checks every output point: an
+/// infinity must be one in both, a finite value within a relative `tolerance`.
+fn agrees_with_interpreter(kernel: &Cascade, name: &str, extents: &[u64], inputs: &[Vec<f32>], tolerance: f32) {
+    let slices: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+    let data: Vec<Vec<f64>> = inputs.iter().map(|x| x.iter().map(|v| *v as f64).collect()).collect();
+    let wide: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
+    let want = interpret(kernel, extents, &wide, InterpLimits::default()).unwrap();
+    for target in [Target::Cpu, Target::CpuLlvm] {
+        let built = einfuse::build(kernel, &BuildOptions::new(target)).unwrap();
+        let got = built.run(extents, &slices, 2).unwrap();
+        for (g, w) in got[0].iter().zip(&want[0]) {
+            let w = *w as f32;
+            let agree = if w.is_infinite() || g.is_infinite() {
+                *g == w
+            } else {
+                (g - w).abs() <= tolerance * w.abs().max(1e-30)
+            };
+            assert!(agree, "{name} on {target:?}: {g} against {w}");
+        }
+    }
+}
+
 /// Both CPU tiers compute what the interpreter does with the input `S` spread over [-200, 200]
 /// (an infinity must be one in both), in lanes (67 queries) and in the scalar tails.
 #[test]
@@ -172,23 +194,7 @@ fn positive_arguments_keep_the_clamped_exponential() {
         } else {
             inputs.iter().map(|x| x.to_vec()).collect()
         };
-        let slices: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-        let data: Vec<Vec<f64>> = inputs.iter().map(|x| x.iter().map(|v| *v as f64).collect()).collect();
-        let wide: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
-        let want = interpret(kernel, &extents, &wide, InterpLimits::default()).unwrap();
-        for target in [Target::Cpu, Target::CpuLlvm] {
-            let built = einfuse::build(kernel, &BuildOptions::new(target)).unwrap();
-            let got = built.run(&extents, &slices, 2).unwrap();
-            for (g, w) in got[0].iter().zip(&want[0]) {
-                let w = *w as f32;
-                let agree = if w.is_infinite() || g.is_infinite() {
-                    *g == w
-                } else {
-                    (g - w).abs() <= 1e-5 * w.abs().max(1e-30)
-                };
-                assert!(agree, "{name} on {target:?}: {g} against {w}");
-            }
-        }
+        agrees_with_interpreter(kernel, name, &extents, &inputs, 1e-5);
     }
 }
 
@@ -212,22 +218,6 @@ fn maxima_of_other_tiles_and_initial_values_bound_nothing() {
                 (0..n).map(|i| ((i * 7919 % 401) as f32 / 200.0 - 1.0) * spread).collect()
             })
             .collect();
-        let slices: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-        let data: Vec<Vec<f64>> = inputs.iter().map(|x| x.iter().map(|v| *v as f64).collect()).collect();
-        let wide: Vec<&[f64]> = data.iter().map(Vec::as_slice).collect();
-        let want = interpret(kernel, &extents, &wide, InterpLimits::default()).unwrap();
-        for target in [Target::Cpu, Target::CpuLlvm] {
-            let built = einfuse::build(kernel, &BuildOptions::new(target)).unwrap();
-            let got = built.run(&extents, &slices, 2).unwrap();
-            for (g, w) in got[0].iter().zip(&want[0]) {
-                let w = *w as f32;
-                let agree = if w.is_infinite() || g.is_infinite() {
-                    *g == w
-                } else {
-                    (g - w).abs() <= 5e-4 * w.abs().max(1e-30)
-                };
-                assert!(agree, "{name} on {target:?}: {g} against {w}");
-            }
-        }
+        agrees_with_interpreter(kernel, name, &extents, &inputs, 5e-4);
     }
 }
