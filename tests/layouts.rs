@@ -357,6 +357,110 @@ kernel written_in_lanes {
     }
 }
 
+/// A sum read by an element-wise Einsum that does more than add to it (a score modification:
+/// soft-capping, a bias from positions, a sigmoid) folds into that Einsum, under its statement
+/// filter too, where the reader reads nothing that may be undefined; the register block applies
+/// the rest to its accumulators. Both tiers against the interpreter, folded or not.
+#[test]
+fn score_modifications_fold_into_the_contraction() {
+    let source = "
+kernel capped {
+  rank F = 5, M, P
+  input A[M, P], B[F, M], C[F, P]
+  S[f, p] = sum[m](A[m, p] * B[f, m])
+  X[f, p] = 3 * tanh(S[f, p] * 0.1) + C[f, p]
+  output X
+}
+kernel biased_under_a_filter {
+  rank F = 5, M, P
+  input A[M, P], B[F, M], W[F]
+  S[f, p] = sum[m](A[m, p] * B[f, m])
+  X[f, p] = W[f] * (f - p) + S[f, p] * 0.5 where f <= p + 2
+  output X
+}
+kernel inside_a_function {
+  rank F = 5, M, P
+  input A[M, P], B[F, M], C[F, P]
+  S[f, p] = sum[m](A[m, p] * B[f, m])
+  X[f, p] = exp(C[f, p] - S[f, p]) where f <= p
+  output X
+}
+kernel masked_read_under_a_filter {
+  rank F = 5, M, P
+  input A[M, P], B[F, M], C[F, P]
+  S[f, p] = sum[m](A[m, p] * B[f, m])
+  D[f, p] = C[f, p] where C[f, p] > -0.5
+  X[f, p] = S[f, p] + D[f, p] where f <= p
+  output X
+}
+kernel read_in_the_filter {
+  rank F = 5, M, P
+  input A[M, P], B[F, M]
+  S[f, p] = sum[m](A[m, p] * B[f, m])
+  X[f, p] = tanh(S[f, p]) where S[f, p] > 0
+  output X
+}
+kernel read_twice_in_the_value {
+  rank F = 5, M, P
+  input A[M, P], B[F, M]
+  S[f, p] = sum[m](A[m, p] * B[f, m])
+  X[f, p] = S[f, p] * sigmoid(S[f, p])
+  output X
+}";
+    let program = einfuse::Program::from_source("modified.ein", source).unwrap();
+    let expected = [
+        ("capped", 1),
+        ("biased_under_a_filter", 1),
+        ("inside_a_function", 1),
+        ("masked_read_under_a_filter", 0),
+        ("read_in_the_filter", 0),
+        ("read_twice_in_the_value", 0),
+    ];
+    for (name, folds) in expected {
+        let kernel = program.kernel(Some(name)).unwrap();
+        let scheduled = einfuse::compiler::schedule::schedule(kernel).unwrap();
+        let planned = einfuse::compiler::schedule::accumulate::plan(&scheduled);
+        assert_eq!(planned.len(), folds, "{name}: {planned:?}");
+        agrees_on_both_tiers(kernel, name, &[(1, 3), (7, 9), (16, 16), (13, 33), (9, 64), (5, 130)]);
+    }
+    // ALiBi with soft-capping under a causal mask, written other ways: the terms swapped, other
+    // index names, the scale inside the score. Each folds (no scores tensor is left in the
+    // streamed loop) and agrees with the interpreter at ragged sizes, masked rows among them.
+    let alibi = std::fs::read_to_string(common::root().join("benches/pytorch.ein")).unwrap();
+    let start = alibi.find("kernel alibi_softcap_causal").unwrap();
+    let alibi = &alibi[start..start + alibi[start..].find("\n}").unwrap() + 2];
+    let rewritings = [
+        alibi.to_string(),
+        alibi.replace(
+            "cap * tanh(QK[h, p, m] / cap) + Slope[h] * (m - p)",
+            "Slope[h] * (m - p) + tanh(QK[h, p, m] / cap) * cap",
+        ),
+        [
+            ("[h, p, ", "[h, p', "),
+            ("[h, p]", "[h, p']"),
+            (", m]", ", m']"),
+            ("[h, m, ", "[h, m', "),
+            ("max[m]", "max[m']"),
+        ]
+        .iter()
+        .fold(alibi.to_string(), |text, (from, to)| text.replace(from, to))
+        .replace("(m - p) where m <= p", "(m' - p') where m' <= p'"),
+        alibi
+            .replace("K[h, m, e] * scale", "K[h, m, e]")
+            .replace("tanh(QK[h, p, m] / cap)", "tanh(QK[h, p, m] * scale / cap)"),
+    ];
+    for (k, text) in rewritings.iter().enumerate() {
+        let text = text.replace("rank H = 8, E = 64, F = 64", "rank H = 2, E = 8, F = 8");
+        let program = einfuse::Program::from_source("alibi.ein", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let kernel = &program.kernels[0];
+        let options = BuildOptions { tile: Some(16), ..BuildOptions::new(Target::Cpu) };
+        let loops = print_program(&einfuse::pipeline::schedule_kernel(kernel, &options).unwrap().loops[0]);
+        let streamed = &loops[loops.find("loop ").unwrap()..];
+        assert!(streamed.contains("tanh(sum["), "rewriting {k}: the scores stay apart\n{loops}");
+        agrees_on_both_tiers(kernel, &format!("alibi rewriting {k}"), &[(1, 1), (7, 9), (16, 16), (33, 40), (130, 77)]);
+    }
+}
+
 #[test]
 fn a_ragged_tile_writes_its_invalid_points_only_where_they_are_read() {
     use einfuse::compiler::schedule::layout::unread_past_valid;

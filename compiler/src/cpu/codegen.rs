@@ -75,6 +75,9 @@ pub struct Gen<'a, 'f> {
     pub cell: usize,
     /// The variant for steps that every filter admits whole (see `full_steps`).
     pub full_steps: Option<&'a crate::schedule::full_steps::FullSteps>,
+    /// While a register block's epilogue is evaluated, the value its reduction stands for: four
+    /// lanes, or one point in a block of rows (see `lanes::Reduction`).
+    pub reduced: Option<Value>,
 }
 
 impl<'a, 'f> Gen<'a, 'f> {
@@ -334,6 +337,9 @@ impl<'a, 'f> Gen<'a, 'f> {
 
     /// The value of an expression and whether it is defined.
     fn expr(&mut self, expr: &Expr) -> (Value, Def) {
+        if let (Expr::Reduce { .. }, Some(x)) = (expr, self.reduced) {
+            return (x, None);
+        }
         match expr {
             Expr::Const(c) => (self.b.ins().f32const(*c as f32), None),
             Expr::Param(p) => {
@@ -552,7 +558,7 @@ impl<'a, 'f> Gen<'a, 'f> {
         if let Some(vector_end) = vector_end {
             let v = *first;
             let mut zero = self.b.ins().iconst(types::I64, 0);
-            if crate::schedule::lanes::blockable_reduction(einsum)
+            if crate::schedule::lanes::blockable_reduction(self.program, einsum)
                 && crate::schedule::lanes::streams_input(self.program, einsum, None, v)
             {
                 // A strided input streamed: blocks of vectors side by side, whole cache lines

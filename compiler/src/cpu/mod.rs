@@ -78,6 +78,7 @@ fn define<M: Module>(
             planned: vec![],
             cell: 0,
             full_steps: full_steps.as_ref(),
+            reduced: None,
         };
         g.prologue(params);
         g.nodes(&program.body);

@@ -5,7 +5,7 @@
 //! or has `v` as the bare last subscript (four contiguous values). Definedness travels as an
 //! i32x4 lane mask. Functions without a vector form (`exp`, ...) are called lane by lane.
 
-use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, Endianness, InstBuilder, MemFlagsData, Value};
 
 use super::codegen::{Def, Gen};
@@ -365,22 +365,17 @@ impl Gen<'_, '_> {
         let red = Reduction { body, epilogue: None, ..red };
         self.vreduce_rows(red, indices, &accumulators, block);
         let scale = factored.map(|(_, s)| s);
-        // `blockable_reduction` admits a term added after the reduction only without a filter.
+        // Under a filter, an epilogue reads only points that always exist (`blockable_reduction`).
         let values_only = early_mask && !einsum.filter.is_empty();
         self.each_cell(block, &mut |g, k| {
             let value = g.b.use_var(accumulators[k]);
             let value = g.scaled(value, scale);
+            let (value, dy) = g.epilogue(epilogue, value, Some(v));
             if values_only {
                 let offset = g.target_offset(einsum);
                 g.store_values(buffer, offset, value, None);
             } else {
-                let (value, defined) = match epilogue {
-                    Some(term) => {
-                        let (y, dy) = g.vexpr(term, v);
-                        (g.b.ins().fadd(value, y), g.and_def(passes[k], dy))
-                    }
-                    None => (value, passes[k]),
-                };
+                let defined = g.and_def(passes[k], dy);
                 g.store_vector(einsum, value, defined);
             }
         });
@@ -437,12 +432,7 @@ impl Gen<'_, '_> {
                 let s = g.b.ins().f32const(scale);
                 value = g.b.ins().fmul(value, s);
             }
-            let mut defined = None;
-            if let Some(term) = epilogue {
-                let (y, dy) = g.expr_scalar(term);
-                value = g.b.ins().fadd(value, y);
-                defined = dy;
-            }
+            let (value, defined) = g.epilogue(epilogue, value, None);
             g.store_point(einsum, value, defined);
         });
     }
@@ -636,8 +626,24 @@ impl Gen<'_, '_> {
         crate::schedule::walk::conjunction(self, conds, Some(v))
     }
 
+    /// A register block's result (`value`: four lanes along `v`, or one point without `v`)
+    /// through the reduction's epilogue, if any (see `lanes::Reduction`), and its definedness.
+    fn epilogue(&mut self, epilogue: Option<&Expr>, value: Value, v: Option<Index>) -> (Value, Def) {
+        let Some(around) = epilogue else { return (value, None) };
+        self.reduced = Some(value);
+        let result = match v {
+            Some(v) => self.vexpr(around, v),
+            None => self.expr_scalar(around),
+        };
+        self.reduced = None;
+        result
+    }
+
     /// Four lanes of an expression and their definedness.
     pub(super) fn vexpr(&mut self, expr: &Expr, v: Index) -> (Value, Def) {
+        if let (Expr::Reduce { .. }, Some(x)) = (expr, self.reduced) {
+            return (x, None);
+        }
         if let Expr::Access { tensor, .. } = expr {
             if let Some(offset) = self.planned_offset(expr) {
                 let in_lanes = expr.mentions(v);
@@ -645,7 +651,10 @@ impl Gen<'_, '_> {
                 return self.planned_load(tensor.index(), offset, in_lanes, known);
             }
         }
-        if !expr.mentions(v) && !matches!(expr, Expr::Reduce { .. }) {
+        if !expr.mentions(v)
+            && !matches!(expr, Expr::Reduce { .. })
+            && !(self.reduced.is_some() && expr.holds_reduction())
+        {
             let (x, d) = self.expr_scalar(expr);
             let x = self.splat(x);
             let d = self.lanes(d);
@@ -655,14 +664,37 @@ impl Gen<'_, '_> {
             Expr::Index(_) => {
                 let i = self.index(v);
                 let i = self.b.ins().iadd(i, self.bases[v.rank.index()]);
-                let f = self.b.ins().fcvt_from_sint(types::F32, i);
-                let f = self.splat(f);
-                let steps =
-                    self.b.func.dfg.constants.insert(
-                        [0.0f32, 1.0, 2.0, 3.0].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into(),
-                    );
-                let steps = self.b.ins().vconst(types::F32X4, steps);
-                (self.b.ins().fadd(f, steps), None)
+                // Positions that fit in 32 bits convert four at once; the others lane by lane.
+                // Both give the bits the scalar path's conversion gives.
+                let shifted = self.b.ins().iadd_imm_s(i, 1 << 31);
+                let fits = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, shifted, (1i64 << 32) - LANES);
+                let (narrow, wide, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+                self.b.append_block_param(join, types::F32X4);
+                self.b.ins().brif(fits, narrow, &[], wide, &[]);
+                self.b.switch_to_block(narrow);
+                let i32s = self.b.ins().ireduce(types::I32, i);
+                let i32s = self.b.ins().splat(types::I32X4, i32s);
+                let steps = self
+                    .b
+                    .func
+                    .dfg
+                    .constants
+                    .insert([0i32, 1, 2, 3].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into());
+                let steps = self.b.ins().vconst(types::I32X4, steps);
+                let i32s = self.b.ins().iadd(i32s, steps);
+                let small = self.b.ins().fcvt_from_sint(types::F32X4, i32s);
+                self.b.ins().jump(join, &[small.into()]);
+                self.b.switch_to_block(wide);
+                let first = self.b.ins().fcvt_from_sint(types::F32, i);
+                let mut large = self.splat(first);
+                for k in 1..LANES {
+                    let ik = self.b.ins().iadd_imm_s(i, k);
+                    let fk = self.b.ins().fcvt_from_sint(types::F32, ik);
+                    large = self.b.ins().insertlane(large, fk, k as u8);
+                }
+                self.b.ins().jump(join, &[large.into()]);
+                self.b.switch_to_block(join);
+                (self.b.block_params(join)[0], None)
             }
             Expr::Access { tensor, subscripts } => {
                 let coords = self.coordinates(*tensor, subscripts);

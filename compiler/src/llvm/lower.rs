@@ -444,6 +444,9 @@ pub(super) struct Lowering<'a> {
     bounded: Vec<Index>,
     /// The variant for steps that every filter admits whole (see `schedule::full_steps`).
     full_steps: Option<&'a crate::schedule::full_steps::FullSteps>,
+    /// While a register block's epilogue is evaluated, the vector its reduction stands for (see
+    /// `lanes::Reduction`).
+    reduced: Option<String>,
     /// The same, for the steps of a thread kernel that keep register buffers (see
     /// `full_or_partial_step`).
     thread_full_steps: Option<&'a crate::schedule::full_steps::FullSteps>,
@@ -516,6 +519,7 @@ impl<'a> Lowering<'a> {
             block: crate::schedule::lanes::register_block(host_tier()),
             bounded: vec![],
             full_steps: None,
+            reduced: None,
             thread_full_steps: None,
             staged,
             views: vec![],
@@ -2326,7 +2330,7 @@ impl<'a> Lowering<'a> {
     /// accumulators in registers while the reduced indices run. Its body must hold no other
     /// reduction, read `v` only at positions of `v`'s rank, and `u` must not be in a split pair.
     fn blockable(&self, einsum: &Einsum, u: Option<Index>, v: Index) -> bool {
-        let plain = self.abi == Abi::Cpu && crate::schedule::lanes::blockable_reduction(einsum);
+        let plain = self.abi == Abi::Cpu && crate::schedule::lanes::blockable_reduction(self.program, einsum);
         if self.flavor != Flavor::Host || self.lanes < 2 || !plain || !self.lanes_along(einsum, v) {
             return false;
         }
@@ -2567,18 +2571,10 @@ impl<'a> Lowering<'a> {
             self.scale_accumulators(&accumulators, factor);
             self.each_vector(u, rows, v, columns, &mut |g, k| {
                 let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
-                match epilogue {
-                    // The term added after the reduction (`blockable_reduction` admits one only
-                    // without a statement filter): its lanes' definedness is the points'.
-                    Some(term) => {
-                        let (y, defined) = g.vexpr(term, v);
-                        let value = g.ins(format!("fadd contract {f} {value}, {y}"));
-                        match defined {
-                            Some(holds) => g.store_masked_row(einsum, &value, &holds),
-                            None => g.store_row(einsum, &value, "1"),
-                        }
-                    }
-                    None => g.store_row(einsum, &value, "1"),
+                // Without a statement filter, the epilogue's definedness is the points'.
+                match g.epilogue(epilogue, value, v) {
+                    (value, Some(holds)) => g.store_masked_row(einsum, &value, &holds),
+                    (value, None) => g.store_row(einsum, &value, "1"),
                 }
             });
         } else {
@@ -2610,20 +2606,32 @@ impl<'a> Lowering<'a> {
             self.when(Some(any), &mut |g| g.block_reduce(red, indices, (u, rows, v, columns), &accumulators));
             self.scale_accumulators(&accumulators, factor);
             self.each_vector(u, rows, v, columns, &mut |g, k| {
+                // Under a filter, an epilogue reads only points that always exist
+                // (`blockable_reduction`).
+                let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
+                let (value, _) = g.epilogue(epilogue, value, v);
                 if early_mask {
-                    let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
                     let (address, _) = g.target_address(einsum);
                     let vector = g.ins(format!("bitcast float* {address} to {f}*"));
                     g.emit(format!("store {f} {value}, {f}* {vector}, align 4"));
                     return;
                 }
                 let holds = g.ins(format!("load {b}, {b}* {}", passes[k]));
-                let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
                 g.store_masked_row(einsum, &value, &holds);
             });
         }
         self.emit(format!("br label %{after}"));
         self.start_block(&after);
+    }
+
+    /// A register block's vector of results (`value`) through the reduction's epilogue, if any,
+    /// at the lanes along `v` (see `lanes::Reduction`), and their definedness.
+    fn epilogue(&mut self, epilogue: Option<&Expr>, value: String, v: Index) -> (String, Def) {
+        let Some(around) = epilogue else { return (value, None) };
+        self.reduced = Some(value);
+        let result = self.vexpr(around, v);
+        self.reduced = None;
+        result
     }
 
     /// Stores a vector at the target's current point and the lanes after it: zero where `holds`
@@ -2740,7 +2748,10 @@ impl<'a> Lowering<'a> {
     fn vexpr(&mut self, expr: &Expr, v: Index) -> (String, Def) {
         let t = Ty(self.lanes);
         let (f, w) = (t.float(), self.lanes);
-        if !expr.mentions(v) {
+        if let (Expr::Reduce { .. }, Some(x)) = (expr, &self.reduced) {
+            return (x.clone(), None);
+        }
+        if !expr.mentions(v) && !(self.reduced.is_some() && expr.holds_reduction()) {
             let (x, d) = self.expr(expr);
             let x = self.splat("float", &x);
             let d = d.map(|d| self.splat("i1", &d));
@@ -2751,9 +2762,23 @@ impl<'a> Lowering<'a> {
                 let x = self.index(*i);
                 let base = self.bases[i.rank.index()].clone();
                 let x = self.ins(format!("add i64 {x}, {base}"));
+                let steps = |ty: &str| (0..w).map(|k| format!("{ty} {k}")).collect::<Vec<_>>().join(", ");
+                // Positions that fit in 32 bits (every call but one with offsets past 2^31)
+                // convert in one instruction; the others exactly through f64. Both give the bits
+                // `sitofp` gives the scalar path.
+                let (narrow, wide, join) = (self.label("narrow"), self.label("wide"), self.label("converted"));
+                let shifted = self.ins(format!("add i64 {x}, 2147483648"));
+                let fits = self.ins(format!("icmp ult i64 {shifted}, {}", (1i64 << 32) - w as i64));
+                self.emit(format!("br i1 {fits}, label %{narrow}, label %{wide}"));
+                self.start_block(&narrow);
+                let x32 = self.ins(format!("trunc i64 {x} to i32"));
+                let x32 = self.splat("i32", &x32);
+                let x32 = self.ins(format!("add <{w} x i32> {x32}, <{}>", steps("i32")));
+                let small = self.ins(format!("sitofp <{w} x i32> {x32} to {f}"));
+                self.emit(format!("br label %{join}"));
+                self.start_block(&wide);
                 let x = self.splat("i64", &x);
-                let steps: Vec<String> = (0..w).map(|k| format!("i64 {k}")).collect();
-                let x = self.ins(format!("add <{w} x i64> {x}, <{}>", steps.join(", ")));
+                let x = self.ins(format!("add <{w} x i64> {x}, <{}>", steps("i64")));
                 // A position lies in (-2^51, 2^51) (a call's offsets are bounded, see
                 // `jit::MAX_OFFSET`): added to the bits of 2^52 + 2^51 it is that number plus the
                 // position, exactly; subtracting 2^52 + 2^51 in f64 leaves the position, rounded
@@ -2761,10 +2786,13 @@ impl<'a> Lowering<'a> {
                 // which LLVM would do lane by lane.
                 let magic = t.splat_literal("i64", "4843621399236968448");
                 let bits = self.ins(format!("add <{w} x i64> {x}, {magic}"));
-                let wide = self.ins(format!("bitcast <{w} x i64> {bits} to <{w} x double>"));
+                let wide_bits = self.ins(format!("bitcast <{w} x i64> {bits} to <{w} x double>"));
                 let bias = t.splat_literal("double", "0x4338000000000000");
-                let exact = self.ins(format!("fsub <{w} x double> {wide}, {bias}"));
-                (self.ins(format!("fptrunc <{w} x double> {exact} to {f}")), None)
+                let exact = self.ins(format!("fsub <{w} x double> {wide_bits}, {bias}"));
+                let large = self.ins(format!("fptrunc <{w} x double> {exact} to {f}"));
+                self.emit(format!("br label %{join}"));
+                self.start_block(&join);
+                (self.ins(format!("phi {f} [ {small}, %{narrow} ], [ {large}, %{wide} ]")), None)
             }
             Expr::Access { tensor, subscripts } => {
                 let coords = self.coordinates(*tensor, subscripts);

@@ -1,5 +1,6 @@
-//! Running outputs updated by their contraction: a sum read by one Einsum that adds something
-//! to it at the same point is computed by that Einsum.
+//! Sums computed by the Einsum that reads them: a scratch sum read at the same point by one
+//! element-wise Einsum becomes that Einsum's reduction, and what the reader does with it the
+//! register block's epilogue.
 //!
 //! FlashAttention's cascade contracts each tile of probabilities with the values into a
 //! partial product, then updates the running output with it:
@@ -14,17 +15,22 @@
 //! `RNV[f, m1 + 1, p] = sum[m0](SLN[m1, m0, p] * V[f, m1 * M0 + m0]) + RNV[f, m1, p] * PRM[m1, p]`,
 //! which a register block computes as it computes the partial product, adding the rescaled
 //! running output to its accumulators before it stores them (`lanes::reduction`'s epilogue).
-//! The tensor-core kernels make the same fold in their own plan (`tensor_cores::Accumulate`).
+//! A score modification folds the same way: `BS = cap * tanh(BQK / cap) + Slope[h] * (m - p)
+//! where m <= p` takes `BQK`'s contraction, and the block applies the soft-capping and the bias
+//! to its accumulators in registers, where a hand-written kernel applies a `score_mod`. The
+//! tensor-core kernels make the running output's fold in their own plan
+//! (`tensor_cores::Accumulate`).
 //!
 //! Needs: a scheduled program. Guarantees: the cascade computes the same values in the same
-//! order of operations (the sum is complete before the term is added, as before); a sum is
-//! folded only where its reader names it at plain indices in the order of its own left-hand
-//! side, both run in lanes along the same index in the same loop, the sum is a scratch tensor
-//! with no filter, no undefined point, no reduction inside and no other reader, and a reader
-//! takes one sum at most.
+//! order of operations (the sum is complete before the reader uses it, as before); a sum is
+//! folded only where its reader names it once, at plain indices in the order of its own
+//! left-hand side, both run in lanes along the same index in the same loop, the sum is a scratch
+//! tensor with no filter, no undefined point, no reduction inside and no other reader, the
+//! reader holds no reduction, a reader under a statement filter reads only points that always
+//! exist (`lanes::defined_everywhere`), and a reader takes one sum at most.
 
 use crate::ir::*;
-use crate::schedule::lanes::{reduction, vectorizable, without_reductions};
+use crate::schedule::lanes::{defined_everywhere, reduction, vectorizable, without_reductions};
 use crate::schedule::{schedule, BufferRole, LoopProgram, Node, ScheduleError};
 
 /// A sum (`partial`) folded into the one Einsum that reads it (`update`).
@@ -99,11 +105,14 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>) -> O
     let readers: Vec<(usize, &Einsum)> =
         c.einsums.iter().enumerate().filter(|(_, e)| e.reads().iter().any(|(t, _)| *t == tensor)).collect();
     let [(update, u)] = readers.as_slice() else { return None };
-    let subscripts = added_read(u, tensor)?;
+    let subscripts = the_read(u, tensor)?;
     let renamed: Vec<Index> = subscripts.iter().map(|a| a.as_index()).collect::<Option<_>>()?;
     let in_order = u.lhs_indices().eq(renamed.iter().copied());
     let clash = r.indices.iter().any(|i| renamed.contains(i));
-    if !u.filter.is_empty() || !in_order || clash {
+    let element_wise = without_reductions(&u.body, &u.filter)
+        && u.lhs.iter().all(|l| matches!(l, Lhs::Index(_) | Lhs::Next(_)))
+        && (u.filter.is_empty() || defined_everywhere(program, &u.body));
+    if !element_wise || !in_order || clash {
         return None;
     }
     // Both in lanes along the same index: the last the loop does not bind, with more than a point.
@@ -112,25 +121,22 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>) -> O
     pays.then_some(EinsumId::new(*update))
 }
 
-/// The subscripts at which `update`'s value adds `tensor` to a term that does not read it, when
-/// that is the only read of `tensor` in the Einsum.
-fn added_read(update: &Einsum, tensor: TensorId) -> Option<&[Affine]> {
-    let Expr::Binary(BinaryOp::Add, a, b) = &update.body else { return None };
-    let only = update.reads().iter().filter(|(t, _)| *t == tensor).count() == 1;
-    [(a, b), (b, a)].into_iter().find_map(|(x, _)| match &**x {
-        Expr::Access { tensor: t, subscripts } if *t == tensor && only => Some(subscripts.as_slice()),
-        _ => None,
-    })
+/// The subscripts at which `reader`'s value reads `tensor`, when that is its only read of
+/// `tensor` (its filter reads none).
+fn the_read(reader: &Einsum, tensor: TensorId) -> Option<&[Affine]> {
+    let reads = reader.reads();
+    let [(_, subscripts)] = reads.iter().filter(|(t, _)| *t == tensor).collect::<Vec<_>>()[..] else { return None };
+    reader.body.accesses().iter().any(|(t, _)| *t == tensor).then_some(*subscripts)
 }
 
-/// The cascade with each fold made: the reader's value becomes the sum, its indices renamed to
-/// the reader's, plus the reader's other term; the sums and their tensors are gone.
+/// The cascade with each fold made: the reader's read of the sum becomes the sum, its indices
+/// renamed to the reader's; the sums and their tensors are gone.
 pub fn apply(cascade: &Cascade, folds: &[Fold]) -> Cascade {
     let mut c = cascade.clone();
     for fold in folds {
         let s = &cascade.einsums[fold.partial.index()];
         let u = &cascade.einsums[fold.update.index()];
-        let subscripts = added_read(u, s.target).expect("planned");
+        let subscripts = the_read(u, s.target).expect("planned");
         let to = |i: Index| s.lhs.iter().position(|l| *l == Lhs::Index(i)).map(|k| subscripts[k].clone());
         let mut sum = s.body.clone();
         sum.walk_mut(&mut |e| match e {
@@ -146,12 +152,21 @@ pub fn apply(cascade: &Cascade, folds: &[Fold]) -> Cascade {
             }
             _ => {}
         });
-        let Expr::Binary(_, a, b) = &u.body else { unreachable!("planned") };
-        let reads_partial = |e: &Expr| matches!(e, Expr::Access { tensor, .. } if *tensor == s.target);
-        let term = if reads_partial(a) { b } else { a };
-        c.einsums[fold.update.index()].body = Expr::Binary(BinaryOp::Add, Box::new(sum), term.clone());
+        c.einsums[fold.update.index()].body = replaced(&u.body, s.target, &sum);
     }
     let gone: Vec<TensorId> = folds.iter().map(|f| cascade.einsums[f.partial.index()].target).collect();
     c.remove_tensors(&gone);
     c
+}
+
+/// `value` with its read of `tensor` replaced by `by`.
+fn replaced(value: &Expr, tensor: TensorId, by: &Expr) -> Expr {
+    match value {
+        Expr::Access { tensor: t, .. } if *t == tensor => by.clone(),
+        Expr::Unary(op, a) => Expr::Unary(*op, Box::new(replaced(a, tensor, by))),
+        Expr::Binary(op, a, b) => {
+            Expr::Binary(*op, Box::new(replaced(a, tensor, by)), Box::new(replaced(b, tensor, by)))
+        }
+        other => other.clone(),
+    }
 }

@@ -12,7 +12,12 @@ use crate::schedule::HostTier;
 use crate::schedule::{BufferRole, LoopProgram, Slot};
 
 /// A reduction as a register block computes it: `op` over `indices` of `body` where `filter`
-/// holds, then `epilogue`, if any, added to the result.
+/// holds; then, where the Einsum's value is more than the reduction, `epilogue`: that value, in
+/// which the reduction stands for its result. Two cascades make one (see `accumulate`): a
+/// running output's update folded into the contraction that feeds it
+/// (`sum[m0](...) + RNV[f, m1, p] * PRM[m1, p]`), and a score's modification folded into the
+/// scores' contraction (`cap * tanh(sum[e](...) / cap) + Slope[h] * (m - p)`). The epilogue is
+/// evaluated after the reduction, on its result, as the interpreter and the scalar paths do.
 #[derive(Clone, Copy, Debug)]
 pub struct Reduction<'e> {
     pub op: ReduceOp,
@@ -22,17 +27,27 @@ pub struct Reduction<'e> {
     pub epilogue: Option<&'e Expr>,
 }
 
-/// The reduction of an Einsum's value: one reduction (`sum[m0](...)`), or one plus a term free of
-/// reductions (`sum[m0](...) + RNV[f, m1, p] * PRM[m1, p]`: a running output's update folded
-/// into the contraction that feeds it, see `accumulate`). The term is added after the reduction,
-/// as the interpreter and the scalar paths evaluate the sum.
+/// The reduction of an Einsum's value (see `Reduction`): a value with exactly one reduction,
+/// reached through element-wise operations only.
 pub fn reduction(value: &Expr) -> Option<Reduction<'_>> {
-    let (reduce, epilogue) = match value {
-        Expr::Binary(BinaryOp::Add, reduce, term) if !term.holds_reduction() => (&**reduce, Some(&**term)),
-        other => (other, None),
-    };
+    let reduce = the_reduction(value)?;
     let Expr::Reduce { op, indices, filter, body } = reduce else { return None };
+    let epilogue = (!std::ptr::eq(reduce, value)).then_some(value);
     Some(Reduction { op: *op, indices, filter, body, epilogue })
+}
+
+/// The one reduction of `value` outside any other, if `value` has exactly one.
+fn the_reduction(value: &Expr) -> Option<&Expr> {
+    match value {
+        Expr::Reduce { .. } => Some(value),
+        Expr::Unary(_, a) => the_reduction(a),
+        Expr::Binary(_, a, b) => match (a.holds_reduction(), b.holds_reduction()) {
+            (true, false) => the_reduction(a),
+            (false, true) => the_reduction(b),
+            _ => None,
+        },
+        Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Index(_) | Expr::Access { .. } => None,
+    }
 }
 
 /// Whether neither `value` nor any comparison of `filter` holds a reduction.
@@ -42,14 +57,29 @@ pub fn without_reductions(value: &Expr, filter: &[Cond]) -> bool {
 
 /// Whether the value of `einsum` is a reduction with none inside (see `reduction`), its
 /// left-hand side indices (a recurrence's next step among them) and any statement filter free of
-/// reductions: the shape a register block computes. A term added after the reduction comes
-/// without a statement filter, so that a block's points are defined where the term is.
-pub fn blockable_reduction(einsum: &Einsum) -> bool {
+/// reductions: the shape a register block computes. Under a statement filter, an epilogue reads
+/// only points that always exist, so that a block's points are defined where the filter holds.
+pub fn blockable_reduction(program: &LoopProgram, einsum: &Einsum) -> bool {
     let Some(r) = reduction(&einsum.body) else { return false };
     einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_) | Lhs::Next(_)))
         && einsum.filter.iter().all(|c| !c.lhs.holds_reduction() && !c.rhs.holds_reduction())
         && without_reductions(r.body, r.filter)
-        && (r.epilogue.is_none() || einsum.filter.is_empty())
+        && r.epilogue.is_none_or(|value| einsum.filter.is_empty() || defined_everywhere(program, value))
+}
+
+/// Whether every read of `value` outside its reductions is of a buffer without a mask, at its
+/// own ranks' indices: a point that always exists.
+pub fn defined_everywhere(program: &LoopProgram, value: &Expr) -> bool {
+    match value {
+        Expr::Reduce { .. } | Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Index(_) => true,
+        Expr::Unary(_, a) => defined_everywhere(program, a),
+        Expr::Binary(_, a, b) => defined_everywhere(program, a) && defined_everywhere(program, b),
+        Expr::Access { tensor, subscripts } => {
+            let ranks = &program.cascade.tensor(*tensor).ranks;
+            !program.buffers[tensor.index()].masked
+                && subscripts.iter().zip(ranks).all(|(s, r)| matches!(s, Affine::Index(i) if i.rank == *r))
+        }
+    }
 }
 
 /// Whether `einsum`, vectorizable along `v`, runs as register blocks of rows along `u`, the next
@@ -62,7 +92,7 @@ pub fn blockable_rows(program: &LoopProgram, einsum: &Einsum, u: Index, v: Index
     let pairs = program.cascade.split_pairs();
     let pair_ok = pairs.iter().all(|(t, _, w)| u.rank != *t && u.rank != *w);
     // Rows pay when they share a vector: some read in lanes that does not mention `u`.
-    blockable_reduction(einsum)
+    blockable_reduction(program, einsum)
         && pair_ok
         && shares_a_read(body, v, u)
         && !indices.contains(&u)
@@ -95,7 +125,7 @@ pub fn lane_rows(program: &LoopProgram, einsum: &Einsum, u: Index) -> bool {
     let Some(Reduction { indices, filter, body, .. }) = reduction(&einsum.body) else { return false };
     let [r] = indices else { return false };
     let pairs = program.cascade.split_pairs();
-    blockable_reduction(einsum)
+    blockable_reduction(program, einsum)
         && einsum.filter.is_empty()
         && shares_a_read(body, *r, u)
         && !pairs.iter().any(|(t, _, w)| u.rank == *t || u.rank == *w)

@@ -83,7 +83,7 @@ pub fn plan(program: &LoopProgram, tier: HostTier) -> Vec<Pack> {
         for inner in body {
             let Node::Compute { einsum: id } = inner else { continue };
             let einsum = &c.einsums[id.index()];
-            if !blockable_reduction(einsum) {
+            if !blockable_reduction(program, einsum) {
                 continue;
             }
             let Some(v) = lane_index(c, einsum, *streamed) else { continue };
