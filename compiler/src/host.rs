@@ -227,19 +227,21 @@ impl CpuKernel {
         let base = |r: usize| bases.get(r).copied().unwrap_or(0);
         let origin = |r: usize| origins.get(r).copied().unwrap_or(0);
         let bases: Vec<i64> = (0..ranks).map(base).chain((0..ranks).map(|r| base(r) + origin(r))).collect();
-        // SAFETY: every pointer table has one entry per buffer (or rank), each buffer holds its
-        // shape's elements (at least one), and the code only reads inputs and reads and writes
-        // inside the other buffers.
-        let _flushing = FlushSubnormals::new();
-        unsafe {
-            (self.function)(
-                value_pointers.as_ptr(),
-                mask_pointers.as_ptr(),
-                extents_i64.as_ptr(),
-                dims.as_ptr(),
-                strides.as_ptr(),
-                bases.as_ptr(),
-            );
+        {
+            let _flushing = FlushSubnormals::new();
+            // SAFETY: every pointer table has one entry per buffer (or rank), each buffer holds
+            // its shape's elements (at least one), and the code only reads inputs and reads and
+            // writes inside the other buffers.
+            unsafe {
+                (self.function)(
+                    value_pointers.as_ptr(),
+                    mask_pointers.as_ptr(),
+                    extents_i64.as_ptr(),
+                    dims.as_ptr(),
+                    strides.as_ptr(),
+                    bases.as_ptr(),
+                );
+            }
         }
         let mut outputs = vec![Vec::new(); c.outputs.len()];
         for (buffer, mut data) in self.program.buffers.iter().zip(values) {
@@ -525,14 +527,18 @@ impl<'a> Runs<'a> {
 }
 
 /// While alive, the thread's floating-point unit writes a subnormal result as zero (x86-64's
-/// flush-to-zero bit of MXCSR); dropped, it restores the state it found. A host kernel runs
-/// under it: a product of two small normal floats (a running output rescaled by a tiny
-/// `exp(M - M')`, a probability near `exp(-87)` times a value) would otherwise be subnormal, and
-/// each vector making or reading one costs a microcode assist of about a hundred cycles, which
-/// made ALiBi with steep slopes 7% slower than the same kernel without them. The GPU's
-/// `ex2.approx.ftz` flushes the same way, and `math::exp` already returns 0 where its result
-/// would be subnormal; a flushed value differs from the interpreter's by less than 1.2e-38.
-/// Subnormal inputs are read as they are (no denormals-are-zero): `log(1e-40)` stays -92.1.
+/// flush-to-zero bit of MXCSR); dropped, it restores the state it found. Only the kernel's call
+/// runs under it (with the scalar helpers it calls), so that a point gives the same bits in a
+/// lane and in a helper. A product of two small normal floats (a running output rescaled by a
+/// tiny `exp(M - M')`, a probability near `exp(-87)` times a value) would otherwise be subnormal,
+/// and each vector making or reading one costs a microcode assist of about a hundred cycles,
+/// which made ALiBi with steep slopes 7% slower than the same kernel without them. `math::exp`
+/// already returns 0 where its result would be subnormal, as the GPU's `ex2.approx.ftz` does. A
+/// flushed value differs from the interpreter's by less than 1.2e-38; what a kernel computes
+/// from it by sums, products and maxima stays that close, but a division by it or its `log` is
+/// what they are of 0. Subnormal inputs are read as they are (no denormals-are-zero):
+/// `log(1e-40)` stays -92.1. The C wrapper of an ahead-of-time kernel sets the same bit
+/// (`cpu::header`).
 struct FlushSubnormals {
     #[cfg(target_arch = "x86_64")]
     saved: u32,

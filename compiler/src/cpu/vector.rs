@@ -372,6 +372,7 @@ impl Gen<'_, '_> {
             let value = g.scaled(value, scale);
             let (value, dy) = g.epilogue(epilogue, value, Some(v));
             if values_only {
+                debug_assert!(dy.is_none(), "an epilogue under a filter reads only points that exist");
                 let offset = g.target_offset(einsum);
                 g.store_values(buffer, offset, value, None);
             } else {

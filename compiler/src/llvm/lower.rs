@@ -2609,7 +2609,8 @@ impl<'a> Lowering<'a> {
                 // Under a filter, an epilogue reads only points that always exist
                 // (`blockable_reduction`).
                 let value = g.ins(format!("load {f}, {f}* {}", accumulators[k]));
-                let (value, _) = g.epilogue(epilogue, value, v);
+                let (value, defined) = g.epilogue(epilogue, value, v);
+                debug_assert!(defined.is_none(), "an epilogue under a filter reads only points that exist");
                 if early_mask {
                     let (address, _) = g.target_address(einsum);
                     let vector = g.ins(format!("bitcast float* {address} to {f}*"));
@@ -2763,9 +2764,9 @@ impl<'a> Lowering<'a> {
                 let base = self.bases[i.rank.index()].clone();
                 let x = self.ins(format!("add i64 {x}, {base}"));
                 let steps = |ty: &str| (0..w).map(|k| format!("{ty} {k}")).collect::<Vec<_>>().join(", ");
-                // Positions that fit in 32 bits (every call but one with offsets past 2^31)
-                // convert in one instruction; the others exactly through f64. Both give the bits
-                // `sitofp` gives the scalar path.
+                // A vector of positions below 2^31 (all of them, unless the caller's offsets
+                // reach past that) converts from 32-bit integers in one instruction; others
+                // exactly through f64. Both give the bits `sitofp` gives the scalar path.
                 let (narrow, wide, join) = (self.label("narrow"), self.label("wide"), self.label("converted"));
                 let shifted = self.ins(format!("add i64 {x}, 2147483648"));
                 let fits = self.ins(format!("icmp ult i64 {shifted}, {}", (1i64 << 32) - w as i64));

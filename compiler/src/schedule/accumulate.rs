@@ -30,7 +30,7 @@
 //! exist (`lanes::defined_everywhere`), and a reader takes one sum at most.
 
 use crate::ir::*;
-use crate::schedule::lanes::{defined_everywhere, reduction, vectorizable, without_reductions};
+use crate::schedule::lanes::{blockable_reduction, reduction, vectorizable, without_reductions};
 use crate::schedule::{schedule, BufferRole, LoopProgram, Node, ScheduleError};
 
 /// A sum (`partial`) folded into the one Einsum that reads it (`update`).
@@ -109,10 +109,13 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>) -> O
     let renamed: Vec<Index> = subscripts.iter().map(|a| a.as_index()).collect::<Option<_>>()?;
     let in_order = u.lhs_indices().eq(renamed.iter().copied());
     let clash = r.indices.iter().any(|i| renamed.contains(i));
-    let element_wise = without_reductions(&u.body, &u.filter)
-        && u.lhs.iter().all(|l| matches!(l, Lhs::Index(_) | Lhs::Next(_)))
-        && (u.filter.is_empty() || defined_everywhere(program, &u.body));
-    if !element_wise || !in_order || clash {
+    if !in_order || clash {
+        return None;
+    }
+    // The folded Einsum must be what a register block computes (an element-wise reader, under a
+    // statement filter one that reads nothing that may be undefined).
+    let folded = Einsum { body: folded_value(s, u), ..(*u).clone() };
+    if !blockable_reduction(program, &folded) {
         return None;
     }
     // Both in lanes along the same index: the last the loop does not bind, with more than a point.
@@ -121,12 +124,34 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>) -> O
     pays.then_some(EinsumId::new(*update))
 }
 
-/// The subscripts at which `reader`'s value reads `tensor`, when that is its only read of
+/// Gives the subscripts at which `reader`'s value reads `tensor`, when that is its only read of
 /// `tensor` (its filter reads none).
 fn the_read(reader: &Einsum, tensor: TensorId) -> Option<&[Affine]> {
     let reads = reader.reads();
     let [(_, subscripts)] = reads.iter().filter(|(t, _)| *t == tensor).collect::<Vec<_>>()[..] else { return None };
     reader.body.accesses().iter().any(|(t, _)| *t == tensor).then_some(*subscripts)
+}
+
+/// Gives the value of `reader` with its read of the sum that `partial` computes replaced by the
+/// sum itself, whose left-hand indices take the names the reader reads them at.
+fn folded_value(partial: &Einsum, reader: &Einsum) -> Expr {
+    let subscripts = the_read(reader, partial.target).expect("read once");
+    let to = |i: Index| partial.lhs.iter().position(|l| *l == Lhs::Index(i)).map(|k| subscripts[k].clone());
+    let mut sum = partial.body.clone();
+    sum.walk_mut(&mut |e| match e {
+        Expr::Index(i) => {
+            if let Some(Affine::Index(j)) = to(*i) {
+                *i = j;
+            }
+        }
+        Expr::Access { subscripts, .. } => {
+            for sub in subscripts.iter_mut() {
+                *sub = sub.substitute(&to);
+            }
+        }
+        _ => {}
+    });
+    replaced(&reader.body, partial.target, &sum)
 }
 
 /// The cascade with each fold made: the reader's read of the sum becomes the sum, its indices
@@ -136,30 +161,14 @@ pub fn apply(cascade: &Cascade, folds: &[Fold]) -> Cascade {
     for fold in folds {
         let s = &cascade.einsums[fold.partial.index()];
         let u = &cascade.einsums[fold.update.index()];
-        let subscripts = the_read(u, s.target).expect("planned");
-        let to = |i: Index| s.lhs.iter().position(|l| *l == Lhs::Index(i)).map(|k| subscripts[k].clone());
-        let mut sum = s.body.clone();
-        sum.walk_mut(&mut |e| match e {
-            Expr::Index(i) => {
-                if let Some(Affine::Index(j)) = to(*i) {
-                    *i = j;
-                }
-            }
-            Expr::Access { subscripts, .. } => {
-                for sub in subscripts.iter_mut() {
-                    *sub = sub.substitute(&to);
-                }
-            }
-            _ => {}
-        });
-        c.einsums[fold.update.index()].body = replaced(&u.body, s.target, &sum);
+        c.einsums[fold.update.index()].body = folded_value(s, u);
     }
     let gone: Vec<TensorId> = folds.iter().map(|f| cascade.einsums[f.partial.index()].target).collect();
     c.remove_tensors(&gone);
     c
 }
 
-/// `value` with its read of `tensor` replaced by `by`.
+/// Gives `value` with its read of `tensor` replaced by `by`.
 fn replaced(value: &Expr, tensor: TensorId, by: &Expr) -> Expr {
     match value {
         Expr::Access { tensor: t, .. } if *t == tensor => by.clone(),

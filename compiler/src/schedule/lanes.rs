@@ -36,7 +36,7 @@ pub fn reduction(value: &Expr) -> Option<Reduction<'_>> {
     Some(Reduction { op: *op, indices, filter, body, epilogue })
 }
 
-/// The one reduction of `value` outside any other, if `value` has exactly one.
+/// Finds the one reduction of `value` outside any other, if `value` has exactly one.
 fn the_reduction(value: &Expr) -> Option<&Expr> {
     match value {
         Expr::Reduce { .. } => Some(value),
