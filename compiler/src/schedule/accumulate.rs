@@ -17,8 +17,9 @@
 //! running output to its accumulators before it stores them (`lanes::reduction`'s epilogue).
 //! A score modification folds the same way: `BS = cap * tanh(BQK / cap) + Slope[h] * (m - p)
 //! where m <= p` takes `BQK`'s contraction, and the block applies the soft-capping and the bias
-//! to its accumulators in registers, where a hand-written kernel applies a `score_mod`. The
-//! tensor-core kernels make the running output's fold in their own plan
+//! to its accumulators in registers, where a hand-written kernel applies a `score_mod`, on the
+//! tiers whose register blocks leave room for it (`lanes::folds_modifications`; elsewhere only
+//! the additions fold). The tensor-core kernels make the running output's fold in their own plan
 //! (`tensor_cores::Accumulate`).
 //!
 //! Needs: a scheduled program. Guarantees: the cascade computes the same values in the same
@@ -27,11 +28,12 @@
 //! left-hand side, both run in lanes along the same index in the same loop, the sum is a scratch
 //! tensor with no filter, no undefined point, no reduction inside and no other reader, the
 //! reader holds no reduction, a reader under a statement filter reads only points that always
-//! exist (`lanes::defined_everywhere`), and a reader takes one sum at most.
+//! exist (`lanes::defined_everywhere`), the folded Einsum is what a register block computes
+//! (`lanes::blockable_reduction`), and a reader takes one sum at most.
 
 use crate::ir::*;
-use crate::schedule::lanes::{blockable_reduction, reduction, vectorizable, without_reductions};
-use crate::schedule::{schedule, BufferRole, LoopProgram, Node, ScheduleError};
+use crate::schedule::lanes::{blockable_reduction, folds_modifications, reduction, vectorizable, without_reductions};
+use crate::schedule::{schedule, BufferRole, HostTier, LoopProgram, Node, ScheduleError};
 
 /// A sum (`partial`) folded into the one Einsum that reads it (`update`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -41,16 +43,16 @@ pub struct Fold {
 }
 
 /// `program` with every fold `plan` finds, scheduled again; `program` itself when there is none.
-pub fn accumulate(program: LoopProgram) -> Result<LoopProgram, ScheduleError> {
-    let folds = plan(&program);
+pub fn accumulate(program: LoopProgram, tier: HostTier) -> Result<LoopProgram, ScheduleError> {
+    let folds = plan(&program, tier);
     if folds.is_empty() {
         return Ok(program);
     }
     schedule(&apply(&program.cascade, &folds))
 }
 
-/// The sums of `program` worth folding into their readers.
-pub fn plan(program: &LoopProgram) -> Vec<Fold> {
+/// The sums of `program` worth folding into their readers on `tier`.
+pub fn plan(program: &LoopProgram, tier: HostTier) -> Vec<Fold> {
     let mut folds = Vec::new();
     let mut groups: Vec<(Option<Index>, &[Node])> = vec![(None, &program.body)];
     for node in &program.body {
@@ -68,7 +70,7 @@ pub fn plan(program: &LoopProgram) -> Vec<Fold> {
             .collect();
         for partial in &computed {
             // One sum per reader: `W x + U h` keeps its second product apart.
-            if let Some(update) = foldable(program, *partial, bound) {
+            if let Some(update) = foldable(program, *partial, bound, tier) {
                 if computed.contains(&update) && !folds.iter().any(|f: &Fold| f.update == update) {
                     folds.push(Fold { partial: *partial, update });
                 }
@@ -79,7 +81,7 @@ pub fn plan(program: &LoopProgram) -> Vec<Fold> {
 }
 
 /// The Einsum `partial` folds into, if it can and it pays (see the module's guarantees).
-fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>) -> Option<EinsumId> {
+fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>, tier: HostTier) -> Option<EinsumId> {
     let c = &program.cascade;
     let s = &c.einsums[partial.index()];
     let r = reduction(&s.body)?;
@@ -109,7 +111,7 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>) -> O
     let renamed: Vec<Index> = subscripts.iter().map(|a| a.as_index()).collect::<Option<_>>()?;
     let in_order = u.lhs_indices().eq(renamed.iter().copied());
     let clash = r.indices.iter().any(|i| renamed.contains(i));
-    if !in_order || clash {
+    if !in_order || clash || !(adds_to(u, tensor) || folds_modifications(tier)) {
         return None;
     }
     // The folded Einsum must be what a register block computes (an element-wise reader, under a
@@ -132,6 +134,13 @@ fn the_read(reader: &Einsum, tensor: TensorId) -> Option<&[Affine]> {
     reader.body.accesses().iter().any(|(t, _)| *t == tensor).then_some(*subscripts)
 }
 
+/// Whether `reader`'s value is its read of `tensor` plus a term that does not read it.
+fn adds_to(reader: &Einsum, tensor: TensorId) -> bool {
+    let Expr::Binary(BinaryOp::Add, a, b) = &reader.body else { return false };
+    let is_read = |e: &Expr| matches!(e, Expr::Access { tensor: t, .. } if *t == tensor);
+    (is_read(a) || is_read(b)) && the_read(reader, tensor).is_some()
+}
+
 /// Gives the value of `reader` with its read of the sum that `partial` computes replaced by the
 /// sum itself, whose left-hand indices take the names the reader reads them at.
 fn folded_value(partial: &Einsum, reader: &Einsum) -> Expr {
@@ -151,7 +160,13 @@ fn folded_value(partial: &Einsum, reader: &Einsum) -> Expr {
         }
         _ => {}
     });
-    replaced(&reader.body, partial.target, &sum)
+    // A sum added to a term comes first, as the register blocks have always added them.
+    match &reader.body {
+        Expr::Binary(BinaryOp::Add, term, read) if matches!(&**read, Expr::Access { tensor, .. } if *tensor == partial.target) => {
+            Expr::Binary(BinaryOp::Add, Box::new(sum), term.clone())
+        }
+        value => replaced(value, partial.target, &sum),
+    }
 }
 
 /// The cascade with each fold made: the reader's read of the sum becomes the sum, its indices

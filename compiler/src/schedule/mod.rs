@@ -159,7 +159,7 @@ pub struct HostTier {
 /// panels in lanes when its fold is weighed).
 pub fn schedule_host(cascade: &Cascade, tier: HostTier) -> Result<LoopProgram, ScheduleError> {
     let streamed = schedule_streamed(&pack::unstage(cascade))?;
-    accumulate::accumulate(pack::pack(streamed, tier)?)
+    accumulate::accumulate(pack::pack(streamed, tier)?, tier)
 }
 
 /// Schedules `cascade` streamed over tiles of keys where it is one pass without a recurrence
