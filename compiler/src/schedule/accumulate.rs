@@ -107,6 +107,10 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>, tier
     let readers: Vec<(usize, &Einsum)> =
         c.einsums.iter().enumerate().filter(|(_, e)| e.reads().iter().any(|(t, _)| *t == tensor)).collect();
     let [(update, u)] = readers.as_slice() else { return None };
+    // An element-wise reader: a read inside a reader's own reduction is not the reader's value.
+    if u.body.holds_reduction() {
+        return None;
+    }
     let subscripts = the_read(u, tensor)?;
     let renamed: Vec<Index> = subscripts.iter().map(|a| a.as_index()).collect::<Option<_>>()?;
     let in_order = u.lhs_indices().eq(renamed.iter().copied());

@@ -8,7 +8,8 @@
 //! a definedness mask when some point may be undefined.
 //!
 //! This folder is the scheduling layer: what more than one emitter needs to know about a
-//! program is decided here once (`layout`, `lanes`, `full_steps`), the host tiers' packed panels
+//! program is decided here once (`layout`, `lanes`, `full_steps`), the order of every scratch
+//! buffer's positions is chosen (`arrange`), the host tiers' packed panels
 //! are made here (`pack`), sums are folded into the running outputs they update (`accumulate`),
 //! divisions by constants become multiplications (`reciprocal`), exponentials that never see a
 //! positive argument are found (`sign`), filters that restate a split
@@ -17,6 +18,7 @@
 //! before an emitter sees it.
 
 pub mod accumulate;
+pub mod arrange;
 pub mod full_steps;
 pub mod lanes;
 pub mod layout;
@@ -153,12 +155,13 @@ pub struct HostTier {
 }
 
 /// Schedules `cascade` for a host tier: tiles staged as written read in place (`pack::unstage`),
-/// streamed over tiles of keys where it is one pass without a recurrence (`stream`), with the
-/// packed panels and staged tiles the layer chooses for the tier (`pack`), then sums folded into
-/// the Einsums that read them (`accumulate`: after packing, so that a contraction reads the
-/// panels in lanes when its fold is weighed).
+/// scratch tensors in the layer's order (`arrange`), streamed over tiles of keys where it is one
+/// pass without a recurrence (`stream`), with the packed panels and staged tiles the layer
+/// chooses for the tier (`pack`), then sums folded into the Einsums that read them
+/// (`accumulate`: after packing, so that a contraction reads the panels in lanes when its fold is
+/// weighed).
 pub fn schedule_host(cascade: &Cascade, tier: HostTier) -> Result<LoopProgram, ScheduleError> {
-    let streamed = schedule_streamed(&pack::unstage(cascade))?;
+    let streamed = schedule_streamed(&arrange::arrange(&pack::unstage(cascade)))?;
     accumulate::accumulate(pack::pack(streamed, tier)?, tier)
 }
 
