@@ -634,11 +634,24 @@ fn lanes_and_rows(kernel: &Cascade, tier: einfuse::compiler::schedule::HostTier)
     found
 }
 
+/// The thread kernel's lane rank (the batch rank whose neighbouring points a block's threads
+/// compute) and how many input tiles its blocks stage in shared memory.
+#[cfg(feature = "llvm")]
+fn thread_lanes(kernel: &Cascade) -> (String, usize) {
+    use einfuse::compiler::llvm::{launch::batch_ranks, staging::staged_reads};
+    let optimized = einfuse::optimize_for_gpu(kernel).unwrap().cascade;
+    let program = einfuse::compiler::schedule::schedule_threads(&optimized).unwrap();
+    let lane = batch_ranks(&program.cascade).last().map(|r| program.cascade.rank(*r).name.clone());
+    (lane.unwrap_or_default(), staged_reads(&program).len())
+}
+
 /// The order in which a kernel declares its ranks and writes its intermediate tensors' indices
 /// does not decide where the host tiers put their lanes: the scheduling layer orders every scratch
-/// buffer (`schedule::arrange`). Declared `rank P, M, F, E, H`, prefill ran its lanes along the
-/// eight heads, thirty times slower. Each kernel in eight generated rewritings: the same lanes and
-/// rows in every scratch buffer as written in the repository, and both tiers agree with the
+/// buffer (`schedule::arrange`), and the thread kernels' blocks span the same rank. Declared
+/// `rank P, M, F, E, H`, prefill ran its lanes along the eight heads, thirty times slower, and
+/// its GPU blocks staged no tiles. Each kernel in eight generated rewritings: the same lanes and
+/// rows in every scratch buffer as written in the repository, the same lane rank and staged
+/// tiles in the thread kernel, and both tiers (and the emulated GPU kernel) agree with the
 /// interpreter at ragged sizes.
 #[test]
 fn scratch_layouts_do_not_follow_the_declaration_order() {
@@ -662,15 +675,20 @@ fn scratch_layouts_do_not_follow_the_declaration_order() {
             .fold(text.to_string(), |t, (from, to)| t.replace(from, to));
         let written = einfuse::Program::from_source("written.ein", &small).unwrap();
         let want = lanes_and_rows(&written.kernels[0], WIDE);
+        #[cfg(feature = "llvm")]
+        let threads = thread_lanes(&written.kernels[0]);
         for round in 0..8 {
             let text = rewritten(&small, &mut rng);
             let program =
                 einfuse::Program::from_source("rewritten.ein", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
             let kernel = &program.kernels[0];
             assert_eq!(lanes_and_rows(kernel, WIDE), want, "{name}, rewriting {round}:\n{text}");
+            #[cfg(feature = "llvm")]
+            assert_eq!(thread_lanes(kernel), threads, "{name}, rewriting {round} (threads):\n{text}");
             if round % 4 == 0 {
                 let bound: BTreeMap<&str, u64> = [("M", 33), ("P", 19), ("H", 3)].into();
-                for target in [Target::Cpu, Target::CpuLlvm] {
+                let emulated = if cfg!(feature = "llvm") { &[Target::GpuEmulated][..] } else { &[] };
+                for target in [Target::Cpu, Target::CpuLlvm].iter().chain(emulated).copied() {
                     let error = difference(kernel, target, &bound, round);
                     assert!(error <= 1e-5, "{name}, rewriting {round} on {target:?}: {error:.3e}\n{text}");
                 }

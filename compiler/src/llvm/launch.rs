@@ -51,9 +51,16 @@ pub const WARP: u64 = 32;
 /// Shared memory per block for staged tiles: what a kernel may use without asking the driver.
 pub const SHARED_BYTES: u64 = 48 << 10;
 
-/// The batch ranks of a cascade, in rank order.
+/// The batch ranks of a cascade, in rank order but for the scheduling layer's lane rank
+/// (`arrange::lane_rank`), which goes last where it is one: the last is the rank whose
+/// neighbouring points the threads of a block compute, so that the queries, not the heads, share
+/// the staged tiles of keys and values however the source declared its ranks.
 pub fn batch_ranks(cascade: &Cascade) -> Vec<RankId> {
-    (0..cascade.ranks.len()).map(RankId::new).filter(|r| is_batch_rank(cascade, *r)).collect()
+    let lane = crate::schedule::arrange::lane_rank(cascade);
+    let mut ranks: Vec<RankId> =
+        (0..cascade.ranks.len()).map(RankId::new).filter(|r| is_batch_rank(cascade, *r)).collect();
+    ranks.sort_by_key(|r| Some(*r) == lane);
+    ranks
 }
 
 /// Threads per point of a call whose lane rank has `lane_extent` points: where a block would

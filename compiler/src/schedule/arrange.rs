@@ -19,8 +19,8 @@
 //! the left-hand sides that define it and the subscripts that read it permuted alike (an
 //! iterative position follows its rank), so that every value is what it was. Inputs and outputs
 //! keep the caller's layout; a copy of an input (a panel, a staged tile, a transpose the source
-//! writes) keeps the order it was written in. The thread kernels do not call it: their scratch is
-//! per thread and interleaved.
+//! writes) keeps the order it was written in. The thread kernels keep the cascade's order (their
+//! scratch is per thread and interleaved) but take their blocks' rank from `lane_rank`.
 
 use crate::ir::*;
 
