@@ -570,11 +570,13 @@ fn rewritten(text: &str, rng: &mut Rng) -> String {
     shuffled(&mut declared, rng);
     lines[rank] = format!("  rank {}", declared.join(", "));
     let output = lines.iter().find_map(|l| l.trim_start().strip_prefix("output ")).unwrap().trim().to_string();
+    let declared = lines.iter().find_map(|l| l.trim_start().strip_prefix("input ")).unwrap();
+    let inputs: Vec<&str> = declared.split("], ").map(|d| d.split('[').next().unwrap().trim()).collect();
     let defined: Vec<String> = lines
         .iter()
         .filter_map(|l| l.trim_start().split_once('[').map(|(name, _)| name.to_string()))
         .filter(|name| name.chars().all(|c| c.is_alphanumeric()) && *name != output && !name.is_empty())
-        .filter(|name| !text.contains(&format!("input {name}[")) && !text.contains(&format!(", {name}[")))
+        .filter(|name| !inputs.contains(&name.as_str()))
         .collect();
     let mut text = lines.join("\n");
     for name in defined.iter().collect::<std::collections::BTreeSet<_>>() {
@@ -662,17 +664,16 @@ fn scratch_layouts_do_not_follow_the_declaration_order() {
         ("benches/pytorch.ein", "alibi_softcap_causal"),
         ("benches/pytorch.ein", "sigmoid"),
         ("examples/heads.ein", "mqa"),
+        ("examples/heads.ein", "gqa_decode"),
         ("examples/masks.ein", "document_mask"),
+        ("examples/masks.ein", "padding_mask"),
+        ("examples/linear.ein", "causal_linear"),
+        ("examples/linear.ein", "ssm_scan"),
+        ("examples/softmax.ein", "softmax"),
     ];
     let mut rng = Rng(0xa11a_9e5);
     for (file, name) in kernels {
-        let source = std::fs::read_to_string(common::root().join(file)).unwrap();
-        let start = source.find(&format!("kernel {name} ")).unwrap();
-        let text = &source[start..start + source[start..].find("\n}").unwrap() + 2];
-        let small = [("H = 8", "H = 2"), ("H = 32", "H = 2"), ("E = 64", "E = 8"), ("E = 128", "E = 8")]
-            .iter()
-            .chain(&[("F = 64", "F = 8"), ("F = 128", "F = 8")])
-            .fold(text.to_string(), |t, (from, to)| t.replace(from, to));
+        let small = small_kernel(file, name);
         let written = einfuse::Program::from_source("written.ein", &small).unwrap();
         let want = lanes_and_rows(&written.kernels[0], WIDE);
         #[cfg(feature = "llvm")]
@@ -686,13 +687,92 @@ fn scratch_layouts_do_not_follow_the_declaration_order() {
             #[cfg(feature = "llvm")]
             assert_eq!(thread_lanes(kernel), threads, "{name}, rewriting {round} (threads):\n{text}");
             if round % 4 == 0 {
-                let bound: BTreeMap<&str, u64> = [("M", 33), ("P", 19), ("H", 3)].into();
+                let bound: BTreeMap<&str, u64> = [("M", 33), ("P", 19), ("H", 3), ("T", 7)].into();
                 let emulated = if cfg!(feature = "llvm") { &[Target::GpuEmulated][..] } else { &[] };
                 for target in [Target::Cpu, Target::CpuLlvm].iter().chain(emulated).copied() {
                     let error = difference(kernel, target, &bound, round);
                     assert!(error <= 1e-5, "{name}, rewriting {round} on {target:?}: {error:.3e}\n{text}");
                 }
             }
+        }
+    }
+}
+
+/// The text of kernel `name` of `file`, its fixed ranks made small for the interpreter.
+fn small_kernel(file: &str, name: &str) -> String {
+    let source = std::fs::read_to_string(common::root().join(file)).unwrap();
+    let start = source.find(&format!("kernel {name} ")).unwrap();
+    let text = &source[start..start + source[start..].find("\n}").unwrap() + 2];
+    [("H = 8", "H = 2"), ("H = 32", "H = 2"), ("E = 64", "E = 8"), ("E = 128", "E = 8")]
+        .iter()
+        .chain(&[("F = 64", "F = 8"), ("F = 128", "F = 8")])
+        .fold(text.to_string(), |t, (from, to)| t.replace(from, to))
+}
+
+/// The layer puts a rank in lanes only where every input read of it reads in lanes and it fills
+/// the vector: a row softmax of `X[P, M]` and a product over fixed ranks keep their keys and
+/// columns in lanes; decode with four queries runs its keys in lanes on sixteen-lane vectors and
+/// its queries on four; prefill its queries. A recurrence along a rank of one point keeps both
+/// its iterates (it has two points, not one, whatever its position), on both tiers against the
+/// interpreter.
+#[test]
+fn scratch_layouts_put_in_lanes_only_what_reads_in_lanes() {
+    let source = "
+kernel rows {
+  rank P, M
+  input X[P, M]
+  GM[p]    = max[m](X[p, m])
+  SN[p, m] = exp(X[p, m] - GM[p])
+  SD[p]    = SN[p, m]
+  Y[p, m]  = SN[p, m] / SD[p]
+  output Y
+}
+kernel mlp {
+  rank P, D = 8, J = 32, O = 8
+  input X[P, D], W1[D, J], W2[J, O]
+  H1[p, j] = X[p, d] * W1[d, j]
+  R[p, j]  = max(H1[p, j], 0)
+  Y[p, o]  = R[p, j] * W2[j, o]
+  output Y
+}
+kernel scan_of_one_step {
+  rank T = 1, D = 32
+  input A[T, D], B[T, D], X[T, D]
+  H[d, 0]     = 1
+  H[d, t + 1] = A[t, d] * H[d, t] + B[t, d] * X[t, d]
+  Y[t, d]     = H[d, t + 1] + H[d, t]
+  output Y
+}
+kernel linear_of_one_token {
+  rank T = 1, E = 16, F = 16
+  input Q[E, T], K[E, T], V[F, T]
+  FK[e, t]       = max(K[e, t], 0) + exp(min(K[e, t], 0))
+  S[0, e, f]     = 0
+  S[t + 1, e, f] = S[t, e, f] + FK[e, t] * V[f, t]
+  O[f, t]        = Q[e, t] * S[t + 1, e, f]
+  output O
+}";
+    let program = einfuse::Program::from_source("lanes.ein", source).unwrap();
+    let lanes_of = |kernel: &Cascade, tier, tensor: &str| lanes_and_rows(kernel, tier)[tensor].last().cloned();
+    let rows = program.kernel(Some("rows")).unwrap();
+    assert_eq!(lanes_of(rows, WIDE, "SLN").as_deref(), Some("M0"));
+    let mlp = program.kernel(Some("mlp")).unwrap();
+    assert_eq!(lanes_of(mlp, WIDE, "R").as_deref(), Some("J"));
+    let decode = small_kernel("benches/pytorch.ein", "decode").replace("P = 1", "P = 4");
+    let decode = &einfuse::Program::from_source("decode.ein", &decode).unwrap().kernels[0];
+    assert_eq!(lanes_of(decode, WIDE, "BQK").as_deref(), Some("M0"));
+    assert_eq!(lanes_of(decode, NARROW, "BQK").as_deref(), Some("P"));
+    let prefill =
+        &einfuse::Program::from_source("prefill.ein", &small_kernel("benches/pytorch.ein", "prefill")).unwrap();
+    assert_eq!(lanes_of(&prefill.kernels[0], WIDE, "BQK").as_deref(), Some("P"));
+    for (kernel, name) in [(rows, "rows"), (mlp, "mlp"), (decode, "decode with four queries")] {
+        agrees_on_both_tiers(kernel, name, &[(1, 3), (33, 19), (130, 9)]);
+    }
+    for name in ["scan_of_one_step", "linear_of_one_token"] {
+        let kernel = program.kernel(Some(name)).unwrap();
+        for target in [Target::Cpu, Target::CpuLlvm] {
+            let error = difference(kernel, target, &BTreeMap::new(), 3);
+            assert!(error <= 1e-5, "{name} on {target:?}: relative error {error:.3e}");
         }
     }
 }

@@ -56,7 +56,7 @@ pub const SHARED_BYTES: u64 = 48 << 10;
 /// neighbouring points the threads of a block compute, so that the queries, not the heads, share
 /// the staged tiles of keys and values however the source declared its ranks.
 pub fn batch_ranks(cascade: &Cascade) -> Vec<RankId> {
-    let lane = crate::schedule::arrange::lane_rank(cascade);
+    let lane = crate::schedule::arrange::lane_rank(cascade, 1);
     let mut ranks: Vec<RankId> =
         (0..cascade.ranks.len()).map(RankId::new).filter(|r| is_batch_rank(cascade, *r)).collect();
     ranks.sort_by_key(|r| Some(*r) == lane);

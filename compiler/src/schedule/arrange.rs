@@ -7,13 +7,21 @@
 //! put the heads last in every scratch buffer: lanes along eight heads and no packed panels,
 //! thirty times slower than declared `rank H, E = 64, F = 64, M, P`.
 //!
-//! One order for every scratch tensor, by the role of each rank:
-//! - first the ranks of an output other than the lane rank (heads, a group, the values' feature
-//!   rank), those more inputs have further out, else in the order they had;
-//! - then the ranks of no output and those a recurrence iterates along (the keys, their tiles and
-//!   tile counts), a tile count outside the others, else in the order they had;
-//! - then the lane rank (`lane_rank`);
-//! - last, ranks of one point, which change no address.
+//! One order for every scratch tensor, by the role of each position's rank:
+//! - first the ranks of an output other than the lane rank: tile counts (a split-key chunk),
+//!   then those more inputs have (the heads, which every input has, outside the values' feature
+//!   rank), then those more scratch tensors have (a group of query heads outside the values'
+//!   feature rank), else in the order they had;
+//! - then a recurrence's position and the ranks of no output (the keys' tiles and tile counts,
+//!   the reduced ranks): recurrences and tile counts outside the others, else in the order they
+//!   had;
+//! - then the lane rank (`lane_rank`), where one qualifies;
+//! - last, ranks of one point, which change no address (never a recurrence's position, which
+//!   holds two).
+//!
+//! Where no rank qualifies for the lanes (a row softmax of `X[P, M]`, whose rows are read along
+//! their keys), the written order decides the rest, as before this pass; so does it between ranks
+//! of the same role.
 //!
 //! Needs: a checked cascade. Guarantees: the same cascade with each scratch tensor's positions,
 //! the left-hand sides that define it and the subscripts that read it permuted alike (an
@@ -24,16 +32,22 @@
 
 use crate::ir::*;
 
-/// `cascade` with its scratch tensors' positions in the layer's order (see the module).
-pub fn arrange(cascade: &Cascade) -> Cascade {
-    let lane = lane_rank(cascade);
+/// `cascade` with its scratch tensors' positions in the layer's order (see the module), for a
+/// tier whose vectors hold `lanes` floats.
+pub fn arrange(cascade: &Cascade, lanes: usize) -> Cascade {
+    let roles = roles(cascade, lane_rank(cascade, lanes));
     let mut c = cascade.clone();
     let orders: Vec<Option<Vec<usize>>> = (0..cascade.tensors.len())
         .map(|t| {
             let id = TensorId::new(t);
-            let ranks = &cascade.tensor(id).ranks;
-            let mut order: Vec<usize> = (0..ranks.len()).collect();
-            order.sort_by_key(|p| role(cascade, ranks[*p], lane));
+            let tensor = cascade.tensor(id);
+            let iterative = match tensor.kind {
+                TensorKind::Defined { iterative } => iterative,
+                TensorKind::Input { .. } => None,
+            };
+            let role = |p: usize| if Some(p) == iterative { Role::Recurrence } else { roles[tensor.ranks[p].index()] };
+            let mut order: Vec<usize> = (0..tensor.ranks.len()).collect();
+            order.sort_by_key(|p| role(*p));
             (arranged(cascade, id) && order.iter().enumerate().any(|(k, p)| k != *p)).then_some(order)
         })
         .collect();
@@ -60,26 +74,50 @@ pub fn arrange(cascade: &Cascade) -> Cascade {
     c
 }
 
-/// Where a position of rank `rank` goes in a scratch tensor: the smaller, the further out. The
-/// ranks of an output go out the further, the more inputs have them (the heads, which every
-/// input has, outside the values' feature rank), so that the next rank out of the lanes is one
-/// along which a register block's rows share a vector.
-fn role(cascade: &Cascade, rank: RankId, lane: Option<RankId>) -> (u8, std::cmp::Reverse<usize>) {
-    let inputs = cascade
-        .tensors
-        .iter()
-        .filter(|t| matches!(t.kind, TensorKind::Input { .. }) && t.ranks.contains(&rank))
-        .count();
-    if matches!(cascade.rank(rank).extent, Extent::Fixed(1)) {
-        (3, std::cmp::Reverse(0))
-    } else if Some(rank) == lane {
-        (2, std::cmp::Reverse(0))
-    } else if in_an_output(cascade, rank) && !iterated(cascade, rank) {
-        (0, std::cmp::Reverse(inputs))
-    } else {
-        // A rank a recurrence iterates along (a tile count) outside the others (its tile).
-        (1, std::cmp::Reverse(iterated(cascade, rank) as usize))
-    }
+/// Where a position goes in a scratch tensor, outermost first (see the module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    /// A rank of an output: tile counts first, then those more inputs have, then those more
+    /// scratch tensors have.
+    TileCountOfAnOutput,
+    Output(std::cmp::Reverse<usize>, std::cmp::Reverse<usize>),
+    /// A recurrence's position, or a rank a recurrence iterates along, or a tile count.
+    Recurrence,
+    /// A rank of no output.
+    Inner,
+    Lane,
+    OnePoint,
+}
+
+/// Each rank's role, by rank.
+fn roles(cascade: &Cascade, lane: Option<RankId>) -> Vec<Role> {
+    let pairs = cascade.split_pairs();
+    (0..cascade.ranks.len())
+        .map(RankId::new)
+        .map(|r| {
+            let tile_count = pairs.iter().any(|(t, _, _)| *t == r);
+            let inputs =
+                cascade.tensors.iter().filter(|t| matches!(t.kind, TensorKind::Input { .. }) && t.ranks.contains(&r));
+            if matches!(cascade.rank(r).extent, Extent::Fixed(1)) {
+                Role::OnePoint
+            } else if Some(r) == lane {
+                Role::Lane
+            } else if iterated(cascade, r) {
+                Role::Recurrence
+            } else if in_an_output(cascade, r) && tile_count {
+                Role::TileCountOfAnOutput
+            } else if in_an_output(cascade, r) {
+                let scratch = (0..cascade.tensors.len())
+                    .filter(|t| arranged(cascade, TensorId::new(*t)) && cascade.tensors[*t].ranks.contains(&r))
+                    .count();
+                Role::Output(std::cmp::Reverse(inputs.count()), std::cmp::Reverse(scratch))
+            } else if tile_count {
+                Role::Recurrence
+            } else {
+                Role::Inner
+            }
+        })
+        .collect()
 }
 
 /// Whether the layer chooses `tensor`'s layout: a tensor the kernel defines, not an output, and
@@ -102,15 +140,17 @@ fn iterated(cascade: &Cascade, rank: RankId) -> bool {
     cascade.tensors.iter().any(|t| matches!(t.kind, TensorKind::Defined { iterative: Some(p) } if t.ranks[p] == rank))
 }
 
-/// The rank that runs in lanes in every scratch tensor that has it, if any qualifies: of the
-/// output's ranks that nothing reduces, no recurrence iterates along and no split pair holds,
-/// first one that some input lacks (the lanes then share that input's elements: the keys and
-/// values, for the queries; the heads, which every input has, share nothing), then the one most
-/// scratch tensors have, then the longest (symbolic counts as longest, and ranks of fewer than
-/// `SHORT` points as one point), then the one innermost in the inputs that have it, then the
-/// first declared. Decode's single query wins as prefill's queries do, and its one point leaves
-/// the rest in the order the other roles give.
-pub fn lane_rank(cascade: &Cascade) -> Option<RankId> {
+/// The rank that runs in lanes in every scratch tensor that has it, on a tier of `lanes` floats
+/// per vector (1 for the thread kernels), if one qualifies: of the output's ranks that nothing
+/// reduces, no recurrence iterates along and no split pair holds, that has one point or at least
+/// `lanes` (a query rank of four points in sixteen lanes wastes twelve: the keys take the lanes
+/// then), and that every input read naming it reads in lanes (`read_in_lanes`); first one that
+/// some input lacks (the lanes then share that input's elements: the keys and values, for the
+/// queries; the heads, which every input has, share nothing), then the one most scratch tensors
+/// have, then the longest (symbolic longest; ranks shorter than `SHORT` alike), then the one
+/// innermost in the inputs that have it, then the first declared. Decode's single query wins as prefill's queries
+/// do, and its one point leaves the rest in the order the other roles give.
+pub fn lane_rank(cascade: &Cascade, lanes: usize) -> Option<RankId> {
     let inputs: Vec<&Tensor> = cascade.tensors.iter().filter(|t| matches!(t.kind, TensorKind::Input { .. })).collect();
     let scratch: Vec<&Tensor> = (0..cascade.tensors.len())
         .filter(|t| arranged(cascade, TensorId::new(*t)))
@@ -125,28 +165,104 @@ pub fn lane_rank(cascade: &Cascade) -> Option<RankId> {
             }
         });
     }
+    let length = |r: RankId| match cascade.rank(r).extent {
+        Extent::Fixed(n) => n,
+        _ => u64::MAX,
+    };
+    // Ranks shorter than the widest vector count alike: a group of four query heads does not
+    // take decode's single query's place.
+    let class = |r: RankId| match length(r) {
+        n if n < SHORT => 0,
+        u64::MAX => 2,
+        _ => 1,
+    };
     let candidates = (0..cascade.ranks.len()).map(RankId::new).filter(|r| {
         in_an_output(cascade, *r)
             && !reduced[r.index()]
             && !iterated(cascade, *r)
             && !pairs.iter().any(|(t, i, w)| r == t || r == i || r == w)
+            && (length(*r) == 1 || length(*r) >= lanes as u64)
+            && read_in_lanes(cascade, *r)
     });
     candidates.max_by_key(|r| {
         let shares = inputs.iter().any(|t| !t.ranks.contains(r));
         let scratch = scratch.iter().filter(|t| t.ranks.contains(r)).count();
-        let length = match cascade.rank(*r).extent {
-            Extent::Fixed(n) if n < SHORT => 0,
-            Extent::Fixed(_) => 1,
-            _ => 2,
-        };
         // How many positions follow the rank's in the input that holds it innermost.
         let depth =
             inputs.iter().filter_map(|t| t.ranks.iter().rposition(|q| q == r).map(|p| t.ranks.len() - 1 - p)).min();
         // Keys are unique (the rank's index is one of them): the first declared wins a tie.
-        (shares, scratch, length, std::cmp::Reverse(depth.unwrap_or(0)), std::cmp::Reverse(r.index()))
+        (shares, scratch, class(*r), std::cmp::Reverse(depth.unwrap_or(0)), std::cmp::Reverse(r.index()))
     })
 }
 
-/// A rank of fewer fixed points than this fills less than the widest vector (16 lanes): as a lane
-/// rank it counts no more than a rank of one point.
+/// A fixed rank of fewer points than this (the widest host vector's lanes) is short: as a lane
+/// rank it counts no more than one of a single point.
 const SHORT: u64 = 16;
+
+/// Whether every read of an input that names `rank` reads along it in lanes: at its last
+/// position, as the bare index, or inside a contraction (a sum) whose Einsum also runs over a
+/// long rank (a symbolic one, or a split pair's), whose panel `pack` copies once and every point
+/// of that rank reads again (the queries `Q[h, p, e]` of prefill's scores). A strided read
+/// elsewhere (a row softmax's `X[p, m]`, a product over fixed ranks only) would take one
+/// element per lane.
+fn read_in_lanes(cascade: &Cascade, rank: RankId) -> bool {
+    let pairs = cascade.split_pairs();
+    let long = |i: &Index| {
+        i.rank != rank
+            && (matches!(cascade.rank(i.rank).extent, Extent::Symbolic)
+                || pairs.iter().any(|(t, n, w)| i.rank == *t || i.rank == *n || i.rank == *w))
+    };
+    cascade.einsums.iter().all(|einsum| {
+        let streams = einsum.lhs_indices().any(|i| long(&i));
+        let mut ok = true;
+        let mut visit = |e: &Expr, packed: bool| {
+            let Expr::Access { tensor, subscripts } = e else { return };
+            if !matches!(cascade.tensor(*tensor).kind, TensorKind::Input { .. }) {
+                return;
+            }
+            let names = |s: &Affine| {
+                let mut found = false;
+                s.for_each_index(&mut |i| found |= i.rank == rank);
+                found
+            };
+            let last = subscripts.len().saturating_sub(1);
+            let contiguous = subscripts.iter().enumerate().all(|(k, s)| {
+                if k == last {
+                    !names(s) || matches!(s, Affine::Index(i) if i.rank == rank)
+                } else {
+                    !names(s)
+                }
+            });
+            ok &= contiguous || packed || !subscripts.iter().any(names);
+        };
+        reads_with_context(&einsum.body, streams, false, &mut visit);
+        // `pack` copies what the filter of such a contraction reads too (a padding mask).
+        let contraction = matches!(&einsum.body, Expr::Reduce { op: ReduceOp::Sum, .. });
+        for cond in &einsum.filter {
+            reads_with_context(&cond.lhs, false, streams && contraction, &mut visit);
+            reads_with_context(&cond.rhs, false, streams && contraction, &mut visit);
+        }
+        ok
+    })
+}
+
+/// Visits every access of `expr` with whether it lies inside a sum over a long rank of an
+/// Einsum that `streams` (see `read_in_lanes`).
+fn reads_with_context(expr: &Expr, streams: bool, inside: bool, visit: &mut impl FnMut(&Expr, bool)) {
+    match expr {
+        Expr::Access { .. } => visit(expr, inside),
+        Expr::Unary(_, a) => reads_with_context(a, streams, inside, visit),
+        Expr::Binary(_, a, b) => {
+            reads_with_context(a, streams, inside, visit);
+            reads_with_context(b, streams, inside, visit);
+        }
+        Expr::Reduce { op, filter, body, .. } => {
+            reads_with_context(body, streams, inside || (streams && *op == ReduceOp::Sum), visit);
+            for cond in filter {
+                reads_with_context(&cond.lhs, streams, false, visit);
+                reads_with_context(&cond.rhs, streams, false, visit);
+            }
+        }
+        Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Index(_) => {}
+    }
+}

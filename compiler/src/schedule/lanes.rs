@@ -192,13 +192,17 @@ pub fn vectorizable(program: &LoopProgram, einsum: &Einsum, v: Index) -> bool {
 }
 
 /// Whether every position of `tensor`'s buffer after `position` stores one point: a rank of
-/// fixed extent 1, or a position kept for the current step only. Consecutive points along
-/// `position` then sit at consecutive addresses.
+/// fixed extent 1 (but a recurrence's position along it, which holds its initial value and one
+/// step), or a position kept for the current step only. Consecutive points along `position` then
+/// sit at consecutive addresses.
 pub fn one_point_after(program: &LoopProgram, tensor: TensorId, position: usize) -> bool {
-    let ranks = &program.cascade.tensor(tensor).ranks;
+    let t = program.cascade.tensor(tensor);
     let slots = &program.buffers[tensor.index()].slots;
-    (position + 1..ranks.len())
-        .all(|q| slots[q] == Slot::Current || matches!(program.cascade.rank(ranks[q]).extent, Extent::Fixed(1)))
+    let recurrence = |q: usize| matches!(t.kind, TensorKind::Defined { iterative: Some(p) } if p == q);
+    (position + 1..t.ranks.len()).all(|q| {
+        slots[q] == Slot::Current
+            || (matches!(program.cascade.rank(t.ranks[q]).extent, Extent::Fixed(1)) && !recurrence(q))
+    })
 }
 
 /// Whether every read in `exprs` that mentions `v` has it, followed only by ranks of extent 1, as

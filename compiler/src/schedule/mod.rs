@@ -161,7 +161,7 @@ pub struct HostTier {
 /// (`accumulate`: after packing, so that a contraction reads the panels in lanes when its fold is
 /// weighed).
 pub fn schedule_host(cascade: &Cascade, tier: HostTier) -> Result<LoopProgram, ScheduleError> {
-    let streamed = schedule_streamed(&arrange::arrange(&pack::unstage(cascade)))?;
+    let streamed = schedule_streamed(&arrange::arrange(&pack::unstage(cascade), tier.lanes))?;
     accumulate::accumulate(pack::pack(streamed, tier)?, tier)
 }
 
