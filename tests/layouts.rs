@@ -569,13 +569,15 @@ fn rewritten(text: &str, rng: &mut Rng) -> String {
     let mut declared: Vec<String> = lines[rank].trim_start()["rank ".len()..].split(", ").map(str::to_string).collect();
     shuffled(&mut declared, rng);
     lines[rank] = format!("  rank {}", declared.join(", "));
-    let output = lines.iter().find_map(|l| l.trim_start().strip_prefix("output ")).unwrap().trim().to_string();
+    let outputs: Vec<&str> =
+        lines.iter().find_map(|l| l.trim_start().strip_prefix("output ")).unwrap().split(", ").map(str::trim).collect();
     let declared = lines.iter().find_map(|l| l.trim_start().strip_prefix("input ")).unwrap();
     let inputs: Vec<&str> = declared.split("], ").map(|d| d.split('[').next().unwrap().trim()).collect();
     let defined: Vec<String> = lines
         .iter()
         .filter_map(|l| l.trim_start().split_once('[').map(|(name, _)| name.to_string()))
-        .filter(|name| name.chars().all(|c| c.is_alphanumeric()) && *name != output && !name.is_empty())
+        .filter(|name| name.chars().all(|c| c.is_alphanumeric() || c == '_') && !name.is_empty())
+        .filter(|name| !outputs.contains(&name.as_str()))
         .filter(|name| !inputs.contains(&name.as_str()))
         .collect();
     let mut text = lines.join("\n");
@@ -602,7 +604,8 @@ fn uses_of(text: &str, name: &str) -> Vec<(usize, usize)> {
     let mut from = 0;
     while let Some(k) = text[from..].find(&needle) {
         let start = from + k;
-        let whole = start == 0 || !text.as_bytes()[start - 1].is_ascii_alphanumeric();
+        let before = if start == 0 { b' ' } else { text.as_bytes()[start - 1] };
+        let whole = !before.is_ascii_alphanumeric() && before != b'_';
         let end = start + text[start..].find(']').unwrap();
         if whole {
             found.push((start, end));
@@ -647,14 +650,14 @@ fn thread_lanes(kernel: &Cascade) -> (String, usize) {
     (lane.unwrap_or_default(), staged_reads(&program).len())
 }
 
-/// The order in which a kernel declares its ranks and writes its intermediate tensors' indices
-/// does not decide where the host tiers put their lanes: the scheduling layer orders every scratch
-/// buffer (`schedule::arrange`), and the thread kernels' blocks span the same rank. Declared
-/// `rank P, M, F, E, H`, prefill ran its lanes along the eight heads, thirty times slower, and
-/// its GPU blocks staged no tiles. Each kernel in eight generated rewritings: the same lanes and
-/// rows in every scratch buffer as written in the repository, the same lane rank and staged
-/// tiles in the thread kernel, and both tiers (and the emulated GPU kernel) agree with the
-/// interpreter at ragged sizes.
+/// Where a rank qualifies for the lanes, the order in which a kernel declares its ranks and writes
+/// its intermediate tensors' indices does not decide where the host tiers put their lanes: the
+/// scheduling layer orders every scratch buffer (`schedule::arrange`), and the thread kernels'
+/// blocks span the same rank. Declared `rank P, M, F, E, H`, prefill ran its lanes along the
+/// eight heads, thirty times slower, and its GPU blocks staged no tiles. Each kernel in eight
+/// generated rewritings: the same lanes and rows in every scratch buffer as written in the
+/// repository, the same lane rank and staged tiles in the thread kernel, and both tiers (and the
+/// emulated GPU kernel) agree with the interpreter at ragged sizes.
 #[test]
 fn scratch_layouts_do_not_follow_the_declaration_order() {
     let kernels = [
@@ -667,12 +670,15 @@ fn scratch_layouts_do_not_follow_the_declaration_order() {
         ("examples/heads.ein", "gqa_decode"),
         ("examples/masks.ein", "document_mask"),
         ("examples/masks.ein", "padding_mask"),
+        // No rank qualifies for the lanes here: the written order stands, so only the values
+        // are compared.
         ("examples/linear.ein", "causal_linear"),
         ("examples/linear.ein", "ssm_scan"),
         ("examples/softmax.ein", "softmax"),
     ];
     let mut rng = Rng(0xa11a_9e5);
     for (file, name) in kernels {
+        let same_lanes = !file.starts_with("examples/linear") && !file.starts_with("examples/softmax");
         let small = small_kernel(file, name);
         let written = einfuse::Program::from_source("written.ein", &small).unwrap();
         let want = lanes_and_rows(&written.kernels[0], WIDE);
@@ -683,9 +689,11 @@ fn scratch_layouts_do_not_follow_the_declaration_order() {
             let program =
                 einfuse::Program::from_source("rewritten.ein", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
             let kernel = &program.kernels[0];
-            assert_eq!(lanes_and_rows(kernel, WIDE), want, "{name}, rewriting {round}:\n{text}");
-            #[cfg(feature = "llvm")]
-            assert_eq!(thread_lanes(kernel), threads, "{name}, rewriting {round} (threads):\n{text}");
+            if same_lanes {
+                assert_eq!(lanes_and_rows(kernel, WIDE), want, "{name}, rewriting {round}:\n{text}");
+                #[cfg(feature = "llvm")]
+                assert_eq!(thread_lanes(kernel), threads, "{name}, rewriting {round} (threads):\n{text}");
+            }
             if round % 4 == 0 {
                 let bound: BTreeMap<&str, u64> = [("M", 33), ("P", 19), ("H", 3), ("T", 7)].into();
                 let emulated = if cfg!(feature = "llvm") { &[Target::GpuEmulated][..] } else { &[] };
@@ -703,16 +711,18 @@ fn small_kernel(file: &str, name: &str) -> String {
     let source = std::fs::read_to_string(common::root().join(file)).unwrap();
     let start = source.find(&format!("kernel {name} ")).unwrap();
     let text = &source[start..start + source[start..].find("\n}").unwrap() + 2];
+    // The values' feature rank keeps the sixteen points a lane rank needs on the widest vectors.
     [("H = 8", "H = 2"), ("H = 32", "H = 2"), ("E = 64", "E = 8"), ("E = 128", "E = 8")]
         .iter()
-        .chain(&[("F = 64", "F = 8"), ("F = 128", "F = 8")])
+        .chain(&[("F = 64", "F = 16"), ("F = 128", "F = 16")])
         .fold(text.to_string(), |t, (from, to)| t.replace(from, to))
 }
 
 /// The layer puts a rank in lanes only where every input read of it reads in lanes and it fills
 /// the vector: a row softmax of `X[P, M]` and a product over fixed ranks keep their keys and
-/// columns in lanes; decode with four queries runs its keys in lanes on sixteen-lane vectors and
-/// its queries on four; prefill its queries. A recurrence along a rank of one point keeps both
+/// columns in lanes, a layer norm and a normalised scan their feature rank (nothing qualifies,
+/// and the written order stands); decode with four queries runs its keys in lanes on sixteen-lane
+/// vectors and its queries on four; prefill its queries. A recurrence along a rank of one point keeps both
 /// its iterates (it has two points, not one, whatever its position), on both tiers against the
 /// interpreter.
 #[test]
@@ -733,6 +743,24 @@ kernel mlp {
   H1[p, j] = X[p, d] * W1[d, j]
   R[p, j]  = max(H1[p, j], 0)
   Y[p, o]  = R[p, j] * W2[j, o]
+  output Y
+}
+kernel layer_norm {
+  rank P, D = 32
+  input X[P, D], G[D], B[D]
+  MU[p]    = X[p, d] / D
+  XC[p, d] = X[p, d] - MU[p]
+  VAR[p]   = XC[p, d] * XC[p, d] / D
+  Y[p, d]  = XC[p, d] / sqrt(VAR[p] + 1e-5) * G[d] + B[d]
+  output Y
+}
+kernel normalised_scan {
+  rank T, D = 32
+  input X[T, D]
+  H[0, d]     = 0
+  H[t + 1, d] = 0.9 * H[t, d] + 0.1 * X[t, d]
+  N[t]        = H[t + 1, d] * H[t + 1, d]
+  Y[t, d]     = H[t + 1, d] / sqrt(N[t] + 1e-6)
   output Y
 }
 kernel scan_of_one_step {
@@ -758,6 +786,12 @@ kernel linear_of_one_token {
     assert_eq!(lanes_of(rows, WIDE, "SLN").as_deref(), Some("M0"));
     let mlp = program.kernel(Some("mlp")).unwrap();
     assert_eq!(lanes_of(mlp, WIDE, "R").as_deref(), Some("J"));
+    // No rank qualifies: the written order stands, the feature rank and a recurrence's slots kept
+    // as written (a scan's state along `D`, its two iterates outside).
+    let norm = program.kernel(Some("layer_norm")).unwrap();
+    assert_eq!(lanes_of(norm, WIDE, "XC").as_deref(), Some("D"));
+    let scan = program.kernel(Some("normalised_scan")).unwrap();
+    assert_eq!(lanes_of(scan, WIDE, "H").as_deref(), Some("D"));
     let decode = small_kernel("benches/pytorch.ein", "decode").replace("P = 1", "P = 4");
     let decode = &einfuse::Program::from_source("decode.ein", &decode).unwrap().kernels[0];
     assert_eq!(lanes_of(decode, WIDE, "BQK").as_deref(), Some("M0"));
@@ -765,7 +799,7 @@ kernel linear_of_one_token {
     let prefill =
         &einfuse::Program::from_source("prefill.ein", &small_kernel("benches/pytorch.ein", "prefill")).unwrap();
     assert_eq!(lanes_of(&prefill.kernels[0], WIDE, "BQK").as_deref(), Some("P"));
-    for (kernel, name) in [(rows, "rows"), (mlp, "mlp"), (decode, "decode with four queries")] {
+    for (kernel, name) in [(rows, "rows"), (mlp, "mlp"), (decode, "decode with four queries"), (norm, "layer_norm")] {
         agrees_on_both_tiers(kernel, name, &[(1, 3), (33, 19), (130, 9)]);
     }
     for name in ["scan_of_one_step", "linear_of_one_token"] {

@@ -53,13 +53,18 @@ pub const SHARED_BYTES: u64 = 48 << 10;
 
 /// The batch ranks of a cascade, in rank order but for the scheduling layer's lane rank
 /// (`arrange::lane_rank`), which goes last where it is one: the last is the rank whose
-/// neighbouring points the threads of a block compute, so that the queries, not the heads, share
-/// the staged tiles of keys and values however the source declared its ranks.
+/// neighbouring points the threads of a block compute, so that the queries, not the heads or a
+/// group of four query heads, share the staged tiles of keys and values however the source
+/// declared its ranks. A split-key chunk kernel keeps its chunks last (a thread per chunk, head
+/// and query): there the lane rank would give decode's single query a warp per chunk instead.
 pub fn batch_ranks(cascade: &Cascade) -> Vec<RankId> {
-    let lane = crate::schedule::arrange::lane_rank(cascade, 1);
     let mut ranks: Vec<RankId> =
         (0..cascade.ranks.len()).map(RankId::new).filter(|r| is_batch_rank(cascade, *r)).collect();
-    ranks.sort_by_key(|r| Some(*r) == lane);
+    let chunks = |r: &RankId| cascade.split_pairs().iter().any(|(tile, _, _)| tile == r);
+    if !ranks.last().is_some_and(chunks) {
+        let lane = crate::schedule::arrange::lane_rank(cascade, 1);
+        ranks.sort_by_key(|r| Some(*r) == lane);
+    }
     ranks
 }
 

@@ -7,21 +7,25 @@
 //! put the heads last in every scratch buffer: lanes along eight heads and no packed panels,
 //! thirty times slower than declared `rank H, E = 64, F = 64, M, P`.
 //!
-//! One order for every scratch tensor, by the role of each position's rank:
+//! One order for every scratch tensor that has the lane rank, by the role of each position's
+//! rank:
 //! - first the ranks of an output other than the lane rank: tile counts (a split-key chunk),
 //!   then those more inputs have (the heads, which every input has, outside the values' feature
 //!   rank), then those more scratch tensors have (a group of query heads outside the values'
 //!   feature rank), else in the order they had;
-//! - then a recurrence's position and the ranks of no output (the keys' tiles and tile counts,
-//!   the reduced ranks): recurrences and tile counts outside the others, else in the order they
-//!   had;
+//! - then a recurrence's position and the ranks a recurrence iterates along (an output's too),
+//!   and the ranks of no output (the keys' tiles and tile counts, the reduced ranks):
+//!   recurrences and tile counts outside the others, else in the order they had;
 //! - then the lane rank (`lane_rank`), where one qualifies;
 //! - last, ranks of one point, which change no address (never a recurrence's position, which
 //!   holds two).
 //!
 //! Where no rank qualifies for the lanes (a row softmax of `X[P, M]`, whose rows are read along
-//! their keys), the written order decides the rest, as before this pass; so does it between ranks
-//! of the same role.
+//! their keys; a layer norm; a scan), every scratch tensor keeps the order it was written in, as
+//! before this pass; so does a scratch tensor without the lane rank, unless its innermost rank
+//! is shorter than the vector (decode's four queries, written last, wasting twelve of sixteen
+//! lanes), and ranks of the same role keep the order they had. So the pass takes away the declaration order's say over the lanes
+//! where one rank clearly belongs there (attention's queries), not every choice the source makes.
 //!
 //! Needs: a checked cascade. Guarantees: the same cascade with each scratch tensor's positions,
 //! the left-hand sides that define it and the subscripts that read it permuted alike (an
@@ -35,7 +39,8 @@ use crate::ir::*;
 /// `cascade` with its scratch tensors' positions in the layer's order (see the module), for a
 /// tier whose vectors hold `lanes` floats.
 pub fn arrange(cascade: &Cascade, lanes: usize) -> Cascade {
-    let roles = roles(cascade, lane_rank(cascade, lanes));
+    let lane = lane_rank(cascade, lanes);
+    let roles = roles(cascade, lane);
     let mut c = cascade.clone();
     let orders: Vec<Option<Vec<usize>>> = (0..cascade.tensors.len())
         .map(|t| {
@@ -48,7 +53,13 @@ pub fn arrange(cascade: &Cascade, lanes: usize) -> Cascade {
             let role = |p: usize| if Some(p) == iterative { Role::Recurrence } else { roles[tensor.ranks[p].index()] };
             let mut order: Vec<usize> = (0..tensor.ranks.len()).collect();
             order.sort_by_key(|p| role(*p));
-            (arranged(cascade, id) && order.iter().enumerate().any(|(k, p)| k != *p)).then_some(order)
+            let moved = order.iter().enumerate().any(|(k, p)| k != *p);
+            let wasteful = || {
+                let innermost = tensor.ranks.iter().rev().find(|r| !matches!(roles[r.index()], Role::OnePoint));
+                innermost.is_some_and(|r| matches!(cascade.rank(*r).extent, Extent::Fixed(n) if n < lanes as u64))
+            };
+            let chosen = lane.is_some_and(|l| tensor.ranks.contains(&l)) || wasteful();
+            (arranged(cascade, id) && chosen && moved).then_some(order)
         })
         .collect();
     for (t, order) in orders.iter().enumerate() {
@@ -147,8 +158,8 @@ fn iterated(cascade: &Cascade, rank: RankId) -> bool {
 /// then), and that every input read naming it reads in lanes (`read_in_lanes`); first one that
 /// some input lacks (the lanes then share that input's elements: the keys and values, for the
 /// queries; the heads, which every input has, share nothing), then the one most scratch tensors
-/// have, then the longest (symbolic longest; ranks shorter than `SHORT` alike), then the one
-/// innermost in the inputs that have it, then the first declared. Decode's single query wins as prefill's queries
+/// have, then the longest by class (symbolic, then `SHORT` points or more, then shorter: ranks of
+/// one class alike), then the one innermost in the inputs that have it, then the first declared. Decode's single query wins as prefill's queries
 /// do, and its one point leaves the rest in the order the other roles give.
 pub fn lane_rank(cascade: &Cascade, lanes: usize) -> Option<RankId> {
     let inputs: Vec<&Tensor> = cascade.tensors.iter().filter(|t| matches!(t.kind, TensorKind::Input { .. })).collect();
@@ -200,22 +211,40 @@ pub fn lane_rank(cascade: &Cascade, lanes: usize) -> Option<RankId> {
 const SHORT: u64 = 16;
 
 /// Whether every read of an input that names `rank` reads along it in lanes: at its last
-/// position, as the bare index, or inside a contraction (a sum) whose Einsum also runs over a
-/// long rank (a symbolic one, or a split pair's), whose panel `pack` copies once and every point
-/// of that rank reads again (the queries `Q[h, p, e]` of prefill's scores). A strided read
-/// elsewhere (a row softmax's `X[p, m]`, a product over fixed ranks only) would take one
-/// element per lane.
+/// position, as the bare index, or inside a contraction (a sum, or its statement filter) whose
+/// Einsum also runs over a rank a streamed loop may run over (symbolic, or split from a symbolic
+/// rank or one of `SHORT` points or more),
+/// where the read is reused across some index of the Einsum it does not name, so that `pack`
+/// copies it once into a panel read again and again (the queries `Q[h, p, e]` of prefill's scores,
+/// across the keys; a padding mask, across the reduced index). A strided read elsewhere (a row
+/// softmax's `X[p, m]`, a product over fixed ranks only, a merge of split-key partial results
+/// that names every index of its Einsum) would take one element per lane.
 fn read_in_lanes(cascade: &Cascade, rank: RankId) -> bool {
     let pairs = cascade.split_pairs();
+    // A rank a streamed loop may run over: a symbolic one, or a part of a split of a symbolic
+    // rank or one of `SHORT` points or more.
     let long = |i: &Index| {
+        let pair = pairs.iter().find(|(t, n, _)| i.rank == *t || i.rank == *n);
         i.rank != rank
-            && (matches!(cascade.rank(i.rank).extent, Extent::Symbolic)
-                || pairs.iter().any(|(t, n, w)| i.rank == *t || i.rank == *n || i.rank == *w))
+            && match (pair, cascade.rank(i.rank).extent) {
+                (Some((_, _, whole)), _) => match cascade.rank(*whole).extent {
+                    Extent::Fixed(n) => n >= SHORT,
+                    _ => true,
+                },
+                (None, Extent::Symbolic) => true,
+                (None, _) => false,
+            }
     };
     cascade.einsums.iter().all(|einsum| {
         let streams = einsum.lhs_indices().any(|i| long(&i));
+        let mut indices: Vec<Index> = einsum.lhs_indices().filter(|i| i.rank != rank).collect();
+        einsum.body.walk(&mut |e| {
+            if let Expr::Reduce { indices: reduced, .. } = e {
+                indices.extend(reduced.iter().copied());
+            }
+        });
         let mut ok = true;
-        let mut visit = |e: &Expr, packed: bool| {
+        let mut visit = |e: &Expr, inside: bool| {
             let Expr::Access { tensor, subscripts } = e else { return };
             if !matches!(cascade.tensor(*tensor).kind, TensorKind::Input { .. }) {
                 return;
@@ -225,6 +254,10 @@ fn read_in_lanes(cascade: &Cascade, rank: RankId) -> bool {
                 s.for_each_index(&mut |i| found |= i.rank == rank);
                 found
             };
+            // Reused across an index of the Einsum it does not name, as `pack` requires of a panel.
+            let mut named = Vec::new();
+            subscripts.iter().for_each(|s| s.for_each_index(&mut |i| named.push(i)));
+            let packed = inside && indices.iter().any(|i| !named.contains(i));
             let last = subscripts.len().saturating_sub(1);
             let contiguous = subscripts.iter().enumerate().all(|(k, s)| {
                 if k == last {
