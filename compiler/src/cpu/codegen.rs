@@ -147,26 +147,26 @@ impl<'a, 'f> Gen<'a, 'f> {
                             let empty = g.step_is_empty(&empty_margins, *index);
                             let (carry, compute) = (g.b.create_block(), g.b.create_block());
                             g.b.ins().brif(empty, carry, &[], compute, &[]);
-                            g.b.switch_to_block(carry);
+                            g.enter(carry);
                             g.carry_recurrences(*index, body);
                             g.b.ins().jump(join, &[]);
-                            g.b.switch_to_block(compute);
+                            g.enter(compute);
                         }
                         if let Some((variant, margins)) = full {
                             let whole = g.step_is_full(margins, *index);
                             let (fast, slow) = (g.b.create_block(), g.b.create_block());
                             g.b.ins().brif(whole, fast, &[], slow, &[]);
-                            g.b.switch_to_block(fast);
+                            g.enter(fast);
                             g.with_program(variant, &mut |g| g.nodes(body));
                             g.b.ins().jump(join, &[]);
-                            g.b.switch_to_block(slow);
+                            g.enter(slow);
                         }
                         match skip {
                             Some(tensor) => g.skippable_step(*index, body, *tensor),
                             None => g.nodes(body),
                         }
                         g.b.ins().jump(join, &[]);
-                        g.b.switch_to_block(join);
+                        g.enter(join);
                     });
                 }
                 Node::Compute { einsum } => self.compute(*einsum),
@@ -215,16 +215,29 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.b.switch_to_block(header);
         let i = self.b.use_var(var);
         let last = self.b.ins().iadd_imm_s(i, step);
-        let more = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, last, end);
-        self.b.ins().brif(more, inner, &[], exit, &[]);
-        self.b.switch_to_block(inner);
+        // The exit first: Cranelift's code motion walks the dominator tree in the order of the
+        // branch's targets and forgets the loop it is in once it has left it, so a body visited
+        // after the exit would have nothing hoisted out of it.
+        let done = self.b.ins().icmp(IntCC::SignedGreaterThan, last, end);
+        self.b.ins().brif(done, exit, &[], inner, &[]);
+        self.enter(inner);
         body(self, var);
         let i = self.b.use_var(var);
         let next = self.b.ins().iadd_imm_s(i, step);
         self.b.def_var(var, next);
         self.b.ins().jump(header, &[]);
-        self.b.switch_to_block(exit);
+        self.b.seal_block(header);
+        self.enter(exit);
         self.b.use_var(var)
+    }
+
+    /// Continues in `block` and seals it: every jump to it is already emitted. Sealing as soon
+    /// as the predecessors are known lets the SSA builder resolve a variable by looking up the
+    /// predecessors, so that an index bound outside a loop is the same value inside, not a
+    /// parameter of each block on the way, and Cranelift's loop-invariant code motion sees it.
+    pub(super) fn enter(&mut self, block: cranelift_codegen::ir::Block) {
+        self.b.switch_to_block(block);
+        self.b.seal_block(block);
     }
 
     pub(super) fn index(&mut self, index: Index) -> Value {
@@ -447,10 +460,10 @@ impl<'a, 'f> Gen<'a, 'f> {
         let inside = self.b.create_block();
         let after = self.b.create_block();
         self.b.ins().brif(condition, inside, &[], after, &[]);
-        self.b.switch_to_block(inside);
+        self.enter(inside);
         then(self);
         self.b.ins().jump(after, &[]);
-        self.b.switch_to_block(after);
+        self.enter(after);
     }
 
     /// Loops over the `remaining` reduced indices, then folds the body into `acc` where the point
@@ -702,11 +715,11 @@ impl<'a, 'f> Gen<'a, 'f> {
                 let zero = self.b.ins().f32const(0.0);
                 let no = self.b.ins().iconst(types::I8, 0);
                 self.b.ins().brif(valid, then, &[], join, &[zero.into(), no.into()]);
-                self.b.switch_to_block(then);
+                self.enter(then);
                 let (value, defined) = crate::schedule::walk::point_value(self, einsum);
                 let defined = defined.unwrap_or_else(|| self.one());
                 self.b.ins().jump(join, &[value.into(), defined.into()]);
-                self.b.switch_to_block(join);
+                self.enter(join);
                 (self.b.block_params(join)[0], Some(self.b.block_params(join)[1]))
             }
         };

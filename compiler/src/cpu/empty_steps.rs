@@ -25,13 +25,13 @@ impl Gen<'_, '_> {
         let any = self.any_defined(skip.index());
         let (rest, carry, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         self.b.ins().brif(any, rest, &[], carry, &[]);
-        self.b.switch_to_block(rest);
+        self.enter(rest);
         self.nodes(&body[at + 1..]);
         self.b.ins().jump(join, &[]);
-        self.b.switch_to_block(carry);
+        self.enter(carry);
         self.carry_recurrences(index, &body[at + 1..]);
         self.b.ins().jump(join, &[]);
-        self.b.switch_to_block(join);
+        self.enter(join);
     }
 
     /// Copies the current iterate of every recurrence of `body` into its next slot.

@@ -222,7 +222,7 @@ impl Gen<'_, '_> {
                 }
                 let (whole, partial, join) = (g.b.create_block(), g.b.create_block(), g.b.create_block());
                 g.b.ins().brif(all.expect("a shared read"), whole, &[], partial, &[]);
-                g.b.switch_to_block(whole);
+                g.enter(whole);
                 for k in &shared {
                     g.planned[*k].defined = true;
                 }
@@ -231,10 +231,10 @@ impl Gen<'_, '_> {
                     g.planned[*k].defined = false;
                 }
                 g.b.ins().jump(join, &[]);
-                g.b.switch_to_block(partial);
+                g.enter(partial);
                 fold(g);
                 g.b.ins().jump(join, &[]);
-                g.b.switch_to_block(join);
+                g.enter(join);
             }
             g.planned = saved;
             for (plan, step) in plans.iter().zip(&steps) {

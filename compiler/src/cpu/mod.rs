@@ -61,6 +61,7 @@ fn define<M: Module>(
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
+        b.seal_block(entry);
         let params: [cranelift_codegen::ir::Value; 6] = b.block_params(entry).try_into().expect("six parameters");
         let mut g = codegen::Gen {
             b,

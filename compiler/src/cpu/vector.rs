@@ -317,7 +317,7 @@ impl Gen<'_, '_> {
         self.b.switch_to_block(otherwise);
         self.each_cell(block, &mut |g, _| g.store_vector(einsum, zeros, Some(nones)));
         self.b.ins().jump(join, &[]);
-        self.b.switch_to_block(then);
+        self.enter(then);
         let mut passes: Vec<Def> = Vec::new();
         let mut any: Option<Value> = None;
         // A scratch tensor takes its filter's mask now, and its values, unzeroed, after the
@@ -349,7 +349,7 @@ impl Gen<'_, '_> {
             let compute = self.b.create_block();
             let empty = if early_mask { join } else { otherwise };
             self.b.ins().brif(any, compute, &[], empty, &[]);
-            self.b.switch_to_block(compute);
+            self.enter(compute);
         }
         let identity = self.b.ins().f32const(reduce_identity(op) as f32);
         let identity = self.splat(identity);
@@ -381,7 +381,9 @@ impl Gen<'_, '_> {
             }
         });
         self.b.ins().jump(join, &[]);
-        self.b.switch_to_block(join);
+        // `otherwise` takes the filter's empty blocks too, so it is sealed only now.
+        self.b.seal_block(otherwise);
+        self.enter(join);
     }
 
     /// Rows `u .. u + rows` of a reduction over one index `r` (see `lane_rows`), every row
@@ -535,7 +537,7 @@ impl Gen<'_, '_> {
                 let none = self.b.ins().iconst(types::I32, 0);
                 let nones = self.b.ins().splat(types::I32X4, none);
                 self.b.ins().brif(valid, then, &[], join, &[zeros.into(), nones.into()]);
-                self.b.switch_to_block(then);
+                self.enter(then);
                 let (value, defined) = self.vector_value(einsum, v);
                 let defined = match defined {
                     Some(d) => d,
@@ -545,7 +547,7 @@ impl Gen<'_, '_> {
                     }
                 };
                 self.b.ins().jump(join, &[value.into(), defined.into()]);
-                self.b.switch_to_block(join);
+                self.enter(join);
                 (self.b.block_params(join)[0], Some(self.b.block_params(join)[1]))
             }
         };
@@ -672,7 +674,7 @@ impl Gen<'_, '_> {
                 let (narrow, wide, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
                 self.b.append_block_param(join, types::F32X4);
                 self.b.ins().brif(fits, narrow, &[], wide, &[]);
-                self.b.switch_to_block(narrow);
+                self.enter(narrow);
                 let i32s = self.b.ins().ireduce(types::I32, i);
                 let i32s = self.b.ins().splat(types::I32X4, i32s);
                 let steps = self
@@ -685,7 +687,7 @@ impl Gen<'_, '_> {
                 let i32s = self.b.ins().iadd(i32s, steps);
                 let small = self.b.ins().fcvt_from_sint(types::F32X4, i32s);
                 self.b.ins().jump(join, &[small.into()]);
-                self.b.switch_to_block(wide);
+                self.enter(wide);
                 let first = self.b.ins().fcvt_from_sint(types::F32, i);
                 let mut large = self.splat(first);
                 for k in 1..LANES {
@@ -694,7 +696,7 @@ impl Gen<'_, '_> {
                     large = self.b.ins().insertlane(large, fk, k as u8);
                 }
                 self.b.ins().jump(join, &[large.into()]);
-                self.b.switch_to_block(join);
+                self.enter(join);
                 (self.b.block_params(join)[0], None)
             }
             Expr::Access { tensor, subscripts } => {
