@@ -215,9 +215,9 @@ impl<'a, 'f> Gen<'a, 'f> {
         self.b.switch_to_block(header);
         let i = self.b.use_var(var);
         let last = self.b.ins().iadd_imm_s(i, step);
-        // The exit first: Cranelift's code motion walks the dominator tree in the order of the
-        // branch's targets and forgets the loop it is in once it has left it, so a body visited
-        // after the exit would have nothing hoisted out of it.
+        // The exit as the first target: Cranelift's code motion visits the blocks a branch
+        // dominates last target first, and once it has visited a block outside a loop it no
+        // longer hoists out of that loop, so the body must be visited before the exit.
         let done = self.b.ins().icmp(IntCC::SignedGreaterThan, last, end);
         self.b.ins().brif(done, exit, &[], inner, &[]);
         self.enter(inner);

@@ -157,12 +157,12 @@ pub struct HostTier {
 /// Schedules `cascade` for a host tier: tiles staged as written read in place (`pack::unstage`),
 /// scratch tensors in the layer's order (`arrange`), streamed over tiles of keys where it is one
 /// pass without a recurrence (`stream`), with the packed panels and staged tiles the layer
-/// chooses for the tier (`pack`), then sums folded into the Einsums that read them
+/// chooses (`pack`), then sums folded into the Einsums that read them
 /// (`accumulate`: after packing, so that a contraction reads the panels in lanes when its fold is
 /// weighed).
 pub fn schedule_host(cascade: &Cascade, tier: HostTier) -> Result<LoopProgram, ScheduleError> {
     let streamed = schedule_streamed(&arrange::arrange(&pack::unstage(cascade), tier.lanes))?;
-    accumulate::accumulate(pack::pack(streamed, tier)?, tier)
+    accumulate::accumulate(pack::pack(streamed)?, tier)
 }
 
 /// Schedules `cascade` streamed over tiles of keys where it is one pass without a recurrence

@@ -13,7 +13,9 @@
 //! The host's own staged tiles (`Staging::Tile`) serve the other operand of such a block: the keys
 //! `K[h, e, m]` of einfuse's own layout, broadcast across the lanes and read along `e` a whole
 //! rank `M` apart, are copied at each step of the streamed loop into `staged_K[h, e, m1, m0]`,
-//! whose rows lie a tile apart (for tiers of `TILE_LANES` lanes or more).
+//! whose rows lie a tile apart. Every host tier stages them: with 128-bit vectors the copy cost
+//! more than it saved until Cranelift's loop-invariant code motion worked (`prefill_hep` at P = M
+//! = 2048: 297 ms without the tile and 307 ms with it in session 14; 8% faster with it since).
 //!
 //! The pass works on the cascade and the program is scheduled again, so that a panel is an
 //! ordinary Einsum (printed in `einfuse emit --stage loops`, run by every back end) and every
@@ -31,7 +33,7 @@
 use crate::ir::*;
 use crate::schedule::lanes::{blockable_reduction, one_point_after, reduction, strided_after, vectorizable, Reduction};
 use crate::schedule::layout::{is_batch_rank, is_staged_tile, split_point};
-use crate::schedule::{schedule, HostTier, LoopProgram, Node, ScheduleError, Slot};
+use crate::schedule::{schedule, LoopProgram, Node, ScheduleError, Slot};
 
 /// One copy of an input, read by the Einsums `readers` in place of `tensor`.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,10 +58,9 @@ pub enum Staging {
     Tile { tile: RankId, inner: RankId },
 }
 
-/// `program` with the copies `plan` finds for `tier`, scheduled again; `program` itself when
-/// there are none.
-pub fn pack(program: LoopProgram, tier: HostTier) -> Result<LoopProgram, ScheduleError> {
-    let packs = plan(&program, tier);
+/// `program` with the copies `plan` finds, scheduled again; `program` itself when there are none.
+pub fn pack(program: LoopProgram) -> Result<LoopProgram, ScheduleError> {
+    let packs = plan(&program);
     if packs.is_empty() {
         return Ok(program);
     }
@@ -75,7 +76,7 @@ pub fn pack(program: LoopProgram, tier: HostTier) -> Result<LoopProgram, Schedul
 }
 
 /// The panels worth making for `program`'s streamed contractions.
-pub fn plan(program: &LoopProgram, tier: HostTier) -> Vec<Pack> {
+pub fn plan(program: &LoopProgram) -> Vec<Pack> {
     let c = &program.cascade;
     let mut packs: Vec<Pack> = Vec::new();
     for node in &program.body {
@@ -98,9 +99,7 @@ pub fn plan(program: &LoopProgram, tier: HostTier) -> Vec<Pack> {
                 let Some(panels) = panels_for(program, einsum, v) else { continue };
                 wanted.extend(panels.into_iter().map(|(t, q)| (t, q, Staging::Panel)));
             }
-            if tier.lanes >= TILE_LANES {
-                wanted.extend(strided_tiles(c, einsum, v, *streamed));
-            }
+            wanted.extend(strided_tiles(c, einsum, v, *streamed));
             for (tensor, position, staging) in wanted {
                 match packs.iter_mut().find(|p| p.tensor == tensor && p.position == position && p.staging == staging) {
                     Some(pack) => pack.readers.push(*id),
@@ -227,13 +226,6 @@ pub fn unstage(cascade: &Cascade) -> Cascade {
     c.remove_tensors(&gone);
     c
 }
-
-/// The narrowest vectors for which tiles are staged. A register block of 128-bit vectors takes
-/// twice as long per row of a tile as one of 256-bit vectors, so that the second-level cache
-/// keeps up with the rows it re-reads, and the copy costs more than it saves (measured on
-/// `benches/pytorch.ein`'s `prefill_hep` at P = M = 2048: Cranelift 297 ms without the tile and
-/// 307 ms with it; `cpu-llvm` 92 ms and 85 ms).
-pub const TILE_LANES: usize = 8;
 
 /// The reads of `einsum` worth a staged tile (`Staging::Tile`): reads of an input shared by the
 /// lanes along `v` (they do not mention it), whose one split subscript is the step of the
