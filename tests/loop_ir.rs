@@ -19,7 +19,7 @@ fn every_scheduled_kernel_verifies() {
     for kernel in &kernels {
         let optimized = einfuse::optimize(kernel).unwrap().cascade;
         for cascade in [kernel, &optimized] {
-            // Both host tiers: Cranelift's 4 lanes (no staged tiles) and 8 (staged tiles).
+            // Both host tiers: Cranelift's 4 lanes and 8.
             let host = |lanes| schedule_host(cascade, HostTier { lanes, registers: 16 }).unwrap();
             for program in [schedule(cascade).unwrap(), host(4), host(8)] {
                 verify(&program).unwrap_or_else(|e| panic!("{e}"));
@@ -65,20 +65,21 @@ fn broken_programs_are_rejected() {
 /// Tiles staged by hand (FuseMax's `BK[e, m1, m0] = K[e, m1 * M0 + m0]`) keep the queries a batch
 /// rank, so that the host tiers run the kernel a chunk of queries at a time and the thread kernels
 /// a thread per query. Every schedule reads the inputs in place and stages what the layer
-/// chooses instead: the thread kernels stage tiles in shared memory, a host tier of 8 lanes
-/// stages the keys (read along `e` a whole rank apart) and not the values, one of 4 lanes neither.
+/// chooses instead: the thread kernels stage tiles in shared memory, and every host tier stages
+/// the keys (read along `e` a whole rank apart) and not the values.
 #[test]
 fn hand_staged_tiles_keep_the_batch_rank() {
     let kernel = common::kernels_in("examples").into_iter().find(|k| k.name == "attention_1pass").unwrap();
     let p = (0..kernel.ranks.len()).map(RankId::new).find(|r| kernel.rank(*r).name == "P").unwrap();
     assert!(is_batch_rank(&kernel, p));
-    let narrow = schedule_host(&kernel, HostTier { lanes: 4, registers: 16 }).unwrap();
-    let text = print_program(&narrow);
-    assert!(!text.contains("BK") && !text.contains("BV") && !text.contains("staged"), "{text}");
-    assert!(is_batch_rank(&narrow.cascade, p));
-    let wide = print_program(&schedule_host(&kernel, HostTier { lanes: 8, registers: 16 }).unwrap());
-    assert!(wide.contains("staged_K[e, m1, m0] = K[e, m1 * M0 + m0]"), "{wide}");
-    assert!(wide.contains("V[f, m1 * M0 + m0]") && !wide.contains("staged_V"), "{wide}");
+    for lanes in [4, 8] {
+        let host = schedule_host(&kernel, HostTier { lanes, registers: 16 }).unwrap();
+        assert!(is_batch_rank(&host.cascade, p));
+        let text = print_program(&host);
+        assert!(!text.contains("BK") && !text.contains("BV"), "{text}");
+        assert!(text.contains("staged_K[e, m1, m0] = K[e, m1 * M0 + m0]"), "{text}");
+        assert!(text.contains("V[f, m1 * M0 + m0]") && !text.contains("staged_V"), "{text}");
+    }
     let threads = schedule_threads(&kernel).unwrap();
     verify(&threads).unwrap();
     assert!(is_batch_rank(&threads.cascade, p));
