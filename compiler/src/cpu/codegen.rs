@@ -571,12 +571,11 @@ impl<'a, 'f> Gen<'a, 'f> {
         if let Some(vector_end) = vector_end {
             let v = *first;
             let mut zero = self.b.ins().iconst(types::I64, 0);
-            if crate::schedule::lanes::blockable_reduction(self.program, einsum)
-                && crate::schedule::lanes::streams_input(self.program, einsum, None, v)
-            {
-                // A strided input streamed: blocks of vectors side by side, whole cache lines
-                // at each step of the reduction.
-                let columns = super::vector::WIDE_COLUMNS;
+            if crate::schedule::lanes::blockable_reduction(self.program, einsum) {
+                // A reduction with no rows to block: vectors side by side, independent
+                // accumulators (and whole cache lines at each step along a strided input).
+                let streams = crate::schedule::lanes::streams_input(self.program, einsum, None, v);
+                let columns = crate::schedule::lanes::side_by_side(super::vector::LANES as usize, streams) as i64;
                 zero = self.for_loop_from(v, zero, vector_end, columns * super::vector::LANES, &mut |g| {
                     g.compute_vector_rows(einsum, Block { u: Some(v), rows: columns, v, columns: 1 })
                 });

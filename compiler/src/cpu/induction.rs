@@ -90,13 +90,13 @@ impl Gen<'_, '_> {
     }
 
     /// The loop of a reduction over its one index `r` alone, from 0 while `step` more points fit
-    /// before `end` (see `planned_end`), folding into one accumulator per cell of `block`; returns
-    /// where it stopped. With `step == LANES` and `block.v == r`, each step folds four points of
-    /// `r` in lanes.
+    /// before `end` (see `planned_end`), folding into one accumulator per cell of `block`, `unroll`
+    /// steps per iteration while they fit; returns where it stopped. With `step == LANES` and
+    /// `block.v == r`, each step folds four points of `r` in lanes.
     pub(super) fn planned_reduce(
         &mut self,
         red: Reduction<'_>,
-        (end, step): (Value, i64),
+        (end, step, unroll): (Value, i64, i64),
         accumulators: &[Variable],
         block: Block,
     ) -> Value {
@@ -191,7 +191,8 @@ impl Gen<'_, '_> {
                 plans[*k].cells.is_empty() && self.masks[tensor.index()].is_some()
             })
             .collect();
-        self.for_loop_from(r, zero, end, step, &mut |g| {
+        // One step of the reduction: fold every cell, then advance each planned offset.
+        let one_step = |g: &mut Self| {
             let saved = std::mem::replace(&mut g.planned, plans.clone());
             let fold = |g: &mut Self| {
                 g.each_cell(block, &mut |g, k| {
@@ -252,7 +253,25 @@ impl Gen<'_, '_> {
                     g.b.def_var(var, next);
                 }
             }
-        })
+        };
+        // `unroll` steps per iteration, each folded into the same accumulators in the same order
+        // (the same bits), then the last steps one at a time.
+        let mut done = zero;
+        if unroll > 1 {
+            done = self.for_loop_from(r, zero, end, step * unroll, &mut |g| {
+                one_step(g);
+                for k in 1..unroll {
+                    let var = g.b.declare_var(types::I64);
+                    let first = g.index(r);
+                    let at = g.b.ins().iadd_imm_s(first, k * step);
+                    g.b.def_var(var, at);
+                    g.env.push((r, var));
+                    one_step(g);
+                    g.env.pop();
+                }
+            });
+        }
+        self.for_loop_from(r, done, end, step, &mut |g| one_step(g))
     }
 
     /// Whether the rows of a block along `u` read `read` a fixed number of elements apart (per

@@ -24,9 +24,11 @@ pub const BLOCK_ROWS: i64 = crate::schedule::lanes::register_block(TIER).rows as
 /// Vectors side by side in a register block.
 pub const BLOCK_COLUMNS: i64 = crate::schedule::lanes::register_block(TIER).columns as i64;
 
-/// Vectors side by side in a block along a streamed input (see `streams_input`): 32 points, two
-/// cache lines per step of the reduction, eight accumulators.
-pub const WIDE_COLUMNS: i64 = 8;
+/// Steps of the reduced index per loop iteration in a block of rows with that index in lanes
+/// (see `Gen::compute_lane_rows`): Cranelift does not unroll, and a loop of one multiply-add per
+/// row spends as many instructions again on its counter, its offsets and reloads, so that fewer
+/// of its loads are in flight when they miss the cache (decode's scores read every key once).
+const LANE_ROWS_UNROLL: i64 = 2;
 
 /// The cells of a register block: `rows` along `u` by `columns` vectors along `v`. With
 /// `u == Some(v)`, the rows are vectors side by side (`LANES` apart) and there is one column;
@@ -397,7 +399,8 @@ impl Gen<'_, '_> {
         let factored = invariant_factors(&self.program.cascade, op, body);
         let body = factored.as_ref().map_or(body, |(b, _)| b);
         let block = Block { u: Some(u), rows, v: r, columns: 1 };
-        let bound = self.valid_pairs(&[]);
+        // The caller's bound keeps every row valid; other split pairs are one answer for the block.
+        let bound = self.valid_pairs_but(&[], Some(u));
         let end = if bound.is_none() { self.planned_end(r, body, filter) } else { None };
         let Some(end) = end else {
             self.each_cell(block, &mut |g, _| g.compute_point(einsum));
@@ -421,7 +424,7 @@ impl Gen<'_, '_> {
                 acc
             })
             .collect();
-        let done = self.planned_reduce(Reduction { body, ..red }, (end, LANES), &lanes, block);
+        let done = self.planned_reduce(Reduction { body, ..red }, (end, LANES, LANE_ROWS_UNROLL), &lanes, block);
         for (lane, total) in lanes.iter().zip(&totals) {
             self.fold_across(op, *lane, *total);
         }
@@ -463,7 +466,7 @@ impl Gen<'_, '_> {
         };
         if rest.is_empty() && all.len() == 1 {
             if let Some(end) = self.planned_end(*first, body, filter) {
-                self.planned_reduce(red, (end, 1), accumulators, block);
+                self.planned_reduce(red, (end, 1, 1), accumulators, block);
                 return;
             }
         }

@@ -2464,44 +2464,40 @@ impl<'a> Lowering<'a> {
 
     fn compute_blocked(&mut self, einsum: &'a Einsum, u: Option<Index>, v: Index) {
         let rows = self.block.rows;
-        if self.streams_input(einsum, u, v) {
-            match u {
-                Some(u) => {
-                    let n = self.written_end(einsum, u);
-                    self.for_loop(u, "0", &n, &mut |g| g.wide_row_blocks(einsum, v));
-                }
-                None => self.wide_row_blocks(einsum, v),
-            }
+        let Some(u) = u else {
+            // No rows to block: vectors side by side.
+            let streams = self.streams_input(einsum, None, v);
+            self.wide_row_blocks(einsum, v, streams);
+            return;
+        };
+        if self.streams_input(einsum, Some(u), v) {
+            let n = self.written_end(einsum, u);
+            self.for_loop(u, "0", &n, &mut |g| g.wide_row_blocks(einsum, v, true));
             return;
         }
-        match u {
-            None => self.block_rows(einsum, None, 1, v),
-            Some(u) => {
-                let n = self.written_end(einsum, u);
-                // Whole blocks only over valid rows: for a split pair, those inside the whole rank.
-                let valid_rows = self.valid_points(u).unwrap_or_else(|| n.clone());
-                let rest = self.ins(format!("srem i64 {valid_rows}, {rows}"));
-                let main = self.ins(format!("sub i64 {valid_rows}, {rest}"));
-                // Columns outside, rows inside: the columns' part of the operand read in lanes
-                // stays in cache while every block of rows passes over it, and the rows' operand
-                // (a tile of keys or values) is read once per block of columns.
-                let (lanes, columns) = (self.lanes, self.block.columns);
-                let nv = self.written_end(einsum, v);
-                let vectors_end = self.lane_blocks_end(v);
-                let rest_v = self.ins(format!("srem i64 {vectors_end}, {}", lanes * columns));
-                let wide_end = self.ins(format!("sub i64 {vectors_end}, {rest_v}"));
-                let spans = [("0".to_string(), wide_end.clone(), columns), (wide_end, vectors_end.clone(), 1)];
-                for (start, end, width) in spans {
-                    self.for_loop_step(v, &start, &end, lanes * width, &mut |g| {
-                        g.for_loop_step(u, "0", &main, rows, &mut |g| g.vector_block(einsum, Some(u), rows, v, width));
-                        g.for_loop_step(u, &main, &n, 1, &mut |g| g.vector_block(einsum, Some(u), 1, v, width));
-                    });
-                }
-                self.for_loop_step(v, &vectors_end, &nv, 1, &mut |g| {
-                    g.for_loop(u, "0", &n, &mut |g| g.compute_point(einsum));
-                });
-            }
+        let n = self.written_end(einsum, u);
+        // Whole blocks only over valid rows: for a split pair, those inside the whole rank.
+        let valid_rows = self.valid_points(u).unwrap_or_else(|| n.clone());
+        let rest = self.ins(format!("srem i64 {valid_rows}, {rows}"));
+        let main = self.ins(format!("sub i64 {valid_rows}, {rest}"));
+        // Columns outside, rows inside: the columns' part of the operand read in lanes
+        // stays in cache while every block of rows passes over it, and the rows' operand
+        // (a tile of keys or values) is read once per block of columns.
+        let (lanes, columns) = (self.lanes, self.block.columns);
+        let nv = self.written_end(einsum, v);
+        let vectors_end = self.lane_blocks_end(v);
+        let rest_v = self.ins(format!("srem i64 {vectors_end}, {}", lanes * columns));
+        let wide_end = self.ins(format!("sub i64 {vectors_end}, {rest_v}"));
+        let spans = [("0".to_string(), wide_end.clone(), columns), (wide_end, vectors_end.clone(), 1)];
+        for (start, end, width) in spans {
+            self.for_loop_step(v, &start, &end, lanes * width, &mut |g| {
+                g.for_loop_step(u, "0", &main, rows, &mut |g| g.vector_block(einsum, Some(u), rows, v, width));
+                g.for_loop_step(u, &main, &n, 1, &mut |g| g.vector_block(einsum, Some(u), 1, v, width));
+            });
         }
+        self.for_loop_step(v, &vectors_end, &nv, 1, &mut |g| {
+            g.for_loop(u, "0", &n, &mut |g| g.compute_point(einsum));
+        });
     }
 
     /// See `schedule::lanes::streams_input`.
@@ -2509,12 +2505,13 @@ impl<'a> Lowering<'a> {
         crate::schedule::lanes::streams_input(self.program, einsum, u, v)
     }
 
-    /// A reduction into one row along `v` that reads a strided input: blocks of several vectors
-    /// side by side along `v` (64 points), so that each step of the reduction reads a run of
-    /// whole cache lines; then single vectors, then the last points one by one.
-    fn wide_row_blocks(&mut self, einsum: &'a Einsum, v: Index) {
+    /// A reduction into one row along `v` (no rows to block, or a row along a strided input):
+    /// blocks of vectors side by side along `v` (`lanes::side_by_side`), so that each step of the
+    /// reduction reads a run of whole cache lines into independent accumulators; then single
+    /// vectors, then the last points one by one.
+    fn wide_row_blocks(&mut self, einsum: &'a Einsum, v: Index, streams: bool) {
         let lanes = self.lanes;
-        let columns = (64 / lanes).clamp(1, 8);
+        let columns = crate::schedule::lanes::side_by_side(lanes, streams);
         let n = self.written_end(einsum, v);
         let valid = self.valid_points(v).unwrap_or_else(|| n.clone());
         let rest = self.ins(format!("srem i64 {valid}, {}", lanes * columns));
@@ -2525,19 +2522,6 @@ impl<'a> Lowering<'a> {
         let main = self.lane_blocks_end(v);
         self.for_loop_step(v, &wide_end, &main, lanes, &mut |g| g.vector_block(einsum, None, 1, v, 1));
         self.for_loop_step(v, &main, &n, 1, &mut |g| g.compute_point(einsum));
-    }
-
-    /// `rows` rows: whole vectors along `v`, then the last points one by one.
-    fn block_rows(&mut self, einsum: &'a Einsum, u: Option<Index>, rows: usize, v: Index) {
-        let lanes = self.lanes;
-        let columns = self.block.columns;
-        let n = self.written_end(einsum, v);
-        let main = self.lane_blocks_end(v);
-        let rest = self.ins(format!("srem i64 {main}, {}", lanes * columns));
-        let wide_end = self.ins(format!("sub i64 {main}, {rest}"));
-        self.for_loop_step(v, "0", &wide_end, lanes * columns, &mut |g| g.vector_block(einsum, u, rows, v, columns));
-        self.for_loop_step(v, &wide_end, &main, lanes, &mut |g| g.vector_block(einsum, u, rows, v, 1));
-        self.for_loop_step(v, &main, &n, 1, &mut |g| g.each_row(u, rows, &mut |g, _| g.compute_point(einsum)));
     }
 
     /// A block of `rows` rows along `u` by `columns` vectors side by side along `v`, every point

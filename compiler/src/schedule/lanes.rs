@@ -294,6 +294,29 @@ pub const fn register_block(tier: HostTier) -> RegisterShape {
     }
 }
 
+/// Vectors side by side along the lanes' index in a reduction with no rows to block (decode's
+/// value contraction `sum[m0] SLN[m0] * V[m0, f]` for one query, a tile's maximum along the
+/// queries) or in a row along a strided input (`streams`, see `streams_input`). One vector at a
+/// time chains every step of the reduction through one register; four independent accumulators
+/// hide most of that latency (`benches/pytorch.ein` decode on Cranelift at M = 16384: 31.8 ms
+/// with four, 30.7 with eight, 36.1 with two, 43.2 with one), and eight cost more code to compile
+/// (ALiBi's Cranelift IR a sixth longer) for no more speed. A strided input wants whole cache
+/// lines at each step: as many vectors as make 64 points, at most eight (decode reading
+/// `K[h, e, m]` on Cranelift: 37-42 ms with eight, 42-52 with four). Both CPU tiers ask this.
+pub const fn side_by_side(lanes: usize, streams: bool) -> usize {
+    if !streams {
+        return 4;
+    }
+    let columns = 64 / lanes;
+    if columns < 1 {
+        1
+    } else if columns > 8 {
+        8
+    } else {
+        columns
+    }
+}
+
 /// Whether `tier`'s register blocks take an epilogue that does more than add a term to their
 /// accumulators (a score modification folded into its contraction, see `accumulate`). With
 /// thirty-two registers the block's sixteen accumulators leave room for the epilogue's constants:
