@@ -5,7 +5,11 @@
    at which one core reads memory (a 1 GiB array of floats summed in 256-bit vectors), and the
    scores of decode (S[m] = sum_e q[e] K[e, m], K[E = 128, M = 16384] per head, 16 heads) in the
    order the Cranelift tier runs them (32 keys at a time, the head dimension inside) and with
-   the head dimension outside (each row of K read along a tile, the scores kept in cache).
+   the head dimension outside (each row of K read along a tile, the scores kept in cache); and
+   decode in PyTorch's layout (`benches/pytorch.ein` decode, K and V [M = 16384, E = 128] per
+   head, 16 heads) in the loops of Cranelift's kernel: the scores four keys at a time with the
+   head dimension in lanes, then the probabilities times the values, four vectors of values side
+   by side, in tiles of 128 keys (a constant scale stands for the softmax).
 
    gcc -O2 -mavx2 -mfma -o /tmp/ceiling benches/ceiling.c && /tmp/ceiling
    (run two at once to see both cores: `/tmp/ceiling & /tmp/ceiling; wait`) */
@@ -139,6 +143,54 @@ static double decode_scores(int rows_outside, long tile) {
   return 4.0 * H * E * M / best / 1e9;
 }
 
+/* Decode in PyTorch's layout, 16 heads, in the loops of Cranelift's kernel. Returns GB/s of K
+   and V read. */
+static double decode_loops(void) {
+  const long H = 16, E = 128, M = 16384, T = 128;
+  float *K = aligned_alloc(64, 4 * H * M * E), *V = aligned_alloc(64, 4 * H * M * E);
+  float *q = aligned_alloc(64, 4 * H * E), *o = aligned_alloc(64, 4 * H * E), s[128];
+  for (long i = 0; i < H * M * E; i++) K[i] = (i % 97) * 0.01f, V[i] = (i % 89) * 0.01f;
+  for (long i = 0; i < H * E; i++) q[i] = (i % 7) * 0.1f;
+  double best = 1e9;
+  for (int rep = 0; rep < 5; rep++) {
+    double t0 = now();
+    for (long h = 0; h < H; h++) {
+      const float *qh = q + h * E;
+      float *oh = o + h * E;
+      for (long f = 0; f < E; f++) oh[f] = 0;
+      for (long m1 = 0; m1 < M; m1 += T) {
+        const float *k = K + (h * M + m1) * E, *v = V + (h * M + m1) * E;
+        for (long m = 0; m < T; m += 4) {
+          __m128 a0 = _mm_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          for (long e = 0; e < E; e += 4) {
+            __m128 b = _mm_loadu_ps(qh + e);
+            a0 = _mm_fmadd_ps(b, _mm_loadu_ps(k + m * E + e), a0);
+            a1 = _mm_fmadd_ps(b, _mm_loadu_ps(k + (m + 1) * E + e), a1);
+            a2 = _mm_fmadd_ps(b, _mm_loadu_ps(k + (m + 2) * E + e), a2);
+            a3 = _mm_fmadd_ps(b, _mm_loadu_ps(k + (m + 3) * E + e), a3);
+          }
+          _mm_storeu_ps(s + m, _mm_hadd_ps(_mm_hadd_ps(a0, a1), _mm_hadd_ps(a2, a3)));
+        }
+        for (long m = 0; m < T; m++) s[m] *= 1e-3f;
+        for (long f = 0; f < E; f += 16) {
+          __m128 a[4];
+          for (int j = 0; j < 4; j++) a[j] = _mm_loadu_ps(oh + f + 4 * j);
+          for (long m = 0; m < T; m++) {
+            __m128 p = _mm_set1_ps(s[m]);
+            for (int j = 0; j < 4; j++) a[j] = _mm_fmadd_ps(p, _mm_loadu_ps(v + m * E + f + 4 * j), a[j]);
+          }
+          for (int j = 0; j < 4; j++) _mm_storeu_ps(oh + f + 4 * j, a[j]);
+        }
+      }
+    }
+    double t = now() - t0;
+    if (t < best) best = t;
+  }
+  if (o[5] == 12345.0f) puts("");
+  free(K), free(V), free(q), free(o);
+  return 8.0 * H * M * E / best / 1e9;
+}
+
 int main(void) {
   printf("128-bit FMA peak, one core: %.1f GFLOP/s\n", fma_peak());
   printf("4x2 block of the scores (GCC, intrinsics), one core: %.1f GFLOP/s\n", block_kernel());
@@ -146,5 +198,6 @@ int main(void) {
   printf("decode scores, one core, 32 keys of every row in turn: %.1f GB/s\n", decode_scores(0, 64));
   printf("decode scores, one core, rows outside, tiles of 1024 keys: %.1f GB/s\n", decode_scores(1, 1024));
   printf("decode scores, one core, rows outside, whole rows: %.1f GB/s\n", decode_scores(1, 16384));
+  printf("decode in PyTorch's layout, one core, Cranelift's loops: %.1f GB/s\n", decode_loops());
   return 0;
 }
