@@ -18,6 +18,17 @@ fn corpus() -> Vec<Cascade> {
 /// Runs `cascade` on the CPU and on the interpreter with the same inputs; returns the largest
 /// relative difference.
 fn compare(cascade: &Cascade, sizes: &BTreeMap<&str, u64>, seed: u64, params: &[(&str, f64)]) -> f64 {
+    compare_on(einfuse::compile_cpu, cascade, sizes, seed, params)
+}
+
+/// `compare` on the host tier that `compile` builds.
+fn compare_on(
+    compile: fn(&Cascade) -> Result<einfuse::compiler::cpu::CpuKernel, einfuse::Error>,
+    cascade: &Cascade,
+    sizes: &BTreeMap<&str, u64>,
+    seed: u64,
+    params: &[(&str, f64)],
+) -> f64 {
     let mut cascade = cascade.clone();
     for (name, value) in params {
         if let Some(p) = cascade.params.iter_mut().find(|p| p.name == *name) {
@@ -25,7 +36,7 @@ fn compare(cascade: &Cascade, sizes: &BTreeMap<&str, u64>, seed: u64, params: &[
         }
     }
     let (_, extents, inputs) = common::random_call(&cascade, sizes, seed);
-    let kernel = einfuse::compile_cpu(&cascade).unwrap();
+    let kernel = compile(&cascade).unwrap();
     let slices: Vec<&[f32]> = inputs.iter().map(Tensor::data).collect();
     let got = kernel.run(&extents, &slices).unwrap();
     let data: Vec<Vec<f64>> = inputs.iter().map(Tensor::to_f64).collect();
@@ -224,5 +235,69 @@ fn full_and_empty_steps_at_the_edges_of_tiles() {
     for shift in -100..=70 {
         let worst = compare(&optimized, &sizes, 5, &[("shift", shift as f64)]);
         assert!(worst <= 1e-4, "shift {shift}: {worst}");
+    }
+}
+
+/// Reductions with no rows to block run vectors side by side (`lanes::side_by_side`), and blocks of
+/// rows with the reduced index in lanes run their loop two steps at a time on Cranelift
+/// (`lane_rows`, `planned_reduce`): decode in PyTorch's layout with head dimensions that end the
+/// unrolled loop after a single step or in a scalar tail and value widths that end the vectors side
+/// by side in single vectors or points, a rowless reduction with an epilogue under a statement
+/// filter, and one whose lanes run along the inner index of a ragged split pair; as written and
+/// optimized, on both host tiers.
+#[test]
+fn rowless_reductions_and_unrolled_lane_rows_agree_with_the_interpreter() {
+    let decode = |e: u64| {
+        format!(
+            "kernel decode {{
+  rank H = 3, E = {e}, F, M, P = 1
+  input Q[H, P, E], K[H, M, E], V[H, M, F]
+  param scale = 0.3
+  QK[h, p, m] = Q[h, p, e] * K[h, m, e] * scale
+  GM[h, p] = max[m](QK[h, p, m])
+  SN[h, p, m] = exp(QK[h, p, m] - GM[h, p])
+  SD[h, p] = SN[h, p, m]
+  AV[h, p, f] = SN[h, p, m] * V[h, m, f] / SD[h, p]
+  output AV
+}}"
+        )
+    };
+    let filtered = "kernel filtered {
+  rank M, P
+  input X[M, P], W[M], B[P]
+  Y[p] = sum[m](W[m] * X[m, p]) * 2 + B[p] where p >= 3
+  output Y
+}";
+    let split = "kernel split {
+  rank K, M
+  rank M0 = 20, M1 = M / M0
+  input X[K, M], W[K]
+  Y[m1, m0] = sum[k](W[k] * X[k, m1 * M0 + m0])
+  output Y
+}";
+    let mut cases: Vec<(String, Vec<(&str, u64)>)> = Vec::new();
+    for e in [3, 4, 8, 12, 13, 22, 128] {
+        for (f, m) in [(5, 1), (16, 130), (17, 63), (36, 300)] {
+            cases.push((decode(e), vec![("F", f), ("M", m)]));
+        }
+    }
+    for (m, p) in [(1, 1), (7, 5), (9, 16), (3, 17), (40, 35), (5, 64)] {
+        cases.push((filtered.to_string(), vec![("M", m), ("P", p)]));
+    }
+    for (k, m) in [(3, 1), (5, 19), (2, 20), (7, 47), (4, 100)] {
+        cases.push((split.to_string(), vec![("K", k), ("M", m)]));
+    }
+    type Compile = fn(&Cascade) -> Result<einfuse::compiler::cpu::CpuKernel, einfuse::Error>;
+    let tiers: [(&str, Compile); 2] = [("cpu", einfuse::compile_cpu), ("cpu-llvm", einfuse::compile_cpu_llvm)];
+    for (source, sizes) in &cases {
+        let cascade = einfuse::compiler::compile_source(source).unwrap().remove(0);
+        let optimized = einfuse::optimize(&cascade).unwrap().cascade;
+        let sizes: BTreeMap<&str, u64> = sizes.iter().copied().collect();
+        for (form, cascade) in [("as written", &cascade), ("optimized", &optimized)] {
+            for (tier, compile) in tiers {
+                let worst = compare_on(compile, cascade, &sizes, 11, &[]);
+                assert!(worst <= 1e-4, "{} {form} on {tier} at {sizes:?}: {worst}", cascade.name);
+            }
+        }
     }
 }

@@ -295,8 +295,9 @@ impl Gen<'_, '_> {
     }
 
     /// A register block of a reduction (see `blockable_rows`): rows `u .. u + rows` by
-    /// `columns` vectors from `v`, or with `u == v`, `rows` vectors side by side from `v` (see
-    /// `streams_input`): one accumulator per cell in a register while the reduced indices run,
+    /// `columns` vectors from `v`, or with `u == v`, `rows` vectors side by side from `v` (a
+    /// reduction with no rows to block, see `lanes::side_by_side`): one accumulator per cell in a
+    /// register while the reduced indices run,
     /// so that each step loads a value shared by a row or a column once and keeps several
     /// additions in flight. Every cell is valid (the caller stops the block at the last valid
     /// row and vector). A statement filter decides which lanes exist: a block where none does is
@@ -309,8 +310,9 @@ impl Gen<'_, '_> {
         let zeros = self.splat(zero);
         let none = self.b.ins().iconst(types::I32, 0);
         let nones = self.b.ins().splat(types::I32X4, none);
-        // Split pairs not involving `v` (nor, by the caller's bound, `u`): one answer for the block.
-        let valid = self.valid_pairs(&[]);
+        // The caller's bounds keep every vector of `v` valid (and `u` is in no pair): the other
+        // split pairs are one answer for the block.
+        let valid = self.valid_pairs_but(&[], Some(v));
         let (then, otherwise, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         match valid {
             Some(valid) => self.b.ins().brif(valid, then, &[], otherwise, &[]),

@@ -119,8 +119,9 @@ fn shares_a_read(body: &Expr, lanes: Index, rows: Index) -> bool {
 
 /// Whether `einsum`, not vectorizable along its last free index `u`, runs as blocks of rows of
 /// `u` with its one reduced index `r` in lanes (see `Gen::compute_lane_rows`): no statement
-/// filter, every read of `r` contiguous, and one of them shared by the rows (decode's value
-/// contraction `sum[m0] SLN[m0] * V[f, m0]` along `f`).
+/// filter, every read of `r` contiguous, and one of them shared by the rows: decode's value
+/// contraction `sum[m0] SLN[m0] * V[f, m0]` along `f` in `[H, F, M]`, or its scores
+/// `sum[e] Q[e] * K[m, e]` along the keys in PyTorch's `[H, M, E]`.
 pub fn lane_rows(program: &LoopProgram, einsum: &Einsum, u: Index) -> bool {
     let Some(Reduction { indices, filter, body, .. }) = reduction(&einsum.body) else { return false };
     let [r] = indices else { return false };
