@@ -297,9 +297,8 @@ impl Gen<'_, '_> {
     /// A register block of a reduction (see `blockable_rows`): rows `u .. u + rows` by
     /// `columns` vectors from `v`, or with `u == v`, `rows` vectors side by side from `v` (a
     /// reduction with no rows to block, see `lanes::side_by_side`): one accumulator per cell in a
-    /// register while the reduced indices run,
-    /// so that each step loads a value shared by a row or a column once and keeps several
-    /// additions in flight. Every cell is valid (the caller stops the block at the last valid
+    /// register while the reduced indices run, so that each step loads a value shared by a row or
+    /// a column once and keeps several additions in flight. Every cell is valid (the caller stops the block at the last valid
     /// row and vector). A statement filter decides which lanes exist: a block where none does is
     /// skipped (an empty tile of a causal mask), the others computed whole and stored masked.
     pub fn compute_vector_rows(&mut self, einsum: &Einsum, block: Block) {
