@@ -574,6 +574,23 @@ impl Cascade {
             .collect()
     }
 
+    /// Whether `cond` says only that a split pair's point lies inside its whole rank (`m1 * M0 +
+    /// m0 < M`, as the optimizer writes it): what every back end and the interpreter already take
+    /// a point outside to mean (its reads there are undefined), so that it restricts nothing.
+    pub fn is_split_validity(&self, cond: &Cond) -> bool {
+        let Expr::Binary(BinaryOp::Add, step, point) = &cond.lhs else { return false };
+        let Expr::Binary(BinaryOp::Mul, tile, size) = &**step else { return false };
+        let (Expr::Index(t), Expr::Extent(e), Expr::Index(i), Expr::Extent(w)) =
+            (&**tile, &**size, &**point, &cond.rhs)
+        else {
+            return false;
+        };
+        cond.op == CmpOp::Lt
+            && t.primes == i.primes
+            && *e == i.rank
+            && self.split_pairs().contains(&(t.rank, i.rank, *w))
+    }
+
     /// A short human name for an Einsum: its target with the left-hand side (`RM[m1 + 1, p]`).
     pub fn einsum_label(&self, id: EinsumId) -> String {
         let einsum = &self.einsums[id.index()];

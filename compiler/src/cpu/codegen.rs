@@ -78,6 +78,9 @@ pub struct Gen<'a, 'f> {
     /// While a register block's epilogue is evaluated, the value its reduction stands for: four
     /// lanes, or one point in a block of rows (see `lanes::Reduction`).
     pub reduced: Option<Value>,
+    /// While four points of an Einsum are evaluated, their positions along the lanes' index as
+    /// floats, converted once for every use (see `vector::vector_value`).
+    pub positions: Option<(Index, Value)>,
 }
 
 impl<'a, 'f> Gen<'a, 'f> {
@@ -581,10 +584,23 @@ impl<'a, 'f> Gen<'a, 'f> {
                 });
             }
             // Four points at a time along the innermost index (valid points only), then the rest
-            // one by one.
-            let done = self.for_loop_from(*first, zero, vector_end, super::vector::LANES, &mut |g| {
-                g.compute_vector(einsum, *first)
-            });
+            // one by one. What holds for the whole loop is asked once before it: where it does
+            // (every row but the invalid ones of a ragged tile), the vectors ask nothing; where it
+            // does not, every point goes one by one.
+            let lanes = super::vector::LANES;
+            let done = match self.lane_checks(einsum, v, zero, vector_end) {
+                None => self.for_loop_from(v, zero, vector_end, lanes, &mut |g| g.compute_vector(einsum, v)),
+                Some(hold) => {
+                    let (vectors, join) = (self.b.create_block(), self.b.create_block());
+                    self.b.append_block_param(join, types::I64);
+                    self.b.ins().brif(hold, vectors, &[], join, &[zero.into()]);
+                    self.enter(vectors);
+                    let done = self.for_loop_from(v, zero, vector_end, lanes, &mut |g| g.compute_vector(einsum, v));
+                    self.b.ins().jump(join, &[done.into()]);
+                    self.enter(join);
+                    self.b.block_params(join)[0]
+                }
+            };
             let written = self.written_end(einsum, *first);
             self.for_loop_from(*first, done, written, 1, &mut |g| g.compute_point(einsum));
             return;

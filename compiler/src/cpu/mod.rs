@@ -80,6 +80,7 @@ fn define<M: Module>(
             cell: 0,
             full_steps: full_steps.as_ref(),
             reduced: None,
+            positions: None,
         };
         g.prologue(params);
         g.nodes(&program.body);

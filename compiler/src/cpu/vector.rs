@@ -521,14 +521,16 @@ impl Gen<'_, '_> {
         self.b.def_var(acc, chosen);
     }
 
-    /// Four points of `einsum` at `v`, `v + 1`, `v + 2`, `v + 3`.
+    /// Four points of `einsum` at `v`, `v + 1`, `v + 2`, `v + 3`, in a loop for which the caller
+    /// has established `lane_checks`.
     pub fn compute_vector(&mut self, einsum: &Einsum, v: Index) {
         let buffer = einsum.target.index();
         let offset = self.target_offset(einsum);
         // One answer for the four lanes: a split pair of `v` is valid at all four (the caller's
-        // vectors cover valid points only), and the others do not involve `v`. Where they are
-        // not valid, the lanes are undefined and nothing is read.
-        let valid = self.valid_pairs_but(&[], Some(v));
+        // vectors cover valid points only), those without `v` were checked before the loop, and
+        // any other with `v` is asked here. Where they are not valid, the lanes are undefined
+        // and nothing is read.
+        let valid = self.valid_pairs_but(&[v], Some(v));
         let (value, defined) = match valid {
             None => self.vector_value(einsum, v),
             Some(valid) => {
@@ -624,9 +626,79 @@ impl Gen<'_, '_> {
     }
 
     fn vector_value(&mut self, einsum: &Einsum, v: Index) -> (Value, Def) {
+        // A filter and a value that both see `v`'s position (ALiBi's `m <= p` and `m - p`)
+        // convert it once, in 32 bits (`lane_checks`).
+        let outer = self.positions;
+        if sees_position(einsum, v) {
+            let i = self.index(v);
+            let i = self.b.ins().iadd(i, self.bases[v.rank.index()]);
+            self.positions = Some((v, self.narrow_positions(i)));
+        }
         let passes = self.vconds(&einsum.filter, v);
         let (value, defined) = self.vexpr(&einsum.body, v);
+        self.positions = outer;
         (value, self.and_def(passes, defined))
+    }
+
+    /// The positions of the four lanes along `v` at the current point, as floats.
+    fn lane_positions(&mut self, v: Index) -> Value {
+        let i = self.index(v);
+        let i = self.b.ins().iadd(i, self.bases[v.rank.index()]);
+        // Positions that fit in 32 bits convert four at once; the others lane by lane.
+        // Both give the bits the scalar path's conversion gives.
+        let shifted = self.b.ins().iadd_imm_s(i, 1 << 31);
+        let fits = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, shifted, (1i64 << 32) - LANES);
+        let (narrow, wide, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+        self.b.append_block_param(join, types::F32X4);
+        self.b.ins().brif(fits, narrow, &[], wide, &[]);
+        self.enter(narrow);
+        let small = self.narrow_positions(i);
+        self.b.ins().jump(join, &[small.into()]);
+        self.enter(wide);
+        let first = self.b.ins().fcvt_from_sint(types::F32, i);
+        let mut large = self.splat(first);
+        for k in 1..LANES {
+            let ik = self.b.ins().iadd_imm_s(i, k);
+            let fk = self.b.ins().fcvt_from_sint(types::F32, ik);
+            large = self.b.ins().insertlane(large, fk, k as u8);
+        }
+        self.b.ins().jump(join, &[large.into()]);
+        self.enter(join);
+        self.b.block_params(join)[0]
+    }
+
+    /// `i`, `i + 1`, `i + 2`, `i + 3` as floats, for `i` whose four fit in 32 bits.
+    fn narrow_positions(&mut self, i: Value) -> Value {
+        let i32s = self.b.ins().ireduce(types::I32, i);
+        let i32s = self.b.ins().splat(types::I32X4, i32s);
+        let steps = self
+            .b
+            .func
+            .dfg
+            .constants
+            .insert([0i32, 1, 2, 3].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into());
+        let steps = self.b.ins().vconst(types::I32X4, steps);
+        let i32s = self.b.ins().iadd(i32s, steps);
+        self.b.ins().fcvt_from_sint(types::F32X4, i32s)
+    }
+
+    /// What `compute_vector` would ask at every vector of a loop over `v` from `start` to `end`
+    /// and may ask once before it: whether the split pairs that do not involve `v` are valid,
+    /// and, where the Einsum sees `v`'s position, whether every position of the loop fits in 32
+    /// bits. `None` when there is nothing to ask.
+    pub fn lane_checks(&mut self, einsum: &Einsum, v: Index, start: Value, end: Value) -> Def {
+        let pairs = self.valid_pairs_but(&[], Some(v));
+        let fits = sees_position(einsum, v).then(|| {
+            let base = self.bases[v.rank.index()];
+            let first = self.b.ins().iadd(base, start);
+            let first = self.b.ins().iadd_imm_s(first, 1 << 31);
+            let first = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, first, 1 << 32);
+            let last = self.b.ins().iadd(base, end);
+            let last = self.b.ins().iadd_imm_s(last, 1 << 31);
+            let last = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThanOrEqual, last, 1 << 32);
+            self.b.ins().band(first, last)
+        });
+        self.and_def(pairs, fits)
     }
 
     pub(super) fn vconds(&mut self, conds: &[Cond], v: Index) -> Def {
@@ -668,41 +740,10 @@ impl Gen<'_, '_> {
             return (x, d);
         }
         match expr {
-            Expr::Index(_) => {
-                let i = self.index(v);
-                let i = self.b.ins().iadd(i, self.bases[v.rank.index()]);
-                // Positions that fit in 32 bits convert four at once; the others lane by lane.
-                // Both give the bits the scalar path's conversion gives.
-                let shifted = self.b.ins().iadd_imm_s(i, 1 << 31);
-                let fits = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, shifted, (1i64 << 32) - LANES);
-                let (narrow, wide, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
-                self.b.append_block_param(join, types::F32X4);
-                self.b.ins().brif(fits, narrow, &[], wide, &[]);
-                self.enter(narrow);
-                let i32s = self.b.ins().ireduce(types::I32, i);
-                let i32s = self.b.ins().splat(types::I32X4, i32s);
-                let steps = self
-                    .b
-                    .func
-                    .dfg
-                    .constants
-                    .insert([0i32, 1, 2, 3].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into());
-                let steps = self.b.ins().vconst(types::I32X4, steps);
-                let i32s = self.b.ins().iadd(i32s, steps);
-                let small = self.b.ins().fcvt_from_sint(types::F32X4, i32s);
-                self.b.ins().jump(join, &[small.into()]);
-                self.enter(wide);
-                let first = self.b.ins().fcvt_from_sint(types::F32, i);
-                let mut large = self.splat(first);
-                for k in 1..LANES {
-                    let ik = self.b.ins().iadd_imm_s(i, k);
-                    let fk = self.b.ins().fcvt_from_sint(types::F32, ik);
-                    large = self.b.ins().insertlane(large, fk, k as u8);
-                }
-                self.b.ins().jump(join, &[large.into()]);
-                self.enter(join);
-                (self.b.block_params(join)[0], None)
-            }
+            Expr::Index(_) => match self.positions {
+                Some((along, positions)) if along == v => (positions, None),
+                _ => (self.lane_positions(v), None),
+            },
             Expr::Access { tensor, subscripts } => {
                 let coords = self.coordinates(*tensor, subscripts);
                 let ranks = self.program.cascade.tensor(*tensor).ranks.clone();
@@ -763,11 +804,26 @@ impl Gen<'_, '_> {
                 let factored = invariant_factors(&self.program.cascade, *op, body);
                 let body = factored.as_ref().map_or(&**body, |(b, _)| b);
                 let red = Reduction { op: *op, indices, filter, body, epilogue: None };
+                // Within a reduction along the lanes' index, its positions are the reduction's.
+                let outer = self.positions.take_if(|(along, _)| indices.contains(along));
                 self.vreduce_rows(red, indices, &[acc], Block::single(v));
+                self.positions = self.positions.or(outer);
                 let value = self.b.use_var(acc);
                 (self.scaled(value, factored.map(|(_, s)| s)), None)
             }
             Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) => unreachable!("handled as scalars"),
         }
     }
+}
+
+/// Whether `einsum`'s value or filter sees the position of `v` (as a number, not a subscript).
+fn sees_position(einsum: &Einsum, v: Index) -> bool {
+    let mut seen = false;
+    let mut sees = |e: &Expr| seen |= *e == Expr::Index(v);
+    einsum.body.walk(&mut sees);
+    for cond in &einsum.filter {
+        cond.lhs.walk(&mut sees);
+        cond.rhs.walk(&mut sees);
+    }
+    seen
 }

@@ -9,11 +9,14 @@
 //! Steps: every output is inlined into one term (`to_egg`); the rules (`rules`) saturate an
 //! e-graph under node, iteration and time limits; the cheapest term is extracted by a cost that
 //! puts numerical safety first, then passes, then size (`cost`); and the terms are emitted as a
-//! cascade, online sums lowered to split ranks and running tensors (`from_egg`).
+//! cascade, online sums lowered to split ranks and running tensors (`from_egg`). Last, every
+//! tensor read only under a filter takes the filter (`narrow`), in the cascade found or the one
+//! kept.
 
 pub mod cost;
 pub mod from_egg;
 pub mod lang;
+pub mod narrow;
 pub mod rules;
 pub mod to_egg;
 
@@ -105,8 +108,22 @@ fn index_roles(cascade: &Cascade) -> HashMap<Symbol, Symbol> {
     roles
 }
 
-/// Optimizes one cascade.
+/// Optimizes one cascade: the fewest passes, then every tensor narrowed to the points read.
 pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimized, OptimizeError> {
+    let mut optimized = fewest_passes(cascade, options)?;
+    if let Some(narrowed) = narrow::narrow(&optimized.cascade) {
+        crate::verify::verify(&narrowed)
+            .map_err(|e| OptimizeError::Internal(format!("{e}\n{}", crate::print::print_cascade(&narrowed))))?;
+        optimized.cascade = narrowed;
+        optimized.changed = true;
+        // Narrowed, the cascade is no longer the one written, even where its passes are.
+        optimized.note = None;
+    }
+    Ok(optimized)
+}
+
+/// The cascade with the fewest passes the e-graph finds, or the input.
+fn fewest_passes(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimized, OptimizeError> {
     let unchanged = |note: String| Optimized {
         cascade: cascade.clone(),
         changed: false,

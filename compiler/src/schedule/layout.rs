@@ -90,25 +90,9 @@ pub fn is_staged_tile(cascade: &Cascade, einsum: &Einsum) -> bool {
         })
     });
     matches!(cascade.tensor(*tensor).kind, TensorKind::Input { .. })
-        && einsum.filter.iter().all(|c| is_split_validity(cascade, c))
+        && einsum.filter.iter().all(|c| cascade.is_split_validity(c))
         && einsum.lhs.iter().all(|l| matches!(l, Lhs::Index(_)))
         && steps
-}
-
-/// Whether `cond` says only that a split pair's point lies inside its whole rank (`m1 * M0 + m0
-/// < M`, as the optimizer writes it): what every back end already takes a point outside to mean
-/// (its reads there are undefined), so that a read in place needs no filter.
-pub fn is_split_validity(cascade: &Cascade, cond: &Cond) -> bool {
-    let Expr::Binary(BinaryOp::Add, step, point) = &cond.lhs else { return false };
-    let Expr::Binary(BinaryOp::Mul, tile, size) = &**step else { return false };
-    let (Expr::Index(t), Expr::Extent(e), Expr::Index(i), Expr::Extent(w)) = (&**tile, &**size, &**point, &cond.rhs)
-    else {
-        return false;
-    };
-    cond.op == CmpOp::Lt
-        && t.primes == i.primes
-        && *e == i.rank
-        && cascade.split_pairs().contains(&(t.rank, i.rank, *w))
 }
 
 /// Whether `einsum` names an index of `rank` anywhere or its extent, or reads a tensor that has

@@ -134,7 +134,7 @@ fn at_least(cascade: &Cascade, b: &Expr, frame: &Frame, a: &Expr, depth: usize) 
         }
         // A filter that says only that a split pair is valid leaves out no point that exists.
         Expr::Reduce { op: ReduceOp::Max, indices, filter, body }
-            if filter.iter().all(|c| crate::schedule::layout::is_split_validity(cascade, c)) =>
+            if filter.iter().all(|c| cascade.is_split_validity(c)) =>
         {
             let mut inner = frame.clone();
             inner.free.extend(indices.iter().copied());

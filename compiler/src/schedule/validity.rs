@@ -9,16 +9,15 @@
 //! reduction filter that is not such a condition stays, in its order.
 
 use crate::ir::*;
-use crate::schedule::layout::is_split_validity;
 
 /// `cascade` without its split-validity filters (see the module).
 pub fn drop_split_validity(cascade: &Cascade) -> Cascade {
     let mut c = cascade.clone();
     for einsum in &mut c.einsums {
-        einsum.filter.retain(|cond| !is_split_validity(cascade, cond));
+        einsum.filter.retain(|cond| !cascade.is_split_validity(cond));
         einsum.body.walk_mut(&mut |e| {
             if let Expr::Reduce { filter, .. } = e {
-                filter.retain(|cond| !is_split_validity(cascade, cond));
+                filter.retain(|cond| !cascade.is_split_validity(cond));
             }
         });
     }
