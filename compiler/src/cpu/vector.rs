@@ -202,6 +202,37 @@ impl Gen<'_, '_> {
 
     /// `math::tanh` in lanes.
     fn vector_tanh(&mut self, x: Value) -> Value {
+        // The polynomial alone where every lane is small (`math::tanh`), else lane by lane.
+        let a = self.b.ins().fabs(x);
+        let bound = self.vconst(math::TANH_SMALL);
+        let small = self.b.ins().fcmp(FloatCC::LessThan, a, bound);
+        let all = self.b.ins().vall_true(small);
+        let (polynomial, both, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+        self.b.append_block_param(join, types::F32X4);
+        self.b.ins().brif(all, polynomial, &[], both, &[]);
+        self.enter(polynomial);
+        let r = self.vector_tanh_small(x);
+        self.b.ins().jump(join, &[r.into()]);
+        self.enter(both);
+        let near = self.vector_tanh_small(x);
+        let far = self.vector_tanh_rational(x);
+        let small = self.as_floats(small);
+        let r = self.b.ins().bitselect(small, near, far);
+        self.b.ins().jump(join, &[r.into()]);
+        self.enter(join);
+        self.b.block_params(join)[0]
+    }
+
+    /// `math::tanh_small` in lanes.
+    fn vector_tanh_small(&mut self, x: Value) -> Value {
+        let z = self.b.ins().fmul(x, x);
+        let p = self.vector_horner(&math::TANH_POLY, z);
+        let xz = self.b.ins().fmul(x, z);
+        self.b.ins().fma(xz, p, x)
+    }
+
+    /// `math::tanh_rational` in lanes.
+    fn vector_tanh_rational(&mut self, x: Value) -> Value {
         let hi = self.vconst(math::TANH_CLAMP);
         let lo = self.vconst(-math::TANH_CLAMP);
         let x1 = self.vselect(FloatCC::GreaterThan, x, hi, hi, x);

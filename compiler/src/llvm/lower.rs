@@ -1606,29 +1606,29 @@ impl<'a> Lowering<'a> {
                 self.ins(format!("select {b} {negative}, {f} {eq}, {f} {q}"))
             }
             UnaryOp::Tanh => {
-                let (hi, lo) = (self.vector_constant(t, math::TANH_CLAMP), self.vector_constant(t, -math::TANH_CLAMP));
-                let minus_one = self.vector_constant(t, -1.0);
-                let horner = |g: &mut Self, coefficients: &[f32], z: &str| {
-                    let mut p = g.vector_constant(t, coefficients[0]);
-                    for c in &coefficients[1..] {
-                        let c = g.vector_constant(t, *c);
-                        p = g.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {z}, {f} {c})"));
-                    }
-                    p
-                };
-                let above = self.ins(format!("fcmp ogt {f} {x}, {hi}"));
-                let x1 = self.ins(format!("select {b} {above}, {f} {hi}, {f} {x}"));
-                let below = self.ins(format!("fcmp olt {f} {x1}, {lo}"));
-                let x2 = self.ins(format!("select {b} {below}, {f} {lo}, {f} {x1}"));
-                let z = self.ins(format!("fmul {f} {x2}, {x2}"));
-                let n = horner(self, &math::TANH_NUM, &z);
-                let d = horner(self, &math::TANH_DEN, &z);
-                let xn = self.ins(format!("fmul {f} {x2}, {n}"));
-                let r = self.ins(format!("fdiv {f} {xn}, {d}"));
-                let above = self.ins(format!("fcmp ogt {f} {r}, {one}"));
-                let r = self.ins(format!("select {b} {above}, {f} {one}, {f} {r}"));
-                let below = self.ins(format!("fcmp olt {f} {r}, {minus_one}"));
-                self.ins(format!("select {b} {below}, {f} {minus_one}, {f} {r}"))
+                // The polynomial alone where every lane is small (`math::tanh`), else lane by
+                // lane; a scalar computes both.
+                let a = fabs(self, x);
+                let bound = self.vector_constant(t, math::TANH_SMALL);
+                let large = self.ins(format!("fcmp uge {f} {a}, {bound}"));
+                if lanes == 1 {
+                    let near = self.host_tanh_small(x, lanes);
+                    let far = self.host_tanh_rational(x, lanes);
+                    return self.ins(format!("select {b} {large}, {f} {far}, {f} {near}"));
+                }
+                let (polynomial, both, join) = (self.label("tanh_small"), self.label("tanh_both"), self.label("tanh"));
+                let any = self.ins(format!("call i1 @llvm.vector.reduce.or.v{lanes}i1({b} {large})"));
+                self.emit(format!("br i1 {any}, label %{both}, label %{polynomial}"));
+                self.start_block(&polynomial);
+                let alone = self.host_tanh_small(x, lanes);
+                self.emit(format!("br label %{join}"));
+                self.start_block(&both);
+                let near = self.host_tanh_small(x, lanes);
+                let far = self.host_tanh_rational(x, lanes);
+                let chosen = self.ins(format!("select {b} {large}, {f} {far}, {f} {near}"));
+                self.emit(format!("br label %{join}"));
+                self.start_block(&join);
+                self.ins(format!("phi {f} [ {alone}, %{polynomial} ], [ {chosen}, %{both} ]"))
             }
             UnaryOp::Softplus => {
                 let a = fabs(self, x);
@@ -1648,6 +1648,50 @@ impl<'a> Lowering<'a> {
             }
             _ => unreachable!("only log, tanh, sigmoid and softplus"),
         }
+    }
+
+    /// `math::tanh_small` in `lanes` lanes.
+    fn host_tanh_small(&mut self, x: &str, lanes: usize) -> String {
+        let t = Ty(lanes);
+        let (f, s) = (t.float(), t.suffix());
+        let z = self.ins(format!("fmul {f} {x}, {x}"));
+        let mut p = self.vector_constant(t, math::TANH_POLY[0]);
+        for c in &math::TANH_POLY[1..] {
+            let c = self.vector_constant(t, *c);
+            p = self.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {z}, {f} {c})"));
+        }
+        let xz = self.ins(format!("fmul {f} {x}, {z}"));
+        self.ins(format!("call {f} @llvm.fma.{s}({f} {xz}, {f} {p}, {f} {x})"))
+    }
+
+    /// `math::tanh_rational` in `lanes` lanes.
+    fn host_tanh_rational(&mut self, x: &str, lanes: usize) -> String {
+        let t = Ty(lanes);
+        let (f, b, s) = (t.float(), t.bool(), t.suffix());
+        let one = self.vector_constant(t, 1.0);
+        let (hi, lo) = (self.vector_constant(t, math::TANH_CLAMP), self.vector_constant(t, -math::TANH_CLAMP));
+        let minus_one = self.vector_constant(t, -1.0);
+        let horner = |g: &mut Self, coefficients: &[f32], z: &str| {
+            let mut p = g.vector_constant(t, coefficients[0]);
+            for c in &coefficients[1..] {
+                let c = g.vector_constant(t, *c);
+                p = g.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {z}, {f} {c})"));
+            }
+            p
+        };
+        let above = self.ins(format!("fcmp ogt {f} {x}, {hi}"));
+        let x1 = self.ins(format!("select {b} {above}, {f} {hi}, {f} {x}"));
+        let below = self.ins(format!("fcmp olt {f} {x1}, {lo}"));
+        let x2 = self.ins(format!("select {b} {below}, {f} {lo}, {f} {x1}"));
+        let z = self.ins(format!("fmul {f} {x2}, {x2}"));
+        let n = horner(self, &math::TANH_NUM, &z);
+        let d = horner(self, &math::TANH_DEN, &z);
+        let xn = self.ins(format!("fmul {f} {x2}, {n}"));
+        let r = self.ins(format!("fdiv {f} {xn}, {d}"));
+        let above = self.ins(format!("fcmp ogt {f} {r}, {one}"));
+        let r = self.ins(format!("select {b} {above}, {f} {one}, {f} {r}"));
+        let below = self.ins(format!("fcmp olt {f} {r}, {minus_one}"));
+        self.ins(format!("select {b} {below}, {f} {minus_one}, {f} {r}"))
     }
 
     /// `math::log` in `lanes` lanes: `log(0) = -inf`, `log(x < 0) = NaN`, `log(inf) = inf`, NaN
