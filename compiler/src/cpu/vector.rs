@@ -207,18 +207,30 @@ impl Gen<'_, '_> {
         let bound = self.vconst(math::TANH_SMALL);
         let small = self.b.ins().fcmp(FloatCC::LessThan, a, bound);
         let all = self.b.ins().vall_true(small);
-        let (polynomial, both, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+        self.branch(all, &mut |g| g.vector_tanh_small(x), &mut |g| {
+            let near = g.vector_tanh_small(x);
+            let far = g.vector_tanh_rational(x);
+            let small = g.as_floats(small);
+            g.b.ins().bitselect(small, near, far)
+        })
+    }
+
+    /// `if condition { then } else { otherwise }` for a value of four float lanes.
+    fn branch(
+        &mut self,
+        condition: Value,
+        then: &mut dyn FnMut(&mut Self) -> Value,
+        otherwise: &mut dyn FnMut(&mut Self) -> Value,
+    ) -> Value {
+        let (yes, no, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         self.b.append_block_param(join, types::F32X4);
-        self.b.ins().brif(all, polynomial, &[], both, &[]);
-        self.enter(polynomial);
-        let r = self.vector_tanh_small(x);
-        self.b.ins().jump(join, &[r.into()]);
-        self.enter(both);
-        let near = self.vector_tanh_small(x);
-        let far = self.vector_tanh_rational(x);
-        let small = self.as_floats(small);
-        let r = self.b.ins().bitselect(small, near, far);
-        self.b.ins().jump(join, &[r.into()]);
+        self.b.ins().brif(condition, yes, &[], no, &[]);
+        self.enter(yes);
+        let value = then(self);
+        self.b.ins().jump(join, &[value.into()]);
+        self.enter(no);
+        let value = otherwise(self);
+        self.b.ins().jump(join, &[value.into()]);
         self.enter(join);
         self.b.block_params(join)[0]
     }
@@ -679,23 +691,16 @@ impl Gen<'_, '_> {
         // Both give the bits the scalar path's conversion gives.
         let shifted = self.b.ins().iadd_imm_s(i, 1 << 31);
         let fits = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, shifted, (1i64 << 32) - LANES);
-        let (narrow, wide, join) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
-        self.b.append_block_param(join, types::F32X4);
-        self.b.ins().brif(fits, narrow, &[], wide, &[]);
-        self.enter(narrow);
-        let small = self.narrow_positions(i);
-        self.b.ins().jump(join, &[small.into()]);
-        self.enter(wide);
-        let first = self.b.ins().fcvt_from_sint(types::F32, i);
-        let mut large = self.splat(first);
-        for k in 1..LANES {
-            let ik = self.b.ins().iadd_imm_s(i, k);
-            let fk = self.b.ins().fcvt_from_sint(types::F32, ik);
-            large = self.b.ins().insertlane(large, fk, k as u8);
-        }
-        self.b.ins().jump(join, &[large.into()]);
-        self.enter(join);
-        self.b.block_params(join)[0]
+        self.branch(fits, &mut |g| g.narrow_positions(i), &mut |g| {
+            let first = g.b.ins().fcvt_from_sint(types::F32, i);
+            let mut large = g.splat(first);
+            for k in 1..LANES {
+                let ik = g.b.ins().iadd_imm_s(i, k);
+                let fk = g.b.ins().fcvt_from_sint(types::F32, ik);
+                large = g.b.ins().insertlane(large, fk, k as u8);
+            }
+            large
+        })
     }
 
     /// `i`, `i + 1`, `i + 2`, `i + 3` as floats, for `i` whose four fit in 32 bits.

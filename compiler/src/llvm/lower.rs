@@ -1634,11 +1634,7 @@ impl<'a> Lowering<'a> {
                 let a = fabs(self, x);
                 let na = self.ins(format!("fneg {f} {a}"));
                 let y = self.host_exp_lanes(&na, lanes, math::Range::NonPositive);
-                let mut p = self.vector_constant(t, math::LOG1P_POLY[0]);
-                for c in &math::LOG1P_POLY[1..] {
-                    let c = self.vector_constant(t, *c);
-                    p = self.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {y}, {f} {c})"));
-                }
+                let p = self.host_horner(t, &math::LOG1P_POLY, &y);
                 let log1p = self.ins(format!("fmul {f} {y}, {p}"));
                 let positive = self.ins(format!("fcmp ogt {f} {x}, {zero}"));
                 let part = self.ins(format!("select {b} {positive}, {f} {x}, {f} {zero}"));
@@ -1650,16 +1646,23 @@ impl<'a> Lowering<'a> {
         }
     }
 
+    /// Horner's rule with fused multiply-adds in `t`'s lanes, highest degree first (`math::horner`).
+    fn host_horner(&mut self, t: Ty, coefficients: &[f32], z: &str) -> String {
+        let (f, s) = (t.float(), t.suffix());
+        let mut p = self.vector_constant(t, coefficients[0]);
+        for c in &coefficients[1..] {
+            let c = self.vector_constant(t, *c);
+            p = self.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {z}, {f} {c})"));
+        }
+        p
+    }
+
     /// `math::tanh_small` in `lanes` lanes.
     fn host_tanh_small(&mut self, x: &str, lanes: usize) -> String {
         let t = Ty(lanes);
         let (f, s) = (t.float(), t.suffix());
         let z = self.ins(format!("fmul {f} {x}, {x}"));
-        let mut p = self.vector_constant(t, math::TANH_POLY[0]);
-        for c in &math::TANH_POLY[1..] {
-            let c = self.vector_constant(t, *c);
-            p = self.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {z}, {f} {c})"));
-        }
+        let p = self.host_horner(t, &math::TANH_POLY, &z);
         let xz = self.ins(format!("fmul {f} {x}, {z}"));
         self.ins(format!("call {f} @llvm.fma.{s}({f} {xz}, {f} {p}, {f} {x})"))
     }
@@ -1667,25 +1670,17 @@ impl<'a> Lowering<'a> {
     /// `math::tanh_rational` in `lanes` lanes.
     fn host_tanh_rational(&mut self, x: &str, lanes: usize) -> String {
         let t = Ty(lanes);
-        let (f, b, s) = (t.float(), t.bool(), t.suffix());
+        let (f, b) = (t.float(), t.bool());
         let one = self.vector_constant(t, 1.0);
         let (hi, lo) = (self.vector_constant(t, math::TANH_CLAMP), self.vector_constant(t, -math::TANH_CLAMP));
         let minus_one = self.vector_constant(t, -1.0);
-        let horner = |g: &mut Self, coefficients: &[f32], z: &str| {
-            let mut p = g.vector_constant(t, coefficients[0]);
-            for c in &coefficients[1..] {
-                let c = g.vector_constant(t, *c);
-                p = g.ins(format!("call {f} @llvm.fma.{s}({f} {p}, {f} {z}, {f} {c})"));
-            }
-            p
-        };
         let above = self.ins(format!("fcmp ogt {f} {x}, {hi}"));
         let x1 = self.ins(format!("select {b} {above}, {f} {hi}, {f} {x}"));
         let below = self.ins(format!("fcmp olt {f} {x1}, {lo}"));
         let x2 = self.ins(format!("select {b} {below}, {f} {lo}, {f} {x1}"));
         let z = self.ins(format!("fmul {f} {x2}, {x2}"));
-        let n = horner(self, &math::TANH_NUM, &z);
-        let d = horner(self, &math::TANH_DEN, &z);
+        let n = self.host_horner(t, &math::TANH_NUM, &z);
+        let d = self.host_horner(t, &math::TANH_DEN, &z);
         let xn = self.ins(format!("fmul {f} {x2}, {n}"));
         let r = self.ins(format!("fdiv {f} {xn}, {d}"));
         let above = self.ins(format!("fcmp ogt {f} {r}, {one}"));
