@@ -10,7 +10,8 @@ fn kernel(source: &str) -> Cascade {
 
 /// `Y[i] = i` at positions around 2^31 and 2^40 (a shard's offset, `CallOptions::offsets`):
 /// every lane holds its position rounded once to f32, as the scalar path and the interpreter
-/// give it, whether the vector of positions fits in 32 bits, straddles 2^31 or lies past it.
+/// give it, whether the vector of positions fits in 32 bits, straddles 2^31 or lies past it, and
+/// whether the whole call's positions end exactly at 2^31 (`lane_checks`) or one past it.
 #[test]
 fn positions_convert_exactly_in_lanes_past_32_bits() {
     let cascade = kernel("kernel positions { rank I\n input X[I]\n Y[i] = X[i] + i\n output Y }");
@@ -18,7 +19,18 @@ fn positions_convert_exactly_in_lanes_past_32_bits() {
     let zeros = vec![0.0f32; n as usize];
     let builds =
         [("cpu", einfuse::compile_cpu(&cascade).unwrap()), ("cpu-llvm", einfuse::compile_cpu_llvm(&cascade).unwrap())];
-    for origin in [0i64, (1 << 31) - 19, (1 << 31) - 3, 1 << 31, -(1 << 31) - 7, (1 << 40) + 5, (1 << 48) - 64] {
+    for origin in [
+        0i64,
+        (1 << 31) - 41,
+        (1 << 31) - 40,
+        (1 << 31) - 19,
+        (1 << 31) - 3,
+        1 << 31,
+        -(1 << 31) - 7,
+        -(1 << 31),
+        (1 << 40) + 5,
+        (1 << 48) - 64,
+    ] {
         for (tier, built) in &builds {
             let got = built.run_threads_at(&[n], &[&zeros], 1, &[origin]).unwrap().remove(0);
             for (k, y) in got.iter().enumerate() {

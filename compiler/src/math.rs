@@ -168,10 +168,15 @@ pub fn tanh(x: f32) -> f32 {
     }
 }
 
-/// `tanh` below `TANH_SMALL` in magnitude.
+/// `tanh` below `TANH_SMALL` in magnitude; `tanh(-0) = -0` (the sum would give `+0`).
 pub fn tanh_small(x: f32) -> f32 {
     let z = x * x;
-    (x * z).mul_add(horner(&TANH_POLY, z), x)
+    let r = (x * z).mul_add(horner(&TANH_POLY, z), x);
+    if x == 0.0 {
+        x
+    } else {
+        r
+    }
 }
 
 /// `tanh` at and above `TANH_SMALL` in magnitude (and of NaN).

@@ -240,7 +240,9 @@ impl Gen<'_, '_> {
         let z = self.b.ins().fmul(x, x);
         let p = self.vector_horner(&math::TANH_POLY, z);
         let xz = self.b.ins().fmul(x, z);
-        self.b.ins().fma(xz, p, x)
+        let r = self.b.ins().fma(xz, p, x);
+        let zero = self.vconst(0.0);
+        self.vselect(FloatCC::Equal, x, zero, x, r)
     }
 
     /// `math::tanh_rational` in lanes.
@@ -840,10 +842,7 @@ impl Gen<'_, '_> {
                 let factored = invariant_factors(&self.program.cascade, *op, body);
                 let body = factored.as_ref().map_or(&**body, |(b, _)| b);
                 let red = Reduction { op: *op, indices, filter, body, epilogue: None };
-                // Within a reduction along the lanes' index, its positions are the reduction's.
-                let outer = self.positions.take_if(|(along, _)| indices.contains(along));
                 self.vreduce_rows(red, indices, &[acc], Block::single(v));
-                self.positions = self.positions.or(outer);
                 let value = self.b.use_var(acc);
                 (self.scaled(value, factored.map(|(_, s)| s)), None)
             }

@@ -1664,7 +1664,11 @@ impl<'a> Lowering<'a> {
         let z = self.ins(format!("fmul {f} {x}, {x}"));
         let p = self.host_horner(t, &math::TANH_POLY, &z);
         let xz = self.ins(format!("fmul {f} {x}, {z}"));
-        self.ins(format!("call {f} @llvm.fma.{s}({f} {xz}, {f} {p}, {f} {x})"))
+        let r = self.ins(format!("call {f} @llvm.fma.{s}({f} {xz}, {f} {p}, {f} {x})"));
+        let zero = t.constant(0.0);
+        let b = t.bool();
+        let at_zero = self.ins(format!("fcmp oeq {f} {x}, {zero}"));
+        self.ins(format!("select {b} {at_zero}, {f} {x}, {f} {r}"))
     }
 
     /// `math::tanh_rational` in `lanes` lanes.

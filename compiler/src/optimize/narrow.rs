@@ -98,15 +98,19 @@ fn admitted_by<'e>(
         Expr::Binary(_, a, b) => {
             admitted_by(cascade, a, tensor, own, scope, found) && admitted_by(cascade, b, tensor, own, scope, found)
         }
-        Expr::Reduce { filter, body, .. } => {
+        Expr::Reduce { indices, filter, body, .. } => {
             if filter.iter().any(|cond| reads(&cond.lhs, tensor) || reads(&cond.rhs, tensor)) {
                 return false;
             }
-            let depth = scope.len();
-            scope.extend(filter.iter());
-            let ok = admitted_by(cascade, body, tensor, own, scope, found);
-            scope.truncate(depth);
-            ok
+            // Inside, the reducer's indices are its own: a comparison from outside that names one
+            // of them names another binding.
+            let mut inner: Vec<&'e Cond> = scope
+                .iter()
+                .copied()
+                .filter(|cond| !indices.iter().any(|i| cond.lhs.mentions(*i) || cond.rhs.mentions(*i)))
+                .collect();
+            inner.extend(filter.iter());
+            admitted_by(cascade, body, tensor, own, &mut inner, found)
         }
         Expr::Access { .. } | Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Index(_) => true,
     }

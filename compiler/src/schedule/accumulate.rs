@@ -26,8 +26,9 @@
 //! order of operations (the sum is complete before the reader uses it, as before); a sum is
 //! folded only where its reader names it once, at plain indices in the order of its own
 //! left-hand side, both run in lanes along the same index in the same loop, the sum is a scratch
-//! tensor with no undefined point but where its statement filter fails, whose every comparison
-//! the reader's filter makes too, with no reduction inside and no other reader, the
+//! tensor with no undefined point, or one under a statement filter masked by it alone, read at its
+//! own indices by a reader whose filter makes every comparison of it, with no reduction inside and
+//! no other reader, the
 //! reader holds no reduction, a reader under a statement filter reads only points that always
 //! exist (`lanes::defined_everywhere`), the folded Einsum is what a register block computes
 //! (`lanes::blockable_reduction`), and a reader takes one sum at most.
@@ -98,8 +99,7 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>, tier
         && without_reductions(r.body, r.filter)
         && distinct
         && buffer.role == BufferRole::Temp
-        // A sum is defined wherever its statement filter holds: with none, everywhere; with
-        // one, its reader must ask the same (checked below).
+        // Masked, a sum may be only by its own filter (checked below).
         && (!buffer.masked || !s.filter.is_empty())
         && c.definitions(tensor).count() == 1
         && matches!(c.tensor(tensor).kind, TensorKind::Defined { iterative: None });
@@ -117,7 +117,12 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>, tier
     let renamed: Vec<Index> = subscripts.iter().map(|a| a.as_index()).collect::<Option<_>>()?;
     let in_order = u.lhs_indices().eq(renamed.iter().copied());
     let clash = r.indices.iter().any(|i| renamed.contains(i));
-    if !in_order || clash || !filtered_alike(s, u, &renamed) || !(adds_to(u, tensor) || folds_modifications(tier)) {
+    // A sum under a filter folds into a reader that reads it at its own indices (so no split
+    // pair of it is read at other primes, which would mask it too) and makes every comparison of
+    // its filter: the reader then reads it only where it is defined (narrowing,
+    // `optimize::narrow`, gives a masked score's contraction its reader's mask).
+    let filtered_alike = s.filter.is_empty() || (renamed == plain && s.filter.iter().all(|c| u.filter.contains(c)));
+    if !in_order || clash || !filtered_alike || !(adds_to(u, tensor) || folds_modifications(tier)) {
         return None;
     }
     // The folded Einsum must be what a register block computes (an element-wise reader, under a
@@ -130,28 +135,6 @@ fn foldable(program: &LoopProgram, partial: EinsumId, bound: Option<Index>, tier
     let lane = plain.iter().rposition(|i| Some(*i) != bound && !matches!(c.rank(i.rank).extent, Extent::Fixed(1)))?;
     let pays = vectorizable(program, s, plain[lane]) && vectorizable(program, u, renamed[lane]);
     pays.then_some(EinsumId::new(*update))
-}
-
-/// Whether every comparison of the sum's statement filter, its indices renamed to those the
-/// reader reads it at, is one of the reader's own: the reader then reads the sum only where it
-/// is defined (narrowing, `optimize::narrow`, gives a masked score's contraction its reader's
-/// mask).
-fn filtered_alike(partial: &Einsum, reader: &Einsum, renamed: &[Index]) -> bool {
-    partial.filter.iter().all(|cond| {
-        let mut cond = cond.clone();
-        let mut ok = cond.lhs.accesses().is_empty() && cond.rhs.accesses().is_empty();
-        for side in [&mut cond.lhs, &mut cond.rhs] {
-            side.walk_mut(&mut |e| {
-                if let Expr::Index(i) = e {
-                    match partial.lhs.iter().position(|l| *l == Lhs::Index(*i)) {
-                        Some(k) => *i = renamed[k],
-                        None => ok = false,
-                    }
-                }
-            });
-        }
-        ok && reader.filter.contains(&cond)
-    })
 }
 
 /// Gives the subscripts at which `reader`'s value reads `tensor`, when that is its only read of

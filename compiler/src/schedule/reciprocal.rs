@@ -1,7 +1,7 @@
 //! Divisions by a constant as multiplications by its reciprocal, as hand-written kernels compute
 //! them (FlashAttention multiplies its scores by `1 / softcap`): a vector division takes several
 //! cycles where a multiplication takes half of one, and soft-capping's `x / cap` ran once per
-//! score, beside `tanh`'s own division.
+//! score (where `tanh`, below 0.625, divides nothing itself).
 //!
 //! Needs: a checked cascade. Guarantees: every `a / c` in an Einsum's value, where `c` is a
 //! constant or a param that is finite and nonzero with a finite normal reciprocal, reads
