@@ -63,9 +63,9 @@ fn liftable(cascade: &Cascade, tensor: TensorId) -> Option<Vec<Cond>> {
         if read_in_filter {
             return None;
         }
-        let mut scope: Vec<&Cond> = reader.filter.iter().collect();
+        let scope: Vec<&Cond> = reader.filter.iter().collect();
         let mut admitted = Vec::new();
-        if !admitted_by(cascade, &reader.body, tensor, &own, &mut scope, &mut admitted) {
+        if !admitted_by(cascade, &reader.body, tensor, &own, &scope, &mut admitted) {
             return None;
         }
         for conds in admitted {
@@ -86,7 +86,7 @@ fn admitted_by<'e>(
     expr: &'e Expr,
     tensor: TensorId,
     own: &[Index],
-    scope: &mut Vec<&'e Cond>,
+    scope: &[&'e Cond],
     found: &mut Vec<Vec<Cond>>,
 ) -> bool {
     match expr {
@@ -110,7 +110,7 @@ fn admitted_by<'e>(
                 .filter(|cond| !indices.iter().any(|i| cond.lhs.mentions(*i) || cond.rhs.mentions(*i)))
                 .collect();
             inner.extend(filter.iter());
-            admitted_by(cascade, body, tensor, own, &mut inner, found)
+            admitted_by(cascade, body, tensor, own, &inner, found)
         }
         Expr::Access { .. } | Expr::Const(_) | Expr::Param(_) | Expr::Extent(_) | Expr::Index(_) => true,
     }
